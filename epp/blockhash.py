@@ -1,0 +1,52 @@
+"""vLLM's prefix-cache block hashes, recomputed exactly.
+
+vLLM (hash algo ``sha256``) hashes each full block of ``block_size`` token ids as
+``sha256(pickle((parent_hash_bytes, tuple(token_ids), extra_keys)))``, chained from a root parent.
+KV events publish the last 8 bytes of each 32-byte digest as a big-endian uint64. The simulator
+uses this to publish events, and the precise prefix index uses it to look up a request's blocks
+before it is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+ROOT_SEED = "vllm-none-hash"
+
+
+def sha256_pickle(value: Any) -> bytes:
+    """vLLM's ``sha256`` hash function: sha256 over the highest-protocol pickle."""
+    return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+def root_hash(seed: str | None = None) -> bytes:
+    """The parent hash of a sequence's first block."""
+    return sha256_pickle(ROOT_SEED if seed is None else seed)
+
+
+def external(digest: bytes) -> int:
+    """The uint64 a KV event carries for a 32-byte block digest."""
+    return int.from_bytes(digest[-8:], "big")
+
+
+def block_digests(
+    token_ids: Sequence[int],
+    block_size: int,
+    parent: bytes,
+    extra_keys: tuple[Any, ...] | None = None,
+    start_block: int = 0,
+    max_blocks: int | None = None,
+) -> list[bytes]:
+    """Chained digests of the full blocks of ``token_ids`` from ``start_block`` on."""
+    n_full = len(token_ids) // block_size
+    if max_blocks is not None:
+        n_full = min(n_full, start_block + max_blocks)
+    out: list[bytes] = []
+    for i in range(start_block, n_full):
+        chunk = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        parent = sha256_pickle((parent, chunk, extra_keys))
+        out.append(parent)
+    return out

@@ -1,0 +1,1 @@
+"""A simulated vLLM fleet: OpenAI API, Prometheus metrics and KV events, with a timing model."""
