@@ -9,6 +9,144 @@ import sys
 from collections.abc import Sequence
 
 
+def parse_duration(text: str) -> float:
+    """'50ms', '2s', '1m', '1.5s' -> seconds."""
+    t = text.strip().lower()
+    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(suffix):
+            num = t[: -len(suffix)]
+            break
+    else:
+        raise argparse.ArgumentTypeError(f"duration {text!r} needs a unit: ms, s or m (e.g. 50ms)")
+    try:
+        value = float(num) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the endpoint picker (Envoy ext_proc + epp.v1 Pick API)")
+    p.add_argument("--config-file", help="EndpointPickerConfig YAML (watched; default profile if absent)")
+    p.add_argument("--endpoints", help="HOST:PORT[,HOST:PORT...] of the model servers")
+    p.add_argument("--endpoints-file", help="YAML list of HOST:PORT (watched and reloaded on change)")
+    p.add_argument("--grpc-port", type=int, default=9002)
+    p.add_argument("--grpc-health-port", type=int, default=9003)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--secure-serving", type=parse_bool, default=True, metavar="true|false")
+    p.add_argument("--cert-path", help="directory with tls.crt and tls.key (self-signed if absent)")
+    p.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05, metavar="DURATION")
+    p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0, metavar="DURATION")
+    p.add_argument("--scrape-timeout", type=parse_duration, default=1.0, metavar="DURATION")
+    p.add_argument("--engine", default="vllm", help="metric names of the model servers: vllm or sglang")
+    p.add_argument("--pool-name", default="default", help="label for pool metrics")
+    p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
+    p.add_argument("--log-level", default="info")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from epp.config import load_config
+    from epp.datastore.sources import parse_endpoint_list
+    from epp.scheduling.types import ConfigError
+    from epp.server.app import ServeOptions, serve_forever
+    from epp.signals.mappings import names_for
+
+    try:
+        cfg = load_config(args.config_file)
+        endpoints = tuple(parse_endpoint_list(args.endpoints)) if args.endpoints else ()
+        if not endpoints and not args.endpoints_file:
+            raise ValueError("give the model servers with --endpoints HOST:PORT,... or --endpoints-file PATH")
+        names_for(args.engine)
+    except (ConfigError, ValueError) as e:
+        print(f"epp serve: {e}", file=sys.stderr)
+        return 2
+    opts = ServeOptions(
+        config=cfg, config_file=args.config_file, endpoints=endpoints, endpoints_file=args.endpoints_file,
+        host=args.host, grpc_port=args.grpc_port, grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
+        engine=args.engine, pool_name=args.pool_name)
+    _run(serve_forever(opts))
+    return 0
+
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="config tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    v = csub.add_parser("validate", help="validate an EndpointPickerConfig file")
+    v.add_argument("file")
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from epp.config import load_config
+    from epp.scheduling.types import ConfigError
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(f"invalid: {e}", file=sys.stderr)
+        return 1
+    scorers = ", ".join(f"{n} x{w:g}" for n, w in cfg.scorer_refs)
+    print(f"{args.file}: valid; profile {cfg.profile_name}: {scorers}; picker {cfg.picker_ref or 'max-score-picker'}")
+    return 0
+
+
+def _add_pick(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("pick", help="ask a running epp for an endpoint (epp.v1 Pick API)")
+    p.add_argument("--target", default="127.0.0.1:9002", help="epp gRPC address")
+    p.add_argument("--secure", type=parse_bool, default=False, metavar="true|false",
+                   help="TLS without verification (for the self-signed default)")
+    p.add_argument("--model", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default="")
+    g.add_argument("--message", action="append", help="a user message (repeatable)")
+    p.add_argument("--header", action="append", default=[], help="NAME=VALUE (repeatable)")
+
+
+def run_pick(args: argparse.Namespace) -> int:
+    import grpc
+
+    from epp.v1 import picker_pb2, picker_pb2_grpc
+
+    headers = {}
+    for h in args.header:
+        k, _, v = h.partition("=")
+        headers[k.lower()] = v
+    req = picker_pb2.PickRequest(model=args.model, headers=headers)
+    if args.message:
+        req.messages.messages.extend(picker_pb2.ChatMessage(role="user", content=m) for m in args.message)
+    else:
+        req.prompt = args.prompt
+    if args.secure:
+        from epp.server.tls import fetch_server_cert
+
+        creds = grpc.ssl_channel_credentials(fetch_server_cert(args.target))
+        channel = grpc.secure_channel(args.target, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+    else:
+        channel = grpc.insecure_channel(args.target)
+    try:
+        resp = picker_pb2_grpc.EndpointPickerStub(channel).Pick(req, timeout=5)
+    except grpc.RpcError as e:
+        print(f"epp pick: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(resp.endpoint + ("," + ",".join(resp.fallback_endpoints) if resp.fallback_endpoints else ""))
+    print(f"reason: {resp.reason}")
+    picker_pb2_grpc.EndpointPickerStub(channel).Release(picker_pb2.ReleaseRequest(pick_id=resp.pick_id))
+    return 0
+
+
 def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from epp.sim.profiles import PROFILES
 
@@ -104,7 +242,10 @@ def _run(coro: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epp", description="Endpoint picker for LLM inference gateways.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
     _add_sim(sub)
+    _add_config(sub)
+    _add_pick(sub)
     return parser
 
 
@@ -113,8 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "sim":
         return run_sim(args)
+    if args.command == "config":
+        return run_config(args)
+    if args.command == "pick":
+        return run_pick(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,249 @@
+"""EndpointPickerConfig: the reference's config format, read strictly.
+
+Every error names the file and the field path (``plugins[2].parameters.blockSizeTokens``). A
+config builds a Scheduler; rebuilding keeps plugin instances whose type, name and parameters did
+not change, so a weight edit does not throw away the prefix index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.flowcontrol.saturation import SaturationThresholds
+from epp.scheduling.framework import Profile, Scheduler
+from epp.scheduling.params import Params
+from epp.scheduling.plugins import PICKERS, PLUGIN_TYPES, SCORERS
+from epp.scheduling.types import ConfigError
+
+log = logging.getLogger("epp.config")
+
+API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "inference.networking.k8s.io/v1alpha1")
+KIND = "EndpointPickerConfig"
+
+DEFAULT_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    name: str
+    type: str
+    parameters: Mapping[str, Any]
+    path: str
+
+    def key(self) -> str:
+        return f"{self.type}/{self.name}/{sorted(self.parameters.items())!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class PickerConfig:
+    """A validated config: build a Scheduler from it with ``build``."""
+
+    plugins: dict[str, PluginSpec]
+    profile_name: str
+    scorer_refs: tuple[tuple[str, float], ...]
+    picker_ref: str | None
+    saturation: SaturationThresholds
+    source: str
+    digest: str
+
+    def build(self, previous: dict[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
+        """A Scheduler, plus the plugin instances by key (pass them back on the next build)."""
+        instances: dict[str, Any] = {}
+        old = previous or {}
+
+        def instance(spec: PluginSpec) -> Any:
+            k = spec.key()
+            if k not in instances:
+                inst = old.get(k)
+                if inst is None:
+                    inst = PLUGIN_TYPES[spec.type](spec.name, Params(spec.parameters, spec.path + ".parameters"))
+                instances[k] = inst
+            return instances[k]
+
+        scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
+        if self.picker_ref is not None:
+            picker = instance(self.plugins[self.picker_ref])
+        else:
+            picker = PLUGIN_TYPES["max-score-picker"]("max-score-picker", Params({}, "picker"))
+        return Scheduler(Profile(self.profile_name, scorers, picker), self.saturation), instances
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(path, f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    for k in raw:
+        if k not in allowed:
+            prefix = f"{path}." if path else ""
+            raise ConfigError(f"{prefix}{k}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse_config(text: str, source: str = "<config>") -> PickerConfig:
+    """Validate an EndpointPickerConfig document. Raises ConfigError('<source>: <path>: ...')."""
+    try:
+        return _parse(text, source)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e.path}", e.message) from None
+
+
+def _parse(text: str, source: str) -> PickerConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
+        raise ConfigError(where, f"invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    _expect(raw, dict, "(root)", "a mapping")
+    _no_unknown(raw, {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
+                      "data", "flowControl"}, "")
+    api = raw.get("apiVersion", API_VERSIONS[0])
+    if api not in API_VERSIONS:
+        raise ConfigError("apiVersion", f"unsupported {api!r} (expected {API_VERSIONS[0]})")
+    if raw.get("kind", KIND) != KIND:
+        raise ConfigError("kind", f"expected {KIND}, got {raw.get('kind')!r}")
+    gates = raw.get("featureGates") or []
+    _expect(gates, list, "featureGates", "a list")
+    plugins: dict[str, PluginSpec] = {}
+    for i, p in enumerate(_expect(raw.get("plugins") or [], list, "plugins", "a list")):
+        path = f"plugins[{i}]"
+        _expect(p, dict, path, "a mapping")
+        _no_unknown(p, {"name", "type", "parameters"}, path)
+        ptype = p.get("type")
+        if not isinstance(ptype, str) or not ptype:
+            raise ConfigError(f"{path}.type", "required")
+        if ptype not in PLUGIN_TYPES:
+            raise ConfigError(f"{path}.type", f"unknown plugin type {ptype!r} (known: {', '.join(sorted(PLUGIN_TYPES))})")
+        name = p.get("name") or ptype
+        _expect(name, str, f"{path}.name", "a string")
+        if name in plugins:
+            raise ConfigError(f"{path}.name", f"duplicate plugin name {name!r}")
+        params = p.get("parameters") or {}
+        _expect(params, dict, f"{path}.parameters", "a mapping")
+        spec = PluginSpec(name, ptype, params, path)
+        # Validate parameters now so errors point at the file, not at the first request.
+        PLUGIN_TYPES[ptype](name, Params(params, f"{path}.parameters"))
+        plugins[name] = spec
+    profiles = _expect(raw.get("schedulingProfiles") or [], list, "schedulingProfiles", "a list")
+    if not profiles:
+        raise ConfigError("schedulingProfiles", "at least one profile is required")
+    if len(profiles) > 1:
+        raise ConfigError("schedulingProfiles[1]", "only one scheduling profile is supported for now")
+    prof = _expect(profiles[0], dict, "schedulingProfiles[0]", "a mapping")
+    _no_unknown(prof, {"name", "plugins"}, "schedulingProfiles[0]")
+    pname = prof.get("name") or "default"
+    scorer_refs: list[tuple[str, float]] = []
+    picker_ref: str | None = None
+    for j, ref in enumerate(_expect(prof.get("plugins") or [], list, "schedulingProfiles[0].plugins", "a list")):
+        path = f"schedulingProfiles[0].plugins[{j}]"
+        _expect(ref, dict, path, "a mapping")
+        _no_unknown(ref, {"pluginRef", "weight"}, path)
+        name = ref.get("pluginRef")
+        if name not in plugins:
+            raise ConfigError(f"{path}.pluginRef", f"no plugin named {name!r} in plugins")
+        ptype = plugins[name].type
+        if ptype in SCORERS:
+            weight = ref.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+                raise ConfigError(f"{path}.weight", f"expected a number >= 0, got {weight!r}")
+            scorer_refs.append((name, float(weight)))
+        elif ptype in PICKERS:
+            if picker_ref is not None:
+                raise ConfigError(f"{path}.pluginRef", f"a profile has one picker; {picker_ref!r} is already set")
+            if "weight" in ref:
+                raise ConfigError(f"{path}.weight", "pickers take no weight")
+            picker_ref = name
+    sat = _expect(raw.get("saturationDetector") or {}, dict, "saturationDetector", "a mapping")
+    sp = Params(sat, "saturationDetector")
+    thresholds = SaturationThresholds(sp.float("queueDepthThreshold", 64.0, minimum=0),
+                                      sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0))
+    sp.float("metricsStalenessThreshold", 2.0, minimum=0)  # the flag governs; accepted for compatibility
+    sp.done()
+    return PickerConfig(plugins, pname, tuple(scorer_refs), picker_ref, thresholds, source,
+                        hashlib.sha256(text.encode()).hexdigest())
+
+
+def load_config(path: str | None) -> PickerConfig:
+    if path is None:
+        return parse_config(DEFAULT_CONFIG, "<default config>")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}") from None
+    return parse_config(text, path)
+
+
+class ConfigWatcher:
+    """Polls the file (content hash, so ConfigMap symlink swaps count) and applies valid changes."""
+
+    def __init__(self, path: str, current: PickerConfig, apply: Callable[[PickerConfig], None],
+                 interval: float = 0.5) -> None:
+        self.path = path
+        self.current = current
+        self.apply = apply
+        self.interval = interval
+        self.last_error: str | None = None
+        self.reloads = 0
+
+    def check(self) -> bool:
+        """Reload once if the file changed. True when a new config was applied."""
+        try:
+            text = Path(self.path).read_text()
+        except OSError as e:
+            msg = f"{self.path}: cannot read: {e.strerror}; keeping the previous config"
+            if msg != self.last_error:
+                log.error(msg)
+                self.last_error = msg
+            return False
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self.current.digest:
+            return False
+        try:
+            cfg = parse_config(text, self.path)
+        except ConfigError as e:
+            msg = f"invalid config change ignored, keeping the previous config: {e}"
+            if msg != self.last_error:
+                log.error(msg)
+                self.last_error = msg
+            return False
+        self.apply(cfg)
+        self.current = cfg
+        self.last_error = None
+        self.reloads += 1
+        log.info("config reloaded from %s", self.path)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.check()

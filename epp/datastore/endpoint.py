@@ -1,0 +1,35 @@
+"""An endpoint's state as the scheduler sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSignals:
+    """One scrape of a model server's metrics (summed over engines)."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    prefix_queries: float = 0.0
+    prefix_hits: float = 0.0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    max_lora: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """Immutable view of one endpoint, replaced on every scrape."""
+
+    address: str
+    signals: EngineSignals | None = None
+    scraped_at: float = 0.0  # monotonic time of the last successful scrape
+    error: str | None = None  # last scrape error, None when the last scrape succeeded
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def fresh(self, now: float, staleness: float) -> bool:
+        return self.signals is not None and self.error is None and now - self.scraped_at <= staleness

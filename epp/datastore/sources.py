@@ -1,0 +1,96 @@
+"""Endpoint sources: a static list (--endpoints) and a watched YAML file (--endpoints-file)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+from pathlib import Path
+
+import yaml
+
+from epp.datastore.store import Datastore
+
+log = logging.getLogger("epp.endpoints")
+
+
+def parse_address(text: str, where: str) -> str:
+    """Validate ``host:port`` (IPv6 as ``[::1]:8000``) and return it normalised."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{where}: {text!r} is not HOST:PORT")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{where}: {text!r} has an unclosed IPv6 bracket")
+        ipaddress.IPv6Address(host[1:-1])
+    return f"{host}:{int(port)}"
+
+
+def parse_endpoint_list(text: str, where: str = "--endpoints") -> list[str]:
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{where}: no endpoints given")
+    return [parse_address(t, where) for t in items]
+
+
+def parse_endpoints_yaml(text: str, where: str) -> list[str]:
+    """A YAML list of HOST:PORT strings, or ``{endpoints: [...]}``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: invalid YAML: {e}") from None
+    if isinstance(data, dict):
+        data = data.get("endpoints")
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ValueError(f"{where}: expected a list of HOST:PORT")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, str):
+            raise ValueError(f"{where}[{i}]: expected a HOST:PORT string, got {item!r}")
+        out.append(parse_address(item, f"{where}[{i}]"))
+    return out
+
+
+class EndpointsFileWatcher:
+    """Applies a valid change of the file to the datastore; keeps the old set on a bad one."""
+
+    def __init__(self, path: str, store: Datastore, interval: float = 0.5) -> None:
+        self.path = path
+        self.store = store
+        self.interval = interval
+        self._digest = ""
+        self.last_error: str | None = None
+
+    def check(self) -> bool:
+        try:
+            text = Path(self.path).read_text()
+        except OSError as e:
+            self._report(f"{self.path}: cannot read: {e.strerror}; keeping {len(self.store.addresses())} endpoints")
+            return False
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self._digest:
+            return False
+        try:
+            addresses = parse_endpoints_yaml(text, self.path)
+        except ValueError as e:
+            self._report(f"{e}; keeping the previous endpoints")
+            return False
+        self._digest = digest
+        self.last_error = None
+        self.store.set_endpoints(addresses)
+        log.info("endpoints from %s: %d", self.path, len(addresses))
+        return True
+
+    def _report(self, msg: str) -> None:
+        if msg != self.last_error:
+            log.error(msg)
+            self.last_error = msg
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.check()

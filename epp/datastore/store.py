@@ -1,0 +1,102 @@
+"""The datastore: the endpoint set, each endpoint's latest signals, and epp's own in-flight picks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from epp.datastore.endpoint import EndpointState, EngineSignals
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What one scheduling decision reads. Counters are live mappings, read-only to the scheduler."""
+
+    endpoints: tuple[EndpointState, ...]
+    inflight: dict[str, int]
+    recent_picks: dict[str, int]
+    now: float
+    staleness: float
+
+
+class Datastore:
+    """Owns endpoints and counters; sources and the scraper write, the pick path reads."""
+
+    def __init__(self, staleness: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.staleness = staleness
+        self._clock = clock
+        self._states: dict[str, EndpointState] = {}
+        self._tuple: tuple[EndpointState, ...] = ()
+        self.inflight: dict[str, int] = {}
+        self.recent_picks: dict[str, int] = {}
+        self.total_picks: dict[str, int] = {}
+        self._listeners: list[Callable[[set[str], set[str]], None]] = []
+
+    # -- endpoint set ---------------------------------------------------------------------------
+    def on_change(self, listener: Callable[[set[str], set[str]], None]) -> None:
+        """Call ``listener(added, removed)`` whenever the endpoint set changes."""
+        self._listeners.append(listener)
+
+    def set_endpoints(self, addresses: Iterable[str]) -> None:
+        wanted = dict.fromkeys(addresses)
+        added = {a for a in wanted if a not in self._states}
+        removed = {a for a in self._states if a not in wanted}
+        if not added and not removed:
+            return
+        for a in removed:
+            del self._states[a]
+            self.inflight.pop(a, None)
+            self.recent_picks.pop(a, None)
+            self.total_picks.pop(a, None)
+        for a in added:
+            self._states[a] = EndpointState(a)
+            self.inflight.setdefault(a, 0)
+            self.recent_picks.setdefault(a, 0)
+            self.total_picks.setdefault(a, 0)
+        self._tuple = tuple(self._states.values())
+        for listener in self._listeners:
+            listener(added, removed)
+
+    def addresses(self) -> list[str]:
+        return list(self._states)
+
+    def get(self, address: str) -> EndpointState | None:
+        return self._states.get(address)
+
+    # -- signals ------------------------------------------------------------------------------------
+    def record_scrape(self, address: str, signals: EngineSignals, picks_at_start: int) -> None:
+        state = self._states.get(address)
+        if state is None:
+            return
+        self._states[address] = replace(state, signals=signals, scraped_at=self._clock(), error=None)
+        self._tuple = tuple(self._states.values())
+        # Picks made after the scrape started are not in its numbers yet.
+        self.recent_picks[address] = self.total_picks.get(address, 0) - picks_at_start
+
+    def record_scrape_error(self, address: str, error: str) -> None:
+        state = self._states.get(address)
+        if state is None:
+            return
+        self._states[address] = replace(state, error=error)
+        self._tuple = tuple(self._states.values())
+
+    # -- picks -----------------------------------------------------------------------------------------
+    def acquire(self, address: str) -> None:
+        if address in self._states:
+            self.inflight[address] = self.inflight.get(address, 0) + 1
+            self.recent_picks[address] = self.recent_picks.get(address, 0) + 1
+            self.total_picks[address] = self.total_picks.get(address, 0) + 1
+
+    def release(self, address: str) -> None:
+        n = self.inflight.get(address)
+        if n:
+            self.inflight[address] = n - 1
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self._tuple, self.inflight, self.recent_picks, self._clock(), self.staleness)
+
+    def fresh_count(self) -> int:
+        now = self._clock()
+        return sum(1 for s in self._tuple if s.fresh(now, self.staleness))

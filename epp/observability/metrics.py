@@ -1,0 +1,88 @@
+"""The picker's Prometheus metrics, named as the reference names them where it has a name."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from epp.datastore.store import Datastore
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
+                   45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+
+
+class PoolCollector(Collector):
+    """Pool gauges computed from the datastore at scrape time."""
+
+    def __init__(self, store: Datastore, pool_name: str) -> None:
+        self.store = store
+        self.pool = pool_name
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.store.snapshot()
+        fresh = [e for e in snap.endpoints if e.fresh(snap.now, snap.staleness)]
+        kv = GaugeMetricFamily("inference_pool_average_kv_cache_utilization",
+                               "Average KV cache utilization of the pool's fresh endpoints.", labels=["name"])
+        q = GaugeMetricFamily("inference_pool_average_queue_size",
+                              "Average waiting queue of the pool's fresh endpoints.", labels=["name"])
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints with fresh metrics.", labels=["name"])
+        per = GaugeMetricFamily("inference_pool_per_pod_queue_size", "Waiting queue per endpoint.",
+                                labels=["name", "model_server_pod"])
+        inflight = GaugeMetricFamily("epp_endpoint_inflight_requests", "Requests epp routed that have not ended.",
+                                     labels=["name", "endpoint"])
+        if fresh:
+            kv.add_metric([self.pool], sum(e.signals.kv_usage for e in fresh if e.signals) / len(fresh))
+            q.add_metric([self.pool], sum(e.signals.waiting for e in fresh if e.signals) / len(fresh))
+        else:
+            kv.add_metric([self.pool], 0.0)
+            q.add_metric([self.pool], 0.0)
+        ready.add_metric([self.pool], len(fresh))
+        for e in snap.endpoints:
+            if e.signals is not None:
+                per.add_metric([self.pool, e.address], e.signals.waiting)
+            inflight.add_metric([self.pool, e.address], snap.inflight.get(e.address, 0))
+        yield from (kv, q, ready, per, inflight)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = CounterMetricFamily("epp_picker_cpu_seconds", "CPU time (user+system) used by the picker process.")
+        cpu.add_metric([], ru.ru_utime + ru.ru_stime)
+        yield cpu
+
+
+class PickerMetrics:
+    """All of epp's metrics in one registry (no global state)."""
+
+    def __init__(self, store: Datastore, pool_name: str = "default") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("inference_objective_request", "Requests received, by model.",
+                                ["model_name", "target_model_name"], registry=r)
+        self.errors = Counter("inference_objective_request_error", "Requests refused or failed, by error code.",
+                              ["model_name", "target_model_name", "error_code"], registry=r)
+        self.duration = Histogram("inference_objective_request_duration_seconds",
+                                  "Time from the pick to the end of the response.", ["model_name", "target_model_name"],
+                                  buckets=REQUEST_BUCKETS, registry=r)
+        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
+                                       "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
+        self.plugin_duration = Histogram("inference_extension_plugin_duration_seconds",
+                                         "Latency of each plugin per call.", ["plugin_type", "plugin_name"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.picks = Counter("epp_picks", "Picks per endpoint.", ["endpoint"], registry=r)
+        self.scrape_errors = Counter("epp_metrics_scrape_errors", "Failed metric scrapes.", ["endpoint", "reason"],
+                                     registry=r)
+        self.scrape_parse = Histogram("epp_metrics_scrape_parse_seconds", "Time to parse one /metrics exposition.",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
+        r.register(PoolCollector(store, pool_name))
+        ProcessCollector(registry=r)
+
+    def plugin_timer(self, plugin_type: str, name: str, seconds: float) -> None:
+        self.plugin_duration.labels(plugin_type, name).observe(seconds)

@@ -1,0 +1,102 @@
+"""OpenAI request parsing for the pick path.
+
+The body is parsed once with orjson to read what routing needs (model, prompt or messages,
+stream); the original bytes are what Envoy forwards, so nothing is re-serialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class RequestError(Exception):
+    """A request the picker must refuse; carries the HTTP status and an OpenAI-style message."""
+
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": self.err_type, "param": self.param,
+                                       "code": self.status}})
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """What the scheduler sees of one request."""
+
+    request_id: str
+    path: str
+    model: str = ""
+    prompt: str = ""
+    stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body_size: int = 0
+    has_body: bool = False
+    target_model: str = ""
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_of_messages(messages: list[Any]) -> str:
+    """A stable text rendering of chat messages for prefix hashing (role + content)."""
+    parts = []
+    for m in messages:
+        if isinstance(m, dict):
+            parts.append(f"<{m.get('role', '')}>{_content_text(m.get('content'))}")
+    return "".join(parts)
+
+
+def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: bytes) -> InferenceRequest:
+    """Parse an OpenAI JSON body. Raises RequestError(400) for bad JSON or a missing model."""
+    req = InferenceRequest(request_id, path, headers=headers, body_size=len(body), has_body=True)
+    if not body:
+        raise RequestError(400, "request body is empty; expected an OpenAI JSON request")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "missing 'model' in request body", param="model")
+    req.model = model
+    req.target_model = model
+    req.stream = data.get("stream") is True
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        req.prompt = prompt_of_messages(messages)
+    else:
+        prompt = data.get("prompt")
+        if isinstance(prompt, str):
+            req.prompt = prompt
+        elif isinstance(prompt, list) and prompt:
+            first = prompt[0]
+            if isinstance(first, str):
+                req.prompt = first
+            elif isinstance(first, int):
+                req.prompt = " ".join(map(str, prompt))
+            elif isinstance(first, list):
+                req.prompt = " ".join(map(str, first))
+    return req
+
+
+def headers_only(request_id: str, path: str, headers: Mapping[str, str]) -> InferenceRequest:
+    """A request without a body (GET /v1/models, health checks...): routed on load only."""
+    return InferenceRequest(request_id, path, model=headers.get("x-gateway-model-name", ""), headers=headers)

@@ -1,0 +1,93 @@
+"""Approximate prefix-cache index: where epp sent which prompt prefixes.
+
+The prompt is cut into fixed-size character blocks (blockSizeTokens x 4 characters, the
+reference's estimate), each hashed with xxh3-64 chained from the previous block's hash and seeded
+with the model name. After a pick, the chosen endpoint's LRU records the request's block hashes.
+Memory is bounded: ``lru_capacity`` hashes per endpoint.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import xxhash
+
+CHARS_PER_TOKEN = 4
+
+
+class PrefixIndex:
+    """Block hash -> endpoints holding it, with one LRU per endpoint."""
+
+    def __init__(self, block_size_tokens: int = 16, max_blocks: int = 256, lru_capacity: int = 31250) -> None:
+        self.block_chars = block_size_tokens * CHARS_PER_TOKEN
+        self.max_blocks = max_blocks
+        self.lru_capacity = lru_capacity
+        self._holders: dict[int, set[str]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+
+    def hashes(self, model: str, prompt: str) -> list[int]:
+        """Chained hashes of the prompt's full blocks (at most ``max_blocks``)."""
+        data = prompt.encode("utf-8", "surrogatepass")
+        n = min(len(data) // self.block_chars, self.max_blocks)
+        h = xxhash.xxh3_64_intdigest(model.encode())
+        out = []
+        bc = self.block_chars
+        for i in range(n):
+            h = xxhash.xxh3_64_intdigest(data[i * bc : (i + 1) * bc], seed=h)
+            out.append(h)
+        return out
+
+    def match_lengths(self, hashes: list[int]) -> dict[str, int]:
+        """For each endpoint, how many leading blocks of ``hashes`` it holds."""
+        result: dict[str, int] = {}
+        if not hashes:
+            return result
+        alive = self._holders.get(hashes[0])
+        if not alive:
+            return result
+        alive = set(alive)
+        for a in alive:
+            result[a] = 1
+        for depth, h in enumerate(hashes[1:], start=2):
+            holders = self._holders.get(h)
+            if not holders:
+                break
+            alive &= holders
+            if not alive:
+                break
+            for a in alive:
+                result[a] = depth
+        return result
+
+    def record(self, address: str, hashes: list[int]) -> None:
+        lru = self._lru.get(address)
+        if lru is None:
+            lru = self._lru[address] = OrderedDict()
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            self._holders.setdefault(h, set()).add(address)
+            if len(lru) > self.lru_capacity:
+                old, _ = lru.popitem(last=False)
+                holders = self._holders.get(old)
+                if holders is not None:
+                    holders.discard(address)
+                    if not holders:
+                        del self._holders[old]
+
+    def forget(self, address: str) -> None:
+        """Drop an endpoint that left the pool."""
+        lru = self._lru.pop(address, None)
+        if not lru:
+            return
+        for h in lru:
+            holders = self._holders.get(h)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self._holders[h]
+
+    def size(self) -> int:
+        return sum(len(v) for v in self._lru.values())

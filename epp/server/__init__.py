@@ -1,0 +1,1 @@
+"""Protocol edges: Envoy ext_proc, epp's own Pick API, gRPC health, TLS."""

@@ -1,0 +1,176 @@
+"""Wires the picker together: datastore, scraper, scheduler, ext_proc + Pick API, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epp.config import ConfigWatcher, PickerConfig
+from epp.datastore.sources import EndpointsFileWatcher
+from epp.datastore.store import Datastore
+from epp.observability.metrics import PickerMetrics
+from epp.server.extproc import SERVICE as EXTPROC_SERVICE
+from epp.server.extproc import ExtProcServicer
+from epp.server.pickapi import PickAPI
+from epp.server.picking import PickService
+from epp.server.tls import load_cert_dir, self_signed
+from epp.signals.mappings import names_for
+from epp.signals.scraper import Scraper
+from epp.v1 import picker_pb2_grpc
+
+log = logging.getLogger("epp")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+    ("grpc.max_send_message_length", 128 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    config: PickerConfig
+    config_file: str | None = None
+    endpoints: tuple[str, ...] = ()
+    endpoints_file: str | None = None
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    secure_serving: bool = True
+    cert_path: str | None = None
+    refresh_metrics_interval: float = 0.05
+    metrics_staleness_threshold: float = 2.0
+    scrape_timeout: float = 1.0
+    engine: str = "vllm"
+    pool_name: str = "default"
+    config_poll_interval: float = 0.5
+
+
+class PickerServer:
+    """One epp process."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.store = Datastore(staleness=opts.metrics_staleness_threshold)
+        self.metrics = PickerMetrics(self.store, opts.pool_name)
+        scheduler, self._plugins = opts.config.build()
+        scheduler.plugin_timer = self.metrics.plugin_timer
+        self.picks = PickService(self.store, scheduler, self.metrics)
+        self.store.on_change(self._endpoints_changed)
+        self.scraper = Scraper(
+            self.store, names_for(opts.engine), opts.refresh_metrics_interval, opts.scrape_timeout,
+            on_error=lambda a, r: self.metrics.scrape_errors.labels(a, r).inc(),
+            on_scrape=self.metrics.scrape_parse.observe)
+        self.health = HealthServicer()
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._metrics_runner: web.AppRunner | None = None
+        self.config_watcher: ConfigWatcher | None = None
+        self.endpoints_watcher: EndpointsFileWatcher | None = None
+        self.bound_ports: dict[str, int] = {}
+
+    def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
+        for a in removed:
+            self.picks.scheduler.forget(a)
+
+    def apply_config(self, cfg: PickerConfig) -> None:
+        """Swap in a new scheduler; in-flight requests keep the old one, new requests use the new."""
+        scheduler, self._plugins = cfg.build(self._plugins)
+        scheduler.plugin_timer = self.metrics.plugin_timer
+        self.picks.scheduler = scheduler
+        self.metrics.config_reloads.inc()
+
+    async def start(self) -> None:
+        o = self.opts
+        if o.endpoints:
+            self.store.set_endpoints(o.endpoints)
+        if o.endpoints_file:
+            self.endpoints_watcher = EndpointsFileWatcher(o.endpoints_file, self.store, o.config_poll_interval)
+            self.endpoints_watcher.check()
+            self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
+        await self.scraper.start()
+        if o.config_file:
+            self.config_watcher = ConfigWatcher(o.config_file, o.config, self.apply_config, o.config_poll_interval)
+            self._tasks.append(asyncio.create_task(self.config_watcher.run()))
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers([ExtProcServicer(self.picks).handler()])
+        picker_pb2_grpc.add_EndpointPickerServicer_to_server(PickAPI(self.picks), server)
+        addr = f"{o.host}:{o.grpc_port}"
+        if o.secure_serving:
+            key, crt = load_cert_dir(o.cert_path) if o.cert_path else self_signed()
+            port = server.add_secure_port(addr, grpc.ssl_server_credentials([(key, crt)]))
+        else:
+            port = server.add_insecure_port(addr)
+        self.bound_ports["grpc"] = port
+        await server.start()
+        self._servers.append(server)
+
+        hserver = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, hserver)
+        self.bound_ports["health"] = hserver.add_insecure_port(f"{o.host}:{o.grpc_health_port}")
+        await hserver.start()
+        self._servers.append(hserver)
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self._update_readiness()
+        self._tasks.append(asyncio.create_task(self._readiness_loop()))
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, o.host, o.metrics_port)
+        await site.start()
+        server_obj = getattr(site, "_server", None)
+        sockets = getattr(server_obj, "sockets", None) or []
+        self.bound_ports["metrics"] = sockets[0].getsockname()[1] if sockets else o.metrics_port
+        log.info("epp serving ext_proc + epp.v1 on %s:%d (%s), health :%d, metrics :%d, %d endpoints",
+                 o.host, self.bound_ports["grpc"], "TLS" if o.secure_serving else "plaintext",
+                 self.bound_ports["health"], self.bound_ports["metrics"], len(self.store.addresses()))
+
+    async def _update_readiness(self) -> None:
+        ready = self.store.fresh_count() > 0
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", "readiness", EXTPROC_SERVICE):
+            await self.health.set(svc, status)
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self._update_readiness()
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for s in self._servers:
+            await s.stop(grace)
+        await self.scraper.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+
+async def serve_forever(opts: ServeOptions) -> None:
+    server = PickerServer(opts)
+    await server.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

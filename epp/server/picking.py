@@ -1,0 +1,62 @@
+"""The pick path shared by ext_proc and the Pick API: schedule, commit, count in flight."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from epp.datastore.store import Datastore
+from epp.observability.metrics import PickerMetrics
+from epp.request import InferenceRequest
+from epp.scheduling.framework import Scheduler
+from epp.scheduling.types import Decision
+
+
+@dataclass(slots=True)
+class Pick:
+    """A committed decision; ``finish`` ends its in-flight accounting exactly once."""
+
+    decision: Decision
+    request: InferenceRequest
+    started: float
+    service: PickService
+    done: bool = False
+
+    @property
+    def header_value(self) -> str:
+        return ",".join(self.decision.endpoints)
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.service.finish(self)
+
+
+class PickService:
+    """Holds the current scheduler (swapped atomically on config reload)."""
+
+    def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.metrics = metrics
+
+    def pick(self, request: InferenceRequest) -> Pick:
+        """Schedule and commit; raises SchedulingError (503/429)."""
+        m = self.metrics
+        m.requests.labels(request.model, request.target_model).inc()
+        t0 = time.perf_counter()
+        decision = self.scheduler.schedule(request, self.store.snapshot())
+        self.scheduler.record(decision)
+        self.store.acquire(decision.primary)
+        t1 = time.perf_counter()
+        m.scheduler_e2e.observe(t1 - t0)
+        m.picks.labels(decision.primary).inc()
+        return Pick(decision, request, t1, self)
+
+    def refused(self, request: InferenceRequest, status: int) -> None:
+        self.metrics.errors.labels(request.model, request.target_model, str(status)).inc()
+
+    def finish(self, pick: Pick) -> None:
+        self.store.release(pick.decision.primary)
+        r = pick.request
+        self.metrics.duration.labels(r.model, r.target_model).observe(time.perf_counter() - pick.started)

@@ -1,0 +1,1 @@
+"""Model-server signals: metrics scraping and name mappings per engine."""

@@ -1,0 +1,93 @@
+"""A narrow, fast reader of the Prometheus text exposition.
+
+It looks only at the few series routing needs: a line is skipped unless it starts with one of the
+wanted names, and labels are parsed only for the info metrics. Values of one name are summed
+across label sets (vLLM repeats series per ``engine`` for data-parallel servers).
+"""
+
+from __future__ import annotations
+
+import re
+
+from epp.datastore.endpoint import EngineSignals
+from epp.signals.mappings import MetricNames
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class ParseError(ValueError):
+    pass
+
+
+def _split(line: str) -> tuple[str, str, float]:
+    """(name, labels text, value) of a sample line."""
+    brace = line.find("{")
+    if brace >= 0:
+        end = line.rfind("}")
+        if end < brace:
+            raise ParseError(f"unbalanced braces: {line[:80]!r}")
+        name, labels, rest = line[:brace], line[brace + 1 : end], line[end + 1 :]
+    else:
+        sp = line.find(" ")
+        if sp < 0:
+            raise ParseError(f"no value: {line[:80]!r}")
+        name, labels, rest = line[:sp], "", line[sp:]
+    parts = rest.split()
+    if not parts:
+        raise ParseError(f"no value: {line[:80]!r}")
+    return name, labels, float(parts[0])
+
+
+def parse_signals(text: str, names: MetricNames) -> EngineSignals:
+    """Extract routing signals from an exposition. Raises ParseError if the core gauges are absent."""
+    sums = {names.waiting: 0.0, names.running: 0.0, names.kv_usage: 0.0}
+    counts = dict.fromkeys(sums, 0)
+    optional: dict[str, float] = {}
+    opt_names = tuple(n for n in (names.prefix_queries, names.prefix_hits) if n)
+    info_names = tuple(n for n in (names.cache_info, names.lora_info) if n)
+    wanted = tuple(sums) + opt_names + info_names
+    block_size = num_blocks = max_lora = None
+    lora_best = -1.0
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    for line in text.splitlines():
+        if not line.startswith(wanted):
+            continue
+        name, labels, value = _split(line)
+        if name in sums:
+            sums[name] += value
+            counts[name] += 1
+        elif name in opt_names:
+            optional[name] = optional.get(name, 0.0) + value
+        elif name == names.cache_info:
+            lab = dict(_LABEL.findall(labels))
+            if "block_size" in lab:
+                block_size = int(lab["block_size"])
+            if "num_gpu_blocks" in lab and lab["num_gpu_blocks"] not in ("", "None"):
+                num_blocks = int(lab["num_gpu_blocks"])
+        elif name == names.lora_info and value > lora_best:
+            # The value is a timestamp; stale label sets linger, so the newest wins.
+            lora_best = value
+            lab = dict(_LABEL.findall(labels))
+            running_loras = tuple(x for x in lab.get("running_lora_adapters", "").split(",") if x)
+            waiting_loras = tuple(x for x in lab.get("waiting_lora_adapters", "").split(",") if x)
+            if lab.get("max_lora", "").isdigit():
+                max_lora = int(lab["max_lora"])
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        raise ParseError(f"metrics missing: {', '.join(missing)}")
+    kv = sums[names.kv_usage] / counts[names.kv_usage]  # a fraction: average over engines
+    if names.kv_usage_is_percent:
+        kv /= 100.0
+    return EngineSignals(
+        waiting=sums[names.waiting],
+        running=sums[names.running],
+        kv_usage=kv,
+        prefix_queries=optional.get(names.prefix_queries or "", 0.0),
+        prefix_hits=optional.get(names.prefix_hits or "", 0.0),
+        block_size=block_size,
+        num_gpu_blocks=num_blocks,
+        running_loras=running_loras,
+        waiting_loras=waiting_loras,
+        max_lora=max_lora,
+    )

@@ -1,0 +1,100 @@
+"""Scrapes every endpoint's /metrics on an interval with one aiohttp session.
+
+Each endpoint has its own loop (interval with +-10 % jitter, per-scrape timeout). A failed or
+unparseable scrape marks the endpoint's signals as errored; the scheduler then avoids it while any
+fresh endpoint exists. Loops start and stop as endpoints join and leave the datastore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from epp.datastore.store import Datastore
+from epp.signals.mappings import MetricNames
+from epp.signals.promtext import ParseError, parse_signals
+
+log = logging.getLogger("epp.scraper")
+
+ErrorHook = Callable[[str, str], None]
+
+
+class Scraper:
+    def __init__(self, store: Datastore, names: MetricNames, interval: float = 0.05, timeout: float = 1.0,
+                 path: str = "/metrics", scheme: str = "http", on_error: ErrorHook | None = None,
+                 on_scrape: Callable[[float], None] | None = None) -> None:
+        self.store = store
+        self.names = names
+        self.interval = interval
+        self.timeout = timeout
+        self.path = path
+        self.scheme = scheme
+        self.on_error = on_error
+        self.on_scrape = on_scrape
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._rng = random.Random()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                              auto_decompress=True)
+        self.store.on_change(self._endpoints_changed)
+        self._endpoints_changed(set(self.store.addresses()), set())
+
+    def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
+        for a in removed:
+            t = self._tasks.pop(a, None)
+            if t is not None:
+                t.cancel()
+        for a in added:
+            if a not in self._tasks and self._session is not None:
+                self._tasks[a] = asyncio.get_running_loop().create_task(self._loop(a), name=f"scrape {a}")
+
+    async def stop(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        for t in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def scrape_once(self, address: str) -> None:
+        assert self._session is not None
+        picks_at_start = self.store.total_picks.get(address, 0)
+        try:
+            async with self._session.get(f"{self.scheme}://{address}{self.path}") as resp:
+                if resp.status != 200:
+                    raise ParseError(f"HTTP {resp.status}")
+                text = await resp.text()
+            t0 = time.perf_counter()
+            signals = parse_signals(text, self.names)
+            if self.on_scrape is not None:
+                self.on_scrape(time.perf_counter() - t0)
+        except (aiohttp.ClientError, TimeoutError, ParseError, ValueError, UnicodeDecodeError) as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            state = self.store.get(address)
+            if state is not None and state.error is None:
+                log.warning("scrape of %s failed: %s", address, reason)
+            self.store.record_scrape_error(address, reason)
+            if self.on_error is not None:
+                self.on_error(address, type(e).__name__)
+            return
+        self.store.record_scrape(address, signals, picks_at_start)
+
+    async def _loop(self, address: str) -> None:
+        await asyncio.sleep(self._rng.uniform(0, self.interval))
+        while True:
+            start = time.monotonic()
+            await self.scrape_once(address)
+            delay = self.interval * self._rng.uniform(0.9, 1.1) - (time.monotonic() - start)
+            await asyncio.sleep(max(delay, self.interval * 0.1))
