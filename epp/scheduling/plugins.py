@@ -24,8 +24,9 @@ def _minmax_low_is_good(values: list[float]) -> list[float]:
 
 
 class QueueScorer:
-    """Shorter queue scores higher: min-max over candidates of waiting requests, plus the picks
-    epp made since the last scrape (so a burst between scrapes spreads instead of piling up)."""
+    """Shorter queue scores higher: min-max over candidates of waiting requests plus the picks epp
+    made since the last scrape that are still in flight (the scrape could not see them), so a
+    burst between scrapes spreads instead of piling onto one pod."""
 
     type_name: ClassVar[str] = "queue-scorer"
 
@@ -35,9 +36,10 @@ class QueueScorer:
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        recent = snapshot.recent_picks
+        recent, inflight = snapshot.recent_picks, snapshot.inflight
         return _minmax_low_is_good([
-            (c.signals.waiting if c.signals else 0.0) + recent.get(c.address, 0) for c in candidates
+            (c.signals.waiting if c.signals else 0.0) + min(recent.get(c.address, 0), inflight.get(c.address, 0))
+            for c in candidates
         ])
 
 

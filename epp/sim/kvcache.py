@@ -39,14 +39,15 @@ class KVEvents:
             "lora_id": None,
             "medium": "GPU",
             "lora_name": lora_name,
+            "extra_keys": [None if lora_name is None else (lora_name,)] * len(digests),
+            "group_idx": 0,
+            "kv_cache_spec_kind": "full_attention",
         })
 
     def removed(self, digest: bytes) -> None:
-        last = self.items[-1] if self.items else None
-        if last is not None and last["type"] == "BlockRemoved":
-            last["block_hashes"].append(external(digest))
-        else:
-            self.items.append({"type": "BlockRemoved", "block_hashes": [external(digest)], "medium": "GPU"})
+        # vLLM 0.32 publishes one BlockRemoved per evicted block.
+        self.items.append({"type": "BlockRemoved", "block_hashes": [external(digest)], "medium": "GPU",
+                           "group_idx": 0})
 
     def cleared(self) -> None:
         self.items.append({"type": "AllBlocksCleared"})

@@ -77,12 +77,15 @@ def main() -> int:
 
     import zmq
 
-    http_port, kv_port, replay_port = free_port(), free_port(), free_port()
+    http_port, replay_port = free_port(), free_port()
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.bind(f"tcp://127.0.0.1:{kv_port}")  # vLLM connects for a tcp://host:port endpoint
-    kv_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{kv_port}",
+    # vLLM binds ipc:// endpoints (and connects tcp://host:port ones). On these machines a PUB that
+    # connects to a bound SUB handshakes but delivers nothing (libzmq 4.3.5), so record over ipc.
+    kv_endpoint = f"ipc://{work.resolve()}/kv-events.sock"
+    sub.connect(kv_endpoint)
+    kv_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv_endpoint,
               "replay_endpoint": f"tcp://127.0.0.1:{replay_port}", "topic": "kv-events"}
     frames: list[dict[str, object]] = []
     stop = threading.Event()
@@ -125,7 +128,7 @@ def main() -> int:
             responses.append({"prompt": p, "token_ids": tok["tokens"], "response": r})
         # Distinct long prompts: 48 blocks of 32 tokens fill up, so blocks get evicted (BlockRemoved).
         for k in range(6):
-            p = " ".join(f"evict{k} token{j} model{k}" for j in range(90))
+            p = " ".join(f"alpha{k} beta gamma{j % 7}" for j in range(60))
             post(base + "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 40, "ignore_eos": True})
         req = urllib.request.Request(base + "/reset_prefix_cache", data=b"", method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:

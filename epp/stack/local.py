@@ -1,0 +1,202 @@
+"""A local stack on 127.0.0.1: simulated fleet + epp + real Envoy.
+
+In-process mode (tests): the fleet and epp run in the caller's event loop, Envoy as a child
+process. Process mode (demo, bench): every part is its own process, so CPU can be measured per
+component.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from epp.config import PickerConfig, load_config, parse_config
+from epp.server.app import PickerServer, ServeOptions
+from epp.sim.fleet import Fleet
+from epp.sim.kvevents import KVEventsConfig
+from epp.sim.profiles import EngineParams, profile
+from epp.stack import envoy as envoy_mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``await check()`` until truthy; TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            if await check():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def http_ok(url: str, expect: str | None = None) -> bool:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as s, s.get(url) as r:
+        if r.status != 200:
+            return False
+        return expect is None or expect in await r.text()
+
+
+@dataclass
+class EnvoyProc:
+    """A running Envoy child process."""
+
+    proc: subprocess.Popen[bytes]
+    listen_port: int
+    admin_port: int
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+async def start_envoy(template: str, workdir: Path, *, epp_port: int = 0, endpoints: Sequence[str] = (),
+                      lb_policy: str = "ROUND_ROBIN", epp_tls: bool = False, concurrency: int = 1,
+                      timeout: float = 20.0) -> EnvoyProc:
+    listen, admin = free_ports(2)
+    cfg = envoy_mod.render(template, listen_port=listen, admin_port=admin, epp_port=epp_port,
+                           endpoints=endpoints, lb_policy=lb_policy, epp_tls=epp_tls)
+    path = envoy_mod.write(cfg, workdir / f"envoy-{template}-{listen}.yaml")
+    log = workdir / f"envoy-{listen}.log"
+    proc = envoy_mod.start(path, log, concurrency=concurrency)
+    ep = EnvoyProc(proc, listen, admin, path, log)
+    try:
+        await wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready", "LIVE"), timeout, "Envoy ready")
+    except TimeoutError:
+        ep.stop()
+        raise
+    return ep
+
+
+@dataclass
+class Stack:
+    fleet: Fleet
+    picker: PickerServer | None
+    envoy: EnvoyProc
+    workdir: Path
+    config_path: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.fleet.servers]
+
+    def server(self, address: str) -> Any:
+        for s in self.fleet.servers:
+            if s.address == address:
+                return s
+        raise KeyError(address)
+
+
+@contextlib.asynccontextmanager
+async def in_process_stack(*, servers: int = 4, params: EngineParams | None = None, template: str = "epp-full-duplex",
+                           config_text: str | None = None, secure: bool = False, staleness: float = 2.0,
+                           refresh: float = 0.05, endpoints_file: bool = False,
+                           kv_events: KVEventsConfig | None = None, wait_ready: bool = True,
+                           workdir: Path | None = None) -> AsyncIterator[Stack]:
+    """Fleet + epp in this event loop, a real Envoy child process in front."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="epp-stack-")
+        workdir = Path(tmp.name)
+    ports = free_ports(servers + 3)
+    fleet = Fleet(ports[:servers], params or profile("fast"), kv_events=kv_events)
+    await fleet.start()
+    config_path: Path | None = None
+    cfg: PickerConfig
+    if config_text is not None:
+        config_path = workdir / "epp-config.yaml"
+        config_path.write_text(config_text)
+        cfg = parse_config(config_text, str(config_path))
+    else:
+        cfg = load_config(None)
+    addrs = tuple(s.address for s in fleet.servers)
+    ep_file = None
+    if endpoints_file:
+        ep_file = workdir / "endpoints.yaml"
+        ep_file.write_text("".join(f"- {a}\n" for a in addrs))
+    opts = ServeOptions(config=cfg, config_file=str(config_path) if config_path else None,
+                        endpoints=() if endpoints_file else addrs, endpoints_file=str(ep_file) if ep_file else None,
+                        host="127.0.0.1", grpc_port=ports[servers], grpc_health_port=ports[servers + 1],
+                        metrics_port=ports[servers + 2], secure_serving=secure,
+                        refresh_metrics_interval=refresh, metrics_staleness_threshold=staleness,
+                        config_poll_interval=0.2)
+    picker = PickerServer(opts)
+    await picker.start()
+    envoy = None
+    try:
+        if wait_ready:
+            await wait_until(lambda: _ready(picker), 10, "fresh metrics in epp")
+        envoy = await start_envoy(template, workdir, epp_port=picker.bound_ports["grpc"], epp_tls=secure)
+        stack = Stack(fleet, picker, envoy, workdir, config_path)
+        if ep_file:
+            stack.extras["endpoints_file"] = ep_file
+        yield stack
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await picker.stop(grace=0.2)
+        await fleet.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+async def _ready(picker: PickerServer) -> bool:
+    return picker.store.fresh_count() == len(picker.store.addresses()) > 0
+
+
+def spawn(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m epp.cli ...`` (or another command) with its output in ``log_path``."""
+    out = open(log_path, "wb")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ))
+
+
+def epp_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "epp.cli", *args]
