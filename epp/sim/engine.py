@@ -72,7 +72,8 @@ class StepStats:
     preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: {"length": 0, "stop": 0, "abort": 0})
+    finished: dict[str, int] = field(
+        default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0})
 
 
 Observer = Callable[[str, float], None]

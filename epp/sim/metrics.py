@@ -30,6 +30,26 @@ PINNABLE = {
 }
 
 
+def cache_config_labels(block_size: int, num_gpu_blocks: int, prefix_caching: bool, engine: str) -> dict[str, str]:
+    """vLLM 0.32's cache_config_info label set (values of a plain full-attention model)."""
+    return {
+        "_block_size_resolved": "True", "block_size": str(block_size), "cache_dtype": "auto",
+        "cache_hit_alignment_tokens": "None", "effective_attention_block_size": str(block_size),
+        "enable_mamba_shared_prefix_checkpoint": "False", "enable_prefix_caching": str(prefix_caching),
+        "engine": engine, "gpu_memory_utilization": "0.9", "hash_block_size": "None", "is_attention_free": "False",
+        "kv_cache_dtype_skip_layers": "[]", "kv_cache_layout": "None", "kv_cache_max_concurrency": "None",
+        "kv_cache_memory_bytes": "None", "kv_cache_size_tokens": str(block_size * num_gpu_blocks),
+        "kv_offloading_backend": "native", "kv_offloading_size": "None", "kv_sharing_fast_prefill": "False",
+        "mamba_block_size": "None", "mamba_cache_dtype": "auto", "mamba_cache_mode": "none",
+        "mamba_page_size_padded": "None", "mamba_ssm_cache_dtype": "auto", "num_cpu_blocks": "None",
+        "num_gpu_blocks": str(num_gpu_blocks), "num_gpu_blocks_override": "None",
+        "prefix_cache_retention_interval": "0", "prefix_caching_hash_algo": "sha256", "prefix_match_unit": "None",
+        "replayssm_buffer_len": "16", "skip_page_size_padded": "None", "sliding_window": "None",
+        "swa_bounded_replay": "True", "use_kda_recoverssm": "False", "use_replayssm": "False",
+        "user_specified_block_size": "True",
+    }
+
+
 class EngineCollector(Collector):
     """Reads gauges and counters from the engine at scrape time (nothing on the hot path)."""
 
@@ -72,11 +92,10 @@ class EngineCollector(Collector):
         for reason, n in sorted(s.finished.items()):
             ok.add_metric([self.labels[0], reason, self.labels[1]], n)
         yield ok
+        cache_labels = cache_config_labels(p.block_size, p.num_gpu_blocks, p.enable_prefix_caching, self.labels[0])
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                                 labels=["block_size", "cache_dtype", "enable_prefix_caching", "engine",
-                                         "num_gpu_blocks", "prefix_caching_hash_algo"])
-        info.add_metric([str(p.block_size), "auto", str(p.enable_prefix_caching), self.labels[0],
-                         str(p.num_gpu_blocks), "sha256"], 1.0)
+                                 labels=list(cache_labels))
+        info.add_metric(list(cache_labels.values()), 1.0)
         yield info
         if p.lora_adapters:
             running = sorted({r.lora_name for r in e.running if r.lora_name})

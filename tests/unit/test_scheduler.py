@@ -1,0 +1,116 @@
+"""The scheduler as a pure function of (snapshot, request)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from epp.config import DEFAULT_CONFIG, parse_config
+from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.store import Datastore, Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.framework import Scheduler
+from epp.scheduling.types import SchedulingError
+
+NOW = 1000.0
+
+
+def ep(addr: str, waiting: float = 0, kv: float = 0.0, age: float = 0.0, error: str | None = None) -> EndpointState:
+    return EndpointState(addr, EngineSignals(waiting=waiting, kv_usage=kv), scraped_at=NOW - age, error=error)
+
+
+def snap(*eps: EndpointState, inflight: dict[str, int] | None = None,
+         recent: dict[str, int] | None = None) -> Snapshot:
+    return Snapshot(tuple(eps), inflight or {}, recent or {}, NOW, 2.0)
+
+
+def scheduler(text: str = DEFAULT_CONFIG, seed: int = 1) -> Scheduler:
+    s, _ = parse_config(text).build()
+    s.profile.picker.rng = random.Random(seed)  # type: ignore[attr-defined]
+    return s
+
+
+def req(prompt: str = "hello", model: str = "m") -> InferenceRequest:
+    return InferenceRequest("id", "/v1/completions", model=model, prompt=prompt, has_body=True)
+
+
+def test_avoids_long_queue_and_prefers_free_kv() -> None:
+    s = scheduler()
+    assert s.schedule(req(), snap(ep("a", waiting=20), ep("b", waiting=0), ep("c", waiting=20))).primary == "b"
+    assert s.schedule(req(), snap(ep("a", kv=0.9), ep("b", kv=0.9), ep("c", kv=0.1))).primary == "c"
+
+
+def test_prefix_affinity_after_a_pick_is_recorded() -> None:
+    s = scheduler()
+    shared = "system prompt shared by a whole group of requests " * 20
+    first = s.schedule(req(shared + "question 1"), snap(ep("a"), ep("b"), ep("c")))
+    s.record(first)
+    for i in range(2, 10):
+        d = s.schedule(req(shared + f"question {i}"), snap(ep("a"), ep("b"), ep("c")))
+        assert d.primary == first.primary
+        assert d.scores()[first.primary][1]["prefix-cache-scorer"] > 0.9
+
+
+def test_stale_and_failing_endpoints_are_avoided_while_a_fresh_one_exists() -> None:
+    s = scheduler()
+    stale = ep("stale", kv=0.0, age=5.0)
+    failing = ep("failing", kv=0.0, error="HTTP 500")
+    fresh = ep("fresh", waiting=10, kv=0.95)
+    for _ in range(20):
+        assert s.schedule(req(), snap(stale, failing, fresh)).primary == "fresh"
+    # With nothing fresh, everything is a candidate (better than refusing all traffic).
+    d = s.schedule(req(), snap(stale, failing))
+    assert d.primary in ("stale", "failing") and "no endpoint has fresh metrics" in d.reason()
+
+
+def test_errors_503_empty_and_429_saturated() -> None:
+    s = scheduler()
+    with pytest.raises(SchedulingError) as e:
+        s.schedule(req(), snap())
+    assert e.value.status == 503
+    with pytest.raises(SchedulingError) as e:
+        s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=64)))
+    assert e.value.status == 429
+    assert s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=63))).primary == "b"
+
+
+def test_burst_between_scrapes_spreads_over_the_pool() -> None:
+    store = Datastore(staleness=2.0, clock=lambda: NOW)
+    addrs = [f"10.0.0.{i}:8000" for i in range(4)]
+    store.set_endpoints(addrs)
+    for a in addrs:
+        store.record_scrape(a, EngineSignals(), picks_at_start=0)
+    s = scheduler()
+    counts: Counter[str] = Counter()
+    for i in range(40):  # distinct prompts, nothing finishes: all 40 are in flight
+        d = s.schedule(req(f"unique prompt {i} " * 30), store.snapshot())
+        s.record(d)
+        store.acquire(d.primary)
+        counts[d.primary] += 1
+    assert set(counts) == set(addrs) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_fallbacks_in_score_order_and_reason() -> None:
+    text = DEFAULT_CONFIG.replace("- type: max-score-picker",
+                                  "- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 3}")
+    d = scheduler(text).schedule(req(), snap(ep("a", kv=0.5), ep("b", kv=0.1), ep("c", kv=0.9), ep("d", kv=0.3)))
+    assert d.endpoints == ("b", "d", "a")
+    assert d.reason().startswith("queue-scorer=1.00 kv-cache-utilization-scorer=0.90 prefix-cache-scorer=0.00")
+
+
+def test_ties_break_at_random() -> None:
+    s = scheduler()
+    seen = {s.schedule(req(), snap(ep("a"), ep("b"), ep("c"))).primary for _ in range(60)}
+    assert seen == {"a", "b", "c"}
+
+
+def test_weighted_random_and_random_pickers() -> None:
+    base = DEFAULT_CONFIG.replace("max-score-picker", "weighted-random-picker")
+    s = scheduler(base)
+    counts = Counter(s.schedule(req(), snap(ep("a", kv=0.0), ep("b", kv=0.99))).primary for _ in range(300))
+    assert counts["a"] > counts["b"] > 0
+    s = scheduler(DEFAULT_CONFIG.replace("max-score-picker", "random-picker"))
+    counts = Counter(s.schedule(req(), snap(ep("a", kv=0.0), ep("b", kv=0.99))).primary for _ in range(300))
+    assert min(counts.values()) > 100
