@@ -18,7 +18,7 @@ def compile_protos(root: Path) -> None:
     proto_root = root / "protos"
     protos = sorted(str(p.relative_to(proto_root)) for p in (proto_root / "epp" / "v1").glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={root}", f"--pyi_out={root}",
+    args = ["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={root}",
             f"--grpc_python_out={root}", *protos]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")

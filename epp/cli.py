@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,14 +12,12 @@ from collections.abc import Sequence
 def parse_duration(text: str) -> float:
     """'50ms', '2s', '1m', '1.5s' -> seconds."""
     t = text.strip().lower()
-    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if t.endswith(suffix):
-            num = t[: -len(suffix)]
-            break
-    else:
+    units = (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+    unit = next(((suffix, scale) for suffix, scale in units if t.endswith(suffix)), None)
+    if unit is None:
         raise argparse.ArgumentTypeError(f"duration {text!r} needs a unit: ms, s or m (e.g. 50ms)")
     try:
-        value = float(num) * scale
+        value = float(t[: -len(unit[0])]) * unit[1]
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
     if value <= 0:
@@ -233,10 +231,8 @@ def run_sim(args: argparse.Namespace) -> int:
 def _run(coro: object) -> None:
     import uvloop
 
-    try:
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

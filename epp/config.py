@@ -95,7 +95,7 @@ class PickerConfig:
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(path, f"expected {what}, got {type(value).__name__}")
     return value
 
@@ -143,7 +143,8 @@ def _parse(text: str, source: str) -> PickerConfig:
         if not isinstance(ptype, str) or not ptype:
             raise ConfigError(f"{path}.type", "required")
         if ptype not in PLUGIN_TYPES:
-            raise ConfigError(f"{path}.type", f"unknown plugin type {ptype!r} (known: {', '.join(sorted(PLUGIN_TYPES))})")
+            known = ", ".join(sorted(PLUGIN_TYPES))
+            raise ConfigError(f"{path}.type", f"unknown plugin type {ptype!r} (known: {known})")
         name = p.get("name") or ptype
         _expect(name, str, f"{path}.name", "a string")
         if name in plugins:

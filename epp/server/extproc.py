@@ -86,7 +86,8 @@ def immediate(status: int, body: bytes) -> bytes:
     opt.header.key = "content-type"
     opt.header.raw_value = b"application/json"
     opt.append_action = OVERWRITE
-    return resp.SerializeToString()
+    out: bytes = resp.SerializeToString()
+    return out
 
 
 def _error_body(status: int, message: str) -> bytes:

@@ -46,7 +46,7 @@ class PickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
         return InferenceRequest(rid, path, model=r.model, prompt=prompt, headers=headers, has_body=True,
                                 target_model=r.model)
 
-    async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             req = self._request(request)
         except RequestError as e:
@@ -72,7 +72,7 @@ class PickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
                 s.scores[name] = v
         return resp
 
-    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         entry = self._open.pop(request.pick_id, None)
         if entry is not None:
             entry[0].finish()

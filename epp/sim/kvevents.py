@@ -21,6 +21,8 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq import Flag, SocketOption, SocketType
+from zmq.error import Again
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _PLACEHOLDER = re.compile(r"\{(port|index)([+-]\d+)?\}")
@@ -93,9 +95,9 @@ class KVEventPublisher:
         self._topic = config.topic.encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._seq = 0
-        self._pub = ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.SNDHWM, config.hwm)
-        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub = ctx.socket(SocketType.PUB)
+        self._pub.setsockopt(SocketOption.SNDHWM, config.hwm)
+        self._pub.setsockopt(SocketOption.LINGER, 0)
         if binds(config.endpoint):
             self._pub.bind(config.endpoint)
         else:
@@ -103,8 +105,8 @@ class KVEventPublisher:
         self._replay: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
         if config.replay_endpoint:
-            self._replay = ctx.socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay = ctx.socket(SocketType.ROUTER)
+            self._replay.setsockopt(SocketOption.LINGER, 0)
             self._replay.bind(config.replay_endpoint)
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay())
 
@@ -113,8 +115,8 @@ class KVEventPublisher:
         seq = self._seq
         self._seq += 1
         self._buffer.append((seq, payload))
-        with contextlib.suppress(zmq.Again):
-            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
+        with contextlib.suppress(Again):
+            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), flags=Flag.NOBLOCK)
 
     async def _serve_replay(self) -> None:
         assert self._replay is not None

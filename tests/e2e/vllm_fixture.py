@@ -98,15 +98,15 @@ def main() -> int:
                                "payload_b64": base64.b64encode(payload).decode()})
 
     threading.Thread(target=receive, daemon=True).start()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", VLLM_CACHE_ROOT=str(work / "cache"), TMPDIR=str(work),
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CACHE_ROOT=str(work / "cache"), TMPDIR=str(work),
                VLLM_CPU_OMP_THREADS_BIND="0")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(http_port),
            "--max-model-len", "1024", "--enable-prefix-caching", "--block-size", "32",
            "--num-gpu-blocks-override", "48", "--enable-prompt-tokens-details", "--enforce-eager",
            "--kv-events-config", json.dumps(kv_cfg)]
-    log = open(work / "vllm.log", "w")  # noqa: SIM115
+    log = open(work / "vllm.log", "w")  # noqa: SIM115 - the child writes to it
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
     try:

@@ -5,7 +5,8 @@ from epp.request import RequestError, parse_body
 
 def test_chat_and_completion_bodies() -> None:
     chat = parse_body("r", "/v1/chat/completions", {}, b'{"model":"m","stream":true,"messages":'
-                      b'[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}]}')
+                      b'[{"role":"system","content":"be brief"},'
+                      b'{"role":"user","content":[{"type":"text","text":"hi"}]}]}')
     assert (chat.model, chat.stream) == ("m", True)
     assert chat.prompt == "<system>be brief<user>hi"
     comp = parse_body("r", "/v1/completions", {}, b'{"model":"m","prompt":"once upon"}')

@@ -24,7 +24,7 @@ async def test_generates_exactly_max_tokens_with_ignore_eos_and_caches_prefix() 
         r1 = e.submit(prompt, max_tokens=7, ignore_eos=True)
         assert len(await drain(r1)) == 7 and r1.finish_reason == "length"
         assert r1.cached_tokens == 0
-        r2 = e.submit(prompt + [1000, 1001], max_tokens=3, ignore_eos=True)
+        r2 = e.submit([*prompt, 1000, 1001], max_tokens=3, ignore_eos=True)
         await drain(r2)
         assert r2.cached_tokens == 40  # 10 full blocks of the shared prompt
         r3 = e.submit(prompt, max_tokens=2, ignore_eos=True)

@@ -105,7 +105,7 @@ async def test_models_health_tokenize(sim: tuple[SimServer, aiohttp.ClientSessio
 
 
 async def test_metrics_have_vllm_names_and_admin_pins(sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
-    server, s, base = sim
+    _, s, base = sim
     async with s.get(f"{base}/metrics") as r:
         text = await r.text()
     sig = parse_signals(text, VLLM)
