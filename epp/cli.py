@@ -50,6 +50,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--engine", default="vllm", help="metric names of the model servers: vllm or sglang")
     p.add_argument("--pool-name", default="default", help="label for pool metrics")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
+    p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
+                   help="add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
     p.add_argument("--log-level", default="info")
 
 
@@ -75,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
-        engine=args.engine, pool_name=args.pool_name)
+        engine=args.engine, pool_name=args.pool_name, decision_headers=args.decision_headers)
     _run(serve_forever(opts))
     return 0
 
@@ -143,6 +145,61 @@ def run_pick(args: argparse.Namespace) -> int:
     print(f"reason: {resp.reason}")
     picker_pb2_grpc.EndpointPickerStub(channel).Release(picker_pb2.ReleaseRequest(pick_id=resp.pick_id))
     return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="benchmarks (results as JSON + markdown)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    o = bsub.add_parser("overhead", help="Envoy alone vs Envoy + epp: latency and picker CPU per request")
+    o.add_argument("--out", default="results/overhead")
+    o.add_argument("--servers", type=int, default=4)
+    o.add_argument("--requests", type=int, default=3000, help="requests per run at concurrency 16 (half at 1)")
+    o.add_argument("--max-seconds", type=float, default=20.0, help="time cap per run")
+    o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
+    o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
+    o.add_argument("--profile", action="store_true", help="py-spy profile of epp during a concurrency-16 run")
+    p.add_argument("--log-level", default="warning")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    if args.bench_command == "overhead":
+        from epp.bench.overhead import bench_overhead
+
+        prof = (shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))) if args.profile else None
+        if args.profile and prof is None:
+            print("epp bench: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
+                            rounds=args.rounds, buffered=args.buffered, profile_with=prof))
+        print((out / "overhead.md").read_text())
+        if prof:
+            from epp.bench.profile import top_functions
+
+            print(top_functions(out / "profile.txt"))
+        return 0
+    return 2
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="local stack: simulated fleet + epp + Envoy, traffic, explained picks")
+    p.add_argument("--no-hold", action="store_true", help="exit after the traffic table (for CI)")
+    p.add_argument("--log-level", default="warning")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from epp.demo import run_demo as demo
+
+    result = {"code": 0}
+
+    async def main() -> None:
+        result["code"] = await demo(hold=not args.no_hold)
+
+    _run(main())
+    return result["code"]
 
 
 def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -242,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_config(sub)
     _add_pick(sub)
+    _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -258,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_config(args)
     if args.command == "pick":
         return run_pick(args)
+    if args.command == "bench":
+        return run_bench(args)
+    if args.command == "demo":
+        return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

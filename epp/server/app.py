@@ -56,6 +56,7 @@ class ServeOptions:
     engine: str = "vllm"
     pool_name: str = "default"
     config_poll_interval: float = 0.5
+    decision_headers: bool = False
 
 
 class PickerServer:
@@ -106,7 +107,7 @@ class PickerServer:
             self._tasks.append(asyncio.create_task(self.config_watcher.run()))
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers([ExtProcServicer(self.picks).handler()])
+        server.add_generic_rpc_handlers([ExtProcServicer(self.picks, o.decision_headers).handler()])
         picker_pb2_grpc.add_EndpointPickerServicer_to_server(PickAPI(self.picks), server)
         addr = f"{o.host}:{o.grpc_port}"
         if o.secure_serving:

@@ -90,6 +90,19 @@ def immediate(status: int, body: bytes) -> bytes:
     return out
 
 
+def explain_response(pick: Pick) -> bytes:
+    """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
+    mutation = pb.HeaderMutation()
+    for key, value in (("x-epp-endpoint", pick.header_value), ("x-epp-reason", pick.decision.reason())):
+        opt = mutation.set_headers.add()
+        opt.header.key = key
+        opt.header.raw_value = value.encode()
+        opt.append_action = OVERWRITE
+    out: bytes = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+        response=pb.CommonResponse(header_mutation=mutation))).SerializeToString()
+    return out
+
+
 def _error_body(status: int, message: str) -> bytes:
     return RequestError(status, message, "ServiceUnavailableError" if status == 503 else
                         "RateLimitError" if status == 429 else "BadRequestError").body()
@@ -98,8 +111,9 @@ def _error_body(status: int, message: str) -> bytes:
 class ExtProcServicer:
     """One instance serves all streams; per-request state lives in the coroutine."""
 
-    def __init__(self, picks: PickService) -> None:
+    def __init__(self, picks: PickService, decision_headers: bool = False) -> None:
         self.picks = picks
+        self.decision_headers = decision_headers
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
@@ -155,7 +169,10 @@ class ExtProcServicer:
                         chunks = []
                     await write(CONTINUE_REQUEST_TRAILERS)
                 elif kind == "response_headers":
-                    await write(CONTINUE_RESPONSE_HEADERS)
+                    if self.decision_headers and pick is not None:
+                        await write(explain_response(pick))
+                    else:
+                        await write(CONTINUE_RESPONSE_HEADERS)
                     if msg.response_headers.end_of_stream and pick is not None:
                         pick.finish()
                 elif kind == "response_body":

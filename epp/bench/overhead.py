@@ -1,0 +1,147 @@
+"""`epp bench overhead`: what the picker adds to a request, measured side by side in one run.
+
+Contenders, all in front of the same fast simulated fleet: Envoy alone (round robin) and Envoy +
+epp (FULL_DUPLEX_STREAMED, the gateway mode; BUFFERED optionally). Each runs at concurrency 1
+and 16 with the same 2.4 KB completion request. Picker CPU per request comes from the epp
+process's own CPU time (/proc), over the requests of that run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from epp.bench.loadgen import run_load
+from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.stack.local import EnvoyProc, free_ports, start_envoy
+
+
+@dataclass
+class Row:
+    contender: str
+    concurrency: int
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float | None
+    picker_cpu_us_per_req: float | None
+    envoy_cpu_us_per_req: float
+
+
+def request_body(size: int = 2400) -> bytes:
+    base = orjson.dumps({"model": "sim-model", "prompt": "", "max_tokens": 1, "ignore_eos": True})
+    return orjson.dumps({"model": "sim-model", "prompt": "benchmark " * ((size - len(base)) // 10),
+                         "max_tokens": 1, "ignore_eos": True})
+
+
+async def _measure(name: str, envoy: EnvoyProc, epp: subprocess.Popen[bytes] | None, body: bytes, concurrency: int,
+                   requests: int, max_seconds: float) -> Row:
+    epp_cpu0 = cpu_seconds(epp.pid) if epp else 0.0
+    env_cpu0 = cpu_seconds(envoy.proc.pid)
+    res = await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=concurrency,
+                         requests=requests, max_seconds=max_seconds)
+    n = max(len(res.latencies), 1)
+    picker = (cpu_seconds(epp.pid) - epp_cpu0) / n * 1e6 if epp else None
+    env = (cpu_seconds(envoy.proc.pid) - env_cpu0) / n * 1e6
+    return Row(name, concurrency, len(res.latencies), res.errors, round(res.rps, 1),
+               round(res.percentile(50) * 1e3, 3), round(res.percentile(99) * 1e3, 3), None,
+               None if picker is None else round(picker, 1), round(env, 1))
+
+
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    lines = [f"# epp bench overhead ({meta['date']}, {meta['machine']})", "",
+             "| contender | conc | requests | errors | req/s | p50 ms | p99 ms | added p50 ms | picker CPU us/req "
+             "| Envoy CPU us/req |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        added = "-" if r.added_p50_ms is None else f"{r.added_p50_ms:+.3f}"
+        picker = "-" if r.picker_cpu_us_per_req is None else f"{r.picker_cpu_us_per_req:.0f}"
+        lines.append(f"| {r.contender} | {r.concurrency} | {r.requests} | {r.errors} | {r.rps:.0f} | {r.p50_ms:.3f} "
+                     f"| {r.p99_ms:.3f} | {added} | {picker} | {r.envoy_cpu_us_per_req:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
+                         rounds: int = 2, buffered: bool = False, profile_with: str | None = None) -> list[Row]:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
+        work = Path(tmp)
+        ports = free_ports(servers + 3)
+        sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers:]
+        endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
+        procs: list[subprocess.Popen[bytes]] = []
+        envoys: list[EnvoyProc] = []
+        try:
+            procs.append(await start_sim(sim_ports, work))
+            epp = await start_epp(endpoints, grpc_port, health_port, metrics_port, work)
+            procs.append(epp)
+            contenders: list[tuple[str, EnvoyProc, subprocess.Popen[bytes] | None]] = []
+            rr = await start_envoy("round-robin", work, endpoints=endpoints)
+            envoys.append(rr)
+            contenders.append(("envoy round-robin", rr, None))
+            fd = await start_envoy("epp-full-duplex", work, epp_port=grpc_port)
+            envoys.append(fd)
+            contenders.append(("envoy + epp (full duplex)", fd, epp))
+            if buffered:
+                bf = await start_envoy("epp-buffered", work, epp_port=grpc_port)
+                envoys.append(bf)
+                contenders.append(("envoy + epp (buffered)", bf, epp))
+            body = request_body()
+            for _, envoy, _ in contenders:  # warm up connections and code paths
+                await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,
+                               max_seconds=10)
+            samples: dict[tuple[str, int], list[Row]] = {}
+            profiler = None
+            for rnd in range(rounds):
+                for conc in (1, 16):
+                    for name, envoy, picker in contenders:
+                        if profile_with and picker is not None and conc == 16 and rnd == rounds - 1 and not profiler:
+                            profiler = subprocess.Popen(
+                                [profile_with, "record", "--pid", str(picker.pid), "--rate", "500", "--format", "raw",
+                                 "--output", str(out / "profile.txt"), "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            await asyncio.sleep(1.0)
+                        row = await _measure(name, envoy, picker, body, conc, requests if conc == 16 else requests // 2,
+                                             max_seconds)
+                        if profiler is not None and profiler.poll() is None:
+                            profiler.send_signal(2)
+                            profiler.wait(30)
+                        samples.setdefault((name, conc), []).append(row)
+            rows = [_median_row(v) for v in samples.values()]
+            base = {r.concurrency: r.p50_ms for r in rows if r.contender == "envoy round-robin"}
+            for r in rows:
+                if r.contender != "envoy round-robin":
+                    r.added_p50_ms = round(r.p50_ms - base[r.concurrency], 3)
+            rows.sort(key=lambda r: (r.concurrency, r.contender))
+        finally:
+            for e in envoys:
+                e.stop()
+            for p in procs:
+                stop(p)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cpus()} cores",
+            "python": platform.python_version(), "servers": servers, "requests_c16": requests, "rounds": rounds}
+    (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    (out / "overhead.md").write_text(markdown(rows, meta))
+    return rows
+
+
+def _median_row(rows: list[Row]) -> Row:
+    """The run with the median p50 (keeps each row's numbers consistent with each other)."""
+    return sorted(rows, key=lambda r: r.p50_ms)[len(rows) // 2]
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
