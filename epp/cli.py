@@ -52,6 +52,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
                    help="add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
+    p.add_argument("--grpc-transport", choices=("h2", "grpcio"), default="h2",
+                   help="gRPC server for ext_proc + epp.v1: epp's lean HTTP/2 server (default) or grpcio")
     p.add_argument("--log-level", default="info")
 
 
@@ -77,7 +79,8 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
-        engine=args.engine, pool_name=args.pool_name, decision_headers=args.decision_headers)
+        engine=args.engine, pool_name=args.pool_name, decision_headers=args.decision_headers,
+        grpc_transport=args.grpc_transport)
     _run(serve_forever(opts))
     return 0
 
@@ -168,7 +171,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "overhead":
         from epp.bench.overhead import bench_overhead
 
-        prof = (shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))) if args.profile else None
+        prof = None
+        if args.profile:
+            prof = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if args.profile and prof is None:
             print("epp bench: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
             return 2

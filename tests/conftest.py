@@ -9,8 +9,14 @@ from typing import Any
 
 import msgpack
 import pytest
+import uvloop
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Run async tests on uvloop, the loop `epp serve` and `epp sim` use."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

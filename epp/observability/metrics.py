@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -84,5 +84,15 @@ class PickerMetrics:
         r.register(PoolCollector(store, pool_name))
         ProcessCollector(registry=r)
 
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (labels() costs a lock and a dict build per call)."""
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
     def plugin_timer(self, plugin_type: str, name: str, seconds: float) -> None:
-        self.plugin_duration.labels(plugin_type, name).observe(seconds)
+        self.child(self.plugin_duration, plugin_type, name).observe(seconds)

@@ -1,8 +1,9 @@
 """Approximate prefix-cache index: where epp sent which prompt prefixes.
 
 The prompt is cut into fixed-size character blocks (blockSizeTokens x 4 characters, the
-reference's estimate), each hashed with xxh3-64 chained from the previous block's hash and seeded
-with the model name. After a pick, the chosen endpoint's LRU records the request's block hashes.
+reference's estimate). Block i's key is the xxh3-64 of the whole prefix up to the end of block i,
+seeded with the model name: like a chained hash it identifies the prefix, and it is computed in
+one pass of C calls. After a pick, the chosen endpoint's LRU records the request's block hashes.
 Memory is bounded: ``lru_capacity`` hashes per endpoint.
 """
 
@@ -27,15 +28,12 @@ class PrefixIndex:
 
     def hashes(self, model: str, prompt: str) -> list[int]:
         """Chained hashes of the prompt's full blocks (at most ``max_blocks``)."""
-        data = prompt.encode("utf-8", "surrogatepass")
-        n = min(len(data) // self.block_chars, self.max_blocks)
-        h = xxhash.xxh3_64_intdigest(model.encode())
-        out = []
+        data = memoryview(prompt.encode("utf-8", "surrogatepass"))
         bc = self.block_chars
-        for i in range(n):
-            h = xxhash.xxh3_64_intdigest(data[i * bc : (i + 1) * bc], seed=h)
-            out.append(h)
-        return out
+        n = min(len(data) // bc, self.max_blocks)
+        seed = xxhash.xxh3_64_intdigest(model.encode())
+        h = xxhash.xxh3_64_intdigest
+        return [h(data[:end], seed) for end in range(bc, n * bc + 1, bc)]
 
     def match_lengths(self, hashes: list[int]) -> dict[str, int]:
         """For each endpoint, how many leading blocks of ``hashes`` it holds."""

@@ -18,9 +18,11 @@ from epp.config import ConfigWatcher, PickerConfig
 from epp.datastore.sources import EndpointsFileWatcher
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
+from epp.server import h2grpc
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
-from epp.server.extproc import ExtProcServicer
-from epp.server.pickapi import PickAPI
+from epp.server.extproc import ExtProcStream, GrpcioExtProc
+from epp.server.extproc import h2_services as extproc_services
+from epp.server.pickapi import GrpcioPickAPI, PickAPI
 from epp.server.picking import PickService
 from epp.server.tls import load_cert_dir, self_signed
 from epp.signals.mappings import names_for
@@ -57,6 +59,7 @@ class ServeOptions:
     pool_name: str = "default"
     config_poll_interval: float = 0.5
     decision_headers: bool = False
+    grpc_transport: str = "h2"  # "h2" (epp's own HTTP/2 server) or "grpcio"
 
 
 class PickerServer:
@@ -81,6 +84,7 @@ class PickerServer:
         self.config_watcher: ConfigWatcher | None = None
         self.endpoints_watcher: EndpointsFileWatcher | None = None
         self.bound_ports: dict[str, int] = {}
+        self.h2: h2grpc.H2GrpcServer | None = None
 
     def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
         for a in removed:
@@ -106,18 +110,31 @@ class PickerServer:
             self.config_watcher = ConfigWatcher(o.config_file, o.config, self.apply_config, o.config_poll_interval)
             self._tasks.append(asyncio.create_task(self.config_watcher.run()))
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers([ExtProcServicer(self.picks, o.decision_headers).handler()])
-        picker_pb2_grpc.add_EndpointPickerServicer_to_server(PickAPI(self.picks), server)
-        addr = f"{o.host}:{o.grpc_port}"
-        if o.secure_serving:
-            key, crt = load_cert_dir(o.cert_path) if o.cert_path else self_signed()
-            port = server.add_secure_port(addr, grpc.ssl_server_credentials([(key, crt)]))
+        def new_stream() -> ExtProcStream:
+            return ExtProcStream(self.picks, o.decision_headers)
+
+        api = PickAPI(self.picks)
+        key_crt = (load_cert_dir(o.cert_path) if o.cert_path else self_signed()) if o.secure_serving else None
+        if o.grpc_transport == "h2":
+            self.h2 = h2grpc.H2GrpcServer({**extproc_services(new_stream), **api.h2_services()})
+            tls = None
+            if key_crt is not None:
+                import tempfile
+
+                tls = h2grpc.server_tls(key_crt[0], key_crt[1], tempfile.gettempdir())
+            self.bound_ports["grpc"] = await self.h2.start(o.host, o.grpc_port, tls)
         else:
-            port = server.add_insecure_port(addr)
-        self.bound_ports["grpc"] = port
-        await server.start()
-        self._servers.append(server)
+            server = grpc.aio.server(options=GRPC_OPTIONS)
+            server.add_generic_rpc_handlers([GrpcioExtProc(new_stream).handler()])
+            picker_pb2_grpc.add_EndpointPickerServicer_to_server(GrpcioPickAPI(api), server)
+            addr = f"{o.host}:{o.grpc_port}"
+            if key_crt is not None:
+                port = server.add_secure_port(addr, grpc.ssl_server_credentials([key_crt]))
+            else:
+                port = server.add_insecure_port(addr)
+            self.bound_ports["grpc"] = port
+            await server.start()
+            self._servers.append(server)
 
         hserver = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, hserver)
@@ -137,8 +154,8 @@ class PickerServer:
         server_obj = getattr(site, "_server", None)
         sockets = getattr(server_obj, "sockets", None) or []
         self.bound_ports["metrics"] = sockets[0].getsockname()[1] if sockets else o.metrics_port
-        log.info("epp serving ext_proc + epp.v1 on %s:%d (%s), health :%d, metrics :%d, %d endpoints",
-                 o.host, self.bound_ports["grpc"], "TLS" if o.secure_serving else "plaintext",
+        log.info("epp serving ext_proc + epp.v1 on %s:%d (%s, %s), health :%d, metrics :%d, %d endpoints",
+                 o.host, self.bound_ports["grpc"], "TLS" if o.secure_serving else "plaintext", o.grpc_transport,
                  self.bound_ports["health"], self.bound_ports["metrics"], len(self.store.addresses()))
 
     async def _update_readiness(self) -> None:
@@ -161,6 +178,8 @@ class PickerServer:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.h2 is not None:
+            await self.h2.stop(grace)
         for s in self._servers:
             await s.stop(grace)
         await self.scraper.stop()

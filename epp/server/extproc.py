@@ -1,5 +1,9 @@
 """Envoy ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process), one stream per request.
 
+``ExtProcStream`` is a synchronous state machine: each ProcessingRequest in, zero or more
+serialized ProcessingResponses out. It does no I/O, so any transport can drive it (our HTTP/2
+server, or grpcio) and tests can drive it directly.
+
 Body modes, read from the first message's ``protocol_config`` (FULL_DUPLEX_STREAMED if absent):
 - FULL_DUPLEX_STREAMED (what Gateway API implementations configure): the headers answer is held
   until the body's end_of_stream (usually an empty last chunk); then the pick goes out as the
@@ -16,20 +20,24 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf.message import DecodeError
 
 from epp.request import GENERATION_PATHS, RequestError, headers_only, parse_body
 from epp.scheduling.types import SchedulingError
+from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
 
 log = logging.getLogger("epp.extproc")
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+METHOD_PATH = f"/{SERVICE}/Process"
 DEST_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
 PIECE = 62_000  # bytes per streamed_response piece (as the reference)
@@ -41,16 +49,50 @@ BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
+
+def _ser(resp: pb.ProcessingResponse) -> bytes:
+    out: bytes = resp.SerializeToString()
+    return out
+
+
 # Constant answers, serialised once.
-CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
-CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
-CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
-CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
-CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
-CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse()).SerializeToString()
-EMPTY_RESPONSE_EOS = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-    body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=b"", end_of_stream=True)))))
-EMPTY_RESPONSE_EOS_BYTES = EMPTY_RESPONSE_EOS.SerializeToString()
+CONTINUE_REQUEST_HEADERS = _ser(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
+CONTINUE_RESPONSE_HEADERS = _ser(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))
+CONTINUE_REQUEST_BODY = _ser(pb.ProcessingResponse(request_body=pb.BodyResponse()))
+CONTINUE_RESPONSE_BODY = _ser(pb.ProcessingResponse(response_body=pb.BodyResponse()))
+CONTINUE_REQUEST_TRAILERS = _ser(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+CONTINUE_RESPONSE_TRAILERS = _ser(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return tag + _varint(len(payload)) + payload
+
+
+# Field tags (field number << 3 | wire type 2): ProcessingResponse.request_body = 3,
+# .response_body = 4; BodyResponse.response = 1; CommonResponse.body_mutation = 3;
+# BodyMutation.streamed_response = 3; StreamedBodyResponse.body = 1 (end_of_stream = 2, varint).
+_PHASE_TAG = {"request": b"\x1a", "response": b"\x22"}
+
+
+def _streamed(phase: str, body: bytes, eos: bool) -> bytes:
+    """ProcessingResponse{<phase>_body{response{body_mutation{streamed_response{body, eos}}}}},
+    encoded directly: this runs for every body chunk in both directions."""
+    inner = (_ld(b"\x0a", body) if body else b"") + (b"\x10\x01" if eos else b"")
+    return _ld(_PHASE_TAG[phase], _ld(b"\x0a", _ld(b"\x1a", _ld(b"\x1a", inner))))
+
+
+EMPTY_REQUEST_EOS = _streamed("request", b"", True)
+EMPTY_RESPONSE_EOS = _streamed("response", b"", True)
 
 
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -60,7 +102,7 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _common_with_pick(value: str, request_id: str | None) -> pb.CommonResponse:
+def _pick_mutation(value: str, request_id: str | None) -> pb.CommonResponse:
     mutation = pb.HeaderMutation()
     opt = mutation.set_headers.add()
     opt.header.key = DEST_HEADER
@@ -74,9 +116,9 @@ def _common_with_pick(value: str, request_id: str | None) -> pb.CommonResponse:
     return pb.CommonResponse(header_mutation=mutation)
 
 
-def _with_metadata(resp: pb.ProcessingResponse, value: str) -> pb.ProcessingResponse:
+def _with_metadata(resp: pb.ProcessingResponse, value: str) -> bytes:
     resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields[DEST_HEADER].string_value = value
-    return resp
+    return _ser(resp)
 
 
 def immediate(status: int, body: bytes) -> bytes:
@@ -86,8 +128,7 @@ def immediate(status: int, body: bytes) -> bytes:
     opt.header.key = "content-type"
     opt.header.raw_value = b"application/json"
     opt.append_action = OVERWRITE
-    out: bytes = resp.SerializeToString()
-    return out
+    return _ser(resp)
 
 
 def explain_response(pick: Pick) -> bytes:
@@ -98,108 +139,91 @@ def explain_response(pick: Pick) -> bytes:
         opt.header.key = key
         opt.header.raw_value = value.encode()
         opt.append_action = OVERWRITE
-    out: bytes = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-        response=pb.CommonResponse(header_mutation=mutation))).SerializeToString()
-    return out
+    return _ser(pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+        response=pb.CommonResponse(header_mutation=mutation))))
 
 
 def _error_body(status: int, message: str) -> bytes:
-    return RequestError(status, message, "ServiceUnavailableError" if status == 503 else
-                        "RateLimitError" if status == 429 else "BadRequestError").body()
+    err_type = {503: "ServiceUnavailableError", 429: "RateLimitError"}.get(status, "BadRequestError")
+    return RequestError(status, message, err_type).body()
 
 
-class ExtProcServicer:
-    """One instance serves all streams; per-request state lives in the coroutine."""
+class ExtProcStream:
+    """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order."""
+
+    __slots__ = ("_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "decision_headers",
+                 "pick")
 
     def __init__(self, picks: PickService, decision_headers: bool = False) -> None:
-        self.picks = picks
+        self._picks = picks
         self.decision_headers = decision_headers
+        self.pick: Pick | None = None
+        self._req_mode = FULL_DUPLEX
+        self._resp_mode = NONE
+        self._headers: dict[str, str] = {}
+        self._chunks: list[bytes] = []
+        self._picked = False
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(
-            self.process, request_deserializer=pb.ProcessingRequest.FromString,
-            response_serializer=lambda b: b)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
-
-    async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        read, write = context.read, context.write
-        pick: Pick | None = None
-        req_mode = FULL_DUPLEX
-        resp_mode = NONE
-        headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        picked = False
-        try:
-            while True:
-                msg = await read()
-                if msg is grpc.aio.EOF:
-                    return
-                kind = msg.WhichOneof("request")
-                if kind == "request_headers":
-                    if msg.HasField("protocol_config"):
-                        req_mode = msg.protocol_config.request_body_mode
-                        resp_mode = msg.protocol_config.response_body_mode
-                    headers = _headers(msg.request_headers)
-                    if msg.request_headers.end_of_stream or req_mode in (NONE, STREAMED):
-                        out, pick = self._pick_headers_only(headers, msg.request_headers.end_of_stream)
-                        picked = True
-                        await write(out)
-                    elif req_mode in (BUFFERED, BUFFERED_PARTIAL):
-                        await write(CONTINUE_REQUEST_HEADERS)
-                elif kind == "request_body":
-                    body = msg.request_body
-                    if picked:
-                        await write(CONTINUE_REQUEST_BODY)  # STREAMED chunks after a header pick
-                        continue
-                    if req_mode == FULL_DUPLEX:
-                        if body.body:
-                            chunks.append(body.body)
-                        if body.end_of_stream:
-                            picked = True
-                            pick = await self._pick_full_duplex(write, headers, chunks, eos=True)
-                            chunks = []
-                    else:  # BUFFERED / BUFFERED_PARTIAL: one message with the whole body
-                        picked = True
-                        out, pick = self._pick_buffered(headers, body.body)
-                        await write(out)
-                elif kind == "request_trailers":
-                    if not picked and req_mode == FULL_DUPLEX:
-                        picked = True
-                        pick = await self._pick_full_duplex(write, headers, chunks, eos=False)
-                        chunks = []
-                    await write(CONTINUE_REQUEST_TRAILERS)
-                elif kind == "response_headers":
-                    if self.decision_headers and pick is not None:
-                        await write(explain_response(pick))
-                    else:
-                        await write(CONTINUE_RESPONSE_HEADERS)
-                    if msg.response_headers.end_of_stream and pick is not None:
-                        pick.finish()
-                elif kind == "response_body":
-                    body = msg.response_body
-                    if resp_mode == FULL_DUPLEX:
-                        if not body.body and body.end_of_stream:
-                            await write(EMPTY_RESPONSE_EOS_BYTES)
-                        else:
-                            await write(pb.ProcessingResponse(response_body=pb.BodyResponse(
-                                response=pb.CommonResponse(body_mutation=pb.BodyMutation(
-                                    streamed_response=pb.StreamedBodyResponse(
-                                        body=body.body, end_of_stream=body.end_of_stream))))).SerializeToString())
-                    else:
-                        await write(CONTINUE_RESPONSE_BODY)
-                    if body.end_of_stream and pick is not None:
-                        pick.finish()
-                elif kind == "response_trailers":
-                    await write(CONTINUE_RESPONSE_TRAILERS)
-                    if pick is not None:
-                        pick.finish()
-        finally:
-            if pick is not None:
+    def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            if msg.HasField("protocol_config"):
+                self._req_mode = msg.protocol_config.request_body_mode
+                self._resp_mode = msg.protocol_config.response_body_mode
+            self._headers = _headers(msg.request_headers)
+            if msg.request_headers.end_of_stream or self._req_mode in (NONE, STREAMED):
+                self._picked = True
+                return [self._pick_in_headers(None)]
+            if self._req_mode in (BUFFERED, BUFFERED_PARTIAL):
+                return [CONTINUE_REQUEST_HEADERS]
+            return []  # FULL_DUPLEX: hold the headers answer until the body is complete
+        if kind == "request_body":
+            body = msg.request_body
+            if self._picked:
+                return [CONTINUE_REQUEST_BODY]  # STREAMED chunks after a header pick
+            if self._req_mode == FULL_DUPLEX:
+                if body.body:
+                    self._chunks.append(body.body)
+                if not body.end_of_stream:
+                    return []
+                return self._pick_full_duplex(eos=True)
+            self._picked = True  # BUFFERED: one message with the whole body
+            return [self._pick_buffered(body.body)]
+        if kind == "request_trailers":
+            out = self._pick_full_duplex(eos=False) if not self._picked and self._req_mode == FULL_DUPLEX else []
+            out.append(CONTINUE_REQUEST_TRAILERS)
+            return out
+        if kind == "response_headers":
+            pick = self.pick
+            if msg.response_headers.end_of_stream and pick is not None:
                 pick.finish()
+            if self.decision_headers and pick is not None:
+                return [explain_response(pick)]
+            return [CONTINUE_RESPONSE_HEADERS]
+        if kind == "response_body":
+            body = msg.response_body
+            if body.end_of_stream and self.pick is not None:
+                self.pick.finish()
+            if self._resp_mode == FULL_DUPLEX:
+                if not body.body and body.end_of_stream:
+                    return [EMPTY_RESPONSE_EOS]
+                return [_streamed("response", body.body, body.end_of_stream)]
+            return [CONTINUE_RESPONSE_BODY]
+        if kind == "response_trailers":
+            if self.pick is not None:
+                self.pick.finish()
+            return [CONTINUE_RESPONSE_TRAILERS]
+        return []
+
+    def close(self) -> None:
+        """The stream ended (normally, reset, or the connection dropped)."""
+        if self.pick is not None:
+            self.pick.finish()
 
     # -- picking ---------------------------------------------------------------------------------
-    def _decide(self, headers: dict[str, str], body: bytes | None) -> tuple[Pick | None, bytes | None]:
-        """(pick, None) or (None, serialized ImmediateResponse)."""
+    def _decide(self, body: bytes | None) -> bytes | None:
+        """Pick into ``self.pick``; None on success, else the serialized ImmediateResponse."""
+        headers = self._headers
         request_id = headers.get("x-request-id") or ""
         path = headers.get(":path", "")
         try:
@@ -208,57 +232,108 @@ class ExtProcServicer:
             else:
                 req = parse_body(request_id, path, headers, body)
         except RequestError as e:
-            self.picks.metrics.errors.labels("", "", str(e.status)).inc()
-            return None, immediate(e.status, e.body())
+            self._picks.metrics.errors.labels("", "", str(e.status)).inc()
+            return immediate(e.status, e.body())
         try:
-            return self.picks.pick(req), None
+            self.pick = self._picks.pick(req)
         except SchedulingError as e:
-            self.picks.refused(req, e.status)
+            self._picks.refused(req, e.status)
             log.warning("request %s refused: %d %s", request_id or "-", e.status, e.message)
-            return None, immediate(e.status, _error_body(e.status, e.message))
+            return immediate(e.status, _error_body(e.status, e.message))
+        return None
 
-    def _pick_headers_only(self, headers: dict[str, str], no_body: bool) -> tuple[bytes, Pick | None]:
-        pick, error = self._decide(headers, None)
-        if pick is None:
-            assert error is not None
-            return error, None
-        rid = None if "x-request-id" in headers else uuid.uuid4().hex
-        resp = _with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=_common_with_pick(pick.header_value, rid))), pick.header_value)
-        return resp.SerializeToString(), pick
+    def _request_id(self) -> str | None:
+        return None if "x-request-id" in self._headers else uuid.uuid4().hex
 
-    def _pick_buffered(self, headers: dict[str, str], body: bytes) -> tuple[bytes, Pick | None]:
-        pick, error = self._decide(headers, body)
-        if pick is None:
-            assert error is not None
-            return error, None
-        rid = None if "x-request-id" in headers else uuid.uuid4().hex
-        resp = _with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(
-            response=_common_with_pick(pick.header_value, rid))), pick.header_value)
-        return resp.SerializeToString(), pick
+    def _pick_in_headers(self, body: bytes | None) -> bytes:
+        error = self._decide(body)
+        if error is not None:
+            return error
+        assert self.pick is not None
+        value = self.pick.header_value
+        return _with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=_pick_mutation(value, self._request_id()))), value)
 
-    async def _pick_full_duplex(self, write: Any, headers: dict[str, str], chunks: list[bytes],
-                                eos: bool) -> Pick | None:
+    def _pick_buffered(self, body: bytes) -> bytes:
+        error = self._decide(body)
+        if error is not None:
+            return error
+        assert self.pick is not None
+        value = self.pick.header_value
+        return _with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(
+            response=_pick_mutation(value, self._request_id()))), value)
+
+    def _pick_full_duplex(self, eos: bool) -> list[bytes]:
+        self._picked = True
+        chunks = self._chunks
+        self._chunks = []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        pick, error = self._decide(headers, body)
-        if pick is None:
-            assert error is not None
-            await write(error)
-            return None
-        rid = None if "x-request-id" in headers else uuid.uuid4().hex
-        resp = _with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=_common_with_pick(pick.header_value, rid))), pick.header_value)
-        await write(resp.SerializeToString())
+        first = self._pick_in_headers(body)
+        if self.pick is None:
+            return [first]  # ImmediateResponse
         n = len(body)
         if n == 0:
-            if eos:
-                await write(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-                    body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-                        body=b"", end_of_stream=True))))).SerializeToString())
-            return pick
+            return [first, EMPTY_REQUEST_EOS] if eos else [first]
+        out = [first]
         for start in range(0, n, PIECE):
-            last = start + PIECE >= n
-            await write(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-                    body=body[start : start + PIECE], end_of_stream=eos and last))))).SerializeToString())
-        return pick
+            out.append(_streamed("request", body[start : start + PIECE], eos and start + PIECE >= n))
+        return out
+
+
+StreamFactory = Callable[[], ExtProcStream]
+
+
+class H2ExtProc:
+    """Adapts ExtProcStream to the HTTP/2 server's handler interface."""
+
+    __slots__ = ("responder", "stream")
+
+    def __init__(self, responder: h2grpc.Responder, stream: ExtProcStream) -> None:
+        self.responder = responder
+        self.stream = stream
+
+    def on_message(self, message: bytes) -> None:
+        try:
+            msg = pb.ProcessingRequest.FromString(message)
+        except DecodeError:
+            self.responder.finish(h2grpc.INVALID_ARGUMENT, "cannot parse ProcessingRequest")
+            self.stream.close()
+            return
+        send = self.responder.send
+        for out in self.stream.on_message(msg):
+            send(out)
+
+    def on_end(self) -> None:
+        self.stream.close()
+        self.responder.finish()
+
+    def on_reset(self) -> None:
+        self.stream.close()
+
+
+def h2_services(new_stream: StreamFactory) -> dict[str, h2grpc.HandlerFactory]:
+    return {METHOD_PATH: lambda responder, _headers: H2ExtProc(responder, new_stream())}
+
+
+class GrpcioExtProc:
+    """The same state machine served by grpcio (``--grpc-transport=grpcio``)."""
+
+    def __init__(self, new_stream: StreamFactory) -> None:
+        self.new_stream = new_stream
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self.process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=lambda b: b)
+        return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
+
+    async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = self.new_stream()
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    return
+                for out in stream.on_message(msg):
+                    await context.write(out)
+        finally:
+            stream.close()

@@ -1,4 +1,7 @@
-"""epp.v1.EndpointPicker: the scheduler for gateways that are not Envoy."""
+"""epp.v1.EndpointPicker: the scheduler for gateways that are not Envoy.
+
+``PickAPI`` holds the logic (synchronous); the HTTP/2 server and grpcio adapt it.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,22 @@ import grpc
 
 from epp.request import InferenceRequest, RequestError, parse_body, prompt_of_messages
 from epp.scheduling.types import SchedulingError
+from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
 from epp.v1 import picker_pb2, picker_pb2_grpc
 
+PICK_PATH = "/epp.v1.EndpointPicker/Pick"
+RELEASE_PATH = "/epp.v1.EndpointPicker/Release"
 
-class PickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
+
+class PickFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # gRPC status code
+        self.message = message
+
+
+class PickAPI:
     """Pick / Release; picks not released within ``ttl`` seconds are released automatically."""
 
     def __init__(self, picks: PickService, ttl: float = 600.0) -> None:
@@ -46,19 +60,18 @@ class PickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
         return InferenceRequest(rid, path, model=r.model, prompt=prompt, headers=headers, has_body=True,
                                 target_model=r.model)
 
-    async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def pick(self, request: Any) -> Any:
+        """PickRequest -> PickResponse; raises PickFailed with a gRPC status code."""
         try:
             req = self._request(request)
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-            raise
+            raise PickFailed(h2grpc.INVALID_ARGUMENT, e.message) from None
         try:
             pick = self.picks.pick(req)
         except SchedulingError as e:
             self.picks.refused(req, e.status)
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.status == 429 else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, e.message)
-            raise
+            code = h2grpc.RESOURCE_EXHAUSTED if e.status == 429 else h2grpc.UNAVAILABLE
+            raise PickFailed(code, e.message) from None
         now = time.monotonic()
         self._expire(now)
         pid = uuid.uuid4().hex
@@ -72,8 +85,67 @@ class PickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
                 s.scores[name] = v
         return resp
 
-    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def release(self, request: Any) -> Any:
         entry = self._open.pop(request.pick_id, None)
         if entry is not None:
             entry[0].finish()
         return picker_pb2.ReleaseResponse(released=entry is not None)
+
+    # -- HTTP/2 server adapters ---------------------------------------------------------------
+    def h2_services(self) -> dict[str, h2grpc.HandlerFactory]:
+        return {
+            PICK_PATH: lambda resp, _h: _Unary(resp, picker_pb2.PickRequest.FromString, self.pick),
+            RELEASE_PATH: lambda resp, _h: _Unary(resp, picker_pb2.ReleaseRequest.FromString, self.release),
+        }
+
+
+class _Unary:
+    """A unary call on the HTTP/2 server: one request message, one response."""
+
+    __slots__ = ("call", "message", "parse", "responder")
+
+    def __init__(self, responder: h2grpc.Responder, parse: Any, call: Any) -> None:
+        self.responder = responder
+        self.parse = parse
+        self.call = call
+        self.message: bytes | None = None
+
+    def on_message(self, message: bytes) -> None:
+        self.message = message
+
+    def on_end(self) -> None:
+        if self.message is None:
+            self.responder.finish(h2grpc.INVALID_ARGUMENT, "no request message")
+            return
+        try:
+            resp = self.call(self.parse(self.message))
+        except PickFailed as e:
+            self.responder.finish(e.code, e.message)
+            return
+        except Exception:  # a malformed protobuf
+            self.responder.finish(h2grpc.INVALID_ARGUMENT, "cannot parse the request message")
+            return
+        self.responder.send(resp.SerializeToString())
+        self.responder.finish()
+
+    def on_reset(self) -> None:
+        pass
+
+
+class GrpcioPickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
+    """The same API on grpcio (``--grpc-transport=grpcio``)."""
+
+    def __init__(self, api: PickAPI) -> None:
+        self.api = api
+
+    async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return self.api.pick(request)
+        except PickFailed as e:
+            await context.abort(grpc.StatusCode(_STATUS[e.code]), e.message)
+
+    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.api.release(request)
+
+
+_STATUS = {c.value[0]: c.value for c in grpc.StatusCode}

@@ -43,20 +43,22 @@ class PickService:
     def pick(self, request: InferenceRequest) -> Pick:
         """Schedule and commit; raises SchedulingError (503/429)."""
         m = self.metrics
-        m.requests.labels(request.model, request.target_model).inc()
+        m.child(m.requests, request.model, request.target_model).inc()
         t0 = time.perf_counter()
         decision = self.scheduler.schedule(request, self.store.snapshot())
         self.scheduler.record(decision)
         self.store.acquire(decision.primary)
         t1 = time.perf_counter()
         m.scheduler_e2e.observe(t1 - t0)
-        m.picks.labels(decision.primary).inc()
+        m.child(m.picks, decision.primary).inc()
         return Pick(decision, request, t1, self)
 
     def refused(self, request: InferenceRequest, status: int) -> None:
-        self.metrics.errors.labels(request.model, request.target_model, str(status)).inc()
+        m = self.metrics
+        m.child(m.errors, request.model, request.target_model, str(status)).inc()
 
     def finish(self, pick: Pick) -> None:
         self.store.release(pick.decision.primary)
         r = pick.request
-        self.metrics.duration.labels(r.model, r.target_model).observe(time.perf_counter() - pick.started)
+        m = self.metrics
+        m.child(m.duration, r.model, r.target_model).observe(time.perf_counter() - pick.started)

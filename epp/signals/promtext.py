@@ -1,13 +1,15 @@
 """A narrow, fast reader of the Prometheus text exposition.
 
-It looks only at the few series routing needs: a line is skipped unless it starts with one of the
-wanted names, and labels are parsed only for the info metrics. Values of one name are summed
-across label sets (vLLM repeats series per ``engine`` for data-parallel servers).
+It looks only at the few series routing needs. Rather than walking every line in Python (a
+55 KB vLLM exposition has ~1,000), it finds each wanted series with ``str.find`` (C speed) and
+parses just those lines; labels are parsed only for the info metrics. Values of one name are
+summed across label sets (vLLM repeats series per ``engine`` for data-parallel servers).
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from epp.datastore.endpoint import EngineSignals
 from epp.signals.mappings import MetricNames
@@ -38,6 +40,35 @@ def _split(line: str) -> tuple[str, str, float]:
     return name, labels, float(parts[0])
 
 
+@lru_cache(maxsize=256)
+def _labels(text: str) -> dict[str, str]:
+    """Label text -> dict, cached: info series (cache config, LoRA) repeat the same labels."""
+    return dict(_LABEL.findall(text))
+
+
+def _lines_of(text: str, name: str) -> list[str]:
+    """The sample lines of metric ``name`` (exact name: followed by '{' or ' ')."""
+    out = []
+    needle = "\n" + name
+    n = len(text)
+    start = 0 if text.startswith(name) else -1
+    pos = 0
+    while True:
+        if start < 0:
+            i = text.find(needle, pos)
+            if i < 0:
+                return out
+            start = i + 1
+        after = start + len(name)
+        end = text.find("\n", after)
+        if end < 0:
+            end = n
+        if after < n and text[after] in "{ ":
+            out.append(text[start:end])
+        pos = end
+        start = -1
+
+
 def parse_signals(text: str, names: MetricNames) -> EngineSignals:
     """Extract routing signals from an exposition. Raises ParseError if the core gauges are absent."""
     sums = {names.waiting: 0.0, names.running: 0.0, names.kv_usage: 0.0}
@@ -50,9 +81,8 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
     lora_best = -1.0
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
-    for line in text.splitlines():
-        if not line.startswith(wanted):
-            continue
+    lines = [line for n in wanted for line in _lines_of(text, n)]
+    for line in lines:
         name, labels, value = _split(line)
         if name in sums:
             sums[name] += value
@@ -60,7 +90,7 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
         elif name in opt_names:
             optional[name] = optional.get(name, 0.0) + value
         elif name == names.cache_info:
-            lab = dict(_LABEL.findall(labels))
+            lab = _labels(labels)
             if "block_size" in lab:
                 block_size = int(lab["block_size"])
             if "num_gpu_blocks" in lab and lab["num_gpu_blocks"] not in ("", "None"):
@@ -68,7 +98,7 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
         elif name == names.lora_info and value > lora_best:
             # The value is a timestamp; stale label sets linger, so the newest wins.
             lora_best = value
-            lab = dict(_LABEL.findall(labels))
+            lab = _labels(labels)
             running_loras = tuple(x for x in lab.get("running_lora_adapters", "").split(",") if x)
             waiting_loras = tuple(x for x in lab.get("waiting_lora_adapters", "").split(",") if x)
             if lab.get("max_lora", "").isdigit():

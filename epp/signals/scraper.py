@@ -1,4 +1,4 @@
-"""Scrapes every endpoint's /metrics on an interval with one aiohttp session.
+"""Scrapes every endpoint's /metrics on an interval over a kept-alive connection per endpoint.
 
 Each endpoint has its own loop (interval with +-10 % jitter, per-scrape timeout). A failed or
 unparseable scrape marks the endpoint's signals as errored; the scheduler then avoids it while any
@@ -14,9 +14,8 @@ import random
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 from epp.datastore.store import Datastore
+from epp.signals.httpget import HTTPGetError, KeepAliveGetter
 from epp.signals.mappings import MetricNames
 from epp.signals.promtext import ParseError, parse_signals
 
@@ -38,13 +37,14 @@ class Scraper:
         self.on_error = on_error
         self.on_scrape = on_scrape
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._getters: dict[str, KeepAliveGetter] = {}
+        self._started = False
         self._rng = random.Random()
+        if scheme != "http":
+            raise ValueError("only http scraping is supported")
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                              auto_decompress=True)
+        self._started = True
         self.store.on_change(self._endpoints_changed)
         self._endpoints_changed(set(self.store.addresses()), set())
 
@@ -53,8 +53,11 @@ class Scraper:
             t = self._tasks.pop(a, None)
             if t is not None:
                 t.cancel()
+            g = self._getters.pop(a, None)
+            if g is not None:
+                g.close()
         for a in added:
-            if a not in self._tasks and self._session is not None:
+            if a not in self._tasks and self._started:
                 self._tasks[a] = asyncio.get_running_loop().create_task(self._loop(a), name=f"scrape {a}")
 
     async def stop(self) -> None:
@@ -64,23 +67,26 @@ class Scraper:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for g in self._getters.values():
+            g.close()
+        self._getters.clear()
+        self._started = False
 
     async def scrape_once(self, address: str) -> None:
-        assert self._session is not None
+        getter = self._getters.get(address)
+        if getter is None:
+            getter = self._getters[address] = KeepAliveGetter(address, self.path)
         picks_at_start = self.store.total_picks.get(address, 0)
         try:
-            async with self._session.get(f"{self.scheme}://{address}{self.path}") as resp:
-                if resp.status != 200:
-                    raise ParseError(f"HTTP {resp.status}")
-                text = await resp.text()
+            status, body = await getter.get(self.timeout)
+            if status != 200:
+                raise ParseError(f"HTTP {status}")
+            text = body.decode("utf-8")
             t0 = time.perf_counter()
             signals = parse_signals(text, self.names)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
-        except (aiohttp.ClientError, TimeoutError, ParseError, ValueError, UnicodeDecodeError) as e:
+        except (HTTPGetError, OSError, TimeoutError, ParseError, ValueError, UnicodeDecodeError) as e:
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             state = self.store.get(address)
             if state is not None and state.error is None:

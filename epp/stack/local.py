@@ -140,7 +140,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                            config_text: str | None = None, secure: bool = False, staleness: float = 2.0,
                            refresh: float = 0.05, endpoints_file: bool = False,
                            kv_events: KVEventsConfig | None = None, wait_ready: bool = True,
-                           workdir: Path | None = None, decision_headers: bool = False) -> AsyncIterator[Stack]:
+                           workdir: Path | None = None, decision_headers: bool = False,
+                           grpc_transport: str = "h2") -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front."""
     tmp = None
     if workdir is None:
@@ -167,7 +168,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                         host="127.0.0.1", grpc_port=ports[servers], grpc_health_port=ports[servers + 1],
                         metrics_port=ports[servers + 2], secure_serving=secure,
                         refresh_metrics_interval=refresh, metrics_staleness_threshold=staleness,
-                        config_poll_interval=0.2, decision_headers=decision_headers)
+                        config_poll_interval=0.2, decision_headers=decision_headers,
+                        grpc_transport=grpc_transport)
     picker = PickerServer(opts)
     await picker.start()
     envoy = None

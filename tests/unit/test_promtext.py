@@ -37,3 +37,11 @@ def test_missing_core_gauges_is_an_error() -> None:
 def test_sglang_mapping() -> None:
     sig = parse_signals("sglang:num_queue_reqs 5\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n", SGLANG)
     assert (sig.waiting, sig.running, sig.kv_usage) == (5, 2, 0.5)
+
+
+def test_first_line_and_names_that_prefix_other_series() -> None:
+    text = ('vllm:num_requests_waiting{engine="0"} 2\n'
+            'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 99\n'
+            "vllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5")
+    sig = parse_signals(text, VLLM)
+    assert (sig.waiting, sig.running, sig.kv_usage) == (2, 1, 0.5)
