@@ -48,7 +48,7 @@ def _labels(text: str) -> dict[str, str]:
 
 def _lines_of(text: str, name: str) -> list[str]:
     """The sample lines of metric ``name`` (exact name: followed by '{' or ' ')."""
-    out = []
+    out: list[str] = []
     needle = "\n" + name
     n = len(text)
     start = 0 if text.startswith(name) else -1
