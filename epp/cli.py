@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -161,6 +162,16 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
     o.add_argument("--profile", action="store_true", help="py-spy profile of epp during a concurrency-16 run")
+    sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
+    sm.add_argument("--out", default="results/sim")
+    sm.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    sm.add_argument("--servers", type=int, default=4)
+    sm.add_argument("--load", type=float, default=0.9, help="fraction of round-robin capacity")
+    sm.add_argument("--requests", type=int, default=1800)
+    sm.add_argument("--capacity-seconds", type=float, default=20.0)
+    sm.add_argument("--groups", type=int, default=120)
+    sm.add_argument("--prefix-tokens", type=int, default=8000)
+    sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
     p.add_argument("--log-level", default="warning")
 
 
@@ -185,6 +196,24 @@ def run_bench(args: argparse.Namespace) -> int:
             from epp.bench.profile import top_functions
 
             print(top_functions(out / "profile.txt"))
+        return 0
+    if args.bench_command == "sim":
+        from epp.bench.simbench import Workload, bench_routing_effect, bench_scale
+
+        out = Path(args.out)
+        if args.scale:
+            holder: dict[str, object] = {}
+
+            async def scale() -> None:
+                holder["r"] = await bench_scale(out, servers=args.scale)
+
+            _run(scale())
+            print(json.dumps(holder["r"], indent=1))
+            return 0
+        wl = Workload(groups=args.groups, prefix_tokens=args.prefix_tokens)
+        _run(bench_routing_effect(out, preset=args.profile, servers=args.servers, load=args.load,
+                                  requests=args.requests, capacity_seconds=args.capacity_seconds, wl=wl))
+        print((out / "sim-routing.md").read_text())
         return 0
     return 2
 

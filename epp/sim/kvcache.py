@@ -54,25 +54,32 @@ class KVEvents:
 
 
 class KVCache:
-    """Block pool of ``num_blocks`` x ``block_size`` tokens."""
+    """Block pool of ``num_blocks`` x ``block_size`` tokens.
+
+    Free blocks come in three kinds, used in this order: never used (a counter, so an idle
+    engine holds no per-block objects), freed without a hash (a stack), and cached with no user
+    (an LRU; taking one evicts its hash).
+    """
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Blocks with ref == 0, least recently freed first (evicted first).
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.blocks: dict[int, Block] = {}
+        self._fresh = 0  # ids below this have a Block
+        self._uncached: list[int] = []
+        # Cached blocks with ref == 0, least recently freed first (evicted first).
+        self.free: OrderedDict[int, None] = OrderedDict()
         self.cached: dict[bytes, int] = {}
         self.events = KVEvents()
 
     # -- queries ---------------------------------------------------------------------------
     def num_free(self) -> int:
-        return len(self.free)
+        return (self.num_blocks - self._fresh) + len(self._uncached) + len(self.free)
 
     def usage(self) -> float:
         """Fraction of blocks held by running requests (vLLM's kv_cache_usage_perc)."""
-        return 1.0 - len(self.free) / self.num_blocks if self.num_blocks else 0.0
+        return 1.0 - self.num_free() / self.num_blocks if self.num_blocks else 0.0
 
     def longest_hit(self, digests: list[bytes]) -> int:
         """Number of leading blocks of ``digests`` that are cached."""
@@ -99,18 +106,26 @@ class KVCache:
         return ids
 
     def allocate(self, n: int) -> list[int] | None:
-        """``n`` fresh blocks, evicting least recently used cached ones; None if not enough."""
-        if n > len(self.free):
+        """``n`` blocks for new tokens, evicting least recently used cached ones; None if not enough."""
+        if n > self.num_free():
             return None
         ids = []
         for _ in range(n):
-            bid, _ = self.free.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.digest is not None:
-                if self.cached.get(blk.digest) == bid:
-                    del self.cached[blk.digest]
-                    self.events.removed(blk.digest)
-                blk.digest = None
+            if self._uncached:
+                bid = self._uncached.pop()
+                blk = self.blocks[bid]
+            elif self._fresh < self.num_blocks:
+                bid = self._fresh
+                self._fresh += 1
+                blk = self.blocks[bid] = Block(bid)
+            else:
+                bid, _ = self.free.popitem(last=False)
+                blk = self.blocks[bid]
+                if blk.digest is not None:
+                    if self.cached.get(blk.digest) == bid:
+                        del self.cached[blk.digest]
+                        self.events.removed(blk.digest)
+                    blk.digest = None
             blk.ref = 1
             ids.append(bid)
         return ids
@@ -122,8 +137,7 @@ class KVCache:
             blk.ref -= 1
             if blk.ref == 0:
                 if blk.digest is None:
-                    self.free[bid] = None
-                    self.free.move_to_end(bid, last=False)  # uncached: reuse first
+                    self._uncached.append(bid)  # nothing to lose: reused first
                 else:
                     self.free[bid] = None
 
@@ -152,12 +166,13 @@ class KVCache:
 
     def reset(self) -> bool:
         """vLLM's reset_prefix_cache: only when no block is in use."""
-        if any(b.ref for b in self.blocks):
+        if any(b.ref for b in self.blocks.values()):
             return False
-        for b in self.blocks:
-            b.digest = None
+        self.blocks.clear()
+        self._fresh = 0
+        self._uncached.clear()
         self.cached.clear()
-        self.free = OrderedDict((i, None) for i in range(self.num_blocks))
+        self.free.clear()
         self.events.cleared()
         return True
 

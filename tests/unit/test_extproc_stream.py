@@ -2,21 +2,155 @@
 
 from __future__ import annotations
 
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from epp.server.extproc import _streamed
+from epp.config import load_config
+from epp.datastore.endpoint import EngineSignals
+from epp.datastore.store import Datastore
+from epp.observability.metrics import PickerMetrics
+from epp.server.extproc import ExtProcStream, _streamed
+from epp.server.picking import PickService
+
+BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
+FULL_DUPLEX, BUFFERED, STREAMED = 4, 2, 1
+
+
+def service(n: int = 2) -> PickService:
+    store = Datastore()
+    addrs = [f"10.0.0.{i}:8000" for i in range(n)]
+    store.set_endpoints(addrs)
+    for a in addrs:
+        store.record_scrape(a, EngineSignals(), 0)
+    scheduler, _ = load_config(None).build()
+    return PickService(store, scheduler, PickerMetrics(store))
+
+
+def headers(mode: int, eos: bool = False, path: str = "/v1/completions", resp_mode: int = FULL_DUPLEX,
+            request_id: bool = True) -> pb.ProcessingRequest:
+    h = pb.HttpHeaders(end_of_stream=eos)
+    for k, v in ((":path", path), (":method", "POST"), ("content-type", "application/json")):
+        h.headers.headers.add(key=k, raw_value=v.encode())
+    if request_id:
+        h.headers.headers.add(key="x-request-id", raw_value=b"rid-1")
+    msg = pb.ProcessingRequest(request_headers=h)
+    msg.protocol_config.request_body_mode = mode
+    msg.protocol_config.response_body_mode = resp_mode
+    return msg
+
+
+def body(data: bytes, eos: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+def parse(out: list[bytes]) -> list[pb.ProcessingResponse]:
+    return [pb.ProcessingResponse.FromString(b) for b in out]
+
+
+def dest(resp: pb.ProcessingResponse, phase: str) -> str:
+    common = getattr(resp, phase).response
+    values = {o.header.key: o.header.raw_value.decode() for o in common.header_mutation.set_headers}
+    meta = resp.dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"]
+    assert meta.string_value == values["x-gateway-destination-endpoint"]
+    return values["x-gateway-destination-endpoint"]
+
+
+def test_full_duplex_holds_headers_then_returns_body_pieces_with_one_eos() -> None:
+    ps = service()
+    s = ExtProcStream(ps)
+    assert s.on_message(headers(FULL_DUPLEX)) == []
+    assert s.on_message(body(BODY[:50], False)) == []
+    out = parse(s.on_message(body(BODY[50:], False)) + s.on_message(body(b"", True)))
+    assert out[0].WhichOneof("response") == "request_headers"
+    assert dest(out[0], "request_headers") in ps.store.addresses()
+    pieces = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert b"".join(p.body for p in pieces) == BODY
+    assert [p.end_of_stream for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert sum(ps.store.inflight.values()) == 1
+    # Response phases: headers continue, body passed through byte for byte, end releases in-flight.
+    assert parse(s.on_message(pb.ProcessingRequest(response_headers=pb.HttpHeaders())))[0].HasField(
+        "response_headers")
+    chunk = b'data: {"choices":[]}\n\n'
+    r = parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk))))[0]
+    assert r.response_body.response.body_mutation.streamed_response.body == chunk
+    r = parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True))))[0]
+    assert r.response_body.response.body_mutation.streamed_response.end_of_stream
+    assert sum(ps.store.inflight.values()) == 0
+
+
+def test_large_body_is_cut_into_pieces() -> None:
+    s = ExtProcStream(service())
+    big = orjson.dumps({"model": "m", "prompt": "x" * 200_000})
+    s.on_message(headers(FULL_DUPLEX))
+    out = parse(s.on_message(body(big, True)))
+    pieces = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert len(pieces) == 4 and all(len(p.body) <= 62_000 for p in pieces)
+    assert b"".join(p.body for p in pieces) == big and pieces[-1].end_of_stream
+
+
+def test_request_trailers_end_the_body_in_full_duplex() -> None:
+    s = ExtProcStream(service())
+    s.on_message(headers(FULL_DUPLEX))
+    s.on_message(body(BODY, False))
+    out = parse(s.on_message(pb.ProcessingRequest(request_trailers=pb.HttpTrailers())))
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "request_trailers"]
+    assert not out[1].request_body.response.body_mutation.streamed_response.end_of_stream
+
+
+def test_buffered_picks_on_the_body_response_and_leaves_the_body_alone() -> None:
+    s = ExtProcStream(service())
+    first = parse(s.on_message(headers(BUFFERED, resp_mode=0)))
+    assert first[0].request_headers == pb.HeadersResponse()
+    out = parse(s.on_message(body(BODY, True)))[0]
+    assert dest(out, "request_body")
+    assert not out.request_body.response.HasField("body_mutation")
+    assert parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True))))[
+        0].response_body == pb.BodyResponse()
+
+
+def test_headers_only_requests_and_streamed_mode_pick_from_headers() -> None:
+    s = ExtProcStream(service())
+    out = parse(s.on_message(headers(FULL_DUPLEX, eos=True, path="/v1/models", request_id=False)))[0]
+    values = {o.header.key for o in out.request_headers.response.header_mutation.set_headers}
+    assert values == {"x-gateway-destination-endpoint", "x-request-id"}  # an id is generated when missing
+    s = ExtProcStream(service())
+    out = parse(s.on_message(headers(STREAMED)))[0]
+    assert dest(out, "request_headers")
+    assert parse(s.on_message(body(b"chunk", False)))[0].request_body == pb.BodyResponse()
+
+
+def test_errors_are_immediate_responses_and_release_nothing() -> None:
+    ps = service()
+    s = ExtProcStream(ps)
+    s.on_message(headers(FULL_DUPLEX))
+    out = parse(s.on_message(body(b"{nope", True)))[0]
+    assert out.immediate_response.status.code == 400
+    assert orjson.loads(out.immediate_response.body)["error"]["code"] == 400
+    empty = ExtProcStream(PickService(Datastore(), ps.scheduler, ps.metrics))
+    empty.on_message(headers(FULL_DUPLEX))
+    out = parse(empty.on_message(body(BODY, True)))[0]
+    assert out.immediate_response.status.code == 503
+
+
+def test_a_dropped_stream_releases_its_pick() -> None:
+    ps = service()
+    s = ExtProcStream(ps)
+    s.on_message(headers(FULL_DUPLEX))
+    s.on_message(body(BODY, True))
+    assert sum(ps.store.inflight.values()) == 1
+    s.close()
+    s.close()
+    assert sum(ps.store.inflight.values()) == 0
 
 
 def test_hand_encoded_streamed_bodies_decode_exactly_like_upb_builds_them() -> None:
     for phase in ("request", "response"):
-        for body in (b"", b"x", b"y" * 200, b"z" * 70_000):
+        for data in (b"", b"x", b"y" * 200, b"z" * 70_000):
             for eos in (False, True):
                 common = pb.CommonResponse(body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=eos)))
+                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)))
                 if phase == "request":
                     want = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
                 else:
                     want = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
-                got = pb.ProcessingResponse.FromString(_streamed(phase, body, eos))
-                assert got == want
-                assert _streamed(phase, body, eos) == want.SerializeToString()
+                assert _streamed(phase, data, eos) == want.SerializeToString()

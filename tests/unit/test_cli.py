@@ -1,0 +1,84 @@
+"""The `epp` command line: flags, validation, and `epp sim` from the installed package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from epp.cli import build_parser, parse_bool, parse_duration
+from epp.config import DEFAULT_CONFIG
+from epp.stack.local import free_port
+
+
+def epp(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "epp.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_durations_and_booleans() -> None:
+    assert parse_duration("50ms") == pytest.approx(0.05)
+    assert parse_duration("2s") == 2.0 and parse_duration("1m") == 60.0 and parse_duration("1.5s") == 1.5
+    for bad in ("50", "fast", "-1s", "0s"):
+        with pytest.raises(Exception, match="duration"):
+            parse_duration(bad)
+    assert parse_bool("true") and not parse_bool("false")
+
+
+def test_serve_flags_and_defaults() -> None:
+    args = build_parser().parse_args(["serve", "--endpoints", "127.0.0.1:8000"])
+    assert (args.grpc_port, args.grpc_health_port, args.metrics_port) == (9002, 9003, 9090)
+    assert args.secure_serving is True and args.refresh_metrics_interval == pytest.approx(0.05)
+    assert args.metrics_staleness_threshold == 2.0
+    args = build_parser().parse_args(["serve", "--endpoints", "a:1", "--secure-serving=false",
+                                      "--refresh-metrics-interval", "100ms", "--metrics-staleness-threshold", "5s"])
+    assert args.secure_serving is False and args.refresh_metrics_interval == pytest.approx(0.1)
+
+
+def test_serve_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    r = epp("serve", "--endpoints", "not-an-address")
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
+    r = epp("serve")
+    assert r.returncode == 2 and "--endpoints" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plugins:\n- type: magic\nschedulingProfiles: [{name: d}]\n")
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--config-file", str(bad))
+    assert r.returncode == 2 and f"{bad}: plugins[0].type" in r.stderr
+
+
+def test_config_validate(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(DEFAULT_CONFIG)
+    r = epp("config", "validate", str(good))
+    assert r.returncode == 0 and "valid" in r.stdout and "prefix-cache-scorer x3" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_CONFIG.replace("weight: 3", "weight: heavy"))
+    r = epp("config", "validate", str(bad))
+    assert r.returncode == 1 and "schedulingProfiles[0].plugins[2].weight" in r.stderr
+
+
+def test_sim_runs_from_the_installed_package() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "epp.cli", "sim", "--ports", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            assert b"vllm:num_requests_waiting" in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    r = epp("sim", "--ports", "9-3")
+    assert r.returncode == 2 and "bad port range" in r.stderr
