@@ -7,7 +7,6 @@ not change, so a weight edit does not throw away the prefix index.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from epp.filewatch import WatchedFile
 from epp.flowcontrol.saturation import SaturationThresholds
 from epp.scheduling.framework import Profile, Scheduler
 from epp.scheduling.params import Params
@@ -204,47 +204,9 @@ def load_config(path: str | None) -> PickerConfig:
     return parse_config(text, path)
 
 
-class ConfigWatcher:
-    """Polls the file (content hash, so ConfigMap symlink swaps count) and applies valid changes."""
-
-    def __init__(self, path: str, current: PickerConfig, apply: Callable[[PickerConfig], None],
-                 interval: float = 0.5) -> None:
-        self.path = path
-        self.current = current
-        self.apply = apply
-        self.interval = interval
-        self.last_error: str | None = None
-        self.reloads = 0
-
-    def check(self) -> bool:
-        """Reload once if the file changed. True when a new config was applied."""
-        try:
-            text = Path(self.path).read_text()
-        except OSError as e:
-            msg = f"{self.path}: cannot read: {e.strerror}; keeping the previous config"
-            if msg != self.last_error:
-                log.error(msg)
-                self.last_error = msg
-            return False
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest == self.current.digest:
-            return False
-        try:
-            cfg = parse_config(text, self.path)
-        except ConfigError as e:
-            msg = f"invalid config change ignored, keeping the previous config: {e}"
-            if msg != self.last_error:
-                log.error(msg)
-                self.last_error = msg
-            return False
-        self.apply(cfg)
-        self.current = cfg
-        self.last_error = None
-        self.reloads += 1
-        log.info("config reloaded from %s", self.path)
-        return True
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.check()
+def config_watcher(path: str, current: PickerConfig, apply: Callable[[PickerConfig], None],
+                   interval: float = 0.5) -> WatchedFile[PickerConfig]:
+    """Watches the config file; a valid change is applied, an invalid one logged and ignored."""
+    text = Path(path).read_text() if Path(path).is_file() else None
+    return WatchedFile(path, lambda t: parse_config(t, path), apply, what="config", current=current,
+                       current_text=text, interval=interval)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import ipaddress
-import logging
-from pathlib import Path
 
 import yaml
 
 from epp.datastore.store import Datastore
-
-log = logging.getLogger("epp.endpoints")
+from epp.filewatch import WatchedFile
 
 
 def parse_address(text: str, where: str) -> str:
@@ -55,42 +50,7 @@ def parse_endpoints_yaml(text: str, where: str) -> list[str]:
     return out
 
 
-class EndpointsFileWatcher:
-    """Applies a valid change of the file to the datastore; keeps the old set on a bad one."""
-
-    def __init__(self, path: str, store: Datastore, interval: float = 0.5) -> None:
-        self.path = path
-        self.store = store
-        self.interval = interval
-        self._digest = ""
-        self.last_error: str | None = None
-
-    def check(self) -> bool:
-        try:
-            text = Path(self.path).read_text()
-        except OSError as e:
-            self._report(f"{self.path}: cannot read: {e.strerror}; keeping {len(self.store.addresses())} endpoints")
-            return False
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest == self._digest:
-            return False
-        try:
-            addresses = parse_endpoints_yaml(text, self.path)
-        except ValueError as e:
-            self._report(f"{e}; keeping the previous endpoints")
-            return False
-        self._digest = digest
-        self.last_error = None
-        self.store.set_endpoints(addresses)
-        log.info("endpoints from %s: %d", self.path, len(addresses))
-        return True
-
-    def _report(self, msg: str) -> None:
-        if msg != self.last_error:
-            log.error(msg)
-            self.last_error = msg
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.check()
+def endpoints_watcher(path: str, store: Datastore, interval: float = 0.5) -> WatchedFile[list[str]]:
+    """Watches a YAML list of HOST:PORT; a bad edit is logged and the old set kept."""
+    return WatchedFile(path, lambda t: parse_endpoints_yaml(t, path), store.set_endpoints, what="endpoint list",
+                       interval=interval)

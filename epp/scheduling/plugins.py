@@ -106,16 +106,20 @@ class PrefixCacheScorer:
         self.index.forget(address)
 
 
-class MaxScorePicker:
-    """Highest total wins; ties broken at random. ``maxNumOfEndpoints`` > 1 adds fallbacks in order."""
-
-    type_name: ClassVar[str] = "max-score-picker"
+class _Picker:
+    """Pickers share ``maxNumOfEndpoints`` (primary + fallbacks) and a random source."""
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
         self.name = name
         self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1)
         params.done()
         self.rng = rng or random.Random()
+
+
+class MaxScorePicker(_Picker):
+    """Highest total wins; ties broken at random. ``maxNumOfEndpoints`` > 1 adds fallbacks in order."""
+
+    type_name: ClassVar[str] = "max-score-picker"
 
     def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]:
         rnd = self.rng.random
@@ -123,16 +127,10 @@ class MaxScorePicker:
         return order[: self.max_endpoints]
 
 
-class RandomPicker:
+class RandomPicker(_Picker):
     """Uniformly random endpoints."""
 
     type_name: ClassVar[str] = "random-picker"
-
-    def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
-        self.name = name
-        self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1)
-        params.done()
-        self.rng = rng or random.Random()
 
     def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]:
         idx = list(range(len(candidates)))
@@ -140,16 +138,10 @@ class RandomPicker:
         return idx[: self.max_endpoints]
 
 
-class WeightedRandomPicker:
+class WeightedRandomPicker(_Picker):
     """Random in proportion to score (A-Res weighted sampling without replacement)."""
 
     type_name: ClassVar[str] = "weighted-random-picker"
-
-    def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
-        self.name = name
-        self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1)
-        params.done()
-        self.rng = rng or random.Random()
 
     def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]:
         rnd = self.rng.random

@@ -14,9 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp.config import ConfigWatcher, PickerConfig
-from epp.datastore.sources import EndpointsFileWatcher
+from epp.config import PickerConfig, config_watcher
+from epp.datastore.sources import endpoints_watcher
 from epp.datastore.store import Datastore
+from epp.filewatch import WatchedFile
 from epp.observability.metrics import PickerMetrics
 from epp.server import h2grpc
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
@@ -81,8 +82,8 @@ class PickerServer:
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._metrics_runner: web.AppRunner | None = None
-        self.config_watcher: ConfigWatcher | None = None
-        self.endpoints_watcher: EndpointsFileWatcher | None = None
+        self.config_watcher: WatchedFile[PickerConfig] | None = None
+        self.endpoints_watcher: WatchedFile[list[str]] | None = None
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
 
@@ -102,12 +103,12 @@ class PickerServer:
         if o.endpoints:
             self.store.set_endpoints(o.endpoints)
         if o.endpoints_file:
-            self.endpoints_watcher = EndpointsFileWatcher(o.endpoints_file, self.store, o.config_poll_interval)
+            self.endpoints_watcher = endpoints_watcher(o.endpoints_file, self.store, o.config_poll_interval)
             self.endpoints_watcher.check()
             self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
         await self.scraper.start()
         if o.config_file:
-            self.config_watcher = ConfigWatcher(o.config_file, o.config, self.apply_config, o.config_poll_interval)
+            self.config_watcher = config_watcher(o.config_file, o.config, self.apply_config, o.config_poll_interval)
             self._tasks.append(asyncio.create_task(self.config_watcher.run()))
 
         def new_stream() -> ExtProcStream:

@@ -246,22 +246,22 @@ class ExtProcStream:
         return None if "x-request-id" in self._headers else uuid.uuid4().hex
 
     def _pick_in_headers(self, body: bytes | None) -> bytes:
-        error = self._decide(body)
-        if error is not None:
-            return error
-        assert self.pick is not None
-        value = self.pick.header_value
-        return _with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=_pick_mutation(value, self._request_id()))), value)
+        """Pick; the answer is the HeadersResponse (or an ImmediateResponse)."""
+        return self._decide(body) or self._pick_response("request_headers")
 
     def _pick_buffered(self, body: bytes) -> bytes:
-        error = self._decide(body)
-        if error is not None:
-            return error
+        """Pick; the answer is the BodyResponse (BUFFERED mode)."""
+        return self._decide(body) or self._pick_response("request_body")
+
+    def _pick_response(self, phase: str) -> bytes:
         assert self.pick is not None
         value = self.pick.header_value
-        return _with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(
-            response=_pick_mutation(value, self._request_id()))), value)
+        common = _pick_mutation(value, self._request_id())
+        if phase == "request_headers":
+            resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+        else:
+            resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        return _with_metadata(resp, value)
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,8 +24,15 @@ async def pin(stack: Stack, address: str, **values: float) -> None:
 
 
 async def scraped(stack: Stack) -> None:
-    """Wait two scrape intervals so pins are visible to epp."""
-    await asyncio.sleep(0.15)
+    """Wait until epp has scraped every endpoint after this point (so pins are visible)."""
+    assert stack.picker is not None
+    store = stack.picker.store
+    since = time.monotonic()
+
+    async def all_newer() -> bool:
+        return all((s := store.get(a)) is not None and s.scraped_at > since for a in store.addresses())
+
+    await wait_until(all_newer, 5, "a fresh scrape of every endpoint")
 
 
 async def served_by(s: aiohttp.ClientSession, stack: Stack, body: bytes, path: str = "/v1/completions") -> str:
