@@ -26,7 +26,7 @@ test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench-overhead: venv
-	$(BIN)/epp bench overhead --out results/overhead --buffered --profile
+	$(BIN)/epp bench overhead --out results/overhead --buffered --grpcio
 
 clean:
 	rm -rf $(VENV) build *.egg-info epp/v1/*_pb2*.py epp/v1/__init__.py

@@ -161,6 +161,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--max-seconds", type=float, default=20.0, help="time cap per run")
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
+    o.add_argument("--grpcio", action="store_true", help="also measure epp on the grpcio transport")
     o.add_argument("--profile", action="store_true", help="py-spy profile of epp during a concurrency-16 run")
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
     sm.add_argument("--out", default="results/sim")
@@ -190,7 +191,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
-                            rounds=args.rounds, buffered=args.buffered, profile_with=prof))
+                            rounds=args.rounds, buffered=args.buffered, grpcio=args.grpcio, profile_with=prof))
         print((out / "overhead.md").read_text())
         if prof:
             from epp.bench.profile import top_functions
