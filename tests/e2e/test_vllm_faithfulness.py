@@ -7,6 +7,7 @@ same checks as the default suite does against the committed recording.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -29,8 +30,8 @@ VLLM_PYTHON = os.environ.get("EPP_VLLM_PYTHON")
 async def test_simulator_matches_a_live_vllm(tmp_path: Path) -> None:
     out, work = tmp_path / "rec", tmp_path / "work"
     script = Path(__file__).with_name("vllm_fixture.py")
-    proc = subprocess.run([str(VLLM_PYTHON), str(script), "--out", str(out), "--work", str(work)],
-                          capture_output=True, text=True, timeout=840)
+    proc = await asyncio.to_thread(subprocess.run, [str(VLLM_PYTHON), str(script), "--out", str(out), "--work",
+                                                     str(work)], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     check_metrics((out / "metrics.txt").read_text(), await sim_metrics())
     raw = json.loads((out / "kv_events.json").read_text())
