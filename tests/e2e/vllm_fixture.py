@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -151,6 +152,13 @@ def main() -> int:
                 break
         with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
             metrics = r.read().decode()
+        # What epp scrapes: only the series it reads (prometheus_client's name[] filter).
+        names = ["vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:cache_config_info",
+                 "vllm:lora_requests_info"]
+        query = "&".join("name%5B%5D=" + urllib.parse.quote(n, safe="") for n in names)
+        with urllib.request.urlopen(base + "/metrics?" + query, timeout=10) as r:
+            (out / "metrics_filtered.txt").write_text(r.read().decode())
         (out / "metrics.txt").write_text(metrics)
         (out / "kv_events.json").write_text(json.dumps({"frames": frames, "replay": replay}, indent=1))
         (out / "requests.json").write_text(json.dumps({"block_size": 32, "responses": responses}, indent=1))

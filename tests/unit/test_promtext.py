@@ -45,3 +45,15 @@ def test_first_line_and_names_that_prefix_other_series() -> None:
             "vllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5")
     sig = parse_signals(text, VLLM)
     assert (sig.waiting, sig.running, sig.kv_usage) == (2, 1, 0.5)
+
+
+def test_vllm_ignores_prometheus_name_filters() -> None:
+    """Recorded fact: vLLM 0.32's /metrics?name[]=... returns the full exposition, so epp scrapes
+    plain /metrics and relies on a cheap reader instead of server-side filtering."""
+    from tests.conftest import FIXTURES
+
+    filtered = (FIXTURES / "metrics_filtered.txt").read_text()
+    full = (FIXTURES / "metrics.txt").read_text()
+    assert "vllm:e2e_request_latency_seconds_bucket" in filtered  # a series that was not asked for
+    assert abs(len(filtered) - len(full)) < 0.05 * len(full)
+    assert parse_signals(filtered, VLLM) == parse_signals(full, VLLM)
