@@ -28,11 +28,15 @@ class Profile:
     picker: Picker
 
 
+PLUGIN_TIMING_SAMPLE = 8  # time the plugins of one cycle in this many (keeps the distribution, not the cost)
+
+
 @dataclass(slots=True)
 class Scheduler:
     profile: Profile
     saturation: SaturationThresholds = field(default_factory=SaturationThresholds)
     plugin_timer: PluginTimer | None = None
+    _cycles: int = 0
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
@@ -51,7 +55,8 @@ class Scheduler:
         n = len(candidates)
         totals = [0.0] * n
         raw: list[list[float]] = []
-        timer = self.plugin_timer
+        self._cycles += 1
+        timer = self.plugin_timer if self._cycles % PLUGIN_TIMING_SAMPLE == 0 else None
         for scorer, weight in self.profile.scorers:
             t0 = time.perf_counter() if timer else 0.0
             scores = scorer.score(request, snapshot, candidates, cycle)

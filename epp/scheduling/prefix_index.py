@@ -44,17 +44,21 @@ class PrefixIndex:
         if not alive:
             return result
         alive = set(alive)
-        for a in alive:
-            result[a] = 1
-        for depth, h in enumerate(hashes[1:], start=2):
-            holders = self._holders.get(h)
+        depth = 1
+        holders_of = self._holders.get
+        for h in hashes[1:]:
+            holders = holders_of(h)
             if not holders:
                 break
-            alive &= holders
-            if not alive:
-                break
-            for a in alive:
-                result[a] = depth
+            if not alive <= holders:  # some endpoints stop matching here
+                for a in alive - holders:
+                    result[a] = depth
+                alive &= holders
+                if not alive:
+                    return result
+            depth += 1
+        for a in alive:
+            result[a] = depth
         return result
 
     def record(self, address: str, hashes: list[int]) -> None:

@@ -65,6 +65,8 @@ CONTINUE_RESPONSE_TRAILERS = _ser(pb.ProcessingResponse(response_trailers=pb.Tra
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -73,9 +75,7 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _ld(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return tag + _varint(len(payload)) + payload
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 
 
 # Field tags (field number << 3 | wire type 2): ProcessingResponse.request_body = 3,
@@ -86,9 +86,19 @@ _PHASE_TAG = {"request": b"\x1a", "response": b"\x22"}
 
 def _streamed(phase: str, body: bytes, eos: bool) -> bytes:
     """ProcessingResponse{<phase>_body{response{body_mutation{streamed_response{body, eos}}}}},
-    encoded directly: this runs for every body chunk in both directions."""
-    inner = (_ld(b"\x0a", body) if body else b"") + (b"\x10\x01" if eos else b"")
-    return _ld(_PHASE_TAG[phase], _ld(b"\x0a", _ld(b"\x1a", _ld(b"\x1a", inner))))
+    encoded directly: this runs for every body chunk in both directions. The four wrapper
+    lengths are computed, so the body is copied once."""
+    n = len(body)
+    head = b"\x0a" + _varint(n) if n else b""
+    inner = len(head) + n + (2 if eos else 0)
+    sr = _varint(inner)  # StreamedBodyResponse
+    bm_len = 1 + len(sr) + inner
+    bm = _varint(bm_len)  # BodyMutation
+    cr_len = 1 + len(bm) + bm_len
+    cr = _varint(cr_len)  # CommonResponse
+    br_len = 1 + len(cr) + cr_len
+    prefix = b"".join((_PHASE_TAG[phase], _varint(br_len), b"\x0a", cr, b"\x1a", bm, b"\x1a", sr, head))
+    return prefix + body + b"\x10\x01" if eos else prefix + body
 
 
 EMPTY_REQUEST_EOS = _streamed("request", b"", True)
