@@ -7,7 +7,8 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 
 def parse_duration(text: str) -> float:
@@ -320,11 +321,25 @@ def run_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, object]) -> None:
+    """Run on uvloop; SIGTERM (how Kubernetes stops a pod) and SIGINT cancel the main task, so
+    servers shut down gracefully and child processes (Envoy in the demo) are stopped."""
+    import asyncio
+    import signal
+
     import uvloop
 
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await coro
+
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(coro)
+        uvloop.run(main())
 
 
 def build_parser() -> argparse.ArgumentParser:

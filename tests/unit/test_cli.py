@@ -82,3 +82,34 @@ def test_sim_runs_from_the_installed_package() -> None:
         proc.wait(10)
     r = epp("sim", "--ports", "9-3")
     assert r.returncode == 2 and "bad port range" in r.stderr
+
+
+def test_serve_stops_gracefully_on_sigterm() -> None:
+    import signal
+
+    sim_port, grpc_port, health_port, metrics_port = (free_port() for _ in range(4))
+    sim = subprocess.Popen([sys.executable, "-m", "epp.cli", "sim", "--ports", str(sim_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([sys.executable, "-m", "epp.cli", "serve", "--endpoints", f"127.0.0.1:{sim_port}",
+                              "--secure-serving=false", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+                              "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=10)
+        assert serve.returncode == 0, out
+        assert "Traceback" not in out
+    finally:
+        for p in (serve, sim):
+            if p.poll() is None:
+                p.kill()
+        sim.wait(5)
