@@ -60,26 +60,51 @@ def test_config_validate(tmp_path: Path) -> None:
     assert r.returncode == 1 and "schedulingProfiles[0].plugins[2].weight" in r.stderr
 
 
+def _wait_health(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                assert r.status == 200
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _two_consecutive_free_ports() -> int:
+    import socket
+
+    for _ in range(100):
+        base = free_port()
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_sim_runs_from_the_installed_package() -> None:
     port = free_port()
+    base = _two_consecutive_free_ports()
     proc = subprocess.Popen([sys.executable, "-m", "epp.cli", "sim", "--ports", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    counted = subprocess.Popen([sys.executable, "-m", "epp.cli", "sim", "--count", "2", "--base-port", str(base)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        _wait_health(port)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             assert b"vllm:num_requests_waiting" in r.read()
+        _wait_health(base)
+        _wait_health(base + 1)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for p in (proc, counted):
+            p.terminate()
+            p.wait(10)
     r = epp("sim", "--ports", "9-3")
     assert r.returncode == 2 and "bad port range" in r.stderr
 

@@ -91,3 +91,25 @@ async def test_ttft_grows_with_uncached_prompt_tokens() -> None:
         assert t_long > t_short + 0.1  # 4,000 tokens x 50 us = 0.2 s of modelled prefill
     finally:
         await e.stop()
+
+
+async def test_inter_token_latency_grows_with_the_running_batch() -> None:
+    itl: list[float] = []
+
+    def observe(name: str, v: float) -> None:
+        if name == "itl":
+            itl.append(v)
+
+    e = Engine(params(decode_base_s=0.002, decode_per_seq_s=0.001), observe=observe)
+    e.start()
+    try:
+        await drain(e.submit(list(range(10)), max_tokens=10, ignore_eos=True))
+        alone = sorted(itl)[len(itl) // 2]
+        itl.clear()
+        reqs = [e.submit(list(range(i * 100, i * 100 + 10)), max_tokens=10, ignore_eos=True) for i in range(20)]
+        await asyncio.gather(*(drain(r) for r in reqs))
+        batched = sorted(itl)[len(itl) // 2]
+        # Modelled: 2 ms + 1 ms x running -> ~3 ms alone, ~22 ms with 20 running.
+        assert batched > 3 * alone
+    finally:
+        await e.stop()

@@ -134,6 +134,16 @@ async def test_admin_metrics_fail_and_hang(sim: tuple[SimServer, aiohttp.ClientS
         assert r.status == 200
 
 
+async def test_admin_extra_latency(sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
+    _, s, base = sim
+    await (await s.post(f"{base}/admin", json={"extra_latency_ms": 300})).read()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with s.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}) as r:
+        assert r.status == 200
+    assert loop.time() - t0 >= 0.3
+
+
 async def test_drain_and_crash_and_restart(sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
     _, s, base = sim
     await (await s.post(f"{base}/admin", json={"drain": True})).read()
