@@ -24,15 +24,20 @@ async def pin(stack: Stack, address: str, **values: float) -> None:
 
 
 async def scraped(stack: Stack) -> None:
-    """Wait until epp has scraped every endpoint after this point (so pins are visible)."""
+    """Wait until every endpoint has been scraped by a scrape that *started* after this point.
+
+    A scrape in flight when a pin is set completes later with the old values, so wait for two
+    completions: an endpoint's next scrape starts only after its previous one completed.
+    """
     assert stack.picker is not None
     store = stack.picker.store
-    since = time.monotonic()
+    for _ in range(2):
+        since = time.monotonic()
 
-    async def all_newer() -> bool:
-        return all((s := store.get(a)) is not None and s.scraped_at > since for a in store.addresses())
+        async def all_newer(since: float = since) -> bool:
+            return all((s := store.get(a)) is not None and s.scraped_at > since for a in store.addresses())
 
-    await wait_until(all_newer, 5, "a fresh scrape of every endpoint")
+        await wait_until(all_newer, 5, "a fresh scrape of every endpoint")
 
 
 async def served_by(s: aiohttp.ClientSession, stack: Stack, body: bytes, path: str = "/v1/completions") -> str:
@@ -116,7 +121,16 @@ async def test_stale_or_failing_pods_are_avoided() -> None:
         await stack.server(hanging).apply_admin({"metrics": "hang"})
         # The hanging one goes stale after the threshold; make the good one look worst on signals.
         await pin(stack, good, num_requests_waiting=20, kv_cache_usage_perc=0.9)
-        await asyncio.sleep(0.8)
+        assert stack.picker is not None
+        store = stack.picker.store
+
+        async def only_good_fresh() -> bool:
+            snap = store.snapshot()
+            fresh = {e.address for e in snap.endpoints if e.fresh(snap.now, snap.staleness)}
+            g = store.get(good)
+            return fresh == {good} and g is not None and g.signals is not None and g.signals.waiting == 20
+
+        await wait_until(only_good_fresh, 10, "failing and hanging endpoints to drop out")
         seen = Counter([await served_by(s, stack, completion_body(f"s {i}")) for i in range(10)])
         assert seen == Counter({good: 10})
         await stack.server(hanging).apply_admin({"metrics": "ok"})
@@ -144,10 +158,14 @@ async def test_config_edit_changes_picks_without_restart() -> None:
         assert a not in {await served_by(s, stack, completion_body(f"b {i}")) for i in range(5)}
         # An invalid edit is ignored: routing keeps following the last good config.
         stack.config_path.write_text("schedulingProfiles: [oops")
-        await asyncio.sleep(0.5)
-        assert a not in {await served_by(s, stack, completion_body(f"c {i}")) for i in range(5)}
         assert stack.picker is not None and stack.picker.config_watcher is not None
-        assert "invalid YAML" in (stack.picker.config_watcher.last_error or "")
+        watcher = stack.picker.config_watcher
+
+        async def rejected() -> bool:
+            return "invalid YAML" in (watcher.last_error or "")
+
+        await wait_until(rejected, 5, "the invalid config to be seen and rejected")
+        assert a not in {await served_by(s, stack, completion_body(f"c {i}")) for i in range(5)}
 
 
 async def test_50_concurrent_requests_on_idle_fleet_use_every_pod() -> None:
