@@ -55,7 +55,8 @@ async def test_avoids_long_queue_and_prefers_low_kv() -> None:
         assert a not in seen and len(seen) >= 2
         for x in (a, b, c):
             await pin(stack, x, num_requests_waiting=0, kv_cache_usage_perc=0.9)
-        await pin(stack, d, kv_cache_usage_perc=0.05)
+        # Pin d's queue too: a live 0-vs-1 waiting difference swings the min-max queue score fully.
+        await pin(stack, d, num_requests_waiting=0, kv_cache_usage_perc=0.05)
         await scraped(stack)
         seen = Counter([await served_by(s, stack, completion_body(f"kv {i}")) for i in range(10)])
         assert seen == Counter({d: 10})
@@ -209,7 +210,7 @@ async def test_pick_api_agrees_with_ext_proc() -> None:
         assert stack.picker is not None
         best = stack.addresses[2]
         for addr in stack.addresses:
-            await pin(stack, addr, kv_cache_usage_perc=0.1 if addr == best else 0.8)
+            await pin(stack, addr, num_requests_waiting=0, kv_cache_usage_perc=0.1 if addr == best else 0.8)
         await scraped(stack)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.picker.bound_ports['grpc']}") as ch:
             stub = picker_pb2_grpc.EndpointPickerStub(ch)
