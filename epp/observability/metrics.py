@@ -6,7 +6,7 @@ import resource
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -81,6 +81,8 @@ class PickerMetrics:
         self.scrape_parse = Histogram("epp_metrics_scrape_parse_seconds", "Time to parse one /metrics exposition.",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
+        self.prefix_indexer_size = Gauge("inference_extension_prefix_indexer_size",
+                                         "Block hashes held by the approximate prefix index.", registry=r)
         r.register(PoolCollector(store, pool_name))
         ProcessCollector(registry=r)
 

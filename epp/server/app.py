@@ -73,6 +73,7 @@ class PickerServer:
         scheduler, self._plugins = opts.config.build()
         scheduler.plugin_timer = self.metrics.plugin_timer
         self.picks = PickService(self.store, scheduler, self.metrics)
+        self.metrics.prefix_indexer_size.set_function(self._prefix_index_size)
         self.store.on_change(self._endpoints_changed)
         self.scraper = Scraper(
             self.store, names_for(opts.engine), opts.refresh_metrics_interval, opts.scrape_timeout,
@@ -86,6 +87,9 @@ class PickerServer:
         self.endpoints_watcher: WatchedFile[list[str]] | None = None
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
+
+    def _prefix_index_size(self) -> float:
+        return float(sum(s.index.size() for s, _ in self.picks.scheduler.profile.scorers if hasattr(s, "index")))
 
     def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
         for a in removed:

@@ -72,12 +72,6 @@ class Fleet:
         if self.zmq_ctx is not None:
             self.zmq_ctx.term()
 
-    def by_port(self, port: int) -> SimServer:
-        for s in self.servers:
-            if s.port == port:
-                return s
-        raise KeyError(port)
-
 
 async def serve_forever(fleet: Fleet) -> None:
     await fleet.start()

@@ -10,7 +10,7 @@ They are shapes to make benchmarks resemble GPUs, not measurements of any partic
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,6 @@ class EngineParams:
     # Python-hash-seed emulation for vLLM's root block hash (None: vLLM 0.32's fixed root).
     hash_seed: str | None = None
     data_parallel_rank: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def names(self) -> tuple[str, ...]:
         return self.served_model_names or (self.model,)

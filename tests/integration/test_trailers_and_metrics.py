@@ -88,3 +88,9 @@ async def test_epp_metrics_use_the_reference_names() -> None:
         assert 'inference_pool_ready_pods{name="default"} 2.0' in text
         assert 'inference_objective_request_total{model_name="sim-model",target_model_name="sim-model"} 1.0' in text
         assert 'error_code="400"' in text
+        # "count me" is shorter than one 64-character block: nothing to index yet.
+        assert "inference_extension_prefix_indexer_size 0.0" in text
+        async with s.post(f"{stack.url}/v1/completions", data=completion_body("long shared prompt " * 20)) as r:
+            assert r.status == 200
+        async with s.get(f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics") as r:
+            assert "inference_extension_prefix_indexer_size 5.0" in await r.text()  # 380 chars = 5 blocks
