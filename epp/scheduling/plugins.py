@@ -23,16 +23,20 @@ def _minmax_low_is_good(values: list[float]) -> list[float]:
     return [(hi - v) / span for v in values]
 
 
-class QueueScorer:
+class _NoParams:
+    """A plugin without parameters (any given are an error)."""
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        params.done()
+
+
+class QueueScorer(_NoParams):
     """Shorter queue scores higher: min-max over candidates of waiting requests plus the picks epp
     made since the last scrape that are still in flight (the scrape could not see them), so a
     burst between scrapes spreads instead of piling onto one pod."""
 
     type_name: ClassVar[str] = "queue-scorer"
-
-    def __init__(self, name: str, params: Params) -> None:
-        self.name = name
-        params.done()
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
@@ -43,28 +47,20 @@ class QueueScorer:
         ])
 
 
-class KVCacheUtilizationScorer:
+class KVCacheUtilizationScorer(_NoParams):
     """Free KV cache scores higher: 1 - kv_cache_usage_perc."""
 
     type_name: ClassVar[str] = "kv-cache-utilization-scorer"
-
-    def __init__(self, name: str, params: Params) -> None:
-        self.name = name
-        params.done()
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
         return [max(0.0, 1.0 - c.signals.kv_usage) if c.signals else 0.0 for c in candidates]
 
 
-class RunningRequestsScorer:
+class RunningRequestsScorer(_NoParams):
     """Fewer requests in flight (epp's own count plus the server's running) scores higher."""
 
     type_name: ClassVar[str] = "running-requests-size-scorer"
-
-    def __init__(self, name: str, params: Params) -> None:
-        self.name = name
-        params.done()
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
@@ -153,14 +149,10 @@ class WeightedRandomPicker(_Picker):
         return [i for _, i in keys[: self.max_endpoints]]
 
 
-class SingleProfileHandler:
+class SingleProfileHandler(_NoParams):
     """Accepted for compatibility with the reference's config files: epp runs one profile."""
 
     type_name: ClassVar[str] = "single-profile-handler"
-
-    def __init__(self, name: str, params: Params) -> None:
-        self.name = name
-        params.done()
 
 
 PLUGIN_TYPES: Mapping[str, type[Any]] = MappingProxyType({
