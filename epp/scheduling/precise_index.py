@@ -1,0 +1,129 @@
+"""The precise prefix index: which pod holds which KV block, as the pods report it (KV events).
+
+Keys are the uint64 block hashes vLLM publishes (see epp.blockhash to compute them from a
+request's token ids). Memory is bounded per pod: beyond ``max_blocks_per_pod`` the oldest
+stored blocks are dropped (they would have been evicted by the pod long before, and a lost
+BlockRemoved must not grow the index forever).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Measured with tracemalloc over 100k single-holder blocks on CPython 3.11 (test_kv_subscriber).
+APPROX_BYTES_PER_BLOCK = 250
+
+
+class PreciseIndex:
+    """A block's holders are stored as the pod's name when one pod holds it (the usual case; a set
+    per block would double the memory) and as a set when several do."""
+
+    def __init__(self, max_blocks_per_pod: int = 1_000_000) -> None:
+        self.max_blocks_per_pod = max_blocks_per_pod
+        self._holders: dict[int, str | set[str]] = {}
+        self._pods: dict[str, OrderedDict[int, None]] = {}
+
+    # -- events -------------------------------------------------------------------------------
+    def apply(self, pod: str, events: Iterable[dict[str, Any]]) -> None:
+        """Apply one batch of vLLM KV events from ``pod``."""
+        for e in events:
+            kind = e.get("type")
+            if kind == "BlockStored":
+                self.stored(pod, e.get("block_hashes") or [])
+            elif kind == "BlockRemoved":
+                self.removed(pod, e.get("block_hashes") or [])
+            elif kind == "AllBlocksCleared":
+                self.clear(pod)
+
+    def stored(self, pod: str, hashes: Iterable[int]) -> None:
+        blocks = self._pods.get(pod)
+        if blocks is None:
+            blocks = self._pods[pod] = OrderedDict()
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+                continue
+            blocks[h] = None
+            holders = self._holders.get(h)
+            if holders is None:
+                self._holders[h] = pod
+            elif isinstance(holders, str):
+                if holders != pod:
+                    self._holders[h] = {holders, pod}
+            else:
+                holders.add(pod)
+        while len(blocks) > self.max_blocks_per_pod:
+            old, _ = blocks.popitem(last=False)
+            self._drop(old, pod)
+
+    def removed(self, pod: str, hashes: Iterable[int]) -> None:
+        blocks = self._pods.get(pod)
+        if blocks is None:
+            return
+        for h in hashes:
+            if blocks.pop(h, 0) is None:
+                self._drop(h, pod)
+
+    def clear(self, pod: str) -> None:
+        """The pod lost its cache (AllBlocksCleared, a restart, or it left the pool)."""
+        blocks = self._pods.pop(pod, None)
+        for h in blocks or ():
+            self._drop(h, pod)
+
+    def _drop(self, h: int, pod: str) -> None:
+        holders = self._holders.get(h)
+        if holders is None:
+            return
+        if isinstance(holders, str):
+            if holders == pod:
+                del self._holders[h]
+            return
+        holders.discard(pod)
+        if len(holders) == 1:
+            self._holders[h] = next(iter(holders))
+        elif not holders:
+            del self._holders[h]
+
+    def _holders_of(self, h: int) -> set[str] | None:
+        holders = self._holders.get(h)
+        if holders is None or isinstance(holders, set):
+            return holders
+        return {holders}
+
+    # -- queries --------------------------------------------------------------------------------
+    def match_lengths(self, hashes: Sequence[int]) -> dict[str, int]:
+        """For each pod, how many leading blocks of ``hashes`` it holds."""
+        result: dict[str, int] = {}
+        if not hashes:
+            return result
+        first = self._holders_of(hashes[0])
+        if not first:
+            return result
+        alive = set(first)
+        depth = 1
+        for h in hashes[1:]:
+            holders = self._holders_of(h)
+            if not holders:
+                break
+            if not alive <= holders:
+                for pod in alive - holders:
+                    result[pod] = depth
+                alive &= holders
+                if not alive:
+                    return result
+            depth += 1
+        for pod in alive:
+            result[pod] = depth
+        return result
+
+    def blocks_of(self, pod: str) -> int:
+        return len(self._pods.get(pod, ()))
+
+    def holds(self, pod: str, h: int) -> bool:
+        holders = self._holders.get(h)
+        return holders == pod if isinstance(holders, str) else holders is not None and pod in holders
+
+    def size(self) -> int:
+        return sum(len(b) for b in self._pods.values())

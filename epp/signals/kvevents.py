@@ -1,0 +1,208 @@
+"""Subscribe to one model server's KV-cache events (vLLM's ZMQ publisher) and keep an index current.
+
+Bind or connect follows vLLM's rule for its own endpoint: vLLM BINDS ``tcp://*:P``,
+``tcp://[::]:P``, ``ipc://`` and ``inproc://`` endpoints, so the subscriber connects (a wildcard
+host becomes the pod's host); for ``tcp://host:P`` vLLM CONNECTS, so the subscriber binds that
+address. In that case it binds an XSUB and sends the subscription itself whenever a publisher
+completes its handshake: a SUB's subscription never reaches a publisher that connects later
+(seen with libzmq 4.3.5 and vLLM's publisher).
+
+Sequence numbers: each batch carries one, +1 per batch. A jump forward is a gap, refilled from
+the publisher's replay socket (a ROUTER: ask [b"", start_seq], get [b"", seq, payload] ... then
+[b"", -1, b""]). A jump backward means the publisher restarted (its cache is gone): the pod's
+index is cleared first. Batches the replay cannot return are counted as lost, and the pod's
+index is cleared rather than trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from epp.scheduling.precise_index import PreciseIndex
+
+log = logging.getLogger("epp.kvevents")
+END_SEQ = -1
+
+
+def publisher_binds(endpoint: str) -> bool:
+    """vLLM's rule for its PUB socket."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def connect_address(endpoint: str, pod_host: str) -> str:
+    """Where to connect for a publisher that binds ``endpoint`` on the pod ``pod_host``."""
+    return re.sub(r"^tcp://(\*|\[::\]|::)", f"tcp://{pod_host}", endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventSource:
+    """One pod's publisher, described as the pod's vLLM is configured (--kv-events-config)."""
+
+    pod: str  # the pod's HTTP address (ip:port): the key the index uses
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+
+    @property
+    def pod_host(self) -> str:
+        return self.pod.rpartition(":")[0].strip("[]")
+
+
+@dataclass(slots=True)
+class SubscriberStats:
+    batches: int = 0
+    events: int = 0
+    gaps: int = 0
+    replayed: int = 0
+    lost: int = 0
+    restarts: int = 0
+    bad: int = 0
+    last_seq: int | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def decode_batch(payload: bytes) -> list[dict[str, Any]]:
+    """[ts, [events], dp_rank] (vLLM 0.32) -> the events (maps tagged by ``type``)."""
+    batch = msgpack.unpackb(payload, strict_map_key=False)
+    events = batch.get("events") if isinstance(batch, dict) else batch[1]
+    if not isinstance(events, list):
+        raise ValueError("batch without an event list")
+    return [e for e in events if isinstance(e, dict)]
+
+
+class KVEventSubscriber:
+    def __init__(self, source: KVEventSource, index: PreciseIndex, ctx: zmq.asyncio.Context,
+                 replay_timeout: float = 2.0, on_batch: Callable[[str, int], None] | None = None) -> None:
+        self.source = source
+        self.index = index
+        self.ctx = ctx
+        self.replay_timeout = replay_timeout
+        self.on_batch = on_batch
+        self.stats = SubscriberStats()
+        self.binds = not publisher_binds(source.endpoint)
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        s = self.source
+        return s.endpoint if self.binds else connect_address(s.endpoint, s.pod_host)
+
+    async def start(self) -> None:
+        topic = self.source.topic.encode()
+        if self.binds:
+            sock = self.ctx.socket(zmq.XSUB)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.bind(self.address)
+            self._tasks.append(asyncio.create_task(self._subscribe_on_handshake(sock, monitor, topic)))
+        else:
+            sock = self.ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+            sock.connect(self.address)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._sock = sock
+        self._tasks.append(asyncio.create_task(self._receive(sock)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self._sock is not None:
+            if self.binds:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.disable_monitor()
+            self._sock.close(0)
+            self._sock = None
+
+    async def _subscribe_on_handshake(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket,
+                                      topic: bytes) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    await sock.send(b"\x01" + topic)
+        finally:
+            monitor.close(0)
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:
+                self.stats.bad += 1
+                continue
+            _, seq_bytes, payload = frames
+            await self.handle(int.from_bytes(seq_bytes, "big"), payload)
+
+    async def handle(self, seq: int, payload: bytes) -> None:
+        """Apply one batch, refilling a gap (or the history, on joining late) from the replay."""
+        last = self.stats.last_seq
+        pod = self.source.pod
+        if last is not None and seq <= last:
+            self.stats.restarts += 1
+            log.warning("KV events of %s restarted (seq %d after %d): clearing its blocks", pod, seq, last)
+            self.index.clear(pod)
+            last = None
+        expected = 0 if last is None else last + 1
+        if seq > expected:
+            if last is not None:
+                self.stats.gaps += 1
+            await self._replay(expected, seq)
+        self._apply(seq, payload)
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        try:
+            events = decode_batch(payload)
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+            self.stats.bad += 1
+            log.warning("undecodable KV event batch %d from %s: %s", seq, self.source.pod, e)
+            return
+        self.index.apply(self.source.pod, events)
+        self.stats.batches += 1
+        self.stats.events += len(events)
+        self.stats.last_seq = seq
+        if self.on_batch is not None:
+            self.on_batch(self.source.pod, seq)
+
+    async def _replay(self, start: int, upto: int) -> None:
+        """Apply batches [start, upto) from the replay socket; a missing one clears the pod."""
+        replay = self.source.replay_endpoint
+        got: dict[int, bytes] = {}
+        if replay:
+            dealer = self.ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(connect_address(replay, self.source.pod_host))
+            try:
+                await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+                while True:
+                    frames = await asyncio.wait_for(dealer.recv_multipart(), self.replay_timeout)
+                    seq = int.from_bytes(frames[1], "big", signed=True)
+                    if seq == END_SEQ:
+                        break
+                    if start <= seq < upto:
+                        got[seq] = frames[2]
+            except TimeoutError:
+                log.warning("KV event replay from %s timed out", replay)
+            finally:
+                dealer.close(0)
+        missing = (upto - start) - len(got)
+        if missing:
+            self.stats.lost += missing
+            log.warning("%d KV event batches of %s are lost: clearing its blocks", missing, self.source.pod)
+            self.index.clear(self.source.pod)
+        for seq in sorted(got):
+            self._apply(seq, got[seq])
+            self.stats.replayed += 1
