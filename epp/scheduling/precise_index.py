@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from epp.scheduling.prefix_index import leading_matches
+
 # Measured with tracemalloc over 100k single-holder blocks on CPython 3.11 (test_kv_subscriber).
 APPROX_BYTES_PER_BLOCK = 250
 
@@ -95,28 +97,7 @@ class PreciseIndex:
     # -- queries --------------------------------------------------------------------------------
     def match_lengths(self, hashes: Sequence[int]) -> dict[str, int]:
         """For each pod, how many leading blocks of ``hashes`` it holds."""
-        result: dict[str, int] = {}
-        if not hashes:
-            return result
-        first = self._holders_of(hashes[0])
-        if not first:
-            return result
-        alive = set(first)
-        depth = 1
-        for h in hashes[1:]:
-            holders = self._holders_of(h)
-            if not holders:
-                break
-            if not alive <= holders:
-                for pod in alive - holders:
-                    result[pod] = depth
-                alive &= holders
-                if not alive:
-                    return result
-            depth += 1
-        for pod in alive:
-            result[pod] = depth
-        return result
+        return leading_matches(hashes, self._holders_of)
 
     def blocks_of(self, pod: str) -> int:
         return len(self._pods.get(pod, ()))

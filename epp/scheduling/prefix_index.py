@@ -10,10 +10,37 @@ Memory is bounded: ``lru_capacity`` hashes per endpoint.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence, Set
 
 import xxhash
 
 CHARS_PER_TOKEN = 4
+
+
+def leading_matches(hashes: Sequence[int], holders_of: Callable[[int], Set[str] | None]) -> dict[str, int]:
+    """For each holder, how many leading blocks of ``hashes`` it holds (shared by both indexes)."""
+    result: dict[str, int] = {}
+    if not hashes:
+        return result
+    first = holders_of(hashes[0])
+    if not first:
+        return result
+    alive = set(first)
+    depth = 1
+    for h in hashes[1:]:
+        holders = holders_of(h)
+        if not holders:
+            break
+        if not alive <= holders:  # some holders stop matching here
+            for a in alive - holders:
+                result[a] = depth
+            alive &= holders
+            if not alive:
+                return result
+        depth += 1
+    for a in alive:
+        result[a] = depth
+    return result
 
 
 class PrefixIndex:
@@ -37,29 +64,7 @@ class PrefixIndex:
 
     def match_lengths(self, hashes: list[int]) -> dict[str, int]:
         """For each endpoint, how many leading blocks of ``hashes`` it holds."""
-        result: dict[str, int] = {}
-        if not hashes:
-            return result
-        alive = self._holders.get(hashes[0])
-        if not alive:
-            return result
-        alive = set(alive)
-        depth = 1
-        holders_of = self._holders.get
-        for h in hashes[1:]:
-            holders = holders_of(h)
-            if not holders:
-                break
-            if not alive <= holders:  # some endpoints stop matching here
-                for a in alive - holders:
-                    result[a] = depth
-                alive &= holders
-                if not alive:
-                    return result
-            depth += 1
-        for a in alive:
-            result[a] = depth
-        return result
+        return leading_matches(hashes, self._holders.get)
 
     def record(self, address: str, hashes: list[int]) -> None:
         lru = self._lru.get(address)
