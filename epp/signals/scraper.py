@@ -26,22 +26,19 @@ ErrorHook = Callable[[str, str], None]
 
 class Scraper:
     def __init__(self, store: Datastore, names: MetricNames, interval: float = 0.05, timeout: float = 1.0,
-                 path: str = "/metrics", scheme: str = "http", on_error: ErrorHook | None = None,
+                 path: str = "/metrics", on_error: ErrorHook | None = None,
                  on_scrape: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.names = names
         self.interval = interval
         self.timeout = timeout
         self.path = path
-        self.scheme = scheme
         self.on_error = on_error
         self.on_scrape = on_scrape
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._getters: dict[str, KeepAliveGetter] = {}
         self._started = False
         self._rng = random.Random()
-        if scheme != "http":
-            raise ValueError("only http scraping is supported")
 
     async def start(self) -> None:
         self._started = True

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.blockhash import root_hash
-from epp.sim.kvcache import KVCache, digest_chain
+from epp.blockhash import block_digests, root_hash
+from epp.sim.kvcache import KVCache
 from epp.sim.profiles import EngineParams
 from epp.sim.tokenizer import SimTokenizer
 
@@ -174,7 +174,10 @@ class Engine:
 
     def _digests(self, req: SimRequest) -> list[bytes]:
         extra = (req.lora_name,) if req.lora_name else None
-        return digest_chain(self.root, req.all_ids, self.params.block_size, 0, extra, req.digests)
+        known = req.digests  # digests of the blocks hashed so far; extend with newly full ones
+        parent = known[-1] if known else self.root
+        known.extend(block_digests(req.all_ids, self.params.block_size, parent, extra, start_block=len(known)))
+        return known
 
     def _schedule(self) -> tuple[float, list[tuple[SimRequest, int]], list[SimRequest]]:
         p = self.params

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.blockhash import external, sha256_pickle
+from epp.blockhash import external
 
 
 @dataclass(slots=True)
@@ -180,14 +180,3 @@ class KVCache:
         items = self.events.items
         self.events = KVEvents()
         return items
-
-
-def digest_chain(parent: bytes, token_ids: list[int], block_size: int, start: int, extra: tuple[Any, ...] | None,
-                 known: list[bytes]) -> list[bytes]:
-    """Extend ``known`` (digests of the first blocks) to all full blocks of ``token_ids``."""
-    n_full = len(token_ids) // block_size
-    prev = known[-1] if known else parent
-    for i in range(max(start, len(known)), n_full):
-        prev = sha256_pickle((prev, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra))
-        known.append(prev)
-    return known

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -102,9 +103,7 @@ class EngineCollector(Collector):
             waiting = sorted({r.lora_name for r in e.waiting if r.lora_name})
             lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                      labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-            import time as _time
-
-            lora.add_metric([str(p.max_lora), ",".join(running), ",".join(waiting)], _time.time())
+            lora.add_metric([str(p.max_lora), ",".join(running), ",".join(waiting)], time.time())
             yield lora
 
 
