@@ -32,21 +32,42 @@ def external(digest: bytes) -> int:
     return int.from_bytes(digest[-8:], "big")
 
 
+def extra_keys(lora: tuple[str, str] | None, cache_salt: str | None, block_index: int) -> tuple[Any, ...] | None:
+    """vLLM's per-block extra keys: ("lora", name, path) for a LoRA request, then
+    ("cache_salt", salt) on the first block only; None when there are none."""
+    keys: list[Any] = []
+    if lora is not None:
+        keys.append(("lora", lora[0], lora[1]))
+    if cache_salt and block_index == 0:
+        keys.append(("cache_salt", cache_salt))
+    return tuple(keys) if keys else None
+
+
 def block_digests(
     token_ids: Sequence[int],
     block_size: int,
     parent: bytes,
-    extra_keys: tuple[Any, ...] | None = None,
+    lora: tuple[str, str] | None = None,
+    cache_salt: str | None = None,
     start_block: int = 0,
     max_blocks: int | None = None,
 ) -> list[bytes]:
-    """Chained digests of the full blocks of ``token_ids`` from ``start_block`` on."""
+    """Chained digests of the full blocks of ``token_ids`` from ``start_block`` on; ``lora`` is
+    (adapter name, adapter path) as the server loaded it."""
     n_full = len(token_ids) // block_size
     if max_blocks is not None:
         n_full = min(n_full, start_block + max_blocks)
     out: list[bytes] = []
     for i in range(start_block, n_full):
         chunk = tuple(token_ids[i * block_size : (i + 1) * block_size])
-        parent = sha256_pickle((parent, chunk, extra_keys))
+        parent = sha256_pickle((parent, chunk, extra_keys(lora, cache_salt, i)))
         out.append(parent)
     return out
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, seed: str | None = None,
+                 lora: tuple[str, str] | None = None, cache_salt: str | None = None,
+                 max_blocks: int | None = None) -> list[int]:
+    """The uint64 keys KV events publish for the full blocks of a prompt."""
+    digests = block_digests(token_ids, block_size, root_hash(seed), lora, cache_salt, max_blocks=max_blocks)
+    return [external(d) for d in digests]

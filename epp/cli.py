@@ -12,19 +12,13 @@ from typing import Any
 
 
 def parse_duration(text: str) -> float:
-    """'50ms', '2s', '1m', '1.5s' -> seconds."""
-    t = text.strip().lower()
-    units = (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
-    unit = next(((suffix, scale) for suffix, scale in units if t.endswith(suffix)), None)
-    if unit is None:
-        raise argparse.ArgumentTypeError(f"duration {text!r} needs a unit: ms, s or m (e.g. 50ms)")
+    """'50ms', '2s', '1m', '1.5s' -> seconds (an argparse type)."""
+    from epp.durations import parse_duration as parse
+
     try:
-        value = float(t[: -len(unit[0])]) * unit[1]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
-    return value
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_bool(text: str) -> bool:

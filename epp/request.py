@@ -43,6 +43,11 @@ class InferenceRequest:
     body_size: int = 0
     has_body: bool = False
     target_model: str = ""
+    body: dict[str, Any] | None = None  # the parsed JSON (read-only: the bytes are what is forwarded)
+
+    @property
+    def chat(self) -> bool:
+        return self.path.startswith("/v1/chat/completions")
 
 
 def _content_text(content: Any) -> str:
@@ -78,6 +83,7 @@ def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: byt
         raise RequestError(400, "missing 'model' in request body", param="model")
     req.model = model
     req.target_model = model
+    req.body = data
     req.stream = data.get("stream") is True
     messages = data.get("messages")
     if isinstance(messages, list):

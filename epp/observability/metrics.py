@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -55,6 +55,56 @@ class PoolCollector(Collector):
         cpu = CounterMetricFamily("epp_picker_cpu_seconds", "CPU time (user+system) used by the picker process.")
         cpu.add_metric([], ru.ru_utime + ru.ru_stime)
         yield cpu
+
+
+class PreciseCollector(Collector):
+    """The precise prefix scorer's closed loop and the KV-event subscribers, read at scrape time."""
+
+    def __init__(self, pool_name: str, scorers: Callable[[], list[Any]], kv_totals: Callable[[], Any]) -> None:
+        self.pool = pool_name
+        self.scorers = scorers
+        self.kv_totals = kv_totals
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["name", "plugin"]
+        precision = GaugeMetricFamily(
+            "epp_prefix_routing_precision",
+            "Agreement of predicted and reported cached prompt tokens over recent responses "
+            "(sum of min / sum of max; 1 = the precise index is exact).", labels=labels)
+        mode = GaugeMetricFamily("epp_prefix_routing_precise_active",
+                                 "1 while the precise index routes, 0 while fallen back to the approximate one.",
+                                 labels=labels)
+        predicted = CounterMetricFamily("epp_prefix_predicted_cached_tokens",
+                                        "Prompt tokens the precise index predicted cached on the chosen pod.",
+                                        labels=labels)
+        actual = CounterMetricFamily("epp_prefix_reported_cached_tokens",
+                                     "Prompt tokens the pods reported served from cache (usage.cached_tokens).",
+                                     labels=labels)
+        fallbacks = CounterMetricFamily("epp_prefix_routing_fallbacks", "Switches to the approximate index.",
+                                        labels=labels)
+        blocks = GaugeMetricFamily("epp_precise_index_blocks", "Blocks held by the precise index (all pods).",
+                                   labels=labels)
+        for sc in self.scorers():
+            lab = [self.pool, sc.name]
+            tracker = sc.tracker
+            p = tracker.precision
+            if p is not None:
+                precision.add_metric(lab, p)
+            mode.add_metric(lab, 1.0 if tracker.trusted and sc.tokenizer is not None else 0.0)
+            predicted.add_metric(lab, tracker.totals.predicted_tokens)
+            actual.add_metric(lab, tracker.totals.actual_tokens)
+            fallbacks.add_metric(lab, tracker.totals.fallbacks)
+            blocks.add_metric(lab, sc.index.size())
+        yield from (precision, mode, predicted, actual, fallbacks, blocks)
+        kv = self.kv_totals()
+        if kv is not None:
+            for name, help_text in (("batches", "KV event batches applied."), ("gaps", "Sequence gaps detected."),
+                                    ("replayed", "Batches refilled from a replay socket."),
+                                    ("lost", "Batches lost (the pod's blocks were cleared)."),
+                                    ("restarts", "Publisher restarts detected."), ("bad", "Undecodable batches.")):
+                fam = CounterMetricFamily(f"epp_kv_events_{name}", help_text, labels=["name"])
+                fam.add_metric([self.pool], getattr(kv, name))
+                yield fam
 
 
 class PickerMetrics:

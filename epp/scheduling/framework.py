@@ -37,6 +37,15 @@ class Scheduler:
     saturation: SaturationThresholds = field(default_factory=SaturationThresholds)
     plugin_timer: PluginTimer | None = None
     _cycles: int = 0
+    wants_usage: bool = field(init=False, default=False)
+    inject_usage: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        # Some plugin learns from each response's usage (the precise scorer's closed loop); and
+        # asks streams for usage when their client did not (epp strips it back out).
+        learners = [s for s, _ in self.profile.scorers if getattr(s, "wants_usage", False)]
+        self.wants_usage = bool(learners)
+        self.inject_usage = any(getattr(s, "inject_usage", False) for s in learners)
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
@@ -87,6 +96,13 @@ class Scheduler:
             rec = getattr(scorer, "record", None)
             if rec is not None:
                 rec(decision.primary, decision.cycle)
+
+    def observe(self, decision: Decision, cached_tokens: int) -> None:
+        """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""
+        for scorer, _ in self.profile.scorers:
+            obs = getattr(scorer, "observe", None)
+            if obs is not None:
+                obs(decision.primary, decision.cycle, cached_tokens)
 
     def forget(self, address: str) -> None:
         for scorer, _ in self.profile.scorers:

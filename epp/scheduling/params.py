@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from typing import Any
 
+from epp.durations import parse_duration
 from epp.scheduling.types import ConfigError
 
 
@@ -16,6 +18,10 @@ class Params:
             raise ConfigError(path, f"expected a mapping, got {type(raw).__name__}")
         self._raw = dict(raw or {})
         self._path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
 
     def int(self, key: str, default: int, minimum: int | None = None) -> int:
         v = self._raw.pop(key, default)
@@ -40,6 +46,45 @@ class Params:
         if not isinstance(v, bool):
             raise ConfigError(f"{self._path}.{key}", f"expected true or false, got {v!r}")
         return v
+
+    def text(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None) -> str | None:
+        v = self._raw.pop(key, default)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ConfigError(f"{self._path}.{key}", f"expected a string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{self._path}.{key}", f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def duration(self, key: builtins.str, default: builtins.float) -> builtins.float:
+        """A duration string ('500ms', '5s') or a number of seconds."""
+        v = self._raw.pop(key, default)
+        if isinstance(v, str):
+            try:
+                return parse_duration(v)
+            except ValueError as e:
+                raise ConfigError(f"{self._path}.{key}", str(e)) from None
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ConfigError(f"{self._path}.{key}", f"expected a positive duration like '5s', got {v!r}")
+        return float(v)
+
+    def section(self, key: builtins.str) -> Params | None:
+        """A nested mapping, read with the same strictness (None when absent)."""
+        v = self._raw.pop(key, None)
+        return None if v is None else Params(v, f"{self._path}.{key}")
+
+    def str_map(self, key: builtins.str) -> dict[builtins.str, builtins.str]:
+        """A mapping of strings to strings; a list of strings maps each to itself."""
+        v = self._raw.pop(key, None)
+        path = f"{self._path}.{key}"
+        if v is None:
+            return {}
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return {x: x for x in v}
+        if isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+            return dict(v)
+        raise ConfigError(path, "expected a mapping of strings (or a list of strings)")
 
     def done(self) -> None:
         if self._raw:

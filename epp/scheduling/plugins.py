@@ -11,6 +11,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.params import Params
+from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.types import CycleState
 
@@ -157,9 +158,9 @@ class SingleProfileHandler(_NoParams):
 
 PLUGIN_TYPES: Mapping[str, type[Any]] = MappingProxyType({
     cls.type_name: cls
-    for cls in (QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer, MaxScorePicker,
-                RandomPicker, WeightedRandomPicker, SingleProfileHandler)
+    for cls in (QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
+                PrecisePrefixCacheScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler)
 })
 SCORERS = frozenset({"queue-scorer", "kv-cache-utilization-scorer", "running-requests-size-scorer",
-                     "prefix-cache-scorer"})
+                     "prefix-cache-scorer", "precise-prefix-cache-scorer"})
 PICKERS = frozenset({"max-score-picker", "random-picker", "weighted-random-picker"})

@@ -109,3 +109,58 @@ class PreciseIndex:
 
     def size(self) -> int:
         return sum(len(b) for b in self._pods.values())
+
+
+class PendingBlocks:
+    """Blocks epp just sent to a pod, before the pod's events confirm them (hybrid mode).
+
+    A prefill takes a while before vLLM reports its blocks; without this, a burst of requests
+    sharing a new prefix would scatter. Entries expire after ``ttl`` seconds (by then the events
+    have confirmed or the pod has not cached them); at most ``max_blocks`` are kept."""
+
+    def __init__(self, ttl: float, max_blocks: int = 200_000) -> None:
+        self.ttl = ttl
+        self.max_blocks = max_blocks
+        self._at: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._holders: dict[int, set[str]] = {}
+
+    def record(self, pod: str, hashes: Iterable[int], now: float) -> None:
+        self.expire(now)
+        for h in hashes:
+            key = (pod, h)
+            if key in self._at:
+                self._at.move_to_end(key)
+            else:
+                self._holders.setdefault(h, set()).add(pod)
+            self._at[key] = now
+        while len(self._at) > self.max_blocks:
+            self._drop(*self._at.popitem(last=False)[0])
+
+    def expire(self, now: float) -> None:
+        at = self._at
+        limit = now - self.ttl
+        while at:
+            key, t = next(iter(at.items()))
+            if t > limit:
+                break
+            del at[key]
+            self._drop(*key)
+
+    def _drop(self, pod: str, h: int) -> None:
+        holders = self._holders.get(h)
+        if holders is not None:
+            holders.discard(pod)
+            if not holders:
+                del self._holders[h]
+
+    def forget(self, pod: str) -> None:
+        for key in [k for k in self._at if k[0] == pod]:
+            del self._at[key]
+            self._drop(*key)
+
+    def match_lengths(self, hashes: Sequence[int], now: float) -> dict[str, int]:
+        self.expire(now)
+        return leading_matches(hashes, self._holders.get)
+
+    def size(self) -> int:
+        return len(self._at)

@@ -18,7 +18,9 @@ from epp.config import PickerConfig, config_watcher
 from epp.datastore.sources import endpoints_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
-from epp.observability.metrics import PickerMetrics
+from epp.observability.metrics import PickerMetrics, PreciseCollector
+from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
+from epp.scheduling.prefix_index import PrefixIndex
 from epp.server import h2grpc
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
 from epp.server.extproc import ExtProcStream, GrpcioExtProc
@@ -26,6 +28,7 @@ from epp.server.extproc import h2_services as extproc_services
 from epp.server.pickapi import GrpcioPickAPI, PickAPI
 from epp.server.picking import PickService
 from epp.server.tls import load_cert_dir, self_signed
+from epp.signals.kvevents import KVEventManager
 from epp.signals.mappings import names_for
 from epp.signals.scraper import Scraper
 from epp.v1 import picker_pb2_grpc
@@ -79,6 +82,9 @@ class PickerServer:
             self.store, names_for(opts.engine), opts.refresh_metrics_interval, opts.scrape_timeout,
             on_error=lambda a, r: self.metrics.scrape_errors.labels(a, r).inc(),
             on_scrape=self.metrics.scrape_parse.observe)
+        self.kv_events = KVEventManager()
+        self._kv_kick = asyncio.Event()
+        self.metrics.registry.register(PreciseCollector(opts.pool_name, self._precise_scorers, self.kv_events.totals))
         self.health = HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -89,11 +95,28 @@ class PickerServer:
         self.h2: h2grpc.H2GrpcServer | None = None
 
     def _prefix_index_size(self) -> float:
-        return float(sum(s.index.size() for s, _ in self.picks.scheduler.profile.scorers if hasattr(s, "index")))
+        indexes = (getattr(s, "approx", None) or getattr(s, "index", None) for s, _ in self.picks.scheduler.profile.scorers)
+        return float(sum(i.size() for i in indexes if isinstance(i, PrefixIndex)))
+
+    def _precise_scorers(self) -> list[PrecisePrefixCacheScorer]:
+        return [s for s, _ in self.picks.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer)]
 
     def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
         for a in removed:
             self.picks.scheduler.forget(a)
+        self._kv_kick.set()
+
+    async def _kv_events_loop(self) -> None:
+        """Keep one KV-event subscriber per endpoint for the precise scorer (if the config has one)."""
+        while True:
+            await self._kv_kick.wait()
+            self._kv_kick.clear()
+            scorer = next((s for s in self._precise_scorers() if s.kv_events is not None), None)
+            try:
+                await self.kv_events.sync(scorer.kv_events if scorer else None, scorer.index if scorer else None,
+                                          set(self.store.addresses()))
+            except Exception:
+                log.exception("KV-event subscribers could not be updated")
 
     def apply_config(self, cfg: PickerConfig) -> None:
         """Swap in a new scheduler; in-flight requests keep the old one, new requests use the new."""
@@ -101,6 +124,7 @@ class PickerServer:
         scheduler.plugin_timer = self.metrics.plugin_timer
         self.picks.scheduler = scheduler
         self.metrics.config_reloads.inc()
+        self._kv_kick.set()
 
     async def start(self) -> None:
         o = self.opts
@@ -111,6 +135,8 @@ class PickerServer:
             self.endpoints_watcher.check()
             self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
         await self.scraper.start()
+        self._kv_kick.set()
+        self._tasks.append(asyncio.create_task(self._kv_events_loop()))
         if o.config_file:
             self.config_watcher = config_watcher(o.config_file, o.config, self.apply_config, o.config_poll_interval)
             self._tasks.append(asyncio.create_task(self.config_watcher.run()))
@@ -188,6 +214,7 @@ class PickerServer:
         for s in self._servers:
             await s.stop(grace)
         await self.scraper.stop()
+        await self.kv_events.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

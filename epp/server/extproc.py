@@ -33,6 +33,7 @@ from epp.request import GENERATION_PATHS, RequestError, headers_only, parse_body
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
+from epp.server.usage import UsageReader, inject_include_usage, wants_injection
 
 log = logging.getLogger("epp.extproc")
 
@@ -161,7 +162,7 @@ def _error_body(status: int, message: str) -> bytes:
 class ExtProcStream:
     """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order."""
 
-    __slots__ = ("_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "decision_headers",
+    __slots__ = ("_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "_usage", "decision_headers",
                  "pick")
 
     def __init__(self, picks: PickService, decision_headers: bool = False) -> None:
@@ -173,6 +174,7 @@ class ExtProcStream:
         self._headers: dict[str, str] = {}
         self._chunks: list[bytes] = []
         self._picked = False
+        self._usage: UsageReader | None = None
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
@@ -215,9 +217,17 @@ class ExtProcStream:
             if body.end_of_stream and self.pick is not None:
                 self.pick.finish()
             if self._resp_mode == FULL_DUPLEX:
-                if not body.body and body.end_of_stream:
-                    return [EMPTY_RESPONSE_EOS]
-                return [_streamed("response", body.body, body.end_of_stream)]
+                reader = self._usage
+                if reader is None:
+                    if not body.body and body.end_of_stream:
+                        return [EMPTY_RESPONSE_EOS]
+                    return [_streamed("response", body.body, body.end_of_stream)]
+                data = reader.feed(body.body, body.end_of_stream)
+                if body.end_of_stream:
+                    if reader.cached_tokens is not None and self.pick is not None:
+                        self.pick.observe_usage(reader.cached_tokens)
+                    return [_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS]
+                return [_streamed("response", data, False)] if data else []
             return [CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
             if self.pick is not None:
@@ -261,7 +271,12 @@ class ExtProcStream:
 
     def _pick_buffered(self, body: bytes) -> bytes:
         """Pick; the answer is the BodyResponse (BUFFERED mode)."""
-        return self._decide(body) or self._pick_response("request_body")
+        refused = self._decide(body)
+        if refused is not None:
+            return refused
+        if self._resp_mode == FULL_DUPLEX and self.pick is not None and self.pick.scheduler.wants_usage:
+            self._usage = UsageReader(strip=False)  # the body is not rewritten in this mode
+        return self._pick_response("request_body")
 
     def _pick_response(self, phase: str) -> bytes:
         assert self.pick is not None
@@ -279,8 +294,14 @@ class ExtProcStream:
         self._chunks = []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         first = self._pick_in_headers(body)
-        if self.pick is None:
+        pick = self.pick
+        if pick is None:
             return [first]  # ImmediateResponse
+        if self._resp_mode == FULL_DUPLEX and pick.scheduler.wants_usage:
+            inject = pick.scheduler.inject_usage and wants_injection(pick.request)
+            self._usage = UsageReader(strip=inject)
+            if inject and pick.request.body is not None:
+                body = inject_include_usage(pick.request.body)
         n = len(body)
         if n == 0:
             return [first, EMPTY_REQUEST_EOS] if eos else [first]

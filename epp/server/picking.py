@@ -20,11 +20,16 @@ class Pick:
     request: InferenceRequest
     started: float
     service: PickService
+    scheduler: Scheduler  # the one that decided (a config reload may have replaced it since)
     done: bool = False
 
     @property
     def header_value(self) -> str:
         return ",".join(self.decision.endpoints)
+
+    def observe_usage(self, cached_tokens: int) -> None:
+        """The response reported how many prompt tokens the pod served from its cache."""
+        self.scheduler.observe(self.decision, cached_tokens)
 
     def finish(self) -> None:
         if not self.done:
@@ -45,13 +50,14 @@ class PickService:
         m = self.metrics
         m.child(m.requests, request.model, request.target_model).inc()
         t0 = time.perf_counter()
-        decision = self.scheduler.schedule(request, self.store.snapshot())
-        self.scheduler.record(decision)
+        scheduler = self.scheduler
+        decision = scheduler.schedule(request, self.store.snapshot())
+        scheduler.record(decision)
         self.store.acquire(decision.primary)
         t1 = time.perf_counter()
         m.scheduler_e2e.observe(t1 - t0)
         m.child(m.picks, decision.primary).inc()
-        return Pick(decision, request, t1, self)
+        return Pick(decision, request, t1, self, scheduler)
 
     def refused(self, request: InferenceRequest, status: int) -> None:
         m = self.metrics

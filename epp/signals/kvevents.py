@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -42,7 +42,8 @@ def publisher_binds(endpoint: str) -> bool:
 
 def connect_address(endpoint: str, pod_host: str) -> str:
     """Where to connect for a publisher that binds ``endpoint`` on the pod ``pod_host``."""
-    return re.sub(r"^tcp://(\*|\[::\]|::)", f"tcp://{pod_host}", endpoint)
+    host = f"[{pod_host}]" if ":" in pod_host else pod_host
+    return re.sub(r"^tcp://(\*|\[::\]|::)", f"tcp://{host}", endpoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,14 @@ class SubscriberStats:
     restarts: int = 0
     bad: int = 0
     last_seq: int | None = None
-    log: list[str] = field(default_factory=list)
+
+    def add(self, other: SubscriberStats) -> None:
+        """Add another subscriber's counters to these."""
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+COUNTERS = ("batches", "events", "gaps", "replayed", "lost", "restarts", "bad")
 
 
 def decode_batch(payload: bytes) -> list[dict[str, Any]]:
@@ -206,3 +214,79 @@ class KVEventSubscriber:
         for seq in sorted(got):
             self._apply(seq, got[seq])
             self.stats.replayed += 1
+
+
+_PLACEHOLDER = re.compile(r"\{(ip|port)([+-]\d+)?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventsSpec:
+    """How a pool's pods publish KV events: endpoint templates with ``{ip}``, ``{port}`` and
+    ``{port+N}`` (the pod's HTTP address), as each pod's ``--kv-events-config`` says."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+
+    def source_for(self, pod: str) -> KVEventSource:
+        host, _, port = pod.rpartition(":")
+        host = host if host.startswith("[") or ":" not in host else f"[{host}]"  # ZMQ wants [v6]:port
+
+        def fill(template: str) -> str:
+            def sub(m: re.Match[str]) -> str:
+                if m.group(1) == "ip":
+                    return host
+                return str(int(port) + int(m.group(2) or 0))
+            return _PLACEHOLDER.sub(sub, template)
+
+        replay = fill(self.replay_endpoint) if self.replay_endpoint else None
+        return KVEventSource(pod, fill(self.endpoint), replay, self.topic)
+
+
+class KVEventManager:
+    """One subscriber per pod of the pool, kept in step with the datastore's endpoints."""
+
+    def __init__(self, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.ctx = ctx or zmq.asyncio.Context()
+        self._own_ctx = ctx is None
+        self.spec: KVEventsSpec | None = None
+        self.index: PreciseIndex | None = None
+        self.subscribers: dict[str, KVEventSubscriber] = {}
+        self.retired = SubscriberStats()  # totals of subscribers that were stopped
+
+    async def sync(self, spec: KVEventsSpec | None, index: PreciseIndex | None, pods: set[str]) -> None:
+        """Subscribe to ``pods`` for ``index`` (stop everything when spec or index is None)."""
+        if spec != self.spec or index is not self.index:
+            for pod in list(self.subscribers):
+                await self._stop(pod)
+            self.spec, self.index = spec, index
+        if spec is None or index is None:
+            return
+        for pod in set(self.subscribers) - pods:
+            await self._stop(pod)
+            index.clear(pod)
+        for pod in sorted(pods - set(self.subscribers)):
+            sub = KVEventSubscriber(spec.source_for(pod), index, self.ctx)
+            try:
+                await sub.start()
+            except zmq.ZMQError as e:
+                log.warning("cannot subscribe to KV events of %s at %s: %s", pod, sub.address, e)
+                continue
+            self.subscribers[pod] = sub
+
+    async def _stop(self, pod: str) -> None:
+        sub = self.subscribers.pop(pod)
+        await sub.stop()
+        self.retired.add(sub.stats)
+
+    def totals(self) -> SubscriberStats:
+        t = SubscriberStats()
+        t.add(self.retired)
+        for sub in self.subscribers.values():
+            t.add(sub.stats)
+        return t
+
+    async def close(self) -> None:
+        await self.sync(None, None, set())
+        if self._own_ctx:
+            self.ctx.term()

@@ -40,6 +40,7 @@ class SimRequest:
     max_tokens: int
     stop_after: int
     lora_name: str | None = None
+    cache_salt: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
@@ -117,7 +118,7 @@ class Engine:
 
     # -- API -----------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], max_tokens: int, min_tokens: int = 0, ignore_eos: bool = False,
-               lora_name: str | None = None) -> SimRequest:
+               lora_name: str | None = None, cache_salt: str | None = None) -> SimRequest:
         """Queue a request; its tokens arrive on ``request.queue`` (None marks the end)."""
         if ignore_eos:
             stop_after = max_tokens
@@ -126,7 +127,7 @@ class Engine:
             h = zlib.crc32(repr((self.seed, prompt_ids[-64:], len(prompt_ids))).encode())
             low = max(1, min(min_tokens, max_tokens))
             stop_after = low + h % (max_tokens - low + 1)
-        req = SimRequest(f"{next(self._ids)}", prompt_ids, max_tokens, stop_after, lora_name)
+        req = SimRequest(f"{next(self._ids)}", prompt_ids, max_tokens, stop_after, lora_name, cache_salt)
         self.waiting.append(req)
         self._wake.set()
         return req
@@ -173,10 +174,11 @@ class Engine:
             self._finish(r, "abort")
 
     def _digests(self, req: SimRequest) -> list[bytes]:
-        extra = (req.lora_name,) if req.lora_name else None
+        lora = (req.lora_name, req.lora_name) if req.lora_name else None  # a sim adapter's path is its name
         known = req.digests  # digests of the blocks hashed so far; extend with newly full ones
         parent = known[-1] if known else self.root
-        known.extend(block_digests(req.all_ids, self.params.block_size, parent, extra, start_block=len(known)))
+        known.extend(block_digests(req.all_ids, self.params.block_size, parent, lora, req.cache_salt,
+                                   start_block=len(known)))
         return known
 
     def _schedule(self) -> tuple[float, list[tuple[SimRequest, int]], list[SimRequest]]:

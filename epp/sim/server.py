@@ -33,6 +33,7 @@ from epp.sim.kvevents import KVEventPublisher, KVEventsConfig
 from epp.sim.metrics import PINNABLE, EngineMetrics
 from epp.sim.profiles import EngineParams
 from epp.sim.tokenizer import render_chat
+from epp.tokenization import prompt_token_ids
 
 log = logging.getLogger("epp.sim")
 
@@ -189,25 +190,10 @@ class SimServer:
         return data
 
     def _prompt_ids(self, data: dict[str, Any], chat: bool) -> list[int] | web.Response:
-        tok = self.engine.tokenizer
-        if chat:
-            messages = data.get("messages")
-            if not isinstance(messages, list) or not messages:
-                return error_response(400, "'messages' must be a non-empty list", "BadRequestError", "messages")
-            return tok.encode(render_chat(messages))
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            return tok.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        if isinstance(prompt, list) and len(prompt) == 1:
-            one = prompt[0]
-            if isinstance(one, str):
-                return tok.encode(one)
-            if isinstance(one, list) and all(isinstance(t, int) for t in one):
-                return list(one)
-        return error_response(400, "'prompt' must be a string or a list of token ids (one prompt)",
-                              "BadRequestError", "prompt")
+        ids = prompt_token_ids(data, chat, self.engine.tokenizer.encode, render_chat)
+        if isinstance(ids, str):
+            return error_response(400, ids, "BadRequestError", "messages" if chat else "prompt")
+        return ids
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
@@ -235,10 +221,11 @@ class SimServer:
                 "BadRequestError")
         model = data.get("model") or p.names()[0]
         lora = model if model in p.lora_adapters else None
+        salt = data.get("cache_salt")
         if self.extra_latency_s:
             await asyncio.sleep(self.extra_latency_s)
         req = self.engine.submit(prompt_ids, max_tokens, int(data.get("min_tokens") or 0),
-                                 bool(data.get("ignore_eos")), lora)
+                                 bool(data.get("ignore_eos")), lora, salt if isinstance(salt, str) else None)
         created = int(time.time())
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:

@@ -32,5 +32,16 @@ def test_chain_depends_on_every_earlier_block() -> None:
 
 def test_extra_keys_and_seed_change_hashes() -> None:
     base = block_digests(list(range(16)), 16, root_hash())
-    assert block_digests(list(range(16)), 16, root_hash(), extra_keys=("lora-a",)) != base
+    assert block_digests(list(range(16)), 16, root_hash(), lora=("lora-a", "/adapters/a")) != base
     assert block_digests(list(range(16)), 16, root_hash("1234")) != base
+
+
+def test_cache_salt_keys_only_the_first_block() -> None:
+    from epp.blockhash import extra_keys
+
+    assert extra_keys(None, "s1", 0) == (("cache_salt", "s1"),)
+    assert extra_keys(None, "s1", 1) is None
+    assert extra_keys(("a", "/p"), "s1", 1) == (("lora", "a", "/p"),)
+    salted = block_digests(list(range(32)), 16, root_hash(), cache_salt="s1")
+    plain = block_digests(list(range(32)), 16, root_hash())
+    assert salted[0] != plain[0]

@@ -1,0 +1,170 @@
+"""``precise-prefix-cache-scorer``: prefix affinity from what the pods report they cached.
+
+Per request: token ids from the model's tokenizer (epp.tokenization), vLLM's block keys
+(epp.blockhash: chained sha256, LoRA and cache_salt extra keys, the pods' hash seed), then the
+longest run of leading blocks each pod holds in the precise index (fed by KV events), divided by
+the prompt's full blocks. In ``hybrid`` mode (the default) blocks epp sent to a pod in the last
+``pendingTtl`` count too, so a burst sharing a new prefix is not scattered before the pod's
+events arrive. The closed loop compares the tokens predicted cached on the chosen pod with the
+``cached_tokens`` the response reports (epp.scheduling.precision); while the index is not
+trusted, or for a request the tokenizer cannot reproduce, the approximate index scores instead.
+Both indexes learn every pick, so switching loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from epp.blockhash import block_hashes
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.params import Params
+from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
+from epp.scheduling.precision import PrecisionTracker
+from epp.scheduling.prefix_index import PrefixIndex
+from epp.scheduling.types import ConfigError, CycleState
+from epp.signals.kvevents import KVEventsSpec
+from epp.tokenization import PromptTokenizer, TokenizerError, load_tokenizer
+
+log = logging.getLogger("epp.precise")
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(slots=True)
+class PreciseCycle:
+    """What one scoring pass learnt about a request (for the pick and the closed loop)."""
+
+    now: float
+    approx_hashes: list[int]
+    hashes: list[int] | None = None  # None: the request could not be tokenized
+    block_size: int = 0
+    predicted: dict[str, int] = field(default_factory=dict)  # pod -> tokens the index says are cached
+    unconfirmed: set[str] = field(default_factory=set)  # pods whose pending match exceeds the index's
+    used: str = "approximate"
+
+
+class PrecisePrefixCacheScorer:
+    type_name: ClassVar[str] = "precise-prefix-cache-scorer"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        spec = params.text("tokenizer")
+        try:
+            self.tokenizer: PromptTokenizer | None = load_tokenizer(spec) if spec else None
+        except TokenizerError as e:
+            raise ConfigError(f"{params.path}.tokenizer", str(e)) from None
+        self.block_size = params.int("blockSize", 0, minimum=0)
+        self.hash_seed = params.text("hashSeed")
+        self.lora_paths = params.str_map("loraAdapters")
+        self.mode = params.text("mode", "hybrid", choices=("hybrid", "precise"))
+        self.max_blocks = params.int("maxBlocksToMatch", 1024, minimum=1)
+        self.index = PreciseIndex(params.int("maxBlocksPerPod", 500_000, minimum=1))
+        self.pending = PendingBlocks(params.duration("pendingTtl", 10.0))
+        kv = params.section("kvEvents")
+        self.kv_events: KVEventsSpec | None = None
+        if kv is not None:
+            endpoint = kv.text("endpoint")
+            if not endpoint:
+                raise ConfigError(f"{params.path}.kvEvents.endpoint", "required (e.g. tcp://{ip}:5557)")
+            self.kv_events = KVEventsSpec(endpoint, kv.text("replayEndpoint"), kv.text("topic", "") or "")
+            kv.done()
+        fb = params.section("fallback")
+        if fb is not None:
+            self.tracker = PrecisionTracker(
+                window=fb.int("window", 64, minimum=1), min_samples=fb.int("minSamples", 16, minimum=1),
+                min_precision=fb.float("minPrecision", 0.5, minimum=0.0, maximum=1.0),
+                recover_precision=fb.float("recoverPrecision", 0.7, minimum=0.0, maximum=1.0))
+            fb.done()
+        else:
+            self.tracker = PrecisionTracker()
+        self.inject_usage = params.bool("injectUsage", True)
+        self.approx = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1),
+                                  params.int("maxPrefixBlocksToMatch", 256, minimum=1),
+                                  params.int("lruCapacityPerServer", 31250, minimum=1))
+        params.done()
+        if self.tokenizer is None:
+            log.warning("%s: no tokenizer configured: routing on the approximate index", name)
+
+    @property
+    def wants_usage(self) -> bool:
+        """The closed loop needs each response's cached_tokens."""
+        return self.tokenizer is not None
+
+    def _block_size(self, candidates: list[EndpointState]) -> int:
+        if self.block_size:
+            return self.block_size
+        for c in candidates:
+            if c.signals is not None and c.signals.block_size:
+                return c.signals.block_size
+        return DEFAULT_BLOCK_SIZE
+
+    def _precise_hashes(self, request: InferenceRequest, block_size: int) -> tuple[list[int], int] | None:
+        if self.tokenizer is None or request.body is None:
+            return None
+        model = request.target_model or request.model
+        lora = (model, self.lora_paths[model]) if model in self.lora_paths else None
+        salt = request.body.get("cache_salt")
+        ids = self.tokenizer.token_ids(request.body, request.chat)
+        if ids is None:
+            return None
+        hashes = block_hashes(ids, block_size, self.hash_seed, lora, salt if isinstance(salt, str) else None,
+                              self.max_blocks)
+        return hashes, len(ids)
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        approx = self.approx.hashes(request.model, request.prompt) if request.prompt else []
+        st = PreciseCycle(snapshot.now, approx)
+        cycle.data[self.name] = st
+        bs = self._block_size(candidates)
+        found = self._precise_hashes(request, bs)
+        if found is not None:
+            hashes, n_tokens = found
+            st.hashes, st.block_size = hashes, bs
+            held = self.index.match_lengths(hashes) if hashes else {}
+            cacheable = max(0, (n_tokens - 1) // bs) * bs  # the server recomputes at least the last token
+            st.predicted = {pod: min(blocks * bs, cacheable) for pod, blocks in held.items()}
+            matched = held
+            if self.mode == "hybrid" and hashes:
+                sent = self.pending.match_lengths(hashes, snapshot.now)
+                for pod, blocks in sent.items():
+                    if blocks > held.get(pod, 0):
+                        st.unconfirmed.add(pod)
+                matched = {pod: max(held.get(pod, 0), sent.get(pod, 0)) for pod in held.keys() | sent.keys()}
+            if self.tracker.trusted:
+                st.used = "precise"
+                total = len(hashes)
+                if not total:
+                    return [0.0] * len(candidates)
+                return [matched.get(c.address, 0) / total for c in candidates]
+        if not approx:
+            return [0.0] * len(candidates)
+        matches = self.approx.match_lengths(approx)
+        return [matches.get(c.address, 0) / len(approx) for c in candidates]
+
+    def record(self, address: str, cycle: CycleState) -> None:
+        st = cycle.data.get(self.name)
+        if not isinstance(st, PreciseCycle):
+            return
+        if st.approx_hashes:
+            self.approx.record(address, st.approx_hashes)
+        if st.hashes and self.mode == "hybrid":
+            self.pending.record(address, st.hashes, st.now)
+
+    def observe(self, address: str, cycle: CycleState, cached_tokens: int) -> None:
+        """The response of a request routed to ``address`` reported ``cached_tokens``."""
+        st = cycle.data.get(self.name)
+        if not isinstance(st, PreciseCycle) or st.hashes is None or address in st.unconfirmed:
+            return  # not tokenizable, or a prediction the pod could not have confirmed yet
+        change = self.tracker.add(st.predicted.get(address, 0), cached_tokens)
+        if change:
+            log.warning("%s: %s", self.name, change)
+
+    def forget(self, address: str) -> None:
+        self.approx.forget(address)
+        self.index.clear(address)
+        self.pending.forget(address)
