@@ -95,7 +95,8 @@ class PickerServer:
         self.h2: h2grpc.H2GrpcServer | None = None
 
     def _prefix_index_size(self) -> float:
-        indexes = (getattr(s, "approx", None) or getattr(s, "index", None) for s, _ in self.picks.scheduler.profile.scorers)
+        scorers = self.picks.scheduler.profile.scorers
+        indexes = (getattr(s, "approx", None) or getattr(s, "index", None) for s, _ in scorers)
         return float(sum(i.size() for i in indexes if isinstance(i, PrefixIndex)))
 
     def _precise_scorers(self) -> list[PrecisePrefixCacheScorer]:

@@ -17,7 +17,7 @@ from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
 from epp.request import parse_body
 from epp.scheduling.params import Params
-from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
+from epp.scheduling.precise_index import PendingBlocks
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.precision import PrecisionTracker
 from epp.scheduling.types import ConfigError, CycleState
@@ -239,7 +239,7 @@ def test_hf_tokenizer_renders_the_chat_template_like_the_server(tmp_path: Path) 
 
 
 def test_hf_tokenizer_errors(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
         HFPromptTokenizer(str(tmp_path))
     (tmp_path / "t").mkdir()
     with pytest.raises(TokenizerError, match="does not compile"):
