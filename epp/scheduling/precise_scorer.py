@@ -43,7 +43,7 @@ class PreciseCycle:
     hashes: list[int] | None = None  # None: the request could not be tokenized
     block_size: int = 0
     predicted: dict[str, int] = field(default_factory=dict)  # pod -> tokens the index says are cached
-    unconfirmed: set[str] = field(default_factory=set)  # pods whose pending match exceeds the index's
+    unconfirmed: dict[str, int] = field(default_factory=dict)  # pod -> pending blocks beyond the index's
     used: str = "approximate"
 
 
@@ -133,7 +133,7 @@ class PrecisePrefixCacheScorer:
                 sent = self.pending.match_lengths(hashes, snapshot.now)
                 for pod, blocks in sent.items():
                     if blocks > held.get(pod, 0):
-                        st.unconfirmed.add(pod)
+                        st.unconfirmed[pod] = blocks
                 matched = {pod: max(held.get(pod, 0), sent.get(pod, 0)) for pod in held.keys() | sent.keys()}
             if self.tracker.trusted:
                 st.used = "precise"
@@ -158,8 +158,12 @@ class PrecisePrefixCacheScorer:
     def observe(self, address: str, cycle: CycleState, cached_tokens: int) -> None:
         """The response of a request routed to ``address`` reported ``cached_tokens``."""
         st = cycle.data.get(self.name)
-        if not isinstance(st, PreciseCycle) or st.hashes is None or address in st.unconfirmed:
-            return  # not tokenizable, or a prediction the pod could not have confirmed yet
+        if not isinstance(st, PreciseCycle) or st.hashes is None:
+            return
+        sent = st.unconfirmed.get(address)
+        if sent is not None and self.index.match_lengths(st.hashes[:sent]).get(address, 0) >= sent:
+            # Blocks epp had just sent there, reported since: the index was behind, not wrong.
+            return
         change = self.tracker.add(st.predicted.get(address, 0), cached_tokens)
         if change:
             log.warning("%s: %s", self.name, change)

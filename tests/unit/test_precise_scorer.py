@@ -108,7 +108,7 @@ def test_hybrid_counts_recent_picks_until_they_expire() -> None:
     sc.record("b:1", cycle)
     scores, cycle = score(sc, body, eps, now=101.0)
     assert scores == [0.0, 1.0]
-    assert cycle.data["precise"].unconfirmed == {"b:1"}
+    assert cycle.data["precise"].unconfirmed == {"b:1": len(keys_of(body))}
     assert score(sc, body, eps, now=103.5)[0] == [0.0, 0.0]
     precise_only = scorer(mode="precise")
     _, cycle = score(precise_only, body, eps, now=100.0)
@@ -138,16 +138,24 @@ def test_closed_loop_falls_back_to_the_approximate_index_and_recovers() -> None:
     assert sc.tracker.totals.fallbacks == 1 and sc.tracker.totals.recoveries == 1
 
 
-def test_unconfirmed_predictions_are_not_evidence() -> None:
+def test_pending_predictions_count_only_when_the_pod_never_reports_them() -> None:
     sc = scorer()
     eps = endpoints("a:1")
     body = chat("burst")
     _, c = score(sc, body, eps)
     sc.record("a:1", c)
     _, c2 = score(sc, body, eps)
+    sc.index.stored("a:1", keys_of(body))  # the events arrive after the second request was scored
     for _ in range(40):
         sc.observe("a:1", c2, 500)
-    assert sc.tracker.totals.samples == 0
+    assert sc.tracker.totals.samples == 0  # the index was behind, not wrong
+    other = scorer()
+    _, c = score(other, body, eps)
+    other.record("a:1", c)
+    _, c2 = score(other, body, eps)
+    for _ in range(20):  # never reported (e.g. a hash mismatch): evidence against the index
+        other.observe("a:1", c2, 500)
+    assert other.tracker.totals.samples == 20 and not other.tracker.trusted
 
 
 def test_untokenizable_requests_and_no_tokenizer_use_the_approximate_index() -> None:

@@ -1,0 +1,156 @@
+"""Precise prefix routing through a real Envoy: KV events from the simulated fleet, the closed loop
+on cached_tokens, the injected usage event stripped from client streams, and the fallback."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
+from epp.sim.kvevents import KVEventsConfig
+from epp.stack.local import Stack, in_process_stack, wait_until
+
+from .conftest import post
+
+SYSTEM = "You are the helpful assistant of a bookshop; answer in one sentence and cite the shelf. " * 8
+
+
+def config(kv_dir: str, extra: str = "") -> str:
+    return f"""\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenizer: sim
+    kvEvents:
+      endpoint: ipc://{kv_dir}/kv-{{port}}.sock
+      replayEndpoint: ipc://{kv_dir}/replay-{{port}}.sock
+{extra}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"""
+
+
+def kv_config(kv_dir: str) -> KVEventsConfig:
+    return KVEventsConfig(True, "zmq", f"ipc://{kv_dir}/kv-{{port}}.sock", f"ipc://{kv_dir}/replay-{{port}}.sock")
+
+
+def chat(question: str, **extra: object) -> bytes:
+    return orjson.dumps({"model": "sim-model", "max_tokens": 3, "ignore_eos": True,
+                         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+                         **extra})
+
+
+def precise(stack: Stack) -> PrecisePrefixCacheScorer:
+    assert stack.picker is not None
+    return next(s for s, _ in stack.picker.picks.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer))
+
+
+async def subscribed(stack: Stack) -> None:
+    assert stack.picker is not None
+    picker = stack.picker
+
+    async def ready() -> bool:
+        return len(picker.kv_events.subscribers) == len(stack.addresses)
+
+    await wait_until(ready, 5, "a KV-event subscriber per pod")
+
+
+async def test_routes_to_the_blocks_a_pod_reports_even_for_traffic_epp_did_not_route() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        async with in_process_stack(servers=3, kv_events=kv_config(d), config_text=config(d)) as stack, \
+                aiohttp.ClientSession() as s:
+            await subscribed(stack)
+            sc = precise(stack)
+            warm = stack.addresses[1]
+            # Another client talks to the pod directly: epp never saw this prompt.
+            status, _, _ = await post(s, f"http://{warm}/v1/chat/completions", chat("first question"),
+                                      headers={"content-type": "application/json"})
+            assert status == 200
+
+            async def reported() -> bool:
+                return sc.index.blocks_of(warm) > 0
+
+            await wait_until(reported, 5, "the pod's KV events")
+            seen = Counter()
+            for i in range(6):
+                status, headers, _ = await post(s, f"{stack.url}/v1/chat/completions", chat(f"question {i}"))
+                assert status == 200
+                seen[headers["x-sim-server"]] += 1
+            assert seen == {warm: 6}
+            # The pod drops its cache: the index follows (AllBlocksCleared).
+            async with s.post(f"http://{warm}/reset_prefix_cache") as r:
+                assert r.status == 200
+
+            async def cleared() -> bool:
+                return sc.index.blocks_of(warm) == 0
+
+            await wait_until(cleared, 5, "the index to drop the reset pod's blocks")
+
+
+async def test_closed_loop_measures_precision_and_clients_get_the_stream_they_asked_for() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        async with in_process_stack(servers=2, kv_events=kv_config(d), config_text=config(d)) as stack, \
+                aiohttp.ClientSession() as s:
+            await subscribed(stack)
+            sc = precise(stack)
+            for i in range(8):
+                body = chat(f"streamed {i}", stream=True)
+                status, _, data = await post(s, f"{stack.url}/v1/chat/completions", body)
+                assert status == 200
+                assert b'"usage"' not in data and data.endswith(b"data: [DONE]\n\n")  # what the client asked for
+                asked = chat(f"with usage {i}", stream=True, stream_options={"include_usage": True})
+                status, _, data = await post(s, f"{stack.url}/v1/chat/completions", asked)
+                assert status == 200 and b'"cached_tokens"' in data  # usage the client asked for stays
+                status, _, data = await post(s, f"{stack.url}/v1/chat/completions", chat(f"plain {i}"))
+                assert status == 200 and orjson.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            totals = sc.tracker.totals
+            assert totals.samples >= 20 and totals.actual_tokens > 0
+            assert sc.tracker.precision is not None and sc.tracker.precision > 0.9 and sc.tracker.trusted
+            assert stack.picker is not None
+            async with s.get(f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics") as r:
+                text = await r.text()
+            assert 'epp_prefix_routing_precise_active{name="default",plugin="precise-prefix-cache-scorer"} 1.0' in text
+            assert "epp_prefix_routing_precision{" in text and "epp_kv_events_batches_total" in text
+
+
+async def test_a_hash_mismatch_is_detected_and_routing_falls_back() -> None:
+    wrong_seed = "    hashSeed: '12345'\n    fallback: {minSamples: 4, window: 8}"
+    with tempfile.TemporaryDirectory() as d:
+        async with in_process_stack(servers=2, kv_events=kv_config(d), config_text=config(d, wrong_seed)) as stack, \
+                aiohttp.ClientSession() as s:
+            await subscribed(stack)
+            sc = precise(stack)
+            for i in range(8):
+                status, _, _ = await post(s, f"{stack.url}/v1/chat/completions", chat(f"q {i}"))
+                assert status == 200
+            assert not sc.tracker.trusted and sc.tracker.totals.fallbacks == 1
+            assert sc.tracker.precision is not None and sc.tracker.precision < 0.5
+            # Routing continues on the approximate index: same prefix, same pod.
+            seen = Counter()
+            for i in range(4):
+                _, headers, _ = await post(s, f"{stack.url}/v1/chat/completions", chat(f"again {i}"))
+                seen[headers["x-sim-server"]] += 1
+            assert len(seen) == 1
+
+
+def test_config_template_renders() -> None:
+    from epp.config import parse_config
+
+    parse_config(config(str(Path("/tmp/x"))), "test")
