@@ -168,6 +168,18 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sm.add_argument("--groups", type=int, default=120)
     sm.add_argument("--prefix-tokens", type=int, default=8000)
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
+    pr = bsub.add_parser("precise", help="approximate vs precise prefix routing under churn (sim fleet)")
+    pr.add_argument("--out", default="results/precise")
+    pr.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    pr.add_argument("--servers", type=int, default=4)
+    pr.add_argument("--load", type=float, default=0.9, help="fraction of round-robin capacity")
+    pr.add_argument("--requests", type=int, default=800)
+    pr.add_argument("--capacity-seconds", type=float, default=15.0)
+    pr.add_argument("--groups", type=int, default=120)
+    pr.add_argument("--prefix-tokens", type=int, default=8000)
+    pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
+    pr.add_argument("--restart-every", type=float, default=6.0, help="seconds between pod restarts (0: none)")
+    pr.add_argument("--down-for", type=float, default=0.5, help="seconds a restarting pod is down")
     p.add_argument("--log-level", default="warning")
 
 
@@ -210,6 +222,17 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing_effect(out, preset=args.profile, servers=args.servers, load=args.load,
                                   requests=args.requests, capacity_seconds=args.capacity_seconds, wl=wl))
         print((out / "sim-routing.md").read_text())
+        return 0
+    if args.bench_command == "precise":
+        from epp.bench.precisebench import Churn, bench_precise
+        from epp.bench.simbench import Workload
+
+        out = Path(args.out)
+        _run(bench_precise(out, preset=args.profile, servers=args.servers, load=args.load, requests=args.requests,
+                           capacity_seconds=args.capacity_seconds,
+                           wl=Workload(groups=args.groups, prefix_tokens=args.prefix_tokens),
+                           churn=Churn(args.side_fraction, args.restart_every, args.down_for)))
+        print((out / "precise.md").read_text())
         return 0
     return 2
 

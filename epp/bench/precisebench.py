@@ -1,0 +1,255 @@
+"""`epp bench precise`: approximate vs precise prefix routing under churn, in one run.
+
+One seeded trace of shared-prefix chat requests (simbench.Workload) is replayed against a fresh
+simulated fleet (h100 preset by default, KV events on) for each routing:
+- round robin (baseline);
+- epp, default profile (approximate prefix-cache-scorer);
+- epp, precise-prefix-cache-scorer fed by the fleet's KV events, with the closed loop.
+Churn is the same for each: every ``restart_every`` seconds one pod crashes and comes back empty
+``down_for`` seconds later, and ``side_fraction`` of the requests go straight to a random pod
+(traffic epp did not route: it fills and evicts caches behind epp's back). epp runs in this
+process (PickerServer: scraper, KV-event subscribers, scheduler, closed loop); requests skip
+Envoy, which does not change where they go. TTFT is measured by the client on streams (time to
+the first content chunk) for the requests the router placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from epp.bench.simbench import Workload, _capacity, _pct
+from epp.config import load_config, parse_config
+from epp.request import parse_body
+from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
+from epp.scheduling.types import SchedulingError
+from epp.server.app import PickerServer, ServeOptions
+from epp.server.usage import UsageReader
+from epp.sim.fleet import Fleet
+from epp.sim.kvevents import KVEventsConfig
+from epp.sim.profiles import EngineParams, profile
+from epp.stack.local import free_ports, wait_until
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+_TEXT = re.compile(rb'"content":\s*"[^"]')  # the first chunk with generated text (not the role chunk)
+
+PRECISE_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenizer: sim
+    kvEvents:
+      endpoint: ipc://{kv_dir}/kv-{{port}}.sock
+      replayEndpoint: ipc://{kv_dir}/replay-{{port}}.sock
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"""
+
+
+@dataclass
+class Churn:
+    side_fraction: float = 0.3
+    restart_every: float = 6.0
+    down_for: float = 0.5
+
+
+@dataclass
+class _Result:
+    ttft: float | None
+    status: int
+    cached: int
+    side: bool
+
+
+async def _stream(s: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, float | None, int]:
+    """POST a stream; (status, seconds to the first content chunk, cached tokens)."""
+    t0 = time.monotonic()
+    ttft = None
+    reader = UsageReader(strip=False)
+    try:
+        async with s.post(url, data=body, headers={"content-type": "application/json"}) as r:
+            if r.status != 200:
+                await r.read()
+                return r.status, None, 0
+            async for chunk in r.content.iter_any():
+                if ttft is None and _TEXT.search(chunk):
+                    ttft = time.monotonic() - t0
+                reader.feed(chunk, False)
+            reader.feed(b"", True)
+    except (TimeoutError, aiohttp.ClientError):
+        return 599, None, 0
+    return 200, ttft, reader.cached_tokens or 0
+
+
+def _body(prompt: str, output_tokens: int) -> bytes:
+    return orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True,
+                         "stream_options": {"include_usage": True}, "max_tokens": output_tokens,
+                         "ignore_eos": True})
+
+
+async def _run(routing: str, params: EngineParams, servers: int, trace: list[tuple[int, str]], rate: float,
+               wl: Workload, churn: Churn, seed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="epp-precise-") as kv_dir:
+        kv = KVEventsConfig(True, "zmq", f"ipc://{kv_dir}/kv-{{port}}.sock", f"ipc://{kv_dir}/replay-{{port}}.sock")
+        fleet = Fleet(free_ports(servers), params, kv_events=kv)
+        await fleet.start()
+        picker = None
+        if routing != "round-robin":
+            cfg = parse_config(PRECISE_CONFIG.format(kv_dir=kv_dir)) if routing == "epp-precise" else load_config(None)
+            ports = free_ports(3)
+            picker = PickerServer(ServeOptions(config=cfg, endpoints=tuple(s.address for s in fleet.servers),
+                                               host="127.0.0.1", grpc_port=ports[0], grpc_health_port=ports[1],
+                                               metrics_port=ports[2], secure_serving=False))
+            await picker.start()
+            p = picker
+
+            async def fresh() -> bool:
+                return p.store.fresh_count() == servers
+
+            await wait_until(fresh, 10, "fresh metrics")
+        rng = random.Random(seed)
+        side_rng = random.Random(seed + 1)
+        results: list[_Result] = []
+        rr = 0
+
+        async def route(s: aiohttp.ClientSession, prompt: str) -> None:
+            nonlocal rr
+            body = _body(prompt, wl.output_tokens)
+            if picker is None:
+                addr = fleet.servers[rr % servers].address
+                rr += 1
+                status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
+                results.append(_Result(ttft, status, cached, False))
+                return
+            req = parse_body("", "/v1/chat/completions", {}, body)
+            try:
+                pick = picker.picks.pick(req)
+            except SchedulingError as e:
+                results.append(_Result(None, e.status, 0, False))
+                return
+            try:
+                status, ttft, cached = await _stream(s, f"http://{pick.decision.primary}/v1/chat/completions", body)
+                if status == 200:
+                    pick.observe_usage(cached)
+            finally:
+                pick.finish()
+            results.append(_Result(ttft, status, cached, False))
+
+        async def side(s: aiohttp.ClientSession, prompt: str) -> None:
+            addr = fleet.servers[side_rng.randrange(servers)].address
+            body = _body(prompt, wl.output_tokens)
+            status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
+            results.append(_Result(ttft, status, cached, True))
+
+        async def restarts() -> None:
+            i = 0
+            while True:
+                await asyncio.sleep(churn.restart_every)
+                await fleet.servers[i % servers].crash(churn.down_for)
+                i += 1
+
+        restarter = asyncio.create_task(restarts()) if churn.restart_every > 0 else None
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=120)) as s:
+                tasks = []
+                t0 = time.monotonic()
+                next_at = t0
+                for _, prompt in trace:
+                    next_at += rng.expovariate(rate)
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    is_side = side_rng.random() < churn.side_fraction
+                    tasks.append(asyncio.ensure_future(side(s, prompt) if is_side else route(s, prompt)))
+                await asyncio.gather(*tasks)
+                elapsed = time.monotonic() - t0
+        finally:
+            if restarter is not None:
+                restarter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await restarter
+        routed = [r for r in results if not r.side]
+        ttft = [r.ttft for r in routed if r.ttft is not None]
+        row: dict[str, Any] = {
+            "routing": routing, "requests": len(trace), "routed": len(routed), "side": len(results) - len(routed),
+            "achieved_rps": round(len(trace) / elapsed, 2),
+            "errors_routed": sum(1 for r in routed if r.status != 200),
+            "ttft_p50_s": round(_pct(ttft, 50), 4), "ttft_p90_s": round(_pct(ttft, 90), 4),
+            "ttft_p99_s": round(_pct(ttft, 99), 4),
+            "cached_token_share_routed": round(sum(r.cached for r in routed) / max(1, len(routed)), 1),
+        }
+        if picker is not None:
+            e2e = picker.metrics.scheduler_e2e
+            total = sum(x.value for m in e2e.collect() for x in m.samples if x.name.endswith("_sum"))
+            row["pick_ms_per_request"] = round(1000 * total / max(1, len(routed)), 3)
+            sc = next((x for x, _ in picker.picks.scheduler.profile.scorers if isinstance(x, PrecisePrefixCacheScorer)),
+                      None)
+            if sc is not None:
+                t = sc.tracker
+                row["routing_precision_window"] = None if t.precision is None else round(t.precision, 3)
+                row["routing_precision_all"] = round(t.totals.agreed_tokens / max(1, max(t.totals.predicted_tokens,
+                                                                                        t.totals.actual_tokens)), 3)
+                row["precise_trusted_at_end"] = t.trusted
+                row["kv_event_restarts_seen"] = picker.kv_events.totals().restarts
+            await picker.stop(grace=0.1)
+        await fleet.stop()
+        return row
+
+
+async def bench_precise(out: Path, *, preset: str = "h100-llama8b", servers: int = 4, load: float = 0.9,
+                        requests: int = 600, capacity_seconds: float = 15.0, wl: Workload | None = None,
+                        churn: Churn | None = None,
+                        routings: tuple[str, ...] = ("round-robin", "epp-approximate", "epp-precise"),
+                        ) -> dict[str, Any]:
+    wl = wl or Workload()
+    churn = churn or Churn()
+    params = profile(preset)
+    cap = await _capacity(params, servers, wl, capacity_seconds)
+    rate = cap * load
+    trace = wl.prompts(requests)
+    rows = [await _run(r, params, servers, trace, rate, wl, churn, seed=11) for r in routings]
+    result: dict[str, Any] = {
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": preset, "servers": servers, "load": load,
+                 "capacity_rps_round_robin": round(cap, 2), "workload": wl.__dict__, "churn": churn.__dict__},
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precise.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# epp bench precise ({result['meta']['date']}): {preset}, {servers} servers, load {load} of "
+             f"round-robin capacity ({cap:.1f} req/s)", "",
+             f"Workload: {wl.groups} prefix groups x {wl.prefix_tokens} tokens; churn: {churn.side_fraction:.0%} of "
+             f"requests sent straight to a random pod, one pod restarting every {churn.restart_every}s "
+             f"(down {churn.down_for}s).", "",
+             "| routing | routed | errors | TTFT p50 s | TTFT p90 s | TTFT p99 s | cached tokens/req | precision "
+             "| pick ms/req |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['routing']} | {r['routed']} | {r['errors_routed']} | {r['ttft_p50_s']} | "
+                     f"{r['ttft_p90_s']} | {r['ttft_p99_s']} | {r['cached_token_share_routed']} | "
+                     f"{r.get('routing_precision_all', '-')} | {r.get('pick_ms_per_request', '-')} |")
+    (out / "precise.md").write_text("\n".join(lines) + "\n")
+    return result
