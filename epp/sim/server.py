@@ -268,40 +268,43 @@ class SimServer:
                       include_usage: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self._stream_headers())
         await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
-                                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return b"data: " + orjson.dumps(body) + b"\n\n"
+            def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+                body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                                        "choices": choices}
+                if usage is not None:
+                    body["usage"] = usage
+                return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        if chat:
-            await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]))
-        decode = self.engine.tokenizer.decode_one
-        pending = await req.queue.get()
-        while pending is not None:
-            nxt = await req.queue.get()
-            finish = req.finish_reason if nxt is None else None
-            text = decode(pending)
             if chat:
-                c = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            if finish is not None:
-                c["stop_reason"] = None
-            await resp.write(chunk([c]))
-            pending = nxt
-        if self.crashed and request.transport is not None:
-            request.transport.abort()
+                await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}]))
+            decode = self.engine.tokenizer.decode_one
+            pending = await req.queue.get()
+            while pending is not None:
+                nxt = await req.queue.get()
+                finish = req.finish_reason if nxt is None else None
+                text = decode(pending)
+                if chat:
+                    c = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+                else:
+                    c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                if finish is not None:
+                    c["stop_reason"] = None
+                await resp.write(chunk([c]))
+                pending = nxt
+            if self.crashed and request.transport is not None:
+                request.transport.abort()
+                return resp
+            if include_usage:
+                await resp.write(chunk([], self._usage(req)))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
             return resp
-        if include_usage:
-            await resp.write(chunk([], self._usage(req)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        except ConnectionResetError:  # the client left, or this server "crashed"
+            return resp
 
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())

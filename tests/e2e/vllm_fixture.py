@@ -58,6 +58,35 @@ def make_model(d: Path) -> None:
     LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
 
 
+def server_env(work: Path, core: int = 0) -> dict[str, str]:
+    """vLLM's environment on these CPU machines (see ../shared/notes/vllm-cpu.md)."""
+    return dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
+                HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CACHE_ROOT=str(work / "cache"), TMPDIR=str(work),
+                VLLM_CPU_OMP_THREADS_BIND=str(core))
+
+
+def server_command(python: str, model: Path, port: int, kv_cfg: dict[str, object]) -> list[str]:
+    """A real vLLM OpenAI server with prefix caching, 48 blocks of 32 tokens, KV events and cached_tokens."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", "1024", "--enable-prefix-caching", "--block-size", "32",
+            "--num-gpu-blocks-override", "48", "--enable-prompt-tokens-details", "--enforce-eager",
+            "--kv-events-config", json.dumps(kv_cfg)]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(2)
+    raise SystemExit(f"vLLM not healthy after {timeout}s; see {log}")
+
+
 def post(url: str, body: dict[str, object]) -> dict[str, object]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -67,9 +96,15 @@ def post(url: str, body: dict[str, object]) -> dict[str, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--work", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--work")
+    ap.add_argument("--make-model", help="only write the tiny model into this folder")
     args = ap.parse_args()
+    if args.make_model:
+        make_model(Path(args.make_model))
+        return 0
+    if not args.out or not args.work:
+        ap.error("--out and --work are required to record")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -99,27 +134,12 @@ def main() -> int:
                                "payload_b64": base64.b64encode(payload).decode()})
 
     threading.Thread(target=receive, daemon=True).start()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CACHE_ROOT=str(work / "cache"), TMPDIR=str(work),
-               VLLM_CPU_OMP_THREADS_BIND="0")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(http_port),
-           "--max-model-len", "1024", "--enable-prefix-caching", "--block-size", "32",
-           "--num-gpu-blocks-override", "48", "--enable-prompt-tokens-details", "--enforce-eager",
-           "--kv-events-config", json.dumps(kv_cfg)]
     log = open(work / "vllm.log", "w")  # noqa: SIM115 - the child writes to it
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(server_command(sys.executable, model, http_port, kv_cfg), env=server_env(work),
+                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"vLLM exited {proc.returncode}; see {work / 'vllm.log'}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(2)
+        wait_healthy(base, proc, work / "vllm.log")
         shared = " ".join(["shared prefix block alpha beta gamma"] * 20)
         responses = []
         prompts = [shared + " question one", shared + " question two", "unrelated short prompt"]
