@@ -34,6 +34,7 @@ from tests.e2e import vllm_fixture
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 VLLM_PYTHON = os.environ.get("EPP_VLLM_PYTHON")
+JSON = {"content-type": "application/json"}
 SHARED = "You are the archivist of a small library. Every answer names the shelf and the row. " * 12
 
 
@@ -158,7 +159,7 @@ async def test_precise_routing_and_the_closed_loop_on_real_vllm(real_fleet: Real
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
             first = chat("Where is Moby Dick?")
             async with s.post(f"http://{warm}/v1/chat/completions", data=first,
-                              headers={"content-type": "application/json"}) as r:
+                              headers=JSON) as r:
                 assert r.status == 200, await r.text()
 
             async def reported() -> bool:
@@ -174,7 +175,7 @@ async def test_precise_routing_and_the_closed_loop_on_real_vllm(real_fleet: Real
             placed = []
             for i in range(4):
                 async with s.post(f"http://127.0.0.1:{envoy.listen_port}/v1/chat/completions",
-                                  data=chat(f"Where is book {i}?")) as r:
+                                  data=chat(f"Where is book {i}?"), headers=JSON) as r:
                     body = await r.read()
                     assert r.status == 200, body
                     placed.append(r.headers["x-epp-endpoint"])
@@ -186,18 +187,22 @@ async def test_precise_routing_and_the_closed_loop_on_real_vllm(real_fleet: Real
 
             # A stream whose client did not ask for usage: epp asks, reads it, and strips it.
             async with s.post(f"http://127.0.0.1:{envoy.listen_port}/v1/chat/completions",
-                              data=chat("Stream it", stream=True)) as r:
+                              data=chat("Stream it", stream=True), headers=JSON) as r:
                 data = await r.read()
                 assert r.status == 200
             assert b'"usage"' not in data and data.endswith(b"data: [DONE]\n\n")
             assert sc.tracker.totals.samples == 5
 
-            # The server drops its cache: the index follows.
+            # The server drops its cache: the index follows. vLLM publishes AllBlocksCleared with its
+            # next engine step, so make it step with an unrelated request.
             async with s.post(f"http://{warm}/reset_prefix_cache") as r:
+                assert r.status == 200
+            async with s.post(f"http://{warm}/v1/completions", headers=JSON, data=orjson.dumps(
+                    {"model": "tiny", "prompt": "unrelated " * 40, "max_tokens": 2, "ignore_eos": True})) as r:
                 assert r.status == 200
 
             async def cleared() -> bool:
-                return sc.index.blocks_of(warm) == 0
+                return not any(sc.index.holds(warm, k) for k in keys)
 
             await wait_until(cleared, 20, "the index to drop the reset server's blocks")
             result = {"samples": sc.tracker.totals.samples, "precision": sc.tracker.precision,
