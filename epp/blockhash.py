@@ -71,3 +71,34 @@ def block_hashes(token_ids: Sequence[int], block_size: int, seed: str | None = N
     """The uint64 keys KV events publish for the full blocks of a prompt."""
     digests = block_digests(token_ids, block_size, root_hash(seed), lora, cache_salt, max_blocks=max_blocks)
     return [external(d) for d in digests]
+
+
+class BlockHasher:
+    """``block_hashes`` with a bounded memo of (parent, tokens, extra keys) -> digest, as vLLM keeps
+    one: requests sharing a prefix re-hash only their new blocks (a dict lookup instead of a
+    pickle + sha256 per block)."""
+
+    def __init__(self, seed: str | None = None, max_entries: int = 200_000) -> None:
+        self.root = root_hash(seed)
+        self.max_entries = max_entries
+        self._memo: dict[tuple[Any, ...], bytes] = {}
+
+    def hashes(self, token_ids: Sequence[int], block_size: int, lora: tuple[str, str] | None = None,
+               cache_salt: str | None = None, max_blocks: int | None = None) -> list[int]:
+        n = len(token_ids) // block_size
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        memo = self._memo
+        parent = self.root
+        out: list[int] = []
+        for i in range(n):
+            key = (parent, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra_keys(lora, cache_salt, i))
+            digest = memo.get(key)
+            if digest is None:
+                digest = sha256_pickle(key)
+                if len(memo) >= self.max_entries:
+                    memo.clear()
+                memo[key] = digest
+            out.append(int.from_bytes(digest[-8:], "big"))
+            parent = digest
+        return out

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from epp.blockhash import block_hashes
+from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
@@ -58,7 +58,7 @@ class PrecisePrefixCacheScorer:
         except TokenizerError as e:
             raise ConfigError(f"{params.path}.tokenizer", str(e)) from None
         self.block_size = params.int("blockSize", 0, minimum=0)
-        self.hash_seed = params.text("hashSeed")
+        self.hasher = BlockHasher(params.text("hashSeed"))
         self.lora_paths = params.str_map("loraAdapters")
         self.mode = params.text("mode", "hybrid", choices=("hybrid", "precise"))
         self.max_blocks = params.int("maxBlocksToMatch", 1024, minimum=1)
@@ -111,8 +111,7 @@ class PrecisePrefixCacheScorer:
         ids = self.tokenizer.token_ids(request.body, request.chat)
         if ids is None:
             return None
-        hashes = block_hashes(ids, block_size, self.hash_seed, lora, salt if isinstance(salt, str) else None,
-                              self.max_blocks)
+        hashes = self.hasher.hashes(ids, block_size, lora, salt if isinstance(salt, str) else None, self.max_blocks)
         return hashes, len(ids)
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],

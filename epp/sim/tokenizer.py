@@ -27,15 +27,29 @@ def _piece_id(piece: str) -> int:
     return zlib.crc32(piece.encode("utf-8", "surrogatepass")) % VOCAB_SIZE
 
 
+class _PieceIds(dict[str, int]):
+    """piece -> id, computed on first use (the lookup loop then runs in C)."""
+
+    def __missing__(self, piece: str) -> int:
+        tid = self[piece] = _piece_id(piece)
+        return tid
+
+
+MAX_CACHED_PIECES = 500_000
+
+
 class SimTokenizer:
     """Text <-> token ids; ids of generated pieces map back to their text."""
 
     def __init__(self) -> None:
         self._output_ids = [_piece_id(w) for w in OUTPUT_WORDS]
         self._text_of = {tid: w for tid, w in zip(self._output_ids, OUTPUT_WORDS, strict=True)}
+        self._ids = _PieceIds()
 
     def encode(self, text: str) -> list[int]:
-        return [_piece_id(p) for p in _PIECE.findall(text)]
+        if len(self._ids) > MAX_CACHED_PIECES:
+            self._ids.clear()
+        return list(map(self._ids.__getitem__, _PIECE.findall(text)))
 
     def output_token(self, n: int) -> int:
         """The id of the n-th word of the generation alphabet."""

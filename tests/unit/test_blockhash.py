@@ -45,3 +45,14 @@ def test_cache_salt_keys_only_the_first_block() -> None:
     salted = block_digests(list(range(32)), 16, root_hash(), cache_salt="s1")
     plain = block_digests(list(range(32)), 16, root_hash())
     assert salted[0] != plain[0]
+
+
+def test_memoised_hasher_equals_the_plain_computation() -> None:
+    from epp.blockhash import BlockHasher, block_hashes
+
+    h = BlockHasher(max_entries=5)
+    ids = list(range(100))
+    for _ in range(3):  # memo filling, hitting and being cleared
+        assert h.hashes(ids, 16) == block_hashes(ids, 16)
+        assert h.hashes(ids, 16, ("a", "/p"), "salt") == block_hashes(ids, 16, lora=("a", "/p"), cache_salt="salt")
+    assert BlockHasher("7").hashes(ids, 16, max_blocks=2) == block_hashes(ids, 16, seed="7", max_blocks=2)
