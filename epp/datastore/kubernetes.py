@@ -1,0 +1,309 @@
+"""Kubernetes discovery: an InferencePool (or a label selector) and the Ready pods it selects.
+
+Client: kubernetes-asyncio. It rides on aiohttp (the scraper's stack: no second HTTP client),
+loads both in-cluster config and kubeconfig files, and exposes the list/watch protocol as it
+is: resourceVersion, allowWatchBookmarks, server timeouts, and a 410 Gone surfaced to the
+caller. (lightkube was considered: on 410 its watch restarts without a resourceVersion instead
+of relisting, so deletions during the gap are missed, and it cannot ask for bookmarks.)
+
+Each watched kind runs a reflector: LIST (remember the list's resourceVersion) then WATCH from
+it with bookmarks, resuming from the last version seen after a server timeout or a dropped
+connection (with backoff), and relisting on 410 Gone. A relist replaces the whole cache, so
+nothing deleted during a gap survives, and endpoints are recomputed from the cache each time,
+so reconnects never duplicate or leak endpoints.
+
+Endpoints: one ``ip:port`` per Ready, non-terminating pod with an IP, per target port; the pod
+annotation ``inference.networking.k8s.io/active-ports`` narrows the ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio import watch as k8s_watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from epp.datastore.store import Datastore
+
+log = logging.getLogger("epp.kubernetes")
+
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_VERSION = "v1"
+POOL_PLURAL = "inferencepools"
+ACTIVE_PORTS = "inference.networking.k8s.io/active-ports"
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+class PoolError(ValueError):
+    """An InferencePool whose spec epp cannot use (the message names the field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    selector: tuple[tuple[str, str], ...]
+    target_ports: tuple[int, ...]
+    app_protocol: str | None = None
+    failure_mode: str | None = None
+
+    @property
+    def label_selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.selector)
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> PoolSpec:
+        """Read an InferencePool (inference.networking.k8s.io/v1)."""
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            raise PoolError("spec: missing")
+        sel = spec.get("selector")
+        labels = sel.get("matchLabels") if isinstance(sel, dict) else None
+        if not isinstance(labels, dict) or not labels or not all(isinstance(v, str) for v in labels.values()):
+            raise PoolError("spec.selector.matchLabels: expected a non-empty map of strings")
+        ports_raw = spec.get("targetPorts")
+        if not isinstance(ports_raw, list) or not 1 <= len(ports_raw) <= 8:
+            raise PoolError("spec.targetPorts: expected 1 to 8 entries")
+        ports = []
+        for i, p in enumerate(ports_raw):
+            n = p.get("number") if isinstance(p, dict) else None
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 65536:
+                raise PoolError(f"spec.targetPorts[{i}].number: expected a port number, got {n!r}")
+            ports.append(n)
+        if len(set(ports)) != len(ports):
+            raise PoolError("spec.targetPorts: duplicate port numbers")
+        ref = spec.get("endpointPickerRef")
+        mode = ref.get("failureMode") if isinstance(ref, dict) else None
+        return cls(tuple(sorted(labels.items())), tuple(ports), spec.get("appProtocol"), mode)
+
+
+def pod_endpoints(pod: dict[str, Any], ports: tuple[int, ...]) -> list[str]:
+    """``ip:port`` for each port a Ready, non-terminating pod serves (none otherwise)."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return []
+    ip = status.get("podIP")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+    if not ip or not ready:
+        return []
+    active = (meta.get("annotations") or {}).get(ACTIVE_PORTS)
+    if active:
+        wanted = {int(p) for p in active.split(",") if p.strip().isdigit()}
+        ports = tuple(p for p in ports if p in wanted)
+    host = f"[{ip}]" if ":" in ip else ip
+    return [f"{host}:{p}" for p in ports]
+
+
+Lister = Callable[..., Awaitable[Any]]
+
+
+class Reflector:
+    """LIST + WATCH of one kind into ``objects`` (name -> raw object); ``on_change`` after each change."""
+
+    def __init__(self, what: str, lister: Lister, on_change: Callable[[], None], *, label_selector: str | None = None,
+                 field_selector: str | None = None, watch_timeout: int = 300, backoff: tuple[float, float] = (0.2, 5.0),
+                 ) -> None:
+        self.what = what
+        self.lister = lister
+        self.on_change = on_change
+        self.kwargs: dict[str, Any] = {}
+        if label_selector:
+            self.kwargs["label_selector"] = label_selector
+        if field_selector:
+            self.kwargs["field_selector"] = field_selector
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.resource_version: str | None = None
+        self.synced = asyncio.Event()
+        self.relists = 0
+        self.reconnects = 0
+
+    async def run(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._list()
+                await self._watch()
+                delay = self.backoff[0]  # a server-side timeout: resume at once
+            except ApiException as e:
+                if e.status == 410:
+                    log.info("%s: watch expired (410 Gone): relisting", self.what)
+                    self.resource_version = None
+                    continue
+                log.warning("%s: API error %s %s; retrying in %.1fs", self.what, e.status, e.reason, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                self.reconnects += 1
+                log.warning("%s: watch interrupted (%s); resuming in %.1fs", self.what, type(e).__name__, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a malformed answer must not end discovery: relist after a pause
+                log.error("%s: unexpected answer (%s: %s); relisting in %.1fs", self.what, type(e).__name__,
+                          str(e)[:200], delay)
+                self.resource_version = None
+                await self._sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+
+    async def _sleep(self, delay: float) -> None:
+        await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+
+    async def _list(self) -> None:
+        resp = await self.lister(**self.kwargs, _preload_content=False)
+        try:
+            data = await resp.json()
+        finally:
+            resp.release()
+        self.objects = {o["metadata"]["name"]: o for o in data.get("items") or ()}
+        self.resource_version = data["metadata"]["resourceVersion"]
+        self.relists += 1
+        self.synced.set()
+        self.on_change()
+
+    async def _watch(self) -> None:
+        w = k8s_watch.Watch(return_type="object")
+        try:
+            stream = w.stream(self.lister, resource_version=self.resource_version, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_timeout, **self.kwargs)
+            async for event in stream:
+                kind, obj = event["type"], event["raw_object"]
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if kind == "BOOKMARK":
+                    self.resource_version = rv or self.resource_version
+                    continue
+                name = obj["metadata"]["name"]
+                if kind == "DELETED":
+                    self.objects.pop(name, None)
+                else:
+                    self.objects[name] = obj
+                self.resource_version = rv or self.resource_version
+                self.on_change()
+        finally:
+            await w.close()
+
+
+def _namespace(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    env = os.environ.get("POD_NAMESPACE")
+    if env:
+        return env
+    with contextlib.suppress(OSError), open(NAMESPACE_FILE) as f:
+        return f.read().strip() or "default"
+    return "default"
+
+
+async def api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
+    """In-cluster config when running in a pod (unless a kubeconfig is given), else the kubeconfig."""
+    conf = k8s_client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        k8s_config.load_incluster_config(client_configuration=conf)
+    else:
+        await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
+    return k8s_client.ApiClient(conf)
+
+
+class KubernetesDiscovery:
+    """Keeps ``store``'s endpoints equal to the pool's (or the selector's) Ready pods x ports."""
+
+    def __init__(self, api: k8s_client.ApiClient, store: Datastore, namespace: str | None = None, *,
+                 pool_name: str | None = None, pool_group: str = POOL_GROUP, selector: str | None = None,
+                 target_ports: tuple[int, ...] = (), watch_timeout: int = 300) -> None:
+        if pool_name is None and not (selector and target_ports):
+            raise ValueError("Kubernetes discovery needs --pool-name, or --endpoint-selector with "
+                             "--endpoint-target-ports")
+        self.api = api
+        self.store = store
+        self.namespace = _namespace(namespace)
+        self.pool_name = pool_name
+        self.pool_group = pool_group
+        self.watch_timeout = watch_timeout
+        self.spec: PoolSpec | None = None
+        if pool_name is None:
+            labels = tuple(sorted(tuple(t.split("=", 1)) for t in (selector or "").split(",") if "=" in t))
+            self.spec = PoolSpec(labels, target_ports)  # type: ignore[arg-type]
+        self.pool: Reflector | None = None
+        self.pods: Reflector | None = None
+        self._pods_task: asyncio.Task[None] | None = None
+        self._pool_task: asyncio.Task[None] | None = None
+        self.pool_error: str | None = None
+
+    async def start(self) -> None:
+        if self.pool_name is not None:
+            custom = k8s_client.CustomObjectsApi(self.api)
+            lister = partial(custom.list_namespaced_custom_object, self.pool_group, POOL_VERSION, self.namespace,
+                             POOL_PLURAL)
+            self.pool = Reflector(f"inferencepool {self.namespace}/{self.pool_name}", lister, self._pool_changed,
+                                  field_selector=f"metadata.name={self.pool_name}", watch_timeout=self.watch_timeout)
+            self._pool_task = asyncio.create_task(self.pool.run())
+        else:
+            self._start_pods()
+
+    def _start_pods(self) -> None:
+        if self._pods_task is not None:
+            self._pods_task.cancel()
+            self._pods_task = None
+        self.pods = None
+        if self.spec is None:
+            self._recompute()
+            return
+        core = k8s_client.CoreV1Api(self.api)
+        lister = partial(core.list_namespaced_pod, self.namespace)
+        self.pods = Reflector(f"pods {self.namespace} [{self.spec.label_selector}]", lister, self._recompute,
+                              label_selector=self.spec.label_selector, watch_timeout=self.watch_timeout)
+        self._pods_task = asyncio.create_task(self.pods.run())
+
+    def _pool_changed(self) -> None:
+        assert self.pool is not None
+        obj = self.pool.objects.get(self.pool_name or "")
+        spec: PoolSpec | None = None
+        if obj is None:
+            if self.spec is not None:
+                log.warning("InferencePool %s/%s is gone: no endpoints", self.namespace, self.pool_name)
+            self.pool_error = "not found"
+        else:
+            try:
+                spec = PoolSpec.parse(obj)
+                self.pool_error = None
+            except PoolError as e:
+                self.pool_error = str(e)
+                log.error("InferencePool %s/%s: %s; keeping the previous endpoints", self.namespace, self.pool_name, e)
+                return
+        if spec == self.spec:
+            return
+        old_selector = self.spec.selector if self.spec else None
+        self.spec = spec
+        if spec is None or spec.selector != old_selector:
+            self._start_pods()  # a new selector needs a new pod watch
+        else:
+            self._recompute()  # same pods, other ports
+
+    def _recompute(self) -> None:
+        spec, pods = self.spec, self.pods
+        endpoints: set[str] = set()
+        if spec is not None and pods is not None:
+            for pod in pods.objects.values():
+                endpoints.update(pod_endpoints(pod, spec.target_ports))
+        self.store.set_endpoints(sorted(endpoints))
+
+    async def stop(self) -> None:
+        for t in (self._pool_task, self._pods_task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        await self.api.close()
