@@ -44,7 +44,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0, metavar="DURATION")
     p.add_argument("--scrape-timeout", type=parse_duration, default=1.0, metavar="DURATION")
     p.add_argument("--engine", default="vllm", help="metric names of the model servers: vllm or sglang")
-    p.add_argument("--pool-name", default="default", help="label for pool metrics")
+    p.add_argument("--pool-name", help="the InferencePool to serve (Kubernetes discovery; also the metrics label)")
+    p.add_argument("--pool-namespace", help="its namespace (default: POD_NAMESPACE, the pod's own, or default)")
+    p.add_argument("--pool-group", default="inference.networking.k8s.io", help="the InferencePool API group")
+    p.add_argument("--endpoint-selector", help="instead of a pool: pods with these labels (app=vllm,tier=gpu)")
+    p.add_argument("--endpoint-target-ports", help="with --endpoint-selector: the pods' ports (8000[,8001])")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
                    help="add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
@@ -63,8 +68,11 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config_file)
         endpoints = tuple(parse_endpoint_list(args.endpoints)) if args.endpoints else ()
-        if not endpoints and not args.endpoints_file:
-            raise ValueError("give the model servers with --endpoints HOST:PORT,... or --endpoints-file PATH")
+        kube = kubernetes_options(args) if not endpoints and not args.endpoints_file else None
+        if not endpoints and not args.endpoints_file and kube is None:
+            raise ValueError("give the model servers: --pool-name NAME (Kubernetes InferencePool), "
+                             "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
+                             "--endpoints HOST:PORT,... or --endpoints-file PATH")
         names_for(args.engine)
     except (ConfigError, ValueError) as e:
         print(f"epp serve: {e}", file=sys.stderr)
@@ -75,10 +83,34 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
-        engine=args.engine, pool_name=args.pool_name, decision_headers=args.decision_headers,
-        grpc_transport=args.grpc_transport)
+        engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
+        grpc_transport=args.grpc_transport, kubernetes=kube)
     _run(serve_forever(opts))
     return 0
+
+
+def kubernetes_options(args: argparse.Namespace) -> Any:
+    """Kubernetes discovery options from the flags, or None when no pool or selector is given."""
+    from epp.datastore.kubernetes import KubernetesOptions
+
+    if args.endpoint_selector:
+        if not args.endpoint_target_ports:
+            raise ValueError("--endpoint-selector needs --endpoint-target-ports")
+        try:
+            ports = tuple(int(p) for p in args.endpoint_target_ports.split(","))
+        except ValueError:
+            raise ValueError(f"--endpoint-target-ports: expected port numbers, got {args.endpoint_target_ports!r}")\
+                from None
+        if not all(0 < p < 65536 for p in ports):
+            raise ValueError(f"--endpoint-target-ports: invalid port in {args.endpoint_target_ports!r}")
+        if "=" not in args.endpoint_selector:
+            raise ValueError(f"--endpoint-selector: expected key=value[,key=value], got {args.endpoint_selector!r}")
+        return KubernetesOptions(namespace=args.pool_namespace, selector=args.endpoint_selector, target_ports=ports,
+                                 kubeconfig=args.kubeconfig)
+    if args.pool_name:
+        return KubernetesOptions(namespace=args.pool_namespace, pool_name=args.pool_name, pool_group=args.pool_group,
+                                 kubeconfig=args.kubeconfig)
+    return None
 
 
 def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -135,6 +135,16 @@ class KubeEmulator:
         obj = self._coll(group, version, plural).objects.get((namespace, name))
         return copy.deepcopy(obj) if obj else None
 
+    def write_kubeconfig(self, path: Any, namespace: str = "default") -> str:
+        """A kubeconfig file pointing at this emulator (token auth, as a real one would carry)."""
+        config = {"apiVersion": "v1", "kind": "Config", "current-context": "emu",
+                  "clusters": [{"name": "emu", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+                  "users": [{"name": "u", "user": {"token": "t0ken"}}],
+                  "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": namespace}}]}
+        with open(path, "w") as f:
+            json.dump(config, f)  # JSON is YAML
+        return str(path)
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()

@@ -217,6 +217,23 @@ async def api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
     return k8s_client.ApiClient(conf)
 
 
+@dataclass(frozen=True, slots=True)
+class KubernetesOptions:
+    """What ``epp serve`` was told to discover."""
+
+    namespace: str | None = None
+    pool_name: str | None = None
+    pool_group: str = POOL_GROUP
+    selector: str | None = None
+    target_ports: tuple[int, ...] = ()
+    kubeconfig: str | None = None
+
+    async def discovery(self, store: Datastore) -> KubernetesDiscovery:
+        api = await api_client(self.kubeconfig)
+        return KubernetesDiscovery(api, store, self.namespace, pool_name=self.pool_name, pool_group=self.pool_group,
+                                   selector=self.selector, target_ports=self.target_ports)
+
+
 class KubernetesDiscovery:
     """Keeps ``store``'s endpoints equal to the pool's (or the selector's) Ready pods x ports."""
 

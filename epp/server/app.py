@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
@@ -32,6 +32,9 @@ from epp.signals.kvevents import KVEventManager
 from epp.signals.mappings import names_for
 from epp.signals.scraper import Scraper
 from epp.v1 import picker_pb2_grpc
+
+if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
+    from epp.datastore.kubernetes import KubernetesDiscovery, KubernetesOptions
 
 log = logging.getLogger("epp")
 
@@ -64,6 +67,7 @@ class ServeOptions:
     config_poll_interval: float = 0.5
     decision_headers: bool = False
     grpc_transport: str = "h2"  # "h2" (epp's own HTTP/2 server) or "grpcio"
+    kubernetes: KubernetesOptions | None = None
 
 
 class PickerServer:
@@ -93,6 +97,7 @@ class PickerServer:
         self.endpoints_watcher: WatchedFile[list[str]] | None = None
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
+        self.discovery: KubernetesDiscovery | None = None
 
     def _prefix_index_size(self) -> float:
         scorers = self.picks.scheduler.profile.scorers
@@ -135,6 +140,9 @@ class PickerServer:
             self.endpoints_watcher = endpoints_watcher(o.endpoints_file, self.store, o.config_poll_interval)
             self.endpoints_watcher.check()
             self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
+        if o.kubernetes is not None:
+            self.discovery = await o.kubernetes.discovery(self.store)
+            await self.discovery.start()
         await self.scraper.start()
         self._kv_kick.set()
         self._tasks.append(asyncio.create_task(self._kv_events_loop()))
@@ -215,6 +223,8 @@ class PickerServer:
         for s in self._servers:
             await s.stop(grace)
         await self.scraper.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.kv_events.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()

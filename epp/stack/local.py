@@ -141,14 +141,17 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                            refresh: float = 0.05, endpoints_file: bool = False,
                            kv_events: KVEventsConfig | None = None, wait_ready: bool = True,
                            workdir: Path | None = None, decision_headers: bool = False,
-                           grpc_transport: str = "h2") -> AsyncIterator[Stack]:
-    """Fleet + epp in this event loop, a real Envoy child process in front."""
+                           grpc_transport: str = "h2", kubernetes: Any = None,
+                           ports: Sequence[int] | None = None) -> AsyncIterator[Stack]:
+    """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
+    (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="epp-stack-")
         workdir = Path(tmp.name)
-    ports = free_ports(servers + 3)
-    fleet = Fleet(ports[:servers], params or profile("fast"), kv_events=kv_events)
+    fleet_ports = list(ports) if ports is not None else free_ports(servers)
+    own = free_ports(3)
+    fleet = Fleet(fleet_ports, params or profile("fast"), kv_events=kv_events)
     await fleet.start()
     config_path: Path | None = None
     cfg: PickerConfig
@@ -164,9 +167,10 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
         ep_file = workdir / "endpoints.yaml"
         ep_file.write_text("".join(f"- {a}\n" for a in addrs))
     opts = ServeOptions(config=cfg, config_file=str(config_path) if config_path else None,
-                        endpoints=() if endpoints_file else addrs, endpoints_file=str(ep_file) if ep_file else None,
-                        host="127.0.0.1", grpc_port=ports[servers], grpc_health_port=ports[servers + 1],
-                        metrics_port=ports[servers + 2], secure_serving=secure,
+                        endpoints=() if endpoints_file or kubernetes else addrs,
+                        endpoints_file=str(ep_file) if ep_file else None, kubernetes=kubernetes,
+                        host="127.0.0.1", grpc_port=own[0], grpc_health_port=own[1], metrics_port=own[2],
+                        secure_serving=secure,
                         refresh_metrics_interval=refresh, metrics_staleness_threshold=staleness,
                         config_poll_interval=0.2, decision_headers=decision_headers,
                         grpc_transport=grpc_transport)

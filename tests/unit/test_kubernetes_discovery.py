@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes_asyncio import client as k8s_client
 
 from epp.datastore.kubernetes import KubernetesDiscovery, PoolError, PoolSpec, api_client, pod_endpoints
@@ -189,16 +188,11 @@ async def test_a_bad_pool_spec_keeps_the_previous_endpoints(
 
 
 async def test_standalone_selector_mode_and_kubeconfig(emulator: KubeEmulator, tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": f"http://127.0.0.1:{emulator.port}"}}],
-        "users": [{"name": "u", "user": {"token": "t0ken"}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": NS}}]}))
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig", NS)
     await emulator.apply(*PODS, pod("a", "10.0.0.1", labels={"app": "vllm", "tier": "gpu"}))
     await emulator.apply(*PODS, pod("b", "10.0.0.2", labels={"app": "vllm"}))
     store = Datastore()
-    d = KubernetesDiscovery(await api_client(str(kubeconfig)), store, NS, selector="app=vllm,tier=gpu",
+    d = KubernetesDiscovery(await api_client(kubeconfig), store, NS, selector="app=vllm,tier=gpu",
                             target_ports=(8000, 8002))
     await d.start()
     try:
