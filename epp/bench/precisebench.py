@@ -132,7 +132,8 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
 
             await wait_until(fresh, 10, "fresh metrics")
         rng = random.Random(seed)
-        side_rng = random.Random(seed + 1)
+        side_rng = random.Random(seed + 1)  # the same requests go straight to the same pods in every run
+        sides = [side_rng.randrange(servers) if side_rng.random() < churn.side_fraction else None for _ in trace]
         results: list[_Result] = []
         rr = 0
 
@@ -159,8 +160,8 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
                 pick.finish()
             results.append(_Result(ttft, status, cached, False))
 
-        async def side(s: aiohttp.ClientSession, prompt: str) -> None:
-            addr = fleet.servers[side_rng.randrange(servers)].address
+        async def side(s: aiohttp.ClientSession, prompt: str, server: int) -> None:
+            addr = fleet.servers[server].address
             body = _body(prompt, wl.output_tokens)
             status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
             results.append(_Result(ttft, status, cached, True))
@@ -179,13 +180,13 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
                 tasks = []
                 t0 = time.monotonic()
                 next_at = t0
-                for _, prompt in trace:
+                for (_, prompt), direct in zip(trace, sides, strict=True):
                     next_at += rng.expovariate(rate)
                     delay = next_at - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    is_side = side_rng.random() < churn.side_fraction
-                    tasks.append(asyncio.ensure_future(side(s, prompt) if is_side else route(s, prompt)))
+                    tasks.append(asyncio.ensure_future(side(s, prompt, direct) if direct is not None
+                                                       else route(s, prompt)))
                 await asyncio.gather(*tasks)
                 elapsed = time.monotonic() - t0
         finally:
