@@ -49,6 +49,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--pool-group", default="inference.networking.k8s.io", help="the InferencePool API group")
     p.add_argument("--endpoint-selector", help="instead of a pool: pods with these labels (app=vllm,tier=gpu)")
     p.add_argument("--endpoint-target-ports", help="with --endpoint-selector: the pods' ports (8000[,8001])")
+    p.add_argument("--objectives-file", help="YAML InferenceObjective / InferenceModelRewrite documents (reloaded "
+                   "on change; for pools outside Kubernetes, where discovery reads them from the API)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
@@ -84,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        grpc_transport=args.grpc_transport, kubernetes=kube)
+        grpc_transport=args.grpc_transport, kubernetes=kube, objectives_file=args.objectives_file)
     _run(serve_forever(opts))
     return 0
 

@@ -44,10 +44,28 @@ class InferenceRequest:
     has_body: bool = False
     target_model: str = ""
     body: dict[str, Any] | None = None  # the parsed JSON (read-only: the bytes are what is forwarded)
+    objective: str = ""  # the x-gateway-inference-objective header
+    priority: int = 0  # the objective's priority; negative = sheddable
 
     @property
     def chat(self) -> bool:
         return self.path.startswith("/v1/chat/completions")
+
+
+def mutated_body(req: InferenceRequest, include_usage: bool = False) -> bytes | None:
+    """The body to forward when epp must change it (a model rewrite; epp asking a stream for
+    usage), serialised once; None when the client's bytes go through untouched."""
+    body = req.body
+    rewrite = req.target_model != req.model
+    if body is None or not (rewrite or include_usage):
+        return None
+    new = dict(body)
+    if rewrite:
+        new["model"] = req.target_model
+    if include_usage:
+        opts = body.get("stream_options")
+        new["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+    return orjson.dumps(new)
 
 
 def _content_text(content: Any) -> str:

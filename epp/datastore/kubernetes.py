@@ -35,6 +35,7 @@ from kubernetes_asyncio import watch as k8s_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from epp.datastore.store import Datastore
+from epp.policies import RequestPolicies
 
 log = logging.getLogger("epp.kubernetes")
 
@@ -42,6 +43,9 @@ POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
 ACTIVE_PORTS = "inference.networking.k8s.io/active-ports"
+POLICY_GROUP = "inference.networking.x-k8s.io"
+POLICY_VERSION = "v1alpha2"
+POLICY_PLURALS = ("inferenceobjectives", "inferencemodelrewrites")
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -112,7 +116,7 @@ class Reflector:
 
     def __init__(self, what: str, lister: Lister, on_change: Callable[[], None], *, label_selector: str | None = None,
                  field_selector: str | None = None, watch_timeout: int = 300, backoff: tuple[float, float] = (0.2, 5.0),
-                 ) -> None:
+                 missing_ok: bool = False) -> None:
         self.what = what
         self.lister = lister
         self.on_change = on_change
@@ -128,6 +132,7 @@ class Reflector:
         self.synced = asyncio.Event()
         self.relists = 0
         self.reconnects = 0
+        self.missing_ok = missing_ok  # an optional kind (CRD not installed): wait quietly
 
     async def run(self) -> None:
         delay = self.backoff[0]
@@ -141,6 +146,13 @@ class Reflector:
                 if e.status == 410:
                     log.info("%s: watch expired (410 Gone): relisting", self.what)
                     self.resource_version = None
+                    continue
+                if e.status == 404 and self.missing_ok:
+                    if not self.synced.is_set():
+                        log.info("%s: not served by this cluster (CRD not installed?); checking every 30s",
+                                 self.what)
+                        self.synced.set()
+                    await asyncio.sleep(30)
                     continue
                 log.warning("%s: API error %s %s; retrying in %.1fs", self.what, e.status, e.reason, delay)
                 await self._sleep(delay)
@@ -228,10 +240,11 @@ class KubernetesOptions:
     target_ports: tuple[int, ...] = ()
     kubeconfig: str | None = None
 
-    async def discovery(self, store: Datastore) -> KubernetesDiscovery:
+    async def discovery(self, store: Datastore,
+                        on_policies: Callable[[RequestPolicies], None] | None = None) -> KubernetesDiscovery:
         api = await api_client(self.kubeconfig)
         return KubernetesDiscovery(api, store, self.namespace, pool_name=self.pool_name, pool_group=self.pool_group,
-                                   selector=self.selector, target_ports=self.target_ports)
+                                   selector=self.selector, target_ports=self.target_ports, on_policies=on_policies)
 
 
 class KubernetesDiscovery:
@@ -239,7 +252,8 @@ class KubernetesDiscovery:
 
     def __init__(self, api: k8s_client.ApiClient, store: Datastore, namespace: str | None = None, *,
                  pool_name: str | None = None, pool_group: str = POOL_GROUP, selector: str | None = None,
-                 target_ports: tuple[int, ...] = (), watch_timeout: int = 300) -> None:
+                 target_ports: tuple[int, ...] = (), watch_timeout: int = 300,
+                 on_policies: Callable[[RequestPolicies], None] | None = None) -> None:
         if pool_name is None and not (selector and target_ports):
             raise ValueError("Kubernetes discovery needs --pool-name, or --endpoint-selector with "
                              "--endpoint-target-ports")
@@ -258,6 +272,9 @@ class KubernetesDiscovery:
         self._pods_task: asyncio.Task[None] | None = None
         self._pool_task: asyncio.Task[None] | None = None
         self.pool_error: str | None = None
+        self.on_policies = on_policies
+        self.policy_reflectors: list[Reflector] = []
+        self._policy_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if self.pool_name is not None:
@@ -267,6 +284,14 @@ class KubernetesDiscovery:
             self.pool = Reflector(f"inferencepool {self.namespace}/{self.pool_name}", lister, self._pool_changed,
                                   field_selector=f"metadata.name={self.pool_name}", watch_timeout=self.watch_timeout)
             self._pool_task = asyncio.create_task(self.pool.run())
+            if self.on_policies is not None:
+                for plural in POLICY_PLURALS:
+                    lister = partial(custom.list_namespaced_custom_object, POLICY_GROUP, POLICY_VERSION,
+                                     self.namespace, plural)
+                    r = Reflector(f"{plural} {self.namespace}", lister, self._policies_changed,
+                                  watch_timeout=self.watch_timeout, missing_ok=True)
+                    self.policy_reflectors.append(r)
+                    self._policy_tasks.append(asyncio.create_task(r.run()))
         else:
             self._start_pods()
 
@@ -309,6 +334,12 @@ class KubernetesDiscovery:
         else:
             self._recompute()  # same pods, other ports
 
+    def _policies_changed(self) -> None:
+        if self.on_policies is None:
+            return
+        objects = [o for r in self.policy_reflectors for o in r.objects.values()]
+        self.on_policies(RequestPolicies.build(objects, self.pool_name))
+
     def _recompute(self) -> None:
         spec, pods = self.spec, self.pods
         endpoints: set[str] = set()
@@ -318,7 +349,7 @@ class KubernetesDiscovery:
         self.store.set_endpoints(sorted(endpoints))
 
     async def stop(self) -> None:
-        for t in (self._pool_task, self._pods_task):
+        for t in (self._pool_task, self._pods_task, *self._policy_tasks):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

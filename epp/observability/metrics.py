@@ -130,6 +130,8 @@ class PickerMetrics:
                                      registry=r)
         self.scrape_parse = Histogram("epp_metrics_scrape_parse_seconds", "Time to parse one /metrics exposition.",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.rewrites = Counter("epp_model_rewrites", "Requests whose model an InferenceModelRewrite changed.",
+                                ["model_name", "target_model_name"], registry=r)
         self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
         self.prefix_indexer_size = Gauge("inference_extension_prefix_indexer_size",
                                          "Block hashes held by the approximate prefix index.", registry=r)

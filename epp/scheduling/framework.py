@@ -1,10 +1,11 @@
 """The scheduler: a pure function of (snapshot, request) -> Decision.
 
-Steps: keep endpoints with fresh metrics (all of them when none is fresh); refuse with 429 when
-every fresh endpoint is saturated; score each candidate with every scorer of the profile (each
-in [0, 1]); sum score x weight; let the picker choose the primary and fallbacks. Plugins never
-do I/O. The only state touched afterwards is the prefix index, through ``record``, which the
-caller invokes once it commits to the decision.
+Steps: keep endpoints with fresh metrics (all of them when none is fresh); refuse a sheddable
+request (negative objective priority) with 429 when every fresh endpoint is saturated; score
+each candidate with every scorer of the profile (each in [0, 1]); sum score x weight; let the
+picker choose the primary and fallbacks. Plugins never do I/O. The only state touched
+afterwards is the plugins' memory (prefix indexes), through ``record`` once the caller commits
+to the decision, and ``observe`` when the response reports its cached tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class Scheduler:
         fresh = [e for e in snapshot.endpoints if e.fresh(now, staleness)]
         note = ""
         if fresh:
-            if self.saturation.pool_saturated(snapshot, fresh):
-                raise SchedulingError(429, "every endpoint is saturated; retry later")
+            if request.priority < 0 and self.saturation.pool_saturated(snapshot, fresh):
+                raise SchedulingError(429, "every endpoint is saturated and the request is sheddable; retry later")
             candidates = fresh
         else:
             candidates = list(snapshot.endpoints)

@@ -19,6 +19,7 @@ from epp.datastore.sources import endpoints_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.observability.metrics import PickerMetrics, PreciseCollector
+from epp.policies import RequestPolicies, parse_policy_file
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.server import h2grpc
@@ -68,6 +69,7 @@ class ServeOptions:
     decision_headers: bool = False
     grpc_transport: str = "h2"  # "h2" (epp's own HTTP/2 server) or "grpcio"
     kubernetes: KubernetesOptions | None = None
+    objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
 
 
 class PickerServer:
@@ -95,6 +97,7 @@ class PickerServer:
         self._metrics_runner: web.AppRunner | None = None
         self.config_watcher: WatchedFile[PickerConfig] | None = None
         self.endpoints_watcher: WatchedFile[list[str]] | None = None
+        self.policies_watcher: WatchedFile[RequestPolicies] | None = None
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
         self.discovery: KubernetesDiscovery | None = None
@@ -103,6 +106,9 @@ class PickerServer:
         scorers = self.picks.scheduler.profile.scorers
         indexes = (getattr(s, "approx", None) or getattr(s, "index", None) for s, _ in scorers)
         return float(sum(i.size() for i in indexes if isinstance(i, PrefixIndex)))
+
+    def _set_policies(self, policies: RequestPolicies) -> None:
+        self.picks.policies = policies
 
     def _precise_scorers(self) -> list[PrecisePrefixCacheScorer]:
         return [s for s, _ in self.picks.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer)]
@@ -140,8 +146,14 @@ class PickerServer:
             self.endpoints_watcher = endpoints_watcher(o.endpoints_file, self.store, o.config_poll_interval)
             self.endpoints_watcher.check()
             self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
+        if o.objectives_file:
+            path = o.objectives_file
+            self.policies_watcher = WatchedFile(path, lambda t: parse_policy_file(t, path), self._set_policies,
+                                                what="objectives and rewrites", interval=o.config_poll_interval)
+            self.policies_watcher.check()
+            self._tasks.append(asyncio.create_task(self.policies_watcher.run()))
         if o.kubernetes is not None:
-            self.discovery = await o.kubernetes.discovery(self.store)
+            self.discovery = await o.kubernetes.discovery(self.store, self._set_policies)
             await self.discovery.start()
         await self.scraper.start()
         self._kv_kick.set()

@@ -29,11 +29,11 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
-from epp.request import GENERATION_PATHS, RequestError, headers_only, parse_body
+from epp.request import GENERATION_PATHS, RequestError, headers_only, mutated_body, parse_body
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
-from epp.server.usage import UsageReader, inject_include_usage, wants_injection
+from epp.server.usage import UsageReader, wants_injection
 
 log = logging.getLogger("epp.extproc")
 
@@ -274,14 +274,21 @@ class ExtProcStream:
         refused = self._decide(body)
         if refused is not None:
             return refused
-        if self._resp_mode == FULL_DUPLEX and self.pick is not None and self.pick.scheduler.wants_usage:
-            self._usage = UsageReader(strip=False)  # the body is not rewritten in this mode
-        return self._pick_response("request_body")
+        assert self.pick is not None
+        if self._resp_mode == FULL_DUPLEX and self.pick.scheduler.wants_usage:
+            self._usage = UsageReader(strip=False)  # epp does not ask for usage in this mode
+        return self._pick_response("request_body", mutated_body(self.pick.request))
 
-    def _pick_response(self, phase: str) -> bytes:
+    def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
         value = self.pick.header_value
         common = _pick_mutation(value, self._request_id())
+        if new_body is not None:  # BUFFERED: the whole body replaced, its length with it
+            common.body_mutation.body = new_body
+            opt = common.header_mutation.set_headers.add()
+            opt.header.key = "content-length"
+            opt.header.raw_value = str(len(new_body)).encode()
+            opt.append_action = OVERWRITE
         if phase == "request_headers":
             resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         else:
@@ -297,11 +304,13 @@ class ExtProcStream:
         pick = self.pick
         if pick is None:
             return [first]  # ImmediateResponse
+        inject = False
         if self._resp_mode == FULL_DUPLEX and pick.scheduler.wants_usage:
             inject = pick.scheduler.inject_usage and wants_injection(pick.request)
             self._usage = UsageReader(strip=inject)
-            if inject and pick.request.body is not None:
-                body = inject_include_usage(pick.request.body)
+        new = mutated_body(pick.request, inject)
+        if new is not None:
+            body = new  # Envoy forwards FULL_DUPLEX bodies chunked: no Content-Length to fix
         n = len(body)
         if n == 0:
             return [first, EMPTY_REQUEST_EOS] if eos else [first]

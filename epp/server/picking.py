@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
+from epp.policies import OBJECTIVE_HEADER, RequestPolicies
 from epp.request import InferenceRequest
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.types import Decision
@@ -38,15 +40,30 @@ class Pick:
 
 
 class PickService:
-    """Holds the current scheduler (swapped atomically on config reload)."""
+    """Holds the current scheduler (swapped atomically on config reload) and request policies."""
 
-    def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics) -> None:
+    def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics,
+                 policies: RequestPolicies | None = None, rng: random.Random | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.metrics = metrics
+        self.policies = policies or RequestPolicies()
+        self.rng = rng or random.Random()
+
+    def apply_policies(self, request: InferenceRequest) -> None:
+        """The objective's priority, and the model rewrite (``target_model``) if a rule says so."""
+        policies = self.policies
+        request.objective = request.headers.get(OBJECTIVE_HEADER, "")
+        request.priority = policies.priority(request.objective)
+        if request.model and (policies.exact or policies.generic):
+            target = policies.rewrite(request.model, self.rng)
+            if target is not None:
+                request.target_model = target
+                self.metrics.child(self.metrics.rewrites, request.model, target).inc()
 
     def pick(self, request: InferenceRequest) -> Pick:
-        """Schedule and commit; raises SchedulingError (503/429)."""
+        """Apply policies, schedule and commit; raises SchedulingError (503/429)."""
+        self.apply_policies(request)
         m = self.metrics
         m.child(m.requests, request.model, request.target_model).inc()
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ bytes pass through as they arrive, except an incomplete trailing event, held unt
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import orjson
 
@@ -29,14 +28,6 @@ def wants_injection(request: InferenceRequest) -> bool:
         return False
     opts = body.get("stream_options")
     return not (isinstance(opts, dict) and opts.get("include_usage") is True)
-
-
-def inject_include_usage(body: dict[str, Any]) -> bytes:
-    """The request re-serialised with ``stream_options.include_usage`` set."""
-    opts = body.get("stream_options")
-    new = dict(body)
-    new["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
-    return orjson.dumps(new)
 
 
 def _is_injected_usage(event: bytes) -> tuple[bool, int | None]:

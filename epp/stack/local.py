@@ -142,7 +142,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                            kv_events: KVEventsConfig | None = None, wait_ready: bool = True,
                            workdir: Path | None = None, decision_headers: bool = False,
                            grpc_transport: str = "h2", kubernetes: Any = None,
-                           ports: Sequence[int] | None = None) -> AsyncIterator[Stack]:
+                           ports: Sequence[int] | None = None,
+                           objectives_text: str | None = None) -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
     (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
@@ -166,7 +167,12 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
     if endpoints_file:
         ep_file = workdir / "endpoints.yaml"
         ep_file.write_text("".join(f"- {a}\n" for a in addrs))
-    opts = ServeOptions(config=cfg, config_file=str(config_path) if config_path else None,
+    objectives = None
+    if objectives_text is not None:
+        objectives = workdir / "objectives.yaml"
+        objectives.write_text(objectives_text)
+    opts = ServeOptions(config=cfg, objectives_file=str(objectives) if objectives else None,
+                        config_file=str(config_path) if config_path else None,
                         endpoints=() if endpoints_file or kubernetes else addrs,
                         endpoints_file=str(ep_file) if ep_file else None, kubernetes=kubernetes,
                         host="127.0.0.1", grpc_port=own[0], grpc_health_port=own[1], metrics_port=own[2],
@@ -182,6 +188,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
             await wait_until(lambda: _ready(picker), 10, "fresh metrics in epp")
         envoy = await start_envoy(template, workdir, epp_port=picker.bound_ports["grpc"], epp_tls=secure)
         stack = Stack(fleet, picker, envoy, workdir, config_path)
+        if objectives is not None:
+            stack.extras["objectives_file"] = objectives
         if ep_file:
             stack.extras["endpoints_file"] = ep_file
         yield stack

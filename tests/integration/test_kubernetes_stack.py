@@ -69,3 +69,60 @@ async def test_routes_to_the_pools_ready_pods_and_follows_changes(emulator: Kube
         await wait_until(empty, 5, "no endpoints")
         status, _, body = await post(s, f"{stack.url}/v1/completions", completion_body("no pool"))
         assert status == 503 and b"no endpoints" in body
+
+
+POLICY = ("inference.networking.x-k8s.io", "v1alpha2")
+
+
+async def test_objectives_and_rewrites_from_the_api(emulator: KubeEmulator, tmp_path: Path) -> None:
+    from epp.sim.profiles import profile
+
+    ports = free_ports(2)
+    await emulator.apply(*POOL, pool(ports=tuple(ports)))
+    for i, p in enumerate(ports):
+        await emulator.apply(*PODS, sim_pod(f"vllm-{i}", p))
+    await emulator.apply(*POLICY, "inferenceobjectives", {
+        "kind": "InferenceObjective", "metadata": {"name": "batch", "namespace": NS},
+        "spec": {"priority": -10, "poolRef": {"name": "vllm-pool"}}})
+    await emulator.apply(*POLICY, "inferenceobjectives", {  # another pool's: ignored
+        "kind": "InferenceObjective", "metadata": {"name": "chat", "namespace": NS},
+        "spec": {"priority": -1, "poolRef": {"name": "other-pool"}}})
+    kube = KubernetesOptions(namespace=NS, pool_name="vllm-pool",
+                             kubeconfig=emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
+    params = profile("fast").with_overrides(served_model_names=("sim-model", "sim-model-v2"))
+    async with in_process_stack(servers=2, kubernetes=kube, ports=ports, params=params) as stack, \
+            aiohttp.ClientSession() as s:
+        picker = stack.picker
+        assert picker is not None
+
+        async def loaded() -> bool:
+            return picker.picks.policies.priority("batch") == -10
+
+        await wait_until(loaded, 5, "the objectives")
+        assert picker.picks.policies.priority("chat") == 0
+        # A rewrite created while serving applies to the next requests.
+        await emulator.apply(*POLICY, "inferencemodelrewrites", {
+            "kind": "InferenceModelRewrite", "metadata": {"name": "v2", "namespace": NS},
+            "spec": {"poolRef": {"name": "vllm-pool"},
+                     "rules": [{"matches": [{"model": {"type": "Exact", "value": "sim-model"}}],
+                                "targets": [{"modelRewrite": "sim-model-v2"}]}]}})
+
+        async def rewriting() -> bool:
+            return bool(picker.picks.policies.exact)
+
+        await wait_until(rewriting, 5, "the rewrite")
+        status, _, data = await post(s, f"{stack.url}/v1/completions", completion_body("rewrite me"))
+        assert status == 200 and b'"sim-model-v2"' in data
+        for addr in stack.addresses:
+            await stack.server(addr).apply_admin({"pin": {"num_requests_waiting": 500}})
+
+        async def saturated() -> bool:
+            snap = picker.store.snapshot()
+            return all(e.signals is not None and e.signals.waiting >= 500 for e in snap.endpoints)
+
+        await wait_until(saturated, 5, "saturation seen by epp")
+        batch = {"x-gateway-inference-objective": "batch"}
+        status, _, _ = await post(s, f"{stack.url}/v1/completions", completion_body("shed me"), headers=batch)
+        assert status == 429
+        status, _, _ = await post(s, f"{stack.url}/v1/completions", completion_body("keep me"))
+        assert status == 200

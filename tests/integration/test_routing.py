@@ -77,8 +77,16 @@ async def test_shared_prefix_group_stays_on_one_pod_and_hits_its_cache() -> None
         assert cached[0] == 0 and min(cached[1:]) > 100
 
 
+SHEDDABLE = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -1, poolRef: {name: default}}
+"""
+
+
 async def test_error_responses_are_openai_json() -> None:
-    async with in_process_stack(servers=2) as stack, aiohttp.ClientSession() as s:
+    async with in_process_stack(servers=2, objectives_text=SHEDDABLE) as stack, aiohttp.ClientSession() as s:
         status, headers, data = await post(s, f"{stack.url}/v1/completions", b"{not json")
         assert status == 400 and headers["content-type"] == "application/json"
         assert orjson.loads(data)["error"]["code"] == 400
@@ -87,9 +95,13 @@ async def test_error_responses_are_openai_json() -> None:
         for addr in stack.addresses:
             await pin(stack, addr, num_requests_waiting=500)
         await scraped(stack)
-        status, _, data = await post(s, f"{stack.url}/v1/completions", completion_body("x"))
+        batch = {"x-gateway-inference-objective": "batch"}
+        status, _, data = await post(s, f"{stack.url}/v1/completions", completion_body("x"), headers=batch)
         err = orjson.loads(data)["error"]
         assert status == 429 and err["code"] == 429 and err["type"] == "RateLimitError"
+        # Not sheddable (no objective: priority 0): routed even though the pool is saturated.
+        status, _, _ = await post(s, f"{stack.url}/v1/completions", completion_body("x"))
+        assert status == 200
 
 
 async def test_503_when_the_pool_is_empty() -> None:

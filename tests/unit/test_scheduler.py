@@ -70,10 +70,14 @@ def test_errors_503_empty_and_429_saturated() -> None:
     with pytest.raises(SchedulingError) as e:
         s.schedule(req(), snap())
     assert e.value.status == 503
+    sheddable = req()
+    sheddable.priority = -1
     with pytest.raises(SchedulingError) as e:
-        s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=64)))
+        s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=64)))
     assert e.value.status == 429
-    assert s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=63))).primary == "b"
+    # Priority 0 (no objective, or an objective without priority) is not shed: it is routed.
+    assert s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=64))).primary in ("a", "b")
+    assert s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=63))).primary == "b"
 
 
 def test_burst_between_scrapes_spreads_over_the_pool() -> None:

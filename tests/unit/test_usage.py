@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from epp.request import InferenceRequest, parse_body
-from epp.server.usage import UsageReader, inject_include_usage, wants_injection
+from epp.request import InferenceRequest, mutated_body, parse_body
+from epp.server.usage import UsageReader, wants_injection
 
 
 def event(obj: object) -> bytes:
@@ -63,5 +63,9 @@ def test_injection_only_for_streams_without_usage() -> None:
     assert wants_injection(req(stream=True, stream_options={"continuous_usage_stats": False}))
     assert not wants_injection(req(stream=True, stream_options={"include_usage": True}))
     assert not wants_injection(req())
-    out = orjson.loads(inject_include_usage({"model": "m", "stream": True, "stream_options": {"x": 1}}))
-    assert out["stream_options"] == {"x": 1, "include_usage": True}
+    r = req(stream=True, stream_options={"x": 1})
+    assert mutated_body(r) is None  # nothing to change: the client's bytes go through
+    out = orjson.loads(mutated_body(r, include_usage=True) or b"")
+    assert out["stream_options"] == {"x": 1, "include_usage": True} and out["model"] == "m"
+    r.target_model = "m-v2"
+    assert orjson.loads(mutated_body(r) or b"")["model"] == "m-v2"
