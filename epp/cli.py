@@ -51,6 +51,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--endpoint-target-ports", help="with --endpoint-selector: the pods' ports (8000[,8001])")
     p.add_argument("--objectives-file", help="YAML InferenceObjective / InferenceModelRewrite documents (reloaded "
                    "on change; for pools outside Kubernetes, where discovery reads them from the API)")
+    p.add_argument("--ha-enable-leader-election", type=parse_bool, default=False, metavar="true|false",
+                   help="run several replicas: only the Lease holder reports ready (Kubernetes discovery only)")
+    p.add_argument("--ha-lease-name", help="the Lease's name (default: epp-<pool name>)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
@@ -71,6 +74,9 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg = load_config(args.config_file)
         endpoints = tuple(parse_endpoint_list(args.endpoints)) if args.endpoints else ()
         kube = kubernetes_options(args) if not endpoints and not args.endpoints_file else None
+        if args.ha_enable_leader_election and kube is None:
+            raise ValueError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or "
+                             "--endpoint-selector), not --endpoints / --endpoints-file")
         if not endpoints and not args.endpoints_file and kube is None:
             raise ValueError("give the model servers: --pool-name NAME (Kubernetes InferencePool), "
                              "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
@@ -108,10 +114,14 @@ def kubernetes_options(args: argparse.Namespace) -> Any:
         if "=" not in args.endpoint_selector:
             raise ValueError(f"--endpoint-selector: expected key=value[,key=value], got {args.endpoint_selector!r}")
         return KubernetesOptions(namespace=args.pool_namespace, selector=args.endpoint_selector, target_ports=ports,
-                                 kubeconfig=args.kubeconfig)
+                                 kubeconfig=args.kubeconfig, leader_election=args.ha_enable_leader_election,
+                                 lease_name=args.ha_lease_name)
     if args.pool_name:
         return KubernetesOptions(namespace=args.pool_namespace, pool_name=args.pool_name, pool_group=args.pool_group,
-                                 kubeconfig=args.kubeconfig)
+                                 kubeconfig=args.kubeconfig, leader_election=args.ha_enable_leader_election,
+                                 lease_name=args.ha_lease_name)
+    if args.ha_enable_leader_election:
+        raise ValueError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)")
     return None
 
 

@@ -89,6 +89,7 @@ class KubeEmulator:
         self.watch_count = 0
         self.list_count = 0
         self.fail_next: list[int] = []  # statuses to answer the next requests with
+        self.cleanups: list[Any] = []  # async callables a test registers (clients to close)
 
     # -- test controls -------------------------------------------------------------------------
     def _coll(self, group: str, version: str, plural: str) -> _Collection:

@@ -111,6 +111,18 @@ def pod_endpoints(pod: dict[str, Any], ports: tuple[int, ...]) -> list[str]:
 Lister = Callable[..., Awaitable[Any]]
 
 
+async def read_json(resp: Any) -> Any:
+    """The body of a raw (``_preload_content=False``) response; ApiException for an error status,
+    as the client raises when it decodes the response itself."""
+    try:
+        if resp.status >= 400:
+            text = await resp.text()
+            raise ApiException(status=resp.status, reason=text[:300])
+        return await resp.json()
+    finally:
+        resp.release()
+
+
 class Reflector:
     """LIST + WATCH of one kind into ``objects`` (name -> raw object); ``on_change`` after each change."""
 
@@ -175,11 +187,7 @@ class Reflector:
         await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
 
     async def _list(self) -> None:
-        resp = await self.lister(**self.kwargs, _preload_content=False)
-        try:
-            data = await resp.json()
-        finally:
-            resp.release()
+        data = await read_json(await self.lister(**self.kwargs, _preload_content=False))
         self.objects = {o["metadata"]["name"]: o for o in data.get("items") or ()}
         self.resource_version = data["metadata"]["resourceVersion"]
         self.relists += 1
@@ -239,6 +247,15 @@ class KubernetesOptions:
     selector: str | None = None
     target_ports: tuple[int, ...] = ()
     kubeconfig: str | None = None
+    leader_election: bool = False
+    lease_name: str | None = None  # default: epp-<pool name>
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+    @property
+    def lease(self) -> str:
+        return self.lease_name or f"epp-{self.pool_name or 'pods'}"
 
     async def discovery(self, store: Datastore,
                         on_policies: Callable[[RequestPolicies], None] | None = None) -> KubernetesDiscovery:

@@ -36,6 +36,7 @@ from epp.v1 import picker_pb2_grpc
 
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesDiscovery, KubernetesOptions
+    from epp.leader import LeaderElector
 
 log = logging.getLogger("epp")
 
@@ -101,6 +102,7 @@ class PickerServer:
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
         self.discovery: KubernetesDiscovery | None = None
+        self.elector: LeaderElector | None = None
 
     def _prefix_index_size(self) -> float:
         scorers = self.picks.scheduler.profile.scorers
@@ -153,8 +155,16 @@ class PickerServer:
             self.policies_watcher.check()
             self._tasks.append(asyncio.create_task(self.policies_watcher.run()))
         if o.kubernetes is not None:
-            self.discovery = await o.kubernetes.discovery(self.store, self._set_policies)
+            kube = o.kubernetes
+            self.discovery = await kube.discovery(self.store, self._set_policies)
             await self.discovery.start()
+            if kube.leader_election:
+                from epp.leader import LeaderElector
+
+                self.elector = LeaderElector(self.discovery.api, self.discovery.namespace, kube.lease,
+                                             lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline,
+                                             retry_period=kube.retry_period)
+                self.elector.start()
         await self.scraper.start()
         self._kv_kick.set()
         self._tasks.append(asyncio.create_task(self._kv_events_loop()))
@@ -211,7 +221,8 @@ class PickerServer:
                  self.bound_ports["health"], self.bound_ports["metrics"], len(self.store.addresses()))
 
     async def _update_readiness(self) -> None:
-        ready = self.store.fresh_count() > 0
+        """Ready once some endpoint has fresh metrics, and (with leader election) only the leader."""
+        ready = self.store.fresh_count() > 0 and (self.elector is None or self.elector.is_leader)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for svc in ("", "readiness", EXTPROC_SERVICE):
             await self.health.set(svc, status)
@@ -235,6 +246,8 @@ class PickerServer:
         for s in self._servers:
             await s.stop(grace)
         await self.scraper.stop()
+        if self.elector is not None:
+            await self.elector.stop(release=True)
         if self.discovery is not None:
             await self.discovery.stop()
         await self.kv_events.close()

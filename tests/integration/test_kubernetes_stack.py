@@ -126,3 +126,59 @@ async def test_objectives_and_rewrites_from_the_api(emulator: KubeEmulator, tmp_
         assert status == 429
         status, _, _ = await post(s, f"{stack.url}/v1/completions", completion_body("keep me"))
         assert status == 200
+
+
+async def _ready(picker: Any) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.bound_ports['health']}") as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"),
+                                                          timeout=2)
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_two_replicas_elect_one_ready_leader_and_fail_over(emulator: KubeEmulator, tmp_path: Path) -> None:
+    from epp.config import load_config
+    from epp.server.app import PickerServer, ServeOptions
+    from epp.sim.fleet import Fleet
+    from epp.sim.profiles import profile
+
+    ports = free_ports(2)
+    await emulator.apply(*POOL, pool(ports=tuple(ports)))
+    for i, p in enumerate(ports):
+        await emulator.apply(*PODS, sim_pod(f"vllm-{i}", p))
+    kube = KubernetesOptions(namespace=NS, pool_name="vllm-pool", leader_election=True, lease_duration=1.0,
+                             renew_deadline=0.6, retry_period=0.1,
+                             kubeconfig=emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
+    fleet = Fleet(ports, profile("fast"))
+    await fleet.start()
+    replicas = []
+    try:
+        for _ in range(2):
+            own = free_ports(3)
+            r = PickerServer(ServeOptions(config=load_config(None), kubernetes=kube, host="127.0.0.1",
+                                          grpc_port=own[0], grpc_health_port=own[1], metrics_port=own[2],
+                                          secure_serving=False))
+            await r.start()
+            replicas.append(r)
+
+        async def one_ready() -> bool:
+            states = [await _ready(r) for r in replicas]
+            return states.count(True) == 1
+
+        await wait_until(one_ready, 10, "exactly one ready replica")
+        ready = [await _ready(r) for r in replicas]
+        leader, standby = (replicas[0], replicas[1]) if ready[0] else (replicas[1], replicas[0])
+        assert standby.store.fresh_count() == 2  # warm: discovering and scraping, just not ready
+        await leader.stop(grace=0.1)  # a rolling update: the leader hands the lease back
+        replicas.remove(leader)
+
+        async def standby_ready() -> bool:
+            return await _ready(standby)
+
+        await wait_until(standby_ready, 3, "the standby to become the ready leader")
+    finally:
+        for r in replicas:
+            await r.stop(grace=0.1)
+        await fleet.stop()
