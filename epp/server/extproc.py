@@ -192,6 +192,10 @@ class ExtProcStream:
         if kind == "request_body":
             body = msg.request_body
             if self._picked:
+                if self._req_mode == FULL_DUPLEX:
+                    # Envoy 1.35+ can re-deliver the final chunk after end_of_stream (envoy#46237):
+                    # the body was already returned; answering again would be a spurious message.
+                    return []
                 return [CONTINUE_REQUEST_BODY]  # STREAMED chunks after a header pick
             if self._req_mode == FULL_DUPLEX:
                 if body.body:

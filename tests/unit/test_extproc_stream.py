@@ -67,6 +67,9 @@ def test_full_duplex_holds_headers_then_returns_body_pieces_with_one_eos() -> No
     assert b"".join(p.body for p in pieces) == BODY
     assert [p.end_of_stream for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert sum(ps.store.inflight.values()) == 1
+    # Envoy 1.35+ may re-deliver the last chunk after end_of_stream: it is ignored, not re-picked.
+    assert s.on_message(body(b"", True)) == [] and s.on_message(body(BODY[-5:], True)) == []
+    assert sum(ps.store.inflight.values()) == 1
     # Response phases: headers continue, body passed through byte for byte, end releases in-flight.
     assert parse(s.on_message(pb.ProcessingRequest(response_headers=pb.HttpHeaders())))[0].HasField(
         "response_headers")
