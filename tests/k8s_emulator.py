@@ -17,6 +17,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -90,6 +91,7 @@ class KubeEmulator:
         self.list_count = 0
         self.fail_next: list[int] = []  # statuses to answer the next requests with
         self.cleanups: list[Any] = []  # async callables a test registers (clients to close)
+        self.authorizations: set[str] = set()  # Authorization headers seen
 
     # -- test controls -------------------------------------------------------------------------
     def _coll(self, group: str, version: str, plural: str) -> _Collection:
@@ -151,19 +153,37 @@ class KubeEmulator:
             self._changed.notify_all()
 
     # -- server --------------------------------------------------------------------------------
-    async def start(self) -> str:
-        app = web.Application()
+    async def start(self, tls: tuple[bytes, bytes] | None = None) -> str:
+        """Serve on 127.0.0.1 (HTTPS with ``tls`` = (key PEM, cert PEM), as in a cluster)."""
+        app = web.Application(middlewares=[self._remember_auth])
         app.router.add_route("*", "/api/{version}/namespaces/{ns}/{plural}", self._collection_core)
         app.router.add_route("*", "/api/{version}/namespaces/{ns}/{plural}/{name}", self._object_core)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}", self._collection)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._object)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        ssl_ctx = None
+        if tls is not None:
+            import ssl
+            import tempfile
+
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            with tempfile.TemporaryDirectory() as d:
+                key, crt = Path(d) / "tls.key", Path(d) / "tls.crt"
+                key.write_bytes(tls[0])
+                crt.write_bytes(tls[1])
+                ssl_ctx.load_cert_chain(str(crt), str(key))
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_ctx)
         await site.start()
         server = getattr(site, "_server", None)
         self.port = server.sockets[0].getsockname()[1] if server is not None else 0
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+
+    @web.middleware
+    async def _remember_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.authorizations.add(request.headers.get("Authorization", ""))
+        result: web.StreamResponse = await handler(request)
+        return result
 
     async def stop(self) -> None:
         await self.drop_watches()

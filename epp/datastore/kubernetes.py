@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -46,7 +46,8 @@ ACTIVE_PORTS = "inference.networking.k8s.io/active-ports"
 POLICY_GROUP = "inference.networking.x-k8s.io"
 POLICY_VERSION = "v1alpha2"
 POLICY_PLURALS = ("inferenceobjectives", "inferencemodelrewrites")
-NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+NAMESPACE_FILE = f"{SERVICE_ACCOUNT_DIR}/namespace"
 
 
 class PoolError(ValueError):
@@ -227,11 +228,18 @@ def _namespace(explicit: str | None) -> str:
     return "default"
 
 
-async def api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
-    """In-cluster config when running in a pod (unless a kubeconfig is given), else the kubeconfig."""
+async def api_client(kubeconfig: str | None = None, service_account_dir: str = SERVICE_ACCOUNT_DIR,
+                     environ: Mapping[str, str] | None = None) -> k8s_client.ApiClient:
+    """In-cluster config when running in a pod (unless a kubeconfig is given): the API server from
+    KUBERNETES_SERVICE_HOST/PORT, the service account's token and CA; else the kubeconfig."""
+    from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+    env = os.environ if environ is None else environ
     conf = k8s_client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        k8s_config.load_incluster_config(client_configuration=conf)
+    if kubeconfig is None and env.get("KUBERNETES_SERVICE_HOST"):
+        InClusterConfigLoader(token_filename=f"{service_account_dir}/token",
+                              cert_filename=f"{service_account_dir}/ca.crt",
+                              environ=dict(env)).load_and_set(conf)
     else:
         await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
     return k8s_client.ApiClient(conf)

@@ -211,3 +211,30 @@ def test_pool_spec_errors_name_the_field() -> None:
     spec = PoolSpec.parse(pool(ports=(8000, 8001)))
     assert spec.label_selector == "app=vllm" and spec.failure_mode == "FailClose"
     assert pod_endpoints(pod("x", "fd00::5"), (8000,)) == ["[fd00::5]:8000"]
+
+
+async def test_in_cluster_config_uses_the_service_account_over_tls(tmp_path: Path) -> None:
+    from epp.server.tls import self_signed
+
+    key, crt = self_signed()
+    emu = KubeEmulator()
+    await emu.start(tls=(key, crt))
+    try:
+        sa = tmp_path / "serviceaccount"
+        sa.mkdir()
+        (sa / "token").write_text("in-cluster-token")
+        (sa / "ca.crt").write_bytes(crt)
+        env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(emu.port)}
+        await emu.apply(*POOL, pool())
+        await emu.apply(*PODS, pod("a", "10.0.0.1"))
+        store = Datastore()
+        api = await api_client(None, service_account_dir=str(sa), environ=env)
+        d = KubernetesDiscovery(api, store, NS, pool_name="vllm-pool")
+        await d.start()
+        try:
+            await endpoints_are(store, ["10.0.0.1:8000"], "discovery with the in-cluster config")
+        finally:
+            await d.stop()
+        assert "Bearer in-cluster-token" in emu.authorizations
+    finally:
+        await emu.stop()
