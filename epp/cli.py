@@ -212,6 +212,23 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sm.add_argument("--groups", type=int, default=120)
     sm.add_argument("--prefix-tokens", type=int, default=8000)
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
+    ro = bsub.add_parser("routing", help="epp vs Envoy and the peer routers on the simulated fleet (+ plots)")
+    ro.add_argument("--out", default="results/routing")
+    ro.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    ro.add_argument("--servers", type=int, default=8)
+    ro.add_argument("--loads", default="0.9", help="fractions of the fleet's capacity, e.g. 0.5,0.9,1.1")
+    ro.add_argument("--requests", type=int, default=1200, help="requests per run")
+    ro.add_argument("--workload", default="mix", help="mix, zipf, hot, multiturn, long or bursty")
+    ro.add_argument("--contenders", default=",".join(("envoy-round-robin", "envoy-least-request", "epp",
+                                                      "vllm-router", "sglang-router")))
+    ro.add_argument("--trace", help="replay this saved trace instead of generating one")
+    ro.add_argument("--prefix-tokens", type=int, default=3000, help="shared system prompt length")
+    ro.add_argument("--groups", type=int, default=64, help="prefix groups (Zipf popularity)")
+    ro.add_argument("--output-tokens", type=int, default=64)
+    ro.add_argument("--seed", type=int, default=1)
+    ro.add_argument("--capacity-seconds", type=float, default=20.0)
+    ro.add_argument("--max-seconds", type=float, default=240.0, help="time cap per run")
+    ro.add_argument("--no-progress", action="store_true")
     pr = bsub.add_parser("precise", help="approximate vs precise prefix routing under churn (sim fleet)")
     pr.add_argument("--out", default="results/precise")
     pr.add_argument("--profile", default="h100-llama8b", help="simulator preset")
@@ -266,6 +283,31 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing_effect(out, preset=args.profile, servers=args.servers, load=args.load,
                                   requests=args.requests, capacity_seconds=args.capacity_seconds, wl=wl))
         print((out / "sim-routing.md").read_text())
+        return 0
+    if args.bench_command == "routing":
+        from epp.bench.routing import CONTENDERS, RoutingOptions, bench_routing
+        from epp.bench.workloads import WORKLOADS, WorkloadParams
+
+        contenders = tuple(c for c in args.contenders.split(",") if c)
+        bad = [c for c in contenders if c not in CONTENDERS]
+        if bad or args.workload not in WORKLOADS:
+            print(f"epp bench routing: unknown contender(s) {bad} (known: {', '.join(CONTENDERS)}) or workload "
+                  f"{args.workload!r} (known: {', '.join(WORKLOADS)})", file=sys.stderr)
+            return 2
+        try:
+            loads = tuple(float(x) for x in args.loads.split(","))
+        except ValueError:
+            print(f"epp bench routing: --loads: expected numbers like 0.5,0.9, got {args.loads!r}", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        _run(bench_routing(out, RoutingOptions(
+            preset=args.profile, servers=args.servers, loads=loads, requests=args.requests, workload=args.workload,
+            seed=args.seed, contenders=contenders, capacity_seconds=args.capacity_seconds,
+            max_seconds=args.max_seconds, trace_file=Path(args.trace) if args.trace else None,
+            params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
+                                  output_tokens=args.output_tokens),
+            progress=not args.no_progress)))
+        print((out / "routing.md").read_text())
         return 0
     if args.bench_command == "precise":
         from epp.bench.precisebench import Churn, bench_precise

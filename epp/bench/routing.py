@@ -1,0 +1,469 @@
+"""`epp bench routing`: routing quality of epp against Envoy and the peer routers, in one run.
+
+For each load and each contender: a fresh simulated fleet (same preset, same ports layout), the
+contender in front of it as its own process(es), and the same seeded trace (epp.bench.workloads)
+driven through an OpenAI-style streaming client with open-loop arrivals. Contenders: Envoy
+round robin, Envoy least-request, Envoy + epp, ``vllm-router --policy cache_aware`` and
+``sglang-router`` (``smg launch``) cache_aware, each peer installed into its own venv under
+``.venv-peers/`` on first use (reported "not available", with the reason, if that fails).
+
+Per contender: TTFT, inter-token latency and end-to-end percentiles, output tokens/s,
+requests/s, errors, the fleet's prefix-cache hit rate, the requests each server got, and the
+router's own CPU per request. Results: JSON, a markdown table, and PNG plots (TTFT CDF,
+throughput vs load, per-server outstanding requests over time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from epp.bench.procs import cpu_seconds, start_epp, stop
+from epp.bench.simbench import _pct
+from epp.bench.workloads import Session, Trace, WorkloadParams, build
+from epp.sim.fleet import Fleet
+from epp.sim.profiles import profile
+from epp.stack.local import EnvoyProc, free_ports, spawn, start_envoy, wait_until
+
+CONTENDERS = ("envoy-round-robin", "envoy-least-request", "epp", "vllm-router", "sglang-router")
+PEERS = {"vllm-router": ("vllm-router==0.1.17", "vllm-router"), "sglang-router": ("sglang-router==0.3.2", "smg")}
+_TEXT = re.compile(rb'"content":\s*"[^"]')
+
+
+@dataclass
+class RequestResult:
+    kind: str
+    sent_s: float
+    status: int
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Running:
+    """A started contender: its URL and the processes whose CPU counts as the router's."""
+
+    url: str
+    procs: list[subprocess.Popen[bytes]]
+    envoy: EnvoyProc | None = None
+
+    def cpu(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(OSError, ValueError):
+                total += cpu_seconds(p.pid)
+        if self.envoy is not None:
+            with contextlib.suppress(OSError, ValueError):
+                total += cpu_seconds(self.envoy.proc.pid)
+        return total
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(p)
+        if self.envoy is not None:
+            self.envoy.stop()
+
+
+def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
+    """The peer's executable, installing it into its own venv on first use; (None, why) if not."""
+    spec, exe = PEERS[name]
+    venv = venvs / name
+    path = venv / "bin" / exe
+    if path.exists():
+        return [str(path)], ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", spec],
+                             capture_output=True, text=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as e:
+        return None, f"cannot create a venv for {spec}: {e}"
+    if out.returncode != 0 or not path.exists():
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"pip install {spec} failed: {tail[0][:200]}"
+    return [str(path)], ""
+
+
+async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path) -> Running | str:
+    """Start ``name`` in front of ``addresses``; a string says why it is not available."""
+    if name in ("envoy-round-robin", "envoy-least-request"):
+        policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
+        envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
+        return Running(envoy.url, [], envoy)
+    if name == "epp":
+        grpc, health, metrics = free_ports(3)
+        epp = await start_epp(addresses, grpc, health, metrics, workdir)
+        try:
+            envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc)
+        except Exception:
+            stop(epp)
+            raise
+        return Running(envoy.url, [epp], envoy)
+    cmd, why = await asyncio.to_thread(peer_command, name, venvs)
+    if cmd is None:
+        return why
+    port, prom = free_ports(2)
+    urls = [f"http://{a}" for a in addresses]
+    args = [*cmd] if name == "vllm-router" else [*cmd, "launch"]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", "cache_aware",
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom)]
+    proc = spawn(args, workdir / f"{name}.log")
+    base = f"http://127.0.0.1:{port}"
+
+    async def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited; see {workdir / (name + '.log')}")
+        async with aiohttp.ClientSession() as s, s.get(f"{base}/health") as r:
+            return r.status == 200
+
+    try:
+        await wait_until(up, 60, f"{name} ready")
+    except (TimeoutError, RuntimeError) as e:
+        stop(proc)
+        return f"{name} did not start: {e}"
+    return Running(base, [proc])
+
+
+async def _turn(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                kind: str, t0: float) -> tuple[RequestResult, str]:
+    body = orjson.dumps({"model": model, "messages": messages, "stream": True,
+                         "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True})
+    start = time.monotonic()
+    res = RequestResult(kind, start - t0, 0)
+    text: list[str] = []
+    last = None
+    try:
+        async with s.post(f"{url}/v1/chat/completions", data=body,
+                          headers={"content-type": "application/json"}) as r:
+            res.status = r.status
+            if r.status != 200:
+                await r.read()
+                return res, ""
+            buf = b""
+            async for chunk in r.content.iter_any():
+                now = time.monotonic()
+                if _TEXT.search(chunk):
+                    if res.ttft_s is None:
+                        res.ttft_s = now - start
+                    elif last is not None:
+                        res.itl_s.append(now - last)
+                    last = now
+                buf += chunk
+            for line in buf.split(b"\n"):
+                if not line.startswith(b"data: {"):
+                    continue
+                data = orjson.loads(line[6:])
+                for c in data.get("choices") or ():
+                    text.append((c.get("delta") or {}).get("content") or "")
+                usage = data.get("usage")
+                if usage:
+                    res.output_tokens = usage.get("completion_tokens") or 0
+                    res.cached_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            res.e2e_s = time.monotonic() - start
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        res.status = 599
+    return res, "".join(text)
+
+
+async def _session(s: aiohttp.ClientSession, url: str, model: str, sess: Session, t0: float,
+                   out: list[RequestResult]) -> None:
+    messages = [{"role": "system", "content": sess.system}]
+    for i, q in enumerate(sess.questions):
+        if i:
+            await asyncio.sleep(sess.think_s)
+        messages.append({"role": "user", "content": q})
+        res, answer = await _turn(s, url, model, messages, sess.max_tokens, sess.kind, t0)
+        out.append(res)
+        if res.status != 200:
+            return
+        messages.append({"role": "assistant", "content": answer})
+
+
+Samples = list[list[float]]  # [t, outstanding on server 0, server 1, ...]
+
+
+async def drive(url: str, trace: Trace, fleet: Fleet, max_seconds: float,
+                on_progress: Callable[[int], None] | None = None) -> tuple[list[RequestResult], float, Samples]:
+    """Replay ``trace`` against ``url``; (results, elapsed, per-server outstanding samples)."""
+    model = fleet.servers[0].params.names()[0]
+    results: list[RequestResult] = []
+    samples: list[list[float]] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append([time.monotonic() - t0, *[float(len(srv.engine.running) + len(srv.engine.waiting))
+                                                      for srv in fleet.servers]])
+            if on_progress is not None:
+                on_progress(len(results))
+            await asyncio.sleep(0.5)
+
+    t0 = time.monotonic()
+    sampler = asyncio.create_task(sample())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=max(60.0, max_seconds))) as s:
+        tasks = []
+        for sess in trace.sessions:
+            delay = t0 + sess.start_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.monotonic() - t0 > max_seconds:
+                break
+            tasks.append(asyncio.create_task(_session(s, url, model, sess, t0, results)))
+        _, pending = await asyncio.wait(tasks, timeout=max(5.0, max_seconds - (time.monotonic() - t0)) + 60)
+        for t in pending:
+            t.cancel()
+    elapsed = time.monotonic() - t0
+    sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
+    return results, elapsed, samples
+
+
+async def capacity(preset: str, servers: int, workload: str, params: WorkloadParams, seconds: float) -> float:
+    """Requests/s the fleet completes with requests spread evenly and plenty of concurrency."""
+    fleet = Fleet(free_ports(servers), profile(preset))
+    await fleet.start()
+    model = profile(preset).names()[0]
+    try:
+        trace = build(workload, 20_000, 1e6, seed=99, p=params)
+        flat = [(sess.system, q, sess.max_tokens) for sess in trace.sessions for q in sess.questions]
+        done = 0
+        idx = 0
+        stop_at = time.monotonic() + seconds
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            async def worker() -> None:
+                nonlocal done, idx
+                while time.monotonic() < stop_at and idx < len(flat):
+                    i = idx
+                    idx += 1
+                    system, q, mt = flat[i]
+                    url = f"http://{fleet.servers[i % servers].address}"
+                    msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+                    res, _ = await _turn(s, url, model, msgs, mt, "capacity", 0.0)
+                    if res.status == 200:
+                        done += 1
+
+            start = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(servers * 24)))
+            if not done:
+                raise RuntimeError(f"the {preset} fleet completed no request while measuring capacity: is the "
+                                   "workload's prompt longer than the preset's max_model_len?")
+            return done / (time.monotonic() - start)
+    finally:
+        await fleet.stop()
+
+
+def summarize(name: str, load: float, results: list[RequestResult], elapsed: float, fleet: Fleet,
+              cpu: float) -> dict[str, Any]:
+    ok = [r for r in results if r.status == 200]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    itl = [x for r in ok for x in r.itl_s]
+    hits = sum(srv.engine.stats.prefix_hits for srv in fleet.servers)
+    queries = sum(srv.engine.stats.prefix_queries for srv in fleet.servers)
+    per_server = [sum(srv.engine.stats.finished.values()) for srv in fleet.servers]
+    mean = sum(per_server) / len(per_server) if per_server else 0.0
+    return {
+        "contender": name, "load": load, "requests": len(results), "errors": len(results) - len(ok),
+        "req_per_s": round(len(ok) / elapsed, 2),
+        "output_tok_per_s": round(sum(r.output_tokens for r in ok) / elapsed, 1),
+        "ttft_p50_s": round(_pct(ttft, 50), 4), "ttft_p90_s": round(_pct(ttft, 90), 4),
+        "ttft_p99_s": round(_pct(ttft, 99), 4), "itl_p50_ms": round(1000 * _pct(itl, 50), 2),
+        "itl_p90_ms": round(1000 * _pct(itl, 90), 2), "e2e_p50_s": round(_pct(e2e, 50), 3),
+        "e2e_p90_s": round(_pct(e2e, 90), 3), "prefix_hit_rate": round(hits / queries, 3) if queries else 0.0,
+        "per_server_requests": per_server,
+        "load_imbalance": round(max(per_server) / mean, 2) if mean else 0.0,
+        "router_cpu_us_per_req": round(1e6 * cpu / len(results), 1) if results else None,
+        "ttft_all_s": sorted(round(x, 4) for x in ttft),
+    }
+
+
+@dataclass
+class RoutingOptions:
+    preset: str = "h100-llama8b"
+    servers: int = 8
+    loads: tuple[float, ...] = (0.9,)
+    requests: int = 1200
+    workload: str = "mix"
+    seed: int = 1
+    contenders: tuple[str, ...] = CONTENDERS
+    capacity_seconds: float = 20.0
+    max_seconds: float = 240.0
+    params: WorkloadParams = field(default_factory=WorkloadParams)
+    trace_file: Path | None = None  # replay this trace (rate from the file) instead of building one
+    progress: bool = True
+
+
+async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".venv-peers")) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    venvs = venvs.resolve()
+    # sglang-router probes workers with HTTP/2 first; the simulator (HTTP/1.1, like vLLM's server)
+    # answers 400 and aiohttp would log a traceback for each probe.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    cap = await capacity(opts.preset, opts.servers, opts.workload, opts.params, opts.capacity_seconds)
+    rows: list[dict[str, Any]] = []
+    unavailable: dict[str, str] = {}
+    load_series: dict[str, list[list[float]]] = {}
+    progress = _Progress(opts.progress)
+    with progress:
+        for load in opts.loads:
+            trace = Trace.load(opts.trace_file) if opts.trace_file else build(
+                opts.workload, opts.requests, cap * load, opts.seed, opts.params)
+            trace.save(out / f"trace-{opts.workload}-{load}.json")
+            for name in opts.contenders:
+                if name in unavailable:
+                    continue
+                task = progress.add(f"{name} @ {load}", trace.requests)
+                fleet = Fleet(free_ports(opts.servers), profile(opts.preset))
+                await fleet.start()
+                work = out / "logs" / f"{name}-{load}"
+                work.mkdir(parents=True, exist_ok=True)
+                try:
+                    running = await start_contender(name, [s.address for s in fleet.servers], work, venvs)
+                    if isinstance(running, str):
+                        unavailable[name] = running
+                        progress.done(task, f"not available: {running}")
+                        continue
+                    try:
+                        cpu0 = running.cpu()
+                        def show(n: int, t: int = task) -> None:
+                            progress.update(t, n)
+
+                        results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds, show)
+                        row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
+                    finally:
+                        running.stop()
+                finally:
+                    await fleet.stop()
+                rows.append(row)
+                load_series[f"{name}@{load}"] = samples
+                progress.done(task, f"TTFT p90 {row['ttft_p90_s']} s, {row['errors']} errors")
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset, "servers": opts.servers,
+                       "workload": opts.workload, "loads": list(opts.loads), "capacity_rps": round(cap, 2),
+                       "params": asdict(opts.params), "requests": opts.requests},
+              "rows": rows, "unavailable": unavailable}
+    (out / "routing.json").write_text(json.dumps(result, indent=1))
+    (out / "routing.md").write_text(markdown(result))
+    plots(out, result, load_series)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    lines = [f"# epp bench routing ({m['date']}): {m['preset']}, {m['servers']} servers, workload {m['workload']}, "
+             f"capacity {m['capacity_rps']} req/s", "",
+             "| contender | load | requests | errors | req/s | output tok/s | TTFT p50 s | TTFT p90 s | TTFT p99 s "
+             "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['contender']} | {r['load']} | {r['requests']} | {r['errors']} | {r['req_per_s']} "
+                     f"| {r['output_tok_per_s']} | {r['ttft_p50_s']} | {r['ttft_p90_s']} | {r['ttft_p99_s']} "
+                     f"| {r['itl_p50_ms']} | {r['e2e_p90_s']} | {r['prefix_hit_rate']} | {r['load_imbalance']} "
+                     f"| {r['router_cpu_us_per_req']} |")
+    for name, why in result["unavailable"].items():
+        lines.append(f"\n{name}: not available ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, result: dict[str, Any], load_series: dict[str, list[list[float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    if not rows:
+        return
+    top = max(r["load"] for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["load"] == top and r["ttft_all_s"]:
+            xs = r["ttft_all_s"]
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r["contender"])
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"TTFT CDF at load {top}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft_cdf.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["contender"] for r in rows):
+        pts = sorted((r["load"], r["output_tok_per_s"]) for r in rows if r["contender"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("offered load (fraction of capacity)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput vs load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_load.png", dpi=110)
+    plt.close(fig)
+
+    series = {k: v for k, v in load_series.items() if k.endswith(f"@{top}") and v}
+    if series:
+        fig, axes = plt.subplots(len(series), 1, figsize=(7, 1.8 * len(series)), sharex=True, squeeze=False)
+        for ax, (key, samples) in zip(axes[:, 0], series.items(), strict=True):
+            ts = [s[0] for s in samples]
+            for i in range(1, len(samples[0])):
+                ax.plot(ts, [s[i] for s in samples], linewidth=0.8)
+            ax.set_title(key.split("@")[0], fontsize=9)
+            ax.set_ylabel("outstanding")
+        axes[-1, 0].set_xlabel("time (s)")
+        fig.tight_layout()
+        fig.savefig(out / "server_load.png", dpi=110)
+        plt.close(fig)
+
+
+class _Progress:
+    """A rich progress display (or nothing, for tests and CI logs)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._p: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.__exit__(None, None, None)
+
+    def add(self, name: str, total: int) -> int:
+        if self._p is None:
+            print(f"epp bench routing: {name} ...", file=sys.stderr, flush=True)
+            return 0
+        task: int = self._p.add_task(name, total=total, note="")
+        return task
+
+    def update(self, task: int, completed: int) -> None:
+        if self._p is not None:
+            self._p.update(task, completed=completed)
+
+    def done(self, task: int, note: str) -> None:
+        if self._p is None:
+            print(f"  {note}", file=sys.stderr, flush=True)
+        else:
+            self._p.update(task, note=note)

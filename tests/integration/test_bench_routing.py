@@ -1,0 +1,36 @@
+"""`epp bench routing` smoke run: every contender completes a small trace and the result files
+are written (the benchmark cannot rot). Peers are installed into .venv-peers on first use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from epp.bench.routing import CONTENDERS, RoutingOptions, bench_routing
+from epp.bench.workloads import WorkloadParams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(600)
+async def test_every_contender_completes_a_small_trace(tmp_path: Path) -> None:
+    opts = RoutingOptions(preset="fast", servers=2, loads=(0.5,), requests=24, capacity_seconds=2.0,
+                          max_seconds=30.0, params=WorkloadParams(groups=4, prefix_tokens=200, output_tokens=8,
+                                                                 turns=2, think_s=0.05), progress=False)
+    result = await bench_routing(tmp_path, opts, venvs=ROOT / ".venv-peers")
+    ran = {r["contender"]: r for r in result["rows"]}
+    for name in ("envoy-round-robin", "envoy-least-request", "epp"):
+        assert name in ran
+    for name in CONTENDERS:
+        if name in result["unavailable"]:  # a peer that could not be installed says why
+            assert name in ("vllm-router", "sglang-router") and result["unavailable"][name]
+            continue
+        row = ran[name]
+        assert row["requests"] >= 24 and row["errors"] == 0, row
+        assert sum(row["per_server_requests"]) >= 24 and row["ttft_p90_s"] > 0
+    for f in ("routing.json", "routing.md", "ttft_cdf.png", "throughput_vs_load.png", "server_load.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert json.loads((tmp_path / "routing.json").read_text())["meta"]["workload"] == "mix"
+    assert (tmp_path / "trace-mix-0.5.json").stat().st_size > 0
