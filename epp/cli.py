@@ -221,6 +221,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--workload", default="mix", help="mix, zipf, hot, multiturn, long or bursty")
     ro.add_argument("--contenders", default=",".join(("envoy-round-robin", "envoy-least-request", "epp",
                                                       "vllm-router", "sglang-router")))
+    ro.add_argument("--epp-config", action="append", default=[], metavar="NAME=PATH",
+                    help="also run epp with this EndpointPickerConfig, as contender epp-NAME (repeatable)")
     ro.add_argument("--trace", help="replay this saved trace instead of generating one")
     ro.add_argument("--prefix-tokens", type=int, default=3000, help="shared system prompt length")
     ro.add_argument("--groups", type=int, default=64, help="prefix groups (Zipf popularity)")
@@ -288,8 +290,15 @@ def run_bench(args: argparse.Namespace) -> int:
         from epp.bench.routing import CONTENDERS, RoutingOptions, bench_routing
         from epp.bench.workloads import WORKLOADS, WorkloadParams
 
-        contenders = tuple(c for c in args.contenders.split(",") if c)
-        bad = [c for c in contenders if c not in CONTENDERS]
+        configs = {}
+        for item in args.epp_config:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not Path(path).is_file():
+                print(f"epp bench routing: --epp-config expects NAME=PATH to a file, got {item!r}", file=sys.stderr)
+                return 2
+            configs[name] = Path(path)
+        contenders = tuple(c for c in args.contenders.split(",") if c) + tuple(f"epp-{n}" for n in configs)
+        bad = [c for c in contenders if c not in CONTENDERS and not c.startswith("epp-")]
         if bad or args.workload not in WORKLOADS:
             print(f"epp bench routing: unknown contender(s) {bad} (known: {', '.join(CONTENDERS)}) or workload "
                   f"{args.workload!r} (known: {', '.join(WORKLOADS)})", file=sys.stderr)
@@ -306,7 +315,7 @@ def run_bench(args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds, trace_file=Path(args.trace) if args.trace else None,
             params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
                                   output_tokens=args.output_tokens),
-            progress=not args.no_progress)))
+            progress=not args.no_progress, epp_configs=configs)))
         print((out / "routing.md").read_text())
         return 0
     if args.bench_command == "precise":

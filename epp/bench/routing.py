@@ -99,15 +99,23 @@ def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
     return [str(path)], ""
 
 
-async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path) -> Running | str:
-    """Start ``name`` in front of ``addresses``; a string says why it is not available."""
+async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path,
+                          epp_configs: dict[str, Path] | None = None) -> Running | str:
+    """Start ``name`` in front of ``addresses``; a string says why it is not available. ``epp-X``
+    is epp with the config file ``epp_configs[X]``."""
     if name in ("envoy-round-robin", "envoy-least-request"):
         policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
         envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
         return Running(envoy.url, [], envoy)
-    if name == "epp":
+    if name == "epp" or name.startswith("epp-"):
         grpc, health, metrics = free_ports(3)
-        epp = await start_epp(addresses, grpc, health, metrics, workdir)
+        extra: tuple[str, ...] = ()
+        if name != "epp":
+            config = (epp_configs or {}).get(name[4:])
+            if config is None:
+                return f"no config file given for {name} (--epp-config {name[4:]}=PATH)"
+            extra = ("--config-file", str(config))
+        epp = await start_epp(addresses, grpc, health, metrics, workdir, extra)
         try:
             envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc)
         except Exception:
@@ -289,6 +297,8 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "per_server_requests": per_server,
         "load_imbalance": round(max(per_server) / mean, 2) if mean else 0.0,
         "router_cpu_us_per_req": round(1e6 * cpu / len(results), 1) if results else None,
+        "ttft_p90_by_kind_s": {k: round(_pct([r.ttft_s for r in ok if r.kind == k and r.ttft_s is not None], 90), 4)
+                               for k in sorted({r.kind for r in ok})},
         "ttft_all_s": sorted(round(x, 4) for x in ttft),
     }
 
@@ -305,6 +315,7 @@ class RoutingOptions:
     capacity_seconds: float = 20.0
     max_seconds: float = 240.0
     params: WorkloadParams = field(default_factory=WorkloadParams)
+    epp_configs: dict[str, Path] = field(default_factory=dict)  # contender "epp-NAME" runs with config NAME
     trace_file: Path | None = None  # replay this trace (rate from the file) instead of building one
     progress: bool = True
 
@@ -334,7 +345,8 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
                 work = out / "logs" / f"{name}-{load}"
                 work.mkdir(parents=True, exist_ok=True)
                 try:
-                    running = await start_contender(name, [s.address for s in fleet.servers], work, venvs)
+                    running = await start_contender(name, [s.address for s in fleet.servers], work, venvs,
+                                                    opts.epp_configs)
                     if isinstance(running, str):
                         unavailable[name] = running
                         progress.done(task, f"not available: {running}")

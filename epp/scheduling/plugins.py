@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
+from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefix_index import PrefixIndex
@@ -71,7 +72,9 @@ class RunningRequestsScorer(_NoParams):
 
 class PrefixCacheScorer:
     """Approximate prefix affinity: matched leading blocks / prompt blocks, from where epp sent
-    earlier prompts. The pick records the request's blocks on the chosen endpoint."""
+    earlier prompts, with hot prefixes spread over less busy pods (epp.scheduling.balance;
+    ``balanceAbsThreshold`` < 0 turns that off). The pick records the request's blocks on the
+    chosen endpoint."""
 
     type_name: ClassVar[str] = "prefix-cache-scorer"
 
@@ -81,6 +84,8 @@ class PrefixCacheScorer:
         max_blocks = params.int("maxPrefixBlocksToMatch", 256, minimum=1)
         lru = params.int("lruCapacityPerServer", 31250, minimum=1)
         params.bool("autoTune", True)  # accepted for compatibility with the reference
+        self.balance_abs = params.float("balanceAbsThreshold", 4.0)
+        self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
         params.done()
         self.index = PrefixIndex(block, max_blocks, lru)
 
@@ -92,7 +97,8 @@ class PrefixCacheScorer:
             return [0.0] * len(candidates)
         matches = self.index.match_lengths(hashes)
         total = len(hashes)
-        return [matches.get(c.address, 0) / total for c in candidates]
+        scores = [matches.get(c.address, 0) / total for c in candidates]
+        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
 
     def record(self, address: str, cycle: CycleState) -> None:
         hashes = cycle.data.get(self.name)

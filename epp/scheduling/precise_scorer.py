@@ -21,6 +21,7 @@ from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
+from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
@@ -82,6 +83,8 @@ class PrecisePrefixCacheScorer:
         else:
             self.tracker = PrecisionTracker()
         self.inject_usage = params.bool("injectUsage", True)
+        self.balance_abs = params.float("balanceAbsThreshold", 4.0)
+        self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
         self.approx = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1),
                                   params.int("maxPrefixBlocksToMatch", 256, minimum=1),
                                   params.int("lruCapacityPerServer", 31250, minimum=1))
@@ -139,11 +142,14 @@ class PrecisePrefixCacheScorer:
                 total = len(hashes)
                 if not total:
                     return [0.0] * len(candidates)
-                return [matched.get(c.address, 0) / total for c in candidates]
+                return self._spread([matched.get(c.address, 0) / total for c in candidates], snapshot, candidates)
         if not approx:
             return [0.0] * len(candidates)
         matches = self.approx.match_lengths(approx)
-        return [matches.get(c.address, 0) / len(approx) for c in candidates]
+        return self._spread([matches.get(c.address, 0) / len(approx) for c in candidates], snapshot, candidates)
+
+    def _spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
+        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
 
     def record(self, address: str, cycle: CycleState) -> None:
         st = cycle.data.get(self.name)

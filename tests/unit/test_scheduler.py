@@ -17,8 +17,10 @@ from epp.scheduling.types import SchedulingError
 NOW = 1000.0
 
 
-def ep(addr: str, waiting: float = 0, kv: float = 0.0, age: float = 0.0, error: str | None = None) -> EndpointState:
-    return EndpointState(addr, EngineSignals(waiting=waiting, kv_usage=kv), scraped_at=NOW - age, error=error)
+def ep(addr: str, waiting: float = 0, kv: float = 0.0, age: float = 0.0, error: str | None = None,
+       running: float = 0) -> EndpointState:
+    return EndpointState(addr, EngineSignals(waiting=waiting, running=running, kv_usage=kv), scraped_at=NOW - age,
+                         error=error)
 
 
 def snap(*eps: EndpointState, inflight: dict[str, int] | None = None,
@@ -118,3 +120,18 @@ def test_weighted_random_and_random_pickers() -> None:
     s = scheduler(DEFAULT_CONFIG.replace("max-score-picker", "random-picker"))
     counts = Counter(s.schedule(req(), snap(ep("a", kv=0.0), ep("b", kv=0.99))).primary for _ in range(300))
     assert min(counts.values()) > 100
+
+
+def test_a_hot_prefix_spreads_once_its_holder_is_much_busier() -> None:
+    from epp.scheduling.balance import spread_hot_prefixes
+
+    eps = [ep("hot", running=30), ep("b", running=4), ep("c", running=20)]
+    snap = Snapshot(tuple(eps), {"hot": 2}, {}, NOW, 2.0)
+    # The least busy runs 4, so the limit is 4 x 1.5 + 4 = 10: the holders running 30 and 20 lose their match.
+    assert spread_hot_prefixes([1.0, 0.0, 0.5], snap, eps, 4.0, 1.5) == [0.0, 0.0, 0.0]
+    assert spread_hot_prefixes([1.0, 0.0, 0.5], snap, eps, 32.0, 1.5) == [1.0, 0.0, 0.5]  # within bounds
+    assert spread_hot_prefixes([1.0, 0.0, 0.5], snap, eps, -1, 1.5) == [1.0, 0.0, 0.5]  # turned off
+    # epp's own in-flight count counts when the scrape has not seen the load yet.
+    quiet = [ep("hot"), ep("b")]
+    snap = Snapshot(tuple(quiet), {"hot": 12}, {}, NOW, 2.0)
+    assert spread_hot_prefixes([1.0, 0.0], snap, quiet, 4.0, 1.5) == [0.0, 0.0]
