@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.config import PickerConfig, config_watcher
@@ -26,6 +24,7 @@ from epp.server import h2grpc
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
 from epp.server.extproc import ExtProcStream, GrpcioExtProc
 from epp.server.extproc import h2_services as extproc_services
+from epp.server.health import NOT_SERVING, SERVING, HealthState
 from epp.server.pickapi import GrpcioPickAPI, PickAPI
 from epp.server.picking import PickService
 from epp.server.tls import load_cert_dir, self_signed
@@ -92,7 +91,7 @@ class PickerServer:
         self.kv_events = KVEventManager()
         self._kv_kick = asyncio.Event()
         self.metrics.registry.register(PreciseCollector(opts.pool_name, self._precise_scorers, self.kv_events.totals))
-        self.health = HealthServicer()
+        self.health = HealthState()
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._metrics_runner: web.AppRunner | None = None
@@ -101,6 +100,7 @@ class PickerServer:
         self.policies_watcher: WatchedFile[RequestPolicies] | None = None
         self.bound_ports: dict[str, int] = {}
         self.h2: h2grpc.H2GrpcServer | None = None
+        self.health_server: h2grpc.H2GrpcServer | None = None
         self.discovery: KubernetesDiscovery | None = None
         self.elector: LeaderElector | None = None
 
@@ -198,12 +198,9 @@ class PickerServer:
             await server.start()
             self._servers.append(server)
 
-        hserver = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, hserver)
-        self.bound_ports["health"] = hserver.add_insecure_port(f"{o.host}:{o.grpc_health_port}")
-        await hserver.start()
-        self._servers.append(hserver)
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        self.health_server = h2grpc.H2GrpcServer(self.health.h2_services())
+        self.bound_ports["health"] = await self.health_server.start(o.host, o.grpc_health_port)
+        self.health.set("liveness", SERVING)
         await self._update_readiness()
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
 
@@ -223,9 +220,9 @@ class PickerServer:
     async def _update_readiness(self) -> None:
         """Ready once some endpoint has fresh metrics, and (with leader election) only the leader."""
         ready = self.store.fresh_count() > 0 and (self.elector is None or self.elector.is_leader)
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = SERVING if ready else NOT_SERVING
         for svc in ("", "readiness", EXTPROC_SERVICE):
-            await self.health.set(svc, status)
+            self.health.set(svc, status)
 
     async def _readiness_loop(self) -> None:
         while True:
@@ -243,6 +240,8 @@ class PickerServer:
                 await t
         if self.h2 is not None:
             await self.h2.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
         for s in self._servers:
             await s.stop(grace)
         await self.scraper.stop()

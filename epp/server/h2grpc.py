@@ -86,6 +86,7 @@ _OK_TRAILERS = trailers_block(OK)
 class Responder(Protocol):
     def send(self, message: bytes) -> None: ...
     def finish(self, status: int = OK, message: str = "") -> None: ...
+    def flush(self) -> None: ...
 
 
 class RpcHandler(Protocol):
@@ -140,6 +141,10 @@ class _Stream:
             conn.blocked.add(self)
             return
         conn.emit_data(self, data)
+
+    def flush(self) -> None:
+        """Write what was queued now (sends made outside a read, e.g. a health Watch update)."""
+        self.conn._flush()
 
     def finish(self, status: int = OK, message: str = "") -> None:
         if self.finished:
