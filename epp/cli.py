@@ -224,8 +224,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--epp-config", action="append", default=[], metavar="NAME=PATH",
                     help="also run epp with this EndpointPickerConfig, as contender epp-NAME (repeatable)")
     ro.add_argument("--trace", help="replay this saved trace instead of generating one")
-    ro.add_argument("--prefix-tokens", type=int, default=3000, help="shared system prompt length")
-    ro.add_argument("--groups", type=int, default=64, help="prefix groups (Zipf popularity)")
+    ro.add_argument("--prefix-tokens", type=int, default=6000, help="shared system prompt length")
+    ro.add_argument("--groups", type=int, default=128, help="prefix groups (Zipf popularity)")
     ro.add_argument("--output-tokens", type=int, default=64)
     ro.add_argument("--seed", type=int, default=1)
     ro.add_argument("--capacity-seconds", type=float, default=20.0)

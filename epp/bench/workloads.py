@@ -58,8 +58,8 @@ class Trace:
 
 @dataclass(frozen=True)
 class WorkloadParams:
-    groups: int = 64
-    prefix_tokens: int = 3000
+    groups: int = 128  # x prefix_tokens: more than one h100 server's KV cache, less than 8 servers'
+    prefix_tokens: int = 6000
     question_tokens: int = 40
     output_tokens: int = 64
     zipf_alpha: float = 1.1

@@ -1,7 +1,7 @@
 """grpc.health.v1 on epp's own HTTP/2 server (Check and Watch).
 
-Kubernetes gRPC probes and gateways call it; serving it with grpcio cost a poller thread that
-took ~11% of epp's CPU under streaming load (py-spy), so it shares the lean server ext_proc uses.
+Kubernetes gRPC probes and gateways call it. It shares the lean server ext_proc uses, so epp
+runs one gRPC stack (a grpcio server added its own poller thread).
 Check answers NOT_FOUND for an unknown service; Watch sends the current status (SERVICE_UNKNOWN
 for an unknown service) and then every change, until the client goes away.
 """
