@@ -23,6 +23,10 @@ class Params:
     def path(self) -> str:
         return self._path
 
+    def names(self) -> list[builtins.str]:
+        """The names not read yet (for maps keyed by user data, e.g. endpoint addresses)."""
+        return [k for k in self._raw if isinstance(k, str)]
+
     def int(self, key: str, default: int, minimum: int | None = None) -> int:
         v = self._raw.pop(key, default)
         if isinstance(v, bool) or not isinstance(v, int):

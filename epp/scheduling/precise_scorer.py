@@ -71,7 +71,19 @@ class PrecisePrefixCacheScorer:
             endpoint = kv.text("endpoint")
             if not endpoint:
                 raise ConfigError(f"{params.path}.kvEvents.endpoint", "required (e.g. tcp://{ip}:5557)")
-            self.kv_events = KVEventsSpec(endpoint, kv.text("replayEndpoint"), kv.text("topic", "") or "")
+            per_pod: list[tuple[str, str, str | None]] = []
+            overrides = kv.section("perEndpoint")  # {"ip:port": {endpoint, replayEndpoint}}
+            if overrides is not None:
+                for pod in overrides.names():
+                    one = overrides.section(pod)
+                    ep = one.text("endpoint") if one is not None else None
+                    if one is None or not ep:
+                        raise ConfigError(f"{params.path}.kvEvents.perEndpoint.{pod}.endpoint", "required")
+                    per_pod.append((pod, ep, one.text("replayEndpoint")))
+                    one.done()
+                overrides.done()
+            self.kv_events = KVEventsSpec(endpoint, kv.text("replayEndpoint"), kv.text("topic", "") or "",
+                                          tuple(per_pod))
             kv.done()
         fb = params.section("fallback")
         if fb is not None:

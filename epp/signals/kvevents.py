@@ -227,8 +227,12 @@ class KVEventsSpec:
     endpoint: str
     replay_endpoint: str | None = None
     topic: str = ""
+    per_pod: tuple[tuple[str, str, str | None], ...] = ()  # (pod, endpoint, replay) overriding the templates
 
     def source_for(self, pod: str) -> KVEventSource:
+        for name, endpoint, replay in self.per_pod:
+            if name == pod:
+                return KVEventSource(pod, endpoint, replay, self.topic)
         host, _, port = pod.rpartition(":")
         host = host if host.startswith("[") or ":" not in host else f"[{host}]"  # ZMQ wants [v6]:port
 

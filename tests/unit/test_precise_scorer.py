@@ -303,6 +303,18 @@ async def test_keys_match_what_a_sim_server_publishes_and_the_manager_follows_th
             ctx.term()
 
 
+def test_per_endpoint_addresses_override_the_template() -> None:
+    sc = scorer(kvEvents={"endpoint": "tcp://{ip}:5557",
+                          "perEndpoint": {"10.0.0.9:8000": {"endpoint": "tcp://10.0.0.9:6000",
+                                                            "replayEndpoint": "tcp://10.0.0.9:6001"}}})
+    assert sc.kv_events is not None
+    assert sc.kv_events.source_for("10.0.0.9:8000").endpoint == "tcp://10.0.0.9:6000"
+    assert sc.kv_events.source_for("10.0.0.9:8000").replay_endpoint == "tcp://10.0.0.9:6001"
+    assert sc.kv_events.source_for("10.0.0.1:8000").endpoint == "tcp://10.0.0.1:5557"
+    with pytest.raises(ConfigError, match=r"perEndpoint\.10\.0\.0\.9:8000\.endpoint"):
+        scorer(kvEvents={"endpoint": "tcp://{ip}:5557", "perEndpoint": {"10.0.0.9:8000": {"replayEndpoint": "x"}}})
+
+
 def test_event_endpoint_templates() -> None:
     spec = KVEventsSpec("tcp://{ip}:5557", "tcp://{ip}:{port+1}", "kv")
     src = spec.source_for("10.1.2.3:8000")
