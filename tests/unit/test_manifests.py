@@ -111,6 +111,10 @@ def test_gateway_examples_route_to_the_pool() -> None:
     route = yaml.safe_load((ROOT / "examples/gateways/httproute.yaml").read_text())
     backends = [b for r in route["spec"]["rules"] for b in r["backendRefs"]]
     assert backends == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "vllm-pool"}]
+    patch = yaml.safe_load((ROOT / "examples/gateways/istio/envoyfilter-istio-1.26-buffered.yaml").read_text())
+    mode = patch["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"][
+        "envoy.filters.http.ext_proc"]["overrides"]["processing_mode"]
+    assert mode["request_body_mode"] == "BUFFERED"  # the mode epp serves besides FULL_DUPLEX_STREAMED
     for gw in ("envoy-gateway", "istio", "kgateway"):
         gateway = yaml.safe_load((ROOT / f"examples/gateways/{gw}/gateway.yaml").read_text())
         assert gateway["kind"] == "Gateway" and gateway["metadata"]["name"] == route["spec"]["parentRefs"][0]["name"]
