@@ -417,18 +417,20 @@ def plots(out: Path, result: dict[str, Any], load_series: dict[str, list[list[fl
     if not rows:
         return
     top = max(r["load"] for r in rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["load"] == top and r["ttft_all_s"]:
-            xs = r["ttft_all_s"]
-            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r["contender"])
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(f"TTFT CDF at load {top}")
-    ax.legend()
+    loads = sorted({r["load"] for r in rows})
+    fig, axes = plt.subplots(1, len(loads), figsize=(5.5 * len(loads), 4.2), squeeze=False, sharey=True)
+    for ax, load in zip(axes[0], loads, strict=True):
+        for r in rows:
+            if r["load"] == load and r["ttft_all_s"]:
+                xs = r["ttft_all_s"]
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r["contender"])
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (s)")
+        ax.set_title(f"TTFT CDF at load {load}")
+    axes[0, 0].set_ylabel("fraction of requests")
+    axes[0, -1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ttft_cdf.png", dpi=110)
+    fig.savefig(out / "ttft_cdf.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
