@@ -3,6 +3,7 @@ the simulated fleet (the emulator's pods point at the simulator's ports)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,3 +183,44 @@ async def test_two_replicas_elect_one_ready_leader_and_fail_over(emulator: KubeE
         for r in replicas:
             await r.stop(grace=0.1)
         await fleet.stop()
+
+
+async def test_epp_serve_cli_discovers_the_pool_and_rejects_bad_flags(emulator: KubeEmulator, tmp_path: Path) -> None:
+    """The command line a Deployment runs: `epp serve --pool-name ... --kubeconfig ...`."""
+    import subprocess
+
+    from epp.bench.procs import stop
+    from epp.sim.fleet import Fleet
+    from epp.sim.profiles import profile
+    from epp.stack.local import epp_command, spawn
+
+    ports = free_ports(2)
+    await emulator.apply(*POOL, pool(ports=tuple(ports)))
+    for i, p in enumerate(ports):
+        await emulator.apply(*PODS, sim_pod(f"vllm-{i}", p))
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig", NS)
+    fleet = Fleet(ports, profile("fast"))
+    await fleet.start()
+    grpc_port, health, metrics = free_ports(3)
+    proc = spawn(epp_command("serve", "--pool-name", "vllm-pool", "--pool-namespace", NS, "--kubeconfig", kubeconfig,
+                             "--secure-serving=false", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+                             "--grpc-health-port", str(health), "--metrics-port", str(metrics),
+                             "--ha-enable-leader-election=true"), tmp_path / "epp.log")
+    try:
+        async def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "epp.log").read_text()[-2000:]
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
+                return 'inference_pool_ready_pods{name="vllm-pool"} 2.0' in await r.text()
+
+        await wait_until(ready, 20, "epp serve to discover the pool's two pods")
+        lease = emulator.get("coordination.k8s.io", "v1", "leases", NS, "epp-vllm-pool")
+        assert lease is not None and lease["spec"]["holderIdentity"]
+    finally:
+        stop(proc)
+        await fleet.stop()
+    for bad, message in ((["--endpoint-selector", "app=vllm"], "--endpoint-target-ports"),
+                         (["--endpoints", "127.0.0.1:1", "--ha-enable-leader-election=true"], "Kubernetes discovery"),
+                         ([], "--pool-name")):
+        out = await asyncio.to_thread(subprocess.run, epp_command("serve", *bad), capture_output=True, text=True,
+                                      timeout=60)
+        assert out.returncode == 2 and message in out.stderr, (bad, out.stderr)
