@@ -92,6 +92,7 @@ class KubeEmulator:
         self.fail_next: list[int] = []  # statuses to answer the next requests with
         self.cleanups: list[Any] = []  # async callables a test registers (clients to close)
         self.authorizations: set[str] = set()  # Authorization headers seen
+        self.not_served: set[str] = set()  # plurals answered 404, as for a CRD that is not installed
 
     # -- test controls -------------------------------------------------------------------------
     def _coll(self, group: str, version: str, plural: str) -> _Collection:
@@ -219,6 +220,8 @@ class KubeEmulator:
         if failure is not None:
             return failure
         ns, plural = request.match_info["ns"], request.match_info["plural"]
+        if plural in self.not_served:
+            return self._status(404, "NotFound", "the server could not find the requested resource")
         coll = self._coll(group, version, plural)
         if request.method == "POST":
             obj = await request.json()

@@ -238,3 +238,24 @@ async def test_in_cluster_config_uses_the_service_account_over_tls(tmp_path: Pat
         assert "Bearer in-cluster-token" in emu.authorizations
     finally:
         await emu.stop()
+
+
+async def test_objectives_crds_not_installed_do_not_disturb_discovery(emulator: KubeEmulator) -> None:
+    emulator.not_served = {"inferenceobjectives", "inferencemodelrewrites"}
+    seen: list[Any] = []
+    store = Datastore()
+    d = KubernetesDiscovery(client_for(emulator), store, NS, pool_name="vllm-pool", on_policies=seen.append)
+    await d.start()
+    try:
+        await emulator.apply(*POOL, pool())
+        await emulator.apply(*PODS, pod("a", "10.0.0.1"))
+        await endpoints_are(store, ["10.0.0.1:8000"], "discovery without the objective CRDs")
+
+        async def waiting_quietly() -> bool:
+            return all(r.synced.is_set() for r in d.policy_reflectors)
+
+        await wait_until(waiting_quietly, 5, "the policy reflectors to note the missing CRDs")
+        asked = [r for r in emulator.requests if "inferenceobjectives" in r]
+        assert len(asked) == 1 and not seen  # one try, then a 30 s pause; no policies applied
+    finally:
+        await d.stop()
