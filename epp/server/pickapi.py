@@ -78,7 +78,8 @@ class PickAPI:
         self._open[pid] = (pick, now)
         d = pick.decision
         resp = picker_pb2.PickResponse(endpoint=d.primary, fallback_endpoints=list(d.endpoints[1:]),
-                                       reason=d.reason(), pick_id=pid)
+                                       reason=d.reason(), pick_id=pid, target_model=req.target_model or req.model,
+                                       priority=req.priority)
         for address, (total, parts) in d.scores().items():
             s = resp.scores.add(endpoint=address, total=total)
             for name, v in parts.items():
@@ -88,6 +89,8 @@ class PickAPI:
     def release(self, request: Any) -> Any:
         entry = self._open.pop(request.pick_id, None)
         if entry is not None:
+            if request.HasField("cached_tokens"):
+                entry[0].observe_usage(int(request.cached_tokens))
             entry[0].finish()
         return picker_pb2.ReleaseResponse(released=entry is not None)
 

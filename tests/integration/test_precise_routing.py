@@ -154,3 +154,27 @@ def test_config_template_renders() -> None:
     from epp.config import parse_config
 
     parse_config(config(str(Path("/tmp/x"))), "test")
+
+
+async def test_release_with_cached_tokens_feeds_the_closed_loop() -> None:
+    import grpc
+
+    from epp.v1 import picker_pb2, picker_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as d:
+        async with in_process_stack(servers=2, kv_events=kv_config(d), config_text=config(d)) as stack, \
+                aiohttp.ClientSession() as s:
+            await subscribed(stack)
+            sc = precise(stack)
+            assert stack.picker is not None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.picker.bound_ports['grpc']}") as ch:
+                stub = picker_pb2_grpc.EndpointPickerStub(ch)
+                for i in range(3):  # a non-Envoy gateway: pick, send it itself, release with usage
+                    body = chat(f"via the pick api {i}")
+                    resp = await stub.Pick(picker_pb2.PickRequest(body=body, path="/v1/chat/completions"))
+                    status, _, data = await post(s, f"http://{resp.endpoint}/v1/chat/completions", body,
+                                                 headers={"content-type": "application/json"})
+                    assert status == 200
+                    cached = orjson.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    await stub.Release(picker_pb2.ReleaseRequest(pick_id=resp.pick_id, cached_tokens=cached))
+            assert sc.tracker.totals.samples == 3 and sc.tracker.totals.actual_tokens > 0

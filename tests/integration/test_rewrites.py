@@ -53,3 +53,30 @@ async def test_rewrites_reach_the_pod_with_their_weights(template: str, n: int) 
         text = stack.picker.metrics.registry.get_sample_value(
             "epp_model_rewrites_total", {"model_name": "food", "target_model_name": "food-v2"})
         assert text == seen["food-v2"]
+
+
+async def test_the_pick_api_tells_non_envoy_gateways_the_rewritten_model_and_priority() -> None:
+    import grpc
+
+    from epp.v1 import picker_pb2, picker_pb2_grpc
+
+    policies = REWRITE + """---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -3, poolRef: {name: default}}
+"""
+    async with in_process_stack(servers=2, params=MODELS, objectives_text=policies) as stack:
+        assert stack.picker is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.picker.bound_ports['grpc']}") as ch:
+            stub = picker_pb2_grpc.EndpointPickerStub(ch)
+            targets = set()
+            for i in range(40):
+                resp = await stub.Pick(picker_pb2.PickRequest(model="food", prompt=f"p {i}",
+                                                              headers={"x-gateway-inference-objective": "batch"}))
+                targets.add(resp.target_model)
+                assert resp.priority == -3
+                assert (await stub.Release(picker_pb2.ReleaseRequest(pick_id=resp.pick_id))).released
+            assert targets == {"food-v1", "food-v2"}
+            plain = await stub.Pick(picker_pb2.PickRequest(model="sim-model", prompt="x"))
+            assert plain.target_model == "sim-model" and plain.priority == 0
