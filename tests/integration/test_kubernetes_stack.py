@@ -171,7 +171,10 @@ async def test_two_replicas_elect_one_ready_leader_and_fail_over(emulator: KubeE
         await wait_until(one_ready, 10, "exactly one ready replica")
         ready = [await _ready(r) for r in replicas]
         leader, standby = (replicas[0], replicas[1]) if ready[0] else (replicas[1], replicas[0])
-        assert standby.store.fresh_count() == 2  # warm: discovering and scraping, just not ready
+        async def warm() -> bool:  # the standby discovers and scrapes too, it is just not ready
+            return standby.store.fresh_count() == 2 and not await _ready(standby)
+
+        await wait_until(warm, 5, "the standby to be warm and not ready")
         await leader.stop(grace=0.1)  # a rolling update: the leader hands the lease back
         replicas.remove(leader)
 
