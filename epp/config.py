@@ -49,6 +49,27 @@ schedulingProfiles:
 """
 
 
+def precise_config(tokenizer: str, kv_endpoint: str, kv_replay: str | None = None, topic: str = "",
+                   **parameters: Any) -> str:
+    """The default profile with ``precise-prefix-cache-scorer`` (weight 3) in place of the
+    approximate prefix scorer: the config the benchmarks, tests and examples start from."""
+    kv: dict[str, str] = {"endpoint": kv_endpoint}
+    if kv_replay:
+        kv["replayEndpoint"] = kv_replay
+    if topic:
+        kv["topic"] = topic
+    precise = {"type": "precise-prefix-cache-scorer",
+               "parameters": {"tokenizer": tokenizer, "kvEvents": kv, **parameters}}
+    doc = {"apiVersion": API_VERSIONS[0], "kind": KIND,
+           "plugins": [{"type": "queue-scorer"}, {"type": "kv-cache-utilization-scorer"}, precise,
+                       {"type": "max-score-picker"}],
+           "schedulingProfiles": [{"name": "default", "plugins": [
+               {"pluginRef": "queue-scorer", "weight": 2}, {"pluginRef": "kv-cache-utilization-scorer", "weight": 2},
+               {"pluginRef": "precise-prefix-cache-scorer", "weight": 3}, {"pluginRef": "max-score-picker"}]}]}
+    text: str = yaml.safe_dump(doc, sort_keys=False)
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class PluginSpec:
     name: str

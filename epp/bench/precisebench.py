@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 
 from epp.bench.simbench import Workload, _capacity, _pct
-from epp.config import load_config, parse_config
+from epp.config import load_config, parse_config, precise_config
 from epp.request import parse_body
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.types import SchedulingError
@@ -41,33 +41,8 @@ from epp.sim.kvevents import KVEventsConfig
 from epp.sim.profiles import EngineParams, profile
 from epp.stack.local import free_ports, wait_until
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _TEXT = re.compile(rb'"content":\s*"[^"]')  # the first chunk with generated text (not the role chunk)
 
-PRECISE_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: precise-prefix-cache-scorer
-  parameters:
-    tokenizer: sim
-    kvEvents:
-      endpoint: ipc://{kv_dir}/kv-{{port}}.sock
-      replayEndpoint: ipc://{kv_dir}/replay-{{port}}.sock
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"""
 
 
 @dataclass
@@ -105,8 +80,8 @@ async def _stream(s: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int,
     return 200, ttft, reader.cached_tokens or 0
 
 
-def _body(prompt: str, output_tokens: int) -> bytes:
-    return orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True,
+def _body(model: str, prompt: str, output_tokens: int) -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
                          "stream_options": {"include_usage": True}, "max_tokens": output_tokens,
                          "ignore_eos": True})
 
@@ -119,7 +94,9 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
         await fleet.start()
         picker = None
         if routing != "round-robin":
-            cfg = parse_config(PRECISE_CONFIG.format(kv_dir=kv_dir)) if routing == "epp-precise" else load_config(None)
+            cfg = (parse_config(precise_config("sim", f"ipc://{kv_dir}/kv-{{port}}.sock",
+                                               f"ipc://{kv_dir}/replay-{{port}}.sock"))
+                   if routing == "epp-precise" else load_config(None))
             ports = free_ports(3)
             picker = PickerServer(ServeOptions(config=cfg, endpoints=tuple(s.address for s in fleet.servers),
                                                host="127.0.0.1", grpc_port=ports[0], grpc_health_port=ports[1],
@@ -131,6 +108,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
                 return p.store.fresh_count() == servers
 
             await wait_until(fresh, 10, "fresh metrics")
+        model = params.names()[0]
         rng = random.Random(seed)
         side_rng = random.Random(seed + 1)  # the same requests go straight to the same pods in every run
         sides = [side_rng.randrange(servers) if side_rng.random() < churn.side_fraction else None for _ in trace]
@@ -139,7 +117,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
 
         async def route(s: aiohttp.ClientSession, prompt: str) -> None:
             nonlocal rr
-            body = _body(prompt, wl.output_tokens)
+            body = _body(model, prompt, wl.output_tokens)
             if picker is None:
                 addr = fleet.servers[rr % servers].address
                 rr += 1
@@ -162,7 +140,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
 
         async def side(s: aiohttp.ClientSession, prompt: str, server: int) -> None:
             addr = fleet.servers[server].address
-            body = _body(prompt, wl.output_tokens)
+            body = _body(model, prompt, wl.output_tokens)
             status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
             results.append(_Result(ttft, status, cached, True))
 
@@ -213,8 +191,8 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
             if sc is not None:
                 t = sc.tracker
                 row["routing_precision_window"] = None if t.precision is None else round(t.precision, 3)
-                row["routing_precision_all"] = round(t.totals.agreed_tokens / max(1, max(t.totals.predicted_tokens,
-                                                                                        t.totals.actual_tokens)), 3)
+                evidence = max(t.totals.predicted_tokens, t.totals.actual_tokens)
+                row["routing_precision_all"] = round(t.totals.agreed_tokens / evidence, 3) if evidence else None
                 row["precise_trusted_at_end"] = t.trusted
                 row["kv_event_restarts_seen"] = picker.kv_events.totals().restarts
             await picker.stop(grace=0.1)
@@ -251,6 +229,6 @@ async def bench_precise(out: Path, *, preset: str = "h100-llama8b", servers: int
     for r in rows:
         lines.append(f"| {r['routing']} | {r['routed']} | {r['errors_routed']} | {r['ttft_p50_s']} | "
                      f"{r['ttft_p90_s']} | {r['ttft_p99_s']} | {r['cached_token_share_routed']} | "
-                     f"{r.get('routing_precision_all', '-')} | {r.get('pick_ms_per_request', '-')} |")
+                     f"{r.get('routing_precision_all') or '-'} | {r.get('pick_ms_per_request', '-')} |")
     (out / "precise.md").write_text("\n".join(lines) + "\n")
     return result

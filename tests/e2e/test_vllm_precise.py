@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from epp.blockhash import block_hashes
-from epp.config import parse_config
+from epp.config import parse_config, precise_config
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.server.app import PickerServer, ServeOptions
 from epp.stack.local import free_ports, start_envoy, wait_until
@@ -100,31 +100,8 @@ def test_epp_tokenizes_like_vllm(real_fleet: RealFleet) -> None:
 
 
 def config(fleet: RealFleet) -> str:
-    return f"""\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: precise-prefix-cache-scorer
-  parameters:
-    tokenizer: {fleet.model}
-    kvEvents:
-      endpoint: ipc://{fleet.kv_dir}/kv-{{port}}.sock
-      replayEndpoint: ipc://{fleet.kv_dir}/replay-{{port}}.sock
-      topic: kv-events
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"""
+    return precise_config(str(fleet.model), f"ipc://{fleet.kv_dir}/kv-{{port}}.sock",
+                          f"ipc://{fleet.kv_dir}/replay-{{port}}.sock", "kv-events")
 
 
 def chat(question: str, **extra: object) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from epp.config import precise_config
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.sim.kvevents import KVEventsConfig
 from epp.stack.local import Stack, in_process_stack, wait_until
@@ -19,32 +20,9 @@ from .conftest import post
 SYSTEM = "You are the helpful assistant of a bookshop; answer in one sentence and cite the shelf. " * 8
 
 
-def config(kv_dir: str, extra: str = "") -> str:
-    return f"""\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: precise-prefix-cache-scorer
-  parameters:
-    tokenizer: sim
-    kvEvents:
-      endpoint: ipc://{kv_dir}/kv-{{port}}.sock
-      replayEndpoint: ipc://{kv_dir}/replay-{{port}}.sock
-{extra}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"""
+def config(kv_dir: str, **parameters: object) -> str:
+    return precise_config("sim", f"ipc://{kv_dir}/kv-{{port}}.sock", f"ipc://{kv_dir}/replay-{{port}}.sock",
+                          **parameters)
 
 
 def kv_config(kv_dir: str) -> KVEventsConfig:
@@ -131,9 +109,9 @@ async def test_closed_loop_measures_precision_and_clients_get_the_stream_they_as
 
 
 async def test_a_hash_mismatch_is_detected_and_routing_falls_back() -> None:
-    wrong_seed = "    hashSeed: '12345'\n    fallback: {minSamples: 4, window: 8}"
     with tempfile.TemporaryDirectory() as d:
-        async with in_process_stack(servers=2, kv_events=kv_config(d), config_text=config(d, wrong_seed)) as stack, \
+        wrong_seed = config(d, hashSeed="12345", fallback={"minSamples": 4, "window": 8})
+        async with in_process_stack(servers=2, kv_events=kv_config(d), config_text=wrong_seed) as stack, \
                 aiohttp.ClientSession() as s:
             await subscribed(stack)
             sc = precise(stack)
