@@ -227,8 +227,9 @@ async def bench_precise(out: Path, *, preset: str = "h100-llama8b", servers: int
              "| routing | routed | errors | TTFT p50 s | TTFT p90 s | TTFT p99 s | cached tokens/req | precision "
              "| pick ms/req |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        precision = r.get("routing_precision_all")
         lines.append(f"| {r['routing']} | {r['routed']} | {r['errors_routed']} | {r['ttft_p50_s']} | "
                      f"{r['ttft_p90_s']} | {r['ttft_p99_s']} | {r['cached_token_share_routed']} | "
-                     f"{r.get('routing_precision_all') or '-'} | {r.get('pick_ms_per_request', '-')} |")
+                     f"{'-' if precision is None else precision} | {r.get('pick_ms_per_request', '-')} |")
     (out / "precise.md").write_text("\n".join(lines) + "\n")
     return result
