@@ -145,8 +145,10 @@ class LeaderElector:
                 self._set(held)
             except asyncio.CancelledError:
                 raise
-            except (ApiException, aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as e:
-                log.warning("lease %s/%s: %s", self.namespace, self.name, str(e)[:200])
+            except Exception as e:  # the loop must outlive any error: an elector that died never leads again
+                level = logging.WARNING if isinstance(e, ApiException | aiohttp.ClientError | OSError | TimeoutError
+                                                      | KeyError | ValueError) else logging.ERROR
+                log.log(level, "lease %s/%s: %s: %s", self.namespace, self.name, type(e).__name__, str(e)[:200])
                 if self.is_leader and loop.time() - self._last_renew > self.renew_deadline:
                     self._set(False)  # step down before the lease can expire under us
             await asyncio.sleep(self.retry_period)

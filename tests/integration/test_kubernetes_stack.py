@@ -181,7 +181,15 @@ async def test_two_replicas_elect_one_ready_leader_and_fail_over(emulator: KubeE
         async def standby_ready() -> bool:
             return await _ready(standby)
 
-        await wait_until(standby_ready, 3, "the standby to become the ready leader")
+        try:
+            # Released lease: one retry period (0.1 s) + a readiness tick (0.25 s); expired: 1 s more.
+            await wait_until(standby_ready, 10, "the standby to become the ready leader")
+        except TimeoutError:
+            lease = emulator.get("coordination.k8s.io", "v1", "leases", NS, "epp-vllm-pool")
+            elector = standby.elector
+            state = {"lease": lease and lease["spec"], "leader": elector and elector.is_leader,
+                     "fresh": standby.store.fresh_count()}
+            raise AssertionError(f"standby not ready: {state}") from None
     finally:
         for r in replicas:
             await r.stop(grace=0.1)
