@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,22 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
+from epp.bench.routing import chat_body, stream_chat
 from epp.bench.simbench import Workload, _capacity, _pct
 from epp.config import load_config, parse_config, precise_config
 from epp.request import parse_body
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.types import SchedulingError
 from epp.server.app import PickerServer, ServeOptions
-from epp.server.usage import UsageReader
 from epp.sim.fleet import Fleet
 from epp.sim.kvevents import KVEventsConfig
 from epp.sim.profiles import EngineParams, profile
 from epp.stack.local import free_ports, wait_until
-
-_TEXT = re.compile(rb'"content":\s*"[^"]')  # the first chunk with generated text (not the role chunk)
-
 
 
 @dataclass
@@ -60,30 +55,14 @@ class _Result:
     side: bool
 
 
-async def _stream(s: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, float | None, int]:
-    """POST a stream; (status, seconds to the first content chunk, cached tokens)."""
-    t0 = time.monotonic()
-    ttft = None
-    reader = UsageReader(strip=False)
-    try:
-        async with s.post(url, data=body, headers={"content-type": "application/json"}) as r:
-            if r.status != 200:
-                await r.read()
-                return r.status, None, 0
-            async for chunk in r.content.iter_any():
-                if ttft is None and _TEXT.search(chunk):
-                    ttft = time.monotonic() - t0
-                reader.feed(chunk, False)
-            reader.feed(b"", True)
-    except (TimeoutError, aiohttp.ClientError):
-        return 599, None, 0
-    return 200, ttft, reader.cached_tokens or 0
+async def _stream(s: aiohttp.ClientSession, addr: str, body: bytes) -> tuple[int, float | None, int]:
+    """(status, seconds to the first content chunk, cached tokens) of one streamed chat."""
+    res, _ = await stream_chat(s, f"http://{addr}", body)
+    return res.status, res.ttft_s, res.cached_tokens
 
 
 def _body(model: str, prompt: str, output_tokens: int) -> bytes:
-    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
-                         "stream_options": {"include_usage": True}, "max_tokens": output_tokens,
-                         "ignore_eos": True})
+    return chat_body(model, [{"role": "user", "content": prompt}], output_tokens)
 
 
 async def _run(routing: str, params: EngineParams, servers: int, trace: list[tuple[int, str]], rate: float,
@@ -121,7 +100,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
             if picker is None:
                 addr = fleet.servers[rr % servers].address
                 rr += 1
-                status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
+                status, ttft, cached = await _stream(s, addr, body)
                 results.append(_Result(ttft, status, cached, False))
                 return
             req = parse_body("", "/v1/chat/completions", {}, body)
@@ -131,7 +110,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
                 results.append(_Result(None, e.status, 0, False))
                 return
             try:
-                status, ttft, cached = await _stream(s, f"http://{pick.decision.primary}/v1/chat/completions", body)
+                status, ttft, cached = await _stream(s, pick.decision.primary, body)
                 if status == 200:
                     pick.observe_usage(cached)
             finally:
@@ -141,7 +120,7 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
         async def side(s: aiohttp.ClientSession, prompt: str, server: int) -> None:
             addr = fleet.servers[server].address
             body = _body(model, prompt, wl.output_tokens)
-            status, ttft, cached = await _stream(s, f"http://{addr}/v1/chat/completions", body)
+            status, ttft, cached = await _stream(s, addr, body)
             results.append(_Result(ttft, status, cached, True))
 
         async def restarts() -> None:

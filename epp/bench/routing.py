@@ -161,10 +161,22 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
     return Running(base, [proc])
 
 
+def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> bytes:
+    """A streaming chat request of fixed length that asks for usage (cached and output tokens)."""
+    return orjson.dumps({"model": model, "messages": messages, "stream": True,
+                         "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True})
+
+
 async def _turn(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
                 kind: str, t0: float) -> tuple[RequestResult, str]:
-    body = orjson.dumps({"model": model, "messages": messages, "stream": True,
-                         "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True})
+    return await stream_chat(s, url, chat_body(model, messages, max_tokens), kind, t0)
+
+
+async def stream_chat(s: aiohttp.ClientSession, url: str, body: bytes, kind: str = "",
+                      t0: float = 0.0) -> tuple[RequestResult, str]:
+    """POST ``body`` to ``url``/v1/chat/completions and read the stream: TTFT (first chunk with
+    text), inter-token gaps, e2e, usage; plus the generated text. Status 599 when the connection
+    fails."""
     start = time.monotonic()
     res = RequestResult(kind, start - t0, 0)
     text: list[str] = []
