@@ -201,7 +201,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
     o.add_argument("--grpcio", action="store_true", help="also measure epp on the grpcio transport")
-    o.add_argument("--profile", action="store_true", help="py-spy profile of epp during a concurrency-16 run")
+    o.add_argument("--profile", nargs="?", type=int, const=16, choices=(1, 16), metavar="CONCURRENCY",
+                   help="py-spy profile of epp during one run at this concurrency (default 16)")
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
     sm.add_argument("--out", default="results/sim")
     sm.add_argument("--profile", default="h100-llama8b", help="simulator preset")
@@ -261,7 +262,8 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
-                            rounds=args.rounds, buffered=args.buffered, grpcio=args.grpcio, profile_with=prof))
+                            rounds=args.rounds, buffered=args.buffered, grpcio=args.grpcio, profile_with=prof,
+                            profile_concurrency=args.profile or 16))
         print((out / "overhead.md").read_text())
         if prof:
             from epp.bench.profile import top_functions

@@ -74,7 +74,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
                          rounds: int = 2, buffered: bool = False, grpcio: bool = False,
-                         profile_with: str | None = None) -> list[Row]:
+                         profile_with: str | None = None, profile_concurrency: int = 16) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
@@ -118,7 +118,8 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
             for rnd in range(rounds):
                 for conc in (1, 16):
                     for name, envoy, picker in contenders:
-                        if profile_with and picker is not None and conc == 16 and rnd == rounds - 1 and not profiler:
+                        wanted = conc == profile_concurrency and rnd == rounds - 1
+                        if profile_with and picker is not None and wanted and not profiler:
                             profiler = subprocess.Popen(
                                 [profile_with, "record", "--pid", str(picker.pid), "--rate", "500", "--format", "raw",
                                  "--output", str(out / "profile.txt"), "--nonblocking"],

@@ -389,17 +389,22 @@ class H2Connection(asyncio.Protocol):
         self._open_stream(sid, flags, block)
 
     def _decode(self, block: bytes) -> dict[str, str]:
-        # A block of only indexed fields (every byte >= 0x80, no table-size update) changes no
-        # decoder state, so its meaning is stable while the dynamic table is: cache it.
+        # Envoy sends the same block for every stream (indexed fields plus ':path' as a Huffman
+        # literal without indexing). A block that left the dynamic table as it was means the
+        # same thing every time while the table stays so: cache it. A block that changed the
+        # table (an insertion, an eviction, a size update) empties the cache.
         cached = self.header_cache.get(block)
         if cached is not None:
             return cached
+        entries = self.decoder.header_table.dynamic_entries
+        size = len(entries)
+        newest = entries[0] if size else None
         headers: dict[str, str] = {str(k): str(v) for k, v in self.decoder.decode(block)}
-        if all(b >= 0x80 for b in block):
+        if len(entries) == size and (entries[0] if size else None) is newest:
             if len(self.header_cache) < 256:
                 self.header_cache[block] = headers
         else:
-            self.header_cache.clear()  # the dynamic table may have changed
+            self.header_cache.clear()
         return headers
 
     def _open_stream(self, sid: int, flags: int, block: bytes) -> None:

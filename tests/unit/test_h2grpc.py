@@ -153,3 +153,34 @@ def test_bad_preface_closes_with_goaway() -> None:
 def test_grpc_message_is_percent_encoded() -> None:
     block = h2.trailers_block(14, "no endpoint: 100%\n")
     assert dict(Decoder().decode(block)) == {"grpc-status": "14", "grpc-message": "no endpoint: 100%25%0A"}
+
+
+def test_header_blocks_are_cached_only_while_the_dynamic_table_is_unchanged() -> None:
+    from hpack import NeverIndexedHeaderTuple
+
+    seen: list[dict[str, str]] = []
+
+    def factory(responder: h2.Responder, headers: dict[str, str]) -> Echo:
+        seen.append(headers)
+        return Echo(responder, headers)
+
+    conn = h2.H2Connection({"/t.S/Echo": factory}, 1 << 20, lambda c: None)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0))
+    enc = Encoder()
+    path = NeverIndexedHeaderTuple(":path", "/t.S/Echo")  # a literal without indexing, as Envoy sends
+    first = enc.encode([(":method", "POST"), path, ("x-tenant", "a")])  # inserts x-tenant: a
+    again = enc.encode([(":method", "POST"), path, ("x-tenant", "a")])  # refers to dynamic index 62
+    assert first != again
+    sid = 1
+    for block in (first, again, again, again):
+        conn.data_received(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, sid, block))
+        sid += 2
+    assert [h["x-tenant"] for h in seen] == ["a"] * 4
+    assert again in conn.header_cache and first not in conn.header_cache
+    # Another insertion shifts the table: index 62 now means x-tenant: b, and the old bytes must say so.
+    conn.data_received(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, sid,
+                                enc.encode([(":method", "POST"), path, ("x-tenant", "b")])))
+    conn.data_received(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, sid + 2, again))
+    assert [h["x-tenant"] for h in seen[4:]] == ["b", "b"]
+    assert all(h[":path"] == "/t.S/Echo" for h in seen)
