@@ -311,6 +311,8 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
     hits = sum(srv.engine.stats.prefix_hits for srv in fleet.servers)
     queries = sum(srv.engine.stats.prefix_queries for srv in fleet.servers)
     per_server = [sum(srv.engine.stats.finished.values()) for srv in fleet.servers]
+    steps = sum(srv.engine.stats.steps for srv in fleet.servers)
+    late = sum(srv.engine.stats.late_s for srv in fleet.servers)
     mean = sum(per_server) / len(per_server) if per_server else 0.0
     return {
         "contender": name, "load": load, "requests": len(results), "errors": len(results) - len(ok),
@@ -323,6 +325,8 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "per_server_requests": per_server,
         "load_imbalance": round(max(per_server) / mean, 2) if mean else 0.0,
         "router_cpu_us_per_req": round(1e6 * cpu / len(results), 1) if results else None,
+        # How far the simulated GPUs' steps ran behind their modelled clock: host CPU contention.
+        "sim_step_late_ms": round(1000 * late / steps, 2) if steps else 0.0,
         "ttft_p90_by_kind_s": {k: round(_pct([r.ttft_s for r in ok if r.kind == k and r.ttft_s is not None], 90), 4)
                                for k in sorted({r.kind for r in ok})},
         "ttft_all_s": sorted(round(x, 4) for x in ttft),
@@ -407,13 +411,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# epp bench routing ({m['date']}): {m['preset']}, {m['servers']} servers, workload {m['workload']}, "
              f"capacity {m['capacity_rps']} req/s", "",
              "| contender | load | requests | errors | req/s | output tok/s | TTFT p50 s | TTFT p90 s | TTFT p99 s "
-             "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req | sim late ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['contender']} | {r['load']} | {r['requests']} | {r['errors']} | {r['req_per_s']} "
                      f"| {r['output_tok_per_s']} | {r['ttft_p50_s']} | {r['ttft_p90_s']} | {r['ttft_p99_s']} "
                      f"| {r['itl_p50_ms']} | {r['e2e_p90_s']} | {r['prefix_hit_rate']} | {r['load_imbalance']} "
-                     f"| {r['router_cpu_us_per_req']} |")
+                     f"| {r['router_cpu_us_per_req']} | {r.get('sim_step_late_ms', '-')} |")
     for name, why in result["unavailable"].items():
         lines.append(f"\n{name}: not available ({why})")
     return "\n".join(lines) + "\n"

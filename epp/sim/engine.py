@@ -9,8 +9,9 @@ decoding request needs a block and none is free, the most recently admitted requ
     step = decode_base + decode_per_seq * decoding + [prefill_overhead + prefill_per_token * tokens]
 
 so TTFT = queue wait + prefill of the uncached prompt tokens (shared with concurrent prefills),
-and inter-token latency grows with the running batch. An idle engine awaits an event: 1,000 idle
-engines cost nothing.
+and inter-token latency grows with the running batch. Steps follow a modelled clock, so a busy
+host delays tokens but does not slow the simulated GPU down (``stats.late_s`` says how far behind
+it ran). An idle engine awaits an event: 1,000 idle engines cost nothing.
 """
 
 from __future__ import annotations
@@ -73,11 +74,15 @@ class StepStats:
     preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    steps: int = 0  # timed steps
+    late_s: float = 0.0  # summed lateness of timed steps behind the modelled clock (host contention)
     finished: dict[str, int] = field(
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0})
 
 
 Observer = Callable[[str, float], None]
+
+MAX_DEBT_S = 0.25  # at most this much lost host time is made up by shorter step sleeps
 
 
 class Engine:
@@ -143,18 +148,31 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        clock = loop.time()  # when the modelled GPU finished its last step
         while True:
             if not self.running and not self.waiting:
                 self._wake.clear()
                 await self._wake.wait()
+                clock = loop.time()
             duration, prefills, decodes = self._schedule()
             self._flush_events()
             if duration > 0:
-                await asyncio.sleep(duration + self.extra_step_latency_s)
+                # Steps are chained on the modelled clock, not on when this task got the CPU: a
+                # GPU does not slow down because the host is busy. A step that ended late is made
+                # up by shortening the next sleeps (debt capped, so a long stall is not replayed
+                # as a burst).
+                clock = max(clock, loop.time() - MAX_DEBT_S) + duration + self.extra_step_latency_s
+                await asyncio.sleep(max(clock - loop.time(), 0.0))
+                late = loop.time() - clock
+                self.stats.steps += 1
+                if late > 0:
+                    self.stats.late_s += late
             elif not prefills and not decodes:
                 # Nothing schedulable (blocked on KV): wait for a change.
                 self._wake.clear()
                 await self._wake.wait()
+                clock = loop.time()
                 continue
             else:
                 await asyncio.sleep(0)

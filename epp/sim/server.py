@@ -355,6 +355,8 @@ class SimServer:
             "prefix_cache_queries": e.stats.prefix_queries,
             "prefix_cache_hits": e.stats.prefix_hits,
             "preemptions": e.stats.preemptions,
+            "steps": e.stats.steps,
+            "step_late_ms_mean": round(1000 * e.stats.late_s / e.stats.steps, 3) if e.stats.steps else 0.0,
             "finished": dict(e.stats.finished),
             "pins": dict(self.metrics.pins),
             "metrics": self.metrics_mode,

@@ -113,3 +113,30 @@ async def test_inter_token_latency_grows_with_the_running_batch() -> None:
         assert batched > 3 * alone
     finally:
         await e.stop()
+
+
+async def test_a_busy_host_delays_steps_but_does_not_slow_the_modelled_gpu() -> None:
+    # 40 decode steps of 10 ms: 0.4 s of modelled GPU time. Another task holds the event loop for
+    # 20 ms out of every 30 ms. Steps that ran late are made up by shorter sleeps, so the request
+    # still finishes close to its modelled time (naive sleeps would take 40 x ~20 ms = 0.8 s+).
+    e = Engine(params(decode_base_s=0.01, decode_per_seq_s=0.0, prefill_overhead_s=0.0, prefill_per_token_s=0.0))
+    e.start()
+    stop = False
+
+    async def hog() -> None:
+        while not stop:
+            time.sleep(0.02)  # noqa: ASYNC251 - blocking the loop is the point: a busy host
+            await asyncio.sleep(0.01)
+
+    hog_task = asyncio.get_running_loop().create_task(hog())
+    try:
+        t0 = time.monotonic()
+        r = e.submit(list(range(16)), max_tokens=40, ignore_eos=True)
+        assert len(await drain(r)) == 40
+        elapsed = time.monotonic() - t0
+        assert elapsed < 0.6, elapsed
+        assert e.stats.steps >= 40 and e.stats.late_s > 0
+    finally:
+        stop = True
+        await hog_task
+        await e.stop()
