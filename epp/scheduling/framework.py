@@ -42,6 +42,8 @@ class Scheduler:
     inject_usage: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        # Scorers that read other scorers' results (the prefix matches) run after them.
+        self.profile.scorers.sort(key=lambda sw: bool(getattr(sw[0], "reads_other_scores", False)))
         # Some plugin learns from each response's usage (the precise scorer's closed loop); and
         # asks streams for usage when their client did not (epp strips it back out).
         learners = [s for s, _ in self.profile.scorers if getattr(s, "wants_usage", False)]
@@ -97,6 +99,13 @@ class Scheduler:
             rec = getattr(scorer, "record", None)
             if rec is not None:
                 rec(decision.primary, decision.cycle)
+
+    def prefill_done(self, decision: Decision) -> None:
+        """The pod has computed ``decision``'s prompt (its first response bytes came back)."""
+        for scorer, _ in self.profile.scorers:
+            done = getattr(scorer, "prefill_done", None)
+            if done is not None:
+                done(decision.cycle)
 
     def observe(self, decision: Decision, cached_tokens: int) -> None:
         """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""

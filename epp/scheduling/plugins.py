@@ -13,6 +13,7 @@ from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
+from epp.scheduling.prefill_load import MATCHED_TOKENS, PrefillLoadScorer
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.types import CycleState
 
@@ -96,6 +97,7 @@ class PrefixCacheScorer:
         if not hashes:
             return [0.0] * len(candidates)
         matches = self.index.match_lengths(hashes)
+        cycle.data[MATCHED_TOKENS] = self.index.matched_tokens(matches)
         total = len(hashes)
         scores = [matches.get(c.address, 0) / total for c in candidates]
         return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
@@ -165,8 +167,9 @@ class SingleProfileHandler(_NoParams):
 PLUGIN_TYPES: Mapping[str, type[Any]] = MappingProxyType({
     cls.type_name: cls
     for cls in (QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
-                PrecisePrefixCacheScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler)
+                PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
+                SingleProfileHandler)
 })
 SCORERS = frozenset({"queue-scorer", "kv-cache-utilization-scorer", "running-requests-size-scorer",
-                     "prefix-cache-scorer", "precise-prefix-cache-scorer"})
+                     "prefix-cache-scorer", "precise-prefix-cache-scorer", "prefill-load-scorer"})
 PICKERS = frozenset({"max-score-picker", "random-picker", "weighted-random-picker"})

@@ -25,6 +25,7 @@ from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
+from epp.scheduling.prefill_load import MATCHED_TOKENS, PROMPT_TOKENS
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.types import ConfigError, CycleState
 from epp.signals.kvevents import KVEventsSpec
@@ -139,6 +140,7 @@ class PrecisePrefixCacheScorer:
         if found is not None:
             hashes, n_tokens = found
             st.hashes, st.block_size = hashes, bs
+            cycle.data[PROMPT_TOKENS] = n_tokens
             held = self.index.match_lengths(hashes) if hashes else {}
             cacheable = max(0, (n_tokens - 1) // bs) * bs  # the server recomputes at least the last token
             st.predicted = {pod: min(blocks * bs, cacheable) for pod, blocks in held.items()}
@@ -150,6 +152,7 @@ class PrecisePrefixCacheScorer:
                         st.unconfirmed[pod] = blocks
                 matched = {pod: max(held.get(pod, 0), sent.get(pod, 0)) for pod in held.keys() | sent.keys()}
             if self.tracker.trusted:
+                cycle.data[MATCHED_TOKENS] = {pod: blocks * bs for pod, blocks in matched.items()}
                 st.used = "precise"
                 total = len(hashes)
                 if not total:
@@ -158,6 +161,7 @@ class PrecisePrefixCacheScorer:
         if not approx:
             return [0.0] * len(candidates)
         matches = self.approx.match_lengths(approx)
+        cycle.data[MATCHED_TOKENS] = self.approx.matched_tokens(matches)
         return self._spread([matches.get(c.address, 0) / len(approx) for c in candidates], snapshot, candidates)
 
     def _spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:

@@ -66,6 +66,11 @@ class PrefixIndex:
         """For each endpoint, how many leading blocks of ``hashes`` it holds."""
         return leading_matches(hashes, self._holders.get)
 
+    def matched_tokens(self, matches: dict[str, int]) -> dict[str, int]:
+        """Matched blocks -> estimated prompt tokens."""
+        per_block = self.block_chars // CHARS_PER_TOKEN
+        return {a: n * per_block for a, n in matches.items()}
+
     def record(self, address: str, hashes: list[int]) -> None:
         lru = self._lru.get(address)
         if lru is None:

@@ -218,8 +218,12 @@ class ExtProcStream:
             return [CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             body = msg.response_body
-            if body.end_of_stream and self.pick is not None:
-                self.pick.finish()
+            pick = self.pick
+            if pick is not None:
+                if body.end_of_stream:
+                    pick.finish()
+                elif not pick.prefilled and body.body:
+                    pick.first_bytes()
             if self._resp_mode == FULL_DUPLEX:
                 reader = self._usage
                 if reader is None:

@@ -24,6 +24,7 @@ class Pick:
     service: PickService
     scheduler: Scheduler  # the one that decided (a config reload may have replaced it since)
     done: bool = False
+    prefilled: bool = False
 
     @property
     def header_value(self) -> str:
@@ -33,9 +34,16 @@ class Pick:
         """The response reported how many prompt tokens the pod served from its cache."""
         self.scheduler.observe(self.decision, cached_tokens)
 
+    def first_bytes(self) -> None:
+        """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
+        if not self.prefilled:
+            self.prefilled = True
+            self.scheduler.prefill_done(self.decision)
+
     def finish(self) -> None:
         if not self.done:
             self.done = True
+            self.first_bytes()
             self.service.finish(self)
 
 
