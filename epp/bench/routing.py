@@ -7,9 +7,10 @@ round robin, Envoy least-request, Envoy + epp, ``vllm-router --policy cache_awar
 ``sglang-router`` (``smg launch``) cache_aware, each peer installed into its own venv under
 ``.venv-peers/`` on first use (reported "not available", with the reason, if that fails).
 
-Routers run at a lower CPU priority (nice 10) than the fleet and the client: the simulated GPUs
-keep their timing however much CPU a router uses (real GPUs would), and the router's CPU cost
-shows in its own column and in its latency when it must wait for a core.
+Routers run on their own core (the last one, when there are two or more) at a lower CPU priority
+(nice 10), and the client and the simulated fleet on the others: the simulated GPUs keep their
+timing however much CPU a router uses (real GPUs would), and the router's CPU cost shows in its
+own column and in its latency when it runs out of its core.
 
 Per contender: TTFT, inter-token latency and end-to-end percentiles, output tokens/s,
 requests/s, errors, the fleet's prefix-cache hit rate, the requests each server got, and the
@@ -78,20 +79,44 @@ class Running:
                 total += cpu_seconds(self.envoy.proc.pid)
         return total
 
-    def deprioritize(self, niceness: int = 10) -> None:
-        """Lower the router's CPU priority below the simulated fleet's (same process as the client):
-        on a small machine a router's CPU use would otherwise slow the simulated GPUs themselves,
-        which real GPUs are not. Its CPU per request is still measured and reported."""
+    def isolate(self, cores: set[int] | None, niceness: int = 10) -> None:
+        """Run the router on its own core(s) (``cores``) at a lower priority, every thread of it.
+
+        The simulated fleet shares a process with the client; on a small machine a router's CPU
+        would otherwise slow the simulated GPUs themselves, which real GPUs are not. The router's
+        CPU per request is still measured and reported, and shows in its latency if it runs out
+        of its core. (Linux applies priority and affinity per thread: Envoy's workers and the
+        peers' runtime threads need their own calls.)"""
         pids = [p.pid for p in self.procs] + ([self.envoy.proc.pid] if self.envoy is not None else [])
         for pid in pids:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, pid, niceness)
+            for tid in _threads(pid):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                    if cores:
+                        os.sched_setaffinity(tid, cores)
 
     def stop(self) -> None:
         for p in self.procs:
             stop(p)
         if self.envoy is not None:
             self.envoy.stop()
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+def split_cores() -> tuple[set[int], set[int] | None]:
+    """(cores for the client and fleet, cores for the router): the last core goes to the router
+    when there are at least two; None when the machine has one core."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        return cores, None
+    router = {max(cores)}
+    return cores - router, router
 
 
 def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
@@ -356,6 +381,20 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
     # sglang-router probes workers with HTTP/2 first; the simulator (HTTP/1.1, like vLLM's server)
     # answers 400 and aiohttp would log a traceback for each probe.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    own_cores = os.sched_getaffinity(0)
+    fleet_cores, router_cores = split_cores()
+    for tid in _threads(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, fleet_cores)
+    try:
+        return await _bench(out, opts, venvs, router_cores)
+    finally:
+        for tid in _threads(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, own_cores)
+
+
+async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set[int] | None) -> dict[str, Any]:
     cap = await capacity(opts.preset, opts.servers, opts.workload, opts.params, opts.capacity_seconds)
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
@@ -382,7 +421,7 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
                         progress.done(task, f"not available: {running}")
                         continue
                     try:
-                        running.deprioritize()
+                        running.isolate(router_cores)
                         cpu0 = running.cpu()
                         def show(n: int, t: int = task) -> None:
                             progress.update(t, n)
