@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import zmq.asyncio
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from epp.sim.engine import Engine, SimRequest
 from epp.sim.kvevents import KVEventPublisher, KVEventsConfig
@@ -339,7 +339,7 @@ class SimServer:
             self._metrics_release.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._metrics_release.wait(), timeout=300)
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=self.metrics.render(),
                             headers={"content-type": CONTENT_TYPE_LATEST})
 
     # -- admin ---------------------------------------------------------------------------------------

@@ -170,3 +170,34 @@ async def test_request_log_records_body_hash(sim: tuple[SimServer, aiohttp.Clien
         log = await r.json()
     assert log[-1]["sha256"] == hashlib.sha256(body).hexdigest() and log[-1]["body_len"] == len(body)
     assert log[-1]["headers"]["x-test-id"] == "t1"
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+async def test_fast_metrics_equal_prometheus_clients_rendering(
+        sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
+    server, session, url = sim
+    model = server.params.names()[0]
+    for i in range(3):  # fill histograms and counters
+        async with session.post(f"{url}/v1/completions",
+                                json={"model": model, "prompt": f"hello {i} " * 30, "max_tokens": 4}) as r:
+            assert r.status == 200
+    await session.post(f"{url}/admin", json={"pin": {"num_requests_waiting": 7}})
+    fast = server.metrics.render()
+    reference = server.metrics.reference_exposition()
+    got, want = _samples(fast), _samples(reference)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    assert got[("vllm:num_requests_waiting", (("engine", "0"), ("model_name", model)))] == 7
+    assert got[("vllm:time_to_first_token_seconds_count", (("engine", "0"), ("model_name", model)))] == 3
+    async with session.get(f"{url}/metrics") as r:
+        assert (await r.read()).startswith(b"# HELP vllm:time_to_first_token_seconds")
