@@ -165,7 +165,7 @@ _HISTOGRAMS = (
 
 class EngineMetrics:
     """One simulated server's metrics: fast histograms plus the engine's gauges and counters, and
-    a prometheus_client registry holding the same (``reference_exposition``)."""
+    a prometheus_client registry that can hold the same (``mirror_to_reference``, for tests)."""
 
     def __init__(self, engine_label: str, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -181,10 +181,16 @@ class EngineMetrics:
         self.model_name = model_name
         self._collector: EngineCollector | None = None
         self._static: str | None = None
+        self._mirror = False
 
     def observe(self, name: str, value: float) -> None:
         self._fast[name].observe(value)
-        self._reference[name].observe(value)
+        if self._mirror:
+            self._reference[name].observe(value)
+
+    def mirror_to_reference(self) -> None:
+        """Also feed the prometheus_client histograms from now on (tests compare the two)."""
+        self._mirror = True
 
     def attach(self, engine: Engine) -> None:
         self._collector = EngineCollector(engine, self.engine_label, self.model_name, self.pins)

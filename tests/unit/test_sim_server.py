@@ -185,6 +185,7 @@ def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 async def test_fast_metrics_equal_prometheus_clients_rendering(
         sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
     server, session, url = sim
+    server.metrics.mirror_to_reference()
     model = server.params.names()[0]
     for i in range(3):  # fill histograms and counters
         async with session.post(f"{url}/v1/completions",
