@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -60,6 +60,24 @@ def cache_config_labels(block_size: int, num_gpu_blocks: int, prefix_caching: bo
     }
 
 
+# The engine's gauges and counters: (name without "vllm:" and "_total", help text, reader). Both
+# renderings (the registry's collector and ``EngineMetrics.render``) are built from these.
+GAUGES: tuple[tuple[str, str, Callable[[Engine], float]], ...] = (
+    ("num_requests_running", "Number of requests in model execution batches.", lambda e: len(e.running)),
+    ("num_requests_waiting", "Number of requests waiting to be processed.", lambda e: len(e.waiting)),
+    ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda e: e.kv.usage()),
+)
+COUNTERS: tuple[tuple[str, str, Callable[[Engine], float]], ...] = (
+    ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+     lambda e: e.stats.prefix_queries),
+    ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", lambda e: e.stats.prefix_hits),
+    ("num_preemptions", "Cumulative number of preemption from the engine.", lambda e: e.stats.preemptions),
+    ("prompt_tokens", "Number of prefill tokens processed.", lambda e: e.stats.prompt_tokens),
+    ("generation_tokens", "Number of generation tokens processed.", lambda e: e.stats.generation_tokens),
+)
+SUCCESS_DOC = "Count of successfully processed requests."
+
+
 class EngineCollector(Collector):
     """Reads gauges and counters from the engine at scrape time (nothing on the hot path)."""
 
@@ -68,52 +86,44 @@ class EngineCollector(Collector):
         self.labels = [engine_label, model_name]
         self.pins = pins
 
-    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        g = GaugeMetricFamily(name, doc, labels=["engine", "model_name"])
-        short = name.removeprefix("vllm:")
-        g.add_metric(self.labels, self.pins.get(short, value))
-        return g
-
-    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        c = CounterMetricFamily(name, doc, labels=["engine", "model_name"])
-        c.add_metric(self.labels, value)
-        return c
-
     def collect(self) -> Iterator[Metric]:
         e = self.engine
-        p = e.params
-        s = e.stats
-        yield self._gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
-                          len(e.running))
-        yield self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                          len(e.waiting))
-        yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv.usage())
-        yield self._counter("vllm:prefix_cache_queries",
-                            "Prefix cache queries, in terms of number of queried tokens.", s.prefix_queries)
-        yield self._counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                            s.prefix_hits)
-        yield self._counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                            s.preemptions)
-        yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
-        yield self._counter("vllm:generation_tokens", "Number of generation tokens processed.",
-                            s.generation_tokens)
-        ok = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+        for name, doc, read in GAUGES:
+            g = GaugeMetricFamily(f"vllm:{name}", doc, labels=["engine", "model_name"])
+            g.add_metric(self.labels, self.pins.get(name, read(e)))
+            yield g
+        for name, doc, read in COUNTERS:
+            c = CounterMetricFamily(f"vllm:{name}", doc, labels=["engine", "model_name"])
+            c.add_metric(self.labels, read(e))
+            yield c
+        ok = CounterMetricFamily("vllm:request_success", SUCCESS_DOC,
                                  labels=["engine", "finished_reason", "model_name"])
-        for reason, n in sorted(s.finished.items()):
+        for reason, n in sorted(e.stats.finished.items()):
             ok.add_metric([self.labels[0], reason, self.labels[1]], n)
         yield ok
+        yield self.cache_info()
+        lora = self.lora_info()
+        if lora is not None:
+            yield lora
+
+    def cache_info(self) -> GaugeMetricFamily:
+        p = self.engine.params
         cache_labels = cache_config_labels(p.block_size, p.num_gpu_blocks, p.enable_prefix_caching, self.labels[0])
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                  labels=list(cache_labels))
         info.add_metric(list(cache_labels.values()), 1.0)
-        yield info
-        if p.lora_adapters:
-            running = sorted({r.lora_name for r in e.running if r.lora_name})
-            waiting = sorted({r.lora_name for r in e.waiting if r.lora_name})
-            lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
-                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-            lora.add_metric([str(p.max_lora), ",".join(running), ",".join(waiting)], time.time())
-            yield lora
+        return info
+
+    def lora_info(self) -> GaugeMetricFamily | None:
+        e = self.engine
+        if not e.params.lora_adapters:
+            return None
+        running = sorted({r.lora_name for r in e.running if r.lora_name})
+        waiting = sorted({r.lora_name for r in e.waiting if r.lora_name})
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora.add_metric([str(e.params.max_lora), ",".join(running), ",".join(waiting)], time.time())
+        return lora
 
 
 def _go(value: float) -> str:
@@ -208,46 +218,34 @@ class EngineMetrics:
             self._fast[key].render(out, doc, engine, model)
         c = self._collector
         if c is not None:
-            e, st, pins = c.engine, c.engine.stats, self.pins
+            e, pins = c.engine, self.pins
             labels = f'{{engine="{engine}",model_name="{model}"}}'
-            for name, doc, value in (
-                ("num_requests_running", "Number of requests in model execution batches.", len(e.running)),
-                ("num_requests_waiting", "Number of requests waiting to be processed.", len(e.waiting)),
-                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv.usage()),
-            ):
-                v = float(pins.get(name, value))
+            for name, doc, read in GAUGES:
                 out.append(f"# HELP vllm:{name} {doc}\n# TYPE vllm:{name} gauge\nvllm:{name}{labels} "
-                           f"{_go(v)}\n")
-            for name, doc, value in (
-                ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                 st.prefix_queries),
-                ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", st.prefix_hits),
-                ("num_preemptions", "Cumulative number of preemption from the engine.", st.preemptions),
-                ("prompt_tokens", "Number of prefill tokens processed.", st.prompt_tokens),
-                ("generation_tokens", "Number of generation tokens processed.", st.generation_tokens),
-            ):
+                           f"{_go(float(pins.get(name, read(e))))}\n")
+            for name, doc, read in COUNTERS:
                 out.append(f"# HELP vllm:{name}_total {doc}\n# TYPE vllm:{name}_total counter\n"
-                           f"vllm:{name}_total{labels} {_go(float(value))}\n")
-            out.append("# HELP vllm:request_success_total Count of successfully processed requests.\n"
+                           f"vllm:{name}_total{labels} {_go(float(read(e)))}\n")
+            out.append(f"# HELP vllm:request_success_total {SUCCESS_DOC}\n"
                        "# TYPE vllm:request_success_total counter\n")
-            for reason, n in sorted(st.finished.items()):
+            for reason, n in sorted(e.stats.finished.items()):
                 out.append(f'vllm:request_success_total{{engine="{engine}",finished_reason="{reason}",'
                            f'model_name="{model}"}} {_go(float(n))}\n')
             if self._static is None:  # cache_config_info never changes
-                p = e.params
-                labels_map = cache_config_labels(p.block_size, p.num_gpu_blocks, p.enable_prefix_caching, engine)
-                info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                                         labels=list(labels_map))
-                info.add_metric(list(labels_map.values()), 1.0)
-                reg = CollectorRegistry(auto_describe=False)
-                reg.register(_Fixed([info]))
-                self._static = generate_latest(reg).decode()
+                self._static = _exposition([c.cache_info()])
             out.append(self._static)
-            if e.params.lora_adapters:
-                reg = CollectorRegistry(auto_describe=False)
-                reg.register(_Fixed(list(c.collect())[-1:]))
-                out.append(generate_latest(reg).decode())
+            lora = c.lora_info()
+            if lora is not None:
+                out.append(_exposition([lora]))
         return "".join(out).encode()
+
+
+def _exposition(families: list[Metric]) -> str:
+    """prometheus_client's text for a few families (the info series, with their many labels)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Fixed(families))
+    text: str = generate_latest(reg).decode()
+    return text
 
 
 class _Fixed(Collector):
