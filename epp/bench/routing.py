@@ -89,11 +89,7 @@ class Running:
         peers' runtime threads need their own calls.)"""
         pids = [p.pid for p in self.procs] + ([self.envoy.proc.pid] if self.envoy is not None else [])
         for pid in pids:
-            for tid in _threads(pid):
-                with contextlib.suppress(OSError):
-                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
-                    if cores:
-                        os.sched_setaffinity(tid, cores)
+            _place(pid, cores, niceness)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -102,11 +98,18 @@ class Running:
             self.envoy.stop()
 
 
-def _threads(pid: int) -> list[int]:
+def _place(pid: int, cores: set[int] | None, niceness: int | None = None) -> None:
+    """Set every thread of ``pid`` to ``cores`` (if given) and ``niceness`` (if given)."""
     try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
-        return [pid]
+        tids = [pid]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            if niceness is not None:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+            if cores:
+                os.sched_setaffinity(tid, cores)
 
 
 def split_cores() -> tuple[set[int], set[int] | None]:
@@ -383,15 +386,11 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     own_cores = os.sched_getaffinity(0)
     fleet_cores, router_cores = split_cores()
-    for tid in _threads(os.getpid()):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, fleet_cores)
+    _place(os.getpid(), fleet_cores)
     try:
         return await _bench(out, opts, venvs, router_cores)
     finally:
-        for tid in _threads(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, own_cores)
+        _place(os.getpid(), own_cores)
 
 
 async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set[int] | None) -> dict[str, Any]:
