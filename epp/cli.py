@@ -204,14 +204,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--profile", nargs="?", type=int, const=16, choices=(1, 16), metavar="CONCURRENCY",
                    help="py-spy profile of epp during one run at this concurrency (default 16)")
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
-    sm.add_argument("--out", default="results/sim")
-    sm.add_argument("--profile", default="h100-llama8b", help="simulator preset")
-    sm.add_argument("--servers", type=int, default=4)
-    sm.add_argument("--load", type=float, default=0.9, help="fraction of round-robin capacity")
-    sm.add_argument("--requests", type=int, default=1800)
-    sm.add_argument("--capacity-seconds", type=float, default=20.0)
-    sm.add_argument("--groups", type=int, default=120)
-    sm.add_argument("--prefix-tokens", type=int, default=8000)
+    _fleet_load_args(sm, "results/sim", requests=1800, capacity_seconds=20.0)
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
     ro = bsub.add_parser("routing", help="epp vs Envoy and the peer routers on the simulated fleet (+ plots)")
     ro.add_argument("--out", default="results/routing")
@@ -233,14 +226,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--max-seconds", type=float, default=240.0, help="time cap per run")
     ro.add_argument("--no-progress", action="store_true")
     pr = bsub.add_parser("precise", help="approximate vs precise prefix routing under churn (sim fleet)")
-    pr.add_argument("--out", default="results/precise")
-    pr.add_argument("--profile", default="h100-llama8b", help="simulator preset")
-    pr.add_argument("--servers", type=int, default=4)
-    pr.add_argument("--load", type=float, default=0.9, help="fraction of round-robin capacity")
-    pr.add_argument("--requests", type=int, default=800)
-    pr.add_argument("--capacity-seconds", type=float, default=15.0)
-    pr.add_argument("--groups", type=int, default=120)
-    pr.add_argument("--prefix-tokens", type=int, default=8000)
+    _fleet_load_args(pr, "results/precise", requests=800, capacity_seconds=15.0)
     pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
     pr.add_argument("--restart-every", type=float, default=6.0, help="seconds between pod restarts (0: none)")
     pr.add_argument("--down-for", type=float, default=0.5, help="seconds a restarting pod is down")
@@ -455,6 +441,18 @@ def _run(coro: Coroutine[Any, Any, object]) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(main())
 
+
+
+def _fleet_load_args(p: argparse.ArgumentParser, out: str, requests: int, capacity_seconds: float) -> None:
+    """Arguments of the benchmarks that load a simulated fleet at a fraction of its capacity."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    p.add_argument("--servers", type=int, default=4)
+    p.add_argument("--load", type=float, default=0.9, help="fraction of round-robin capacity")
+    p.add_argument("--requests", type=int, default=requests)
+    p.add_argument("--capacity-seconds", type=float, default=capacity_seconds)
+    p.add_argument("--groups", type=int, default=120)
+    p.add_argument("--prefix-tokens", type=int, default=8000)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epp", description="Endpoint picker for LLM inference gateways.")
