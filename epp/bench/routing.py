@@ -47,6 +47,7 @@ from epp.stack.local import EnvoyProc, free_ports, spawn, start_envoy, wait_unti
 CONTENDERS = ("envoy-round-robin", "envoy-least-request", "epp", "vllm-router", "sglang-router")
 PEERS = {"vllm-router": ("vllm-router==0.1.17", "vllm-router"), "sglang-router": ("sglang-router==0.3.2", "smg")}
 _TEXT = re.compile(rb'"content":\s*"[^"]')
+COLD_TOKENS = 1024  # a request whose server computed more prompt tokens than this counts as "cold"
 
 
 @dataclass
@@ -59,6 +60,12 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     cached_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def cold(self) -> bool:
+        """The server computed a long prompt: more than ``COLD_TOKENS`` were not cached there."""
+        return self.prompt_tokens - self.cached_tokens > COLD_TOKENS
 
 
 @dataclass
@@ -236,6 +243,7 @@ async def stream_chat(s: aiohttp.ClientSession, url: str, body: bytes, kind: str
                 if usage:
                     res.output_tokens = usage.get("completion_tokens") or 0
                     res.cached_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                    res.prompt_tokens = usage.get("prompt_tokens") or 0
             res.e2e_s = time.monotonic() - start
     except (aiohttp.ClientError, TimeoutError, ValueError):
         res.status = 599
@@ -357,6 +365,10 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "sim_step_late_ms": round(1000 * late / steps, 2) if steps else 0.0,
         "ttft_p90_by_kind_s": {k: round(_pct([r.ttft_s for r in ok if r.kind == k and r.ttft_s is not None], 90), 4)
                                for k in sorted({r.kind for r in ok})},
+        # Cold requests (the server computed > COLD_TOKENS prompt tokens) and the warm ones' tail:
+        # what routing decides. The trace's own compulsory share is in the meta (first_seen_share).
+        "cold_share": round(sum(r.cold for r in ok) / len(ok), 3) if ok else 0.0,
+        "ttft_p90_warm_s": round(_pct([r.ttft_s for r in ok if not r.cold and r.ttft_s is not None], 90), 4),
         "ttft_all_s": sorted(round(x, 4) for x in ttft),
     }
 
@@ -371,6 +383,7 @@ class RoutingOptions:
     seed: int = 1
     contenders: tuple[str, ...] = CONTENDERS
     capacity_seconds: float = 20.0
+    capacity_rps: float | None = None  # given instead of measured: the same offered load across runs
     max_seconds: float = 240.0
     params: WorkloadParams = field(default_factory=WorkloadParams)
     epp_configs: dict[str, Path] = field(default_factory=dict)  # contender "epp-NAME" runs with config NAME
@@ -394,16 +407,19 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
 
 
 async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set[int] | None) -> dict[str, Any]:
-    cap = await capacity(opts.preset, opts.servers, opts.workload, opts.params, opts.capacity_seconds)
+    cap = opts.capacity_rps or await capacity(opts.preset, opts.servers, opts.workload, opts.params,
+                                              opts.capacity_seconds)
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
     load_series: dict[str, list[list[float]]] = {}
+    first_seen: dict[str, float] = {}
     progress = _Progress(opts.progress)
     with progress:
         for load in opts.loads:
             trace = Trace.load(opts.trace_file) if opts.trace_file else build(
                 opts.workload, opts.requests, cap * load, opts.seed, opts.params)
             trace.save(out / f"trace-{opts.workload}-{load}.json")
+            first_seen[str(load)] = round(trace.first_seen_share(), 3)
             for name in opts.contenders:
                 if name in unavailable:
                     continue
@@ -427,6 +443,7 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
 
                         results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds, show)
                         row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
+                        (work / "requests.json").write_text(json.dumps([asdict(r) for r in results]))
                     finally:
                         running.stop()
                 finally:
@@ -436,6 +453,8 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
                 progress.done(task, f"TTFT p90 {row['ttft_p90_s']} s, {row['errors']} errors")
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset, "servers": opts.servers,
                        "workload": opts.workload, "loads": list(opts.loads), "capacity_rps": round(cap, 2),
+                       "capacity_given": opts.capacity_rps is not None,
+                       "first_seen_share": first_seen,
                        "params": asdict(opts.params), "requests": opts.requests},
               "rows": rows, "unavailable": unavailable}
     (out / "routing.json").write_text(json.dumps(result, indent=1))
@@ -447,7 +466,7 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = [f"# epp bench routing ({m['date']}): {m['preset']}, {m['servers']} servers, workload {m['workload']}, "
-             f"capacity {m['capacity_rps']} req/s", "",
+             f"capacity {m['capacity_rps']} req/s ({'given' if m.get('capacity_given') else 'measured'})", "",
              "| contender | load | requests | errors | req/s | output tok/s | TTFT p50 s | TTFT p90 s | TTFT p99 s "
              "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req | sim late ms/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -456,6 +475,17 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {r['output_tok_per_s']} | {r['ttft_p50_s']} | {r['ttft_p90_s']} | {r['ttft_p99_s']} "
                      f"| {r['itl_p50_ms']} | {r['e2e_p90_s']} | {r['prefix_hit_rate']} | {r['load_imbalance']} "
                      f"| {r['router_cpu_us_per_req']} | {r.get('sim_step_late_ms', '-')} |")
+    kinds = sorted({k for r in result["rows"] for k in r.get("ttft_p90_by_kind_s", {})})
+    lines += ["", "Where the tail comes from: requests whose server computed more than "
+              f"{COLD_TOKENS} prompt tokens (cold), the others' TTFT p90 (warm), and TTFT p90 by request kind. "
+              "Share of requests carrying a system prompt seen for the first time (no router can find it cached), "
+              "by load: " + ", ".join(f"{k}: {v}" for k, v in m.get("first_seen_share", {}).items()) + ".", "",
+              "| contender | load | cold share | warm TTFT p90 s | " + " | ".join(f"{k} p90 s" for k in kinds) + " |",
+              "|---|---|---|---|" + "---|" * len(kinds)]
+    for r in result["rows"]:
+        by_kind = r.get("ttft_p90_by_kind_s", {})
+        cells = [r["contender"], r["load"], r.get("cold_share", "-"), r.get("ttft_p90_warm_s", "-")]
+        lines.append("| " + " | ".join(str(c) for c in cells + [by_kind.get(k, "-") for k in kinds]) + " |")
     for name, why in result["unavailable"].items():
         lines.append(f"\n{name}: not available ({why})")
     return "\n".join(lines) + "\n"

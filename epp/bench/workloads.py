@@ -50,6 +50,11 @@ class Trace:
         path.write_text(json.dumps({"workload": self.workload, "seed": self.seed, "rate": self.rate,
                                     "sessions": [asdict(s) for s in self.sessions]}))
 
+    def first_seen_share(self) -> float:
+        """Share of requests whose system prompt no earlier request carried: no router can find
+        it cached (compulsory misses), so at least this share computes the whole prefix."""
+        return len({s.system for s in self.sessions}) / self.requests if self.requests else 0.0
+
     @classmethod
     def load(cls, path: Path) -> Trace:
         raw = json.loads(path.read_text())

@@ -9,7 +9,11 @@ prefix a prefix scorer of the same profile matched there), and the response's fi
 (prefill done) or its end take them off again.
 
 Cost of a candidate: its pending tokens plus this request's own uncached tokens there (an
-estimate of the prefill work before this request's first token). Score:
+estimate of the prefill work before this request's first token), plus what this request's
+prefill costs the requests that will arrive at that pod meanwhile: its own uncached tokens times
+``interference`` times the pod's share of recent picks relative to an even share (picks decay
+over about ``trafficWindow`` picks). A cold long prompt so goes to a quiet pod rather than to the
+pod serving a hot prefix; a short cached request hardly notices the term. Score:
 ``1 / (1 + (cost - min cost) / scaleTokens)``, so a few hundred tokens of difference barely
 matter and a cold long prompt in the way does. The scheduler runs this scorer after the prefix
 scorers, whose matches it reads.
@@ -39,6 +43,8 @@ class PrefillLoadScorer:
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
         self.scale = params.float("scaleTokens", 1024.0, minimum=1.0)
+        self.interference = params.float("interference", 3.0, minimum=0.0)
+        self.traffic = TrafficShare(params.int("trafficWindow", 64, minimum=1))
         params.done()
         self.pending: dict[str, float] = {}
 
@@ -48,13 +54,20 @@ class PrefillLoadScorer:
         cycle.data[self.name] = prompt  # taken over by ``record``
         pending = self.pending
         matched = cycle.data.get(MATCHED_TOKENS) or {}
-        # Work ahead of this request plus its own uncached part, per candidate.
-        loads = [pending.get(c.address, 0.0) + max(0.0, prompt - matched.get(c.address, 0)) for c in candidates]
+        # Work ahead of this request, its own uncached part, and the delay that part brings to the
+        # pod's next arrivals, per candidate.
+        relative = self.traffic.relative([c.address for c in candidates]) if self.interference else None
+        loads = []
+        for i, c in enumerate(candidates):
+            own = max(0.0, prompt - matched.get(c.address, 0))
+            extra = own * self.interference * relative[i] if relative is not None else 0.0
+            loads.append(pending.get(c.address, 0.0) + own + extra)
         floor = min(loads, default=0.0)
         scale = self.scale
         return [1.0 / (1.0 + (x - floor) / scale) for x in loads]
 
     def record(self, address: str, cycle: CycleState) -> None:
+        self.traffic.add(address)
         tokens = cycle.data.pop(self.name, 0.0)
         matched = cycle.data.get(MATCHED_TOKENS)
         if matched:
@@ -78,3 +91,35 @@ class PrefillLoadScorer:
 
     def forget(self, address: str) -> None:
         self.pending.pop(address, None)
+        self.traffic.forget(address)
+
+
+class TrafficShare:
+    """Each pod's share of recent picks, the older ones fading by ``1 - 1/window`` per pick.
+
+    The fade is applied lazily: each pick counts ``weight``, which grows by ``1/decay`` per pick,
+    and everything is rescaled before the numbers get large."""
+
+    def __init__(self, window: int) -> None:
+        self.decay = 1.0 - 1.0 / window
+        self.weight = 1.0
+        self.counts: dict[str, float] = {}
+
+    def add(self, address: str) -> None:
+        self.counts[address] = self.counts.get(address, 0.0) + self.weight
+        self.weight /= self.decay
+        if self.weight > 1e100:
+            self.counts = {a: c / self.weight for a, c in self.counts.items()}
+            self.weight = 1.0
+
+    def relative(self, addresses: list[str]) -> list[float]:
+        """Each address's recent picks over the mean of the given addresses' (1.0 = an even share)."""
+        counts = [self.counts.get(a, 0.0) for a in addresses]
+        total = sum(counts)
+        if total <= 0:
+            return [0.0] * len(addresses)
+        mean = total / len(addresses)
+        return [c / mean for c in counts]
+
+    def forget(self, address: str) -> None:
+        self.counts.pop(address, None)

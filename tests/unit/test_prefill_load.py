@@ -10,7 +10,7 @@ from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Datastore, Snapshot
 from epp.observability.metrics import PickerMetrics
 from epp.request import InferenceRequest
-from epp.scheduling.prefill_load import PrefillLoadScorer
+from epp.scheduling.prefill_load import PrefillLoadScorer, TrafficShare
 from epp.server.extproc import ExtProcStream
 from epp.server.picking import PickService
 
@@ -47,7 +47,7 @@ def prefill_scorer(s: object) -> PrefillLoadScorer:
 
 
 def test_a_pod_busy_with_a_long_cold_prompt_is_avoided_until_its_prefill_is_done() -> None:
-    s, _ = parse_config(CONFIG).build()
+    s, _ = parse_config(interference_config(0)).build()  # pending tokens only; traffic share: below
     assert type(s.profile.scorers[-1][0]) is PrefillLoadScorer  # ordered after the prefix scorer
     pool = snap("a", "b", "c")
     cold = s.schedule(req("a long cold document " * 1200), pool)  # ~6,000 tokens
@@ -114,3 +114,53 @@ def test_a_request_that_ends_without_a_body_releases_its_prefill() -> None:
     assert prefill_scorer(scheduler).pending
     pick.finish()
     assert prefill_scorer(scheduler).pending == {}
+
+
+def test_traffic_share_fades_old_picks_and_compares_to_an_even_share() -> None:
+    share = TrafficShare(window=4)
+    assert share.relative(["a", "b"]) == [0.0, 0.0]  # nothing picked yet
+    for _ in range(3):
+        share.add("a")
+    assert share.relative(["a", "b"]) == [2.0, 0.0]
+    for _ in range(12):
+        share.add("b")
+    a, b = share.relative(["a", "b"])
+    assert a < 0.1 and a + b == 2.0  # a's picks faded by (3/4)^12
+    share.weight = 1e101  # the lazy weight is rescaled before it overflows
+    share.add("a")
+    assert share.weight == 1.0 and share.relative(["a", "b"])[0] > a
+    share.forget("a")
+    assert share.relative(["a", "b"]) == [0.0, 2.0]
+
+
+def interference_config(interference: float) -> str:
+    return CONFIG.replace("- type: prefill-load-scorer\n",
+                          f"- type: prefill-load-scorer\n  parameters: {{interference: {interference}}}\n")
+
+
+def test_a_cold_long_prompt_goes_to_a_quiet_pod_and_a_warm_one_stays_with_its_cache() -> None:
+    pool = snap("a", "b", "c")
+    system = "the busy pod's shared system prompt " * 200
+
+    def warm_up(s: object) -> str:
+        """Thirty short requests sharing one system prompt: they all land on one pod."""
+        pods = set()
+        for i in range(30):
+            d = s.schedule(req(f"{system} question {i}"), pool)  # type: ignore[attr-defined]
+            s.record(d)  # type: ignore[attr-defined]
+            s.prefill_done(d)  # type: ignore[attr-defined]
+            pods.add(d.primary)
+        assert len(pods) == 1
+        return pods.pop()
+
+    s, _ = parse_config(interference_config(3)).build()
+    busy = warm_up(s)
+    assert prefill_scorer(s).pending == {}  # nothing pending: only the traffic share tells the pods apart
+    cold = {s.schedule(req(f"document {i} " * 1500), pool).primary for i in range(20)}
+    assert busy not in cold
+    assert s.schedule(req(f"{system} one more question"), pool).primary == busy
+
+    s, _ = parse_config(interference_config(0)).build()
+    busy = warm_up(s)
+    cold = {s.schedule(req(f"document {i} " * 1500), pool).primary for i in range(20)}
+    assert busy in cold  # without the term the busy pod ties with the others
