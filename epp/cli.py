@@ -226,6 +226,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it: the "
                     "same offered load across runs and seeds")
     ro.add_argument("--max-seconds", type=float, default=240.0, help="time cap per run")
+    ro.add_argument("--late-limit-ms", type=float, default=5.0, help="repeat a contender's run once when the "
+                    "simulated GPUs' steps ran later than this on average (the host was busy)")
     ro.add_argument("--no-progress", action="store_true")
     pr = bsub.add_parser("precise", help="approximate vs precise prefix routing under churn (sim fleet)")
     _fleet_load_args(pr, "results/precise", requests=800, capacity_seconds=15.0)
@@ -302,8 +304,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing(out, RoutingOptions(
             preset=args.profile, servers=args.servers, loads=loads, requests=args.requests, workload=args.workload,
             seed=args.seed, contenders=contenders, capacity_seconds=args.capacity_seconds,
-            capacity_rps=args.capacity_rps,
-            max_seconds=args.max_seconds, trace_file=Path(args.trace) if args.trace else None,
+            capacity_rps=args.capacity_rps, max_seconds=args.max_seconds, late_limit_ms=args.late_limit_ms,
+            trace_file=Path(args.trace) if args.trace else None,
             params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
                                   output_tokens=args.output_tokens),
             progress=not args.no_progress, epp_configs=configs)))

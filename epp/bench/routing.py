@@ -385,6 +385,7 @@ class RoutingOptions:
     capacity_seconds: float = 20.0
     capacity_rps: float | None = None  # given instead of measured: the same offered load across runs
     max_seconds: float = 240.0
+    late_limit_ms: float = 5.0  # a run whose simulated GPUs' steps were later than this on average is repeated once
     params: WorkloadParams = field(default_factory=WorkloadParams)
     epp_configs: dict[str, Path] = field(default_factory=dict)  # contender "epp-NAME" runs with config NAME
     trace_file: Path | None = None  # replay this trace (rate from the file) instead of building one
@@ -424,33 +425,27 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
                 if name in unavailable:
                     continue
                 task = progress.add(f"{name} @ {load}", trace.requests)
-                fleet = Fleet(free_ports(opts.servers), profile(opts.preset))
-                await fleet.start()
-                work = out / "logs" / f"{name}-{load}"
-                work.mkdir(parents=True, exist_ok=True)
-                try:
-                    running = await start_contender(name, [s.address for s in fleet.servers], work, venvs,
-                                                    opts.epp_configs)
-                    if isinstance(running, str):
-                        unavailable[name] = running
-                        progress.done(task, f"not available: {running}")
-                        continue
-                    try:
-                        running.isolate(router_cores)
-                        cpu0 = running.cpu()
-                        def show(n: int, t: int = task) -> None:
-                            progress.update(t, n)
-
-                        results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds, show)
-                        row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
-                        (work / "requests.json").write_text(json.dumps([asdict(r) for r in results]))
-                    finally:
-                        running.stop()
-                finally:
-                    await fleet.stop()
-                rows.append(row)
-                load_series[f"{name}@{load}"] = samples
-                progress.done(task, f"TTFT p90 {row['ttft_p90_s']} s, {row['errors']} errors")
+                best: tuple[dict[str, Any], Samples] | None = None
+                runs = 0
+                while runs < 2:
+                    runs += 1
+                    ran = await _run_one(name, load, trace, opts, out, venvs, router_cores, task, progress)
+                    if isinstance(ran, str):
+                        unavailable[name] = ran
+                        progress.done(task, f"not available: {ran}")
+                        break
+                    if best is None or ran[0]["sim_step_late_ms"] < best[0]["sim_step_late_ms"]:
+                        best = ran
+                    # When the host slowed the simulated GPUs down, run once more and keep the
+                    # run that kept closer to the modelled clock.
+                    if best[0]["sim_step_late_ms"] <= opts.late_limit_ms:
+                        break
+                    progress.update(task, 0)
+                if best is not None and name not in unavailable:
+                    best[0]["runs"] = runs
+                    rows.append(best[0])
+                    load_series[f"{name}@{load}"] = best[1]
+                    progress.done(task, f"TTFT p90 {best[0]['ttft_p90_s']} s, {best[0]['errors']} errors")
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset, "servers": opts.servers,
                        "workload": opts.workload, "loads": list(opts.loads), "capacity_rps": round(cap, 2),
                        "capacity_given": opts.capacity_rps is not None,
@@ -461,6 +456,33 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
     (out / "routing.md").write_text(markdown(result))
     plots(out, result, load_series)
     return result
+
+
+async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, out: Path, venvs: Path,
+                   router_cores: set[int] | None, task: int,
+                   progress: _Progress) -> tuple[dict[str, Any], Samples] | str:
+    """One contender in front of a fresh fleet: its summary row and load samples, or why it is
+    not available."""
+    fleet = Fleet(free_ports(opts.servers), profile(opts.preset))
+    await fleet.start()
+    work = out / "logs" / f"{name}-{load}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        running = await start_contender(name, [s.address for s in fleet.servers], work, venvs, opts.epp_configs)
+        if isinstance(running, str):
+            return running
+        try:
+            running.isolate(router_cores)
+            cpu0 = running.cpu()
+            results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds,
+                                                    lambda n: progress.update(task, n))
+            row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
+            (work / "requests.json").write_text(json.dumps([asdict(r) for r in results]))
+            return row, samples
+        finally:
+            running.stop()
+    finally:
+        await fleet.stop()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -475,6 +497,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {r['output_tok_per_s']} | {r['ttft_p50_s']} | {r['ttft_p90_s']} | {r['ttft_p99_s']} "
                      f"| {r['itl_p50_ms']} | {r['e2e_p90_s']} | {r['prefix_hit_rate']} | {r['load_imbalance']} "
                      f"| {r['router_cpu_us_per_req']} | {r.get('sim_step_late_ms', '-')} |")
+    repeated = [f"{r['contender']} @ {r['load']}" for r in result["rows"] if r.get("runs", 1) > 1]
+    if repeated:
+        lines += ["", "Run twice because the simulated GPUs ran late (busy host); the row is the run closer to the "
+                  "modelled clock: " + ", ".join(repeated) + "."]
     kinds = sorted({k for r in result["rows"] for k in r.get("ttft_p90_by_kind_s", {})})
     lines += ["", "Where the tail comes from: requests whose server computed more than "
               f"{COLD_TOKENS} prompt tokens (cold), the others' TTFT p90 (warm), and TTFT p90 by request kind. "

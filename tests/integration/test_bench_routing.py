@@ -38,3 +38,16 @@ async def test_every_contender_completes_a_small_trace(tmp_path: Path) -> None:
     assert meta["workload"] == "mix" and 0 < meta["first_seen_share"]["0.5"] < 1
     assert "Where the tail comes from" in (tmp_path / "routing.md").read_text()
     assert (tmp_path / "trace-mix-0.5.json").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+async def test_a_run_whose_fleet_ran_late_is_repeated_once(tmp_path: Path) -> None:
+    # A negative limit: every run counts as late, so each contender runs exactly twice.
+    opts = RoutingOptions(preset="fast", servers=2, loads=(0.5,), requests=12, capacity_rps=20.0,
+                          contenders=("envoy-round-robin",), late_limit_ms=-1.0, max_seconds=30.0,
+                          params=WorkloadParams(groups=4, prefix_tokens=200, output_tokens=8, turns=2, think_s=0.05),
+                          progress=False)
+    result = await bench_routing(tmp_path, opts, venvs=ROOT / ".venv-peers")
+    [row] = result["rows"]
+    assert row["runs"] == 2 and row["errors"] == 0 and result["meta"]["capacity_given"]
+    assert "Run twice because the simulated GPUs ran late" in (tmp_path / "routing.md").read_text()
