@@ -19,7 +19,7 @@ import yaml
 from epp.filewatch import WatchedFile
 from epp.flowcontrol.saturation import SaturationThresholds
 from epp.scheduling.framework import Profile, Scheduler
-from epp.scheduling.params import Params
+from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import PICKERS, PLUGIN_TYPES, SCORERS
 from epp.scheduling.types import ConfigError
 
@@ -128,12 +128,31 @@ def _no_unknown(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
             raise ConfigError(f"{prefix}{k}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
-def parse_config(text: str, source: str = "<config>") -> PickerConfig:
-    """Validate an EndpointPickerConfig document. Raises ConfigError('<source>: <path>: ...')."""
+MAX_WEIGHT = 1e6
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> PickerConfig:
+    """Validate an EndpointPickerConfig document. Raises ConfigError('<source>: <path>: ...')
+    and nothing else, whatever the input (a config file is operator input: never a traceback)."""
     try:
-        return _parse(text, source)
+        return _parse(decode_text(text), source)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e.path}", e.message) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: document", "nested too deeply") from None
+    except Exception as e:  # a case the checks above missed: still one line, naming the file
+        log.debug("unexpected error parsing %s", source, exc_info=True)
+        raise ConfigError(f"{source}: document", f"cannot be read ({type(e).__name__}: {show(str(e))})") from None
+
+
+def decode_text(data: str | bytes) -> str:
+    """UTF-8 text of a config file; ConfigError naming the first bad byte otherwise."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("document", f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
 def _parse(text: str, source: str) -> PickerConfig:
@@ -150,11 +169,13 @@ def _parse(text: str, source: str) -> PickerConfig:
                       "data", "flowControl"}, "")
     api = raw.get("apiVersion", API_VERSIONS[0])
     if api not in API_VERSIONS:
-        raise ConfigError("apiVersion", f"unsupported {api!r} (expected {API_VERSIONS[0]})")
+        raise ConfigError("apiVersion", f"unsupported {show(api)} (expected {API_VERSIONS[0]})")
     if raw.get("kind", KIND) != KIND:
-        raise ConfigError("kind", f"expected {KIND}, got {raw.get('kind')!r}")
+        raise ConfigError("kind", f"expected {KIND}, got {show(raw.get('kind'))}")
     gates = raw.get("featureGates") or []
     _expect(gates, list, "featureGates", "a list")
+    for i, gate in enumerate(gates):
+        _expect(gate, str, f"featureGates[{i}]", "a string")
     plugins: dict[str, PluginSpec] = {}
     for i, p in enumerate(_expect(raw.get("plugins") or [], list, "plugins", "a list")):
         path = f"plugins[{i}]"
@@ -165,11 +186,11 @@ def _parse(text: str, source: str) -> PickerConfig:
             raise ConfigError(f"{path}.type", "required")
         if ptype not in PLUGIN_TYPES:
             known = ", ".join(sorted(PLUGIN_TYPES))
-            raise ConfigError(f"{path}.type", f"unknown plugin type {ptype!r} (known: {known})")
+            raise ConfigError(f"{path}.type", f"unknown plugin type {show(ptype)} (known: {known})")
         name = p.get("name") or ptype
         _expect(name, str, f"{path}.name", "a string")
         if name in plugins:
-            raise ConfigError(f"{path}.name", f"duplicate plugin name {name!r}")
+            raise ConfigError(f"{path}.name", f"duplicate plugin name {show(name)}")
         params = p.get("parameters") or {}
         _expect(params, dict, f"{path}.parameters", "a mapping")
         spec = PluginSpec(name, ptype, params, path)
@@ -184,6 +205,7 @@ def _parse(text: str, source: str) -> PickerConfig:
     prof = _expect(profiles[0], dict, "schedulingProfiles[0]", "a mapping")
     _no_unknown(prof, {"name", "plugins"}, "schedulingProfiles[0]")
     pname = prof.get("name") or "default"
+    _expect(pname, str, "schedulingProfiles[0].name", "a string")
     scorer_refs: list[tuple[str, float]] = []
     picker_ref: str | None = None
     for j, ref in enumerate(_expect(prof.get("plugins") or [], list, "schedulingProfiles[0].plugins", "a list")):
@@ -191,13 +213,15 @@ def _parse(text: str, source: str) -> PickerConfig:
         _expect(ref, dict, path, "a mapping")
         _no_unknown(ref, {"pluginRef", "weight"}, path)
         name = ref.get("pluginRef")
+        _expect(name, str, f"{path}.pluginRef", "a plugin name")
         if name not in plugins:
-            raise ConfigError(f"{path}.pluginRef", f"no plugin named {name!r} in plugins")
+            raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
         ptype = plugins[name].type
         if ptype in SCORERS:
             weight = ref.get("weight", 1)
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-                raise ConfigError(f"{path}.weight", f"expected a number >= 0, got {weight!r}")
+            if (isinstance(weight, bool) or not isinstance(weight, int | float) or not finite(weight)
+                    or not 0 <= weight <= MAX_WEIGHT):
+                raise ConfigError(f"{path}.weight", f"expected a number >= 0 and <= {MAX_WEIGHT:g}, got {show(weight)}")
             scorer_refs.append((name, float(weight)))
         elif ptype in PICKERS:
             if picker_ref is not None:
@@ -219,15 +243,18 @@ def load_config(path: str | None) -> PickerConfig:
     if path is None:
         return parse_config(DEFAULT_CONFIG, "<default config>")
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror}") from None
-    return parse_config(text, path)
+    return parse_config(data, path)
 
 
 def config_watcher(path: str, current: PickerConfig, apply: Callable[[PickerConfig], None],
                    interval: float = 0.5) -> WatchedFile[PickerConfig]:
     """Watches the config file; a valid change is applied, an invalid one logged and ignored."""
-    text = Path(path).read_text() if Path(path).is_file() else None
+    try:
+        text: str | None = Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        text = None
     return WatchedFile(path, lambda t: parse_config(t, path), apply, what="config", current=current,
                        current_text=text, interval=interval)

@@ -15,6 +15,6 @@ def parse_duration(text: str) -> float:
         value = float(t[: -len(unit[0])]) * unit[1]
     except ValueError:
         raise ValueError(f"invalid duration {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"duration must be positive: {text!r}")
+    if not value > 0 or value == float("inf"):  # also NaN ('nans') and inf ('1e400s')
+        raise ValueError(f"duration must be positive and finite: {text!r}")
     return value

@@ -28,30 +28,51 @@ class WatchedFile(Generic[T]):
         self.interval = interval
         self.last_error: str | None = None
         self.reloads = 0
+        self.rejected = 0
+        self._bad_digest = ""
         self._digest = hashlib.sha256(current_text.encode()).hexdigest() if current_text is not None else ""
 
     def check(self) -> bool:
         """Apply the file if it changed and is valid. True when a new version was applied."""
         try:
-            text = Path(self.path).read_text()
+            data = Path(self.path).read_bytes()
         except OSError as e:
             self._report(f"{self.path}: cannot read: {e.strerror}; keeping the previous {self.what}")
             return False
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest == self._digest:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in (self._digest, self._bad_digest):
             return False
         try:
-            value = self.parse(text)
-        except ValueError as e:
-            self._report(f"invalid {self.what} change ignored, keeping the previous {self.what}: {e}")
+            value = self.parse(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self._reject(digest, f"{self.path}: not UTF-8 text (byte {e.start})")
             return False
-        self.apply(value)
+        except ValueError as e:
+            self._reject(digest, str(e))
+            return False
+        except Exception as e:  # a parser bug must not end the watch: later edits still apply
+            log.debug("parsing %s failed", self.path, exc_info=True)
+            self._reject(digest, f"{self.path}: {type(e).__name__}: {e}")
+            return False
+        try:
+            self.apply(value)
+        except Exception as e:
+            log.exception("applying the new %s from %s failed; keeping the previous %s", self.what, self.path,
+                          self.what)
+            self._reject(digest, f"{self.path}: cannot apply: {type(e).__name__}: {e}")
+            return False
         self.current = value
         self._digest = digest
         self.last_error = None
         self.reloads += 1
         log.info("%s reloaded from %s", self.what, self.path)
         return True
+
+    def _reject(self, digest: str, reason: str) -> None:
+        """Log a bad version once (until the file changes again) and keep the current state."""
+        self.rejected += 1
+        self._bad_digest = digest  # not parsed again until the file changes
+        self._report(f"invalid {self.what} change ignored, keeping the previous {self.what}: {reason}")
 
     def _report(self, message: str) -> None:
         if message != self.last_error:
@@ -61,4 +82,7 @@ class WatchedFile(Generic[T]):
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # check() catches what it knows; nothing may end the watch
+                log.exception("watching %s failed; will retry", self.path)

@@ -150,6 +150,11 @@ class RequestPolicies:
                     p.exact.setdefault(model, []).append(r)
         return p
 
+    def model_names(self) -> set[str]:
+        """Every model the rules name, matched or as a target."""
+        rules = [r for rs in self.exact.values() for r in rs] + self.generic
+        return set(self.exact) | {model for r in rules for model, _ in r.targets}
+
     def priority(self, objective: str | None) -> int:
         if not objective:
             return 0

@@ -19,6 +19,7 @@ class EngineSignals:
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
     max_lora: int | None = None
+    models: tuple[str, ...] = ()  # the model_name labels of the queue series (what the pod serves)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,10 @@ class Datastore:
             self.inflight[address] = n - 1
 
     # -- reading -----------------------------------------------------------------------------------------
+    def served_models(self) -> set[str]:
+        """The model names the endpoints' metrics report."""
+        return {m for st in self._states.values() if st.signals is not None for m in st.signals.models}
+
     def snapshot(self) -> Snapshot:
         return Snapshot(self._tuple, self.inflight, self.recent_picks, self._clock(), self.staleness)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -107,10 +108,76 @@ class PreciseCollector(Collector):
                 yield fam
 
 
-class PickerMetrics:
-    """All of epp's metrics in one registry (no global state)."""
+OTHER = "other"
 
-    def __init__(self, store: Datastore, pool_name: str = "default") -> None:
+
+class LabelValues:
+    """Bounds a label whose values come from clients (the request's ``model``).
+
+    Known values pass: the models the pool's servers report, and those the rewrite rules name.
+    Of the others, the first ``limit`` distinct ones no longer than ``max_length`` are admitted
+    (a pool whose servers do not name their model still gets per-model series); every later
+    one is counted as ``other``. So no client can grow /metrics without bound."""
+
+    def __init__(self, pool_models: Callable[[], Iterable[str]], limit: int = 64, max_length: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool_models = pool_models
+        self.limit = limit
+        self.max_length = max_length
+        self.clock = clock
+        self.known: frozenset[str] = frozenset()
+        self.configured: frozenset[str] = frozenset()
+        self.admitted: set[str] = set()
+        self._refreshed = float("-inf")
+
+    def set_configured(self, values: Iterable[str]) -> None:
+        self.configured = frozenset(values)
+        self._refreshed = float("-inf")
+
+    def __call__(self, value: str) -> str:
+        if value in self.admitted or value in self.known:
+            return value
+        now = self.clock()
+        if now - self._refreshed >= 1.0:  # the pool's models, re-read at most once a second
+            self._refreshed = now
+            self.known = self.configured | frozenset(self.pool_models())
+            if value in self.known:
+                return value
+        if len(self.admitted) >= self.limit or len(value) > self.max_length:
+            return OTHER
+        self.admitted.add(value)
+        return value
+
+
+class Frozen(Collector):
+    """Metric families computed beforehand (on the event loop), rendered later (off it)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+class _Joined(Collector):
+    def __init__(self, *parts: Collector) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        for p in self.parts:
+            yield from p.collect()
+
+
+class PickerMetrics:
+    """All of epp's metrics in one registry (no global state).
+
+    Collectors that read loop-owned state (the datastore, the scorers) are ``loop_collectors``:
+    ``prepare`` runs them on the event loop (cheap), and the returned collector renders
+    everything, which can then run in a thread so a big exposition never stalls routing."""
+
+    def __init__(self, store: Datastore, pool_name: str = "default", label_values: int = 64) -> None:
+        self.models = LabelValues(store.served_models, label_values)
+        self.loop_collectors: list[Collector] = [PoolCollector(store, pool_name)]
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter("inference_objective_request", "Requests received, by model.",
@@ -135,7 +202,6 @@ class PickerMetrics:
         self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
         self.prefix_indexer_size = Gauge("inference_extension_prefix_indexer_size",
                                          "Block hashes held by the approximate prefix index.", registry=r)
-        r.register(PoolCollector(store, pool_name))
         ProcessCollector(registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -147,6 +213,11 @@ class PickerMetrics:
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
+
+    def prepare(self) -> Collector:
+        """Everything to render: the registry plus the loop collectors' families, read now."""
+        families = [m for c in self.loop_collectors for m in c.collect()]
+        return _Joined(self.registry, Frozen(families))
 
     def plugin_timer(self, plugin_type: str, name: str, seconds: float) -> None:
         self.child(self.plugin_duration, plugin_type, name).observe(seconds)

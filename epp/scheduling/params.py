@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import builtins
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from epp.durations import parse_duration
 from epp.scheduling.types import ConfigError
+
+INT_LIMIT = 2**31 - 1  # the default upper bound of an integer parameter
+DURATION_LIMIT = 7 * 24 * 3600.0  # a week, in seconds
+# Upper bounds of the parameters that size memory or work per request: a value past them is a
+# typo or an attack (``lruCapacityPerServer: 1e14``), never a deployment.
+BLOCK_SIZE_LIMIT = 4096  # tokens per block
+BLOCKS_TO_MATCH_LIMIT = 1 << 20  # blocks matched per request
+BLOCKS_PER_SERVER_LIMIT = 10_000_000  # prefix-index entries per server (~1 GB)
+ENDPOINTS_PER_PICK_LIMIT = 64  # primary + fallbacks
+
+
+def finite(v: builtins.int | builtins.float) -> builtins.bool:
+    """True for an int, or a float that is neither NaN nor infinite (1e400 parses as inf)."""
+    return isinstance(v, builtins.int) or math.isfinite(v)
+
+
+def show(v: Any) -> builtins.str:
+    """A value for an error message, cut short (a config value can be megabytes)."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Params:
@@ -27,18 +48,23 @@ class Params:
         """The names not read yet (for maps keyed by user data, e.g. endpoint addresses)."""
         return [k for k in self._raw if isinstance(k, str)]
 
-    def int(self, key: str, default: int, minimum: int | None = None) -> int:
+    def int(self, key: str, default: int, minimum: int | None = None, maximum: int = INT_LIMIT) -> int:
+        """An integer in [minimum, maximum]; every integer parameter has an upper bound."""
         v = self._raw.pop(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self._path}.{key}", f"expected an integer, got {v!r}")
+            raise ConfigError(f"{self._path}.{key}", f"expected an integer, got {show(v)}")
         if minimum is not None and v < minimum:
             raise ConfigError(f"{self._path}.{key}", f"must be >= {minimum}, got {v}")
+        if v > maximum:
+            raise ConfigError(f"{self._path}.{key}", f"must be <= {maximum}, got {show(v)}")
         return v
 
     def float(self, key: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
         v = self._raw.pop(key, default)
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(f"{self._path}.{key}", f"expected a number, got {v!r}")
+            raise ConfigError(f"{self._path}.{key}", f"expected a number, got {show(v)}")
+        if not finite(v):
+            raise ConfigError(f"{self._path}.{key}", f"expected a finite number, got {show(v)}")
         if minimum is not None and v < minimum:
             raise ConfigError(f"{self._path}.{key}", f"must be >= {minimum}, got {v}")
         if maximum is not None and v > maximum:
@@ -48,7 +74,7 @@ class Params:
     def bool(self, key: str, default: bool) -> bool:
         v = self._raw.pop(key, default)
         if not isinstance(v, bool):
-            raise ConfigError(f"{self._path}.{key}", f"expected true or false, got {v!r}")
+            raise ConfigError(f"{self._path}.{key}", f"expected true or false, got {show(v)}")
         return v
 
     def text(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None) -> str | None:
@@ -56,9 +82,9 @@ class Params:
         if v is None:
             return None
         if not isinstance(v, str):
-            raise ConfigError(f"{self._path}.{key}", f"expected a string, got {v!r}")
+            raise ConfigError(f"{self._path}.{key}", f"expected a string, got {show(v)}")
         if choices is not None and v not in choices:
-            raise ConfigError(f"{self._path}.{key}", f"must be one of {', '.join(choices)}, got {v!r}")
+            raise ConfigError(f"{self._path}.{key}", f"must be one of {', '.join(choices)}, got {show(v)}")
         return v
 
     def duration(self, key: builtins.str, default: builtins.float) -> builtins.float:
@@ -69,8 +95,8 @@ class Params:
                 return parse_duration(v)
             except ValueError as e:
                 raise ConfigError(f"{self._path}.{key}", str(e)) from None
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            raise ConfigError(f"{self._path}.{key}", f"expected a positive duration like '5s', got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not finite(v) or not 0 < v <= DURATION_LIMIT:
+            raise ConfigError(f"{self._path}.{key}", f"expected a positive duration like '5s', got {show(v)}")
         return float(v)
 
     def section(self, key: builtins.str) -> Params | None:

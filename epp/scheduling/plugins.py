@@ -11,7 +11,13 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
-from epp.scheduling.params import Params
+from epp.scheduling.params import (
+    BLOCK_SIZE_LIMIT,
+    BLOCKS_PER_SERVER_LIMIT,
+    BLOCKS_TO_MATCH_LIMIT,
+    ENDPOINTS_PER_PICK_LIMIT,
+    Params,
+)
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import MATCHED_TOKENS, PrefillLoadScorer
 from epp.scheduling.prefix_index import PrefixIndex
@@ -81,9 +87,9 @@ class PrefixCacheScorer:
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
-        block = params.int("blockSizeTokens", 16, minimum=1)
-        max_blocks = params.int("maxPrefixBlocksToMatch", 256, minimum=1)
-        lru = params.int("lruCapacityPerServer", 31250, minimum=1)
+        block = params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT)
+        max_blocks = params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT)
+        lru = params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT)
         params.bool("autoTune", True)  # accepted for compatibility with the reference
         self.balance_abs = params.float("balanceAbsThreshold", 4.0)
         self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
@@ -116,7 +122,7 @@ class _Picker:
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
         self.name = name
-        self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1)
+        self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1, maximum=ENDPOINTS_PER_PICK_LIMIT)
         params.done()
         self.rng = rng or random.Random()
 

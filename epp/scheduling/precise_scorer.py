@@ -22,7 +22,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
-from epp.scheduling.params import Params
+from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
 from epp.scheduling.prefill_load import MATCHED_TOKENS, PROMPT_TOKENS
@@ -59,12 +59,12 @@ class PrecisePrefixCacheScorer:
             self.tokenizer: PromptTokenizer | None = load_tokenizer(spec) if spec else None
         except TokenizerError as e:
             raise ConfigError(f"{params.path}.tokenizer", str(e)) from None
-        self.block_size = params.int("blockSize", 0, minimum=0)
+        self.block_size = params.int("blockSize", 0, minimum=0, maximum=BLOCK_SIZE_LIMIT)
         self.hasher = BlockHasher(params.text("hashSeed"))
         self.lora_paths = params.str_map("loraAdapters")
         self.mode = params.text("mode", "hybrid", choices=("hybrid", "precise"))
-        self.max_blocks = params.int("maxBlocksToMatch", 1024, minimum=1)
-        self.index = PreciseIndex(params.int("maxBlocksPerPod", 500_000, minimum=1))
+        self.max_blocks = params.int("maxBlocksToMatch", 1024, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT)
+        self.index = PreciseIndex(params.int("maxBlocksPerPod", 500_000, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))
         self.pending = PendingBlocks(params.duration("pendingTtl", 10.0))
         kv = params.section("kvEvents")
         self.kv_events: KVEventsSpec | None = None
@@ -98,9 +98,9 @@ class PrecisePrefixCacheScorer:
         self.inject_usage = params.bool("injectUsage", True)
         self.balance_abs = params.float("balanceAbsThreshold", 4.0)
         self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
-        self.approx = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1),
-                                  params.int("maxPrefixBlocksToMatch", 256, minimum=1),
-                                  params.int("lruCapacityPerServer", 31250, minimum=1))
+        self.approx = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT),
+                                  params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
+                                  params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))
         params.done()
         if self.tokenizer is None:
             log.warning("%s: no tokenizer configured: routing on the approximate index", name)

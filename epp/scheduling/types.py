@@ -14,6 +14,7 @@ class ConfigError(ValueError):
     """A configuration error with the path of the offending field."""
 
     def __init__(self, path: str, message: str) -> None:
+        message = " ".join(message.split())  # always one line (YAML errors span several)
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message

@@ -25,6 +25,7 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from hpack import Decoder
@@ -35,9 +36,30 @@ log = logging.getLogger("epp.h2grpc")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x1, 0x4, 0x5
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE = 0x1, 0x2, 0x4
+SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x5, 0x6
 MAX_WINDOW = 2**31 - 1
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, CANCEL = 0, 1, 2, 3, 6, 8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
+OUR_MAX_FRAME = 1 << 20  # the SETTINGS_MAX_FRAME_SIZE we advertise
+
+
+class ConnectionError_(Exception):
+    """A connection error (RFC 9113 section 5.4.1): GOAWAY with ``code``, then close."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client connection may make the server hold (see the README's limits table)."""
+
+    max_message: int = 64 * 1024 * 1024  # one gRPC message (--grpc-max-recv-msg-size)
+    max_header_block: int = 64 * 1024  # one HEADERS + CONTINUATION block (--grpc-max-header-list-size)
+    max_buffered: int = 128 * 1024 * 1024  # partial messages of all streams (--grpc-max-buffered-bytes)
 
 # gRPC status codes used here.
 OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 3, 8, 12, 13, 14
@@ -171,16 +193,18 @@ class _Stream:
 class H2Connection(asyncio.Protocol):
     """One client connection (Envoy keeps a few, multiplexing every request's stream on them)."""
 
-    def __init__(self, services: dict[str, HandlerFactory], max_message: int, on_close: Callable[[H2Connection], None]):
+    def __init__(self, services: dict[str, HandlerFactory], limits: Limits, on_close: Callable[[H2Connection], None]):
         self.services = services
-        self.max_message = max_message
+        self.limits = limits
+        self.max_message = limits.max_message
+        self.buffered = 0  # bytes of partial messages held for all streams
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.out: list[bytes] = []
         self.preface_seen = False
         self.streams: dict[int, _Stream] = {}
-        self.decoder = Decoder()
+        self.decoder = Decoder(max_header_list_size=limits.max_header_block)
         self.header_cache: dict[bytes, dict[str, str]] = {}
         self.peer_initial_window = 65535
         self.peer_max_frame = 16384
@@ -199,14 +223,17 @@ class H2Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        settings = struct.pack(">HL", SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW) + struct.pack(
-            ">HL", SETTINGS_MAX_FRAME_SIZE, 1 << 20)
+        settings = (struct.pack(">HL", SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW)
+                    + struct.pack(">HL", SETTINGS_MAX_FRAME_SIZE, OUR_MAX_FRAME)
+                    + struct.pack(">HL", SETTINGS_MAX_HEADER_LIST_SIZE, self.limits.max_header_block))
         self.transport.write(frame(SETTINGS, 0, 0, settings) +
                         frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", MAX_WINDOW - 65535)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         streams = list(self.streams.values())
         self.streams.clear()
+        self.buf = bytearray()
+        self.buffered = 0
         for st in streams:
             self._reset_handler(st)
         self.on_close(self)
@@ -228,6 +255,8 @@ class H2Connection(asyncio.Protocol):
             while n - pos >= 9:
                 hi, lo, ftype, flags, sid = _HEADER.unpack_from(buf, pos)
                 length = (hi << 16) | lo
+                if length > OUR_MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {OUR_MAX_FRAME}")
                 end = pos + 9 + length
                 if end > n:
                     break
@@ -237,6 +266,11 @@ class H2Connection(asyncio.Protocol):
                 if self.transport is None or self.transport.is_closing():
                     return
             del buf[:pos]
+        except ConnectionError_ as e:
+            self._fatal(e.code, e.reason)
+        except Exception as e:  # a case the checks missed: the connection ends, the process does not
+            log.exception("HTTP/2 connection failed")
+            self._fatal(INTERNAL_ERROR, f"internal error: {type(e).__name__}")
         finally:
             self._flush()
 
@@ -288,11 +322,13 @@ class H2Connection(asyncio.Protocol):
             self.transport.close()
 
     def _fatal(self, code: int, reason: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
         log.warning("closing HTTP/2 connection: %s", reason)
-        self.out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream_id, code) + reason.encode()))
+        self.out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream_id, code) + reason.encode()[:200]))
         self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        self.buf.clear()
+        self.transport.close()
 
     def goaway(self) -> None:
         """Graceful shutdown: no new streams; close once the open ones finish."""
@@ -305,17 +341,22 @@ class H2Connection(asyncio.Protocol):
     # -- frames -------------------------------------------------------------------------------------
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self.continuation is not None and ftype != CONTINUATION:
-            self._fatal(PROTOCOL_ERROR, "expected CONTINUATION")
-            return
+            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        check = _FRAME_CHECKS.get(ftype)
+        if check is not None:
+            check(flags, sid, payload)
         if ftype == DATA:
             self._data(flags, sid, payload)
         elif ftype == HEADERS:
             self._headers(flags, sid, payload)
         elif ftype == CONTINUATION:
             if self.continuation is None or self.continuation[0] != sid:
-                self._fatal(PROTOCOL_ERROR, "unexpected CONTINUATION")
-                return
-            self.continuation[2].extend(payload)
+                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            block = self.continuation[2]
+            if len(block) + len(payload) > self.limits.max_header_block:
+                raise ConnectionError_(ENHANCE_YOUR_CALM,
+                                       f"header block exceeds {self.limits.max_header_block} bytes")
+            block.extend(payload)
             if flags & END_HEADERS:
                 csid, cflags, block = self.continuation
                 self.continuation = None
@@ -327,11 +368,17 @@ class H2Connection(asyncio.Protocol):
         elif ftype == WINDOW_UPDATE:
             inc = struct.unpack(">L", payload)[0] & 0x7FFFFFFF
             if sid == 0:
+                if inc == 0:
+                    raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
                 self.send_window += inc
+                if self.send_window > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window above 2^31-1")
             else:
                 st = self.streams.get(sid)
-                if st is not None:
+                if st is not None and inc > 0:
                     st.send_window += inc
+                    if st.send_window > MAX_WINDOW:
+                        self._reset_stream(st, FLOW_CONTROL_ERROR)
             if self.blocked:
                 self.flush_blocked()
         elif ftype == PING:
@@ -340,6 +387,7 @@ class H2Connection(asyncio.Protocol):
         elif ftype == RST_STREAM:
             st = self.streams.pop(sid, None)
             if st is not None:
+                self._drop_buffer(st)
                 self.blocked.discard(st)
                 st.finished = True
                 self._reset_handler(st)
@@ -348,19 +396,25 @@ class H2Connection(asyncio.Protocol):
             if not self.streams and self.transport is not None:
                 self.transport.close()
         elif ftype == PUSH_PROMISE:
-            self._fatal(PROTOCOL_ERROR, "clients cannot push")
+            raise ConnectionError_(PROTOCOL_ERROR, "clients cannot push")
         # PRIORITY and unknown frame types are ignored, as the RFC requires.
 
     def _settings(self, payload: bytes) -> None:
         for i in range(0, len(payload) - 5, 6):
             ident, value = struct.unpack_from(">HL", payload, i)
             if ident == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value} above 2^31-1")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
                     st.send_window += delta
             elif ident == SETTINGS_MAX_FRAME_SIZE:
+                if not 16384 <= value <= 2**24 - 1:
+                    raise ConnectionError_(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value} outside [2^14, 2^24-1]")
                 self.peer_max_frame = value
+            elif ident == SETTINGS_ENABLE_PUSH and value > 1:
+                raise ConnectionError_(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
             elif ident == SETTINGS_HEADER_TABLE_SIZE:
                 pass  # we never index what we send
         if self.blocked:
@@ -374,13 +428,17 @@ class H2Connection(asyncio.Protocol):
             start = 1
         if flags & PRIORITY_FLAG:
             start += 5
+        if start + pad > len(payload):
+            raise ConnectionError_(PROTOCOL_ERROR, "HEADERS padding exceeds the payload")
         block = payload[start : len(payload) - pad]
+        if len(block) > self.limits.max_header_block:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, f"header block exceeds {self.limits.max_header_block} bytes")
         if sid in self.streams:
             # Trailers from the client: the request side is done.
             if not flags & END_HEADERS:
                 self.continuation = (sid, flags, bytearray(block))
                 return
-            self._decode(block)
+            self._decode_checked(block)
             self._remote_end(self.streams[sid])
             return
         if not flags & END_HEADERS:
@@ -401,25 +459,28 @@ class H2Connection(asyncio.Protocol):
         newest = entries[0] if size else None
         headers: dict[str, str] = {str(k): str(v) for k, v in self.decoder.decode(block)}
         if len(entries) == size and (entries[0] if size else None) is newest:
-            if len(self.header_cache) < 256:
+            if len(self.header_cache) < 256 and len(block) <= 1024:
                 self.header_cache[block] = headers
         else:
             self.header_cache.clear()
         return headers
 
+    def _decode_checked(self, block: bytes) -> dict[str, str]:
+        """The header block decoded; a bad block is a COMPRESSION_ERROR for the connection
+        (the HPACK table is shared, so nothing after it could be decoded either)."""
+        try:
+            return self._decode(block)
+        except (HPACKError, UnicodeDecodeError, ValueError, IndexError) as e:
+            raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {type(e).__name__}: {e}") from None
+
     def _open_stream(self, sid: int, flags: int, block: bytes) -> None:
         if sid in self.streams:  # trailers that needed CONTINUATION
-            self._decode(block)
+            self._decode_checked(block)
             self._remote_end(self.streams[sid])
             return
-        try:
-            headers = self._decode(block)
-        except HPACKError as e:
-            self._fatal(INTERNAL_ERROR, f"HPACK: {e}")
-            return
+        headers = self._decode_checked(block)
         if sid <= self.last_stream_id or sid % 2 == 0:
-            self._fatal(PROTOCOL_ERROR, f"bad stream id {sid}")
-            return
+            raise ConnectionError_(PROTOCOL_ERROR, f"bad stream id {sid}")
         self.last_stream_id = sid
         st = _Stream(self, sid, self.peer_initial_window)
         self.streams[sid] = st
@@ -447,19 +508,30 @@ class H2Connection(asyncio.Protocol):
         if self.recv_consumed > 1 << 30:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.recv_consumed)))
             self.recv_consumed = 0
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ConnectionError_(PROTOCOL_ERROR, "DATA padding exceeds the payload")
+            payload = payload[1 : len(payload) - payload[0]]
         st = self.streams.get(sid)
         if st is None:
             return  # a stream we already finished or reset
-        if flags & PADDED:
-            payload = payload[1 : len(payload) - payload[0]]
+        if st.finished:  # answered early (refused, failed): the rest of its request is dropped
+            self._drop_buffer(st)
+            if flags & END_STREAM:
+                self._remote_end(st)
+            return
         buf = st.buf
         if not buf and len(payload) >= 5:
             mlen = int.from_bytes(payload[1:5], "big")
             if len(payload) == 5 + mlen and payload[0] == 0:  # the common case: exactly one message
-                self._deliver(st, payload[5:])
+                if mlen > self.max_message:
+                    st.finish(RESOURCE_EXHAUSTED, f"message of {mlen} bytes exceeds {self.max_message}")
+                else:
+                    self._deliver(st, payload[5:])
                 if flags & END_STREAM:
                     self._remote_end(st)
                 return
+        held = len(buf)
         buf += payload
         while len(buf) >= 5 and not st.finished:
             if buf[0] != 0:
@@ -474,8 +546,28 @@ class H2Connection(asyncio.Protocol):
             message = bytes(buf[5 : 5 + mlen])
             del buf[: 5 + mlen]
             self._deliver(st, message)
+        self.buffered += len(buf) - held
+        if st.finished:
+            self._drop_buffer(st)
+        elif self.buffered > self.limits.max_buffered:
+            self._drop_buffer(st)
+            st.finish(RESOURCE_EXHAUSTED, f"connection holds more than {self.limits.max_buffered} bytes of "
+                                          "partial messages")
         if flags & END_STREAM:
             self._remote_end(st)
+
+    def _drop_buffer(self, st: _Stream) -> None:
+        self.buffered -= len(st.buf)
+        st.buf = bytearray()
+
+    def _reset_stream(self, st: _Stream, code: int) -> None:
+        """A stream error: RST_STREAM, and the stream is gone."""
+        self.out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", code)))
+        self.streams.pop(st.sid, None)
+        self.blocked.discard(st)
+        self._drop_buffer(st)
+        st.finished = True
+        self._reset_handler(st)
 
     def _deliver(self, st: _Stream, message: bytes) -> None:
         if st.finished or st.handler is None:
@@ -508,12 +600,67 @@ class H2Connection(asyncio.Protocol):
                 log.exception("handler error on reset of stream %d", st.sid)
 
 
+def _check_settings(flags: int, sid: int, payload: bytes) -> None:
+    if sid != 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+    if flags & ACK and payload:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+    if len(payload) % 6:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"SETTINGS of {len(payload)} bytes")
+
+
+def _check_ping(flags: int, sid: int, payload: bytes) -> None:
+    if sid != 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
+    if len(payload) != 8:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"PING of {len(payload)} bytes")
+
+
+def _check_window_update(flags: int, sid: int, payload: bytes) -> None:
+    if len(payload) != 4:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"WINDOW_UPDATE of {len(payload)} bytes")
+
+
+def _check_rst(flags: int, sid: int, payload: bytes) -> None:
+    if sid == 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+    if len(payload) != 4:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"RST_STREAM of {len(payload)} bytes")
+
+
+def _check_goaway(flags: int, sid: int, payload: bytes) -> None:
+    if sid != 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+    if len(payload) < 8:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"GOAWAY of {len(payload)} bytes")
+
+
+def _check_on_stream(flags: int, sid: int, payload: bytes) -> None:
+    if sid == 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "DATA, HEADERS or CONTINUATION on stream 0")
+
+
+def _check_priority(flags: int, sid: int, payload: bytes) -> None:
+    if sid == 0:
+        raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+    if len(payload) != 5:
+        raise ConnectionError_(FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
+
+
+# The RFC's per-type checks of stream id and length (sections 6.1-6.10), as a table.
+_FRAME_CHECKS: dict[int, Callable[[int, int, bytes], None]] = {
+    DATA: _check_on_stream, HEADERS: _check_on_stream, CONTINUATION: _check_on_stream,
+    PRIORITY: _check_priority, RST_STREAM: _check_rst, SETTINGS: _check_settings, PING: _check_ping,
+    GOAWAY: _check_goaway, WINDOW_UPDATE: _check_window_update,
+}
+
+
 class H2GrpcServer:
     """Listens on one port; routes each call by its :path to a handler factory."""
 
-    def __init__(self, services: dict[str, HandlerFactory], max_message: int = 128 * 1024 * 1024) -> None:
+    def __init__(self, services: dict[str, HandlerFactory], limits: Limits | None = None) -> None:
         self.services = services
-        self.max_message = max_message
+        self.limits = limits or Limits()
         self._server: asyncio.Server | None = None
         self._conns: set[H2Connection] = set()
         self._idle = asyncio.Event()
@@ -526,7 +673,7 @@ class H2GrpcServer:
         return int(sock.getsockname()[1])
 
     def _new_conn(self) -> H2Connection:
-        conn = H2Connection(self.services, self.max_message, self._closed)
+        conn = H2Connection(self.services, self.limits, self._closed)
         self._conns.add(conn)
         return conn
 

@@ -23,6 +23,7 @@ class Pick:
     started: float
     service: PickService
     scheduler: Scheduler  # the one that decided (a config reload may have replaced it since)
+    labels: tuple[str, str]  # (model_name, target_model_name) as the metrics show them
     done: bool = False
     prefilled: bool = False
 
@@ -55,8 +56,22 @@ class PickService:
         self.store = store
         self.scheduler = scheduler
         self.metrics = metrics
-        self.policies = policies or RequestPolicies()
         self.rng = rng or random.Random()
+        self.policies = policies or RequestPolicies()
+
+    @property
+    def policies(self) -> RequestPolicies:
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: RequestPolicies) -> None:
+        self._policies = policies
+        self.metrics.models.set_configured(policies.model_names())
+
+    def labels(self, request: InferenceRequest) -> tuple[str, str]:
+        """The request's model labels, bounded (clients choose the model string)."""
+        models = self.metrics.models
+        return models(request.model), models(request.target_model)
 
     def apply_policies(self, request: InferenceRequest) -> None:
         """The objective's priority, and the model rewrite (``target_model``) if a rule says so."""
@@ -67,13 +82,14 @@ class PickService:
             target = policies.rewrite(request.model, self.rng)
             if target is not None:
                 request.target_model = target
-                self.metrics.child(self.metrics.rewrites, request.model, target).inc()
+                self.metrics.child(self.metrics.rewrites, *self.labels(request)).inc()
 
     def pick(self, request: InferenceRequest) -> Pick:
         """Apply policies, schedule and commit; raises SchedulingError (503/429)."""
         self.apply_policies(request)
         m = self.metrics
-        m.child(m.requests, request.model, request.target_model).inc()
+        labels = self.labels(request)
+        m.child(m.requests, *labels).inc()
         t0 = time.perf_counter()
         scheduler = self.scheduler
         decision = scheduler.schedule(request, self.store.snapshot())
@@ -82,14 +98,13 @@ class PickService:
         t1 = time.perf_counter()
         m.scheduler_e2e.observe(t1 - t0)
         m.child(m.picks, decision.primary).inc()
-        return Pick(decision, request, t1, self, scheduler)
+        return Pick(decision, request, t1, self, scheduler, labels)
 
     def refused(self, request: InferenceRequest, status: int) -> None:
         m = self.metrics
-        m.child(m.errors, request.model, request.target_model, str(status)).inc()
+        m.child(m.errors, *self.labels(request), str(status)).inc()
 
     def finish(self, pick: Pick) -> None:
         self.store.release(pick.decision.primary)
-        r = pick.request
         m = self.metrics
-        m.child(m.duration, r.model, r.target_model).observe(time.perf_counter() - pick.started)
+        m.child(m.duration, *pick.labels).observe(time.perf_counter() - pick.started)

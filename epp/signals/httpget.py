@@ -17,8 +17,13 @@ class HTTPGetError(Exception):
     pass
 
 
+MAX_BODY = 8 * 1024 * 1024  # bytes of one /metrics response (vLLM's is ~55 KB)
+MAX_HEAD = 64 * 1024  # bytes of the status line and headers
+
+
 class _Conn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, max_body: int = MAX_BODY) -> None:
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
@@ -34,29 +39,56 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.waiter is None or self.waiter.done():
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            if len(self.buf) > self.max_body + MAX_HEAD:  # bytes nobody asked for
+                self._fail(None, HTTPGetError("unsolicited data"))
             return
-        result = self._parse()
+        try:
+            result = self._parse()
+        except (HTTPGetError, ValueError) as e:  # a malformed response: this scrape fails, quietly
+            self._fail(waiter, e if isinstance(e, HTTPGetError) else HTTPGetError(f"malformed response: {e}"))
+            return
         if result is not None:
-            self.waiter.set_result(result)
+            waiter.set_result(result)
+
+    def _fail(self, waiter: asyncio.Future[tuple[int, bytes]] | None, error: HTTPGetError) -> None:
+        self.buf.clear()
+        self.closed = True
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
 
     def _parse(self) -> tuple[int, bytes] | None:
+        """(status, body) once a whole response is buffered; None for more; raises on garbage."""
         buf = self.buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        head = bytes(buf[:end]).split(b"\r\n")
-        try:
-            status = int(head[0].split(b" ", 2)[1])
-        except (IndexError, ValueError):
-            raise HTTPGetError(f"bad status line {head[0][:60]!r}") from None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise HTTPGetError(f"response head longer than {MAX_HEAD} bytes")
+                return None
+            head = bytes(buf[:end]).split(b"\r\n")
+            parts = head[0].split(b" ", 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+                raise HTTPGetError(f"bad status line {head[0][:60]!r}")
+            status = int(parts[1])
+            if 100 <= status < 200:  # an interim response (100 Continue): the real one follows
+                del buf[: end + 4]
+                continue
+            break
         length = -1
         chunked = False
         for line in head[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
+                if not value.strip().isdigit():
+                    raise HTTPGetError(f"bad Content-Length {value[:30]!r}")
                 length = int(value)
+                if length > self.max_body:
+                    raise HTTPGetError(f"response of {length} bytes exceeds the limit of {self.max_body}")
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
         start = end + 4
@@ -66,8 +98,16 @@ class _Conn(asyncio.Protocol):
             while True:
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
+                    if len(buf) - pos > 32:
+                        raise HTTPGetError("bad chunk size line")
                     return None
-                size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+                size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise HTTPGetError(f"bad chunk size {size_text[:20]!r}") from None
+                if size < 0 or len(body) + size > self.max_body:
+                    raise HTTPGetError(f"chunked response exceeds the limit of {self.max_body} bytes")
                 if len(buf) < eol + 2 + size + 2:
                     return None
                 body += buf[eol + 2 : eol + 2 + size]
@@ -87,7 +127,8 @@ class _Conn(asyncio.Protocol):
 class KeepAliveGetter:
     """GETs one URL path on one host:port over a reused connection."""
 
-    def __init__(self, address: str, path: str) -> None:
+    def __init__(self, address: str, path: str, max_body: int = MAX_BODY) -> None:
+        self.max_body = max_body
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -99,7 +140,8 @@ class KeepAliveGetter:
         conn = self._conn
         if conn is None or conn.closed:
             try:
-                _, proto = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), timeout)
+                connecting = loop.create_connection(lambda: _Conn(self.max_body), self.host, self.port)
+                _, proto = await asyncio.wait_for(connecting, timeout)
             except (OSError, TimeoutError) as e:
                 raise HTTPGetError(f"connect: {e or type(e).__name__}") from None
             conn = self._conn = proto

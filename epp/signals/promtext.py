@@ -8,6 +8,7 @@ summed across label sets (vLLM repeats series per ``engine`` for data-parallel s
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 
@@ -19,6 +20,18 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 class ParseError(ValueError):
     pass
+
+
+class ValueRejected(ParseError):
+    """A routing gauge with a value no healthy server reports (NaN, infinite, negative, absurd)."""
+
+
+class TooLarge(ParseError):
+    """An exposition past the per-scrape limits (bytes, or series of one wanted metric)."""
+
+
+MAX_SERIES = 1024  # label sets per wanted metric (vLLM has one per engine; a data-parallel pod a few)
+MAX_QUEUE = 1e6  # waiting or running requests on one pod
 
 
 def _split(line: str) -> tuple[str, str, float]:
@@ -40,14 +53,20 @@ def _split(line: str) -> tuple[str, str, float]:
     return name, labels, float(parts[0])
 
 
-@lru_cache(maxsize=256)
 def _labels(text: str) -> dict[str, str]:
-    """Label text -> dict, cached: info series (cache config, LoRA) repeat the same labels."""
+    """Label text -> dict, cached when short: info series (cache config, LoRA) repeat the same
+    labels, and a long label text must not sit in the cache."""
+    return _short_labels(text) if len(text) <= 1024 else dict(_LABEL.findall(text))
+
+
+@lru_cache(maxsize=256)
+def _short_labels(text: str) -> dict[str, str]:
     return dict(_LABEL.findall(text))
 
 
-def _lines_of(text: str, name: str) -> list[str]:
-    """The sample lines of metric ``name`` (exact name: followed by '{' or ' ')."""
+def _lines_of(text: str, name: str, limit: int = MAX_SERIES) -> list[str]:
+    """The sample lines of metric ``name`` (exact name: followed by '{' or ' '); TooLarge past
+    ``limit`` of them (a dense exposition must not cost every scrape a full walk in Python)."""
     out: list[str] = []
     needle = "\n" + name
     n = len(text)
@@ -64,13 +83,22 @@ def _lines_of(text: str, name: str) -> list[str]:
         if end < 0:
             end = n
         if after < n and text[after] in "{ ":
+            if len(out) >= limit:
+                raise TooLarge(f"more than {limit} series of {name}")
             out.append(text[start:end])
         pos = end
         start = -1
 
 
-def parse_signals(text: str, names: MetricNames) -> EngineSignals:
-    """Extract routing signals from an exposition. Raises ParseError if the core gauges are absent."""
+def _checked(name: str, value: float, high: float) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= high:
+        raise ValueRejected(f"{name} = {value!r} is outside [0, {high:g}]")
+    return value
+
+
+def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -> EngineSignals:
+    """Extract routing signals from an exposition. Raises ParseError if the core gauges are
+    absent, ValueRejected for a value out of range, TooLarge past ``max_series``."""
     sums = {names.waiting: 0.0, names.running: 0.0, names.kv_usage: 0.0}
     counts = dict.fromkeys(sums, 0)
     optional: dict[str, float] = {}
@@ -81,12 +109,17 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
     lora_best = -1.0
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
-    lines = [line for n in wanted for line in _lines_of(text, n)]
+    models: list[str] = []
+    lines = [line for n in wanted for line in _lines_of(text, n, max_series)]
     for line in lines:
         name, labels, value = _split(line)
         if name in sums:
             sums[name] += value
             counts[name] += 1
+            if name == names.waiting and labels:
+                model = _labels(labels).get("model_name")
+                if model and model not in models:
+                    models.append(model)
         elif name in opt_names:
             optional[name] = optional.get(name, 0.0) + value
         elif name == names.cache_info:
@@ -109,9 +142,10 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
     kv = sums[names.kv_usage] / counts[names.kv_usage]  # a fraction: average over engines
     if names.kv_usage_is_percent:
         kv /= 100.0
+    kv = min(_checked(names.kv_usage, kv, 1.0 + 1e-6), 1.0)
     return EngineSignals(
-        waiting=sums[names.waiting],
-        running=sums[names.running],
+        waiting=_checked(names.waiting, sums[names.waiting], MAX_QUEUE),
+        running=_checked(names.running, sums[names.running], MAX_QUEUE),
         kv_usage=kv,
         prefix_queries=optional.get(names.prefix_queries or "", 0.0),
         prefix_hits=optional.get(names.prefix_hits or "", 0.0),
@@ -120,4 +154,5 @@ def parse_signals(text: str, names: MetricNames) -> EngineSignals:
         running_loras=running_loras,
         waiting_loras=waiting_loras,
         max_lora=max_lora,
+        models=tuple(models),
     )

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 
 from epp.datastore.store import Datastore
-from epp.signals.httpget import HTTPGetError, KeepAliveGetter
+from epp.signals.httpget import MAX_BODY, KeepAliveGetter
 from epp.signals.mappings import MetricNames
-from epp.signals.promtext import ParseError, parse_signals
+from epp.signals.promtext import MAX_SERIES, ParseError, parse_signals
 
 log = logging.getLogger("epp.scraper")
 
@@ -27,7 +27,10 @@ ErrorHook = Callable[[str, str], None]
 class Scraper:
     def __init__(self, store: Datastore, names: MetricNames, interval: float = 0.05, timeout: float = 1.0,
                  path: str = "/metrics", on_error: ErrorHook | None = None,
-                 on_scrape: Callable[[float], None] | None = None) -> None:
+                 on_scrape: Callable[[float], None] | None = None, max_bytes: int = MAX_BODY,
+                 max_series: int = MAX_SERIES) -> None:
+        self.max_bytes = max_bytes
+        self.max_series = max_series
         self.store = store
         self.names = names
         self.interval = interval
@@ -72,26 +75,31 @@ class Scraper:
     async def scrape_once(self, address: str) -> None:
         getter = self._getters.get(address)
         if getter is None:
-            getter = self._getters[address] = KeepAliveGetter(address, self.path)
+            getter = self._getters[address] = KeepAliveGetter(address, self.path, self.max_bytes)
         picks_at_start = self.store.total_picks.get(address, 0)
         try:
             status, body = await getter.get(self.timeout)
             if status != 200:
                 raise ParseError(f"HTTP {status}")
-            text = body.decode("utf-8")
             t0 = time.perf_counter()
-            signals = parse_signals(text, self.names)
+            signals = parse_signals(body.decode("utf-8"), self.names, self.max_series)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
-        except (HTTPGetError, OSError, TimeoutError, ParseError, ValueError, UnicodeDecodeError) as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # whatever a pod sends, the pod fails this scrape and nothing else
+            kind = type(e).__name__
+            reason = f"{kind}: {str(e)[:200]}" if str(e) else kind
             state = self.store.get(address)
-            if state is not None and state.error is None:
-                log.warning("scrape of %s failed: %s", address, reason)
+            if state is not None and (state.error or "").partition(":")[0] != kind:
+                log.warning("scrape of %s failed: %s", address, reason)  # once per change of kind
             self.store.record_scrape_error(address, reason)
             if self.on_error is not None:
-                self.on_error(address, type(e).__name__)
+                self.on_error(address, kind)
             return
+        state = self.store.get(address)
+        if state is not None and state.error is not None:
+            log.info("scrape of %s recovered", address)
         self.store.record_scrape(address, signals, picks_at_start)
 
     async def _loop(self, address: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pytest
 from hpack import Decoder, Encoder
 
 from epp.server import h2grpc as h2
@@ -64,7 +65,7 @@ def grpc_msg(payload: bytes) -> bytes:
 
 def setup(window: int = 1 << 24) -> tuple[h2.H2Connection, FakeTransport, Encoder]:
     Echo.log = []
-    conn = h2.H2Connection({"/t.S/Echo": Echo}, 1 << 20, lambda c: None)
+    conn = h2.H2Connection({"/t.S/Echo": Echo}, h2.Limits(max_message=1 << 20), lambda c: None)
     t = FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HL", h2.SETTINGS_INITIAL_WINDOW_SIZE,
@@ -143,7 +144,7 @@ def test_ping_rst_and_compressed_messages() -> None:
 
 
 def test_bad_preface_closes_with_goaway() -> None:
-    conn = h2.H2Connection({}, 1 << 20, lambda c: None)
+    conn = h2.H2Connection({}, h2.Limits(max_message=1 << 20), lambda c: None)
     t = FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -164,7 +165,7 @@ def test_header_blocks_are_cached_only_while_the_dynamic_table_is_unchanged() ->
         seen.append(headers)
         return Echo(responder, headers)
 
-    conn = h2.H2Connection({"/t.S/Echo": factory}, 1 << 20, lambda c: None)
+    conn = h2.H2Connection({"/t.S/Echo": factory}, h2.Limits(max_message=1 << 20), lambda c: None)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0))
     enc = Encoder()
@@ -184,3 +185,112 @@ def test_header_blocks_are_cached_only_while_the_dynamic_table_is_unchanged() ->
     conn.data_received(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, sid + 2, again))
     assert [h["x-tenant"] for h in seen[4:]] == ["b", "b"]
     assert all(h[":path"] == "/t.S/Echo" for h in seen)
+
+
+def goaway_code(t: FakeTransport) -> int | None:
+    """The error code of the GOAWAY written, if any (and the transport is closed)."""
+    for ft, _, _, p in frames(bytes(t.data)):
+        if ft == h2.GOAWAY:
+            assert t.closed
+            return int(struct.unpack_from(">L", p, 4)[0])
+    return None
+
+
+def _settings(ident: int, value: int) -> bytes:
+    return h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HL", ident, value))
+
+
+# Connection errors of RFC 9113 that a client could send: each gets GOAWAY with the RFC's code.
+RFC_CASES = [
+    ("max frame size 0", _settings(h2.SETTINGS_MAX_FRAME_SIZE, 0), h2.PROTOCOL_ERROR),
+    ("max frame size 2^24", _settings(h2.SETTINGS_MAX_FRAME_SIZE, 1 << 24), h2.PROTOCOL_ERROR),
+    ("initial window 2^31", _settings(h2.SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31), h2.FLOW_CONTROL_ERROR),
+    ("enable push 2", _settings(h2.SETTINGS_ENABLE_PUSH, 2), h2.PROTOCOL_ERROR),
+    ("settings of 5 bytes", h2.frame(h2.SETTINGS, 0, 0, b"\0" * 5), h2.FRAME_SIZE_ERROR),
+    ("settings on a stream", h2.frame(h2.SETTINGS, 0, 1, b""), h2.PROTOCOL_ERROR),
+    ("settings ack with payload", h2.frame(h2.SETTINGS, h2.ACK, 0, b"\0" * 6), h2.FRAME_SIZE_ERROR),
+    ("2-byte window update", h2.frame(h2.WINDOW_UPDATE, 0, 0, b"\0\1"), h2.FRAME_SIZE_ERROR),
+    ("window update of 0", h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 0)), h2.PROTOCOL_ERROR),
+    ("window overflow", h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 2**31 - 1)), h2.FLOW_CONTROL_ERROR),
+    ("7-byte ping", h2.frame(h2.PING, 0, 0, b"1234567"), h2.FRAME_SIZE_ERROR),
+    ("ping on a stream", h2.frame(h2.PING, 0, 1, b"12345678"), h2.PROTOCOL_ERROR),
+    ("rst on stream 0", h2.frame(h2.RST_STREAM, 0, 0, b"\0\0\0\0"), h2.PROTOCOL_ERROR),
+    ("3-byte rst", h2.frame(h2.RST_STREAM, 0, 1, b"\0\0\0"), h2.FRAME_SIZE_ERROR),
+    ("data on stream 0", h2.frame(h2.DATA, 0, 0, b"x"), h2.PROTOCOL_ERROR),
+    ("headers on stream 0", h2.frame(h2.HEADERS, h2.END_HEADERS, 0, b"\x82"), h2.PROTOCOL_ERROR),
+    ("garbage HPACK", h2.frame(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\xff\xff"), h2.COMPRESSION_ERROR),
+    ("push promise", h2.frame(h2.PUSH_PROMISE, h2.END_HEADERS, 1, b"\0\0\0\2"), h2.PROTOCOL_ERROR),
+    ("even stream id", None, h2.PROTOCOL_ERROR),
+    ("padding past the payload", h2.frame(h2.HEADERS, h2.END_HEADERS | h2.PADDED, 1, b"\x09\x82"), h2.PROTOCOL_ERROR),
+    ("frame above our max size", h2.frame(h2.DATA, 0, 1, b"")[:0] + struct.pack(">BHBBL", 0x20, 0, h2.DATA, 0, 1),
+     h2.FRAME_SIZE_ERROR),
+    ("continuation without headers", h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, b"\x82"), h2.PROTOCOL_ERROR),
+]
+
+
+@pytest.mark.parametrize("name,data,code", RFC_CASES, ids=[c[0] for c in RFC_CASES])
+def test_connection_errors_get_goaway_with_the_rfc_code(name: str, data: bytes | None, code: int) -> None:
+    conn, t, enc = setup()
+    t.data.clear()
+    if data is None:
+        data = req_headers(enc, 2)
+    conn.data_received(data)  # never raises
+    assert goaway_code(t) == code
+
+
+def test_garbage_hpack_in_trailers_is_a_compression_error() -> None:
+    conn, t, enc = setup()
+    conn.data_received(req_headers(enc, 1) + h2.frame(h2.DATA, 0, 1, grpc_msg(b"a")))
+    t.data.clear()
+    conn.data_received(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, b"\xff\xff\xff\xff\xff"))
+    assert goaway_code(t) == h2.COMPRESSION_ERROR
+
+
+def test_continuation_flood_is_refused_at_the_header_block_limit() -> None:
+    Echo.log = []
+    conn = h2.H2Connection({"/t.S/Echo": Echo}, h2.Limits(max_header_block=4096), lambda c: None)
+    t = FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(h2.PREFACE + h2.frame(h2.HEADERS, 0, 1, b"\x82"))
+    sent = 0
+    while not t.closed and sent < 1 << 20:
+        conn.data_received(h2.frame(h2.CONTINUATION, 0, 1, b"\x00" * 1000))
+        sent += 1000
+    assert goaway_code(t) == h2.ENHANCE_YOUR_CALM
+    assert sent <= 5000  # refused at the limit, not after a megabyte
+    assert not conn.buf
+
+
+def test_partial_messages_are_bounded_per_connection() -> None:
+    Echo.log = []
+    limits = h2.Limits(max_message=1 << 20, max_buffered=1 << 20)
+    conn = h2.H2Connection({"/t.S/Echo": Echo}, limits, lambda c: None)
+    t = FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    enc = Encoder()
+    conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0))
+    chunk = b"\0" * 16000
+    for sid in (1, 3, 5):  # three streams, each holding most of a 1 MiB message
+        conn.data_received(req_headers(enc, sid) + h2.frame(h2.DATA, 0, sid, b"\x00" + (1 << 20).to_bytes(4, "big")))
+        for _ in range(40):
+            conn.data_received(h2.frame(h2.DATA, 0, sid, chunk))
+    assert conn.buffered <= limits.max_buffered
+    refused = {sid: dict(Decoder().decode(p)).get("grpc-status") for ft, fl, sid, p in frames(bytes(t.data))
+               if ft == h2.HEADERS and fl & h2.END_STREAM}
+    # 640 KB each: the first fits; the second and third pass the limit and get RESOURCE_EXHAUSTED.
+    assert refused == {3: "8", 5: "8"} and conn.buffered == len(conn.streams[1].buf)
+    # More data for the refused stream is dropped, not buffered.
+    before = conn.buffered
+    for _ in range(40):
+        conn.data_received(h2.frame(h2.DATA, 0, 5, chunk))
+    assert conn.buffered == before
+
+
+def test_a_message_above_the_limit_is_refused_and_its_bytes_dropped() -> None:
+    conn, t, enc = setup()
+    conn.data_received(req_headers(enc, 1) + h2.frame(h2.DATA, 0, 1, b"\x00" + (2 << 20).to_bytes(4, "big")))
+    for _ in range(100):
+        conn.data_received(h2.frame(h2.DATA, 0, 1, b"\0" * 16000))
+    assert conn.buffered == 0 and not conn.streams[1].buf
+    trailers = [p for ft, fl, _, p in frames(bytes(t.data)) if ft == h2.HEADERS and fl & h2.END_STREAM]
+    assert dict(Decoder().decode(trailers[-1]))["grpc-status"] == "8"

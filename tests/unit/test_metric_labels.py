@@ -1,0 +1,62 @@
+"""Client-chosen strings never grow /metrics without bound (the request's ``model``)."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from epp.config import load_config
+from epp.datastore.endpoint import EngineSignals
+from epp.datastore.store import Datastore
+from epp.observability.metrics import OTHER, LabelValues, PickerMetrics
+from epp.policies import RequestPolicies
+from epp.request import InferenceRequest
+from epp.server.picking import PickService
+
+
+def test_known_values_pass_others_are_admitted_up_to_the_limit() -> None:
+    pool = {"served"}
+    now = [0.0]
+    labels = LabelValues(lambda: pool, limit=2, max_length=10, clock=lambda: now[0])
+    labels.set_configured({"rewritten"})
+    assert labels("served") == "served" and labels("rewritten") == "rewritten"
+    assert [labels(v) for v in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
+    assert labels("x" * 11) == OTHER
+    pool.add("new-model")
+    now[0] = 2.0  # the pool's models are re-read at most once a second
+    assert labels("new-model") == "new-model"
+
+
+def service() -> PickService:
+    store = Datastore()
+    store.set_endpoints(["10.0.0.1:8000"])
+    store.record_scrape("10.0.0.1:8000", EngineSignals(models=("llama",)), 0)
+    scheduler, _ = load_config(None).build()
+    return PickService(store, scheduler, PickerMetrics(store, label_values=8))
+
+
+def test_300_long_model_names_keep_the_exposition_small() -> None:
+    picks = service()
+    before = len(generate_latest(picks.metrics.prepare()))  # type: ignore[arg-type]
+    for i in range(300):
+        name = f"{i:04d}" + "m" * 2048
+        p = picks.pick(InferenceRequest(f"r{i}", "/v1/completions", model=name, target_model=name, prompt="hi"))
+        p.finish()
+    picks.pick(InferenceRequest("ok", "/v1/completions", model="llama", target_model="llama", prompt="hi")).finish()
+    text = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
+    assert len(text) < before + 20_000
+    assert 'model_name="other"' in text and 'model_name="llama"' in text
+    requests = picks.metrics.registry.get_sample_value
+    assert requests("inference_objective_request_total", {"model_name": "other", "target_model_name": "other"}) == 300
+
+
+def test_rewrite_targets_are_known_labels() -> None:
+    picks = service()
+    for i in range(20):
+        picks.metrics.models(f"junk{i}")  # fills the admitted set
+    picks.policies = RequestPolicies.build([{
+        "kind": "InferenceModelRewrite", "metadata": {"name": "r"},
+        "spec": {"rules": [{"matches": [{"model": {"value": "alias"}}],
+                            "targets": [{"modelRewrite": "llama-v2", "weight": 1}]}]}}], pool=None)
+    req = InferenceRequest("r", "/v1/completions", model="alias", target_model="alias", prompt="hi")
+    picks.pick(req).finish()
+    assert picks.labels(req) == ("alias", "llama-v2")
