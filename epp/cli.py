@@ -30,6 +30,35 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """What a client, a pod or a gateway can make epp hold (the README's limits table)."""
+    g = p.add_argument_group("limits")
+    g.add_argument("--grpc-max-recv-msg-size", type=positive_int, default=64 << 20, metavar="BYTES",
+                   help="largest gRPC message, and largest request body held for a pick (default 64 MiB)")
+    g.add_argument("--grpc-max-header-list-size", type=positive_int, default=64 << 10, metavar="BYTES",
+                   help="largest HTTP/2 header block, CONTINUATION frames included (default 64 KiB)")
+    g.add_argument("--grpc-max-buffered-bytes", type=positive_int, default=128 << 20, metavar="BYTES",
+                   help="partial gRPC messages held per connection (default 128 MiB)")
+    g.add_argument("--max-scrape-bytes", type=positive_int, default=8 << 20, metavar="BYTES",
+                   help="largest /metrics response read from a pod (default 8 MiB)")
+    g.add_argument("--max-scrape-series", type=positive_int, default=1024, metavar="N",
+                   help="series of one routing metric read per scrape (default 1024)")
+    g.add_argument("--metrics-label-values", type=positive_int, default=64, metavar="N",
+                   help="distinct client-chosen values (model names) per metric label; more become 'other'")
+    g.add_argument("--pick-api-max-outstanding", type=positive_int, default=1024, metavar="N",
+                   help="unreleased epp.v1 picks per client address (default 1024)")
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the endpoint picker (Envoy ext_proc + epp.v1 Pick API)")
     p.add_argument("--config-file", help="EndpointPickerConfig YAML (watched; default profile if absent)")
@@ -61,6 +90,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--grpc-transport", choices=("h2", "grpcio"), default="h2",
                    help="gRPC server for ext_proc + epp.v1: epp's lean HTTP/2 server (default) or grpcio")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
+                   help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
+    p.add_argument("--metrics-endpoint-auth", type=parse_bool, default=False, metavar="true|false",
+                   help="require a bearer token on /metrics (the token in --metrics-token-file)")
+    p.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
+    p.add_argument("--pick-api-token-file", help="file with the bearer token the epp.v1 Pick API requires")
+    _add_limits(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -68,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from epp.datastore.sources import parse_endpoint_list
     from epp.scheduling.types import ConfigError
     from epp.server.app import ServeOptions, serve_forever
+    from epp.server.h2grpc import Limits
     from epp.signals.mappings import names_for
 
     try:
@@ -82,6 +119,9 @@ def run_serve(args: argparse.Namespace) -> int:
                              "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
                              "--endpoints HOST:PORT,... or --endpoints-file PATH")
         names_for(args.engine)
+        if args.metrics_endpoint_auth and not args.metrics_token_file:
+            raise ValueError("--metrics-endpoint-auth=true needs --metrics-token-file (Kubernetes TokenReview "
+                             "is not supported by epp)")
     except (ConfigError, ValueError) as e:
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
@@ -92,8 +132,18 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        grpc_transport=args.grpc_transport, kubernetes=kube, objectives_file=args.objectives_file)
-    _run(serve_forever(opts))
+        grpc_transport=args.grpc_transport, kubernetes=kube, objectives_file=args.objectives_file,
+        drain_timeout=args.drain_timeout,
+        limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
+                      max_buffered=args.grpc_max_buffered_bytes),
+        max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
+        metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
+        pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file)
+    try:
+        _run(serve_forever(opts))
+    except ValueError as e:  # a token file that cannot be read
+        print(f"epp serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,7 @@ stream); the original bytes are what Envoy forwards, so nothing is re-serialised
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,20 @@ from typing import Any
 import orjson
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def route_path(path: str) -> str:
+    """The path as routing reads it: no query, repeated slashes collapsed, lower case, so
+    ``//V1/Completions?x`` cannot skip the body checks that ``/v1/completions`` gets."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    return path.lower()
+
+
+def is_generation(path: str) -> bool:
+    return route_path(path).startswith(GENERATION_PATHS)
 
 
 class RequestError(Exception):
@@ -86,7 +101,9 @@ def prompt_of_messages(messages: list[Any]) -> str:
 
 
 def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: bytes) -> InferenceRequest:
-    """Parse an OpenAI JSON body. Raises RequestError(400) for bad JSON or a missing model."""
+    """Parse an OpenAI JSON body. Raises RequestError(400) for bad JSON, a missing model, or
+    messages / prompt of the wrong shape (what the model server would refuse anyway)."""
+    path = route_path(path)
     req = InferenceRequest(request_id, path, headers=headers, body_size=len(body), has_body=True)
     if not body:
         raise RequestError(400, "request body is empty; expected an OpenAI JSON request")
@@ -104,10 +121,14 @@ def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: byt
     req.body = data
     req.stream = data.get("stream") is True
     messages = data.get("messages")
-    if isinstance(messages, list):
+    if messages is not None or req.chat:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise RequestError(400, "'messages' must be an array of message objects", param="messages")
         req.prompt = prompt_of_messages(messages)
     else:
         prompt = data.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise RequestError(400, "'prompt' must be a string or an array", param="prompt")
         if isinstance(prompt, str):
             req.prompt = prompt
         elif isinstance(prompt, list) and prompt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,6 +21,7 @@ from epp.policies import RequestPolicies, parse_policy_file
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.server import h2grpc
+from epp.server.auth import TokenFile
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
 from epp.server.extproc import ExtProcStream, GrpcioExtProc
 from epp.server.extproc import h2_services as extproc_services
@@ -28,8 +29,10 @@ from epp.server.health import NOT_SERVING, SERVING, HealthState
 from epp.server.pickapi import GrpcioPickAPI, PickAPI
 from epp.server.picking import PickService
 from epp.server.tls import load_cert_dir, self_signed
+from epp.signals.httpget import MAX_BODY
 from epp.signals.kvevents import KVEventManager
 from epp.signals.mappings import names_for
+from epp.signals.promtext import MAX_SERIES
 from epp.signals.scraper import Scraper
 from epp.v1 import picker_pb2_grpc
 
@@ -40,7 +43,6 @@ if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discov
 log = logging.getLogger("epp")
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
     ("grpc.max_send_message_length", 128 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
     ("grpc.http2.max_pings_without_data", 0),
@@ -70,6 +72,14 @@ class ServeOptions:
     grpc_transport: str = "h2"  # "h2" (epp's own HTTP/2 server) or "grpcio"
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
+    drain_timeout: float = 30.0  # SIGTERM: keep serving (unready) until quiet, at most this long
+    limits: h2grpc.Limits = field(default_factory=h2grpc.Limits)
+    max_scrape_bytes: int = MAX_BODY
+    max_scrape_series: int = MAX_SERIES
+    metrics_label_values: int = 64  # distinct client-chosen values per label (e.g. model names)
+    pick_api_max_outstanding: int = 1024  # unreleased Pick API picks per client address
+    pick_api_token_file: str | None = None  # bearer token the Pick API requires
+    metrics_token_file: str | None = None  # bearer token /metrics requires (--metrics-endpoint-auth)
 
 
 class PickerServer:
@@ -78,7 +88,10 @@ class PickerServer:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.store = Datastore(staleness=opts.metrics_staleness_threshold)
-        self.metrics = PickerMetrics(self.store, opts.pool_name)
+        self.metrics = PickerMetrics(self.store, opts.pool_name, opts.metrics_label_values)
+        # Token files are read now, so a missing or empty one stops epp at start.
+        self.pick_token = TokenFile(opts.pick_api_token_file) if opts.pick_api_token_file else None
+        self.metrics_token = TokenFile(opts.metrics_token_file) if opts.metrics_token_file else None
         scheduler, self._plugins = opts.config.build()
         scheduler.plugin_timer = self.metrics.plugin_timer
         self.picks = PickService(self.store, scheduler, self.metrics)
@@ -87,7 +100,8 @@ class PickerServer:
         self.scraper = Scraper(
             self.store, names_for(opts.engine), opts.refresh_metrics_interval, opts.scrape_timeout,
             on_error=lambda a, r: self.metrics.scrape_errors.labels(a, r).inc(),
-            on_scrape=self.metrics.scrape_parse.observe)
+            on_scrape=self.metrics.scrape_parse.observe, max_bytes=opts.max_scrape_bytes,
+            max_series=opts.max_scrape_series)
         self.kv_events = KVEventManager()
         self._kv_kick = asyncio.Event()
         self.metrics.loop_collectors.append(
@@ -104,6 +118,7 @@ class PickerServer:
         self.health_server: h2grpc.H2GrpcServer | None = None
         self.discovery: KubernetesDiscovery | None = None
         self.elector: LeaderElector | None = None
+        self._draining = False
 
     def _prefix_index_size(self) -> float:
         scorers = self.picks.scheduler.profile.scorers
@@ -174,12 +189,12 @@ class PickerServer:
             self._tasks.append(asyncio.create_task(self.config_watcher.run()))
 
         def new_stream() -> ExtProcStream:
-            return ExtProcStream(self.picks, o.decision_headers)
+            return ExtProcStream(self.picks, o.decision_headers, o.limits.max_message)
 
-        api = PickAPI(self.picks)
+        api = PickAPI(self.picks, max_outstanding=o.pick_api_max_outstanding, token=self.pick_token)
         key_crt = (load_cert_dir(o.cert_path) if o.cert_path else self_signed()) if o.secure_serving else None
         if o.grpc_transport == "h2":
-            self.h2 = h2grpc.H2GrpcServer({**extproc_services(new_stream), **api.h2_services()})
+            self.h2 = h2grpc.H2GrpcServer({**extproc_services(new_stream), **api.h2_services()}, o.limits)
             tls = None
             if key_crt is not None:
                 import tempfile
@@ -187,7 +202,9 @@ class PickerServer:
                 tls = h2grpc.server_tls(key_crt[0], key_crt[1], tempfile.gettempdir())
             self.bound_ports["grpc"] = await self.h2.start(o.host, o.grpc_port, tls)
         else:
-            server = grpc.aio.server(options=GRPC_OPTIONS)
+            options = [*GRPC_OPTIONS, ("grpc.max_receive_message_length", o.limits.max_message),
+                       ("grpc.max_metadata_size", o.limits.max_header_block)]
+            server = grpc.aio.server(options=options)
             server.add_generic_rpc_handlers([GrpcioExtProc(new_stream).handler()])
             picker_pb2_grpc.add_EndpointPickerServicer_to_server(GrpcioPickAPI(api), server)
             addr = f"{o.host}:{o.grpc_port}"
@@ -220,7 +237,8 @@ class PickerServer:
 
     async def _update_readiness(self) -> None:
         """Ready once some endpoint has fresh metrics, and (with leader election) only the leader."""
-        ready = self.store.fresh_count() > 0 and (self.elector is None or self.elector.is_leader)
+        ready = (not self._draining and self.store.fresh_count() > 0
+                 and (self.elector is None or self.elector.is_leader))
         status = SERVING if ready else NOT_SERVING
         for svc in ("", "readiness", EXTPROC_SERVICE):
             self.health.set(svc, status)
@@ -231,11 +249,30 @@ class PickerServer:
             await self._update_readiness()
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
+        if self.metrics_token is not None and not self.metrics_token.allows(request.headers.get("Authorization")):
+            error = {"message": "missing or wrong bearer token", "type": "AuthenticationError", "param": None,
+                     "code": 401}
+            return web.json_response({"error": error}, status=401, headers={"WWW-Authenticate": "Bearer"})
         # The loop-owned gauges are read here; the rendering runs in a thread, so even a large
         # exposition costs routing a GIL switch interval at a time, not the whole render.
         everything = self.metrics.prepare()
         body = await asyncio.to_thread(generate_latest, everything)  # type: ignore[arg-type,unused-ignore]
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def drain(self, timeout: float) -> None:
+        """Report NOT_SERVING at once, then keep serving (new streams included) until the gateway
+        has gone quiet or ``timeout``: in-flight responses finish, late requests still get picks."""
+        self._draining = True
+        for svc in ("", "readiness", EXTPROC_SERVICE):
+            self.health.set(svc, NOT_SERVING)
+        if self.h2 is None:
+            return
+        log.info("draining: readiness NOT_SERVING, %d streams open, up to %gs", self.h2.open_streams(), timeout)
+        quiet = await self.h2.drain(timeout)
+        if quiet:
+            log.info("drained")
+        else:
+            log.warning("drain timeout: %d streams still open", self.h2.open_streams())
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in self._tasks:
@@ -264,5 +301,8 @@ async def serve_forever(opts: ServeOptions) -> None:
     await server.start()
     try:
         await asyncio.Event().wait()
-    finally:
-        await server.stop()
+    finally:  # SIGTERM cancels the wait: drain, then stop (a second signal cuts the drain short)
+        try:
+            await server.drain(opts.drain_timeout)
+        finally:
+            await server.stop()

@@ -29,7 +29,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
-from epp.request import GENERATION_PATHS, RequestError, headers_only, mutated_body, parse_body
+from epp.request import RequestError, headers_only, is_generation, mutated_body, parse_body
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
@@ -49,6 +49,10 @@ BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Body modes this state machine implements. Any other value (GRPC = 5 in newer Envoys, or a
+# value not yet defined) is served as STREAMED: pick from the headers, pass the body through.
+KNOWN_MODES = frozenset((NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX))
+MAX_BODY = 64 * 1024 * 1024  # request body bytes held for a FULL_DUPLEX pick (--grpc-max-recv-msg-size)
 
 
 def _ser(resp: pb.ProcessingResponse) -> bytes:
@@ -162,12 +166,14 @@ def _error_body(status: int, message: str) -> bytes:
 class ExtProcStream:
     """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order."""
 
-    __slots__ = ("_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "_usage", "decision_headers",
-                 "pick")
+    __slots__ = ("_body_size", "_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "_usage",
+                 "decision_headers", "max_body", "pick")
 
-    def __init__(self, picks: PickService, decision_headers: bool = False) -> None:
+    def __init__(self, picks: PickService, decision_headers: bool = False, max_body: int = MAX_BODY) -> None:
         self._picks = picks
         self.decision_headers = decision_headers
+        self.max_body = max_body
+        self._body_size = 0
         self.pick: Pick | None = None
         self._req_mode = FULL_DUPLEX
         self._resp_mode = NONE
@@ -180,12 +186,17 @@ class ExtProcStream:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
             if msg.HasField("protocol_config"):
-                self._req_mode = msg.protocol_config.request_body_mode
-                self._resp_mode = msg.protocol_config.response_body_mode
+                req_mode = msg.protocol_config.request_body_mode
+                resp_mode = msg.protocol_config.response_body_mode
+                self._req_mode = req_mode if req_mode in KNOWN_MODES else STREAMED
+                self._resp_mode = resp_mode if resp_mode in KNOWN_MODES else STREAMED
             self._headers = _headers(msg.request_headers)
             if msg.request_headers.end_of_stream or self._req_mode in (NONE, STREAMED):
                 self._picked = True
-                return [self._pick_in_headers(None)]
+                # The body is known to be empty (the headers ended the stream, or said so), or
+                # it goes by unseen (None): pick from the headers.
+                empty = msg.request_headers.end_of_stream or self._headers.get("content-length", "").strip() == "0"
+                return [self._pick_in_headers(b"" if empty else None)]
             if self._req_mode in (BUFFERED, BUFFERED_PARTIAL):
                 return [CONTINUE_REQUEST_HEADERS]
             return []  # FULL_DUPLEX: hold the headers answer until the body is complete
@@ -199,6 +210,11 @@ class ExtProcStream:
                 return [CONTINUE_REQUEST_BODY]  # STREAMED chunks after a header pick
             if self._req_mode == FULL_DUPLEX:
                 if body.body:
+                    self._body_size += len(body.body)
+                    if self._body_size > self.max_body:
+                        self._picked = True
+                        self._chunks = []
+                        return [immediate(413, _error_body(413, f"request body exceeds {self.max_body} bytes"))]
                     self._chunks.append(body.body)
                 if not body.end_of_stream:
                     return []
@@ -255,9 +271,9 @@ class ExtProcStream:
         request_id = headers.get("x-request-id") or ""
         path = headers.get(":path", "")
         try:
-            if body is None or not path.startswith(GENERATION_PATHS):
+            if body is None or not is_generation(path):
                 req = headers_only(request_id, path, headers)
-            else:
+            else:  # an empty body is refused here, in every mode, rather than by the pod
                 req = parse_body(request_id, path, headers, body)
         except RequestError as e:
             self._picks.metrics.errors.labels("", "", str(e.status)).inc()

@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,13 @@ class ConnectionError_(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+@dataclass(slots=True)
+class Activity:
+    """When the server's last stream opened (monotonic time): a drain waits for quiet."""
+
+    last_stream_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,8 @@ _OK_TRAILERS = trailers_block(OK)
 
 
 class Responder(Protocol):
+    @property
+    def peer(self) -> str: ...  # the client's address (host only), for per-client limits
     def send(self, message: bytes) -> None: ...
     def finish(self, status: int = OK, message: str = "") -> None: ...
     def flush(self) -> None: ...
@@ -149,6 +159,10 @@ class _Stream:
         self.trailer: bytes | None = None
 
     # Responder
+    @property
+    def peer(self) -> str:
+        return self.conn.peer
+
     def send(self, message: bytes) -> None:
         if self.finished:
             return
@@ -193,8 +207,10 @@ class _Stream:
 class H2Connection(asyncio.Protocol):
     """One client connection (Envoy keeps a few, multiplexing every request's stream on them)."""
 
-    def __init__(self, services: dict[str, HandlerFactory], limits: Limits, on_close: Callable[[H2Connection], None]):
+    def __init__(self, services: dict[str, HandlerFactory], limits: Limits, on_close: Callable[[H2Connection], None],
+                 activity: Activity | None = None):
         self.services = services
+        self.activity = activity or Activity()
         self.limits = limits
         self.max_message = limits.max_message
         self.buffered = 0  # bytes of partial messages held for all streams
@@ -214,11 +230,14 @@ class H2Connection(asyncio.Protocol):
         self.continuation: tuple[int, int, bytearray] | None = None  # (stream id, flags, block)
         self.blocked: set[_Stream] = set()
         self.closing = False
+        self.peer = "unknown"
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have the same methods.
         self.transport = cast(asyncio.Transport, transport)
+        name = transport.get_extra_info("peername")
+        self.peer = str(name[0]) if isinstance(name, tuple) and name else "unknown"
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -482,6 +501,7 @@ class H2Connection(asyncio.Protocol):
         if sid <= self.last_stream_id or sid % 2 == 0:
             raise ConnectionError_(PROTOCOL_ERROR, f"bad stream id {sid}")
         self.last_stream_id = sid
+        self.activity.last_stream_at = time.monotonic()
         st = _Stream(self, sid, self.peer_initial_window)
         self.streams[sid] = st
         if self.closing:
@@ -661,6 +681,7 @@ class H2GrpcServer:
     def __init__(self, services: dict[str, HandlerFactory], limits: Limits | None = None) -> None:
         self.services = services
         self.limits = limits or Limits()
+        self.activity = Activity()
         self._server: asyncio.Server | None = None
         self._conns: set[H2Connection] = set()
         self._idle = asyncio.Event()
@@ -673,7 +694,7 @@ class H2GrpcServer:
         return int(sock.getsockname()[1])
 
     def _new_conn(self) -> H2Connection:
-        conn = H2Connection(self.services, self.limits, self._closed)
+        conn = H2Connection(self.services, self.limits, self._closed, self.activity)
         self._conns.add(conn)
         return conn
 
@@ -681,6 +702,20 @@ class H2GrpcServer:
         self._conns.discard(conn)
         if not self._conns:
             self._idle.set()
+
+    def open_streams(self) -> int:
+        return sum(len(c.streams) for c in self._conns)
+
+    async def drain(self, timeout: float, quiet: float = 1.0) -> bool:
+        """Keep serving, new streams included, until no stream is open and none has opened for
+        ``quiet`` seconds (the gateway has moved on), or ``timeout``. True when it got quiet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if not self.open_streams() and time.monotonic() - self.activity.last_stream_at >= quiet:
+                return True
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        return not self.open_streams()
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._server is not None:

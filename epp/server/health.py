@@ -15,6 +15,7 @@ from epp.server import h2grpc
 CHECK = "/grpc.health.v1.Health/Check"
 WATCH = "/grpc.health.v1.Health/Watch"
 NOT_FOUND = 5
+MAX_SERVICE_NAME = 256  # bytes; health service names are short identifiers
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -26,11 +27,14 @@ def _response(status: int) -> bytes:
 
 
 def _service_of(message: bytes) -> str | None:
+    """The requested service name; None for a message that is not a short HealthCheckRequest."""
+    if len(message) > MAX_SERVICE_NAME + 8:
+        return None
     try:
         service: str = health_pb2.HealthCheckRequest.FromString(message).service
     except Exception:
         return None
-    return service
+    return service if len(service) <= MAX_SERVICE_NAME else None
 
 
 class HealthState:
@@ -56,7 +60,15 @@ class HealthState:
         responder.send(_response(self.statuses.get(service, SERVICE_UNKNOWN)))
 
     def unwatch(self, service: str, responder: h2grpc.Responder) -> None:
-        self._watchers.get(service, set()).discard(responder)
+        watchers = self._watchers.get(service)
+        if watchers is not None:
+            watchers.discard(responder)
+            if not watchers:  # nothing of a closed stream stays behind, its service name included
+                del self._watchers[service]
+
+    def watched(self) -> int:
+        """Open Watch streams."""
+        return sum(len(w) for w in self._watchers.values())
 
 
 class _Check:
@@ -96,6 +108,7 @@ class _Watch:
         service = _service_of(message)
         if service is None:
             self.responder.finish(h2grpc.INVALID_ARGUMENT, "cannot parse HealthCheckRequest")
+            self.on_reset()
             return
         if self.service is None:
             self.service = service

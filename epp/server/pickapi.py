@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,11 +17,24 @@ import grpc
 from epp.request import InferenceRequest, RequestError, parse_body, prompt_of_messages
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
+from epp.server.auth import TokenFile
 from epp.server.picking import Pick, PickService
 from epp.v1 import picker_pb2, picker_pb2_grpc
 
 PICK_PATH = "/epp.v1.EndpointPicker/Pick"
 RELEASE_PATH = "/epp.v1.EndpointPicker/Release"
+UNAUTHENTICATED = 16
+MAX_OUTSTANDING = 1024  # unreleased picks per client (--pick-api-max-outstanding)
+MAX_REQUEST = 16 * 1024 * 1024  # bytes of one PickRequest
+
+log = logging.getLogger("epp.pickapi")
+
+
+@dataclass(slots=True)
+class _Open:
+    pick: Pick
+    client: str
+    at: float
 
 
 class PickFailed(Exception):
@@ -29,20 +45,43 @@ class PickFailed(Exception):
 
 
 class PickAPI:
-    """Pick / Release; picks not released within ``ttl`` seconds are released automatically."""
+    """Pick / Release; picks not released within ``ttl`` seconds are released automatically.
 
-    def __init__(self, picks: PickService, ttl: float = 600.0) -> None:
+    An open pick keeps its decision, never the prompt; a client (by address) holds at most
+    ``max_outstanding`` of them; with ``token`` every call needs ``authorization: Bearer``."""
+
+    def __init__(self, picks: PickService, ttl: float = 600.0, max_outstanding: int = MAX_OUTSTANDING,
+                 token: TokenFile | None = None) -> None:
         self.picks = picks
         self.ttl = ttl
-        self._open: dict[str, tuple[Pick, float]] = {}
+        self.max_outstanding = max_outstanding
+        self.token = token
+        self._open: OrderedDict[str, _Open] = OrderedDict()  # oldest first
+        self._per_client: dict[str, int] = {}
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._open)
 
     def _expire(self, now: float) -> None:
-        if len(self._open) < 64:
-            return
-        for pid, (p, t) in list(self._open.items()):
-            if now - t > self.ttl:
-                p.finish()
-                del self._open[pid]
+        while self._open:
+            pid, entry = next(iter(self._open.items()))
+            if now - entry.at <= self.ttl:
+                return
+            self._close(pid).pick.finish()
+
+    def _close(self, pid: str) -> _Open:
+        entry = self._open.pop(pid)
+        left = self._per_client[entry.client] - 1
+        if left:
+            self._per_client[entry.client] = left
+        else:
+            del self._per_client[entry.client]
+        return entry
+
+    def check_auth(self, headers: dict[str, str]) -> None:
+        if self.token is not None and not self.token.allows(headers.get("authorization")):
+            raise PickFailed(UNAUTHENTICATED, "missing or wrong bearer token")
 
     def _request(self, r: Any) -> InferenceRequest:
         headers = dict(r.headers)
@@ -60,8 +99,13 @@ class PickAPI:
         return InferenceRequest(rid, path, model=r.model, prompt=prompt, headers=headers, has_body=True,
                                 target_model=r.model)
 
-    def pick(self, request: Any) -> Any:
+    def pick(self, request: Any, client: str = "local") -> Any:
         """PickRequest -> PickResponse; raises PickFailed with a gRPC status code."""
+        now = time.monotonic()
+        self._expire(now)
+        if self._per_client.get(client, 0) >= self.max_outstanding:
+            raise PickFailed(h2grpc.RESOURCE_EXHAUSTED,
+                             f"{self.max_outstanding} picks of this client are not released; call Release")
         try:
             req = self._request(request)
         except RequestError as e:
@@ -72,10 +116,9 @@ class PickAPI:
             self.picks.refused(req, e.status)
             code = h2grpc.RESOURCE_EXHAUSTED if e.status == 429 else h2grpc.UNAVAILABLE
             raise PickFailed(code, e.message) from None
-        now = time.monotonic()
-        self._expire(now)
         pid = uuid.uuid4().hex
-        self._open[pid] = (pick, now)
+        self._open[pid] = _Open(pick, client, now)
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         d = pick.decision
         resp = picker_pb2.PickResponse(endpoint=d.primary, fallback_endpoints=list(d.endpoints[1:]),
                                        reason=d.reason(), pick_id=pid, target_model=req.target_model or req.model,
@@ -84,50 +127,73 @@ class PickAPI:
             s = resp.scores.add(endpoint=address, total=total)
             for name, v in parts.items():
                 s.scores[name] = v
+        # The open pick keeps what Release needs (the decision), not the prompt or the body.
+        req.prompt = ""
+        req.body = None
+        req.headers = {}
         return resp
 
-    def release(self, request: Any) -> Any:
-        entry = self._open.pop(request.pick_id, None)
+    def release(self, request: Any, client: str = "local") -> Any:
+        entry = self._close(request.pick_id) if request.pick_id in self._open else None
         if entry is not None:
             if request.HasField("cached_tokens"):
-                entry[0].observe_usage(int(request.cached_tokens))
-            entry[0].finish()
+                entry.pick.observe_usage(int(request.cached_tokens))
+            entry.pick.finish()
         return picker_pb2.ReleaseResponse(released=entry is not None)
 
     # -- HTTP/2 server adapters ---------------------------------------------------------------
     def h2_services(self) -> dict[str, h2grpc.HandlerFactory]:
         return {
-            PICK_PATH: lambda resp, _h: _Unary(resp, picker_pb2.PickRequest.FromString, self.pick),
-            RELEASE_PATH: lambda resp, _h: _Unary(resp, picker_pb2.ReleaseRequest.FromString, self.release),
+            PICK_PATH: lambda resp, h: _Unary(self, resp, h, picker_pb2.PickRequest.FromString, self.pick),
+            RELEASE_PATH: lambda resp, h: _Unary(self, resp, h, picker_pb2.ReleaseRequest.FromString, self.release),
         }
 
 
 class _Unary:
     """A unary call on the HTTP/2 server: one request message, one response."""
 
-    __slots__ = ("call", "message", "parse", "responder")
+    __slots__ = ("api", "call", "failed", "headers", "message", "parse", "responder")
 
-    def __init__(self, responder: h2grpc.Responder, parse: Any, call: Any) -> None:
+    def __init__(self, api: PickAPI, responder: h2grpc.Responder, headers: dict[str, str], parse: Any,
+                 call: Any) -> None:
+        self.api = api
         self.responder = responder
+        self.headers = headers
         self.parse = parse
         self.call = call
         self.message: bytes | None = None
+        self.failed: PickFailed | None = None
 
     def on_message(self, message: bytes) -> None:
-        self.message = message
+        if self.message is not None:
+            self.failed = PickFailed(h2grpc.INVALID_ARGUMENT, "a unary call takes one message")
+        elif len(message) > MAX_REQUEST:
+            self.failed = PickFailed(h2grpc.RESOURCE_EXHAUSTED,
+                                     f"request of {len(message)} bytes exceeds {MAX_REQUEST}")
+        self.message = b"" if self.failed else message
 
     def on_end(self) -> None:
+        if self.failed is not None:
+            self.responder.finish(self.failed.code, self.failed.message)
+            return
         if self.message is None:
             self.responder.finish(h2grpc.INVALID_ARGUMENT, "no request message")
             return
         try:
-            resp = self.call(self.parse(self.message))
+            self.api.check_auth(self.headers)
+            try:
+                request = self.parse(self.message)
+            except Exception:  # DecodeError and friends: the client's bytes
+                raise PickFailed(h2grpc.INVALID_ARGUMENT, "cannot parse the request message") from None
+            resp = self.call(request, self.responder.peer)
         except PickFailed as e:
             self.responder.finish(e.code, e.message)
             return
-        except Exception:  # a malformed protobuf
-            self.responder.finish(h2grpc.INVALID_ARGUMENT, "cannot parse the request message")
+        except Exception as e:  # epp's bug, not the client's: logged, and said so
+            log.exception("Pick API call failed")
+            self.responder.finish(h2grpc.INTERNAL, f"internal error: {type(e).__name__}")
             return
+        self.message = None
         self.responder.send(resp.SerializeToString())
         self.responder.finish()
 
@@ -143,12 +209,23 @@ class GrpcioPickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[mis
 
     async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return self.api.pick(request)
+            self.api.check_auth(dict(context.invocation_metadata() or ()))
+            return self.api.pick(request, _peer_host(context.peer()))
         except PickFailed as e:
             await context.abort(grpc.StatusCode(_STATUS[e.code]), e.message)
 
     async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return self.api.release(request)
+        try:
+            self.api.check_auth(dict(context.invocation_metadata() or ()))
+        except PickFailed as e:
+            await context.abort(grpc.StatusCode(_STATUS[e.code]), e.message)
+        return self.api.release(request, _peer_host(context.peer()))
+
+
+def _peer_host(peer: str) -> str:
+    """grpcio's 'ipv4:1.2.3.4:5678' -> '1.2.3.4'."""
+    kind, _, rest = peer.partition(":")
+    return rest.rpartition(":")[0] if kind in ("ipv4", "ipv6") else peer
 
 
 _STATUS = {c.value[0]: c.value for c in grpc.StatusCode}

@@ -157,3 +157,80 @@ def test_hand_encoded_streamed_bodies_decode_exactly_like_upb_builds_them() -> N
                 else:
                     want = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
                 assert _streamed(phase, data, eos) == want.SerializeToString()
+
+
+def immediate_status(out: list[bytes]) -> int | None:
+    resp = parse(out)[-1]
+    return resp.immediate_response.status.code if resp.HasField("immediate_response") else None
+
+
+def with_header(msg: pb.ProcessingRequest, key: str, value: str) -> pb.ProcessingRequest:
+    msg.request_headers.headers.headers.add(key=key, raw_value=value.encode())
+    return msg
+
+
+def test_unknown_body_modes_still_get_an_answer_to_every_message() -> None:
+    for mode in (5, 6, 42):
+        ps = service()
+        s = ExtProcStream(ps)
+        out = parse(s.on_message(headers(mode, resp_mode=mode)))
+        assert len(out) == 1 and out[0].HasField("request_headers")  # picked from the headers
+        assert dest(out[0], "request_headers") in ps.store.addresses()
+        assert parse(s.on_message(body(BODY, True)))[0].HasField("request_body")
+        assert parse(s.on_message(pb.ProcessingRequest(response_headers=pb.HttpHeaders())))[0].HasField(
+            "response_headers")
+        assert parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True))))[0].HasField(
+            "response_body")
+        assert sum(ps.store.inflight.values()) == 0
+
+
+def test_an_empty_generation_body_is_refused_in_every_mode() -> None:
+    for mode in (FULL_DUPLEX, BUFFERED, STREAMED, 0):
+        s = ExtProcStream(service())
+        assert immediate_status(s.on_message(headers(mode, eos=True))) == 400  # Content-Length: 0 ends the stream
+        s = ExtProcStream(service())
+        first = s.on_message(with_header(headers(mode), "content-length", "0"))
+        if mode in (STREAMED, 0):
+            assert immediate_status(first) == 400
+        else:
+            assert immediate_status(first + s.on_message(body(b"", True))) == 400
+
+
+def test_a_get_without_a_body_is_still_routed() -> None:
+    s = ExtProcStream(service())
+    msg = headers(FULL_DUPLEX, eos=True, path="/v1/models")
+    msg.request_headers.headers.headers[1].raw_value = b"GET"
+    (resp,) = parse(s.on_message(msg))
+    assert resp.HasField("request_headers") and dest(resp, "request_headers")
+
+
+def test_odd_paths_are_parsed_like_the_plain_ones() -> None:
+    bad = orjson.dumps({"model": "m", "messages": 42})
+    for path in ("/V1/Chat/Completions", "//v1/chat/completions", "/v1//chat/completions?x=1"):
+        s = ExtProcStream(service())
+        s.on_message(headers(BUFFERED, path=path))
+        assert immediate_status(s.on_message(body(bad, True))) == 400, path
+
+
+def test_messages_and_prompt_of_the_wrong_shape_are_refused() -> None:
+    for path, payload in (("/v1/chat/completions", {"model": "m", "messages": 42}),
+                          ("/v1/chat/completions", {"model": "m", "messages": ["hi"]}),
+                          ("/v1/chat/completions", {"model": "m"}),
+                          ("/v1/completions", {"model": "m", "prompt": 42}),
+                          ("/v1/completions", {"model": "m"})):
+        s = ExtProcStream(service())
+        s.on_message(headers(BUFFERED, path=path))
+        out = s.on_message(body(orjson.dumps(payload), True))
+        assert immediate_status(out) == 400, (path, payload)
+        err = orjson.loads(parse(out)[0].immediate_response.body)["error"]
+        assert err["code"] == 400 and err["param"] in ("messages", "prompt")
+
+
+def test_a_full_duplex_body_past_the_limit_gets_413_and_is_not_held() -> None:
+    ps = service()
+    s = ExtProcStream(ps, max_body=1000)
+    s.on_message(headers(FULL_DUPLEX))
+    assert s.on_message(body(b"x" * 600, False)) == []
+    assert immediate_status(s.on_message(body(b"x" * 600, False))) == 413
+    assert s.on_message(body(b"x" * 600, True)) == [] and not s._chunks
+    assert sum(ps.store.inflight.values()) == 0

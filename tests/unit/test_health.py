@@ -37,3 +37,27 @@ async def test_check_and_watch() -> None:
             unknown.cancel()
     finally:
         await server.stop(0.1)
+
+
+async def test_closed_watch_streams_leave_nothing_behind() -> None:
+    state = HealthState()
+    server = h2grpc.H2GrpcServer(state.h2_services())
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for i in range(30):
+                call = stub.Watch(health_pb2.HealthCheckRequest(service=f"svc-{i}-" + "x" * 200), timeout=5)
+                assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                call.cancel()
+            huge = stub.Watch(health_pb2.HealthCheckRequest(service="y" * 256 * 1024), timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await huge.read()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for _ in range(50):  # the resets arrive with the channel's close
+            if not state._watchers:
+                break
+            await asyncio.sleep(0.02)
+        assert state._watchers == {} and state.watched() == 0
+    finally:
+        await server.stop(0.1)

@@ -107,6 +107,11 @@ async def test_a_dropped_watch_resumes_from_its_resource_version(
     await emulator.apply(*POOL, pool())
     await emulator.apply(*PODS, pod("a", "10.0.0.1"))
     await endpoints_are(store, ["10.0.0.1:8000"])
+
+    async def both_watching() -> bool:  # the pool's and the pods' watches (the second can lag)
+        return emulator.watch_count >= 2
+
+    await wait_until(both_watching, 5, "both watches open")
     lists, watches = emulator.list_count, emulator.watch_count
     await emulator.drop_watches()
     await emulator.apply(*PODS, pod("b", "10.0.0.2"))  # while the watches are down
