@@ -119,6 +119,7 @@ class PickerServer:
         self.discovery: KubernetesDiscovery | None = None
         self.elector: LeaderElector | None = None
         self._draining = False
+        self.pick_api: PickAPI | None = None
 
     def _prefix_index_size(self) -> float:
         scorers = self.picks.scheduler.profile.scorers
@@ -191,7 +192,7 @@ class PickerServer:
         def new_stream() -> ExtProcStream:
             return ExtProcStream(self.picks, o.decision_headers, o.limits.max_message)
 
-        api = PickAPI(self.picks, max_outstanding=o.pick_api_max_outstanding, token=self.pick_token)
+        api = self.pick_api = PickAPI(self.picks, max_outstanding=o.pick_api_max_outstanding, token=self.pick_token)
         key_crt = (load_cert_dir(o.cert_path) if o.cert_path else self_signed()) if o.secure_serving else None
         if o.grpc_transport == "h2":
             self.h2 = h2grpc.H2GrpcServer({**extproc_services(new_stream), **api.h2_services()}, o.limits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -143,7 +144,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                            workdir: Path | None = None, decision_headers: bool = False,
                            grpc_transport: str = "h2", kubernetes: Any = None,
                            ports: Sequence[int] | None = None,
-                           objectives_text: str | None = None) -> AsyncIterator[Stack]:
+                           objectives_text: str | None = None,
+                           serve: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
     (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
@@ -180,6 +182,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                         refresh_metrics_interval=refresh, metrics_staleness_threshold=staleness,
                         config_poll_interval=0.2, decision_headers=decision_headers,
                         grpc_transport=grpc_transport)
+    if serve:  # any other ServeOptions field (limits, tokens...)
+        opts = dataclasses.replace(opts, **serve)
     picker = PickerServer(opts)
     await picker.start()
     envoy = None
