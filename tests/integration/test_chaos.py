@@ -22,7 +22,16 @@ from epp.config import load_config
 from epp.server.app import PickerServer, ServeOptions
 from epp.sim.fleet import Fleet
 from epp.sim.profiles import profile
-from epp.stack.local import EnvoyProc, epp_command, free_ports, http_ok, in_process_stack, spawn, start_envoy, wait_until
+from epp.stack.local import (
+    EnvoyProc,
+    epp_command,
+    free_ports,
+    http_ok,
+    in_process_stack,
+    spawn,
+    start_envoy,
+    wait_until,
+)
 
 from .conftest import completion_body
 
@@ -222,7 +231,7 @@ async def test_kill_9_and_restart_measures_the_error_window(tmp_path: Path) -> N
                     async with s.post(f"{url}/v1/completions", data=completion_body(f"c{i}")) as r:
                         await r.read()
                         log.append((time.monotonic(), r.status))
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     log.append((time.monotonic(), -1))
                 await asyncio.sleep(0.02)
 
