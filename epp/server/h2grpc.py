@@ -443,6 +443,8 @@ class H2Connection(asyncio.Protocol):
         pad = 0
         start = 0
         if flags & PADDED:
+            if not payload:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PADDED HEADERS without a pad length")
             pad = payload[0]
             start = 1
         if flags & PRIORITY_FLAG:
@@ -512,13 +514,13 @@ class H2Connection(asyncio.Protocol):
         factory = self.services.get(headers.get(":path", ""))
         if factory is None:
             st.remote_closed = bool(flags & END_STREAM)
-            st.finish(UNIMPLEMENTED, f"unknown method {headers.get(':path', '')}")
+            self._refuse(st, UNIMPLEMENTED, f"unknown method {headers.get(':path', '')}")
             return
         try:
             st.handler = factory(st, headers)
         except Exception:
             log.exception("handler for %s failed to start", headers.get(":path"))
-            st.finish(INTERNAL, "internal error")
+            self._refuse(st, INTERNAL, "internal error")
             return
         if flags & END_STREAM:
             self._remote_end(st)
@@ -545,7 +547,7 @@ class H2Connection(asyncio.Protocol):
             mlen = int.from_bytes(payload[1:5], "big")
             if len(payload) == 5 + mlen and payload[0] == 0:  # the common case: exactly one message
                 if mlen > self.max_message:
-                    st.finish(RESOURCE_EXHAUSTED, f"message of {mlen} bytes exceeds {self.max_message}")
+                    self._refuse(st, RESOURCE_EXHAUSTED, f"message of {mlen} bytes exceeds {self.max_message}")
                 else:
                     self._deliver(st, payload[5:])
                 if flags & END_STREAM:
@@ -555,11 +557,11 @@ class H2Connection(asyncio.Protocol):
         buf += payload
         while len(buf) >= 5 and not st.finished:
             if buf[0] != 0:
-                st.finish(UNIMPLEMENTED, "compressed messages are not supported")
+                self._refuse(st, UNIMPLEMENTED, "compressed messages are not supported")
                 break
             mlen = int.from_bytes(buf[1:5], "big")
             if mlen > self.max_message:
-                st.finish(RESOURCE_EXHAUSTED, f"message of {mlen} bytes exceeds {self.max_message}")
+                self._refuse(st, RESOURCE_EXHAUSTED, f"message of {mlen} bytes exceeds {self.max_message}")
                 break
             if len(buf) < 5 + mlen:
                 break
@@ -571,7 +573,7 @@ class H2Connection(asyncio.Protocol):
             self._drop_buffer(st)
         elif self.buffered > self.limits.max_buffered:
             self._drop_buffer(st)
-            st.finish(RESOURCE_EXHAUSTED, f"connection holds more than {self.limits.max_buffered} bytes of "
+            self._refuse(st, RESOURCE_EXHAUSTED, f"connection holds more than {self.limits.max_buffered} bytes of "
                                           "partial messages")
         if flags & END_STREAM:
             self._remote_end(st)
@@ -596,7 +598,7 @@ class H2Connection(asyncio.Protocol):
             st.handler.on_message(message)
         except Exception as e:
             log.exception("handler error on stream %d", st.sid)
-            st.finish(INTERNAL, f"internal error: {type(e).__name__}")
+            self._refuse(st, INTERNAL, f"internal error: {type(e).__name__}")
 
     def _remote_end(self, st: _Stream) -> None:
         st.remote_closed = True
@@ -605,7 +607,7 @@ class H2Connection(asyncio.Protocol):
                 st.handler.on_end()
             except Exception as e:
                 log.exception("handler error at end of stream %d", st.sid)
-                st.finish(INTERNAL, f"internal error: {type(e).__name__}")
+                self._refuse(st, INTERNAL, f"internal error: {type(e).__name__}")
         if st.finished and not st.pending:
             self.streams.pop(st.sid, None)
             if self.closing and not self.streams and self.transport is not None:
@@ -613,11 +615,19 @@ class H2Connection(asyncio.Protocol):
                 self.transport.close()
 
     def _reset_handler(self, st: _Stream) -> None:
-        if st.handler is not None:
+        """Tell the handler its call is over without a normal end (once: it is then dropped)."""
+        handler, st.handler = st.handler, None
+        if handler is not None:
             try:
-                st.handler.on_reset()
+                handler.on_reset()
             except Exception:
                 log.exception("handler error on reset of stream %d", st.sid)
+
+    def _refuse(self, st: _Stream, status: int, message: str) -> None:
+        """The server ends a call on its own (a limit, a handler error): the client gets the
+        status, the handler a reset, so what it holds (a pick's in-flight count) is released."""
+        st.finish(status, message)
+        self._reset_handler(st)
 
 
 def _check_settings(flags: int, sid: int, payload: bytes) -> None:
