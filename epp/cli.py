@@ -49,8 +49,8 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                    help="largest HTTP/2 header block, CONTINUATION frames included (default 64 KiB)")
     g.add_argument("--grpc-max-buffered-bytes", type=positive_int, default=128 << 20, metavar="BYTES",
                    help="partial gRPC messages held per connection (default 128 MiB)")
-    g.add_argument("--max-scrape-bytes", type=positive_int, default=8 << 20, metavar="BYTES",
-                   help="largest /metrics response read from a pod (default 8 MiB)")
+    g.add_argument("--max-scrape-bytes", type=positive_int, default=4 << 20, metavar="BYTES",
+                   help="largest /metrics response read from a pod (default 4 MiB)")
     g.add_argument("--max-scrape-series", type=positive_int, default=1024, metavar="N",
                    help="series of one routing metric read per scrape (default 1024)")
     g.add_argument("--metrics-label-values", type=positive_int, default=64, metavar="N",

@@ -139,7 +139,8 @@ class LeaderElector:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                held = await self.try_acquire_or_renew()
+                # A hung API call must not stall the election: each round gets the renew deadline.
+                held = await asyncio.wait_for(self.try_acquire_or_renew(), max(self.renew_deadline, self.retry_period))
                 if held:
                     self._last_renew = loop.time()
                 self._set(held)

@@ -17,7 +17,7 @@ class HTTPGetError(Exception):
     pass
 
 
-MAX_BODY = 8 * 1024 * 1024  # bytes of one /metrics response (vLLM's is ~55 KB)
+MAX_BODY = 4 * 1024 * 1024  # bytes of one /metrics response (vLLM's is ~55 KB)
 MAX_HEAD = 64 * 1024  # bytes of the status line and headers
 
 

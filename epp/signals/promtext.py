@@ -68,6 +68,7 @@ def _lines_of(text: str, name: str, limit: int = MAX_SERIES) -> list[str]:
     """The sample lines of metric ``name`` (exact name: followed by '{' or ' '); TooLarge past
     ``limit`` of them (a dense exposition must not cost every scrape a full walk in Python)."""
     out: list[str] = []
+    near = 0
     needle = "\n" + name
     n = len(text)
     start = 0 if text.startswith(name) else -1
@@ -86,6 +87,10 @@ def _lines_of(text: str, name: str, limit: int = MAX_SERIES) -> list[str]:
             if len(out) >= limit:
                 raise TooLarge(f"more than {limit} series of {name}")
             out.append(text[start:end])
+        else:
+            near += 1  # a longer name that starts the same (..._waiting_by_reason): also bounded
+            if near > 4 * limit:
+                raise TooLarge(f"more than {4 * limit} series whose names start with {name}")
         pos = end
         start = -1
 

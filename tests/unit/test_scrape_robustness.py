@@ -167,3 +167,24 @@ async def test_an_exposition_past_the_byte_limit_is_refused(store: Datastore) ->
 
 def test_parse_error_is_a_value_error() -> None:
     assert issubclass(ValueRejected, ParseError) and issubclass(TooLarge, ParseError)
+
+
+def test_many_near_miss_names_are_bounded_too() -> None:
+    near = "".join(f'vllm:num_requests_waiting_by_reason{{r="{i}"}} 1\n' for i in range(5000))
+    with pytest.raises(TooLarge):
+        parse_signals(exposition() + near, VLLM, max_series=1024)
+    assert parse_signals(exposition() + near[:2000], VLLM).waiting == 1  # a few are fine
+
+
+async def test_a_large_exposition_is_parsed_off_the_loop_and_read_right(store: Datastore) -> None:
+    body = (exposition(waiting="7") + "# padding\n" * 40_000).encode()  # ~440 KB: the thread path
+    server, address = await serve(lambda n: http(body))
+    store.set_endpoints([address])
+    scraper = Scraper(store, VLLM)
+    try:
+        await scraper.scrape_once(address)
+    finally:
+        await scraper.stop()
+        server.close()
+    state = store.get(address)
+    assert state is not None and state.error is None and state.signals is not None and state.signals.waiting == 7
