@@ -140,7 +140,8 @@ class LeaderElector:
         while True:
             try:
                 # A hung API call must not stall the election: each round gets the renew deadline.
-                held = await asyncio.wait_for(self.try_acquire_or_renew(), max(self.renew_deadline, self.retry_period))
+                async with asyncio.timeout(max(self.renew_deadline, self.retry_period)):
+                    held = await self.try_acquire_or_renew()
                 if held:
                     self._last_renew = loop.time()
                 self._set(held)

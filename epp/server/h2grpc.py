@@ -735,7 +735,8 @@ class H2GrpcServer:
             for c in list(self._conns):
                 c.goaway()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
         for c in list(self._conns):
             if c.transport is not None:
                 c.transport.abort()

@@ -140,8 +140,10 @@ class KeepAliveGetter:
         conn = self._conn
         if conn is None or conn.closed:
             try:
-                connecting = loop.create_connection(lambda: _Conn(self.max_body), self.host, self.port)
-                _, proto = await asyncio.wait_for(connecting, timeout)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+                # arrives as the connect completes, and a scrape loop must stop when told to.
+                async with asyncio.timeout(timeout):
+                    _, proto = await loop.create_connection(lambda: _Conn(self.max_body), self.host, self.port)
             except (OSError, TimeoutError) as e:
                 raise HTTPGetError(f"connect: {e or type(e).__name__}") from None
             conn = self._conn = proto

@@ -196,7 +196,8 @@ class KVEventSubscriber:
             try:
                 await dealer.send_multipart([b"", start.to_bytes(8, "big")])
                 while True:
-                    frames = await asyncio.wait_for(dealer.recv_multipart(), self.replay_timeout)
+                    async with asyncio.timeout(self.replay_timeout):
+                        frames = await dealer.recv_multipart()
                     seq = int.from_bytes(frames[1], "big", signed=True)
                     if seq == END_SEQ:
                         break

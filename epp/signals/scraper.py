@@ -63,6 +63,7 @@ class Scraper:
                 self._tasks[a] = asyncio.get_running_loop().create_task(self._loop(a), name=f"scrape {a}")
 
     async def stop(self) -> None:
+        self._started = False
         for t in self._tasks.values():
             t.cancel()
         for t in list(self._tasks.values()):
@@ -112,7 +113,8 @@ class Scraper:
 
     async def _loop(self, address: str) -> None:
         await asyncio.sleep(self._rng.uniform(0, self.interval))
-        while True:
+        me = asyncio.current_task()
+        while self._started and self._tasks.get(address) is me:  # also ends if a cancel is ever lost
             start = time.monotonic()
             await self.scrape_once(address)
             delay = self.interval * self._rng.uniform(0.9, 1.1) - (time.monotonic() - start)

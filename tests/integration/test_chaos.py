@@ -122,7 +122,8 @@ async def test_sigterm_under_gateway_load_finishes_streams_and_serves_late_reque
 
 
 async def test_a_pod_killed_mid_stream_cuts_only_its_stream() -> None:
-    async with in_process_stack(servers=2, decision_headers=True) as stack, aiohttp.ClientSession() as s:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with in_process_stack(servers=2, decision_headers=True) as stack, aiohttp.ClientSession(timeout=timeout) as s:
         assert stack.picker is not None
         for srv in stack.fleet.servers:
             srv.engine.extra_step_latency_s = 0.03
@@ -130,9 +131,9 @@ async def test_a_pod_killed_mid_stream_cuts_only_its_stream() -> None:
                                                                                   stream=True))
         victim = resp.headers["x-epp-endpoint"]
         await resp.content.readany()
-        await stack.server(victim).crash(None)
+        await asyncio.wait_for(stack.server(victim).crash(None), 10)
         with contextlib.suppress(aiohttp.ClientError):
-            await resp.read()  # cut: an error or a truncated body, never a hang
+            await asyncio.wait_for(resp.read(), 10)  # cut: an error or a truncated body, never a hang
         resp.close()
         picker = stack.picker
 
@@ -148,6 +149,7 @@ async def test_a_pod_killed_mid_stream_cuts_only_its_stream() -> None:
                 await r.read()
                 statuses.append(r.status)
                 where.append(r.headers.get("x-epp-endpoint"))
+
     assert statuses == [200] * 10 and victim not in where
 
 

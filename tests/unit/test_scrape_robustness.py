@@ -188,3 +188,19 @@ async def test_a_large_exposition_is_parsed_off_the_loop_and_read_right(store: D
         server.close()
     state = store.get(address)
     assert state is not None and state.error is None and state.signals is not None and state.signals.waiting == 7
+
+
+async def test_a_scrape_loop_ends_even_if_its_cancel_is_lost(store: Datastore) -> None:
+    """Python 3.11's wait_for can swallow a cancel; the loop also checks it is still wanted."""
+    server, address = await serve(lambda n: GOOD)
+    store.set_endpoints([address])
+    scraper = Scraper(store, VLLM, interval=0.01)
+    await scraper.start()
+    try:
+        task = scraper._tasks[address]
+        del scraper._tasks[address]  # as if removed, with the cancel lost on the way
+        await asyncio.wait_for(task, 2)
+        assert task.done() and not task.cancelled()
+    finally:
+        await scraper.stop()
+        server.close()
