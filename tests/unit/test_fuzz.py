@@ -39,6 +39,7 @@ from epp.signals.httpget import HTTPGetError, _Conn
 from epp.signals.mappings import VLLM
 from epp.signals.promtext import MAX_QUEUE, parse_signals
 from epp.v1 import picker_pb2
+from tests.fakes import FakeTransport
 
 SCALE = int(os.environ.get("EPP_FUZZ_SCALE", "1"))
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "vllm-0.32" / "metrics.txt"
@@ -161,27 +162,6 @@ def test_ext_proc_state_machine(unexpected: Recorder) -> None:
 
 
 # -- HTTP/2 frames ----------------------------------------------------------------------------------
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, b: bytes) -> None:
-        self.data += b
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.1", 5000) if name == "peername" else None
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
 
 def grpc_message(payload: bytes) -> bytes:
     return b"\x00" + len(payload).to_bytes(4, "big") + payload

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import pytest
 from hpack import Decoder, Encoder
 
 from epp.server import h2grpc as h2
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, b: bytes) -> None:
-        self.data += b
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str) -> Any:
-        return None
-
-    def close(self) -> None:
-        self.closed = True
+from tests.fakes import FakeTransport
 
 
 class Echo:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
+from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Datastore
 from epp.signals.mappings import VLLM
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
@@ -93,6 +95,22 @@ async def store() -> AsyncIterator[Datastore]:
     yield Datastore(staleness=5.0)
 
 
+async def scrape(store: Datastore, reply: Reply, times: int = 1, **scraper_args: Any) -> EndpointState:
+    """Scrape a pod answering ``reply`` ``times`` times; the pod's state afterwards."""
+    server, address = await serve(reply)
+    store.set_endpoints([address])
+    scraper = Scraper(store, VLLM, **scraper_args)
+    try:
+        for _ in range(times):
+            await scraper.scrape_once(address)
+    finally:
+        await scraper.stop()
+        server.close()
+    state = store.get(address)
+    assert state is not None
+    return state
+
+
 @pytest.mark.parametrize("case", sorted(GARBAGE))
 async def test_garbage_fails_the_scrape_quietly(case: str, store: Datastore, caplog: pytest.LogCaptureFixture) -> None:
     server, address = await serve(lambda n: GARBAGE[case])
@@ -115,16 +133,8 @@ async def test_garbage_fails_the_scrape_quietly(case: str, store: Datastore, cap
 
 
 async def test_100_continue_then_the_response_is_read(store: Datastore) -> None:
-    server, address = await serve(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" + GOOD)
-    store.set_endpoints([address])
-    scraper = Scraper(store, VLLM)
-    try:
-        await scraper.scrape_once(address)
-    finally:
-        await scraper.stop()
-        server.close()
-    state = store.get(address)
-    assert state is not None and state.error is None and state.signals is not None and state.signals.running == 2
+    state = await scrape(store, lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" + GOOD)
+    assert state.error is None and state.signals is not None and state.signals.running == 2
 
 
 async def test_a_pod_recovers_after_bad_values_and_the_old_signals_are_not_replaced(store: Datastore) -> None:
@@ -153,16 +163,8 @@ async def test_an_exposition_past_the_byte_limit_is_refused(store: Datastore) ->
     chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                + b"".join(b"%x\r\n" % 50_000 + b"#" * 50_000 + b"\r\n" for _ in range(10)) + b"0\r\n\r\n")
     for reply in (big, chunked):
-        server, address = await serve(lambda n, r=reply: r)  # type: ignore[misc]
-        store.set_endpoints([address])
-        scraper = Scraper(store, VLLM, max_bytes=100_000)
-        try:
-            await scraper.scrape_once(address)
-        finally:
-            await scraper.stop()
-            server.close()
-        state = store.get(address)
-        assert state is not None and state.error is not None and "limit" in state.error
+        state = await scrape(store, lambda n, r=reply: r, max_bytes=100_000)  # type: ignore[misc]
+        assert state.error is not None and "limit" in state.error
 
 
 def test_parse_error_is_a_value_error() -> None:
@@ -178,16 +180,8 @@ def test_many_near_miss_names_are_bounded_too() -> None:
 
 async def test_a_large_exposition_is_parsed_off_the_loop_and_read_right(store: Datastore) -> None:
     body = (exposition(waiting="7") + "# padding\n" * 40_000).encode()  # ~440 KB: the thread path
-    server, address = await serve(lambda n: http(body))
-    store.set_endpoints([address])
-    scraper = Scraper(store, VLLM)
-    try:
-        await scraper.scrape_once(address)
-    finally:
-        await scraper.stop()
-        server.close()
-    state = store.get(address)
-    assert state is not None and state.error is None and state.signals is not None and state.signals.waiting == 7
+    state = await scrape(store, lambda n: http(body))
+    assert state.error is None and state.signals is not None and state.signals.waiting == 7
 
 
 async def test_a_scrape_loop_ends_even_if_its_cancel_is_lost(store: Datastore) -> None:
