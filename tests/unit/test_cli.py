@@ -49,6 +49,20 @@ def test_serve_refuses_bad_input_clearly(tmp_path: Path) -> None:
     assert r.returncode == 2 and f"{bad}: plugins[0].type" in r.stderr
 
 
+def test_limits_and_auth_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--endpoints", "a:1"])
+    assert (args.grpc_max_recv_msg_size, args.grpc_max_header_list_size, args.max_scrape_bytes) == (
+        64 << 20, 64 << 10, 4 << 20)
+    assert args.drain_timeout == 30.0 and args.metrics_endpoint_auth is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--endpoints", "a:1", "--max-scrape-series", "0"])
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--metrics-endpoint-auth=true")
+    assert r.returncode == 2 and "--metrics-token-file" in r.stderr and "Traceback" not in r.stderr
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--pick-api-token-file", str(tmp_path / "missing"),
+            "--secure-serving=false", "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0")
+    assert r.returncode == 2 and "cannot read the token file" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_config_validate(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(DEFAULT_CONFIG)
