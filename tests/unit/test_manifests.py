@@ -77,6 +77,20 @@ def test_kustomizations_render_and_validate(path: str) -> None:
     parse_config(config.replace("/models/llama-3.1-8b-instruct", "sim"), "epp.yaml")
 
 
+def test_the_network_policy_limits_ext_proc_to_gateway_proxies() -> None:
+    docs = render("examples/networkpolicy")
+    check(docs)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    dep = one(render("base"), "Deployment", "epp")
+    assert policy["podSelector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    rules = {r["ports"][0]["port"]: r for r in policy["ingress"]}
+    ext_proc = rules[9002]
+    assert ext_proc["from"] and all("podSelector" in peer for peer in ext_proc["from"])  # never open to all
+    keys = {e["key"] for peer in ext_proc["from"] for e in peer["podSelector"]["matchExpressions"]}
+    assert keys == {"gateway.networking.k8s.io/gateway-name", "gateway.envoyproxy.io/owning-gateway-name"}
+    assert "from" not in rules[9003]  # probes and Prometheus still reach health and metrics
+
+
 def test_rbac_is_least_privilege() -> None:
     role = one(render("base"), "Role", "epp")
     rules = {(tuple(r["apiGroups"]), tuple(sorted(r["resources"]))): sorted(r["verbs"]) for r in role["rules"]}
