@@ -26,10 +26,6 @@ def route_path(path: str) -> str:
     return path.lower()
 
 
-def is_generation(path: str) -> bool:
-    return route_path(path).startswith(GENERATION_PATHS)
-
-
 class RequestError(Exception):
     """A request the picker must refuse; carries the HTTP status and an OpenAI-style message."""
 
@@ -101,9 +97,9 @@ def prompt_of_messages(messages: list[Any]) -> str:
 
 
 def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: bytes) -> InferenceRequest:
-    """Parse an OpenAI JSON body. Raises RequestError(400) for bad JSON, a missing model, or
-    messages / prompt of the wrong shape (what the model server would refuse anyway)."""
-    path = route_path(path)
+    """Parse an OpenAI JSON body (``path`` as ``route_path`` gives it). Raises RequestError(400)
+    for bad JSON, a missing model, or messages / prompt of the wrong shape (what the model server
+    would refuse anyway)."""
     req = InferenceRequest(request_id, path, headers=headers, body_size=len(body), has_body=True)
     if not body:
         raise RequestError(400, "request body is empty; expected an OpenAI JSON request")

@@ -10,17 +10,11 @@ from typing import Any, ClassVar
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.balance import spread_hot_prefixes
-from epp.scheduling.params import (
-    BLOCK_SIZE_LIMIT,
-    BLOCKS_PER_SERVER_LIMIT,
-    BLOCKS_TO_MATCH_LIMIT,
-    ENDPOINTS_PER_PICK_LIMIT,
-    Params,
-)
+from epp.scheduling.balance import spread_hot_prefixes, thresholds_from_params
+from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import MATCHED_TOKENS, PrefillLoadScorer
-from epp.scheduling.prefix_index import PrefixIndex
+from epp.scheduling.prefix_index import index_from_params
 from epp.scheduling.types import CycleState
 
 
@@ -87,14 +81,10 @@ class PrefixCacheScorer:
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
-        block = params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT)
-        max_blocks = params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT)
-        lru = params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT)
+        self.index = index_from_params(params)
         params.bool("autoTune", True)  # accepted for compatibility with the reference
-        self.balance_abs = params.float("balanceAbsThreshold", 4.0)
-        self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
+        self.balance_abs, self.balance_rel = thresholds_from_params(params)
         params.done()
-        self.index = PrefixIndex(block, max_blocks, lru)
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:

@@ -21,12 +21,12 @@ from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.balance import spread_hot_prefixes
+from epp.scheduling.balance import spread_hot_prefixes, thresholds_from_params
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
 from epp.scheduling.prefill_load import MATCHED_TOKENS, PROMPT_TOKENS
-from epp.scheduling.prefix_index import PrefixIndex
+from epp.scheduling.prefix_index import index_from_params
 from epp.scheduling.types import ConfigError, CycleState
 from epp.signals.kvevents import KVEventsSpec
 from epp.tokenization import PromptTokenizer, TokenizerError, load_tokenizer
@@ -96,11 +96,8 @@ class PrecisePrefixCacheScorer:
         else:
             self.tracker = PrecisionTracker()
         self.inject_usage = params.bool("injectUsage", True)
-        self.balance_abs = params.float("balanceAbsThreshold", 4.0)
-        self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
-        self.approx = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT),
-                                  params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
-                                  params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))
+        self.balance_abs, self.balance_rel = thresholds_from_params(params)
+        self.approx = index_from_params(params)
         params.done()
         if self.tokenizer is None:
             log.warning("%s: no tokenizer configured: routing on the approximate index", name)

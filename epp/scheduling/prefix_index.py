@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence, Set
 
 import xxhash
 
+from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
+
 CHARS_PER_TOKEN = 4
 
 
@@ -103,3 +105,10 @@ class PrefixIndex:
 
     def size(self) -> int:
         return sum(len(v) for v in self._lru.values())
+
+
+def index_from_params(params: Params) -> PrefixIndex:
+    """An approximate index from the parameters both prefix scorers take (the reference's names)."""
+    return PrefixIndex(params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT),
+                       params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
+                       params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))

@@ -29,7 +29,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
-from epp.request import RequestError, headers_only, is_generation, mutated_body, parse_body
+from epp.request import GENERATION_PATHS, RequestError, headers_only, mutated_body, parse_body, route_path
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
 from epp.server.picking import Pick, PickService
@@ -278,9 +278,9 @@ class ExtProcStream:
         """Pick into ``self.pick``; None on success, else the serialized ImmediateResponse."""
         headers = self._headers
         request_id = headers.get("x-request-id") or ""
-        path = headers.get(":path", "")
+        path = route_path(headers.get(":path", ""))
         try:
-            if body is None or not is_generation(path):
+            if body is None or not path.startswith(GENERATION_PATHS):
                 req = headers_only(request_id, path, headers)
             else:  # an empty body is refused here, in every mode, rather than by the pod
                 req = parse_body(request_id, path, headers, body)

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from epp.request import InferenceRequest, RequestError, parse_body, prompt_of_messages
+from epp.request import InferenceRequest, RequestError, parse_body, prompt_of_messages, route_path
 from epp.scheduling.types import SchedulingError
 from epp.server import h2grpc
 from epp.server.auth import TokenFile
@@ -85,7 +85,7 @@ class PickAPI:
 
     def _request(self, r: Any) -> InferenceRequest:
         headers = dict(r.headers)
-        path = r.path or "/v1/chat/completions"
+        path = route_path(r.path or "/v1/chat/completions")
         rid = headers.get("x-request-id", "")
         which = r.WhichOneof("input")
         if which == "body":
