@@ -50,6 +50,10 @@ GRPC_OPTIONS = [
 ]
 
 
+# The health services that say whether to send epp traffic (liveness stays SERVING).
+READINESS_SERVICES = ("", "readiness", EXTPROC_SERVICE)
+
+
 @dataclass(slots=True)
 class ServeOptions:
     config: PickerConfig
@@ -241,7 +245,7 @@ class PickerServer:
         ready = (not self._draining and self.store.fresh_count() > 0
                  and (self.elector is None or self.elector.is_leader))
         status = SERVING if ready else NOT_SERVING
-        for svc in ("", "readiness", EXTPROC_SERVICE):
+        for svc in READINESS_SERVICES:
             self.health.set(svc, status)
 
     async def _readiness_loop(self) -> None:
@@ -264,7 +268,7 @@ class PickerServer:
         """Report NOT_SERVING at once, then keep serving (new streams included) until the gateway
         has gone quiet or ``timeout``: in-flight responses finish, late requests still get picks."""
         self._draining = True
-        for svc in ("", "readiness", EXTPROC_SERVICE):
+        for svc in READINESS_SERVICES:
             self.health.set(svc, NOT_SERVING)
         if self.h2 is None:
             return

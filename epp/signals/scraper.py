@@ -91,8 +91,6 @@ class Scraper:
                 signals = await asyncio.to_thread(self._parse, body)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # whatever a pod sends, the pod fails this scrape and nothing else
             kind = type(e).__name__
             reason = f"{kind}: {str(e)[:200]}" if str(e) else kind
