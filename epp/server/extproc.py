@@ -52,7 +52,6 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Body modes this state machine implements. Any other value (GRPC = 5 in newer Envoys, or a
 # value not yet defined) is served as STREAMED: pick from the headers, pass the body through.
 KNOWN_MODES = frozenset((NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX))
-MAX_BODY = 64 * 1024 * 1024  # request body bytes held for a FULL_DUPLEX pick (--grpc-max-recv-msg-size)
 
 
 def _ser(resp: pb.ProcessingResponse) -> bytes:
@@ -174,7 +173,7 @@ class ExtProcStream:
     __slots__ = ("_body_size", "_chunks", "_headers", "_headers_seen", "_picked", "_picks", "_req_mode", "_resp_mode",
                  "_usage", "decision_headers", "max_body", "pick")
 
-    def __init__(self, picks: PickService, decision_headers: bool = False, max_body: int = MAX_BODY) -> None:
+    def __init__(self, picks: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE) -> None:
         self._picks = picks
         self.decision_headers = decision_headers
         self.max_body = max_body

@@ -43,6 +43,7 @@ MAX_WINDOW = 2**31 - 1
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, CANCEL = 0, 1, 2, 3, 6, 8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 OUR_MAX_FRAME = 1 << 20  # the SETTINGS_MAX_FRAME_SIZE we advertise
+MAX_MESSAGE = 64 * 1024 * 1024  # the default --grpc-max-recv-msg-size
 
 
 class ConnectionError_(Exception):
@@ -65,12 +66,13 @@ class Activity:
 class Limits:
     """What one client connection may make the server hold (see the README's limits table)."""
 
-    max_message: int = 64 * 1024 * 1024  # one gRPC message (--grpc-max-recv-msg-size)
+    max_message: int = MAX_MESSAGE  # one gRPC message (--grpc-max-recv-msg-size)
     max_header_block: int = 64 * 1024  # one HEADERS + CONTINUATION block (--grpc-max-header-list-size)
     max_buffered: int = 128 * 1024 * 1024  # partial messages of all streams (--grpc-max-buffered-bytes)
 
 # gRPC status codes used here.
-OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 3, 8, 12, 13, 14
+OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = (
+    0, 3, 8, 12, 13, 14, 16)
 
 _HEADER = struct.Struct(">BHBBL")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
 

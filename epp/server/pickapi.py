@@ -23,7 +23,6 @@ from epp.v1 import picker_pb2, picker_pb2_grpc
 
 PICK_PATH = "/epp.v1.EndpointPicker/Pick"
 RELEASE_PATH = "/epp.v1.EndpointPicker/Release"
-UNAUTHENTICATED = 16
 MAX_OUTSTANDING = 1024  # unreleased picks per client (--pick-api-max-outstanding)
 MAX_REQUEST = 16 * 1024 * 1024  # bytes of one PickRequest
 
@@ -81,7 +80,7 @@ class PickAPI:
 
     def check_auth(self, headers: dict[str, str]) -> None:
         if self.token is not None and not self.token.allows(headers.get("authorization")):
-            raise PickFailed(UNAUTHENTICATED, "missing or wrong bearer token")
+            raise PickFailed(h2grpc.UNAUTHENTICATED, "missing or wrong bearer token")
 
     def _request(self, r: Any) -> InferenceRequest:
         headers = dict(r.headers)
