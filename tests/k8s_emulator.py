@@ -284,9 +284,13 @@ class KubeEmulator:
                     last = max(last, seen_rv)
                     await send("BOOKMARK", {"kind": "", "apiVersion": "", "metadata": {"resourceVersion": str(last)}})
                     next_bookmark = now + self.bookmark_interval
+                # asyncio.timeout, not wait_for: on 3.11 a handler cancelled (its client gone) just
+                # as wait_for's inner wait() completes can lose the cancel and keep the condition's
+                # lock, and every later write then hangs in _notify after it has been applied.
                 async with self._changed:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), min(0.1, max(0.0, deadline - now)))
+                        async with asyncio.timeout(min(0.1, max(0.0, deadline - now))):
+                            await self._changed.wait()
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
