@@ -50,7 +50,7 @@ test-vllm: venv $(VLLM_STAMP)
 		-s tests/e2e
 
 bench-overhead: venv
-	$(BIN)/epp bench overhead --out results/overhead --buffered --grpcio
+	$(BIN)/epp bench overhead --out results/overhead --buffered
 
 clean:
 	rm -rf $(VENV) build *.egg-info epp/v1/*_pb2*.py epp/v1/__init__.py

@@ -87,8 +87,6 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
                    help="add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
-    p.add_argument("--grpc-transport", choices=("h2", "grpcio"), default="h2",
-                   help="gRPC server for ext_proc + epp.v1: epp's lean HTTP/2 server (default) or grpcio")
     p.add_argument("--log-level", default="info")
     p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
                    help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
@@ -132,7 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        grpc_transport=args.grpc_transport, kubernetes=kube, objectives_file=args.objectives_file,
+        kubernetes=kube, objectives_file=args.objectives_file,
         drain_timeout=args.drain_timeout,
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
                       max_buffered=args.grpc_max_buffered_bytes),
@@ -250,7 +248,6 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--max-seconds", type=float, default=20.0, help="time cap per run")
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
-    o.add_argument("--grpcio", action="store_true", help="also measure epp on the grpcio transport")
     o.add_argument("--profile", nargs="?", type=int, const=16, choices=(1, 16), metavar="CONCURRENCY",
                    help="py-spy profile of epp during one run at this concurrency (default 16)")
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
@@ -302,7 +299,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
-                            rounds=args.rounds, buffered=args.buffered, grpcio=args.grpcio, profile_with=prof,
+                            rounds=args.rounds, buffered=args.buffered, profile_with=prof,
                             profile_concurrency=args.profile or 16))
         print((out / "overhead.md").read_text())
         if prof:

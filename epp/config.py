@@ -19,9 +19,11 @@ import yaml
 
 from epp.filewatch import WatchedFile
 from epp.flowcontrol.saturation import SaturationThresholds
-from epp.scheduling.framework import Profile, Scheduler
+from epp.scheduling.contract import LoadsResources, declares
+from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
-from epp.scheduling.plugins import PICKERS, PLUGIN_TYPES, SCORERS
+from epp.scheduling.plugins import BUILTIN, MaxScorePicker
+from epp.scheduling.registry import PluginRegistry, PluginType
 from epp.scheduling.types import ConfigError
 
 log = logging.getLogger("epp.config")
@@ -73,47 +75,60 @@ def precise_config(tokenizer: str, kv_endpoint: str, kv_replay: str | None = Non
 
 @dataclass(frozen=True, slots=True)
 class PluginSpec:
+    """One validated ``plugins[]`` entry; ``instance`` was built from it (no I/O yet)."""
+
     name: str
-    type: str
+    type: PluginType
     parameters: Mapping[str, Any]
     path: str
+    instance: Any
 
     def key(self) -> str:
-        return f"{self.type}/{self.name}/{sorted(self.parameters.items())!r}"
+        return f"{self.type.type_name}/{self.name}/{sorted(self.parameters.items())!r}"
+
+    def new_instance(self) -> Any:
+        return self.type.cls(self.name, Params(self.parameters, self.path + ".parameters"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PickerConfig:
-    """A validated config: build a Scheduler from it with ``build``."""
+    """A validated config (the plan): ``build`` turns it into a Scheduler, once per reload."""
 
     plugins: dict[str, PluginSpec]
     profile_name: str
+    filter_refs: tuple[str, ...]
     scorer_refs: tuple[tuple[str, float], ...]
     picker_ref: str | None
     saturation: SaturationThresholds
     source: str
     digest: str
+    _handed_out: bool = False
 
-    def build(self, previous: dict[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
-        """A Scheduler, plus the plugin instances by key (pass them back on the next build)."""
+    def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
+        """A Scheduler, plus the plugin instances by key (pass them back on the next build, so an
+        unchanged plugin keeps its state). New plugins that load files load here: call it off
+        the event loop. Raises ConfigError when a plugin cannot load."""
         instances: dict[str, Any] = {}
         old = previous or {}
+        fresh = self._handed_out  # a second build of one plan gets instances of its own
+        self._handed_out = True
 
         def instance(spec: PluginSpec) -> Any:
             k = spec.key()
             if k not in instances:
                 inst = old.get(k)
                 if inst is None:
-                    inst = PLUGIN_TYPES[spec.type](spec.name, Params(spec.parameters, spec.path + ".parameters"))
+                    inst = spec.new_instance() if fresh else spec.instance
+                    if declares(inst, LoadsResources):
+                        inst.load()
                 instances[k] = inst
             return instances[k]
 
+        filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
-        if self.picker_ref is not None:
-            picker = instance(self.plugins[self.picker_ref])
-        else:
-            picker = PLUGIN_TYPES["max-score-picker"]("max-score-picker", Params({}, "picker"))
-        return Scheduler(Profile(self.profile_name, scorers, picker), self.saturation), instances
+        picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
+            "max-score-picker", Params({}, "picker"))
+        return Scheduler(Profile(self.profile_name, scorers, picker, filters)), instances
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
@@ -132,13 +147,20 @@ def _no_unknown(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
 MAX_WEIGHT = 1e6
 
 
-def parse_config(text: str | bytes, source: str = "<config>") -> PickerConfig:
-    """Validate an EndpointPickerConfig document. Raises ConfigError('<source>: <path>: ...')
-    and nothing else, whatever the input (a config file is operator input: never a traceback)."""
+def installed_plugins() -> PluginRegistry:
+    """epp's plugin types plus those installed packages register (``epp.plugins``)."""
+    return PluginRegistry.with_installed(BUILTIN)
+
+
+def parse_config(text: str | bytes, source: str = "<config>", registry: PluginRegistry | None = None
+                 ) -> PickerConfig:
+    """Validate an EndpointPickerConfig document into a plan, without I/O. Raises
+    ConfigError('<source>: <path>: ...') and nothing else, whatever the input (a config file is
+    operator input: never a traceback)."""
     try:
         decoded = decode_text(text)
         check_shape(decoded)
-        return _parse(decoded, source)
+        return _parse(decoded, source, registry or installed_plugins())
     except ConfigError as e:
         raise ConfigError(f"{source}: {e.path}", e.message) from None
     except RecursionError:
@@ -181,7 +203,7 @@ def decode_text(data: str | bytes) -> str:
         raise ConfigError("document", f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-def _parse(text: str, source: str) -> PickerConfig:
+def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -207,22 +229,19 @@ def _parse(text: str, source: str) -> PickerConfig:
         path = f"plugins[{i}]"
         _expect(p, dict, path, "a mapping")
         _no_unknown(p, {"name", "type", "parameters"}, path)
-        ptype = p.get("type")
-        if not isinstance(ptype, str) or not ptype:
+        type_name = p.get("type")
+        if not isinstance(type_name, str) or not type_name:
             raise ConfigError(f"{path}.type", "required")
-        if ptype not in PLUGIN_TYPES:
-            known = ", ".join(sorted(PLUGIN_TYPES))
-            raise ConfigError(f"{path}.type", f"unknown plugin type {show(ptype)} (known: {known})")
-        name = p.get("name") or ptype
+        ptype = registry.get(type_name, f"{path}.type")
+        name = p.get("name") or type_name
         _expect(name, str, f"{path}.name", "a string")
         if name in plugins:
             raise ConfigError(f"{path}.name", f"duplicate plugin name {show(name)}")
         params = p.get("parameters") or {}
         _expect(params, dict, f"{path}.parameters", "a mapping")
-        spec = PluginSpec(name, ptype, params, path)
-        # Validate parameters now so errors point at the file, not at the first request.
-        PLUGIN_TYPES[ptype](name, Params(params, f"{path}.parameters"))
-        plugins[name] = spec
+        # Built now (reading parameters only) so errors point at the file, not at the first request.
+        instance = ptype.cls(name, Params(params, f"{path}.parameters"))
+        plugins[name] = PluginSpec(name, ptype, params, path, instance)
     profiles = _expect(raw.get("schedulingProfiles") or [], list, "schedulingProfiles", "a list")
     if not profiles:
         raise ConfigError("schedulingProfiles", "at least one profile is required")
@@ -232,6 +251,7 @@ def _parse(text: str, source: str) -> PickerConfig:
     _no_unknown(prof, {"name", "plugins"}, "schedulingProfiles[0]")
     pname = prof.get("name") or "default"
     _expect(pname, str, "schedulingProfiles[0].name", "a string")
+    filter_refs: list[str] = []
     scorer_refs: list[tuple[str, float]] = []
     picker_ref: str | None = None
     for j, ref in enumerate(_expect(prof.get("plugins") or [], list, "schedulingProfiles[0].plugins", "a list")):
@@ -242,27 +262,33 @@ def _parse(text: str, source: str) -> PickerConfig:
         _expect(name, str, f"{path}.pluginRef", "a plugin name")
         if name not in plugins:
             raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
-        ptype = plugins[name].type
-        if ptype in SCORERS:
+        role = plugins[name].type.role
+        if role != "scorer" and "weight" in ref:
+            raise ConfigError(f"{path}.weight", f"only scorers take a weight ({show(name)} is a {role})")
+        if role == "scorer":
             weight = ref.get("weight", 1)
             if (isinstance(weight, bool) or not isinstance(weight, int | float) or not finite(weight)
                     or not 0 <= weight <= MAX_WEIGHT):
                 raise ConfigError(f"{path}.weight", f"expected a number >= 0 and <= {MAX_WEIGHT:g}, got {show(weight)}")
             scorer_refs.append((name, float(weight)))
-        elif ptype in PICKERS:
+        elif role == "picker":
             if picker_ref is not None:
                 raise ConfigError(f"{path}.pluginRef", f"a profile has one picker; {picker_ref!r} is already set")
-            if "weight" in ref:
-                raise ConfigError(f"{path}.weight", "pickers take no weight")
             picker_ref = name
+        elif role == "filter":
+            filter_refs.append(name)
+        else:
+            raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
     sat = _expect(raw.get("saturationDetector") or {}, dict, "saturationDetector", "a mapping")
     sp = Params(sat, "saturationDetector")
     thresholds = SaturationThresholds(sp.float("queueDepthThreshold", 64.0, minimum=0),
                                       sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0))
     sp.float("metricsStalenessThreshold", 2.0, minimum=0)  # the flag governs; accepted for compatibility
     sp.done()
-    return PickerConfig(plugins, pname, tuple(scorer_refs), picker_ref, thresholds, source,
-                        hashlib.sha256(text.encode()).hexdigest())
+    cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, thresholds, source,
+                       hashlib.sha256(text.encode()).hexdigest())
+    producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
+    return cfg
 
 
 def load_config(path: str | None) -> PickerConfig:
@@ -275,12 +301,34 @@ def load_config(path: str | None) -> PickerConfig:
     return parse_config(data, path)
 
 
-def config_watcher(path: str, current: PickerConfig, apply: Callable[[PickerConfig], None],
-                   interval: float = 0.5) -> WatchedFile[PickerConfig]:
-    """Watches the config file; a valid change is applied, an invalid one logged and ignored."""
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A config and the scheduler built from it, with its plugin instances (for the next build)."""
+
+    config: PickerConfig
+    scheduler: Scheduler
+    instances: dict[str, Any]
+
+
+def build(cfg: PickerConfig, previous: Built | None = None) -> Built:
+    """``cfg.build`` keeping the unchanged plugins of ``previous``."""
+    scheduler, instances = cfg.build(previous.instances if previous is not None else None)
+    return Built(cfg, scheduler, instances)
+
+
+def config_watcher(path: str, current: Built, apply: Callable[[Built], None],
+                   interval: float = 0.5) -> WatchedFile[Built]:
+    """Watches the config file. A valid change is parsed and built in a thread (a new tokenizer
+    loads there), then applied on the loop; an invalid one, or one whose plugins cannot load, is
+    logged and ignored."""
     try:
         text: str | None = Path(path).read_bytes().decode("utf-8", "replace")
     except OSError:
         text = None
-    return WatchedFile(path, lambda t: parse_config(t, path), apply, what="config", current=current,
-                       current_text=text, interval=interval)
+
+    def parse_and_build(t: str) -> Built:
+        return build(parse_config(t, path), watcher.current)
+
+    watcher = WatchedFile(path, parse_and_build, apply, what="config", current=current, current_text=text,
+                          interval=interval, offload=True)
+    return watcher

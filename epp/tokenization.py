@@ -1,13 +1,14 @@
 """Prompt -> token ids, the way the model server does it, so epp can compute a request's KV blocks.
 
-Two tokenizers:
-- ``sim``: the simulator's (epp.sim.tokenizer), for fleets of ``epp sim`` servers;
-- a local Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` and/or
-  ``chat_template.jinja``), read with the ``tokenizers`` library and rendered with jinja2 in the
-  same sandbox settings transformers uses (trim_blocks, lstrip_blocks, loop controls, a tojson
-  that does not escape HTML, raise_exception, strftime_now), as vLLM's OpenAI server does:
-  chat requests are rendered with ``add_generation_prompt`` and encoded WITHOUT special tokens,
-  completion prompts are encoded WITH them.
+A tokenizer spec is either the name of an installed tokenizer (the ``epp.tokenizers``
+entry-point group: epp registers ``sim``, the simulator's, for fleets of ``epp sim`` servers, so
+this module never imports the simulator) or the path of a local Hugging Face tokenizer
+directory (``tokenizer.json`` + ``tokenizer_config.json`` and/or ``chat_template.jinja``), read
+with the ``tokenizers`` library and rendered with jinja2 in the same sandbox settings
+transformers uses (trim_blocks, lstrip_blocks, loop controls, a tojson that does not escape
+HTML, raise_exception, strftime_now), as vLLM's OpenAI server does: chat requests are rendered
+with ``add_generation_prompt`` and encoded WITHOUT special tokens, completion prompts are
+encoded WITH them.
 
 A tokenizer returns None for a request it cannot reproduce (multimodal parts, a template error):
 the caller then routes that request on the approximate index.
@@ -18,10 +19,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
-
-from epp.sim.tokenizer import SimTokenizer, render_chat
 
 
 class PromptTokenizer(Protocol):
@@ -53,19 +53,6 @@ def prompt_token_ids(body: Mapping[str, Any], chat: bool, encode: Callable[[str]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     return "'prompt' must be a string or a list of token ids (one prompt)"
-
-
-class SimPromptTokenizer:
-    """The simulator's tokenizer and ChatML template."""
-
-    name = "sim"
-
-    def __init__(self) -> None:
-        self._tok = SimTokenizer()
-
-    def token_ids(self, body: Mapping[str, Any], chat: bool) -> list[int] | None:
-        ids = prompt_token_ids(body, chat, self._tok.encode, render_chat)
-        return ids if isinstance(ids, list) else None
 
 
 def _token_text(value: Any) -> str | None:
@@ -194,8 +181,18 @@ def _compile_template(source: str) -> Any:
         raise TokenizerError(f"chat template does not compile: {e}") from None
 
 
+TOKENIZER_ENTRY_POINTS = "epp.tokenizers"
+
+
 def load_tokenizer(spec: str) -> PromptTokenizer:
-    """``sim`` or the path of a local tokenizer directory. Raises TokenizerError."""
-    if spec == "sim":
-        return SimPromptTokenizer()
+    """An installed tokenizer by name, or the path of a local tokenizer directory. Raises
+    TokenizerError."""
+    named = {ep.name: ep for ep in metadata.entry_points(group=TOKENIZER_ENTRY_POINTS)}
+    ep = named.get(spec)
+    if ep is not None:
+        try:
+            tokenizer: PromptTokenizer = ep.load()()
+        except Exception as e:
+            raise TokenizerError(f"tokenizer {spec!r} ({ep.value}) cannot be loaded: {type(e).__name__}: {e}") from None
+        return tokenizer
     return HFPromptTokenizer(spec)

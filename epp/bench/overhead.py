@@ -73,12 +73,12 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
-                         rounds: int = 2, buffered: bool = False, grpcio: bool = False,
+                         rounds: int = 2, buffered: bool = False,
                          profile_with: str | None = None, profile_concurrency: int = 16) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
-        ports = free_ports(servers + 6)
+        ports = free_ports(servers + 3)
         sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers : servers + 3]
         endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
         procs: list[subprocess.Popen[bytes]] = []
@@ -98,17 +98,6 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 bf = await start_envoy("epp-buffered", work, epp_port=grpc_port)
                 envoys.append(bf)
                 contenders.append(("envoy + epp (buffered)", bf, epp))
-            if grpcio:
-                # The same picker on the grpcio transport, for a side-by-side transport comparison.
-                g_grpc, g_health, g_metrics = ports[servers + 3 :]
-                gdir = work / "grpcio"
-                gdir.mkdir()
-                epp_grpcio = await start_epp(endpoints, g_grpc, g_health, g_metrics, gdir,
-                                             extra=("--grpc-transport", "grpcio"))
-                procs.append(epp_grpcio)
-                gi = await start_envoy("epp-full-duplex", work, epp_port=g_grpc)
-                envoys.append(gi)
-                contenders.append(("envoy + epp on grpcio (full duplex)", gi, epp_grpcio))
             body = request_body()
             for _, envoy, _ in contenders:  # warm up connections and code paths
                 await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,

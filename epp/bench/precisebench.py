@@ -30,9 +30,9 @@ import aiohttp
 from epp.bench.routing import chat_body, stream_chat
 from epp.bench.simbench import Workload, _capacity, _pct
 from epp.config import load_config, parse_config, precise_config
-from epp.request import parse_body
+from epp.requestcontrol.director import RequestInput
+from epp.requestcontrol.refused import Refused
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
-from epp.scheduling.types import SchedulingError
 from epp.server.app import PickerServer, ServeOptions
 from epp.sim.fleet import Fleet
 from epp.sim.kvevents import KVEventsConfig
@@ -103,16 +103,15 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
                 status, ttft, cached = await _stream(s, addr, body)
                 results.append(_Result(ttft, status, cached, False))
                 return
-            req = parse_body("", "/v1/chat/completions", {}, body)
             try:
-                pick = picker.picks.pick(req)
-            except SchedulingError as e:
+                pick = picker.director.route(RequestInput({}, "/v1/chat/completions", body))
+            except Refused as e:
                 results.append(_Result(None, e.status, 0, False))
                 return
             try:
                 status, ttft, cached = await _stream(s, pick.decision.primary, body)
                 if status == 200:
-                    pick.observe_usage(cached)
+                    pick.usage(cached)
             finally:
                 pick.finish()
             results.append(_Result(ttft, status, cached, False))
@@ -165,8 +164,8 @@ async def _run(routing: str, params: EngineParams, servers: int, trace: list[tup
             e2e = picker.metrics.scheduler_e2e
             total = sum(x.value for m in e2e.collect() for x in m.samples if x.name.endswith("_sum"))
             row["pick_ms_per_request"] = round(1000 * total / max(1, len(routed)), 3)
-            sc = next((x for x, _ in picker.picks.scheduler.profile.scorers if isinstance(x, PrecisePrefixCacheScorer)),
-                      None)
+            scorers = picker.director.scheduler.profile.scorers
+            sc = next((x for x, _ in scorers if isinstance(x, PrecisePrefixCacheScorer)), None)
             if sc is not None:
                 t = sc.tracker
                 row["routing_precision_window"] = None if t.precision is None else round(t.precision, 3)

@@ -12,13 +12,8 @@ class EngineSignals:
     waiting: float = 0.0
     running: float = 0.0
     kv_usage: float = 0.0
-    prefix_queries: float = 0.0
-    prefix_hits: float = 0.0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
-    running_loras: tuple[str, ...] = ()
-    waiting_loras: tuple[str, ...] = ()
-    max_lora: int | None = None
     models: tuple[str, ...] = ()  # the model_name labels of the queue series (what the pod serves)
 
 

@@ -35,7 +35,7 @@ from kubernetes_asyncio import watch as k8s_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from epp.datastore.store import Datastore
-from epp.policies import RequestPolicies
+from epp.requestcontrol.policies import RequestPolicies
 
 log = logging.getLogger("epp.kubernetes")
 

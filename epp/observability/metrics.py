@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from epp.scheduling.contract import ExportsMetrics, HoldsPrefixIndex, declares
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -58,45 +60,34 @@ class PoolCollector(Collector):
         yield cpu
 
 
-class PreciseCollector(Collector):
-    """The precise prefix scorer's closed loop and the KV-event subscribers, read at scrape time."""
+class PluginCollector(Collector):
+    """What the current profile's plugins export (``ExportsMetrics``; families of the same name
+    from several plugins are merged), the prefix index size of those that hold one, and the
+    KV-event subscribers' counters. Read at scrape time, on the event loop."""
 
-    def __init__(self, pool_name: str, scorers: Callable[[], list[Any]], kv_totals: Callable[[], Any]) -> None:
+    def __init__(self, pool_name: str, plugins: Callable[[], list[Any]], kv_totals: Callable[[], Any]) -> None:
         self.pool = pool_name
-        self.scorers = scorers
+        self.plugins = plugins
         self.kv_totals = kv_totals
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["name", "plugin"]
-        precision = GaugeMetricFamily(
-            "epp_prefix_routing_precision",
-            "Agreement of predicted and reported cached prompt tokens over recent responses "
-            "(sum of min / sum of max; 1 = the precise index is exact).", labels=labels)
-        mode = GaugeMetricFamily("epp_prefix_routing_precise_active",
-                                 "1 while the precise index routes, 0 while fallen back to the approximate one.",
-                                 labels=labels)
-        predicted = CounterMetricFamily("epp_prefix_predicted_cached_tokens",
-                                        "Prompt tokens the precise index predicted cached on the chosen pod.",
-                                        labels=labels)
-        actual = CounterMetricFamily("epp_prefix_reported_cached_tokens",
-                                     "Prompt tokens the pods reported served from cache (usage.cached_tokens).",
-                                     labels=labels)
-        fallbacks = CounterMetricFamily("epp_prefix_routing_fallbacks", "Switches to the approximate index.",
-                                        labels=labels)
-        blocks = GaugeMetricFamily("epp_precise_index_blocks", "Blocks held by the precise index (all pods).",
-                                   labels=labels)
-        for sc in self.scorers():
-            lab = [self.pool, sc.name]
-            tracker = sc.tracker
-            p = tracker.precision
-            if p is not None:
-                precision.add_metric(lab, p)
-            mode.add_metric(lab, 1.0 if tracker.trusted and sc.tokenizer is not None else 0.0)
-            predicted.add_metric(lab, tracker.totals.predicted_tokens)
-            actual.add_metric(lab, tracker.totals.actual_tokens)
-            fallbacks.add_metric(lab, tracker.totals.fallbacks)
-            blocks.add_metric(lab, sc.index.size())
-        yield from (precision, mode, predicted, actual, fallbacks, blocks)
+        merged: dict[str, Metric] = {}
+        index_size = 0
+        for p in self.plugins():
+            if declares(p, HoldsPrefixIndex):
+                index_size += p.prefix_index_size()
+            if declares(p, ExportsMetrics):
+                for fam in p.metric_families(self.pool):
+                    known = merged.get(fam.name)
+                    if known is None:
+                        merged[fam.name] = fam
+                    else:
+                        known.samples.extend(fam.samples)
+        size = GaugeMetricFamily("inference_extension_prefix_indexer_size",
+                                 "Block hashes held by the approximate prefix index.")
+        size.add_metric([], float(index_size))
+        yield size
+        yield from merged.values()
         kv = self.kv_totals()
         if kv is not None:
             for name, help_text in (("batches", "KV event batches applied."), ("gaps", "Sequence gaps detected."),
@@ -200,8 +191,6 @@ class PickerMetrics:
         self.rewrites = Counter("epp_model_rewrites", "Requests whose model an InferenceModelRewrite changed.",
                                 ["model_name", "target_model_name"], registry=r)
         self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
-        self.prefix_indexer_size = Gauge("inference_extension_prefix_indexer_size",
-                                         "Block hashes held by the approximate prefix index.", registry=r)
         ProcessCollector(registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-from epp.scheduling.params import Params
 
 
 def loads(snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
@@ -34,8 +33,3 @@ def spread_hot_prefixes(scores: list[float], snapshot: Snapshot, candidates: lis
     load = loads(snapshot, candidates)
     limit = min(load) * rel_threshold + abs_threshold
     return [0.0 if s > 0 and load[i] > limit else s for i, s in enumerate(scores)]
-
-
-def thresholds_from_params(params: Params) -> tuple[float, float]:
-    """(balanceAbsThreshold, balanceRelThreshold), as both prefix scorers read them."""
-    return params.float("balanceAbsThreshold", 4.0), params.float("balanceRelThreshold", 1.5, minimum=1.0)

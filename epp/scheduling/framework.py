@@ -1,11 +1,12 @@
-"""The scheduler: a pure function of (snapshot, request) -> Decision.
+"""The scheduler: a pure function of (request, snapshot) -> Decision.
 
-Steps: keep endpoints with fresh metrics (all of them when none is fresh); refuse a sheddable
-request (negative objective priority) with 429 when every fresh endpoint is saturated; score
-each candidate with every scorer of the profile (each in [0, 1]); sum score x weight; let the
-picker choose the primary and fallbacks. Plugins never do I/O. The only state touched
-afterwards is the plugins' memory (prefix indexes), through ``record`` once the caller commits
-to the decision, and ``observe`` when the response reports its cached tokens.
+Steps: keep endpoints with fresh metrics (all of them when none is fresh); run the profile's
+filters; score each candidate with every scorer (each in [0, 1]); sum score x weight; let the
+picker choose the primary and fallbacks. Plugins never do I/O. Admission (may this request be
+scheduled now?) is the director's, before this. After the decision, the only state touched is
+the plugins' own memory, through the hooks of ``epp.scheduling.contract``, resolved here once
+per profile: ``committed`` when the caller commits to the decision, then ``prefill_done``,
+``usage`` and ``endpoint_removed`` as the response and the pool tell.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.saturation import SaturationThresholds
 from epp.request import InferenceRequest
-from epp.scheduling.types import CycleState, Decision, Picker, SchedulingError, Scorer
+from epp.scheduling.contract import (
+    Filter,
+    ForgetsEndpoints,
+    ObservesPicks,
+    ObservesPrefill,
+    ObservesUsage,
+    Picker,
+    Scorer,
+    declares,
+)
+from epp.scheduling.types import ConfigError, CycleState, Decision, SchedulingError, Slot
 
 PluginTimer = Callable[[str, str, float], None]
 
@@ -27,6 +38,30 @@ class Profile:
     name: str
     scorers: list[tuple[Scorer, float]]
     picker: Picker
+    filters: list[Filter] = field(default_factory=list)
+
+    def plugins(self) -> list[Any]:
+        return [*self.filters, *(s for s, _ in self.scorers), self.picker]
+
+
+def producer_order(scorers: list[tuple[Scorer, float]]) -> list[tuple[Scorer, float]]:
+    """Scorers ordered so that each runs after the producers of the slots it consumes (stable);
+    ConfigError when they consume each other's slots in a cycle."""
+    producers: dict[Slot[Any], set[int]] = {}
+    for i, (s, _) in enumerate(scorers):
+        for slot in s.produces:
+            producers.setdefault(slot, set()).add(i)
+    depth = [0] * len(scorers)
+    for _ in range(len(scorers) + 1):
+        changed = False
+        for i, (s, _) in enumerate(scorers):
+            need = max((depth[j] + 1 for slot in s.consumes for j in producers.get(slot, ()) if j != i), default=0)
+            if need > depth[i]:
+                depth[i], changed = need, True
+        if not changed:
+            return [sw for _, sw in sorted(enumerate(scorers), key=lambda p: depth[p[0]])]
+    names = ", ".join(s.name for s, _ in scorers if s.consumes)
+    raise ConfigError("schedulingProfiles[0].plugins", f"scorers consume each other's values in a cycle ({names})")
 
 
 PLUGIN_TIMING_SAMPLE = 8  # time the plugins of one cycle in this many (keeps the distribution, not the cost)
@@ -35,40 +70,50 @@ PLUGIN_TIMING_SAMPLE = 8  # time the plugins of one cycle in this many (keeps th
 @dataclass(slots=True)
 class Scheduler:
     profile: Profile
-    saturation: SaturationThresholds = field(default_factory=SaturationThresholds)
     plugin_timer: PluginTimer | None = None
     _cycles: int = 0
+    # The hooks, resolved once from what each plugin declares.
+    _on_pick: list[ObservesPicks] = field(init=False, default_factory=list)
+    _on_prefill: list[ObservesPrefill] = field(init=False, default_factory=list)
+    _on_usage: list[ObservesUsage] = field(init=False, default_factory=list)
+    _on_removed: list[ForgetsEndpoints] = field(init=False, default_factory=list)
     wants_usage: bool = field(init=False, default=False)
     inject_usage: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        # Scorers that read other scorers' results (the prefix matches) run after them.
-        self.profile.scorers.sort(key=lambda sw: bool(getattr(sw[0], "reads_other_scores", False)))
+        self.profile.scorers = producer_order(self.profile.scorers)
+        plugins = self.profile.plugins()
+        self._on_pick = [p for p in plugins if declares(p, ObservesPicks)]
+        self._on_prefill = [p for p in plugins if declares(p, ObservesPrefill)]
+        self._on_removed = [p for p in plugins if declares(p, ForgetsEndpoints)]
+        self._on_usage = [p for p in plugins if declares(p, ObservesUsage) and p.usage_wanted()]
         # Some plugin learns from each response's usage (the precise scorer's closed loop); and
-        # asks streams for usage when their client did not (epp strips it back out).
-        learners = [s for s, _ in self.profile.scorers if getattr(s, "wants_usage", False)]
-        self.wants_usage = bool(learners)
-        self.inject_usage = any(getattr(s, "inject_usage", False) for s in learners)
+        # may ask streams for usage when their client did not (epp strips it back out).
+        self.wants_usage = bool(self._on_usage)
+        self.inject_usage = any(p.usage_injected() for p in self._on_usage)
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
             raise SchedulingError(503, "no endpoints in the pool")
         now, staleness = snapshot.now, snapshot.staleness
-        fresh = [e for e in snapshot.endpoints if e.fresh(now, staleness)]
+        candidates = [e for e in snapshot.endpoints if e.fresh(now, staleness)]
         note = ""
-        if fresh:
-            if request.priority < 0 and self.saturation.pool_saturated(snapshot, fresh):
-                raise SchedulingError(429, "every endpoint is saturated and the request is sheddable; retry later")
-            candidates = fresh
-        else:
+        if not candidates:
             candidates = list(snapshot.endpoints)
             note = "no endpoint has fresh metrics"
         cycle = CycleState()
+        self._cycles += 1
+        timer = self.plugin_timer if self._cycles % PLUGIN_TIMING_SAMPLE == 0 else None
+        for f in self.profile.filters:
+            t0 = time.perf_counter() if timer else 0.0
+            candidates = f.filter(request, snapshot, candidates, cycle)
+            if timer:
+                timer("filter", f.name, time.perf_counter() - t0)
+            if not candidates:
+                raise SchedulingError(503, f"no endpoint passed the filter {f.name!r}")
         n = len(candidates)
         totals = [0.0] * n
         raw: list[list[float]] = []
-        self._cycles += 1
-        timer = self.plugin_timer if self._cycles % PLUGIN_TIMING_SAMPLE == 0 else None
         for scorer, weight in self.profile.scorers:
             t0 = time.perf_counter() if timer else 0.0
             scores = scorer.score(request, snapshot, candidates, cycle)
@@ -93,29 +138,21 @@ class Scheduler:
             note=note,
         )
 
-    def record(self, decision: Decision) -> None:
-        """Commit a decision: plugins with memory (the prefix index) learn where it went."""
-        for scorer, _ in self.profile.scorers:
-            rec = getattr(scorer, "record", None)
-            if rec is not None:
-                rec(decision.primary, decision.cycle)
+    def committed(self, decision: Decision) -> None:
+        """The caller sends the request to ``decision.primary``: plugins with memory learn it."""
+        for p in self._on_pick:
+            p.on_pick(decision.primary, decision.cycle)
 
     def prefill_done(self, decision: Decision) -> None:
         """The pod has computed ``decision``'s prompt (its first response bytes came back)."""
-        for scorer, _ in self.profile.scorers:
-            done = getattr(scorer, "prefill_done", None)
-            if done is not None:
-                done(decision.cycle)
+        for p in self._on_prefill:
+            p.on_prefill_done(decision.primary, decision.cycle)
 
-    def observe(self, decision: Decision, cached_tokens: int) -> None:
+    def usage(self, decision: Decision, cached_tokens: int) -> None:
         """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""
-        for scorer, _ in self.profile.scorers:
-            obs = getattr(scorer, "observe", None)
-            if obs is not None:
-                obs(decision.primary, decision.cycle, cached_tokens)
+        for p in self._on_usage:
+            p.on_usage(decision.primary, decision.cycle, cached_tokens)
 
-    def forget(self, address: str) -> None:
-        for scorer, _ in self.profile.scorers:
-            f = getattr(scorer, "forget", None)
-            if f is not None:
-                f(address)
+    def endpoint_removed(self, address: str) -> None:
+        for p in self._on_removed:
+            p.on_endpoint_removed(address)

@@ -1,21 +1,19 @@
-"""The built-in plugins, each registered by its config type name (see ``PLUGIN_TYPES``)."""
+"""The built-in plugins; ``BUILTIN`` lists them for the registry (one entry per type)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.balance import spread_hot_prefixes, thresholds_from_params
+from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, ObservesPicks, Picker, ProfileHandler, Scorer
 from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
-from epp.scheduling.prefill_load import MATCHED_TOKENS, PrefillLoadScorer
-from epp.scheduling.prefix_index import index_from_params
-from epp.scheduling.types import CycleState
+from epp.scheduling.prefill_load import PrefillLoadScorer
+from epp.scheduling.prefix_index import ApproximatePrefix
+from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
 
 
 def _minmax_low_is_good(values: list[float]) -> list[float]:
@@ -34,7 +32,7 @@ class _NoParams:
         params.done()
 
 
-class QueueScorer(_NoParams):
+class QueueScorer(_NoParams, Scorer):
     """Shorter queue scores higher: min-max over candidates of waiting requests plus the picks epp
     made since the last scrape that are still in flight (the scrape could not see them), so a
     burst between scrapes spreads instead of piling onto one pod."""
@@ -50,7 +48,7 @@ class QueueScorer(_NoParams):
         ])
 
 
-class KVCacheUtilizationScorer(_NoParams):
+class KVCacheUtilizationScorer(_NoParams, Scorer):
     """Free KV cache scores higher: 1 - kv_cache_usage_perc."""
 
     type_name: ClassVar[str] = "kv-cache-utilization-scorer"
@@ -60,7 +58,7 @@ class KVCacheUtilizationScorer(_NoParams):
         return [max(0.0, 1.0 - c.signals.kv_usage) if c.signals else 0.0 for c in candidates]
 
 
-class RunningRequestsScorer(_NoParams):
+class RunningRequestsScorer(_NoParams, Scorer):
     """Fewer requests in flight (epp's own count plus the server's running) scores higher."""
 
     type_name: ClassVar[str] = "running-requests-size-scorer"
@@ -71,40 +69,38 @@ class RunningRequestsScorer(_NoParams):
         return _minmax_low_is_good([float(inflight.get(c.address, 0)) for c in candidates])
 
 
-class PrefixCacheScorer:
+class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixIndex):
     """Approximate prefix affinity: matched leading blocks / prompt blocks, from where epp sent
     earlier prompts, with hot prefixes spread over less busy pods (epp.scheduling.balance;
     ``balanceAbsThreshold`` < 0 turns that off). The pick records the request's blocks on the
     chosen endpoint."""
 
     type_name: ClassVar[str] = "prefix-cache-scorer"
+    produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
-        self.index = index_from_params(params)
+        self.approx = ApproximatePrefix.from_params(params)
         params.bool("autoTune", True)  # accepted for compatibility with the reference
-        self.balance_abs, self.balance_rel = thresholds_from_params(params)
         params.done()
+        self._hashes: Slot[list[int]] = Slot(f"{name}/hashes")
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        hashes = self.index.hashes(request.model, request.prompt) if request.prompt else []
-        cycle.data[self.name] = hashes
-        if not hashes:
-            return [0.0] * len(candidates)
-        matches = self.index.match_lengths(hashes)
-        cycle.data[MATCHED_TOKENS] = self.index.matched_tokens(matches)
-        total = len(hashes)
-        scores = [matches.get(c.address, 0) / total for c in candidates]
-        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
+        hashes = self.approx.hashes(request)
+        cycle.put(self._hashes, hashes)
+        return self.approx.score(hashes, snapshot, candidates, cycle)
 
-    def record(self, address: str, cycle: CycleState) -> None:
-        hashes = cycle.data.get(self.name)
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        hashes = cycle.get(self._hashes)
         if hashes:
-            self.index.record(address, hashes)
+            self.approx.index.record(endpoint, hashes)
 
-    def forget(self, address: str) -> None:
-        self.index.forget(address)
+    def on_endpoint_removed(self, endpoint: str) -> None:
+        self.approx.index.forget(endpoint)
+
+    def prefix_index_size(self) -> int:
+        return self.approx.index.size()
 
 
 class _Picker:
@@ -117,7 +113,7 @@ class _Picker:
         self.rng = rng or random.Random()
 
 
-class MaxScorePicker(_Picker):
+class MaxScorePicker(_Picker, Picker):
     """Highest total wins; ties broken at random. ``maxNumOfEndpoints`` > 1 adds fallbacks in order."""
 
     type_name: ClassVar[str] = "max-score-picker"
@@ -128,7 +124,7 @@ class MaxScorePicker(_Picker):
         return order[: self.max_endpoints]
 
 
-class RandomPicker(_Picker):
+class RandomPicker(_Picker, Picker):
     """Uniformly random endpoints."""
 
     type_name: ClassVar[str] = "random-picker"
@@ -139,7 +135,7 @@ class RandomPicker(_Picker):
         return idx[: self.max_endpoints]
 
 
-class WeightedRandomPicker(_Picker):
+class WeightedRandomPicker(_Picker, Picker):
     """Random in proportion to score (A-Res weighted sampling without replacement)."""
 
     type_name: ClassVar[str] = "weighted-random-picker"
@@ -154,18 +150,12 @@ class WeightedRandomPicker(_Picker):
         return [i for _, i in keys[: self.max_endpoints]]
 
 
-class SingleProfileHandler(_NoParams):
+class SingleProfileHandler(_NoParams, ProfileHandler):
     """Accepted for compatibility with the reference's config files: epp runs one profile."""
 
     type_name: ClassVar[str] = "single-profile-handler"
 
 
-PLUGIN_TYPES: Mapping[str, type[Any]] = MappingProxyType({
-    cls.type_name: cls
-    for cls in (QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
-                PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-                SingleProfileHandler)
-})
-SCORERS = frozenset({"queue-scorer", "kv-cache-utilization-scorer", "running-requests-size-scorer",
-                     "prefix-cache-scorer", "precise-prefix-cache-scorer", "prefill-load-scorer"})
-PICKERS = frozenset({"max-score-picker", "random-picker", "weighted-random-picker"})
+BUILTIN: tuple[type[Any], ...] = (
+    QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer, PrecisePrefixCacheScorer,
+    PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler)

@@ -14,20 +14,31 @@ Both indexes learn every pick, so switching loses nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.balance import spread_hot_prefixes, thresholds_from_params
+from epp.scheduling.contract import (
+    ExportsMetrics,
+    ForgetsEndpoints,
+    HoldsPrefixIndex,
+    LoadsResources,
+    ObservesPicks,
+    ObservesUsage,
+    Scorer,
+    SubscribesKVEvents,
+)
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
-from epp.scheduling.prefill_load import MATCHED_TOKENS, PROMPT_TOKENS
-from epp.scheduling.prefix_index import index_from_params
-from epp.scheduling.types import ConfigError, CycleState
+from epp.scheduling.prefix_index import ApproximatePrefix
+from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, Slot
 from epp.signals.kvevents import KVEventsSpec
 from epp.tokenization import PromptTokenizer, TokenizerError, load_tokenizer
 
@@ -49,16 +60,17 @@ class PreciseCycle:
     used: str = "approximate"
 
 
-class PrecisePrefixCacheScorer:
+class PrecisePrefixCacheScorer(Scorer, ObservesPicks, ObservesUsage, ForgetsEndpoints, LoadsResources,
+                               HoldsPrefixIndex, ExportsMetrics, SubscribesKVEvents):
     type_name: ClassVar[str] = "precise-prefix-cache-scorer"
+    produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS, PROMPT_TOKENS)
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
-        spec = params.text("tokenizer")
-        try:
-            self.tokenizer: PromptTokenizer | None = load_tokenizer(spec) if spec else None
-        except TokenizerError as e:
-            raise ConfigError(f"{params.path}.tokenizer", str(e)) from None
+        self.tokenizer_spec = params.text("tokenizer")
+        self._tokenizer_path = f"{params.path}.tokenizer"
+        self.tokenizer: PromptTokenizer | None = None  # set by ``load``
+        self.cycle_slot: Slot[PreciseCycle] = Slot(f"{name}/cycle")
         self.block_size = params.int("blockSize", 0, minimum=0, maximum=BLOCK_SIZE_LIMIT)
         self.hasher = BlockHasher(params.text("hashSeed"))
         self.lora_paths = params.str_map("loraAdapters")
@@ -96,16 +108,26 @@ class PrecisePrefixCacheScorer:
         else:
             self.tracker = PrecisionTracker()
         self.inject_usage = params.bool("injectUsage", True)
-        self.balance_abs, self.balance_rel = thresholds_from_params(params)
-        self.approx = index_from_params(params)
+        self.approx = ApproximatePrefix.from_params(params)
         params.done()
-        if self.tokenizer is None:
-            log.warning("%s: no tokenizer configured: routing on the approximate index", name)
 
-    @property
-    def wants_usage(self) -> bool:
+    def load(self) -> None:
+        """Load the tokenizer (files, a chat template); ConfigError naming the parameter."""
+        if not self.tokenizer_spec:
+            log.warning("%s: no tokenizer configured: routing on the approximate index", self.name)
+            return
+        if self.tokenizer is None:
+            try:
+                self.tokenizer = load_tokenizer(self.tokenizer_spec)
+            except TokenizerError as e:
+                raise ConfigError(self._tokenizer_path, str(e)) from None
+
+    def usage_wanted(self) -> bool:
         """The closed loop needs each response's cached_tokens."""
         return self.tokenizer is not None
+
+    def usage_injected(self) -> bool:
+        return self.inject_usage
 
     def _block_size(self, candidates: list[EndpointState]) -> int:
         if self.block_size:
@@ -129,15 +151,15 @@ class PrecisePrefixCacheScorer:
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        approx = self.approx.hashes(request.model, request.prompt) if request.prompt else []
+        approx = self.approx.hashes(request)
         st = PreciseCycle(snapshot.now, approx)
-        cycle.data[self.name] = st
+        cycle.put(self.cycle_slot, st)
         bs = self._block_size(candidates)
         found = self._precise_hashes(request, bs)
         if found is not None:
             hashes, n_tokens = found
             st.hashes, st.block_size = hashes, bs
-            cycle.data[PROMPT_TOKENS] = n_tokens
+            cycle.put(PROMPT_TOKENS, n_tokens)
             held = self.index.match_lengths(hashes) if hashes else {}
             cacheable = max(0, (n_tokens - 1) // bs) * bs  # the server recomputes at least the last token
             st.predicted = {pod: min(blocks * bs, cacheable) for pod, blocks in held.items()}
@@ -149,34 +171,29 @@ class PrecisePrefixCacheScorer:
                         st.unconfirmed[pod] = blocks
                 matched = {pod: max(held.get(pod, 0), sent.get(pod, 0)) for pod in held.keys() | sent.keys()}
             if self.tracker.trusted:
-                cycle.data[MATCHED_TOKENS] = {pod: blocks * bs for pod, blocks in matched.items()}
+                cycle.put(MATCHED_TOKENS, {pod: blocks * bs for pod, blocks in matched.items()})
                 st.used = "precise"
                 total = len(hashes)
                 if not total:
                     return [0.0] * len(candidates)
-                return self._spread([matched.get(c.address, 0) / total for c in candidates], snapshot, candidates)
-        if not approx:
-            return [0.0] * len(candidates)
-        matches = self.approx.match_lengths(approx)
-        cycle.data[MATCHED_TOKENS] = self.approx.matched_tokens(matches)
-        return self._spread([matches.get(c.address, 0) / len(approx) for c in candidates], snapshot, candidates)
+                return self.approx.spread([matched.get(c.address, 0) / total for c in candidates], snapshot,
+                                          candidates)
+        return self.approx.score(approx, snapshot, candidates, cycle)
 
-    def _spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
-        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
-
-    def record(self, address: str, cycle: CycleState) -> None:
-        st = cycle.data.get(self.name)
-        if not isinstance(st, PreciseCycle):
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        st = cycle.get(self.cycle_slot)
+        if st is None:
             return
         if st.approx_hashes:
-            self.approx.record(address, st.approx_hashes)
+            self.approx.index.record(endpoint, st.approx_hashes)
         if st.hashes and self.mode == "hybrid":
-            self.pending.record(address, st.hashes, st.now)
+            self.pending.record(endpoint, st.hashes, st.now)
 
-    def observe(self, address: str, cycle: CycleState, cached_tokens: int) -> None:
-        """The response of a request routed to ``address`` reported ``cached_tokens``."""
-        st = cycle.data.get(self.name)
-        if not isinstance(st, PreciseCycle) or st.hashes is None:
+    def on_usage(self, endpoint: str, cycle: CycleState, cached_tokens: int) -> None:
+        """The response of a request routed to ``endpoint`` reported ``cached_tokens``."""
+        address = endpoint
+        st = cycle.get(self.cycle_slot)
+        if st is None or st.hashes is None:
             return
         sent = st.unconfirmed.get(address)
         if sent is not None and self.index.match_lengths(st.hashes[:sent]).get(address, 0) >= sent:
@@ -186,7 +203,39 @@ class PrecisePrefixCacheScorer:
         if change:
             log.warning("%s: %s", self.name, change)
 
-    def forget(self, address: str) -> None:
-        self.approx.forget(address)
-        self.index.clear(address)
-        self.pending.forget(address)
+    def on_endpoint_removed(self, endpoint: str) -> None:
+        self.approx.index.forget(endpoint)
+        self.index.clear(endpoint)
+        self.pending.forget(endpoint)
+
+    def prefix_index_size(self) -> int:
+        return self.approx.index.size()
+
+    def kv_subscription(self) -> tuple[KVEventsSpec, PreciseIndex] | None:
+        return (self.kv_events, self.index) if self.kv_events is not None else None
+
+    def metric_families(self, pool: str) -> Iterator[Metric]:
+        """The closed loop's agreement and mode, and the precise index's size."""
+        labels, values = ["name", "plugin"], [pool, self.name]
+        totals = self.tracker.totals
+        rows: list[tuple[type[Any], str, str, float | None]] = [
+            (GaugeMetricFamily, "epp_prefix_routing_precision",
+             "Agreement of predicted and reported cached prompt tokens over recent responses "
+             "(sum of min / sum of max; 1 = the precise index is exact).", self.tracker.precision),
+            (GaugeMetricFamily, "epp_prefix_routing_precise_active",
+             "1 while the precise index routes, 0 while fallen back to the approximate one.",
+             1.0 if self.tracker.trusted and self.tokenizer is not None else 0.0),
+            (CounterMetricFamily, "epp_prefix_predicted_cached_tokens",
+             "Prompt tokens the precise index predicted cached on the chosen pod.", totals.predicted_tokens),
+            (CounterMetricFamily, "epp_prefix_reported_cached_tokens",
+             "Prompt tokens the pods reported served from cache (usage.cached_tokens).", totals.actual_tokens),
+            (CounterMetricFamily, "epp_prefix_routing_fallbacks", "Switches to the approximate index.",
+             totals.fallbacks),
+            (GaugeMetricFamily, "epp_precise_index_blocks", "Blocks held by the precise index (all pods).",
+             self.index.size()),
+        ]
+        for family, name, help_text, value in rows:
+            fam = family(name, help_text, labels=labels)
+            if value is not None:
+                fam.add_metric(values, value)
+            yield fam

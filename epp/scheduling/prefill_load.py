@@ -15,30 +15,26 @@ prefill costs the requests that will arrive at that pod meanwhile: its own uncac
 over about ``trafficWindow`` picks). A cold long prompt so goes to a quiet pod rather than to the
 pod serving a hot prefix; a short cached request hardly notices the term. Score:
 ``1 / (1 + (cost - min cost) / scaleTokens)``, so a few hundred tokens of difference barely
-matter and a cold long prompt in the way does. The scheduler runs this scorer after the prefix
-scorers, whose matches it reads.
+matter and a cold long prompt in the way does. It consumes the prefix scorers' MATCHED_TOKENS
+and PROMPT_TOKENS slots, so the scheduler runs it after them.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
+from epp.scheduling.contract import ForgetsEndpoints, ObservesPicks, ObservesPrefill, Scorer
 from epp.scheduling.params import Params
 from epp.scheduling.prefix_index import CHARS_PER_TOKEN
-from epp.scheduling.types import CycleState
-
-# Prefix scorers leave {address: matched prompt tokens} here for the rest of the cycle, and the
-# prompt's exact token count when they tokenized it.
-MATCHED_TOKENS = "prefix-matched-tokens"
-PROMPT_TOKENS = "prompt-tokens"
+from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, CycleState, Slot
 
 
-class PrefillLoadScorer:
+class PrefillLoadScorer(Scorer, ObservesPicks, ObservesPrefill, ForgetsEndpoints):
     type_name: ClassVar[str] = "prefill-load-scorer"
-    reads_other_scores: ClassVar[bool] = True
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS, PROMPT_TOKENS)
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
@@ -47,13 +43,16 @@ class PrefillLoadScorer:
         self.traffic = TrafficShare(params.int("trafficWindow", 64, minimum=1))
         params.done()
         self.pending: dict[str, float] = {}
+        self._prompt: Slot[float] = Slot(f"{name}/prompt-tokens")  # this request's, from ``score``
+        self._charged: Slot[tuple[str, float]] = Slot(f"{name}/charged")  # (pod, tokens) until prefill ends
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        prompt = cycle.data.get(PROMPT_TOKENS) or len(request.prompt) / CHARS_PER_TOKEN
-        cycle.data[self.name] = prompt  # taken over by ``record``
+        exact = cycle.get(PROMPT_TOKENS)
+        prompt = float(exact) if exact else len(request.prompt) / CHARS_PER_TOKEN
+        cycle.put(self._prompt, prompt)
         pending = self.pending
-        matched = cycle.data.get(MATCHED_TOKENS) or {}
+        matched = cycle.get(MATCHED_TOKENS) or {}
         # Work ahead of this request, its own uncached part, and the delay that part brings to the
         # pod's next arrivals, per candidate.
         relative = self.traffic.relative([c.address for c in candidates]) if self.interference else None
@@ -66,20 +65,20 @@ class PrefillLoadScorer:
         scale = self.scale
         return [1.0 / (1.0 + (x - floor) / scale) for x in loads]
 
-    def record(self, address: str, cycle: CycleState) -> None:
-        self.traffic.add(address)
-        tokens = cycle.data.pop(self.name, 0.0)
-        matched = cycle.data.get(MATCHED_TOKENS)
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        self.traffic.add(endpoint)
+        tokens = cycle.pop(self._prompt) or 0.0
+        matched = cycle.get(MATCHED_TOKENS)
         if matched:
-            tokens = max(0.0, tokens - matched.get(address, 0))
+            tokens = max(0.0, tokens - matched.get(endpoint, 0))
         if tokens <= 0:
             return
-        self.pending[address] = self.pending.get(address, 0.0) + tokens
-        cycle.data[self.name] = (address, tokens)
+        self.pending[endpoint] = self.pending.get(endpoint, 0.0) + tokens
+        cycle.put(self._charged, (endpoint, tokens))
 
-    def prefill_done(self, cycle: CycleState) -> None:
+    def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None:
         """The pod finished this pick's prefill (first response bytes), or the request ended."""
-        entry = cycle.data.pop(self.name, None)
+        entry = cycle.pop(self._charged)
         if entry is None:
             return
         address, tokens = entry
@@ -89,9 +88,9 @@ class PrefillLoadScorer:
         else:
             self.pending.pop(address, None)
 
-    def forget(self, address: str) -> None:
-        self.pending.pop(address, None)
-        self.traffic.forget(address)
+    def on_endpoint_removed(self, endpoint: str) -> None:
+        self.pending.pop(endpoint, None)
+        self.traffic.forget(endpoint)
 
 
 class TrafficShare:

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
 
 import xxhash
 
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
+from epp.scheduling.types import MATCHED_TOKENS, CycleState
 
 CHARS_PER_TOKEN = 4
 
@@ -107,8 +113,36 @@ class PrefixIndex:
         return sum(len(v) for v in self._lru.values())
 
 
-def index_from_params(params: Params) -> PrefixIndex:
-    """An approximate index from the parameters both prefix scorers take (the reference's names)."""
-    return PrefixIndex(params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT),
-                       params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
-                       params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))
+@dataclass(slots=True)
+class ApproximatePrefix:
+    """Both prefix scorers' approximate matching, from the parameters they share (the
+    reference's names and defaults): the index, and hot-prefix spreading's thresholds."""
+
+    index: PrefixIndex
+    balance_abs: float
+    balance_rel: float
+
+    @classmethod
+    def from_params(cls, params: Params) -> ApproximatePrefix:
+        index = PrefixIndex(params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT),
+                            params.int("maxPrefixBlocksToMatch", 256, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
+                            params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT))
+        return cls(index, params.float("balanceAbsThreshold", 4.0),
+                   params.float("balanceRelThreshold", 1.5, minimum=1.0))
+
+    def hashes(self, request: InferenceRequest) -> list[int]:
+        return self.index.hashes(request.model, request.prompt) if request.prompt else []
+
+    def score(self, hashes: list[int], snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        """Matched leading blocks / prompt blocks per candidate, hot prefixes spread; the matches
+        go to the cycle's MATCHED_TOKENS slot."""
+        if not hashes:
+            return [0.0] * len(candidates)
+        matches = self.index.match_lengths(hashes)
+        cycle.put(MATCHED_TOKENS, self.index.matched_tokens(matches))
+        total = len(hashes)
+        return self.spread([matches.get(c.address, 0) / total for c in candidates], snapshot, candidates)
+
+    def spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
+        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)

@@ -1,13 +1,13 @@
-"""Types shared by the scheduler and its plugins."""
+"""Values the scheduler and its plugins exchange: cycle state, decisions, errors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from epp.datastore.endpoint import EndpointState
-from epp.datastore.store import Snapshot
-from epp.request import InferenceRequest
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -29,27 +29,45 @@ class SchedulingError(Exception):
         self.message = message
 
 
-@dataclass(slots=True)
+class Slot(Generic[T]):
+    """A named, typed value of one cycle: a producer ``put``s it, consumers ``get`` it.
+
+    A plugin's private state across the hooks of one request is a slot it owns; values shared
+    between plugins are the module-level slots below, declared by the plugins that produce and
+    consume them (``Plugin.produces`` / ``Plugin.consumes``), which also orders the scorers."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Slot({self.name!r})"
+
+
 class CycleState:
-    """Per-decision scratch space shared by the plugins of one scheduling cycle."""
+    """Per-decision values shared by the plugins of one scheduling cycle, by slot."""
 
-    data: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[Slot[Any], Any] = {}
+
+    def put(self, slot: Slot[T], value: T) -> None:
+        self._values[slot] = value
+
+    def get(self, slot: Slot[T]) -> T | None:
+        value: T | None = self._values.get(slot)
+        return value
+
+    def pop(self, slot: Slot[T]) -> T | None:
+        value: T | None = self._values.pop(slot, None)
+        return value
 
 
-class Scorer(Protocol):
-    type_name: ClassVar[str]
-    name: str
-
-    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
-              cycle: CycleState) -> list[float]: ...
-
-
-class Picker(Protocol):
-    type_name: ClassVar[str]
-    name: str
-    max_endpoints: int
-
-    def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]: ...
+# Shared slots. Prefix scorers produce both; the prefill-load scorer consumes them.
+MATCHED_TOKENS: Slot[dict[str, int]] = Slot("prefix-matched-tokens")  # pod -> prompt tokens cached there
+PROMPT_TOKENS: Slot[int] = Slot("prompt-tokens")  # the prompt's exact token count, when tokenized
 
 
 @dataclass(frozen=True, slots=True)

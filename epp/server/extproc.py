@@ -1,8 +1,9 @@
 """Envoy ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process), one stream per request.
 
 ``ExtProcStream`` is a synchronous state machine: each ProcessingRequest in, zero or more
-serialized ProcessingResponses out. It does no I/O, so any transport can drive it (our HTTP/2
-server, or grpcio) and tests can drive it directly.
+serialized ProcessingResponses out. It does no I/O (``H2ExtProc`` adapts it to epp's HTTP/2
+server) and speaks the protocol only: what to do with the request and its response is the
+director's (epp.requestcontrol), which gets the headers, the body and the response chunks.
 
 Body modes, read from the first message's ``protocol_config`` (FULL_DUPLEX_STREAMED if absent):
 - FULL_DUPLEX_STREAMED (what Gateway API implementations configure): the headers answer is held
@@ -18,24 +19,17 @@ ends at the response's end_of_stream, its trailers, or the stream's end, whichev
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
-from epp.request import GENERATION_PATHS, RequestError, headers_only, mutated_body, parse_body, route_path
-from epp.scheduling.types import SchedulingError
+from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.refused import Refused
 from epp.server import h2grpc
-from epp.server.picking import Pick, PickService
-from epp.server.usage import UsageReader, wants_injection
-
-log = logging.getLogger("epp.extproc")
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
@@ -145,21 +139,16 @@ def immediate(status: int, body: bytes) -> bytes:
     return _ser(resp)
 
 
-def explain_response(pick: Pick) -> bytes:
+def explain_response(pick: Routed) -> bytes:
     """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
     mutation = pb.HeaderMutation()
-    for key, value in (("x-epp-endpoint", pick.header_value), ("x-epp-reason", pick.decision.reason())):
+    for key, value in pick.explain():
         opt = mutation.set_headers.add()
         opt.header.key = key
         opt.header.raw_value = value.encode()
         opt.append_action = OVERWRITE
     return _ser(pb.ProcessingResponse(response_headers=pb.HeadersResponse(
         response=pb.CommonResponse(header_mutation=mutation))))
-
-
-def _error_body(status: int, message: str) -> bytes:
-    err_type = {503: "ServiceUnavailableError", 429: "RateLimitError"}.get(status, "BadRequestError")
-    return RequestError(status, message, err_type).body()
 
 
 class OutOfOrder(Exception):
@@ -170,22 +159,22 @@ class ExtProcStream:
     """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order;
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
-    __slots__ = ("_body_size", "_chunks", "_headers", "_headers_seen", "_picked", "_picks", "_req_mode", "_resp_mode",
-                 "_usage", "decision_headers", "max_body", "pick")
+    __slots__ = ("_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_picked", "_req_mode",
+                 "_resp_mode", "decision_headers", "max_body", "pick")
 
-    def __init__(self, picks: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE) -> None:
-        self._picks = picks
+    def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE
+                 ) -> None:
+        self._director = director
         self.decision_headers = decision_headers
         self.max_body = max_body
         self._body_size = 0
         self._headers_seen = False
-        self.pick: Pick | None = None
+        self.pick: Routed | None = None
         self._req_mode = FULL_DUPLEX
         self._resp_mode = NONE
         self._headers: dict[str, str] = {}
         self._chunks: list[bytes] = []
         self._picked = False
-        self._usage: UsageReader | None = None
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
@@ -222,7 +211,7 @@ class ExtProcStream:
                     if self._body_size > self.max_body:
                         self._picked = True
                         self._chunks = []
-                        return [immediate(413, _error_body(413, f"request body exceeds {self.max_body} bytes"))]
+                        return [immediate(413, Refused(413, f"request body exceeds {self.max_body} bytes").body())]
                     self._chunks.append(body.body)
                 if not body.end_of_stream:
                     return []
@@ -242,24 +231,15 @@ class ExtProcStream:
             return [CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             body = msg.response_body
+            eos = body.end_of_stream
             pick = self.pick
-            if pick is not None:
-                if body.end_of_stream:
-                    pick.finish()
-                elif not pick.prefilled and body.body:
-                    pick.first_bytes()
+            data = pick.response_body(body.body, eos) if pick is not None else body.body
             if self._resp_mode == FULL_DUPLEX:
-                reader = self._usage
-                if reader is None:
-                    if not body.body and body.end_of_stream:
-                        return [EMPTY_RESPONSE_EOS]
-                    return [_streamed("response", body.body, body.end_of_stream)]
-                data = reader.feed(body.body, body.end_of_stream)
-                if body.end_of_stream:
-                    if reader.cached_tokens is not None and self.pick is not None:
-                        self.pick.observe_usage(reader.cached_tokens)
+                if eos:
                     return [_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS]
-                return [_streamed("response", data, False)] if data else []
+                if data or pick is None or pick.reader is None:  # (only usage held back goes unanswered)
+                    return [_streamed("response", data, False)]
+                return []
             return [CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
             if self.pick is not None:
@@ -276,22 +256,13 @@ class ExtProcStream:
     def _decide(self, body: bytes | None) -> bytes | None:
         """Pick into ``self.pick``; None on success, else the serialized ImmediateResponse."""
         headers = self._headers
-        request_id = headers.get("x-request-id") or ""
-        path = route_path(headers.get(":path", ""))
+        access = ResponseAccess.NONE
+        if self._resp_mode == FULL_DUPLEX:  # epp sees the response body, and forwards the request
+            access = ResponseAccess.INJECT if self._req_mode == FULL_DUPLEX else ResponseAccess.READ  # body itself
         try:
-            if body is None or not path.startswith(GENERATION_PATHS):
-                req = headers_only(request_id, path, headers)
-            else:  # an empty body is refused here, in every mode, rather than by the pod
-                req = parse_body(request_id, path, headers, body)
-        except RequestError as e:
-            self._picks.metrics.errors.labels("", "", str(e.status)).inc()
+            self.pick = self._director.route(RequestInput(headers, headers.get(":path", ""), body), access)
+        except Refused as e:
             return immediate(e.status, e.body())
-        try:
-            self.pick = self._picks.pick(req)
-        except SchedulingError as e:
-            self._picks.refused(req, e.status)
-            log.warning("request %s refused: %d %s", request_id or "-", e.status, e.message)
-            return immediate(e.status, _error_body(e.status, e.message))
         return None
 
     def _request_id(self) -> str | None:
@@ -307,9 +278,7 @@ class ExtProcStream:
         if refused is not None:
             return refused
         assert self.pick is not None
-        if self._resp_mode == FULL_DUPLEX and self.pick.scheduler.wants_usage:
-            self._usage = UsageReader(strip=False)  # epp does not ask for usage in this mode
-        return self._pick_response("request_body", mutated_body(self.pick.request))
+        return self._pick_response("request_body", self.pick.forward_body)
 
     def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
@@ -336,11 +305,7 @@ class ExtProcStream:
         pick = self.pick
         if pick is None:
             return [first]  # ImmediateResponse
-        inject = False
-        if self._resp_mode == FULL_DUPLEX and pick.scheduler.wants_usage:
-            inject = pick.scheduler.inject_usage and wants_injection(pick.request)
-            self._usage = UsageReader(strip=inject)
-        new = mutated_body(pick.request, inject)
+        new = pick.forward_body
         if new is not None:
             body = new  # Envoy forwards FULL_DUPLEX bodies chunked: no Content-Length to fix
         n = len(body)
@@ -391,31 +356,3 @@ class H2ExtProc:
 
 def h2_services(new_stream: StreamFactory) -> dict[str, h2grpc.HandlerFactory]:
     return {METHOD_PATH: lambda responder, _headers: H2ExtProc(responder, new_stream())}
-
-
-class GrpcioExtProc:
-    """The same state machine served by grpcio (``--grpc-transport=grpcio``)."""
-
-    def __init__(self, new_stream: StreamFactory) -> None:
-        self.new_stream = new_stream
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(
-            self.process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=lambda b: b)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
-
-    async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        stream = self.new_stream()
-        try:
-            while True:
-                msg = await context.read()
-                if msg is grpc.aio.EOF:
-                    return
-                try:
-                    answers = stream.on_message(msg)
-                except OutOfOrder as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                for out in answers:
-                    await context.write(out)
-        finally:
-            stream.close()

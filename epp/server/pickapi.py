@@ -1,6 +1,8 @@
 """epp.v1.EndpointPicker: the scheduler for gateways that are not Envoy.
 
-``PickAPI`` holds the logic (synchronous); the HTTP/2 server and grpcio adapt it.
+``PickAPI`` speaks the protocol (synchronous; ``_Unary`` adapts it to epp's HTTP/2 server): the
+request goes to the director as ext_proc's does, and the open pick takes the same response side
+(ResponseStarted = first bytes, Release's cached_tokens or response tail = usage, Release = end).
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from epp.request import InferenceRequest, RequestError, parse_body, prompt_of_messages, route_path
-from epp.scheduling.types import SchedulingError
+from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.refused import Refused
 from epp.server import h2grpc
 from epp.server.auth import TokenFile
-from epp.server.picking import Pick, PickService
-from epp.v1 import picker_pb2, picker_pb2_grpc
+from epp.v1 import picker_pb2
 
 PICK_PATH = "/epp.v1.EndpointPicker/Pick"
+STARTED_PATH = "/epp.v1.EndpointPicker/ResponseStarted"
 RELEASE_PATH = "/epp.v1.EndpointPicker/Release"
 MAX_OUTSTANDING = 1024  # unreleased picks per client (--pick-api-max-outstanding)
 MAX_REQUEST = 16 * 1024 * 1024  # bytes of one PickRequest
@@ -31,7 +31,7 @@ log = logging.getLogger("epp.pickapi")
 
 @dataclass(slots=True)
 class _Open:
-    pick: Pick
+    pick: Routed
     client: str
     at: float
 
@@ -49,9 +49,9 @@ class PickAPI:
     An open pick keeps its decision, never the prompt; a client (by address) holds at most
     ``max_outstanding`` of them; with ``token`` every call needs ``authorization: Bearer``."""
 
-    def __init__(self, picks: PickService, ttl: float = 600.0, max_outstanding: int = MAX_OUTSTANDING,
+    def __init__(self, director: Director, ttl: float = 600.0, max_outstanding: int = MAX_OUTSTANDING,
                  token: TokenFile | None = None) -> None:
-        self.picks = picks
+        self.director = director
         self.ttl = ttl
         self.max_outstanding = max_outstanding
         self.token = token
@@ -82,21 +82,17 @@ class PickAPI:
         if self.token is not None and not self.token.allows(headers.get("authorization")):
             raise PickFailed(h2grpc.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    def _request(self, r: Any) -> InferenceRequest:
-        headers = dict(r.headers)
-        path = route_path(r.path or "/v1/chat/completions")
-        rid = headers.get("x-request-id", "")
+    @staticmethod
+    def _input(r: Any) -> RequestInput:
+        given = RequestInput(dict(r.headers), r.path or "/v1/chat/completions", model=r.model)
         which = r.WhichOneof("input")
         if which == "body":
-            return parse_body(rid, path, headers, r.body)
-        if not r.model:
-            raise RequestError(400, "missing 'model'", param="model")
-        if which == "messages":
-            prompt = prompt_of_messages([{"role": m.role, "content": m.content} for m in r.messages.messages])
+            given.body = r.body
+        elif which == "messages":
+            given.messages = [{"role": m.role, "content": m.content} for m in r.messages.messages]
         else:
-            prompt = r.prompt
-        return InferenceRequest(rid, path, model=r.model, prompt=prompt, headers=headers, has_body=True,
-                                target_model=r.model)
+            given.prompt = r.prompt
+        return given
 
     def pick(self, request: Any, client: str = "local") -> Any:
         """PickRequest -> PickResponse; raises PickFailed with a gRPC status code."""
@@ -106,15 +102,10 @@ class PickAPI:
             raise PickFailed(h2grpc.RESOURCE_EXHAUSTED,
                              f"{self.max_outstanding} picks of this client are not released; call Release")
         try:
-            req = self._request(request)
-        except RequestError as e:
-            raise PickFailed(h2grpc.INVALID_ARGUMENT, e.message) from None
-        try:
-            pick = self.picks.pick(req)
-        except SchedulingError as e:
-            self.picks.refused(req, e.status)
-            code = h2grpc.RESOURCE_EXHAUSTED if e.status == 429 else h2grpc.UNAVAILABLE
-            raise PickFailed(code, e.message) from None
+            pick = self.director.route(self._input(request), ResponseAccess.READ)
+        except Refused as e:
+            raise PickFailed(e.grpc_code, e.message) from None
+        req = pick.request
         pid = uuid.uuid4().hex
         self._open[pid] = _Open(pick, client, now)
         self._per_client[client] = self._per_client.get(client, 0) + 1
@@ -130,20 +121,32 @@ class PickAPI:
         req.prompt = ""
         req.body = None
         req.headers = {}
+        pick.forward_body = None
         return resp
+
+    def response_started(self, request: Any, client: str = "local") -> Any:
+        entry = self._open.get(request.pick_id)
+        if entry is not None:
+            entry.pick.first_bytes()
+        return picker_pb2.ResponseStartedResponse(known=entry is not None)
 
     def release(self, request: Any, client: str = "local") -> Any:
         entry = self._close(request.pick_id) if request.pick_id in self._open else None
         if entry is not None:
+            pick = entry.pick
             if request.HasField("cached_tokens"):
-                entry.pick.observe_usage(int(request.cached_tokens))
-            entry.pick.finish()
+                pick.usage(int(request.cached_tokens))
+            elif request.response_tail:
+                pick.response_body(request.response_tail, True)  # the usage in it, as ext_proc reads it
+            pick.finish()
         return picker_pb2.ReleaseResponse(released=entry is not None)
 
     # -- HTTP/2 server adapters ---------------------------------------------------------------
     def h2_services(self) -> dict[str, h2grpc.HandlerFactory]:
         return {
             PICK_PATH: lambda resp, h: _Unary(self, resp, h, picker_pb2.PickRequest.FromString, self.pick),
+            STARTED_PATH: lambda resp, h: _Unary(self, resp, h, picker_pb2.ResponseStartedRequest.FromString,
+                                                 self.response_started),
             RELEASE_PATH: lambda resp, h: _Unary(self, resp, h, picker_pb2.ReleaseRequest.FromString, self.release),
         }
 
@@ -198,33 +201,3 @@ class _Unary:
 
     def on_reset(self) -> None:
         pass
-
-
-class GrpcioPickAPI(picker_pb2_grpc.EndpointPickerServicer):  # type: ignore[misc]
-    """The same API on grpcio (``--grpc-transport=grpcio``)."""
-
-    def __init__(self, api: PickAPI) -> None:
-        self.api = api
-
-    async def Pick(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self.api.check_auth(dict(context.invocation_metadata() or ()))
-            return self.api.pick(request, _peer_host(context.peer()))
-        except PickFailed as e:
-            await context.abort(grpc.StatusCode(_STATUS[e.code]), e.message)
-
-    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self.api.check_auth(dict(context.invocation_metadata() or ()))
-        except PickFailed as e:
-            await context.abort(grpc.StatusCode(_STATUS[e.code]), e.message)
-        return self.api.release(request, _peer_host(context.peer()))
-
-
-def _peer_host(peer: str) -> str:
-    """grpcio's 'ipv4:1.2.3.4:5678' -> '1.2.3.4'."""
-    kind, _, rest = peer.partition(":")
-    return rest.rpartition(":")[0] if kind in ("ipv4", "ipv6") else peer
-
-
-_STATUS = {c.value[0]: c.value for c in grpc.StatusCode}

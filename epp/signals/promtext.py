@@ -106,14 +106,8 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
     absent, ValueRejected for a value out of range, TooLarge past ``max_series``."""
     sums = {names.waiting: 0.0, names.running: 0.0, names.kv_usage: 0.0}
     counts = dict.fromkeys(sums, 0)
-    optional: dict[str, float] = {}
-    opt_names = tuple(n for n in (names.prefix_queries, names.prefix_hits) if n)
-    info_names = tuple(n for n in (names.cache_info, names.lora_info) if n)
-    wanted = tuple(sums) + opt_names + info_names
-    block_size = num_blocks = max_lora = None
-    lora_best = -1.0
-    running_loras: tuple[str, ...] = ()
-    waiting_loras: tuple[str, ...] = ()
+    wanted = tuple(sums) + ((names.cache_info,) if names.cache_info else ())
+    block_size = num_blocks = None
     models: list[str] = []
     lines = [line for n in wanted for line in _lines_of(text, n, max_series)]
     for line in lines:
@@ -125,22 +119,12 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
                 model = _labels(labels).get("model_name")
                 if model and model not in models:
                     models.append(model)
-        elif name in opt_names:
-            optional[name] = optional.get(name, 0.0) + value
         elif name == names.cache_info:
             lab = _labels(labels)
             if "block_size" in lab:
                 block_size = int(lab["block_size"])
             if "num_gpu_blocks" in lab and lab["num_gpu_blocks"] not in ("", "None"):
                 num_blocks = int(lab["num_gpu_blocks"])
-        elif name == names.lora_info and value > lora_best:
-            # The value is a timestamp; stale label sets linger, so the newest wins.
-            lora_best = value
-            lab = _labels(labels)
-            running_loras = tuple(x for x in lab.get("running_lora_adapters", "").split(",") if x)
-            waiting_loras = tuple(x for x in lab.get("waiting_lora_adapters", "").split(",") if x)
-            if lab.get("max_lora", "").isdigit():
-                max_lora = int(lab["max_lora"])
     missing = [n for n, c in counts.items() if c == 0]
     if missing:
         raise ParseError(f"metrics missing: {', '.join(missing)}")
@@ -152,12 +136,7 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
         waiting=_checked(names.waiting, sums[names.waiting], MAX_QUEUE),
         running=_checked(names.running, sums[names.running], MAX_QUEUE),
         kv_usage=kv,
-        prefix_queries=optional.get(names.prefix_queries or "", 0.0),
-        prefix_hits=optional.get(names.prefix_hits or "", 0.0),
         block_size=block_size,
         num_gpu_blocks=num_blocks,
-        running_loras=running_loras,
-        waiting_loras=waiting_loras,
-        max_lora=max_lora,
         models=tuple(models),
     )

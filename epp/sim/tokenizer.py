@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from epp.tokenization import prompt_token_ids
+
 VOCAB_SIZE = 32000
 _PIECE = re.compile(r" ?[^\s]{1,4}|\s+")
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zi", "pa", "do", "fu")
@@ -77,3 +79,17 @@ def render_chat(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bo
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)
+
+
+class SimPromptTokenizer:
+    """The simulator's tokenizer and ChatML template, as the precise scorer's ``tokenizer: sim``
+    (registered in the ``epp.tokenizers`` entry-point group)."""
+
+    name = "sim"
+
+    def __init__(self) -> None:
+        self._tok = SimTokenizer()
+
+    def token_ids(self, body: Mapping[str, Any], chat: bool) -> list[int] | None:
+        ids = prompt_token_ids(body, chat, self._tok.encode, render_chat)
+        return ids if isinstance(ids, list) else None

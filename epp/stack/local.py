@@ -142,7 +142,7 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                            refresh: float = 0.05, endpoints_file: bool = False,
                            kv_events: KVEventsConfig | None = None, wait_ready: bool = True,
                            workdir: Path | None = None, decision_headers: bool = False,
-                           grpc_transport: str = "h2", kubernetes: Any = None,
+                           kubernetes: Any = None,
                            ports: Sequence[int] | None = None,
                            objectives_text: str | None = None,
                            serve: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
@@ -180,8 +180,7 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | None = No
                         host="127.0.0.1", grpc_port=own[0], grpc_health_port=own[1], metrics_port=own[2],
                         secure_serving=secure,
                         refresh_metrics_interval=refresh, metrics_staleness_threshold=staleness,
-                        config_poll_interval=0.2, decision_headers=decision_headers,
-                        grpc_transport=grpc_transport)
+                        config_poll_interval=0.2, decision_headers=decision_headers)
     if serve:  # any other ServeOptions field (limits, tokens...)
         opts = dataclasses.replace(opts, **serve)
     picker = PickerServer(opts)

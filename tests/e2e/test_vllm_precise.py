@@ -130,7 +130,7 @@ async def test_precise_routing_and_the_closed_loop_on_real_vllm(real_fleet: Real
             assert st is not None and st.signals is not None
             assert (st.signals.block_size, st.signals.num_gpu_blocks) == (32, 48)
         envoy = await start_envoy("epp-full-duplex", tmp_path, epp_port=picker.bound_ports["grpc"])
-        sc = next(s for s, _ in picker.picks.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer))
+        sc = next(s for s, _ in picker.director.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer))
         warm = real_fleet.addresses[1]
         # A client talks to one server directly: epp did not route it, the events tell.
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:

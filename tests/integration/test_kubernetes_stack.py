@@ -97,10 +97,10 @@ async def test_objectives_and_rewrites_from_the_api(emulator: KubeEmulator, tmp_
         assert picker is not None
 
         async def loaded() -> bool:
-            return picker.picks.policies.priority("batch") == -10
+            return picker.director.policies.priority("batch") == -10
 
         await wait_until(loaded, 5, "the objectives")
-        assert picker.picks.policies.priority("chat") == 0
+        assert picker.director.policies.priority("chat") == 0
         # A rewrite created while serving applies to the next requests.
         await emulator.apply(*POLICY, "inferencemodelrewrites", {
             "kind": "InferenceModelRewrite", "metadata": {"name": "v2", "namespace": NS},
@@ -109,7 +109,7 @@ async def test_objectives_and_rewrites_from_the_api(emulator: KubeEmulator, tmp_
                                 "targets": [{"modelRewrite": "sim-model-v2"}]}]}})
 
         async def rewriting() -> bool:
-            return bool(picker.picks.policies.exact)
+            return bool(picker.director.policies.exact)
 
         await wait_until(rewriting, 5, "the rewrite")
         status, _, data = await post(s, f"{stack.url}/v1/completions", completion_body("rewrite me"))

@@ -39,7 +39,8 @@ def chat(question: str, **extra: object) -> bytes:
 
 def precise(stack: Stack) -> PrecisePrefixCacheScorer:
     assert stack.picker is not None
-    return next(s for s, _ in stack.picker.picks.scheduler.profile.scorers if isinstance(s, PrecisePrefixCacheScorer))
+    scorers = stack.picker.director.scheduler.profile.scorers
+    return next(s for s, _ in scorers if isinstance(s, PrecisePrefixCacheScorer))
 
 
 @contextlib.asynccontextmanager

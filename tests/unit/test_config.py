@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from epp.config import DEFAULT_CONFIG, PickerConfig, config_watcher, load_config, parse_config
+from epp.config import DEFAULT_CONFIG, Built, build, config_watcher, load_config, parse_config
 from epp.scheduling.types import ConfigError
 
 REFERENCE_STYLE = """\
@@ -64,15 +64,15 @@ def test_load_missing_file() -> None:
 def test_watcher_applies_valid_changes_and_keeps_old_on_invalid(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(DEFAULT_CONFIG)
-    applied: list[PickerConfig] = []
-    w = config_watcher(str(f), load_config(str(f)), applied.append)
+    applied: list[Built] = []
+    w = config_watcher(str(f), build(load_config(str(f))), applied.append)
     assert w.check() is False
     f.write_text(DEFAULT_CONFIG.replace("weight: 3", "weight: 5"))
     assert w.check() is True
-    assert applied[-1].scorer_refs[-1] == ("prefix-cache-scorer", 5.0)
+    assert applied[-1].config.scorer_refs[-1] == ("prefix-cache-scorer", 5.0)
     f.write_text("plugins: [broken")
     assert w.check() is False and w.last_error is not None and "invalid YAML" in w.last_error
-    assert w.current is not None and w.current.scorer_refs[-1] == ("prefix-cache-scorer", 5.0)
+    assert w.current is not None and w.current.config.scorer_refs[-1] == ("prefix-cache-scorer", 5.0)
 
 
 def test_rebuild_keeps_prefix_index_when_its_parameters_are_unchanged() -> None:

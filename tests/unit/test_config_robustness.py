@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from epp.config import DEFAULT_CONFIG, config_watcher, load_config, parse_config
+from epp.config import DEFAULT_CONFIG, build, config_watcher, load_config, parse_config
 from epp.scheduling.types import ConfigError
 
 PROFILE = """\
@@ -85,7 +85,7 @@ def test_reload_survives_any_bad_edit_and_applies_the_next_valid_one(tmp_path: P
     f = tmp_path / "c.yaml"
     f.write_text(DEFAULT_CONFIG)
     applied = []
-    watcher = config_watcher(str(f), load_config(str(f)), applied.append)
+    watcher = config_watcher(str(f), build(load_config(str(f))), applied.append)
     caplog.set_level(logging.ERROR)
     bad_edits = [PROFILE.format(weight=1, params="{}").replace("pluginRef: queue-scorer", "pluginRef: [x]"),
                  "a: " + "[" * 50_000, None, PROFILE.format(weight=".nan", params="{}")]
@@ -100,4 +100,4 @@ def test_reload_survives_any_bad_edit_and_applies_the_next_valid_one(tmp_path: P
     assert len([r for r in caplog.records if "ignored" in r.getMessage()]) == len(bad_edits)
     f.write_text(PROFILE.format(weight=5, params="{}"))
     assert watcher.check() is True
-    assert [dict(c.scorer_refs)["queue-scorer"] for c in applied] == [5.0]
+    assert [dict(c.config.scorer_refs)["queue-scorer"] for c in applied] == [5.0]

@@ -9,21 +9,21 @@ from epp.config import load_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
+from epp.requestcontrol.director import Director
 from epp.server.extproc import ExtProcStream, _streamed
-from epp.server.picking import PickService
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
 FULL_DUPLEX, BUFFERED, STREAMED = 4, 2, 1
 
 
-def service(n: int = 2) -> PickService:
+def service(n: int = 2) -> Director:
     store = Datastore()
     addrs = [f"10.0.0.{i}:8000" for i in range(n)]
     store.set_endpoints(addrs)
     for a in addrs:
         store.record_scrape(a, EngineSignals(), 0)
     scheduler, _ = load_config(None).build()
-    return PickService(store, scheduler, PickerMetrics(store))
+    return Director(store, scheduler, PickerMetrics(store))
 
 
 def headers(mode: int, eos: bool = False, path: str = "/v1/completions", resp_mode: int = FULL_DUPLEX,
@@ -129,7 +129,7 @@ def test_errors_are_immediate_responses_and_release_nothing() -> None:
     out = parse(s.on_message(body(b"{nope", True)))[0]
     assert out.immediate_response.status.code == 400
     assert orjson.loads(out.immediate_response.body)["error"]["code"] == 400
-    empty = ExtProcStream(PickService(Datastore(), ps.scheduler, ps.metrics))
+    empty = ExtProcStream(Director(Datastore(), ps.scheduler, ps.metrics))
     empty.on_message(headers(FULL_DUPLEX))
     out = parse(empty.on_message(body(BODY, True)))[0]
     assert out.immediate_response.status.code == 503

@@ -28,13 +28,13 @@ from epp.config import DEFAULT_CONFIG, parse_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
+from epp.requestcontrol.director import Director
 from epp.scheduling.types import ConfigError
 from epp.server import h2grpc as h2
 from epp.server.extproc import ExtProcStream, OutOfOrder
 from epp.server.extproc import h2_services as extproc_services
 from epp.server.health import HealthState, _Watch
 from epp.server.pickapi import PickAPI
-from epp.server.picking import PickService
 from epp.signals.httpget import HTTPGetError, _Conn
 from epp.signals.mappings import VLLM
 from epp.signals.promtext import MAX_QUEUE, parse_signals
@@ -68,14 +68,14 @@ def unexpected() -> Iterator[Recorder]:
         root.removeHandler(rec)
 
 
-def picks() -> PickService:
+def picks() -> Director:
     store = Datastore()
     addrs = ["10.0.0.1:8000", "10.0.0.2:8000"]
     store.set_endpoints(addrs)
     for a in addrs:
         store.record_scrape(a, EngineSignals(), 0)
     scheduler, _ = parse_config(DEFAULT_CONFIG).build()
-    return PickService(store, scheduler, PickerMetrics(store))
+    return Director(store, scheduler, PickerMetrics(store))
 
 
 # -- ext_proc messages -----------------------------------------------------------------------------

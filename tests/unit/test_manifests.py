@@ -16,7 +16,7 @@ import yaml
 from epp.cli import build_parser, kubernetes_options
 from epp.config import parse_config
 from epp.datastore.kubernetes import PoolSpec
-from epp.policies import RequestPolicies
+from epp.requestcontrol.policies import RequestPolicies
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
 K8S_VERSION = "1.37.0"

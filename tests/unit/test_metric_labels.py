@@ -8,9 +8,8 @@ from epp.config import load_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import OTHER, LabelValues, PickerMetrics
-from epp.policies import RequestPolicies
-from epp.request import InferenceRequest
-from epp.server.picking import PickService
+from epp.requestcontrol.director import Director, RequestInput
+from epp.requestcontrol.policies import RequestPolicies
 
 
 def test_known_values_pass_others_are_admitted_up_to_the_limit() -> None:
@@ -26,12 +25,12 @@ def test_known_values_pass_others_are_admitted_up_to_the_limit() -> None:
     assert labels("new-model") == "new-model"
 
 
-def service() -> PickService:
+def service() -> Director:
     store = Datastore()
     store.set_endpoints(["10.0.0.1:8000"])
     store.record_scrape("10.0.0.1:8000", EngineSignals(models=("llama",)), 0)
     scheduler, _ = load_config(None).build()
-    return PickService(store, scheduler, PickerMetrics(store, label_values=8))
+    return Director(store, scheduler, PickerMetrics(store, label_values=8))
 
 
 def test_300_long_model_names_keep_the_exposition_small() -> None:
@@ -39,9 +38,8 @@ def test_300_long_model_names_keep_the_exposition_small() -> None:
     before = len(generate_latest(picks.metrics.prepare()))  # type: ignore[arg-type]
     for i in range(300):
         name = f"{i:04d}" + "m" * 2048
-        p = picks.pick(InferenceRequest(f"r{i}", "/v1/completions", model=name, target_model=name, prompt="hi"))
-        p.finish()
-    picks.pick(InferenceRequest("ok", "/v1/completions", model="llama", target_model="llama", prompt="hi")).finish()
+        picks.route(RequestInput({}, "/v1/completions", model=name, prompt="hi")).finish()
+    picks.route(RequestInput({}, "/v1/completions", model="llama", prompt="hi")).finish()
     text = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
     assert len(text) < before + 20_000
     assert 'model_name="other"' in text and 'model_name="llama"' in text
@@ -57,6 +55,8 @@ def test_rewrite_targets_are_known_labels() -> None:
         "kind": "InferenceModelRewrite", "metadata": {"name": "r"},
         "spec": {"rules": [{"matches": [{"model": {"value": "alias"}}],
                             "targets": [{"modelRewrite": "llama-v2", "weight": 1}]}]}}], pool=None)
-    req = InferenceRequest("r", "/v1/completions", model="alias", target_model="alias", prompt="hi")
-    picks.pick(req).finish()
-    assert picks.labels(req) == ("alias", "llama-v2")
+    routed = picks.route(RequestInput({}, "/v1/completions", model="alias", prompt="hi"))
+    routed.finish()
+    assert routed.request.target_model == "llama-v2"
+    requests = picks.metrics.registry.get_sample_value
+    assert requests("inference_objective_request_total", {"model_name": "alias", "target_model_name": "llama-v2"}) == 1

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from epp.policies import PolicyError, RequestPolicies, parse_policy_file
+from epp.requestcontrol.policies import PolicyError, RequestPolicies, parse_policy_file
 
 
 def rewrite(name: str, rules: list[dict[str, Any]], created: str = "2026-01-01T00:00:00Z",

@@ -15,18 +15,19 @@ import zmq.asyncio
 from epp.blockhash import block_hashes
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
-from epp.request import parse_body
+from epp.requestcontrol.parsing import parse_body
 from epp.scheduling.params import Params
 from epp.scheduling.precise_index import PendingBlocks
-from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
+from epp.scheduling.precise_scorer import PreciseCycle, PrecisePrefixCacheScorer
 from epp.scheduling.precision import PrecisionTracker
 from epp.scheduling.types import ConfigError, CycleState
 from epp.signals.kvevents import KVEventManager, KVEventsSpec
 from epp.sim.kvevents import KVEventsConfig
 from epp.sim.profiles import profile
 from epp.sim.server import SimServer
+from epp.sim.tokenizer import SimPromptTokenizer
 from epp.stack.local import free_port, wait_until
-from epp.tokenization import HFPromptTokenizer, SimPromptTokenizer, TokenizerError
+from epp.tokenization import HFPromptTokenizer, TokenizerError
 
 SYSTEM = "You are the support assistant of a large shop. Answer briefly and politely. " * 6
 
@@ -45,7 +46,15 @@ def snapshot(eps: list[EndpointState], now: float = 0.0) -> Snapshot:
 
 
 def scorer(**params: Any) -> PrecisePrefixCacheScorer:
-    return PrecisePrefixCacheScorer("precise", Params({"tokenizer": "sim", **params}, "plugins[0].parameters"))
+    sc = PrecisePrefixCacheScorer("precise", Params({"tokenizer": "sim", **params}, "plugins[0].parameters"))
+    sc.load()
+    return sc
+
+
+def state(sc: PrecisePrefixCacheScorer, cycle: CycleState) -> PreciseCycle:
+    st = cycle.get(sc.cycle_slot)
+    assert st is not None
+    return st
 
 
 def score(sc: PrecisePrefixCacheScorer, body: bytes, eps: list[EndpointState], now: float = 0.0,
@@ -70,7 +79,7 @@ def test_reported_blocks_win_and_partial_matches_score_partially() -> None:
     sc.index.stored("10.0.0.3:8000", keys[: len(keys) // 2])
     scores, cycle = score(sc, body, eps)
     assert scores[0] == 0.0 and scores[1] == 1.0 and 0.4 < scores[2] < 0.6
-    st = cycle.data["precise"]
+    st = state(sc, cycle)
     assert st.used == "precise"
     n_tokens = len(SimPromptTokenizer().token_ids(orjson.loads(body), True) or [])
     assert st.predicted["10.0.0.2:8000"] == min(len(keys) * 16, (n_tokens - 1) // 16 * 16)
@@ -105,14 +114,14 @@ def test_hybrid_counts_recent_picks_until_they_expire() -> None:
     body = chat("new prefix")
     scores, cycle = score(sc, body, eps, now=100.0)
     assert scores == [0.0, 0.0]
-    sc.record("b:1", cycle)
+    sc.on_pick("b:1", cycle)
     scores, cycle = score(sc, body, eps, now=101.0)
     assert scores == [0.0, 1.0]
-    assert cycle.data["precise"].unconfirmed == {"b:1": len(keys_of(body))}
+    assert state(sc, cycle).unconfirmed == {"b:1": len(keys_of(body))}
     assert score(sc, body, eps, now=103.5)[0] == [0.0, 0.0]
     precise_only = scorer(mode="precise")
     _, cycle = score(precise_only, body, eps, now=100.0)
-    precise_only.record("b:1", cycle)
+    precise_only.on_pick("b:1", cycle)
     assert score(precise_only, body, eps, now=100.5)[0] == [0.0, 0.0]
 
 
@@ -123,18 +132,18 @@ def test_closed_loop_falls_back_to_the_approximate_index_and_recovers() -> None:
     keys = keys_of(body)
     sc.index.stored("a:1", keys)
     _, cycle = score(sc, body, eps)
-    predicted = cycle.data["precise"].predicted["a:1"]
+    predicted = state(sc, cycle).predicted["a:1"]
     for _ in range(4):  # the pod reports nothing cached: the index is wrong
-        sc.observe("a:1", cycle, 0)
+        sc.on_usage("a:1", cycle, 0)
     assert not sc.tracker.trusted
     # Approximate now: a:1 has never been sent this prompt by epp, b:1 has.
     _, c2 = score(sc, body, eps)
-    sc.record("b:1", c2)
+    sc.on_pick("b:1", c2)
     scores, c3 = score(sc, body, eps)
-    assert c3.data["precise"].used == "approximate" and scores[1] > scores[0]
+    assert state(sc, c3).used == "approximate" and scores[1] > scores[0]
     for _ in range(8):  # shadow predictions keep being checked; they are right again
-        sc.observe("a:1", cycle, predicted)
-    assert sc.tracker.trusted and score(sc, body, eps)[1].data["precise"].used == "precise"
+        sc.on_usage("a:1", cycle, predicted)
+    assert sc.tracker.trusted and state(sc, score(sc, body, eps)[1]).used == "precise"
     assert sc.tracker.totals.fallbacks == 1 and sc.tracker.totals.recoveries == 1
 
 
@@ -143,18 +152,18 @@ def test_pending_predictions_count_only_when_the_pod_never_reports_them() -> Non
     eps = endpoints("a:1")
     body = chat("burst")
     _, c = score(sc, body, eps)
-    sc.record("a:1", c)
+    sc.on_pick("a:1", c)
     _, c2 = score(sc, body, eps)
     sc.index.stored("a:1", keys_of(body))  # the events arrive after the second request was scored
     for _ in range(40):
-        sc.observe("a:1", c2, 500)
+        sc.on_usage("a:1", c2, 500)
     assert sc.tracker.totals.samples == 0  # the index was behind, not wrong
     other = scorer()
     _, c = score(other, body, eps)
-    other.record("a:1", c)
+    other.on_pick("a:1", c)
     _, c2 = score(other, body, eps)
     for _ in range(20):  # never reported (e.g. a hash mismatch): evidence against the index
-        other.observe("a:1", c2, 500)
+        other.on_usage("a:1", c2, 500)
     assert other.tracker.totals.samples == 20 and not other.tracker.trusted
 
 
@@ -163,11 +172,12 @@ def test_untokenizable_requests_and_no_tokenizer_use_the_approximate_index() -> 
     eps = endpoints("a:1")
     body = orjson.dumps({"model": "m", "prompt": [[1, 2], [3, 4]]})  # two prompts: not reproduced
     _, cycle = score(sc, body, eps, path="/v1/completions")
-    assert cycle.data["precise"].hashes is None and cycle.data["precise"].used == "approximate"
+    assert state(sc, cycle).hashes is None and state(sc, cycle).used == "approximate"
     plain = PrecisePrefixCacheScorer("p", Params({}, "x"))
-    assert not plain.wants_usage
+    plain.load()
+    assert not plain.usage_wanted()
     _, cycle = score(plain, chat("x"), eps)
-    assert cycle.data["p"].used == "approximate"
+    assert state(plain, cycle).used == "approximate"
 
 
 def test_config_errors_name_the_field() -> None:
@@ -288,7 +298,7 @@ async def test_keys_match_what_a_sim_server_publishes_and_the_manager_follows_th
             scores, cycle = score(sc, body, eps)
             assert scores == [1.0, 0.0]
             # The next identical request: the server reports exactly the cached tokens we predict.
-            predicted = cycle.data["precise"].predicted[server.address]
+            predicted = state(sc, cycle).predicted[server.address]
             async with aiohttp.ClientSession() as s, s.post(f"http://{server.address}/v1/chat/completions",
                                                             data=body, headers={"content-type": "application/json"},
                                                             ) as r:

@@ -10,9 +10,9 @@ from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Datastore, Snapshot
 from epp.observability.metrics import PickerMetrics
 from epp.request import InferenceRequest
+from epp.requestcontrol.director import Director, RequestInput
 from epp.scheduling.prefill_load import PrefillLoadScorer, TrafficShare
 from epp.server.extproc import ExtProcStream
-from epp.server.picking import PickService
 
 # The prefill scorer is listed first: the scheduler still runs it after the prefix scorer.
 CONFIG = """
@@ -38,7 +38,7 @@ def snap(*addrs: str) -> Snapshot:
 
 
 def req(prompt: str) -> InferenceRequest:
-    return InferenceRequest("id", "/v1/completions", model="m", prompt=prompt, has_body=True)
+    return InferenceRequest("id", "/v1/completions", model="m", prompt=prompt)
 
 
 def prefill_scorer(s: object) -> PrefillLoadScorer:
@@ -51,7 +51,7 @@ def test_a_pod_busy_with_a_long_cold_prompt_is_avoided_until_its_prefill_is_done
     assert type(s.profile.scorers[-1][0]) is PrefillLoadScorer  # ordered after the prefix scorer
     pool = snap("a", "b", "c")
     cold = s.schedule(req("a long cold document " * 1200), pool)  # ~6,000 tokens
-    s.record(cold)
+    s.committed(cold)
     busy = cold.primary
     assert prefill_scorer(s).pending == {busy: len("a long cold document " * 1200) / 4}
     for i in range(10):
@@ -69,11 +69,11 @@ def test_only_the_uncached_part_of_a_prompt_is_pending() -> None:
     pool = snap("a", "b")
     system = "the same long system prompt " * 300  # 8,400 chars
     first = s.schedule(req(system + "q1"), pool)
-    s.record(first)
+    s.committed(first)
     s.prefill_done(first)
     second = s.schedule(req(system + "q2 with a few more words"), pool)
     assert second.primary == first.primary  # the prefix is cached there; elsewhere it all is work
-    s.record(second)
+    s.committed(second)
     pending = prefill_scorer(s).pending[second.primary]
     assert 0 < pending < 64  # only the tail beyond the last matched 16-token block
 
@@ -84,7 +84,7 @@ def test_ext_proc_releases_the_prefill_at_the_first_response_bytes() -> None:
     for a in store.addresses():
         store.record_scrape(a, EngineSignals(), 0)
     scheduler, _ = parse_config(CONFIG).build()
-    ps = PickService(store, scheduler, PickerMetrics(store))
+    ps = Director(store, scheduler, PickerMetrics(store))
     stream = ExtProcStream(ps)
     h = pb.HttpHeaders()
     h.headers.headers.add(key=":path", raw_value=b"/v1/completions")
@@ -109,8 +109,8 @@ def test_a_request_that_ends_without_a_body_releases_its_prefill() -> None:
     store.set_endpoints(["10.0.0.1:8000"])
     store.record_scrape("10.0.0.1:8000", EngineSignals(), 0)
     scheduler, _ = parse_config(CONFIG).build()
-    ps = PickService(store, scheduler, PickerMetrics(store))
-    pick = ps.pick(req("text " * 400))
+    ps = Director(store, scheduler, PickerMetrics(store))
+    pick = ps.route(RequestInput({}, "/v1/completions", model="m", prompt="text " * 400))
     assert prefill_scorer(scheduler).pending
     pick.finish()
     assert prefill_scorer(scheduler).pending == {}
@@ -147,7 +147,7 @@ def test_a_cold_long_prompt_goes_to_a_quiet_pod_and_a_warm_one_stays_with_its_ca
         pods = set()
         for i in range(30):
             d = s.schedule(req(f"{system} question {i}"), pool)  # type: ignore[attr-defined]
-            s.record(d)  # type: ignore[attr-defined]
+            s.committed(d)  # type: ignore[attr-defined]
             s.prefill_done(d)  # type: ignore[attr-defined]
             pods.add(d.primary)
         assert len(pods) == 1

@@ -8,10 +8,9 @@ def test_reads_a_real_vllm_exposition(vllm_metrics_text: str) -> None:
     sig = parse_signals(vllm_metrics_text, VLLM)
     assert sig.block_size == 32 and sig.num_gpu_blocks == 48
     assert sig.waiting == 0 and sig.running == 0 and 0 <= sig.kv_usage <= 1
-    assert sig.prefix_queries > sig.prefix_hits > 0
 
 
-def test_sums_engines_and_takes_newest_lora_series() -> None:
+def test_sums_engines_and_ignores_series_routing_does_not_read() -> None:
     text = "\n".join([
         '# TYPE vllm:num_requests_waiting gauge',
         'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0',
@@ -26,7 +25,7 @@ def test_sums_engines_and_takes_newest_lora_series() -> None:
     sig = parse_signals(text, VLLM)
     assert (sig.waiting, sig.running) == (7, 3)
     assert sig.kv_usage == pytest.approx(0.3)
-    assert sig.running_loras == ("a", "b") and sig.waiting_loras == ("c",) and sig.max_lora == 2
+    assert sig.models == ("m",)
 
 
 def test_missing_core_gauges_is_an_error() -> None:

@@ -10,7 +10,9 @@ import pytest
 from epp.config import DEFAULT_CONFIG, parse_config
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Datastore, Snapshot
+from epp.flowcontrol.saturation import SaturationThresholds
 from epp.request import InferenceRequest
+from epp.requestcontrol.admission import SheddableAdmission
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.types import SchedulingError
 
@@ -35,7 +37,7 @@ def scheduler(text: str = DEFAULT_CONFIG, seed: int = 1) -> Scheduler:
 
 
 def req(prompt: str = "hello", model: str = "m") -> InferenceRequest:
-    return InferenceRequest("id", "/v1/completions", model=model, prompt=prompt, has_body=True)
+    return InferenceRequest("id", "/v1/completions", model=model, prompt=prompt)
 
 
 def test_avoids_long_queue_and_prefers_free_kv() -> None:
@@ -48,7 +50,7 @@ def test_prefix_affinity_after_a_pick_is_recorded() -> None:
     s = scheduler()
     shared = "system prompt shared by a whole group of requests " * 20
     first = s.schedule(req(shared + "question 1"), snap(ep("a"), ep("b"), ep("c")))
-    s.record(first)
+    s.committed(first)
     for i in range(2, 10):
         d = s.schedule(req(shared + f"question {i}"), snap(ep("a"), ep("b"), ep("c")))
         assert d.primary == first.primary
@@ -67,19 +69,27 @@ def test_stale_and_failing_endpoints_are_avoided_while_a_fresh_one_exists() -> N
     assert d.primary in ("stale", "failing") and "no endpoint has fresh metrics" in d.reason()
 
 
-def test_errors_503_empty_and_429_saturated() -> None:
+def test_an_empty_pool_is_503_and_saturation_is_not_the_schedulers_business() -> None:
     s = scheduler()
     with pytest.raises(SchedulingError) as e:
         s.schedule(req(), snap())
     assert e.value.status == 503
     sheddable = req()
+    sheddable.priority = -1  # admission (the director's) sheds it; the scheduler just schedules
+    assert s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=64))).primary == "b"
+
+
+def test_sheddable_requests_are_refused_429_only_while_every_fresh_endpoint_is_saturated() -> None:
+    admission = SheddableAdmission(SaturationThresholds(queue_depth=64, kv_cache_util=0.9))
+    sheddable = req()
     sheddable.priority = -1
-    with pytest.raises(SchedulingError) as e:
-        s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=64)))
-    assert e.value.status == 429
-    # Priority 0 (no objective, or an objective without priority) is not shed: it is routed.
-    assert s.schedule(req(), snap(ep("a", waiting=100), ep("b", waiting=64))).primary in ("a", "b")
-    assert s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=63))).primary == "b"
+    full = snap(ep("a", waiting=100), ep("b", waiting=64), ep("stale", age=9.0))
+    refused = admission.admit(sheddable, full)
+    assert refused is not None and refused.status == 429 and refused.err_type == "RateLimitError"
+    assert admission.admit(req(), full) is None  # priority 0 (no objective) is never shed
+    assert admission.admit(sheddable, snap(ep("a", waiting=100), ep("b", waiting=63))) is None
+    assert admission.admit(sheddable, snap(ep("a", kv=0.95), ep("b", waiting=1))) is None
+    assert admission.admit(sheddable, snap(ep("a", kv=0.95), ep("b", kv=0.9))) is not None
 
 
 def test_burst_between_scrapes_spreads_over_the_pool() -> None:
@@ -92,7 +102,7 @@ def test_burst_between_scrapes_spreads_over_the_pool() -> None:
     counts: Counter[str] = Counter()
     for i in range(40):  # distinct prompts, nothing finishes: all 40 are in flight
         d = s.schedule(req(f"unique prompt {i} " * 30), store.snapshot())
-        s.record(d)
+        s.committed(d)
         store.acquire(d.primary)
         counts[d.primary] += 1
     assert set(counts) == set(addrs) and max(counts.values()) - min(counts.values()) <= 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from epp.request import InferenceRequest, mutated_body, parse_body
-from epp.server.usage import UsageReader, wants_injection
+from epp.request import InferenceRequest
+from epp.requestcontrol.parsing import mutated_body, parse_body
+from epp.requestcontrol.usage import UsageReader, wants_injection
 
 
 def event(obj: object) -> bytes:

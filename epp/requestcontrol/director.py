@@ -1,0 +1,219 @@
+"""The director: one request's life, for every front end (ext_proc, the Pick API).
+
+``route`` takes what the front end has (headers, path, the body or the Pick API's fields) and
+runs: parse -> policies (objective priority, model rewrite) -> admission -> schedule -> commit.
+It returns a ``Routed`` or raises ``Refused`` (counted and logged here, mapped to the wire by the
+adapter). ``Routed`` then takes the response side, whatever carries it: first bytes (prefill
+done), the body (usage read, and stripped when epp asked for it), usage reported directly, and
+the end, which releases the in-flight count exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from epp.datastore.store import Datastore
+from epp.observability.metrics import PickerMetrics
+from epp.request import InferenceRequest
+from epp.requestcontrol.admission import Admission, SheddableAdmission
+from epp.requestcontrol.parsing import (
+    GENERATION_PATHS,
+    from_fields,
+    headers_only,
+    mutated_body,
+    parse_body,
+    route_path,
+)
+from epp.requestcontrol.policies import OBJECTIVE_HEADER, RequestPolicies
+from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.usage import UsageReader, wants_injection
+from epp.scheduling.framework import Scheduler
+from epp.scheduling.types import Decision, SchedulingError
+
+log = logging.getLogger("epp.director")
+
+
+class ResponseAccess(Enum):
+    """What the front end lets the director do with the response body."""
+
+    NONE = "none"  # it never sees the body
+    READ = "read"  # it sees the body (usage can be read) but cannot change the request body
+    INJECT = "inject"  # it sees the body and forwards the request body epp returns (usage can be asked for)
+
+
+@dataclass(slots=True)
+class RequestInput:
+    """One request as a front end has it. ``body`` None: the body goes by unseen (or there is
+    none); the Pick API may give ``model`` with ``prompt`` or ``messages`` instead of a body."""
+
+    headers: Mapping[str, str]
+    path: str
+    body: bytes | None = None
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class Routed:
+    """A committed decision and its response side; ``finish`` ends it exactly once."""
+
+    __slots__ = ("_director", "_labels", "_started", "decision", "done", "forward_body", "prefilled", "reader",
+                 "request", "scheduler")
+
+    def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
+                 labels: tuple[str, str], started: float) -> None:
+        self._director = director
+        self.scheduler = scheduler  # the one that decided (a config reload may have replaced it since)
+        self.request = request
+        self.decision = decision
+        self._labels = labels  # (model_name, target_model_name) as the metrics show them
+        self._started = started
+        self.forward_body: bytes | None = None  # the request body to send, when epp changed it
+        self.reader: UsageReader | None = None  # reads (and maybe strips) usage from the response body
+        self.done = False
+        self.prefilled = False
+
+    @property
+    def header_value(self) -> str:
+        return ",".join(self.decision.endpoints)
+
+    def explain(self) -> tuple[tuple[str, str], ...]:
+        """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
+        return ("x-epp-endpoint", self.header_value), ("x-epp-reason", self.decision.reason())
+
+    def first_bytes(self) -> None:
+        """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
+        if not self.prefilled:
+            self.prefilled = True
+            self.scheduler.prefill_done(self.decision)
+
+    def response_body(self, data: bytes, eos: bool) -> bytes:
+        """One chunk of the response body; returns the bytes to forward (usage epp asked for is
+        cut out). The last chunk (``eos``) reports the usage and finishes the request."""
+        if data and not self.prefilled:
+            self.first_bytes()
+        reader = self.reader
+        if reader is not None:
+            data = reader.feed(data, eos)
+            if eos and reader.cached_tokens is not None:
+                self.usage(reader.cached_tokens)
+        if eos:
+            self.finish()
+        return data
+
+    def usage(self, cached_tokens: int) -> None:
+        """The response reported how many prompt tokens the pod served from its cache."""
+        self.scheduler.usage(self.decision, cached_tokens)
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.first_bytes()
+            self._director.finished(self.decision.primary, self._labels, self._started)
+
+
+class Director:
+    """Holds what a reload swaps (the scheduler, the policies, admission) and routes requests."""
+
+    def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics,
+                 policies: RequestPolicies | None = None, admission: Admission | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.admission: Admission = admission or SheddableAdmission()
+        self.rng = rng or random.Random()
+        self.policies = policies or RequestPolicies()
+
+    @property
+    def policies(self) -> RequestPolicies:
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: RequestPolicies) -> None:
+        self._policies = policies
+        self.metrics.models.set_configured(policies.model_names())
+
+    # -- the request path -------------------------------------------------------------------------
+    def route(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE) -> Routed:
+        """Parse, apply policies, admit, schedule and commit; raises Refused."""
+        request = self._parse(given)
+        self._apply_policies(request)
+        m = self.metrics
+        labels = self._labels(request)
+        m.child(m.requests, *labels).inc()
+        t0 = time.perf_counter()
+        scheduler = self.scheduler
+        snapshot = self.store.snapshot()
+        try:
+            refusal = self.admission.admit(request, snapshot)
+            if refusal is not None:
+                raise refusal
+            decision = scheduler.schedule(request, snapshot)
+        except SchedulingError as e:
+            raise self._refused(request, labels, Refused(e.status, e.message)) from None
+        except Refused as e:
+            raise self._refused(request, labels, e) from None
+        scheduler.committed(decision)
+        self.store.acquire(decision.primary)
+        t1 = time.perf_counter()
+        m.scheduler_e2e.observe(t1 - t0)
+        m.child(m.picks, decision.primary).inc()
+        routed = Routed(self, scheduler, request, decision, labels, t1)
+        inject = False
+        if access is not ResponseAccess.NONE and scheduler.wants_usage:
+            inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
+            routed.reader = UsageReader(strip=inject)
+        if given.body is not None:
+            routed.forward_body = mutated_body(request, inject)
+        return routed
+
+    def _parse(self, given: RequestInput) -> InferenceRequest:
+        headers = given.headers
+        request_id = headers.get("x-request-id") or ""
+        path = route_path(given.path)
+        try:
+            if given.body is not None and path.startswith(GENERATION_PATHS):
+                return parse_body(request_id, path, headers, given.body)  # an empty body is refused here
+            if given.prompt is not None or given.messages is not None:
+                return from_fields(request_id, path, headers, given.model, given.prompt, given.messages)
+            return headers_only(request_id, path, headers)
+        except Refused as e:
+            self.metrics.errors.labels("", "", str(e.status)).inc()
+            raise
+
+    def _apply_policies(self, request: InferenceRequest) -> None:
+        """The objective's priority, and the model rewrite (``target_model``) if a rule says so."""
+        policies = self.policies
+        request.objective = request.headers.get(OBJECTIVE_HEADER, "")
+        request.priority = policies.priority(request.objective)
+        if request.model and (policies.exact or policies.generic):
+            target = policies.rewrite(request.model, self.rng)
+            if target is not None:
+                request.target_model = target
+                self.metrics.child(self.metrics.rewrites, *self._labels(request)).inc()
+
+    def _labels(self, request: InferenceRequest) -> tuple[str, str]:
+        """The request's model labels, bounded (clients choose the model string)."""
+        models = self.metrics.models
+        return models(request.model), models(request.target_model)
+
+    def _refused(self, request: InferenceRequest, labels: tuple[str, str], refusal: Refused) -> Refused:
+        m = self.metrics
+        m.child(m.errors, *labels, str(refusal.status)).inc()
+        log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
+        return refusal
+
+    def finished(self, endpoint: str, labels: tuple[str, str], started: float) -> None:
+        self.store.release(endpoint)
+        m = self.metrics
+        m.child(m.duration, *labels).observe(time.perf_counter() - started)
+
+    def endpoint_removed(self, address: str) -> None:
+        self.scheduler.endpoint_removed(address)

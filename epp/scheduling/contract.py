@@ -1,0 +1,149 @@
+"""The plugin contract: what a filter, scorer or picker is, and the hooks it may take part in.
+
+A plugin class declares its role and its hooks by subclassing them (``class MyScorer(Scorer,
+ObservesPicks)``); nothing is probed by name. ``epp.scheduling.registry`` checks the
+declaration when the type is registered (each declared hook implemented with its signature, no
+hook-named method left undeclared), and the scheduler resolves the hooks once per profile.
+
+Every plugin is built as ``cls(name, params)`` from its config entry: it reads its parameters
+with ``params`` (strict: an unread parameter is an error) and does no I/O. A plugin that needs
+files (a tokenizer) declares ``LoadsResources``: ``load()`` runs once per build, off the event
+loop, before the plugin serves. Plugins never do I/O on the pick path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.types import CycleState, Slot
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+    from epp.scheduling.precise_index import PreciseIndex
+    from epp.signals.kvevents import KVEventsSpec
+
+
+class Plugin(Protocol):
+    """Every plugin: its config type name, its instance name, and the cycle slots it writes and
+    reads (a consumer runs after the producers of what it reads)."""
+
+    type_name: ClassVar[str]
+    name: str
+    produces: ClassVar[tuple[Slot[Any], ...]] = ()
+    consumes: ClassVar[tuple[Slot[Any], ...]] = ()
+
+
+# -- roles: a plugin has exactly one ----------------------------------------------------------------
+class Filter(Plugin, Protocol):
+    """Narrows the candidates before scoring; returning none refuses the request (503)."""
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]: ...
+
+
+class Scorer(Plugin, Protocol):
+    """One score in [0, 1] per candidate (higher is better); the profile weights it."""
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]: ...
+
+
+class Picker(Plugin, Protocol):
+    """Chooses the primary endpoint and fallbacks (indexes into ``candidates``, best first)."""
+
+    max_endpoints: int
+
+    def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]: ...
+
+
+class ProfileHandler(Plugin, Protocol):
+    """Chooses the scheduling profile (epp runs one; the reference's type is accepted)."""
+
+
+ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
+                                            (ProfileHandler, "profile handler"))
+
+
+# -- hooks: the request's life after the decision ---------------------------------------------------
+class ObservesPicks(Protocol):
+    """The request was committed to ``endpoint`` (memory such as a prefix index learns here)."""
+
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None: ...
+
+
+class ObservesPrefill(Protocol):
+    """The response's first bytes arrived (or it ended first): ``endpoint`` computed the prompt."""
+
+    def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None: ...
+
+
+class ObservesUsage(Protocol):
+    """The response reported ``cached_tokens`` prompt tokens served from ``endpoint``'s cache.
+
+    ``usage_wanted`` says whether this instance needs it (the director then reads each
+    response's usage); ``usage_injected`` whether epp may ask a stream for usage its client did
+    not request (and strip it back out)."""
+
+    def usage_wanted(self) -> bool: ...
+
+    def usage_injected(self) -> bool: ...
+
+    def on_usage(self, endpoint: str, cycle: CycleState, cached_tokens: int) -> None: ...
+
+
+class ForgetsEndpoints(Protocol):
+    """``endpoint`` left the pool: drop what is kept about it."""
+
+    def on_endpoint_removed(self, endpoint: str) -> None: ...
+
+
+# -- what a plugin needs from the process -----------------------------------------------------------
+class LoadsResources(Protocol):
+    """Files to read before serving (a tokenizer): ``load`` runs once, off the event loop, and
+    raises ConfigError naming the parameter when it cannot."""
+
+    def load(self) -> None: ...
+
+
+class HoldsPrefixIndex(Protocol):
+    """Reports its approximate prefix index's size (the pool's prefix-indexer-size gauge)."""
+
+    def prefix_index_size(self) -> int: ...
+
+
+class ExportsMetrics(Protocol):
+    """Metric families of its own, collected at scrape time on the event loop."""
+
+    def metric_families(self, pool: str) -> Iterable[Metric]: ...
+
+
+class SubscribesKVEvents(Protocol):
+    """Wants the pods' KV-cache events: the subscription (None: not configured) and the index
+    they feed. The process keeps one subscriber per endpoint."""
+
+    def kv_subscription(self) -> tuple[KVEventsSpec, PreciseIndex] | None: ...
+
+
+# Hook protocol -> its methods (one signature each); checked when a plugin type is registered.
+HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
+    (ObservesPicks, ("on_pick",)),
+    (ObservesPrefill, ("on_prefill_done",)),
+    (ObservesUsage, ("usage_wanted", "usage_injected", "on_usage")),
+    (ForgetsEndpoints, ("on_endpoint_removed",)),
+    (LoadsResources, ("load",)),
+    (HoldsPrefixIndex, ("prefix_index_size",)),
+    (ExportsMetrics, ("metric_families",)),
+    (SubscribesKVEvents, ("kv_subscription",)),
+)
+ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
+                                                  ProfileHandler: ()}
+
+
+def declares(plugin: object, hook: type[Any]) -> bool:
+    """True when ``plugin``'s class subclasses ``hook`` (declared, not guessed from names)."""
+    return hook in type(plugin).__mro__

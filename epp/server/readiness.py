@@ -1,0 +1,61 @@
+"""Health and readiness: liveness is SERVING while the process runs; readiness (the services
+gateways and probes ask) is SERVING once some endpoint has fresh metrics, this replica leads
+(with leader election), and it is not draining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from epp.server import h2grpc
+from epp.server.extproc import SERVICE as EXTPROC_SERVICE
+from epp.server.health import NOT_SERVING, SERVING, HealthState
+
+# The health services that say whether to send epp traffic (liveness stays SERVING).
+READINESS_SERVICES = ("", "readiness", EXTPROC_SERVICE)
+
+
+class Readiness:
+    def __init__(self, has_fresh_endpoint: Callable[[], bool], is_leader: Callable[[], bool],
+                 interval: float = 0.25) -> None:
+        self.has_fresh_endpoint = has_fresh_endpoint
+        self.is_leader = is_leader
+        self.interval = interval
+        self.health = HealthState()
+        self.server: h2grpc.H2GrpcServer | None = None
+        self.draining = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve grpc.health.v1 on ``host:port``; returns the bound port."""
+        self.server = h2grpc.H2GrpcServer(self.health.h2_services())
+        bound = await self.server.start(host, port)
+        self.health.set("liveness", SERVING)
+        self.update()
+        self._task = asyncio.create_task(self._loop())
+        return bound
+
+    def update(self) -> None:
+        ready = not self.draining and self.has_fresh_endpoint() and self.is_leader()
+        status = SERVING if ready else NOT_SERVING
+        for svc in READINESS_SERVICES:
+            self.health.set(svc, status)
+
+    def drain(self) -> None:
+        """From now on NOT_SERVING (the process is going away)."""
+        self.draining = True
+        self.update()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.update()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.server is not None:
+            await self.server.stop(grace)

@@ -1,0 +1,63 @@
+"""Signal collection: each endpoint's metrics (the scraper) and, when a plugin subscribes, its
+KV-cache events (one subscriber per endpoint, whatever the number of reloads)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from epp.datastore.store import Datastore
+from epp.observability.metrics import PickerMetrics
+from epp.scheduling.contract import SubscribesKVEvents, declares
+from epp.signals.kvevents import KVEventManager
+from epp.signals.mappings import names_for
+from epp.signals.scraper import Scraper
+
+log = logging.getLogger("epp")
+
+
+class SignalCollection:
+    def __init__(self, store: Datastore, metrics: PickerMetrics, plugins: Callable[[], list[Any]], *,
+                 engine: str = "vllm", interval: float = 0.05, timeout: float = 1.0, max_bytes: int,
+                 max_series: int) -> None:
+        self.store = store
+        self.plugins = plugins  # the current profile's plugins (a reload changes them)
+        self.scraper = Scraper(
+            store, names_for(engine), interval, timeout,
+            on_error=lambda a, r: metrics.scrape_errors.labels(a, r).inc(),
+            on_scrape=metrics.scrape_parse.observe, max_bytes=max_bytes, max_series=max_series)
+        self.kv_events = KVEventManager()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def resync(self) -> None:
+        """The endpoint set or the plugins changed: bring the KV-event subscribers in line."""
+        self._kick.set()
+
+    async def start(self) -> None:
+        await self.scraper.start()
+        self._kick.set()
+        self._task = asyncio.create_task(self._kv_events_loop())
+
+    async def _kv_events_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            wanted = next((sub for p in self.plugins() if declares(p, SubscribesKVEvents)
+                           for sub in [p.kv_subscription()] if sub is not None), None)
+            try:
+                await self.kv_events.sync(wanted[0] if wanted else None, wanted[1] if wanted else None,
+                                          set(self.store.addresses()))
+            except Exception:
+                log.exception("KV-event subscribers could not be updated")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.scraper.stop()
+        await self.kv_events.close()

@@ -1,0 +1,83 @@
+"""Where the pool comes from: the endpoint set and the request policies, and the HA lease.
+
+Endpoints: a static list (--endpoints), a watched file (--endpoints-file), or InferencePool
+discovery in Kubernetes, which also brings InferenceObjective and InferenceModelRewrite objects;
+outside Kubernetes those come from a watched file (--objectives-file). With leader election
+(Kubernetes only) this replica serves only while it holds the Lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from epp.datastore.sources import endpoints_watcher
+from epp.datastore.store import Datastore
+from epp.filewatch import WatchedFile
+from epp.requestcontrol.policies import RequestPolicies, parse_policy_file
+
+if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
+    from epp.datastore.kubernetes import KubernetesDiscovery, KubernetesOptions
+    from epp.leader import LeaderElector
+
+
+class PoolSources:
+    def __init__(self, store: Datastore, set_policies: Callable[[RequestPolicies], None], *,
+                 endpoints: tuple[str, ...] = (), endpoints_file: str | None = None,
+                 objectives_file: str | None = None, kubernetes: KubernetesOptions | None = None,
+                 poll_interval: float = 0.5) -> None:
+        self.store = store
+        self.set_policies = set_policies
+        self.endpoints = endpoints
+        self.endpoints_file = endpoints_file
+        self.objectives_file = objectives_file
+        self.kubernetes = kubernetes
+        self.poll_interval = poll_interval
+        self.endpoints_watcher: WatchedFile[list[str]] | None = None
+        self.policies_watcher: WatchedFile[RequestPolicies] | None = None
+        self.discovery: KubernetesDiscovery | None = None
+        self.elector: LeaderElector | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def is_leader(self) -> bool:
+        """True without leader election; else while this replica holds the Lease."""
+        return self.elector is None or self.elector.is_leader
+
+    async def start(self) -> None:
+        if self.endpoints:
+            self.store.set_endpoints(self.endpoints)
+        if self.endpoints_file:
+            self.endpoints_watcher = endpoints_watcher(self.endpoints_file, self.store, self.poll_interval)
+            self.endpoints_watcher.check()
+            self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
+        if self.objectives_file:
+            path = self.objectives_file
+            self.policies_watcher = WatchedFile(path, lambda t: parse_policy_file(t, path), self.set_policies,
+                                                what="objectives and rewrites", interval=self.poll_interval)
+            self.policies_watcher.check()
+            self._tasks.append(asyncio.create_task(self.policies_watcher.run()))
+        kube = self.kubernetes
+        if kube is not None:
+            self.discovery = await kube.discovery(self.store, self.set_policies)
+            await self.discovery.start()
+            if kube.leader_election:
+                from epp.leader import LeaderElector
+
+                self.elector = LeaderElector(self.discovery.api, self.discovery.namespace, kube.lease,
+                                             lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline,
+                                             retry_period=kube.retry_period)
+                self.elector.start()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.elector is not None:
+            await self.elector.stop(release=True)
+        if self.discovery is not None:
+            await self.discovery.stop()
