@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
-# The install compiles protos/epp/v1/*.proto into epp/v1/ (setup.py build hook).
-$(STAMP): pyproject.toml setup.py protos/epp/v1/*.proto
+# The install compiles protos/epp/v1/*.proto into epp/v1/ (setup.py build hook). The example
+# out-of-tree plugin package is installed too: the tests load it by type name, as users would theirs.
+EXAMPLE_PLUGIN := tests/plugins/epp-example-plugin
+$(STAMP): pyproject.toml setup.py protos/epp/v1/*.proto $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PLUGIN)/epp_example_plugin/*.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall ./$(EXAMPLE_PLUGIN)
 	@touch $(STAMP)
 
 demo: venv

@@ -98,22 +98,3 @@ async def test_metrics_endpoint_auth(tmp_path: Path) -> None:
             assert r.status == 200 and "inference_pool_ready_pods" in await r.text()
         async with s.post(f"{stack.url}/v1/completions", data=completion_body("still routed")) as r:
             assert r.status == 200
-
-
-async def test_the_grpcio_transport_enforces_the_same_pick_api_rules(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("t")
-    serve = {"pick_api_token_file": str(token), "pick_api_max_outstanding": 1}
-    async with in_process_stack(servers=2, grpc_transport="grpcio", serve=serve) as stack:
-        assert stack.picker is not None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.picker.bound_ports['grpc']}") as ch:
-            stub = picker_pb2_grpc.EndpointPickerStub(ch)
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Pick(picker_pb2.PickRequest(model="sim-model", prompt="x"))
-            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            auth = (("authorization", "Bearer t"),)
-            first = await stub.Pick(picker_pb2.PickRequest(model="sim-model", prompt="x"), metadata=auth)
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Pick(picker_pb2.PickRequest(model="sim-model", prompt="x"), metadata=auth)
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert (await stub.Release(picker_pb2.ReleaseRequest(pick_id=first.pick_id), metadata=auth)).released
