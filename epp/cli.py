@@ -186,6 +186,7 @@ def run_config(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.file)
+        cfg.build()  # what the plugins load (a tokenizer) is checked too
     except ConfigError as e:
         print(f"invalid: {e}", file=sys.stderr)
         return 1

@@ -120,7 +120,10 @@ class PickerConfig:
                 if inst is None:
                     inst = spec.new_instance() if fresh else spec.instance
                     if declares(inst, LoadsResources):
-                        inst.load()
+                        try:
+                            inst.load()
+                        except ConfigError as e:
+                            raise ConfigError(f"{self.source}: {e.path}", e.message) from None
                 instances[k] = inst
             return instances[k]
 

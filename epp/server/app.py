@@ -1,8 +1,9 @@
 """One epp process: the parts, each with one job, wired together.
 
-datastore (epp.datastore) <- pool sources (endpoints, policies, HA lease) and signal collection
+datastore (epp.datastore) <- pool sources (endpoints, policies) and signal collection
 (scrapes, KV events); config -> scheduler, held by the director (epp.requestcontrol), which the
-serving part's protocol adapters (ext_proc, the Pick API) call; readiness reports it all.
+serving part's protocol adapters (ext_proc, the Pick API) call; with leader election (HA) only
+the Lease holder is ready; readiness reports it all.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from epp.server.sources import PoolSources
 from epp.signals.httpget import MAX_BODY
 from epp.signals.promtext import MAX_SERIES
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesOptions
+    from epp.leader import LeaderElector
 
 log = logging.getLogger("epp")
 
@@ -93,7 +95,9 @@ class PickerServer:
         self.store.on_change(self._endpoints_changed)
         self.pick_api = PickAPI(self.director, max_outstanding=opts.pick_api_max_outstanding, token=pick_token)
         self.grpc = GrpcServing(self._new_stream, self.pick_api, opts.limits)
-        self.readiness = Readiness(lambda: self.store.fresh_count() > 0, lambda: self.sources.is_leader)
+        self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
+        self.readiness = Readiness(lambda: self.store.fresh_count() > 0,
+                                   lambda: self.elector is None or self.elector.is_leader)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, metrics_token)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -133,6 +137,14 @@ class PickerServer:
     async def start(self) -> None:
         o = self.opts
         await self.sources.start()
+        kube, discovery = o.kubernetes, self.sources.discovery
+        if kube is not None and kube.leader_election and discovery is not None:
+            from epp.leader import LeaderElector
+
+            self.elector = LeaderElector(discovery.api, discovery.namespace, kube.lease,
+                                         lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline,
+                                         retry_period=kube.retry_period)
+            self.elector.start()
         await self.signals.start()
         if o.config_file:
             self.config_watcher = config_watcher(o.config_file, self.built, self.apply, o.config_poll_interval)
@@ -158,6 +170,8 @@ class PickerServer:
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()
+        if self.elector is not None:
+            await self.elector.stop(release=True)
         await self.sources.stop()
         await self.metrics_endpoint.stop()
 

@@ -1,9 +1,8 @@
-"""Where the pool comes from: the endpoint set and the request policies, and the HA lease.
+"""Where the pool comes from: the endpoint set and the request policies.
 
 Endpoints: a static list (--endpoints), a watched file (--endpoints-file), or InferencePool
 discovery in Kubernetes, which also brings InferenceObjective and InferenceModelRewrite objects;
-outside Kubernetes those come from a watched file (--objectives-file). With leader election
-(Kubernetes only) this replica serves only while it holds the Lease.
+outside Kubernetes those come from a watched file (--objectives-file).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from epp.requestcontrol.policies import RequestPolicies, parse_policy_file
 
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesDiscovery, KubernetesOptions
-    from epp.leader import LeaderElector
 
 
 class PoolSources:
@@ -38,13 +36,7 @@ class PoolSources:
         self.endpoints_watcher: WatchedFile[list[str]] | None = None
         self.policies_watcher: WatchedFile[RequestPolicies] | None = None
         self.discovery: KubernetesDiscovery | None = None
-        self.elector: LeaderElector | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-
-    @property
-    def is_leader(self) -> bool:
-        """True without leader election; else while this replica holds the Lease."""
-        return self.elector is None or self.elector.is_leader
 
     async def start(self) -> None:
         if self.endpoints:
@@ -63,13 +55,6 @@ class PoolSources:
         if kube is not None:
             self.discovery = await kube.discovery(self.store, self.set_policies)
             await self.discovery.start()
-            if kube.leader_election:
-                from epp.leader import LeaderElector
-
-                self.elector = LeaderElector(self.discovery.api, self.discovery.namespace, kube.lease,
-                                             lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline,
-                                             retry_period=kube.retry_period)
-                self.elector.start()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -77,7 +62,5 @@ class PoolSources:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self.elector is not None:
-            await self.elector.stop(release=True)
         if self.discovery is not None:
             await self.discovery.stop()

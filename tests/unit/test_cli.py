@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from epp.cli import build_parser, parse_bool, parse_duration
-from epp.config import DEFAULT_CONFIG
+from epp.config import DEFAULT_CONFIG, precise_config
 from epp.stack.local import free_port
 
 
@@ -72,6 +72,18 @@ def test_config_validate(tmp_path: Path) -> None:
     bad.write_text(DEFAULT_CONFIG.replace("weight: 3", "weight: heavy"))
     r = epp("config", "validate", str(bad))
     assert r.returncode == 1 and "schedulingProfiles[0].plugins[2].weight" in r.stderr
+
+
+def test_a_tokenizer_that_cannot_load_is_a_one_line_error_for_validate_and_serve(tmp_path: Path) -> None:
+    """Parsing does no I/O; the build loads the tokenizer, and its error still names file and field."""
+    cfg = tmp_path / "precise.yaml"
+    cfg.write_text(precise_config(str(tmp_path / "no-tokenizer"), "tcp://127.0.0.1:1"))
+    r = epp("config", "validate", str(cfg))
+    assert r.returncode == 1 and f"{cfg}: plugins[2].parameters.tokenizer" in r.stderr, r.stderr
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--config-file", str(cfg), "--secure-serving=false",
+            "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0")
+    assert r.returncode == 2 and f"{cfg}: plugins[2].parameters.tokenizer" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def _wait_health(port: int) -> None:
