@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -73,12 +74,14 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
-                         rounds: int = 2, buffered: bool = False,
+                         rounds: int = 2, buffered: bool = False, baseline_src: Path | None = None,
                          profile_with: str | None = None, profile_concurrency: int = 16) -> list[Row]:
+    """``baseline_src``: a checkout of another epp version (with its generated epp/v1), run as one
+    more contender in the same rounds, so a change is measured side by side with its baseline."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
-        ports = free_ports(servers + 3)
+        ports = free_ports(servers + 6)
         sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers : servers + 3]
         endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
         procs: list[subprocess.Popen[bytes]] = []
@@ -98,6 +101,16 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 bf = await start_envoy("epp-buffered", work, epp_port=grpc_port)
                 envoys.append(bf)
                 contenders.append(("envoy + epp (buffered)", bf, epp))
+            if baseline_src is not None:
+                b_grpc, b_health, b_metrics = ports[servers + 3 :]
+                bdir = work / "baseline"
+                bdir.mkdir()
+                env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
+                baseline = await start_epp(endpoints, b_grpc, b_health, b_metrics, bdir, env=env)
+                procs.append(baseline)
+                be = await start_envoy("epp-full-duplex", work, epp_port=b_grpc)
+                envoys.append(be)
+                contenders.append(("envoy + epp baseline (full duplex)", be, baseline))
             body = request_body()
             for _, envoy, _ in contenders:  # warm up connections and code paths
                 await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,

@@ -49,11 +49,11 @@ async def start_sim(ports: list[int], workdir: Path, profile: str = "fast",
 
 
 async def start_epp(endpoints: list[str], grpc_port: int, health_port: int, metrics_port: int, workdir: Path,
-                    extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+                    extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     args = epp_command("serve", "--endpoints", ",".join(endpoints), "--secure-serving=false", "--host", "127.0.0.1",
                        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                        "--metrics-port", str(metrics_port), *extra)
-    proc = spawn(args, workdir / "epp.log")
+    proc = spawn(args, workdir / "epp.log", env)
     want = f'inference_pool_ready_pods{{name="default"}} {float(len(endpoints))}'
 
     async def ready() -> bool:

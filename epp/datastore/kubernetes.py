@@ -35,7 +35,6 @@ from kubernetes_asyncio import watch as k8s_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from epp.datastore.store import Datastore
-from epp.requestcontrol.policies import RequestPolicies
 
 log = logging.getLogger("epp.kubernetes")
 
@@ -266,7 +265,7 @@ class KubernetesOptions:
         return self.lease_name or f"epp-{self.pool_name or 'pods'}"
 
     async def discovery(self, store: Datastore,
-                        on_policies: Callable[[RequestPolicies], None] | None = None) -> KubernetesDiscovery:
+                        on_policies: Callable[[list[dict[str, Any]]], None] | None = None) -> KubernetesDiscovery:
         api = await api_client(self.kubeconfig)
         return KubernetesDiscovery(api, store, self.namespace, pool_name=self.pool_name, pool_group=self.pool_group,
                                    selector=self.selector, target_ports=self.target_ports, on_policies=on_policies)
@@ -278,7 +277,7 @@ class KubernetesDiscovery:
     def __init__(self, api: k8s_client.ApiClient, store: Datastore, namespace: str | None = None, *,
                  pool_name: str | None = None, pool_group: str = POOL_GROUP, selector: str | None = None,
                  target_ports: tuple[int, ...] = (), watch_timeout: int = 300,
-                 on_policies: Callable[[RequestPolicies], None] | None = None) -> None:
+                 on_policies: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         if pool_name is None and not (selector and target_ports):
             raise ValueError("Kubernetes discovery needs --pool-name, or --endpoint-selector with "
                              "--endpoint-target-ports")
@@ -363,7 +362,7 @@ class KubernetesDiscovery:
         if self.on_policies is None:
             return
         objects = [o for r in self.policy_reflectors for o in r.objects.values()]
-        self.on_policies(RequestPolicies.build(objects, self.pool_name))
+        self.on_policies(objects)
 
     def _recompute(self) -> None:
         spec, pods = self.spec, self.pods

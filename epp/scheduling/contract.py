@@ -24,8 +24,7 @@ from epp.scheduling.types import CycleState, Slot
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from epp.scheduling.precise_index import PreciseIndex
-    from epp.signals.kvevents import KVEventsSpec
+    from epp.signals.kvevents import BlockIndex, KVEventsSpec
 
 
 class Plugin(Protocol):
@@ -126,7 +125,7 @@ class SubscribesKVEvents(Protocol):
     """Wants the pods' KV-cache events: the subscription (None: not configured) and the index
     they feed. The process keeps one subscriber per endpoint."""
 
-    def kv_subscription(self) -> tuple[KVEventsSpec, PreciseIndex] | None: ...
+    def kv_subscription(self) -> tuple[KVEventsSpec, BlockIndex] | None: ...
 
 
 # Hook protocol -> its methods (one signature each); checked when a plugin type is registered.

@@ -39,7 +39,7 @@ from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker
 from epp.scheduling.prefix_index import ApproximatePrefix
 from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, Slot
-from epp.signals.kvevents import KVEventsSpec
+from epp.signals.kvevents import BlockIndex, KVEventsSpec
 from epp.tokenization import PromptTokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger("epp.precise")
@@ -211,7 +211,7 @@ class PrecisePrefixCacheScorer(Scorer, ObservesPicks, ObservesUsage, ForgetsEndp
     def prefix_index_size(self) -> int:
         return self.approx.index.size()
 
-    def kv_subscription(self) -> tuple[KVEventsSpec, PreciseIndex] | None:
+    def kv_subscription(self) -> tuple[KVEventsSpec, BlockIndex] | None:
         return (self.kv_events, self.index) if self.kv_events is not None else None
 
     def metric_families(self, pool: str) -> Iterator[Metric]:

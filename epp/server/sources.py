@@ -53,7 +53,12 @@ class PoolSources:
             self._tasks.append(asyncio.create_task(self.policies_watcher.run()))
         kube = self.kubernetes
         if kube is not None:
-            self.discovery = await kube.discovery(self.store, self.set_policies)
+            pool = kube.pool_name
+
+            def policies_changed(objects: list[dict[str, Any]]) -> None:
+                self.set_policies(RequestPolicies.build(objects, pool))
+
+            self.discovery = await kube.discovery(self.store, policies_changed)
             await self.discovery.start()
 
     async def stop(self) -> None:

@@ -20,16 +20,14 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
-
-from epp.scheduling.precise_index import PreciseIndex
 
 log = logging.getLogger("epp.kvevents")
 END_SEQ = -1
@@ -44,6 +42,15 @@ def connect_address(endpoint: str, pod_host: str) -> str:
     """Where to connect for a publisher that binds ``endpoint`` on the pod ``pod_host``."""
     host = f"[{pod_host}]" if ":" in pod_host else pod_host
     return re.sub(r"^tcp://(\*|\[::\]|::)", f"tcp://{host}", endpoint)
+
+
+class BlockIndex(Protocol):
+    """Where the events go (the precise prefix scorer's index): blocks stored and removed per
+    pod, and a pod's blocks dropped when its stream cannot be trusted."""
+
+    def apply(self, pod: str, events: Iterable[dict[str, Any]]) -> None: ...
+
+    def clear(self, pod: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +97,7 @@ def decode_batch(payload: bytes) -> list[dict[str, Any]]:
 
 
 class KVEventSubscriber:
-    def __init__(self, source: KVEventSource, index: PreciseIndex, ctx: zmq.asyncio.Context,
+    def __init__(self, source: KVEventSource, index: BlockIndex, ctx: zmq.asyncio.Context,
                  replay_timeout: float = 2.0, on_batch: Callable[[str, int], None] | None = None) -> None:
         self.source = source
         self.index = index
@@ -255,11 +262,11 @@ class KVEventManager:
         self.ctx = ctx or zmq.asyncio.Context()
         self._own_ctx = ctx is None
         self.spec: KVEventsSpec | None = None
-        self.index: PreciseIndex | None = None
+        self.index: BlockIndex | None = None
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self.retired = SubscriberStats()  # totals of subscribers that were stopped
 
-    async def sync(self, spec: KVEventsSpec | None, index: PreciseIndex | None, pods: set[str]) -> None:
+    async def sync(self, spec: KVEventsSpec | None, index: BlockIndex | None, pods: set[str]) -> None:
         """Subscribe to ``pods`` for ``index`` (stop everything when spec or index is None)."""
         if spec != self.spec or index is not self.index:
             for pod in list(self.subscribers):
