@@ -267,6 +267,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                                       "vllm-router", "sglang-router")))
     ro.add_argument("--epp-config", action="append", default=[], metavar="NAME=PATH",
                     help="also run epp with this EndpointPickerConfig, as contender epp-NAME (repeatable)")
+    ro.add_argument("--baseline-src", metavar="DIR", help="contenders named epp...-baseline run the epp of this "
+                    "checkout (DIR with its epp/v1 generated), e.g. --contenders epp,epp-baseline")
     ro.add_argument("--trace", help="replay this saved trace instead of generating one")
     ro.add_argument("--prefix-tokens", type=int, default=6000, help="shared system prompt length")
     ro.add_argument("--groups", type=int, default=128, help="prefix groups (Zipf popularity)")
@@ -359,7 +361,8 @@ def run_bench(args: argparse.Namespace) -> int:
             trace_file=Path(args.trace) if args.trace else None,
             params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
                                   output_tokens=args.output_tokens),
-            progress=not args.no_progress, epp_configs=configs)))
+            progress=not args.no_progress, epp_configs=configs,
+            baseline_src=Path(args.baseline_src) if args.baseline_src else None)))
         print((out / "routing.md").read_text())
         return 0
     if args.bench_command == "precise":

@@ -149,9 +149,17 @@ def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
 
 
 async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path,
-                          epp_configs: dict[str, Path] | None = None) -> Running | str:
+                          epp_configs: dict[str, Path] | None = None,
+                          baseline_src: Path | None = None) -> Running | str:
     """Start ``name`` in front of ``addresses``; a string says why it is not available. ``epp-X``
-    is epp with the config file ``epp_configs[X]``."""
+    is epp with the config file ``epp_configs[X]``; ``<epp contender>-baseline`` the same epp
+    contender run from the checkout ``baseline_src`` (a change measured against its baseline)."""
+    env = None
+    if name.endswith("-baseline") and name.startswith("epp"):
+        if baseline_src is None:
+            return f"no baseline checkout given for {name} (--baseline-src DIR)"
+        env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
+        name = name.removesuffix("-baseline")
     if name in ("envoy-round-robin", "envoy-least-request"):
         policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
         envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
@@ -164,7 +172,7 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
             if config is None:
                 return f"no config file given for {name} (--epp-config {name[4:]}=PATH)"
             extra = ("--config-file", str(config))
-        epp = await start_epp(addresses, grpc, health, metrics, workdir, extra)
+        epp = await start_epp(addresses, grpc, health, metrics, workdir, extra, env=env)
         try:
             envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc)
         except Exception:
@@ -388,6 +396,7 @@ class RoutingOptions:
     late_limit_ms: float = 5.0  # a run whose simulated GPUs' steps were later than this on average is repeated once
     params: WorkloadParams = field(default_factory=WorkloadParams)
     epp_configs: dict[str, Path] = field(default_factory=dict)  # contender "epp-NAME" runs with config NAME
+    baseline_src: Path | None = None  # contenders "epp...-baseline" run the epp of this checkout
     trace_file: Path | None = None  # replay this trace (rate from the file) instead of building one
     progress: bool = True
 
@@ -468,7 +477,8 @@ async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, o
     work = out / "logs" / f"{name}-{load}"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        running = await start_contender(name, [s.address for s in fleet.servers], work, venvs, opts.epp_configs)
+        running = await start_contender(name, [s.address for s in fleet.servers], work, venvs, opts.epp_configs,
+                                        opts.baseline_src)
         if isinstance(running, str):
             return running
         try:

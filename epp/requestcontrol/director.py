@@ -64,7 +64,7 @@ class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
     __slots__ = ("_director", "_labels", "_started", "decision", "done", "forward_body", "prefilled", "reader",
-                 "request", "scheduler")
+                 "request", "scheduler", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: tuple[str, str], started: float) -> None:
@@ -78,6 +78,9 @@ class Routed:
         self.reader: UsageReader | None = None  # reads (and maybe strips) usage from the response body
         self.done = False
         self.prefilled = False
+        # Whether a response chunk that is not the last one matters (before the first bytes, or
+        # while usage is read): a front end may skip ``response_body`` for the others.
+        self.wants_chunks = True
 
     @property
     def header_value(self) -> str:
@@ -91,6 +94,7 @@ class Routed:
         """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
         if not self.prefilled:
             self.prefilled = True
+            self.wants_chunks = self.reader is not None
             self.scheduler.prefill_done(self.decision)
 
     def response_body(self, data: bytes, eos: bool) -> bytes:

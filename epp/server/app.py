@@ -30,6 +30,7 @@ from epp.server.serving import GrpcServing, MetricsEndpoint
 from epp.server.signals import SignalCollection
 from epp.server.sources import PoolSources
 from epp.signals.httpget import MAX_BODY
+from epp.signals.kvevents import KVEventManager
 from epp.signals.promtext import MAX_SERIES
 
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
@@ -104,7 +105,7 @@ class PickerServer:
         self.bound_ports: dict[str, int] = {}
 
     @property
-    def kv_events(self) -> Any:
+    def kv_events(self) -> KVEventManager:
         return self.signals.kv_events
 
     def _plugins(self) -> list[Any]:
@@ -129,10 +130,6 @@ class PickerServer:
         self.director.admission = SheddableAdmission(built.config.saturation)
         self.metrics.config_reloads.inc()
         self.signals.resync()
-
-    def apply_config(self, cfg: PickerConfig) -> None:
-        """Build ``cfg`` (keeping unchanged plugins) and apply it."""
-        self.apply(build(cfg, self.built))
 
     async def start(self) -> None:
         o = self.opts

@@ -233,7 +233,7 @@ class ExtProcStream:
             body = msg.response_body
             eos = body.end_of_stream
             pick = self.pick
-            data = pick.response_body(body.body, eos) if pick is not None else body.body
+            data = pick.response_body(body.body, eos) if pick is not None and (eos or pick.wants_chunks) else body.body
             if self._resp_mode == FULL_DUPLEX:
                 if eos:
                     return [_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS]
