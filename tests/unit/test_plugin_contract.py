@@ -269,3 +269,18 @@ def test_the_example_package_is_installed_and_parsed_strictly() -> None:
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.parameters\.prot: unknown parameter"):
         parse_config(good.replace("port: 8001", "prot: 8001"))
     assert DEFAULT_CONFIG  # the default config needs no installed plugin
+
+
+@pytest.mark.parametrize("scorer", ["prefix-cache-scorer", "precise-prefix-cache-scorer"])
+def test_both_prefix_scorers_read_the_shared_parameters_alike(scorer: str) -> None:
+    """One reading (ApproximatePrefix.from_params): same names, defaults, bounds and errors."""
+    text = config(f"- type: {scorer}\n  parameters: {{PARAMS}}", f"  - {{pluginRef: {scorer}, weight: 1}}")
+    s, _ = parse_config(text.replace("{PARAMS}", "")).build()
+    approx = s.profile.scorers[0][0].approx  # type: ignore[attr-defined]
+    assert (approx.index.block_chars, approx.index.max_blocks, approx.index.lru_capacity) == (64, 256, 31250)
+    assert (approx.balance_abs, approx.balance_rel) == (4.0, 1.5)
+    for bad in ("blockSizeTokens: 0", "lruCapacityPerServer: 1e14", "maxPrefixBlocksToMatch: x",
+                "balanceRelThreshold: 0.5"):
+        field = bad.split(":")[0]
+        with pytest.raises(ConfigError, match=rf"plugins\[0\]\.parameters\.{field}"):
+            parse_config(text.replace("PARAMS", bad))
