@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -30,6 +31,30 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_size(text: str) -> int:
+    """A byte size as the reference reads it: 4194304, 10Mi, 10MiB, 25M, 25MB, 1e6 (an argparse type)."""
+    t = text.strip()
+    if len(t) > 1 and t[-1] in "Bb":  # the reference's sanitizeSizeString
+        t = t[:-1]
+    m = _SIZE.fullmatch(t)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size like 4194304, 10Mi or 25MB, got {text!r}")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
+    if value <= 0 or value != int(value) or value > 1 << 40:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes > 0 and <= 1Ti, got {text!r}")
+    return int(value)
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?")
+_SIZE_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 1024.0, "Mi": 1024.0**2, "Gi": 1024.0**3,
+               "Ti": 1024.0**4}
+
+
+def bool_flag(p: Any, name: str, default: bool, help: str | None = None) -> None:
+    """A boolean flag as Go's pflag reads it: bare (``--flag``) or ``--flag=true|false``."""
+    p.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="true|false", help=help)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -40,11 +65,47 @@ def positive_int(text: str) -> int:
     return value
 
 
+# Reference flags for features epp does not have: false is what epp does; true is refused.
+OFF_ONLY = {
+    "--tracing": "OpenTelemetry tracing is not supported by epp yet",
+    "--enable-pprof": "epp has no pprof endpoint (profile it with py-spy)",
+    "--health-checking": "epp does not health-check the model servers (a failing scrape takes a pod out)",
+    "--enable-grpc-stream-metrics": "epp has no ext_proc stream metrics yet",
+}
+# Reference flags epp refuses whatever their value, and why.
+REFUSED = {
+    "--metrics-client-ca-file": "/metrics has no TLS in epp (use a bearer token: --metrics-token-file)",
+    "--metrics-cert-dir": "/metrics has no TLS in epp (use a bearer token: --metrics-token-file)",
+    "--refresh-prometheus-metrics-interval": "epp computes the pool gauges at each /metrics scrape",
+    "--total-queued-requests-metric": "deprecated in the reference; epp reads the metric names of --engine",
+    "--total-running-requests-metric": "deprecated in the reference; epp reads the metric names of --engine",
+    "--kv-cache-usage-percentage-metric": "deprecated in the reference; epp reads the metric names of --engine",
+    "--lora-info-metric": "deprecated in the reference; epp reads the metric names of --engine",
+    "--cache-info-metric": "deprecated in the reference; epp reads the metric names of --engine",
+    "--zap-stacktrace-level": "epp logs a traceback with every error that has one",
+}
+
+
+def refused_flags(args: argparse.Namespace) -> list[str]:
+    """One line per reference flag given that epp cannot honour."""
+    out = []
+    for name, why in OFF_ONLY.items():
+        if vars(args)[name[2:].replace("-", "_")]:
+            out.append(f"{name}=true is not supported by epp: {why}")
+    for name, why in REFUSED.items():
+        if vars(args)[name[2:].replace("-", "_")] is not None:
+            out.append(f"{name} is not supported by epp: {why}")
+    return out
+
+
 def _add_limits(p: argparse.ArgumentParser) -> None:
     """What a client, a pod or a gateway can make epp hold (the README's limits table)."""
     g = p.add_argument_group("limits")
-    g.add_argument("--grpc-max-recv-msg-size", type=positive_int, default=64 << 20, metavar="BYTES",
-                   help="largest gRPC message, and largest request body held for a pick (default 64 MiB)")
+    g.add_argument("--grpc-max-recv-msg-size", type=parse_size, default=64 << 20, metavar="SIZE",
+                   help="largest gRPC message, and largest request body held for a pick (default 64Mi)")
+    g.add_argument("--grpc-max-send-msg-size", type=parse_size, default=128 << 20, metavar="SIZE",
+                   help="largest gRPC message epp sends; a larger answer ends the call RESOURCE_EXHAUSTED "
+                        "(default 128Mi)")
     g.add_argument("--grpc-max-header-list-size", type=positive_int, default=64 << 10, metavar="BYTES",
                    help="largest HTTP/2 header block, CONTINUATION frames included (default 64 KiB)")
     g.add_argument("--grpc-max-buffered-bytes", type=positive_int, default=128 << 20, metavar="BYTES",
@@ -62,13 +123,18 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the endpoint picker (Envoy ext_proc + epp.v1 Pick API)")
     p.add_argument("--config-file", help="EndpointPickerConfig YAML (watched; default profile if absent)")
+    p.add_argument("--config-text", help="the EndpointPickerConfig itself, instead of a file (not reloaded)")
     p.add_argument("--endpoints", help="HOST:PORT[,HOST:PORT...] of the model servers")
     p.add_argument("--endpoints-file", help="YAML list of HOST:PORT (watched and reloaded on change)")
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
-    p.add_argument("--secure-serving", type=parse_bool, default=True, metavar="true|false")
+    bool_flag(p, "--secure-serving", True, "TLS on the gRPC port (a self-signed certificate without --cert-path)")
     p.add_argument("--cert-path", help="directory with tls.crt and tls.key (self-signed if absent)")
+    bool_flag(p, "--enable-cert-reload", False, "re-read the certificate in --cert-path when it changes")
+    p.add_argument("--tls-min-version", default="VersionTLS12", help="VersionTLS10 ... VersionTLS13 (default 1.2)")
+    p.add_argument("--tls-cipher-suites", default="", metavar="NAME,...",
+                   help="Go crypto/tls cipher suite names for TLS 1.2 and below (TLS 1.3 suites are fixed)")
     p.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05, metavar="DURATION")
     p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0, metavar="DURATION")
     p.add_argument("--scrape-timeout", type=parse_duration, default=1.0, metavar="DURATION")
@@ -80,33 +146,61 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--endpoint-target-ports", help="with --endpoint-selector: the pods' ports (8000[,8001])")
     p.add_argument("--objectives-file", help="YAML InferenceObjective / InferenceModelRewrite documents (reloaded "
                    "on change; for pools outside Kubernetes, where discovery reads them from the API)")
-    p.add_argument("--ha-enable-leader-election", type=parse_bool, default=False, metavar="true|false",
-                   help="run several replicas: only the Lease holder reports ready (Kubernetes discovery only)")
+    bool_flag(p, "--ha-enable-leader-election", False,
+              "run several replicas: only the Lease holder reports ready (Kubernetes discovery only)")
     p.add_argument("--ha-lease-name", help="the Lease's name (default: epp-<pool name>)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
-    p.add_argument("--decision-headers", type=parse_bool, default=False, metavar="true|false",
-                   help="add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
-    p.add_argument("--log-level", default="info")
+    bool_flag(p, "--decision-headers", False,
+              "add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
+    bool_flag(p, "--emit-endpoint-scores", False,
+              "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
+    bool_flag(p, "--disable-endpoint-subset-filter", False,
+              "ignore the gateway's subset hint (envoy.lb.subset_hint) and pick from the whole pool")
+    bool_flag(p, "--allow-experimental-plugins", False,
+              "accepted for the reference's charts: epp has no experimental plugin types")
+    logs = p.add_argument_group("logging (the reference's klog and zap flags, or --log-level)")
+    logs.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    logs.add_argument("-v", "--v", type=int, metavar="N", help="verbosity: 4 or more logs at debug (default 2)")
+    logs.add_argument("--zap-log-level", help="debug, info, error, panic, or a verbosity N")
+    logs.add_argument("--zap-encoder", default="console", help="json or console")
+    bool_flag(logs, "--zap-devel", False, "debug level and console output, unless given otherwise")
+    logs.add_argument("--zap-time-encoding", help="epoch, millis, nano, iso8601, rfc3339 or rfc3339nano")
+    ref = p.add_argument_group("reference flags epp does not implement (off is accepted, on is refused)")
+    for name in OFF_ONLY:
+        bool_flag(ref, name, False)
+    for name in REFUSED:
+        ref.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
                    help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
-    p.add_argument("--metrics-endpoint-auth", type=parse_bool, default=False, metavar="true|false",
-                   help="require a bearer token on /metrics (the token in --metrics-token-file)")
+    bool_flag(p, "--metrics-endpoint-auth", False, "require a bearer token on /metrics (the token in "
+              "--metrics-token-file)")
     p.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
     p.add_argument("--pick-api-token-file", help="file with the bearer token the epp.v1 Pick API requires")
     _add_limits(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from epp.config import load_config
+    from epp.config import load_config, parse_config
     from epp.datastore.sources import parse_endpoint_list
     from epp.scheduling.types import ConfigError
     from epp.server.app import ServeOptions, serve_forever
     from epp.server.h2grpc import Limits
+    from epp.server.tls import TLSPolicy
     from epp.signals.mappings import names_for
 
+    refused = refused_flags(args)
+    if refused:
+        for line in refused:
+            print(f"epp serve: {line}", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(args.config_file)
+        if args.config_file and args.config_text:
+            raise ValueError("give --config-file or --config-text, not both")
+        cfg = parse_config(args.config_text, "--config-text") if args.config_text else load_config(args.config_file)
+        tls = TLSPolicy(args.tls_min_version, tuple(n.strip() for n in args.tls_cipher_suites.split(",") if n.strip()))
+        if args.enable_cert_reload and not args.cert_path:
+            raise ValueError("--enable-cert-reload needs --cert-path (a self-signed certificate never changes)")
         endpoints = tuple(parse_endpoint_list(args.endpoints)) if args.endpoints else ()
         kube = kubernetes_options(args) if not endpoints and not args.endpoints_file else None
         if args.ha_enable_leader_election and kube is None:
@@ -133,7 +227,9 @@ def run_serve(args: argparse.Namespace) -> int:
         kubernetes=kube, objectives_file=args.objectives_file,
         drain_timeout=args.drain_timeout,
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
-                      max_buffered=args.grpc_max_buffered_bytes),
+                      max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),
+        tls=tls, cert_reload=args.enable_cert_reload, emit_endpoint_scores=args.emit_endpoint_scores,
+        subset_filter=not args.disable_endpoint_subset_filter,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file)
@@ -525,13 +621,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``epp [serve] FLAGS...``: with no command, or flags first (a container's args), epp serves."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if not given or (given[0] not in COMMANDS and given[0] not in ("-h", "--help")):
+        given.insert(0, "serve")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(given)
     if args.command == "serve":
+        from epp.observability.logs import configure, level_of
+
+        try:
+            devel = args.zap_devel and args.zap_log_level is None and args.log_level is None
+            level = logging.DEBUG if devel else level_of(args.zap_log_level, args.log_level, args.v)
+            configure(level, args.zap_encoder, args.zap_time_encoding)
+        except ValueError as e:
+            print(f"epp serve: {e}", file=sys.stderr)
+            return 2
         return run_serve(args)
+    logging.basicConfig(level=(getattr(args, "log_level", None) or "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "sim":
         return run_sim(args)
     if args.command == "config":

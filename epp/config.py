@@ -28,7 +28,18 @@ from epp.scheduling.types import ConfigError
 
 log = logging.getLogger("epp.config")
 
-API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "inference.networking.k8s.io/v1alpha1")
+# The reference's current apiVersion first; the older two are still read (the reference logs the
+# x-k8s.io one as deprecated).
+API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1", "inference.networking.k8s.io/v1alpha1")
+# featureGates the reference registers -> whether epp does that (gate on) or the opposite (off).
+FEATURE_GATES = {"flowControl": (False, "flow control (queues, priorities, fairness) is not supported by epp yet"),
+                 "haPopulateNonLeaderDatastore": (True, "epp's standby replicas always discover and scrape the pool")}
+# Sections of the reference's schema epp does not read yet: refused, never ignored.
+NOT_YET = {"dataLayer": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
+           "data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
+           "requestHandler": "epp parses OpenAI chat and completions requests itself",
+           "parser": "epp parses OpenAI chat and completions requests itself",
+           "flowControl": "flow control is not supported by epp yet"}
 KIND = "EndpointPickerConfig"
 
 DEFAULT_CONFIG = """\
@@ -217,16 +228,19 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         raw = {}
     _expect(raw, dict, "(root)", "a mapping")
     _no_unknown(raw, {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
-                      "data", "flowControl"}, "")
+                      *NOT_YET}, "")
+    for section, why in NOT_YET.items():
+        if section in raw:
+            raise ConfigError(section, f"not supported by epp ({why})")
     api = raw.get("apiVersion", API_VERSIONS[0])
     if api not in API_VERSIONS:
-        raise ConfigError("apiVersion", f"unsupported {show(api)} (expected {API_VERSIONS[0]})")
+        raise ConfigError("apiVersion", f"unsupported {show(api)} (expected one of {', '.join(API_VERSIONS)})")
     if raw.get("kind", KIND) != KIND:
         raise ConfigError("kind", f"expected {KIND}, got {show(raw.get('kind'))}")
     gates = raw.get("featureGates") or []
     _expect(gates, list, "featureGates", "a list")
     for i, gate in enumerate(gates):
-        _expect(gate, str, f"featureGates[{i}]", "a string")
+        _feature_gate(_expect(gate, str, f"featureGates[{i}]", "a string"), f"featureGates[{i}]")
     plugins: dict[str, PluginSpec] = {}
     for i, p in enumerate(_expect(raw.get("plugins") or [], list, "plugins", "a list")):
         path = f"plugins[{i}]"
@@ -283,15 +297,34 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         else:
             raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
     sat = _expect(raw.get("saturationDetector") or {}, dict, "saturationDetector", "a mapping")
+    if "pluginRef" in sat:
+        raise ConfigError("saturationDetector.pluginRef", "not supported by epp yet (saturation detector plugins "
+                                                          "come with flow control); give the thresholds instead")
     sp = Params(sat, "saturationDetector")
     thresholds = SaturationThresholds(sp.float("queueDepthThreshold", 64.0, minimum=0),
-                                      sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0))
-    sp.float("metricsStalenessThreshold", 2.0, minimum=0)  # the flag governs; accepted for compatibility
+                                      sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0),
+                                      sp.duration("metricsStalenessThreshold", 2.0))
     sp.done()
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, thresholds, source,
                        hashlib.sha256(text.encode()).hexdigest())
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
+
+
+def _feature_gate(text: str, path: str) -> None:
+    """``name`` or ``name=true|false`` (the reference's form), refused unless epp does what it asks."""
+    name, sep, value = text.partition("=")
+    if name not in FEATURE_GATES:
+        raise ConfigError(path, f"feature gate {show(name)} is unknown (known: {', '.join(FEATURE_GATES)})")
+    on = True
+    if sep:
+        v = value.strip().lower()
+        if v not in ("true", "false", "1", "0", "t", "f"):
+            raise ConfigError(path, f"{show(value)} is not a valid value for the feature gate {name}")
+        on = v in ("true", "1", "t")
+    does, why = FEATURE_GATES[name]
+    if on != does:
+        raise ConfigError(path, f"{name}={'true' if on else 'false'} is not supported by epp ({why})")
 
 
 def load_config(path: str | None) -> PickerConfig:

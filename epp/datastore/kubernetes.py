@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -41,9 +42,10 @@ log = logging.getLogger("epp.kubernetes")
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
-ACTIVE_PORTS = "inference.networking.k8s.io/active-ports"
-POLICY_GROUP = "inference.networking.x-k8s.io"
-POLICY_VERSION = "v1alpha2"
+# The pod annotation that narrows its ports: the reference's current name first, then the older one.
+ACTIVE_PORTS = ("llm-d.ai/active-ports", "inference.networking.k8s.io/active-ports")
+# InferenceObjective / InferenceModelRewrite: the reference's current group, and the older one.
+POLICY_SOURCES = (("llm-d.ai", "v1alpha2"), ("inference.networking.x-k8s.io", "v1alpha2"))
 POLICY_PLURALS = ("inferenceobjectives", "inferencemodelrewrites")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 NAMESPACE_FILE = f"{SERVICE_ACCOUNT_DIR}/namespace"
@@ -100,7 +102,8 @@ def pod_endpoints(pod: dict[str, Any], ports: tuple[int, ...]) -> list[str]:
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
     if not ip or not ready:
         return []
-    active = (meta.get("annotations") or {}).get(ACTIVE_PORTS)
+    annotations = meta.get("annotations") or {}
+    active = next((annotations[k] for k in ACTIVE_PORTS if k in annotations), None)
     if active:
         wanted = {int(p) for p in active.split(",") if p.strip().isdigit()}
         ports = tuple(p for p in ports if p in wanted)
@@ -300,6 +303,12 @@ class KubernetesDiscovery:
         self.policy_reflectors: list[Reflector] = []
         self._policy_tasks: list[asyncio.Task[None]] = []
 
+    def has_synced(self) -> bool:
+        """The pool (if any) and its pods have been listed once: the endpoint set is known."""
+        if self.pool is not None and not self.pool.synced.is_set():
+            return False
+        return self.pods is not None and self.pods.synced.is_set()
+
     async def start(self) -> None:
         if self.pool_name is not None:
             custom = k8s_client.CustomObjectsApi(self.api)
@@ -309,10 +318,9 @@ class KubernetesDiscovery:
                                   field_selector=f"metadata.name={self.pool_name}", watch_timeout=self.watch_timeout)
             self._pool_task = asyncio.create_task(self.pool.run())
             if self.on_policies is not None:
-                for plural in POLICY_PLURALS:
-                    lister = partial(custom.list_namespaced_custom_object, POLICY_GROUP, POLICY_VERSION,
-                                     self.namespace, plural)
-                    r = Reflector(f"{plural} {self.namespace}", lister, self._policies_changed,
+                for (group, version), plural in itertools.product(POLICY_SOURCES, POLICY_PLURALS):
+                    lister = partial(custom.list_namespaced_custom_object, group, version, self.namespace, plural)
+                    r = Reflector(f"{plural}.{group} {self.namespace}", lister, self._policies_changed,
                                   watch_timeout=self.watch_timeout, missing_ok=True)
                     self.policy_reflectors.append(r)
                     self._policy_tasks.append(asyncio.create_task(r.run()))

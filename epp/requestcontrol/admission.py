@@ -2,8 +2,8 @@
 
 ``Admission`` is the extension point flow control takes over (queue, then dispatch); today's
 policy is ``SheddableAdmission``: a sheddable request (negative objective priority) is refused
-with 429 while every endpoint with fresh metrics is saturated (the reference's behaviour
-without flow control). Other requests are always admitted.
+with 429 while every endpoint is saturated (epp.flowcontrol.saturation; an endpoint with stale
+metrics counts as saturated, as in the reference). Other requests are always admitted.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ class SheddableAdmission:
     def admit(self, request: InferenceRequest, snapshot: Snapshot) -> Refused | None:
         if request.priority >= 0:
             return None
-        now, staleness = snapshot.now, snapshot.staleness
-        fresh = [e for e in snapshot.endpoints if e.fresh(now, staleness)]
-        if self.thresholds.pool_saturated(snapshot, fresh):
+        if self.thresholds.pool_saturated(snapshot):
             return Refused(429, "every endpoint is saturated and the request is sheddable; retry later")
         return None

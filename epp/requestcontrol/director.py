@@ -14,14 +14,15 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-from epp.datastore.store import Datastore
+from epp.datastore.store import Datastore, Snapshot
 from epp.observability.metrics import PickerMetrics
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, SheddableAdmission
+from epp.requestcontrol.headers import MODEL_REWRITE, OBJECTIVE, header
 from epp.requestcontrol.parsing import (
     GENERATION_PATHS,
     from_fields,
@@ -30,7 +31,7 @@ from epp.requestcontrol.parsing import (
     parse_body,
     route_path,
 )
-from epp.requestcontrol.policies import OBJECTIVE_HEADER, RequestPolicies
+from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.refused import Refused
 from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.scheduling.framework import Scheduler
@@ -58,13 +59,14 @@ class RequestInput:
     model: str = ""
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    subset: tuple[str, ...] | None = None  # the gateway's subset hint: pick only from these (by host)
 
 
 class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
-    __slots__ = ("_director", "_labels", "_started", "decision", "done", "forward_body", "prefilled", "reader",
-                 "request", "scheduler", "wants_chunks")
+    __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "forward_body", "prefilled",
+                 "reader", "request", "scheduler", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: tuple[str, str], started: float) -> None:
@@ -76,6 +78,7 @@ class Routed:
         self._started = started
         self.forward_body: bytes | None = None  # the request body to send, when epp changed it
         self.reader: UsageReader | None = None  # reads (and maybe strips) usage from the response body
+        self.endpoint = decision.primary  # where the in-flight count is kept (the served one, once known)
         self.done = False
         self.prefilled = False
         # Whether a response chunk that is not the last one matters (before the first bytes, or
@@ -85,6 +88,18 @@ class Routed:
     @property
     def header_value(self) -> str:
         return ",".join(self.decision.endpoints)
+
+    def endpoint_scores(self) -> dict[str, float]:
+        """Each picked endpoint's weighted total (primary and fallbacks)."""
+        d = self.decision
+        index = {c.address: i for i, c in enumerate(d.candidates)}
+        return {a: d.totals[index[a]] for a in d.endpoints}
+
+    def served_by(self, endpoint: str) -> None:
+        """The gateway says ``endpoint`` served the request (a fallback, after a retry): its
+        in-flight count moves there."""
+        if endpoint and endpoint != self.endpoint and not self.done and self._director.move(self.endpoint, endpoint):
+            self.endpoint = endpoint
 
     def explain(self) -> tuple[tuple[str, str], ...]:
         """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
@@ -119,7 +134,7 @@ class Routed:
         if not self.done:
             self.done = True
             self.first_bytes()
-            self._director.finished(self.decision.primary, self._labels, self._started)
+            self._director.finished(self.endpoint, self._labels, self._started)
 
 
 class Director:
@@ -127,8 +142,9 @@ class Director:
 
     def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics,
                  policies: RequestPolicies | None = None, admission: Admission | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, subset_filter: bool = True) -> None:
         self.store = store
+        self.subset_filter = subset_filter  # off: --disable-endpoint-subset-filter
         self.scheduler = scheduler
         self.metrics = metrics
         self.admission: Admission = admission or SheddableAdmission()
@@ -156,6 +172,8 @@ class Director:
         scheduler = self.scheduler
         snapshot = self.store.snapshot()
         try:
+            if given.subset is not None and self.subset_filter:
+                snapshot = _within(snapshot, given.subset)
             refusal = self.admission.admit(request, snapshot)
             if refusal is not None:
                 raise refusal
@@ -193,10 +211,16 @@ class Director:
             raise
 
     def _apply_policies(self, request: InferenceRequest) -> None:
-        """The objective's priority, and the model rewrite (``target_model``) if a rule says so."""
+        """The objective's priority, and the model to send: the client's model-name-rewrite
+        header if given, then an InferenceModelRewrite rule for the model overrides it (as the
+        reference orders them)."""
         policies = self.policies
-        request.objective = request.headers.get(OBJECTIVE_HEADER, "")
+        headers = request.headers
+        request.objective = header(headers, OBJECTIVE)
         request.priority = policies.priority(request.objective)
+        wanted = header(headers, MODEL_REWRITE)
+        if wanted and request.model:
+            request.target_model = wanted
         if request.model and (policies.exact or policies.generic):
             target = policies.rewrite(request.model, self.rng)
             if target is not None:
@@ -219,5 +243,28 @@ class Director:
         m = self.metrics
         m.child(m.duration, *labels).observe(time.perf_counter() - started)
 
+    def move(self, old: str, new: str) -> bool:
+        """Move one in-flight request from ``old`` to ``new`` (False when ``new`` is not in the pool)."""
+        if self.store.get(new) is None:
+            return False
+        self.store.release(old)
+        self.store.acquire(new)
+        return True
+
     def endpoint_removed(self, address: str) -> None:
         self.scheduler.endpoint_removed(address)
+
+
+def _host(address: str) -> str:
+    return address.rpartition(":")[0] if ":" in address else address
+
+
+def _within(snapshot: Snapshot, subset: tuple[str, ...]) -> Snapshot:
+    """The snapshot narrowed to the subset hint's hosts (as the reference matches them: by host);
+    Refused 503 when it leaves no endpoint."""
+    hosts = {_host(a) for a in subset}
+    endpoints = tuple(e for e in snapshot.endpoints if _host(e.address) in hosts)
+    if not endpoints:
+        raise Refused(503, "no endpoint of the pool is in the gateway's subset hint "
+                           "(x-gateway-destination-endpoint-subset)")
+    return replace(snapshot, endpoints=endpoints)

@@ -1,10 +1,12 @@
 """The pool's request policies: InferenceObjective priorities and InferenceModelRewrite rules.
 
-Both are ``inference.networking.x-k8s.io/v1alpha2`` custom resources that name their pool in
-``spec.poolRef``. They come from the Kubernetes API (with discovery) or from a YAML file of the
-same documents (``--objectives-file``, for pools outside Kubernetes).
+Both are ``llm-d.ai/v1alpha2`` custom resources (or the older
+``inference.networking.x-k8s.io/v1alpha2``) that name their pool in ``spec.poolRef`` (name, group
+and kind). They come from the Kubernetes API (with discovery) or from a YAML file of the same
+documents (``--objectives-file``, for pools outside Kubernetes).
 
-- InferenceObjective: the request header ``x-gateway-inference-objective`` names one; its
+- InferenceObjective: the request header ``x-llm-d-inference-objective`` (or the older
+  ``x-gateway-inference-objective``) names one; its
   ``spec.priority`` (unset = 0) orders requests, and a negative priority is sheddable: such
   requests get 429 while the pool is saturated.
 - InferenceModelRewrite: ``spec.rules[]``, each ``matches[].model {type: Exact, value}`` (no
@@ -23,7 +25,6 @@ from typing import Any
 
 log = logging.getLogger("epp.policies")
 
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 GROUP = "inference.networking.x-k8s.io"
 VERSION = "v1alpha2"
 
@@ -52,9 +53,18 @@ class RewriteRule:
         return self.targets[-1][0]
 
 
-def _pool_of(obj: Mapping[str, Any]) -> str | None:
+POOL_GROUP = "inference.networking.k8s.io"  # poolRef.group's default, and the InferencePool's group
+POOL_KIND = "InferencePool"
+
+
+def _for_pool(obj: Mapping[str, Any], pool: str, pool_group: str) -> bool:
+    """Whether ``obj``'s poolRef names this pool: name, group (default inference.networking.k8s.io)
+    and kind (default InferencePool) all match, as the reference checks; no poolRef: every pool."""
     ref = (obj.get("spec") or {}).get("poolRef")
-    return ref.get("name") if isinstance(ref, Mapping) else None
+    if not isinstance(ref, Mapping):
+        return True
+    return (ref.get("name") in (pool, None) and (ref.get("group") or POOL_GROUP) == pool_group
+            and (ref.get("kind") or POOL_KIND) == POOL_KIND)
 
 
 def _name(obj: Mapping[str, Any]) -> str:
@@ -122,13 +132,14 @@ class RequestPolicies:
     errors: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, objects: Iterable[Mapping[str, Any]], pool: str | None, strict: bool = False) -> RequestPolicies:
+    def build(cls, objects: Iterable[Mapping[str, Any]], pool: str | None, strict: bool = False,
+              pool_group: str = POOL_GROUP) -> RequestPolicies:
         """From InferenceObjective / InferenceModelRewrite objects; those of other pools are
         ignored, bad ones are logged and skipped (the others still apply), or raise when strict."""
         p = cls()
         rules: list[RewriteRule] = []
         for obj in objects:
-            if pool is not None and _pool_of(obj) not in (pool, None):
+            if pool is not None and not _for_pool(obj, pool, pool_group):
                 continue
             try:
                 if obj.get("kind") == "InferenceObjective":

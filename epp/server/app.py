@@ -29,6 +29,7 @@ from epp.server.readiness import Readiness
 from epp.server.serving import GrpcServing, MetricsEndpoint
 from epp.server.signals import SignalCollection
 from epp.server.sources import PoolSources
+from epp.server.tls import TLSPolicy
 from epp.signals.httpget import MAX_BODY
 from epp.signals.kvevents import KVEventManager
 from epp.signals.promtext import MAX_SERIES
@@ -69,6 +70,10 @@ class ServeOptions:
     pick_api_max_outstanding: int = 1024  # unreleased Pick API picks per client address
     pick_api_token_file: str | None = None  # bearer token the Pick API requires
     metrics_token_file: str | None = None  # bearer token /metrics requires (--metrics-endpoint-auth)
+    tls: TLSPolicy = field(default_factory=TLSPolicy)  # --tls-min-version, --tls-cipher-suites
+    cert_reload: bool = False  # --enable-cert-reload: re-read --cert-path when it changes
+    emit_endpoint_scores: bool = False  # per-endpoint scores in the envoy.lb metadata
+    subset_filter: bool = True  # honour the gateway's subset hint (off: --disable-endpoint-subset-filter)
 
 
 class PickerServer:
@@ -84,7 +89,7 @@ class PickerServer:
         self.built = build(opts.config)  # plugins that load files (a tokenizer) load here, once
         self.built.scheduler.plugin_timer = self.metrics.plugin_timer
         self.director = Director(self.store, self.built.scheduler, self.metrics,
-                                 admission=SheddableAdmission(opts.config.saturation))
+                                 admission=SheddableAdmission(opts.config.saturation), subset_filter=opts.subset_filter)
         self.sources = PoolSources(self.store, self._set_policies, endpoints=opts.endpoints,
                                    endpoints_file=opts.endpoints_file, objectives_file=opts.objectives_file,
                                    kubernetes=opts.kubernetes, poll_interval=opts.config_poll_interval)
@@ -98,7 +103,7 @@ class PickerServer:
         self.grpc = GrpcServing(self._new_stream, self.pick_api, opts.limits)
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
         self.readiness = Readiness(lambda: self.store.fresh_count() > 0,
-                                   lambda: self.elector is None or self.elector.is_leader)
+                                   lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, metrics_token)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -112,7 +117,8 @@ class PickerServer:
         return self.director.scheduler.profile.plugins()
 
     def _new_stream(self) -> ExtProcStream:
-        return ExtProcStream(self.director, self.opts.decision_headers, self.opts.limits.max_message)
+        o = self.opts
+        return ExtProcStream(self.director, o.decision_headers, o.limits.max_message, o.emit_endpoint_scores)
 
     def _set_policies(self, policies: RequestPolicies) -> None:
         self.director.policies = policies
@@ -146,7 +152,8 @@ class PickerServer:
         if o.config_file:
             self.config_watcher = config_watcher(o.config_file, self.built, self.apply, o.config_poll_interval)
             self._watch = asyncio.create_task(self.config_watcher.run())
-        self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path)
+        self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path, o.tls,
+                                                         o.cert_reload)
         self.bound_ports["health"] = await self.readiness.start(o.host, o.grpc_health_port)
         self.bound_ports["metrics"] = await self.metrics_endpoint.start(o.host, o.metrics_port)
         log.info("epp serving ext_proc + epp.v1 on %s:%d (%s), health :%d, metrics :%d, %d endpoints",

@@ -35,6 +35,10 @@ SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
 DEST_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
+SCORES_KEY = "x-gateway-destination-endpoint-scores"  # in LB_NAMESPACE, with --emit-endpoint-scores
+SERVED_KEY = "x-gateway-destination-endpoint-served"  # in LB_NAMESPACE of the response's metadata
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 PIECE = 62_000  # bytes per streamed_response piece (as the reference)
 
 NONE = processing_mode_pb2.ProcessingMode.NONE
@@ -124,9 +128,32 @@ def _pick_mutation(value: str, request_id: str | None) -> pb.CommonResponse:
     return pb.CommonResponse(header_mutation=mutation)
 
 
-def _with_metadata(resp: pb.ProcessingResponse, value: str) -> bytes:
-    resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields[DEST_HEADER].string_value = value
+def _with_metadata(resp: pb.ProcessingResponse, value: str, scores: dict[str, float] | None = None) -> bytes:
+    lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+    lb.fields[DEST_HEADER].string_value = value
+    if scores:
+        fields = lb.fields[SCORES_KEY].struct_value.fields
+        for address, score in scores.items():
+            fields[address].number_value = score
     return _ser(resp)
+
+
+def _metadata_string_list(msg: pb.ProcessingRequest, namespace: str, key: str) -> tuple[str, ...] | None:
+    """A list of strings at ``namespace``/``key`` of the message's metadata context; None when
+    absent or not a list (then, as the reference does, the whole pool is eligible)."""
+    if not msg.HasField("metadata_context") or namespace not in msg.metadata_context.filter_metadata:
+        return None
+    fields = msg.metadata_context.filter_metadata[namespace].fields
+    if key not in fields or fields[key].WhichOneof("kind") != "list_value":
+        return None
+    return tuple(v.string_value for v in fields[key].list_value.values if v.WhichOneof("kind") == "string_value")
+
+
+def _metadata_string(msg: pb.ProcessingRequest, namespace: str, key: str) -> str:
+    if not msg.HasField("metadata_context") or namespace not in msg.metadata_context.filter_metadata:
+        return ""
+    fields = msg.metadata_context.filter_metadata[namespace].fields
+    return fields[key].string_value if key in fields else ""
 
 
 def immediate(status: int, body: bytes) -> bytes:
@@ -160,12 +187,14 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_picked", "_req_mode",
-                 "_resp_mode", "decision_headers", "max_body", "pick")
+                 "_resp_mode", "_subset", "decision_headers", "emit_scores", "max_body", "pick")
 
-    def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE
-                 ) -> None:
+    def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
+                 emit_scores: bool = False) -> None:
         self._director = director
         self.decision_headers = decision_headers
+        self.emit_scores = emit_scores
+        self._subset: tuple[str, ...] | None = None
         self.max_body = max_body
         self._body_size = 0
         self._headers_seen = False
@@ -188,6 +217,7 @@ class ExtProcStream:
                 self._req_mode = req_mode if req_mode in KNOWN_MODES else STREAMED
                 self._resp_mode = resp_mode if resp_mode in KNOWN_MODES else STREAMED
             self._headers = _headers(msg.request_headers)
+            self._subset = _metadata_string_list(msg, SUBSET_NAMESPACE, SUBSET_KEY)
             if msg.request_headers.end_of_stream or self._req_mode in (NONE, STREAMED):
                 self._picked = True
                 # The body is known to be empty (the headers ended the stream, or said so), or
@@ -224,8 +254,12 @@ class ExtProcStream:
             return out
         if kind == "response_headers":
             pick = self.pick
-            if msg.response_headers.end_of_stream and pick is not None:
-                pick.finish()
+            if pick is not None:
+                served = _metadata_string(msg, LB_NAMESPACE, SERVED_KEY)
+                if served:
+                    pick.served_by(served)
+                if msg.response_headers.end_of_stream:
+                    pick.finish()
             if self.decision_headers and pick is not None:
                 return [explain_response(pick)]
             return [CONTINUE_RESPONSE_HEADERS]
@@ -260,7 +294,8 @@ class ExtProcStream:
         if self._resp_mode == FULL_DUPLEX:  # epp sees the response body, and forwards the request
             access = ResponseAccess.INJECT if self._req_mode == FULL_DUPLEX else ResponseAccess.READ  # body itself
         try:
-            self.pick = self._director.route(RequestInput(headers, headers.get(":path", ""), body), access)
+            self.pick = self._director.route(RequestInput(headers, headers.get(":path", ""), body,
+                                                          subset=self._subset), access)
         except Refused as e:
             return immediate(e.status, e.body())
         return None
@@ -294,7 +329,7 @@ class ExtProcStream:
             resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         else:
             resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
-        return _with_metadata(resp, value)
+        return _with_metadata(resp, value, self.pick.endpoint_scores() if self.emit_scores else None)
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True

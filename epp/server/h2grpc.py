@@ -69,6 +69,7 @@ class Limits:
     max_message: int = MAX_MESSAGE  # one gRPC message (--grpc-max-recv-msg-size)
     max_header_block: int = 64 * 1024  # one HEADERS + CONTINUATION block (--grpc-max-header-list-size)
     max_buffered: int = 128 * 1024 * 1024  # partial messages of all streams (--grpc-max-buffered-bytes)
+    max_send: int = 2 * MAX_MESSAGE  # one message the server sends (--grpc-max-send-msg-size)
 
 # gRPC status codes used here.
 OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = (
@@ -169,6 +170,10 @@ class _Stream:
         if self.finished:
             return
         conn = self.conn
+        if len(message) > conn.limits.max_send:
+            self.finish(RESOURCE_EXHAUSTED, f"response message of {len(message)} bytes exceeds the send limit of "
+                                            f"{conn.limits.max_send} bytes (--grpc-max-send-msg-size)")
+            return
         if not self.headers_sent:
             self.headers_sent = True
             conn.out.append(frame(HEADERS, END_HEADERS, self.sid, RESPONSE_HEADERS))
@@ -748,11 +753,18 @@ class H2GrpcServer:
 
 def server_tls(key_pem: bytes, cert_pem: bytes, workdir: str) -> ssl.SSLContext:
     """A TLS context advertising h2 (ALPN), from PEM bytes."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_certificate(ctx, key_pem, cert_pem, workdir)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def load_certificate(ctx: ssl.SSLContext, key_pem: bytes, cert_pem: bytes, workdir: str) -> None:
+    """Load (or replace: new handshakes use it) the context's key and certificate."""
     import os
     import tempfile
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     fd, path = tempfile.mkstemp(prefix="epp-tls-", suffix=".pem", dir=workdir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -760,5 +772,3 @@ def server_tls(key_pem: bytes, cert_pem: bytes, workdir: str) -> ssl.SSLContext:
         ctx.load_cert_chain(path)
     finally:
         os.unlink(path)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx

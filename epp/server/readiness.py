@@ -1,6 +1,9 @@
 """Health and readiness: liveness is SERVING while the process runs; readiness (the services
 gateways and probes ask) is SERVING once some endpoint has fresh metrics, this replica leads
-(with leader election), and it is not draining."""
+(with leader election), and it is not draining. ``inference-extension``, which the reference's
+chart probes for liveness and readiness of a single replica, is SERVING as the reference's
+is: once the pool is known (listed), while not draining and (with leader election) leading;
+so a pool without pods is not restarted in a loop."""
 
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ from epp.server.health import NOT_SERVING, SERVING, HealthState
 
 # The health services that say whether to send epp traffic (liveness stays SERVING).
 READINESS_SERVICES = ("", "readiness", EXTPROC_SERVICE)
+POOL_SERVICE = "inference-extension"
 
 
 class Readiness:
     def __init__(self, has_fresh_endpoint: Callable[[], bool], is_leader: Callable[[], bool],
-                 interval: float = 0.25) -> None:
+                 pool_synced: Callable[[], bool] = lambda: True, interval: float = 0.25) -> None:
         self.has_fresh_endpoint = has_fresh_endpoint
         self.is_leader = is_leader
+        self.pool_synced = pool_synced
         self.interval = interval
         self.health = HealthState()
         self.server: h2grpc.H2GrpcServer | None = None
@@ -37,10 +42,11 @@ class Readiness:
         return bound
 
     def update(self) -> None:
-        ready = not self.draining and self.has_fresh_endpoint() and self.is_leader()
-        status = SERVING if ready else NOT_SERVING
+        serving = not self.draining and self.is_leader()
+        status = SERVING if serving and self.has_fresh_endpoint() else NOT_SERVING
         for svc in READINESS_SERVICES:
             self.health.set(svc, status)
+        self.health.set(POOL_SERVICE, SERVING if serving and self.pool_synced() else NOT_SERVING)
 
     def drain(self) -> None:
         """From now on NOT_SERVING (the process is going away)."""

@@ -4,8 +4,12 @@ default) and the HTTP port of /metrics (optionally behind a bearer token)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import ssl
 import tempfile
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,23 +20,50 @@ from epp.server.auth import TokenFile
 from epp.server.extproc import StreamFactory
 from epp.server.extproc import h2_services as extproc_services
 from epp.server.pickapi import PickAPI
-from epp.server.tls import load_cert_dir, self_signed
+from epp.server.tls import TLSPolicy, load_cert_dir, self_signed
 
 log = logging.getLogger("epp")
 
 
 class GrpcServing:
-    """ext_proc + Pick API on one port; ``drain`` keeps serving until the gateway goes quiet."""
+    """ext_proc + Pick API on one port; ``drain`` keeps serving until the gateway goes quiet.
+
+    With TLS, ``tls`` sets the minimum version and cipher suites; with ``cert_reload`` the
+    certificate in ``cert_path`` is re-read when its files change (new handshakes use it; a bad
+    pair is logged and the old one kept)."""
 
     def __init__(self, new_stream: StreamFactory, pick_api: PickAPI, limits: h2grpc.Limits) -> None:
         self.server = h2grpc.H2GrpcServer({**extproc_services(new_stream), **pick_api.h2_services()}, limits)
+        self._reload: asyncio.Task[None] | None = None
+        self.cert_reloads = 0
 
-    async def start(self, host: str, port: int, secure: bool, cert_path: str | None) -> int:
-        tls = None
+    async def start(self, host: str, port: int, secure: bool, cert_path: str | None, tls: TLSPolicy | None = None,
+                    cert_reload: bool = False, reload_interval: float = 1.0) -> int:
+        ctx = None
         if secure:
             key, crt = load_cert_dir(cert_path) if cert_path else self_signed()
-            tls = h2grpc.server_tls(key, crt, tempfile.gettempdir())
-        return await self.server.start(host, port, tls)
+            ctx = h2grpc.server_tls(key, crt, tempfile.gettempdir())
+            (tls or TLSPolicy()).apply(ctx)
+            if cert_reload and cert_path:
+                self._reload = asyncio.create_task(self._watch_cert(ctx, cert_path, reload_interval))
+        return await self.server.start(host, port, ctx)
+
+    async def _watch_cert(self, ctx: ssl.SSLContext, cert_path: str, interval: float) -> None:
+        last = _digest(cert_path)
+        while True:
+            await asyncio.sleep(interval)
+            now = _digest(cert_path)
+            if now == last:
+                continue
+            last = now
+            try:
+                key, crt = load_cert_dir(cert_path)
+                h2grpc.load_certificate(ctx, key, crt, tempfile.gettempdir())
+            except (OSError, ValueError, ssl.SSLError) as e:
+                log.error("certificate in %s not reloaded, keeping the previous one: %s", cert_path, e)
+                continue
+            self.cert_reloads += 1
+            log.info("certificate reloaded from %s", cert_path)
 
     def open_streams(self) -> int:
         return self.server.open_streams()
@@ -45,7 +76,19 @@ class GrpcServing:
             log.warning("drain timeout: %d streams still open", self.open_streams())
 
     async def stop(self, grace: float) -> None:
+        if self._reload is not None:
+            self._reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload
         await self.server.stop(grace)
+
+
+def _digest(cert_path: str) -> bytes:
+    h = hashlib.sha256()
+    for name in ("tls.crt", "tls.key"):
+        with contextlib.suppress(OSError):
+            h.update((Path(cert_path) / name).read_bytes())
+    return h.digest()
 
 
 class MetricsEndpoint:

@@ -38,6 +38,10 @@ class PoolSources:
         self.discovery: KubernetesDiscovery | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
+    def synced(self) -> bool:
+        """The endpoint set is known: always outside Kubernetes, once listed with discovery."""
+        return self.discovery is None or self.discovery.has_synced()
+
     async def start(self) -> None:
         if self.endpoints:
             self.store.set_endpoints(self.endpoints)
@@ -53,10 +57,10 @@ class PoolSources:
             self._tasks.append(asyncio.create_task(self.policies_watcher.run()))
         kube = self.kubernetes
         if kube is not None:
-            pool = kube.pool_name
+            pool, group = kube.pool_name, kube.pool_group
 
             def policies_changed(objects: list[dict[str, Any]]) -> None:
-                self.set_policies(RequestPolicies.build(objects, pool))
+                self.set_policies(RequestPolicies.build(objects, pool, pool_group=group))
 
             self.discovery = await kube.discovery(self.store, policies_changed)
             await self.discovery.start()

@@ -261,6 +261,6 @@ async def test_objectives_crds_not_installed_do_not_disturb_discovery(emulator: 
 
         await wait_until(waiting_quietly, 5, "the policy reflectors to note the missing CRDs")
         asked = [r for r in emulator.requests if "inferenceobjectives" in r]
-        assert len(asked) == 1 and not seen  # one try, then a 30 s pause; no policies applied
+        assert len(asked) == 2 and not seen  # one try per group, then a 30 s pause; no policies applied
     finally:
         await d.stop()
