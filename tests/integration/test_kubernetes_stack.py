@@ -4,6 +4,7 @@ the simulated fleet (the emulator's pods point at the simulator's ports)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,3 +236,81 @@ async def test_epp_serve_cli_discovers_the_pool_and_rejects_bad_flags(emulator: 
         out = await asyncio.to_thread(subprocess.run, epp_command("serve", *bad), capture_output=True, text=True,
                                       timeout=60)
         assert out.returncode == 2 and message in out.stderr, (bad, out.stderr)
+
+
+CHART_CONFIG = """apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+
+
+async def _health(port: int, service: str) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            status: int = (await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+        except grpc.aio.AioRpcError:
+            return -1  # not listening yet
+        return status
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_the_reference_charts_arguments_start_epp(emulator: KubeEmulator, tmp_path: Path, replicas: int) -> None:
+    """The container args llm-d-router's chart renders (routerlib _deployment.yaml, pool mode): no
+    `serve`, `--zap-encoder json`, `--tracing=false`, `--metrics-endpoint-auth=false`, and with more
+    than one replica a bare `--ha-enable-leader-election`. Extra flags come as `--key=value`, as the
+    chart renders router.epp.flags; the probes ask the services the chart's probes ask."""
+    from epp.bench.procs import stop
+    from epp.server.health import SERVING
+    from epp.sim.fleet import Fleet
+    from epp.sim.profiles import profile
+    from epp.stack.local import spawn
+
+    ports = free_ports(2)
+    await emulator.apply(*POOL, pool(ports=tuple(ports)))
+    for i, p in enumerate(ports):
+        await emulator.apply(*PODS, pod(f"vllm-{i}", "127.0.0.1", annotations={"llm-d.ai/active-ports": str(p)}))
+    config = tmp_path / "default-plugins.yaml"
+    config.write_text(CHART_CONFIG)
+    fleet = Fleet(ports, profile("fast"))
+    await fleet.start()
+    grpc_port, health, metrics = free_ports(3)
+    args = ["--pool-name", "vllm-pool", "--pool-namespace", NS, "--pool-group", "inference.networking.k8s.io",
+            "--zap-encoder", "json", "--config-file", str(config)]
+    if replicas > 1:
+        args.append("--ha-enable-leader-election")
+    args += ["--grpc-health-port", str(health), f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
+             "--host=127.0.0.1", f"--kubeconfig={emulator.write_kubeconfig(tmp_path / 'kubeconfig', NS)}",
+             "--v=2", "--tracing=false", "--metrics-endpoint-auth=false"]
+    import sys
+
+    proc = spawn([sys.executable, "-m", "epp.cli", *args], tmp_path / "epp.log")
+    services = ("liveness", "readiness") if replicas > 1 else ("inference-extension", "inference-extension")
+    try:
+        async def probes_pass() -> bool:
+            assert proc.poll() is None, (tmp_path / "epp.log").read_text()[-2000:]
+            return all([await _health(health, s) == SERVING for s in services])
+
+        await wait_until(probes_pass, 20, f"the chart's probes ({services}) to pass")
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
+            assert 'inference_pool_ready_pods{name="vllm-pool"} 2.0' in await r.text()
+    finally:
+        stop(proc)
+        await fleet.stop()
+    log_lines = [line for line in (tmp_path / "epp.log").read_text().splitlines() if line.startswith("{")]
+    assert log_lines and all(json.loads(line)["level"] in ("debug", "info", "warn", "error") for line in log_lines)
