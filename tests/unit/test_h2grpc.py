@@ -276,3 +276,19 @@ def test_a_message_above_the_limit_is_refused_and_its_bytes_dropped() -> None:
     assert conn.buffered == 0 and not conn.streams[1].buf
     trailers = [p for ft, fl, _, p in frames(bytes(t.data)) if ft == h2.HEADERS and fl & h2.END_STREAM]
     assert dict(Decoder().decode(trailers[-1]))["grpc-status"] == "8"
+
+
+def test_a_response_message_over_the_send_limit_ends_the_call_resource_exhausted() -> None:
+    Echo.log = []
+    conn = h2.H2Connection({"/t.S/Echo": Echo}, h2.Limits(max_message=1 << 20, max_send=64), lambda c: None)
+    t = FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0))
+    enc = Encoder()
+    t.data.clear()
+    conn.data_received(req_headers(enc, 1) + h2.frame(h2.DATA, 0, 1, grpc_msg(b"s" * 64)))
+    conn.data_received(h2.frame(h2.DATA, h2.END_STREAM, 1, grpc_msg(b"b" * 65)))
+    got = frames(bytes(t.data))
+    assert [p for ft, _, _, p in got if ft == h2.DATA] == [grpc_msg(b"s" * 64)]  # 64 bytes: at the limit, sent
+    trailers = dict(Decoder().decode(got[-1][3]))
+    assert trailers["grpc-status"] == "8" and "grpc-max-send-msg-size" in trailers["grpc-message"]
