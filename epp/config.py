@@ -19,7 +19,7 @@ import yaml
 
 from epp.filewatch import WatchedFile
 from epp.flowcontrol.saturation import SaturationThresholds
-from epp.scheduling.contract import LoadsResources, declares
+from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, declares
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
@@ -113,6 +113,7 @@ class PickerConfig:
     saturation: SaturationThresholds
     source: str
     digest: str
+    data_refs: tuple[str, ...] = ()  # the data-layer plugins (metrics source, extractor), at most one of each
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -138,6 +139,8 @@ class PickerConfig:
                 instances[k] = inst
             return instances[k]
 
+        for ref in self.data_refs:
+            instance(self.plugins[ref])
         filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
         picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
@@ -305,8 +308,14 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                                       sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0),
                                       sp.duration("metricsStalenessThreshold", 2.0))
     sp.done()
+    data_refs: dict[str, str] = {}  # role -> plugin name
+    for spec in plugins.values():
+        if spec.type.role in ("data source", "metrics extractor"):
+            if spec.type.role in data_refs:
+                raise ConfigError(f"{spec.path}", f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
+            data_refs[spec.type.role] = spec.name
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, thresholds, source,
-                       hashlib.sha256(text.encode()).hexdigest())
+                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()))
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
 
@@ -344,6 +353,13 @@ class Built:
     config: PickerConfig
     scheduler: Scheduler
     instances: dict[str, Any]
+
+    def data_layer(self) -> tuple[DataSource | None, MetricsExtractor | None]:
+        """The config's metrics data source and extractor (None: the flags' defaults)."""
+        found = [self.instances[self.config.plugins[ref].key()] for ref in self.config.data_refs]
+        source = next((p for p in found if declares(p, DataSource)), None)
+        extractor = next((p for p in found if declares(p, MetricsExtractor)), None)
+        return source, extractor
 
 
 def build(cfg: PickerConfig, previous: Built | None = None) -> Built:

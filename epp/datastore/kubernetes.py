@@ -374,11 +374,13 @@ class KubernetesDiscovery:
 
     def _recompute(self) -> None:
         spec, pods = self.spec, self.pods
-        endpoints: set[str] = set()
+        labels: dict[str, dict[str, str]] = {}  # endpoint -> its pod's labels
         if spec is not None and pods is not None:
             for pod in pods.objects.values():
-                endpoints.update(pod_endpoints(pod, spec.target_ports))
-        self.store.set_endpoints(sorted(endpoints))
+                pod_labels = (pod.get("metadata") or {}).get("labels") or {}
+                for address in pod_endpoints(pod, spec.target_ports):
+                    labels[address] = {k: v for k, v in pod_labels.items() if isinstance(v, str)}
+        self.store.set_endpoints(sorted(labels), labels)
 
     async def stop(self) -> None:
         for t in (self._pool_task, self._pods_task, *self._policy_tasks):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
@@ -38,10 +38,21 @@ class Datastore:
         """Call ``listener(added, removed)`` whenever the endpoint set changes."""
         self._listeners.append(listener)
 
-    def set_endpoints(self, addresses: Iterable[str]) -> None:
+    def set_endpoints(self, addresses: Iterable[str], labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """The endpoint set, and each endpoint's labels (its pod's, with discovery)."""
         wanted = dict.fromkeys(addresses)
         added = {a for a in wanted if a not in self._states}
         removed = {a for a in self._states if a not in wanted}
+        relabelled = False
+        if labels is not None:
+            for a in wanted:
+                state = self._states.get(a)
+                new = dict(labels.get(a, {}))
+                if state is not None and state.labels != new:
+                    self._states[a] = replace(state, labels=new)
+                    relabelled = True
+        if relabelled and not added and not removed:
+            self._tuple = tuple(self._states.values())
         if not added and not removed:
             return
         for a in removed:
@@ -50,7 +61,7 @@ class Datastore:
             self.recent_picks.pop(a, None)
             self.total_picks.pop(a, None)
         for a in added:
-            self._states[a] = EndpointState(a)
+            self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {})
             self.inflight.setdefault(a, 0)
             self.recent_picks.setdefault(a, 0)
             self.total_picks.setdefault(a, 0)

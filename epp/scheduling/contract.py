@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from epp.signals.kvevents import BlockIndex, KVEventsSpec
+    from epp.signals.mappings import EngineMapping
+    from epp.signals.scraper import ScrapeTarget
 
 
 class Plugin(Protocol):
@@ -64,8 +66,23 @@ class ProfileHandler(Plugin, Protocol):
     """Chooses the scheduling profile (epp runs one; the reference's type is accepted)."""
 
 
+class DataSource(Plugin, Protocol):
+    """Where the endpoints' metrics are read from (data layer; listed under plugins only)."""
+
+    def scrape_target(self) -> ScrapeTarget: ...
+
+    def scrape_interval(self) -> float | None: ...
+
+
+class MetricsExtractor(Plugin, Protocol):
+    """Which series carry the routing signals, per endpoint (data layer; under plugins only)."""
+
+    def engine_mapping(self) -> EngineMapping: ...
+
+
 ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
-                                            (ProfileHandler, "profile handler"))
+                                            (ProfileHandler, "profile handler"), (DataSource, "data source"),
+                                            (MetricsExtractor, "metrics extractor"))
 
 
 # -- hooks: the request's life after the decision ---------------------------------------------------
@@ -140,7 +157,8 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (SubscribesKVEvents, ("kv_subscription",)),
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
-                                                  ProfileHandler: ()}
+                                                  ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
+                                                  MetricsExtractor: ("engine_mapping",)}
 
 
 def declares(plugin: object, hook: type[Any]) -> bool:

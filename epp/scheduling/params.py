@@ -104,6 +104,15 @@ class Params:
         v = self._raw.pop(key, None)
         return None if v is None else Params(v, f"{self._path}.{key}")
 
+    def sections(self, key: builtins.str) -> list[Params]:
+        """A list of mappings, each read with the same strictness (empty when absent)."""
+        v = self._raw.pop(key, None)
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ConfigError(f"{self._path}.{key}", f"expected a list, got {type(v).__name__}")
+        return [Params(item, f"{self._path}.{key}[{i}]") for i, item in enumerate(v)]
+
     def str_map(self, key: builtins.str) -> dict[builtins.str, builtins.str]:
         """A mapping of strings to strings; a list of strings maps each to itself."""
         v = self._raw.pop(key, None)

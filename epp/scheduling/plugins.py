@@ -14,6 +14,7 @@ from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_index import ApproximatePrefix
 from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
+from epp.signals.plugins import CoreMetricsExtractor, MetricsDataSource
 
 
 def _minmax_low_is_good(values: list[float]) -> list[float]:
@@ -158,4 +159,5 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer, PrecisePrefixCacheScorer,
-    PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler)
+    PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, MetricsDataSource,
+    CoreMetricsExtractor)

@@ -35,7 +35,7 @@ class ContractError(Exception):
 class PluginType:
     type_name: str
     cls: type[Any]
-    role: str  # "filter", "scorer", "picker" or "profile handler"
+    role: str  # "filter", "scorer", "picker", "profile handler", "data source" or "metrics extractor"
     origin: str  # "epp", or the distribution that installed it
 
 
@@ -59,8 +59,8 @@ def check_contract(cls: type[Any], origin: str = "epp") -> PluginType:
         raise ContractError(f"{cls.__qualname__} has no type_name")
     roles = [(proto, role) for proto, role in ROLES if proto in cls.__mro__]
     if len(roles) != 1:
-        raise ContractError(f"{type_name}: a plugin subclasses exactly one of Filter, Scorer, Picker, ProfileHandler"
-                            f" (found {len(roles)})")
+        names = ", ".join(proto.__name__ for proto, _ in ROLES)
+        raise ContractError(f"{type_name}: a plugin subclasses exactly one of {names} (found {len(roles)})")
     role_proto, role = roles[0]
     checks: list[tuple[type[Any], str]] = [(role_proto, m) for m in ROLE_METHODS[role_proto]]
     declared_methods: set[str] = set()

@@ -95,7 +95,8 @@ class PickerServer:
                                    kubernetes=opts.kubernetes, poll_interval=opts.config_poll_interval)
         self.signals = SignalCollection(self.store, self.metrics, self._plugins, engine=opts.engine,
                                         interval=opts.refresh_metrics_interval, timeout=opts.scrape_timeout,
-                                        max_bytes=opts.max_scrape_bytes, max_series=opts.max_scrape_series)
+                                        max_bytes=opts.max_scrape_bytes, max_series=opts.max_scrape_series,
+                                        data_layer=self.built.data_layer())
         self.metrics.loop_collectors.append(PluginCollector(opts.pool_name, self._plugins,
                                                             self.signals.kv_events.totals))
         self.store.on_change(self._endpoints_changed)
@@ -135,7 +136,7 @@ class PickerServer:
         self.director.scheduler = built.scheduler
         self.director.admission = SheddableAdmission(built.config.saturation)
         self.metrics.config_reloads.inc()
-        self.signals.resync()
+        self.signals.reconfigure(built.data_layer())
 
     async def start(self) -> None:
         o = self.opts

@@ -1,5 +1,6 @@
-"""Signal collection: each endpoint's metrics (the scraper) and, when a plugin subscribes, its
-KV-cache events (one subscriber per endpoint, whatever the number of reloads)."""
+"""Signal collection: each endpoint's metrics (the scraper, set up by the config's data-layer
+plugins or else by the flags) and, when a plugin subscribes, its KV-cache events (one subscriber
+per endpoint, whatever the number of reloads)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
-from epp.scheduling.contract import SubscribesKVEvents, declares
+from epp.scheduling.contract import DataSource, MetricsExtractor, SubscribesKVEvents, declares
 from epp.signals.kvevents import KVEventManager
-from epp.signals.mappings import names_for
-from epp.signals.scraper import Scraper
+from epp.signals.mappings import EngineMapping, single_engine
+from epp.signals.scraper import Scraper, ScrapeTarget
 
 log = logging.getLogger("epp")
 
@@ -22,16 +23,33 @@ log = logging.getLogger("epp")
 class SignalCollection:
     def __init__(self, store: Datastore, metrics: PickerMetrics, plugins: Callable[[], list[Any]], *,
                  engine: str = "vllm", interval: float = 0.05, timeout: float = 1.0, max_bytes: int,
-                 max_series: int) -> None:
+                 max_series: int, data_layer: tuple[DataSource | None, MetricsExtractor | None] = (None, None)
+                 ) -> None:
         self.store = store
         self.plugins = plugins  # the current profile's plugins (a reload changes them)
+        self.engine = engine
+        self.interval = interval
+        engines, target, every = self._scraping(data_layer)
         self.scraper = Scraper(
-            store, names_for(engine), interval, timeout,
+            store, engines, every, timeout, target,
             on_error=lambda a, r: metrics.scrape_errors.labels(a, r).inc(),
             on_scrape=metrics.scrape_parse.observe, max_bytes=max_bytes, max_series=max_series)
         self.kv_events = KVEventManager()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def _scraping(self, data_layer: tuple[DataSource | None, MetricsExtractor | None]
+                  ) -> tuple[EngineMapping, ScrapeTarget, float]:
+        source, extractor = data_layer
+        engines = extractor.engine_mapping() if extractor is not None else single_engine(self.engine)
+        target = source.scrape_target() if source is not None else ScrapeTarget()
+        every = (source.scrape_interval() if source is not None else None) or self.interval
+        return engines, target, every
+
+    def reconfigure(self, data_layer: tuple[DataSource | None, MetricsExtractor | None]) -> None:
+        """A config reload: the data-layer plugins may have changed."""
+        self.scraper.reconfigure(*self._scraping(data_layer))
+        self.resync()
 
     def resync(self) -> None:
         """The endpoint set or the plugins changed: bring the KV-event subscribers in line."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import cast
 
 
@@ -127,12 +128,15 @@ class _Conn(asyncio.Protocol):
 class KeepAliveGetter:
     """GETs one URL path on one host:port over a reused connection."""
 
-    def __init__(self, address: str, path: str, max_body: int = MAX_BODY) -> None:
+    def __init__(self, address: str, path: str, max_body: int = MAX_BODY, port: int | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.max_body = max_body
-        host, _, port = address.rpartition(":")
+        host, _, own_port = address.rpartition(":")
         self.host = host.strip("[]")
-        self.port = int(port)
-        self.request = f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: text/plain\r\n\r\n".encode()
+        self.port = port or int(own_port)
+        self.tls = tls  # HTTPS when given
+        authority = f"{host}:{self.port}"
+        self.request = f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\n\r\n".encode()
         self._conn: _Conn | None = None
 
     async def get(self, timeout: float) -> tuple[int, bytes]:
@@ -143,8 +147,10 @@ class KeepAliveGetter:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
                 # arrives as the connect completes, and a scrape loop must stop when told to.
                 async with asyncio.timeout(timeout):
-                    _, proto = await loop.create_connection(lambda: _Conn(self.max_body), self.host, self.port)
-            except (OSError, TimeoutError) as e:
+                    _, proto = await loop.create_connection(
+                        lambda: _Conn(self.max_body), self.host, self.port, ssl=self.tls,
+                        server_hostname=self.host if self.tls is not None else None)
+            except (OSError, TimeoutError, ssl.SSLError) as e:
                 raise HTTPGetError(f"connect: {e or type(e).__name__}") from None
             conn = self._conn = proto
         assert conn.transport is not None

@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 
 from epp.datastore.endpoint import EngineSignals
-from epp.signals.mappings import MetricNames
+from epp.signals.mappings import MetricNames, MetricSpec
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -101,41 +101,58 @@ def _checked(name: str, value: float, high: float) -> float:
     return value
 
 
+def _values(lines: list[str], spec: MetricSpec) -> list[tuple[str, float]]:
+    """(labels text, value) of the samples that match ``spec``'s label matchers."""
+    out = []
+    for line in lines:
+        _, labels, value = _split(line)
+        if not spec.labels or spec.matches(_labels(labels)):
+            out.append((labels, value))
+    return out
+
+
 def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -> EngineSignals:
     """Extract routing signals from an exposition. Raises ParseError if the core gauges are
     absent, ValueRejected for a value out of range, TooLarge past ``max_series``."""
-    sums = {names.waiting: 0.0, names.running: 0.0, names.kv_usage: 0.0}
-    counts = dict.fromkeys(sums, 0)
-    wanted = tuple(sums) + ((names.cache_info,) if names.cache_info else ())
-    block_size = num_blocks = None
-    models: list[str] = []
-    lines = [line for n in wanted for line in _lines_of(text, n, max_series)]
-    for line in lines:
-        name, labels, value = _split(line)
-        if name in sums:
-            sums[name] += value
-            counts[name] += 1
-            if name == names.waiting and labels:
-                model = _labels(labels).get("model_name")
-                if model and model not in models:
-                    models.append(model)
-        elif name == names.cache_info:
-            lab = _labels(labels)
-            if "block_size" in lab:
-                block_size = int(lab["block_size"])
-            if "num_gpu_blocks" in lab and lab["num_gpu_blocks"] not in ("", "None"):
-                num_blocks = int(lab["num_gpu_blocks"])
-    missing = [n for n, c in counts.items() if c == 0]
+    specs = [s for s in (names.waiting, names.running, names.kv_usage, names.cache_info, names.block_size,
+                         names.num_blocks) if s is not None]
+    lines = {s.name: _lines_of(text, s.name, max_series) for s in specs}
+    waiting = _values(lines[names.waiting.name], names.waiting)
+    running = _values(lines[names.running.name], names.running)
+    kv = _values(lines[names.kv_usage.name], names.kv_usage) if names.kv_usage is not None else [("", 0.0)]
+    missing = [str(s.name) + (f"{dict(s.labels)}" if s.labels else "")
+               for s, found in ((names.waiting, waiting), (names.running, running), (names.kv_usage, kv))
+               if s is not None and not found]
     if missing:
         raise ParseError(f"metrics missing: {', '.join(missing)}")
-    kv = sums[names.kv_usage] / counts[names.kv_usage]  # a fraction: average over engines
-    if names.kv_usage_is_percent:
-        kv /= 100.0
-    kv = min(_checked(names.kv_usage, kv, 1.0 + 1e-6), 1.0)
+    models: list[str] = []
+    for labels, _ in waiting:
+        if labels:
+            model = _labels(labels).get("model_name")
+            if model and model not in models:
+                models.append(model)
+    block_size = num_blocks = None
+    if names.cache_info is not None:
+        for labels, _ in _values(lines[names.cache_info.name], names.cache_info):
+            lab = _labels(labels)
+            if lab.get(names.block_size_label, "").isdigit():
+                block_size = int(lab[names.block_size_label])
+            if lab.get(names.num_blocks_label, "").isdigit():
+                num_blocks = int(lab[names.num_blocks_label])
+    for gauge, target in ((names.block_size, "block"), (names.num_blocks, "blocks")):
+        if gauge is not None:
+            found = _values(lines[gauge.name], gauge)
+            if found and math.isfinite(found[0][1]) and found[0][1] >= 1:
+                if target == "block":
+                    block_size = int(found[0][1])
+                else:
+                    num_blocks = int(found[0][1])
+    kv_name = names.kv_usage.name if names.kv_usage is not None else "kv usage"
+    kv_usage = sum(v for _, v in kv) / len(kv)  # a fraction: average over engines
     return EngineSignals(
-        waiting=_checked(names.waiting, sums[names.waiting], MAX_QUEUE),
-        running=_checked(names.running, sums[names.running], MAX_QUEUE),
-        kv_usage=kv,
+        waiting=_checked(names.waiting.name, sum(v for _, v in waiting), MAX_QUEUE),
+        running=_checked(names.running.name, sum(v for _, v in running), MAX_QUEUE),
+        kv_usage=min(_checked(kv_name, kv_usage, 1.0 + 1e-6), 1.0),
         block_size=block_size,
         num_gpu_blocks=num_blocks,
         models=tuple(models),

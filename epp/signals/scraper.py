@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.signals.httpget import MAX_BODY, KeepAliveGetter
-from epp.signals.mappings import MetricNames
+from epp.signals.mappings import EngineMapping, MetricNames
 from epp.signals.promtext import MAX_SERIES, ParseError, parse_signals
 
 log = logging.getLogger("epp.scraper")
@@ -26,24 +28,41 @@ ErrorHook = Callable[[str, str], None]
 INLINE_PARSE_BYTES = 256 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class ScrapeTarget:
+    """Where an endpoint's metrics are: scheme, path, a port other than the endpoint's, TLS."""
+
+    path: str = "/metrics"
+    port: int | None = None
+    tls: ssl.SSLContext | None = None  # HTTPS when given
+
+
 class Scraper:
-    def __init__(self, store: Datastore, names: MetricNames, interval: float = 0.05, timeout: float = 1.0,
-                 path: str = "/metrics", on_error: ErrorHook | None = None,
+    def __init__(self, store: Datastore, engines: EngineMapping, interval: float = 0.05, timeout: float = 1.0,
+                 target: ScrapeTarget | None = None, on_error: ErrorHook | None = None,
                  on_scrape: Callable[[float], None] | None = None, max_bytes: int = MAX_BODY,
                  max_series: int = MAX_SERIES) -> None:
         self.max_bytes = max_bytes
         self.max_series = max_series
         self.store = store
-        self.names = names
+        self.engines = engines
+        self.target = target or ScrapeTarget()
         self.interval = interval
         self.timeout = timeout
-        self.path = path
         self.on_error = on_error
         self.on_scrape = on_scrape
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._getters: dict[str, KeepAliveGetter] = {}
         self._started = False
         self._rng = random.Random()
+
+    def reconfigure(self, engines: EngineMapping, target: ScrapeTarget, interval: float) -> None:
+        """New metric names, target or interval (a config reload): from the next scrape on."""
+        if target != self.target:
+            for g in self._getters.values():
+                g.close()
+            self._getters.clear()  # reconnect, perhaps to another port or with TLS
+        self.engines, self.target, self.interval = engines, target, interval
 
     async def start(self) -> None:
         self._started = True
@@ -78,17 +97,20 @@ class Scraper:
     async def scrape_once(self, address: str) -> None:
         getter = self._getters.get(address)
         if getter is None:
-            getter = self._getters[address] = KeepAliveGetter(address, self.path, self.max_bytes)
+            t = self.target
+            getter = self._getters[address] = KeepAliveGetter(address, t.path, self.max_bytes, t.port, t.tls)
         picks_at_start = self.store.total_picks.get(address, 0)
         try:
             status, body = await getter.get(self.timeout)
             if status != 200:
                 raise ParseError(f"HTTP {status}")
             t0 = time.perf_counter()
+            state = self.store.get(address)
+            names = self.engines.for_labels(state.labels if state is not None else {})
             if len(body) <= INLINE_PARSE_BYTES:  # the common case (vLLM: ~55 KB, ~0.1 ms)
-                signals = self._parse(body)
+                signals = self._parse(body, names)
             else:  # a large exposition is read in a thread: routing gets the loop between its steps
-                signals = await asyncio.to_thread(self._parse, body)
+                signals = await asyncio.to_thread(self._parse, body, names)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
         except Exception as e:  # whatever a pod sends, the pod fails this scrape and nothing else
@@ -106,8 +128,8 @@ class Scraper:
             log.info("scrape of %s recovered", address)
         self.store.record_scrape(address, signals, picks_at_start)
 
-    def _parse(self, body: bytes) -> EngineSignals:
-        return parse_signals(body.decode("utf-8"), self.names, self.max_series)
+    def _parse(self, body: bytes, names: MetricNames) -> EngineSignals:
+        return parse_signals(body.decode("utf-8"), names, self.max_series)
 
     async def _loop(self, address: str) -> None:
         await asyncio.sleep(self._rng.uniform(0, self.interval))

@@ -238,22 +238,7 @@ async def test_epp_serve_cli_discovers_the_pool_and_rejects_bad_flags(emulator: 
         assert out.returncode == 2 and message in out.stderr, (bad, out.stderr)
 
 
-CHART_CONFIG = """apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-"""
+CHART_CONFIG = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "chart-default-plugins.yaml"
 
 
 async def _health(port: int, service: str) -> int:
@@ -286,7 +271,7 @@ async def test_the_reference_charts_arguments_start_epp(emulator: KubeEmulator, 
     for i, p in enumerate(ports):
         await emulator.apply(*PODS, pod(f"vllm-{i}", "127.0.0.1", annotations={"llm-d.ai/active-ports": str(p)}))
     config = tmp_path / "default-plugins.yaml"
-    config.write_text(CHART_CONFIG)
+    config.write_text(CHART_CONFIG.read_text())  # the chart's own default config, data layer included
     fleet = Fleet(ports, profile("fast"))
     await fleet.start()
     grpc_port, health, metrics = free_ports(3)

@@ -12,7 +12,7 @@ import pytest
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Datastore
-from epp.signals.mappings import VLLM
+from epp.signals.mappings import VLLM, single_engine
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
 from epp.signals.scraper import Scraper
 
@@ -99,7 +99,7 @@ async def scrape(store: Datastore, reply: Reply, times: int = 1, **scraper_args:
     """Scrape a pod answering ``reply`` ``times`` times; the pod's state afterwards."""
     server, address = await serve(reply)
     store.set_endpoints([address])
-    scraper = Scraper(store, VLLM, **scraper_args)
+    scraper = Scraper(store, single_engine("vllm"), **scraper_args)
     try:
         for _ in range(times):
             await scraper.scrape_once(address)
@@ -116,7 +116,8 @@ async def test_garbage_fails_the_scrape_quietly(case: str, store: Datastore, cap
     server, address = await serve(lambda n: GARBAGE[case])
     errors: list[tuple[str, str]] = []
     store.set_endpoints([address])
-    scraper = Scraper(store, VLLM, interval=0.01, timeout=0.5, on_error=lambda a, r: errors.append((a, r)))
+    scraper = Scraper(store, single_engine("vllm"), interval=0.01, timeout=0.5,
+                      on_error=lambda a, r: errors.append((a, r)))
     caplog.set_level(logging.DEBUG)
     try:
         for _ in range(5):
@@ -142,7 +143,7 @@ async def test_a_pod_recovers_after_bad_values_and_the_old_signals_are_not_repla
     server, address = await serve(lambda n: replies[min(n, 2)])
     store.set_endpoints([address])
     errors: list[str] = []
-    scraper = Scraper(store, VLLM, on_error=lambda a, r: errors.append(r))
+    scraper = Scraper(store, single_engine("vllm"), on_error=lambda a, r: errors.append(r))
     try:
         await scraper.scrape_once(address)
         await scraper.scrape_once(address)
@@ -188,7 +189,7 @@ async def test_a_scrape_loop_ends_even_if_its_cancel_is_lost(store: Datastore) -
     """Python 3.11's wait_for can swallow a cancel; the loop also checks it is still wanted."""
     server, address = await serve(lambda n: GOOD)
     store.set_endpoints([address])
-    scraper = Scraper(store, VLLM, interval=0.01)
+    scraper = Scraper(store, single_engine("vllm"), interval=0.01)
     await scraper.start()
     try:
         task = scraper._tasks[address]
