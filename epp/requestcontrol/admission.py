@@ -13,7 +13,7 @@ from typing import Protocol
 from epp.datastore.store import Snapshot
 from epp.flowcontrol.saturation import SaturationThresholds
 from epp.request import InferenceRequest
-from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.refused import SATURATED, Refused
 
 
 class Admission(Protocol):
@@ -30,5 +30,6 @@ class SheddableAdmission:
         if request.priority >= 0:
             return None
         if self.thresholds.pool_saturated(snapshot):
-            return Refused(429, "every endpoint is saturated and the request is sheddable; retry later")
+            return Refused(429, "every endpoint is saturated and the request is sheddable; retry later",
+                           dropped=SATURATED)
         return None

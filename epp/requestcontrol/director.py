@@ -32,7 +32,7 @@ from epp.requestcontrol.parsing import (
     route_path,
 )
 from epp.requestcontrol.policies import RequestPolicies
-from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.refused import NO_ENDPOINTS, Refused
 from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.types import Decision, SchedulingError
@@ -179,7 +179,8 @@ class Director:
                 raise refusal
             decision = scheduler.schedule(request, snapshot)
         except SchedulingError as e:
-            raise self._refused(request, labels, Refused(e.status, e.message)) from None
+            dropped = NO_ENDPOINTS if e.status == 503 else None
+            raise self._refused(request, labels, Refused(e.status, e.message, dropped=dropped)) from None
         except Refused as e:
             raise self._refused(request, labels, e) from None
         scheduler.committed(decision)
@@ -266,5 +267,5 @@ def _within(snapshot: Snapshot, subset: tuple[str, ...]) -> Snapshot:
     endpoints = tuple(e for e in snapshot.endpoints if _host(e.address) in hosts)
     if not endpoints:
         raise Refused(503, "no endpoint of the pool is in the gateway's subset hint "
-                           "(x-gateway-destination-endpoint-subset)")
+                           "(x-gateway-destination-endpoint-subset)", dropped=NO_ENDPOINTS)
     return replace(snapshot, endpoints=endpoints)

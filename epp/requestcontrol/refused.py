@@ -16,14 +16,21 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
 GRPC_CODES = {400: 3, 401: 16, 404: 5, 413: 8, 429: 8, 500: 13, 503: 14}
 
 
-class Refused(Exception):
-    """A request epp does not route: HTTP ``status``, a one-line reason, the offending field."""
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+SATURATED = "rejected-saturated"  # the reference's reason codes
+NO_ENDPOINTS = "rejected-no-endpoints"
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+
+class Refused(Exception):
+    """A request epp does not route: HTTP ``status``, a one-line reason, the offending field, and
+    for a request dropped before dispatch the reference's reason code (``dropped``)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, dropped: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.dropped = dropped
 
     @property
     def err_type(self) -> str:

@@ -28,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
-from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
 from epp.server import h2grpc
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -156,13 +156,17 @@ def _metadata_string(msg: pb.ProcessingRequest, namespace: str, key: str) -> str
     return fields[key].string_value if key in fields else ""
 
 
-def immediate(status: int, body: bytes) -> bytes:
+def immediate(status: int, body: bytes, dropped: str | None = None) -> bytes:
     resp = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(body=body, details=f"epp_{status}"))
     resp.immediate_response.status.code = status
-    opt = resp.immediate_response.headers.set_headers.add()
-    opt.header.key = "content-type"
-    opt.header.raw_value = b"application/json"
-    opt.append_action = OVERWRITE
+    headers = [("content-type", b"application/json")]
+    if dropped is not None:
+        headers.append((DROPPED_REASON_HEADER, dropped.encode()))
+    for key, value in headers:
+        opt = resp.immediate_response.headers.set_headers.add()
+        opt.header.key = key
+        opt.header.raw_value = value
+        opt.append_action = OVERWRITE
     return _ser(resp)
 
 
@@ -297,7 +301,7 @@ class ExtProcStream:
             self.pick = self._director.route(RequestInput(headers, headers.get(":path", ""), body,
                                                           subset=self._subset), access)
         except Refused as e:
-            return immediate(e.status, e.body())
+            return immediate(e.status, e.body(), e.dropped)
         return None
 
     def _request_id(self) -> str | None:

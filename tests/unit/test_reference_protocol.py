@@ -171,3 +171,27 @@ def test_inference_extension_health_is_pool_level(fresh: bool, leader: bool, syn
     status = r.health.statuses
     assert status["readiness"] == ready and status[""] == ready
     assert status["inference-extension"] == pool
+
+
+def _dropped(resp: pb.ProcessingResponse) -> str | None:
+    found = [o.header.raw_value.decode() for o in resp.immediate_response.headers.set_headers
+             if o.header.key == "x-llm-d-request-dropped-reason"]
+    return found[0] if found else None
+
+
+def test_refusals_before_dispatch_carry_the_references_dropped_reason() -> None:
+    d = director()
+    _, resp = pick(d, [])
+    assert resp.immediate_response.status.code == 503 and _dropped(resp) == "rejected-no-endpoints"
+    policies = RequestPolicies.build([{"kind": "InferenceObjective", "metadata": {"name": "batch"},
+                                       "spec": {"priority": -1}}], pool=None)
+    full = director(policies=policies)
+    for a in ADDRS:
+        full.store.record_scrape(a, EngineSignals(waiting=100), 0)
+    _, resp = pick(full, extra={"x-llm-d-inference-objective": "batch"})
+    assert resp.immediate_response.status.code == 429 and _dropped(resp) == "rejected-saturated"
+    s = ExtProcStream(d)
+    s.on_message(request_headers())
+    bad = pb.ProcessingResponse.FromString(
+        s.on_message(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"{nope", end_of_stream=True)))[0])
+    assert bad.immediate_response.status.code == 400 and _dropped(bad) is None  # not a drop: a bad request
