@@ -287,7 +287,9 @@ def run_config(args: argparse.Namespace) -> int:
         print(f"invalid: {e}", file=sys.stderr)
         return 1
     scorers = ", ".join(f"{n} x{w:g}" for n, w in cfg.scorer_refs)
-    print(f"{args.file}: valid; profile {cfg.profile_name}: {scorers}; picker {cfg.picker_ref or 'max-score-picker'}")
+    filters = f"filters {', '.join(cfg.filter_refs)}; " if cfg.filter_refs else ""
+    print(f"{args.file}: valid; profile {cfg.profile_name}: {filters}{scorers}; "
+          f"picker {cfg.picker_ref or 'max-score-picker'}")
     return 0
 
 

@@ -9,6 +9,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, ObservesPicks, Picker, ProfileHandler, Scorer
+from epp.scheduling.filters import FILTERS
 from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
@@ -160,4 +161,4 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer, PrecisePrefixCacheScorer,
     PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, MetricsDataSource,
-    CoreMetricsExtractor)
+    CoreMetricsExtractor, *FILTERS)

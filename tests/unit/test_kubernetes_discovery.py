@@ -264,3 +264,24 @@ async def test_objectives_crds_not_installed_do_not_disturb_discovery(emulator: 
         assert len(asked) == 2 and not seen  # one try per group, then a 30 s pause; no policies applied
     finally:
         await d.stop()
+
+
+async def test_endpoints_carry_their_pods_labels_and_follow_relabelling(
+        emulator: KubeEmulator, discovery: tuple[KubernetesDiscovery, Datastore]) -> None:
+    _d, store = discovery
+    await emulator.apply(*POOL, pool())
+    await emulator.apply(*PODS, pod("a", "10.0.0.1", labels={"app": "vllm", "llm-d.ai/role": "prefill"}))
+    await endpoints_are(store, ["10.0.0.1:8000"])
+
+    def role() -> str | None:
+        state = store.get("10.0.0.1:8000")
+        return state.labels.get("llm-d.ai/role") if state is not None else None
+
+    assert role() == "prefill"
+    await emulator.apply(*PODS, pod("a", "10.0.0.1", labels={"app": "vllm", "llm-d.ai/role": "decode"}))
+
+    async def relabelled() -> bool:
+        return role() == "decode"
+
+    await wait_until(relabelled, 5, "the new label on the endpoint")
+    assert store.snapshot().endpoints[0].labels["llm-d.ai/role"] == "decode"

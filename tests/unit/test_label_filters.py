@@ -1,0 +1,86 @@
+"""The reference's label filters on the endpoints' pod labels, and its basic sample config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epp.config import load_config, parse_config
+from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.types import ConfigError, CycleState, SchedulingError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
+ROLES = {"plain": None, "decode": "decode", "prefill": "prefill", "both": "both", "pd": "prefill-decode",
+         "encoder": "encode", "ep": "encode-prefill"}
+
+
+def labels(i: int, role: str | None) -> dict[str, str]:
+    return {"llm-d.ai/role": role, "tier": "gold" if i % 2 else "std"} if role else {"tier": "std"}
+
+
+def pool() -> list[EndpointState]:
+    return [EndpointState(f"{name}:8000", EngineSignals(), scraped_at=10.0, labels=labels(i, role))
+            for i, (name, role) in enumerate(ROLES.items())]
+
+
+def passing(plugin_yaml: str) -> set[str]:
+    text = f"""apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- name: f
+{plugin_yaml}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: f
+"""
+    s, _ = parse_config(text).build()
+    f = s.profile.filters[0]
+    eps = pool()
+    return {c.address.split(":")[0] for c in f.filter(InferenceRequest("r", "/v1/completions"),
+                                                      Snapshot(tuple(eps), {}, {}, 10.0, 2.0), eps, CycleState())}
+
+
+@pytest.mark.parametrize(("plugin", "names"), [
+    ("  type: decode-filter", {"plain", "decode", "both", "pd"}),
+    ("  type: prefill-filter", {"prefill", "both", "pd", "ep"}),
+    ("  type: encode-filter", {"encoder", "ep"}),
+    ("  type: by-label\n  parameters: {label: llm-d.ai/role, validValues: [prefill], allowsNoLabel: true}",
+     {"plain", "prefill"}),
+    ("  type: label-selector-filter\n  parameters: {matchLabels: {tier: gold}}", {"decode", "both", "encoder"}),
+    ("  type: by-label-selector\n  parameters: {matchExpressions: [{key: llm-d.ai/role, operator: NotIn, "
+     "values: [encode, encode-prefill]}, {key: llm-d.ai/role, operator: Exists}]}",
+     {"decode", "prefill", "both", "pd"}),
+    ("  type: label-selector-filter\n  parameters: {matchExpressions: [{key: llm-d.ai/role, operator: DoesNotExist}]}",
+     {"plain"}),
+])
+def test_label_filters_keep_what_the_reference_keeps(plugin: str, names: set[str]) -> None:
+    assert passing(plugin) == names
+
+
+@pytest.mark.parametrize(("plugin", "message"), [
+    ("  type: by-label\n  parameters: {validValues: [a]}", "label: required"),
+    ("  type: by-label\n  parameters: {label: x}", "give validValues"),
+    ("  type: label-selector-filter\n  parameters: {matchExpressions: [{key: a, operator: Near}]}", "operator"),
+    ("  type: label-selector-filter\n  parameters: {matchExpressions: [{key: a, operator: In}]}", "In needs values"),
+    ("  type: decode-filter\n  parameters: {label: x}", "label: unknown parameter"),
+])
+def test_label_filter_parameters_are_strict(plugin: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        passing(plugin)
+
+
+def test_the_references_basic_sample_config_loads_and_routes_to_decode_pods_only() -> None:
+    s, _ = load_config(str(FIXTURES / "epp-config.yaml")).build()
+    assert [f.type_name for f in s.profile.filters] == ["decode-filter"]
+    eps = pool()
+    snap = Snapshot(tuple(eps), {}, {}, 10.0, 2.0)
+    for i in range(20):
+        assert s.schedule(InferenceRequest("r", "/v1/completions", model="m", prompt=f"p{i}"), snap).primary.split(
+            ":")[0] in {"plain", "decode", "both", "pd"}
+    prefill_only = tuple(e for e in eps if e.address.startswith(("prefill", "encoder")))
+    with pytest.raises(SchedulingError, match="decode-filter"):
+        s.schedule(InferenceRequest("r", "/v1/completions"), Snapshot(prefill_only, {}, {}, 10.0, 2.0))
