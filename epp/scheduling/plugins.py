@@ -10,7 +10,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, ObservesPicks, Picker, ProfileHandler, Scorer
 from epp.scheduling.filters import FILTERS
-from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, Params
+from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, INT_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_index import ApproximatePrefix
@@ -48,6 +48,29 @@ class QueueScorer(_NoParams, Scorer):
             (c.signals.waiting if c.signals else 0.0) + min(recent.get(c.address, 0), inflight.get(c.address, 0))
             for c in candidates
         ])
+
+
+class LoadAwareScorer(Scorer):
+    """The reference's ``load-aware-scorer``: 0.5 for an empty queue, else 0.5 x (1 - waiting /
+    ``threshold``), waiting capped at the threshold (default 128; a value <= 0 means the default,
+    as in the reference)."""
+
+    type_name: ClassVar[str] = "load-aware-scorer"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        threshold = params.int("threshold", 128, minimum=-INT_LIMIT)
+        self.threshold = float(threshold if threshold > 0 else 128)
+        params.done()
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        th = self.threshold
+        out = []
+        for c in candidates:
+            waiting = c.signals.waiting if c.signals else 0.0
+            out.append(0.5 if waiting <= 0 else 0.5 * (1.0 - min(waiting, th) / th))
+        return out
 
 
 class KVCacheUtilizationScorer(_NoParams, Scorer):
@@ -159,6 +182,6 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 
 BUILTIN: tuple[type[Any], ...] = (
-    QueueScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer, PrecisePrefixCacheScorer,
-    PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, MetricsDataSource,
-    CoreMetricsExtractor, *FILTERS)
+    QueueScorer, LoadAwareScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
+    PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
+    SingleProfileHandler, MetricsDataSource, CoreMetricsExtractor, *FILTERS)

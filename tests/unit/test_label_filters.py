@@ -84,3 +84,18 @@ def test_the_references_basic_sample_config_loads_and_routes_to_decode_pods_only
     prefill_only = tuple(e for e in eps if e.address.startswith(("prefill", "encoder")))
     with pytest.raises(SchedulingError, match="decode-filter"):
         s.schedule(InferenceRequest("r", "/v1/completions"), Snapshot(prefill_only, {}, {}, 10.0, 2.0))
+
+
+def test_load_aware_scorer_as_the_reference_scores() -> None:
+    s, _ = load_config(str(FIXTURES / "epp-estimate-prefix-cache-config.yaml")).build()
+    scorer = next(sc for sc, _ in s.profile.scorers if sc.type_name == "load-aware-scorer")
+    eps = [EndpointState(f"e{q}", EngineSignals(waiting=q), scraped_at=10.0) for q in (0, 1, 64, 128, 500)]
+    scores = scorer.score(InferenceRequest("r", "/v1/completions"), Snapshot(tuple(eps), {}, {}, 10.0, 2.0), eps,
+                          CycleState())
+    assert scores == [0.5, pytest.approx(0.5 * (1 - 1 / 128)), 0.25, 0.0, 0.0]
+    for threshold, expected in (("0", 128.0), ("-3", 128.0), ("10", 10.0)):
+        text = ("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: load-aware-scorer\n"
+                f"  parameters: {{threshold: {threshold}}}\nschedulingProfiles:\n- name: d\n  plugins:\n"
+                "  - pluginRef: load-aware-scorer\n")
+        built, _ = parse_config(text).build()
+        assert built.profile.scorers[0][0].threshold == expected  # type: ignore[attr-defined]
