@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from epp.datalayer import DATA_LAYER
 from epp.filewatch import WatchedFile
 from epp.flowcontrol.saturation import SaturationThresholds
 from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, declares
@@ -165,8 +166,9 @@ MAX_WEIGHT = 1e6
 
 
 def installed_plugins() -> PluginRegistry:
-    """epp's plugin types plus those installed packages register (``epp.plugins``)."""
-    return PluginRegistry.with_installed(BUILTIN)
+    """epp's plugin types (scheduling and data layer) plus those installed packages register
+    (``epp.plugins``)."""
+    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER))
 
 
 def parse_config(text: str | bytes, source: str = "<config>", registry: PluginRegistry | None = None

@@ -15,7 +15,6 @@ from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_index import ApproximatePrefix
 from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
-from epp.signals.plugins import CoreMetricsExtractor, MetricsDataSource
 
 
 def _minmax_low_is_good(values: list[float]) -> list[float]:
@@ -184,4 +183,4 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, MetricsDataSource, CoreMetricsExtractor, *FILTERS)
+    SingleProfileHandler, *FILTERS)

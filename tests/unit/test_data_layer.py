@@ -11,11 +11,11 @@ import pytest
 from aiohttp import web
 
 from epp.config import build, load_config, parse_config
+from epp.datalayer import CoreMetricsExtractor, MetricsDataSource
 from epp.datastore.store import Datastore
 from epp.scheduling.types import ConfigError
 from epp.server.tls import self_signed
 from epp.signals.mappings import ENGINES, EngineMapping
-from epp.signals.plugins import CoreMetricsExtractor, MetricsDataSource
 from epp.signals.promtext import parse_signals
 from epp.signals.scraper import Scraper
 from epp.stack.local import free_ports

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pytest
 
 from epp.config import DEFAULT_CONFIG, build, config_watcher, parse_config
+from epp.datalayer import DATA_LAYER
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
@@ -202,7 +203,7 @@ def test_contract_violations_are_named(bases: tuple[type[Any], ...], members: di
 
 
 def test_every_builtin_follows_the_contract() -> None:
-    roles = {check_contract(cls).role for cls in BUILTIN}
+    roles = {check_contract(cls).role for cls in (*BUILTIN, *DATA_LAYER)}
     assert roles == {"filter", "scorer", "picker", "profile handler", "data source", "metrics extractor"}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ssl
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor
 from epp.scheduling.params import Params
@@ -122,3 +122,7 @@ class CoreMetricsExtractor(MetricsExtractor):
 
     def engine_mapping(self) -> EngineMapping:
         return self.mapping
+
+
+# The data-layer plugin types; the config's registry adds them to the scheduling plugins.
+DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor)
