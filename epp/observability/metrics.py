@@ -5,9 +5,9 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
     from epp.datastore.store import Datastore
 
+DEFAULT_FAIRNESS = "default-flow"  # the reference's fairness id of a request that names none
+SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # the reference's
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
                    45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
@@ -42,13 +44,31 @@ class PoolCollector(Collector):
                                 labels=["name", "model_server_pod"])
         inflight = GaugeMetricFamily("epp_endpoint_inflight_requests", "Requests epp routed that have not ended.",
                                      labels=["name", "endpoint"])
-        if fresh:
-            kv.add_metric([self.pool], sum(e.signals.kv_usage for e in fresh if e.signals) / len(fresh))
-            q.add_metric([self.pool], sum(e.signals.waiting for e in fresh if e.signals) / len(fresh))
-        else:
-            kv.add_metric([self.pool], 0.0)
-            q.add_metric([self.pool], 0.0)
+        kvs = [e.signals.kv_usage for e in fresh if e.signals]
+        queues = [e.signals.waiting for e in fresh if e.signals]
+        runs = [e.signals.running for e in fresh if e.signals]
+        kv.add_metric([self.pool], _mean(kvs))
+        q.add_metric([self.pool], _mean(queues))
         ready.add_metric([self.pool], len(fresh))
+        legacy_running = GaugeMetricFamily("inference_pool_average_running_requests",
+                                           "Average running requests of the pool's fresh endpoints.", labels=["name"])
+        legacy_running.add_metric([self.pool], _mean(runs))
+        yield legacy_running
+        # The reference's llm_d_epp_* pool gauges (mean and population standard deviation).
+        for name, help_text, values, fn in (
+                ("average_kv_cache_utilization", "Average KV cache utilization.", kvs, _mean),
+                ("average_queue_size", "Average waiting queue size.", queues, _mean),
+                ("average_running_requests", "Average running requests.", runs, _mean),
+                ("std_dev_kv_cache_utilization", "Standard deviation of KV cache utilization.", kvs, _std),
+                ("std_dev_queue_size", "Standard deviation of the waiting queue size.", queues, _std),
+                ("std_dev_running_requests", "Standard deviation of running requests.", runs, _std)):
+            fam = GaugeMetricFamily(f"llm_d_epp_{name}", help_text, labels=["name"])
+            fam.add_metric([self.pool], fn(values))
+            yield fam
+        ready_endpoints = GaugeMetricFamily("llm_d_epp_ready_endpoints", "Endpoints with fresh metrics.",
+                                            labels=["name"])
+        ready_endpoints.add_metric([self.pool], len(fresh))
+        yield ready_endpoints
         for e in snap.endpoints:
             if e.signals is not None:
                 per.add_metric([self.pool, e.address], e.signals.waiting)
@@ -58,6 +78,17 @@ class PoolCollector(Collector):
         cpu = CounterMetricFamily("epp_picker_cpu_seconds", "CPU time (user+system) used by the picker process.")
         cpu.add_metric([], ru.ru_utime + ru.ru_stime)
         yield cpu
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _std(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    m = _mean(values)
+    return float((sum((v - m) ** 2 for v in values) / len(values)) ** 0.5)
 
 
 class PluginCollector(Collector):
@@ -168,21 +199,44 @@ class PickerMetrics:
 
     def __init__(self, store: Datastore, pool_name: str = "default", label_values: int = 64) -> None:
         self.models = LabelValues(store.served_models, label_values)
+        self.fairness = LabelValues(lambda: (DEFAULT_FAIRNESS,), label_values)  # client-chosen: bounded too
         self.loop_collectors: list[Collector] = [PoolCollector(store, pool_name)]
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        # Legacy names (the Inference Extension's) and the reference's llm_d_epp_* names, side by
+        # side with the reference's labels, as the reference emits them.
+        model, full = ["model_name", "target_model_name"], ["model_name", "target_model_name", "fairness_id",
+                                                              "priority"]
         self.requests = Counter("inference_objective_request", "Requests received, by model.",
-                                ["model_name", "target_model_name"], registry=r)
+                                [*model, "priority"], registry=r)
+        self.llmd_requests = Counter("llm_d_epp_request", "Total number of processed requests.", full, registry=r)
         self.errors = Counter("inference_objective_request_error", "Requests refused or failed, by error code.",
-                              ["model_name", "target_model_name", "error_code"], registry=r)
+                              [*model, "error_code"], registry=r)
+        self.llmd_errors = Counter("llm_d_epp_request_error", "Total number of request errors.", [*full, "error_code"],
+                                   registry=r)
         self.duration = Histogram("inference_objective_request_duration_seconds",
-                                  "Time from the pick to the end of the response.", ["model_name", "target_model_name"],
+                                  "Time from the pick to the end of the response.", model,
                                   buckets=REQUEST_BUCKETS, registry=r)
+        self.llmd_duration = Histogram("llm_d_epp_request_duration_seconds",
+                                       "End-to-end request latency distribution in seconds.", full,
+                                       buckets=REQUEST_BUCKETS, registry=r)
+        self.running = Gauge("inference_objective_running_requests", "Requests routed and not ended, by model.",
+                             ["model_name"], registry=r)
+        self.llmd_running = Gauge("llm_d_epp_request_running", "Current number of active running requests.", full,
+                                  registry=r)
         self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
                                        "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
+        self.llmd_scheduler_e2e = Histogram("llm_d_epp_scheduler_e2e_duration_seconds",
+                                            "End-to-end scheduling latency distribution in seconds.",
+                                            buckets=SCHEDULER_BUCKETS, registry=r)
+        plugin = ["extension_point", "plugin_type", "plugin_name"]
         self.plugin_duration = Histogram("inference_extension_plugin_duration_seconds",
-                                         "Latency of each plugin per call.", ["plugin_type", "plugin_name"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
+                                         "Latency of each plugin per call.", plugin, buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.llmd_plugin_duration = Histogram("llm_d_epp_plugin_duration_seconds",
+                                              "Plugin processing latency distribution in seconds for each extension "
+                                              "point, plugin type and plugin name.", plugin,
+                                              buckets=SCHEDULER_BUCKETS, registry=r)
         self.picks = Counter("epp_picks", "Picks per endpoint.", ["endpoint"], registry=r)
         self.scrape_errors = Counter("epp_metrics_scrape_errors", "Failed metric scrapes.", ["endpoint", "reason"],
                                      registry=r)
@@ -208,5 +262,40 @@ class PickerMetrics:
         families = [m for c in self.loop_collectors for m in c.collect()]
         return _Joined(self.registry, Frozen(families))
 
-    def plugin_timer(self, plugin_type: str, name: str, seconds: float) -> None:
-        self.child(self.plugin_duration, plugin_type, name).observe(seconds)
+    def plugin_timer(self, extension_point: str, plugin_type: str, name: str, seconds: float) -> None:
+        self.child(self.plugin_duration, extension_point, plugin_type, name).observe(seconds)
+        self.child(self.llmd_plugin_duration, extension_point, plugin_type, name).observe(seconds)
+
+    # -- one request's life (the director reports; the labels are bounded here) ------------------
+    def request_labels(self, model: str, target: str, fairness: str, priority: int) -> RequestLabels:
+        return RequestLabels(self.models(model), self.models(target), self.fairness(fairness or DEFAULT_FAIRNESS),
+                             str(priority))
+
+    def request_started(self, lab: RequestLabels) -> None:
+        self.child(self.requests, lab.model, lab.target, lab.priority).inc()
+        self.child(self.llmd_requests, *lab).inc()
+
+    def request_refused(self, lab: RequestLabels, status: int) -> None:
+        self.child(self.errors, lab.model, lab.target, str(status)).inc()
+        self.child(self.llmd_errors, *lab, str(status)).inc()
+
+    def scheduled(self, seconds: float) -> None:
+        self.scheduler_e2e.observe(seconds)
+        self.llmd_scheduler_e2e.observe(seconds)
+
+    def request_running(self, lab: RequestLabels, delta: int) -> None:
+        if lab.model:  # as the reference: only requests that name a model
+            self.child(self.running, lab.model).inc(delta)
+            self.child(self.llmd_running, *lab).inc(delta)
+
+    def request_finished(self, lab: RequestLabels, seconds: float) -> None:
+        self.child(self.duration, lab.model, lab.target).observe(seconds)
+        self.child(self.llmd_duration, *lab).observe(seconds)
+        self.request_running(lab, -1)
+
+
+class RequestLabels(NamedTuple):
+    model: str
+    target: str
+    fairness: str
+    priority: str

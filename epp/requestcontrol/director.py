@@ -19,10 +19,10 @@ from enum import Enum
 from typing import Any
 
 from epp.datastore.store import Datastore, Snapshot
-from epp.observability.metrics import PickerMetrics
+from epp.observability.metrics import PickerMetrics, RequestLabels
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, SheddableAdmission
-from epp.requestcontrol.headers import MODEL_REWRITE, OBJECTIVE, header
+from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
 from epp.requestcontrol.parsing import (
     GENERATION_PATHS,
     from_fields,
@@ -69,12 +69,12 @@ class Routed:
                  "reader", "request", "scheduler", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
-                 labels: tuple[str, str], started: float) -> None:
+                 labels: RequestLabels, started: float) -> None:
         self._director = director
         self.scheduler = scheduler  # the one that decided (a config reload may have replaced it since)
         self.request = request
         self.decision = decision
-        self._labels = labels  # (model_name, target_model_name) as the metrics show them
+        self._labels = labels  # as the metrics show them (bounded)
         self._started = started
         self.forward_body: bytes | None = None  # the request body to send, when epp changed it
         self.reader: UsageReader | None = None  # reads (and maybe strips) usage from the response body
@@ -166,8 +166,9 @@ class Director:
         request = self._parse(given)
         self._apply_policies(request)
         m = self.metrics
-        labels = self._labels(request)
-        m.child(m.requests, *labels).inc()
+        labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
+                                  request.priority)
+        m.request_started(labels)
         t0 = time.perf_counter()
         scheduler = self.scheduler
         snapshot = self.store.snapshot()
@@ -186,8 +187,9 @@ class Director:
         scheduler.committed(decision)
         self.store.acquire(decision.primary)
         t1 = time.perf_counter()
-        m.scheduler_e2e.observe(t1 - t0)
+        m.scheduled(t1 - t0)
         m.child(m.picks, decision.primary).inc()
+        m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
         inject = False
         if access is not ResponseAccess.NONE and scheduler.wants_usage:
@@ -208,7 +210,7 @@ class Director:
                 return from_fields(request_id, path, headers, given.model, given.prompt, given.messages)
             return headers_only(request_id, path, headers)
         except Refused as e:
-            self.metrics.errors.labels("", "", str(e.status)).inc()
+            self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
             raise
 
     def _apply_policies(self, request: InferenceRequest) -> None:
@@ -226,23 +228,17 @@ class Director:
             target = policies.rewrite(request.model, self.rng)
             if target is not None:
                 request.target_model = target
-                self.metrics.child(self.metrics.rewrites, *self._labels(request)).inc()
+                models = self.metrics.models
+                self.metrics.child(self.metrics.rewrites, models(request.model), models(target)).inc()
 
-    def _labels(self, request: InferenceRequest) -> tuple[str, str]:
-        """The request's model labels, bounded (clients choose the model string)."""
-        models = self.metrics.models
-        return models(request.model), models(request.target_model)
-
-    def _refused(self, request: InferenceRequest, labels: tuple[str, str], refusal: Refused) -> Refused:
-        m = self.metrics
-        m.child(m.errors, *labels, str(refusal.status)).inc()
+    def _refused(self, request: InferenceRequest, labels: RequestLabels, refusal: Refused) -> Refused:
+        self.metrics.request_refused(labels, refusal.status)
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
 
-    def finished(self, endpoint: str, labels: tuple[str, str], started: float) -> None:
+    def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None:
         self.store.release(endpoint)
-        m = self.metrics
-        m.child(m.duration, *labels).observe(time.perf_counter() - started)
+        self.metrics.request_finished(labels, time.perf_counter() - started)
 
     def move(self, old: str, new: str) -> bool:
         """Move one in-flight request from ``old`` to ``new`` (False when ``new`` is not in the pool)."""

@@ -30,7 +30,7 @@ from epp.scheduling.contract import (
 )
 from epp.scheduling.types import ConfigError, CycleState, Decision, SchedulingError, Slot
 
-PluginTimer = Callable[[str, str, float], None]
+PluginTimer = Callable[[str, str, str, float], None]  # (extension point, plugin type, plugin name, seconds)
 
 
 @dataclass(slots=True)
@@ -108,7 +108,7 @@ class Scheduler:
             t0 = time.perf_counter() if timer else 0.0
             candidates = f.filter(request, snapshot, candidates, cycle)
             if timer:
-                timer("filter", f.name, time.perf_counter() - t0)
+                timer("Filter", f.type_name, f.name, time.perf_counter() - t0)
             if not candidates:
                 raise SchedulingError(503, f"no endpoint passed the filter {f.name!r}")
         n = len(candidates)
@@ -118,7 +118,7 @@ class Scheduler:
             t0 = time.perf_counter() if timer else 0.0
             scores = scorer.score(request, snapshot, candidates, cycle)
             if timer:
-                timer("scorer", scorer.name, time.perf_counter() - t0)
+                timer("Scorer", scorer.type_name, scorer.name, time.perf_counter() - t0)
             raw.append(scores)
             if weight:
                 for i in range(n):

@@ -20,6 +20,15 @@ REFERENCE_NAMES = (
     "inference_pool_average_queue_size", "inference_pool_ready_pods", "inference_pool_per_pod_queue_size",
     "inference_extension_scheduler_e2e_duration_seconds_bucket", "inference_extension_plugin_duration_seconds_bucket",
     "epp_metrics_scrape_errors_total", "epp_picker_cpu_seconds_total",
+    # The reference's current names (llm-d-router pkg/epp/metrics/llm_d_router_metrics.go at ebab68792),
+    # next to the legacy ones above, and the legacy ones epp lacked.
+    "llm_d_epp_request_total", "llm_d_epp_request_error_total", "llm_d_epp_request_duration_seconds_bucket",
+    "llm_d_epp_request_running", "llm_d_epp_average_kv_cache_utilization", "llm_d_epp_average_queue_size",
+    "llm_d_epp_average_running_requests", "llm_d_epp_std_dev_kv_cache_utilization", "llm_d_epp_std_dev_queue_size",
+    "llm_d_epp_std_dev_running_requests", "llm_d_epp_ready_endpoints",
+    "llm_d_epp_scheduler_e2e_duration_seconds_bucket",
+    "llm_d_epp_plugin_duration_seconds_bucket", "inference_objective_running_requests",
+    "inference_pool_average_running_requests",
 )
 
 
@@ -86,7 +95,10 @@ async def test_epp_metrics_use_the_reference_names() -> None:
             family = name.removesuffix("_total").removesuffix("_bucket")
             assert f"# HELP {family}" in text, name  # labelled series appear with their first sample
         assert 'inference_pool_ready_pods{name="default"} 2.0' in text
-        assert 'inference_objective_request_total{model_name="sim-model",target_model_name="sim-model"} 1.0' in text
+        legacy = 'inference_objective_request_total{model_name="sim-model",priority="0",target_model_name="sim-model"}'
+        assert f"{legacy} 1.0" in text
+        assert ('llm_d_epp_request_total{fairness_id="default-flow",model_name="sim-model",priority="0",'
+                'target_model_name="sim-model"} 1.0') in text
         assert 'error_code="400"' in text
         # "count me" is shorter than one 64-character block: nothing to index yet.
         assert "inference_extension_prefix_indexer_size 0.0" in text

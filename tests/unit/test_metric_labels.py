@@ -41,10 +41,18 @@ def test_300_long_model_names_keep_the_exposition_small() -> None:
         picks.route(RequestInput({}, "/v1/completions", model=name, prompt="hi")).finish()
     picks.route(RequestInput({}, "/v1/completions", model="llama", prompt="hi")).finish()
     text = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
-    assert len(text) < before + 20_000
+    # 9 label values (8 admitted + other) x the request series, legacy and llm_d_epp_ names alike
+    assert len(text) < before + 40_000
+    for i in range(300, 600):  # 300 more new names: the exposition does not grow
+        picks.route(RequestInput({}, "/v1/completions", model=f"{i:04d}" + "m" * 2048, prompt="hi")).finish()
+    again = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
+    assert len(again) < len(text) + 2_000
     assert 'model_name="other"' in text and 'model_name="llama"' in text
     requests = picks.metrics.registry.get_sample_value
-    assert requests("inference_objective_request_total", {"model_name": "other", "target_model_name": "other"}) == 300
+    assert requests("inference_objective_request_total",
+                    {"model_name": "other", "target_model_name": "other", "priority": "0"}) == 600
+    assert requests("llm_d_epp_request_total", {"model_name": "other", "target_model_name": "other",
+                                                "fairness_id": "default-flow", "priority": "0"}) == 600
 
 
 def test_rewrite_targets_are_known_labels() -> None:
@@ -59,4 +67,16 @@ def test_rewrite_targets_are_known_labels() -> None:
     routed.finish()
     assert routed.request.target_model == "llama-v2"
     requests = picks.metrics.registry.get_sample_value
-    assert requests("inference_objective_request_total", {"model_name": "alias", "target_model_name": "llama-v2"}) == 1
+    assert requests("inference_objective_request_total",
+                    {"model_name": "alias", "target_model_name": "llama-v2", "priority": "0"}) == 1
+
+
+def test_client_chosen_fairness_ids_are_bounded_too() -> None:
+    picks = service()
+    for i in range(300):
+        picks.route(RequestInput({"x-llm-d-inference-fairness-id": f"tenant-{i}-" + "x" * 300}, "/v1/completions",
+                                 model="llama", prompt="hi")).finish()
+    text = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
+    ids = {line.split('fairness_id="')[1].split('"')[0] for line in text.splitlines()
+           if line.startswith("llm_d_epp_request_total{")}
+    assert "other" in ids and len(ids) <= 9  # 8 admitted (label_values=8) + other

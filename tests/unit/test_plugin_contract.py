@@ -285,3 +285,14 @@ def test_both_prefix_scorers_read_the_shared_parameters_alike(scorer: str) -> No
         field = bad.split(":")[0]
         with pytest.raises(ConfigError, match=rf"plugins\[0\]\.parameters\.{field}"):
             parse_config(text.replace("PARAMS", bad))
+
+
+def test_plugin_timing_names_the_extension_point_the_type_and_the_name() -> None:
+    text = config("- type: test-only-b\n- name: q\n  type: queue-scorer",
+                  "  - {pluginRef: test-only-b}\n  - {pluginRef: q, weight: 1}")
+    s, _ = parse_config(text, registry=registry(OnlyB)).build()
+    seen: list[tuple[str, str, str]] = []
+    s.plugin_timer = lambda point, ptype, name, _secs: seen.append((point, ptype, name))
+    for _ in range(8):  # timed on one cycle in 8
+        s.schedule(req(), snap("a", "b"))
+    assert seen == [("Filter", "test-only-b", "test-only-b"), ("Scorer", "queue-scorer", "q")]
