@@ -67,7 +67,6 @@ def positive_int(text: str) -> int:
 
 # Reference flags for features epp does not have: false is what epp does; true is refused.
 OFF_ONLY = {
-    "--tracing": "OpenTelemetry tracing is not supported by epp yet",
     "--enable-pprof": "epp has no pprof endpoint (profile it with py-spy)",
     "--health-checking": "epp does not health-check the model servers (a failing scrape takes a pod out)",
     "--enable-grpc-stream-metrics": "epp has no ext_proc stream metrics yet",
@@ -157,6 +156,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
               "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
     bool_flag(p, "--disable-endpoint-subset-filter", False,
               "ignore the gateway's subset hint (envoy.lb.subset_hint) and pick from the whole pool")
+    bool_flag(p, "--tracing", False, "OpenTelemetry spans, one per request, set up from the OTEL_* environment "
+              "(the reference defaults this to true; epp to false)")
     bool_flag(p, "--allow-experimental-plugins", False,
               "accepted for the reference's charts: epp has no experimental plugin types")
     logs = p.add_argument_group("logging (the reference's klog and zap flags, or --log-level)")
@@ -229,7 +230,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
                       max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),
         tls=tls, cert_reload=args.enable_cert_reload, emit_endpoint_scores=args.emit_endpoint_scores,
-        subset_filter=not args.disable_endpoint_subset_filter,
+        subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file)

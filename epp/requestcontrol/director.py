@@ -20,6 +20,7 @@ from typing import Any
 
 from epp.datastore.store import Datastore, Snapshot
 from epp.observability.metrics import PickerMetrics, RequestLabels
+from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, SheddableAdmission
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
@@ -142,8 +143,10 @@ class Director:
 
     def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics,
                  policies: RequestPolicies | None = None, admission: Admission | None = None,
-                 rng: random.Random | None = None, subset_filter: bool = True) -> None:
+                 rng: random.Random | None = None, subset_filter: bool = True, tracing: Tracing | None = None
+                 ) -> None:
         self.store = store
+        self.tracing = tracing  # --tracing: one span per request
         self.subset_filter = subset_filter  # off: --disable-endpoint-subset-filter
         self.scheduler = scheduler
         self.metrics = metrics
@@ -163,6 +166,23 @@ class Director:
     # -- the request path -------------------------------------------------------------------------
     def route(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE) -> Routed:
         """Parse, apply policies, admit, schedule and commit; raises Refused."""
+        tracing = self.tracing
+        if tracing is None:
+            return self._route(given, access)
+        span = tracing.start(given.headers)
+        try:
+            routed = self._route(given, access)
+        except Refused as e:
+            tracing.failed(span, e.message)
+            raise
+        else:
+            span.set_attributes({"target_model": routed.request.target_model or routed.request.model,
+                                 "request_prio": routed.request.priority})
+            return routed
+        finally:
+            span.end()
+
+    def _route(self, given: RequestInput, access: ResponseAccess) -> Routed:
         request = self._parse(given)
         self._apply_policies(request)
         m = self.metrics

@@ -18,6 +18,7 @@ from epp.config import Built, PickerConfig, build, config_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.observability.metrics import PickerMetrics, PluginCollector
+from epp.observability.tracing import Tracing
 from epp.requestcontrol.admission import SheddableAdmission
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.policies import RequestPolicies
@@ -74,6 +75,7 @@ class ServeOptions:
     cert_reload: bool = False  # --enable-cert-reload: re-read --cert-path when it changes
     emit_endpoint_scores: bool = False  # per-endpoint scores in the envoy.lb metadata
     subset_filter: bool = True  # honour the gateway's subset hint (off: --disable-endpoint-subset-filter)
+    tracing: bool = False  # --tracing: OpenTelemetry spans, set up from the OTEL_* environment
 
 
 class PickerServer:
@@ -88,8 +90,10 @@ class PickerServer:
         metrics_token = TokenFile(opts.metrics_token_file) if opts.metrics_token_file else None
         self.built = build(opts.config)  # plugins that load files (a tokenizer) load here, once
         self.built.scheduler.plugin_timer = self.metrics.plugin_timer
+        self.tracing = Tracing() if opts.tracing else None
         self.director = Director(self.store, self.built.scheduler, self.metrics,
-                                 admission=SheddableAdmission(opts.config.saturation), subset_filter=opts.subset_filter)
+                                 admission=SheddableAdmission(opts.config.saturation), subset_filter=opts.subset_filter,
+                                 tracing=self.tracing)
         self.sources = PoolSources(self.store, self._set_policies, endpoints=opts.endpoints,
                                    endpoints_file=opts.endpoints_file, objectives_file=opts.objectives_file,
                                    kubernetes=opts.kubernetes, poll_interval=opts.config_poll_interval)
@@ -179,6 +183,8 @@ class PickerServer:
             await self.elector.stop(release=True)
         await self.sources.stop()
         await self.metrics_endpoint.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered
 
 
 async def serve_forever(opts: ServeOptions) -> None:

@@ -52,12 +52,13 @@ def test_bad_sizes_are_refused(text: str) -> None:
 
 
 def test_no_command_means_serve_and_refused_flags_are_named() -> None:
-    r = epp("--endpoints", "127.0.0.1:1", "--tracing=true", "--enable-pprof=true", "--metrics-cert-dir", "/x")
+    r = epp("--endpoints", "127.0.0.1:1", "--health-checking=true", "--enable-pprof=true", "--metrics-cert-dir", "/x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines == [
-        "epp serve: --tracing=true is not supported by epp: OpenTelemetry tracing is not supported by epp yet",
         "epp serve: --enable-pprof=true is not supported by epp: epp has no pprof endpoint (profile it with py-spy)",
+        "epp serve: --health-checking=true is not supported by epp: epp does not health-check the model servers "
+        "(a failing scrape takes a pod out)",
         "epp serve: --metrics-cert-dir is not supported by epp: /metrics has no TLS in epp (use a bearer token: "
         "--metrics-token-file)"]
     r = epp("--v=3", "--zap-encoder", "json", "--total-queued-requests-metric", "x")
