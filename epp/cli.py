@@ -174,8 +174,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ref.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
                    help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
-    bool_flag(p, "--metrics-endpoint-auth", False, "require a bearer token on /metrics (the token in "
-              "--metrics-token-file)")
+    bool_flag(p, "--metrics-endpoint-auth", False, "require a bearer token on /metrics: the one in "
+              "--metrics-token-file, else (with Kubernetes discovery) any the API server authorizes to get /metrics")
     p.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
     p.add_argument("--pick-api-token-file", help="file with the bearer token the epp.v1 Pick API requires")
     _add_limits(p)
@@ -212,9 +212,9 @@ def run_serve(args: argparse.Namespace) -> int:
                              "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
                              "--endpoints HOST:PORT,... or --endpoints-file PATH")
         names_for(args.engine)
-        if args.metrics_endpoint_auth and not args.metrics_token_file:
-            raise ValueError("--metrics-endpoint-auth=true needs --metrics-token-file (Kubernetes TokenReview "
-                             "is not supported by epp)")
+        if args.metrics_endpoint_auth and not args.metrics_token_file and kube is None:
+            raise ValueError("--metrics-endpoint-auth=true needs Kubernetes discovery (tokens are checked with "
+                             "TokenReview) or --metrics-token-file")
     except (ConfigError, ValueError) as e:
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
@@ -233,7 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
         subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
-        pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file)
+        pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file,
+        metrics_token_review=args.metrics_endpoint_auth and not args.metrics_token_file)
     try:
         _run(serve_forever(opts))
     except ValueError as e:  # a token file that cannot be read

@@ -93,6 +93,11 @@ class KubeEmulator:
         self.cleanups: list[Any] = []  # async callables a test registers (clients to close)
         self.authorizations: set[str] = set()  # Authorization headers seen
         self.not_served: set[str] = set()  # plurals answered 404, as for a CRD that is not installed
+        # TokenReview: bearer token -> (user, groups); SubjectAccessReview: users allowed, as
+        # {(user, verb, non-resource path)}.
+        self.tokens: dict[str, tuple[str, list[str]]] = {}
+        self.allowed: set[tuple[str, str, str]] = set()
+        self.reviews: list[str] = []  # "tokenreview" / "subjectaccessreview", for assertions
 
     # -- test controls -------------------------------------------------------------------------
     def _coll(self, group: str, version: str, plural: str) -> _Collection:
@@ -149,6 +154,25 @@ class KubeEmulator:
             json.dump(config, f)  # JSON is YAML
         return str(path)
 
+    async def _token_review(self, request: web.Request) -> web.Response:
+        """TokenReview: authenticated when the token is one of ``tokens``."""
+        self.reviews.append("tokenreview")
+        review = await request.json()
+        found = self.tokens.get((review.get("spec") or {}).get("token", ""))
+        status: dict[str, Any] = {"authenticated": found is not None}
+        if found is not None:
+            status["user"] = {"username": found[0], "groups": found[1]}
+        return web.json_response({**review, "status": status}, status=201)
+
+    async def _access_review(self, request: web.Request) -> web.Response:
+        """SubjectAccessReview of a non-resource URL: allowed when (user, verb, path) is in ``allowed``."""
+        self.reviews.append("subjectaccessreview")
+        review = await request.json()
+        spec = review.get("spec") or {}
+        nra = spec.get("nonResourceAttributes") or {}
+        allowed = (spec.get("user"), nra.get("verb"), nra.get("path")) in self.allowed
+        return web.json_response({**review, "status": {"allowed": allowed}}, status=201)
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -159,6 +183,8 @@ class KubeEmulator:
         app = web.Application(middlewares=[self._remember_auth])
         app.router.add_route("*", "/api/{version}/namespaces/{ns}/{plural}", self._collection_core)
         app.router.add_route("*", "/api/{version}/namespaces/{ns}/{plural}/{name}", self._object_core)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}", self._collection)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._object)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

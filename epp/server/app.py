@@ -23,7 +23,7 @@ from epp.requestcontrol.admission import SheddableAdmission
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.policies import RequestPolicies
 from epp.server import h2grpc
-from epp.server.auth import TokenFile
+from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
 from epp.server.extproc import ExtProcStream
 from epp.server.pickapi import PickAPI
 from epp.server.readiness import Readiness
@@ -71,6 +71,7 @@ class ServeOptions:
     pick_api_max_outstanding: int = 1024  # unreleased Pick API picks per client address
     pick_api_token_file: str | None = None  # bearer token the Pick API requires
     metrics_token_file: str | None = None  # bearer token /metrics requires (--metrics-endpoint-auth)
+    metrics_token_review: bool = False  # /metrics checks tokens with the API server (in a cluster)
     tls: TLSPolicy = field(default_factory=TLSPolicy)  # --tls-min-version, --tls-cipher-suites
     cert_reload: bool = False  # --enable-cert-reload: re-read --cert-path when it changes
     emit_endpoint_scores: bool = False  # per-endpoint scores in the envoy.lb metadata
@@ -109,7 +110,8 @@ class PickerServer:
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
         self.readiness = Readiness(lambda: self.store.fresh_count() > 0,
                                    lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
-        self.metrics_endpoint = MetricsEndpoint(self.metrics, metrics_token)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics, TokenFileAuthorizer(metrics_token)
+                                                if metrics_token is not None else None)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
@@ -160,6 +162,8 @@ class PickerServer:
         self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path, o.tls,
                                                          o.cert_reload)
         self.bound_ports["health"] = await self.readiness.start(o.host, o.grpc_health_port)
+        if o.metrics_token_review and discovery is not None:  # the API server answers who may read /metrics
+            self.metrics_endpoint.auth = KubernetesReviews(discovery.api)
         self.bound_ports["metrics"] = await self.metrics_endpoint.start(o.host, o.metrics_port)
         log.info("epp serving ext_proc + epp.v1 on %s:%d (%s), health :%d, metrics :%d, %d endpoints",
                  o.host, self.bound_ports["grpc"], "TLS" if o.secure_serving else "plaintext",

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.observability.metrics import PickerMetrics
 from epp.server import h2grpc
-from epp.server.auth import TokenFile
+from epp.server.auth import ALLOWED, FORBIDDEN, UNAUTHENTICATED, UNAVAILABLE, Authorizer
 from epp.server.extproc import StreamFactory
 from epp.server.extproc import h2_services as extproc_services
 from epp.server.pickapi import PickAPI
@@ -91,13 +91,18 @@ def _digest(cert_path: str) -> bytes:
     return h.digest()
 
 
+_REFUSALS = {UNAUTHENTICATED: ("missing or wrong bearer token", "AuthenticationError"),
+             FORBIDDEN: ("this identity may not read /metrics", "PermissionDeniedError"),
+             UNAVAILABLE: ("cannot check the bearer token now", "ServiceUnavailableError")}
+
+
 class MetricsEndpoint:
     """GET /metrics. The loop-owned gauges are read on the loop; the rendering runs in a thread,
     so even a large exposition costs routing a GIL switch interval at a time, not the whole render."""
 
-    def __init__(self, metrics: PickerMetrics, token: TokenFile | None) -> None:
+    def __init__(self, metrics: PickerMetrics, auth: Authorizer | None) -> None:
         self.metrics = metrics
-        self.token = token
+        self.auth = auth
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -113,10 +118,13 @@ class MetricsEndpoint:
         return bound
 
     async def _handle(self, request: web.Request) -> web.Response:
-        if self.token is not None and not self.token.allows(request.headers.get("Authorization")):
-            error = {"message": "missing or wrong bearer token", "type": "AuthenticationError", "param": None,
-                     "code": 401}
-            return web.json_response({"error": error}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        if self.auth is not None:
+            status = await self.auth.authorize(request.headers.get("Authorization"))
+            if status != ALLOWED:
+                message, kind = _REFUSALS[status]
+                error = {"message": message, "type": kind, "param": None, "code": status}
+                headers = {"WWW-Authenticate": "Bearer"} if status == UNAUTHENTICATED else {}
+                return web.json_response({"error": error}, status=status, headers=headers)
         everything = self.metrics.prepare()
         body = await asyncio.to_thread(generate_latest, everything)  # type: ignore[arg-type,unused-ignore]
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})

@@ -299,3 +299,32 @@ async def test_the_reference_charts_arguments_start_epp(emulator: KubeEmulator, 
         await fleet.stop()
     log_lines = [line for line in (tmp_path / "epp.log").read_text().splitlines() if line.startswith("{")]
     assert log_lines and all(json.loads(line)["level"] in ("debug", "info", "warn", "error") for line in log_lines)
+
+
+async def test_metrics_auth_asks_the_api_server_who_may_read(emulator: KubeEmulator, tmp_path: Path) -> None:
+    """--metrics-endpoint-auth without a token file, in a cluster: TokenReview, then a
+    SubjectAccessReview of `get /metrics`, as the reference (controller-runtime's filter)."""
+    ports = free_ports(2)
+    await emulator.apply(*POOL, pool(ports=tuple(ports)))
+    for i, p in enumerate(ports):
+        await emulator.apply(*PODS, sim_pod(f"vllm-{i}", p))
+    emulator.tokens = {"prom-token": ("system:serviceaccount:monitoring:prometheus", ["system:serviceaccounts"]),
+                       "other-token": ("system:serviceaccount:default:someone", [])}
+    emulator.allowed = {("system:serviceaccount:monitoring:prometheus", "get", "/metrics")}
+    kube = KubernetesOptions(namespace=NS, pool_name="vllm-pool",
+                             kubeconfig=emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
+    serve = {"metrics_token_review": True}
+    async with in_process_stack(servers=2, kubernetes=kube, ports=ports, serve=serve) as stack, \
+            aiohttp.ClientSession() as s:
+        assert stack.picker is not None
+        url = f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics"
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                ({"Authorization": "Bearer other-token"}, 403),
+                                ({"Authorization": "Bearer prom-token"}, 200)):
+            async with s.get(url, headers=headers) as r:
+                assert r.status == status, (headers, await r.text())
+                if status != 200:
+                    assert (await r.json())["error"]["code"] == status
+        reviews = len(emulator.reviews)
+        async with s.get(url, headers={"Authorization": "Bearer prom-token"}) as r:  # cached: no new review
+            assert r.status == 200 and len(emulator.reviews) == reviews

@@ -164,3 +164,8 @@ def test_serve_stops_gracefully_on_sigterm() -> None:
             if p.poll() is None:
                 p.kill()
         sim.wait(5)
+
+
+def test_metrics_auth_without_a_token_file_needs_kubernetes() -> None:
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--metrics-endpoint-auth")
+    assert r.returncode == 2 and "TokenReview" in r.stderr and "--metrics-token-file" in r.stderr

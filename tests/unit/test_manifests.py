@@ -97,7 +97,7 @@ def test_rbac_is_least_privilege() -> None:
     assert rules == {
         (("",), ("pods",)): ["get", "list", "watch"],
         (("inference.networking.k8s.io",), ("inferencepools",)): ["get", "list", "watch"],
-        (("inference.networking.x-k8s.io",), ("inferencemodelrewrites", "inferenceobjectives")):
+        (("llm-d.ai", "inference.networking.x-k8s.io"), ("inferencemodelrewrites", "inferenceobjectives")):
             ["get", "list", "watch"],
         (("coordination.k8s.io",), ("leases",)): ["create", "get", "update"],
     }
