@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml setup.py protos/epp/v1/*.proto $(EXAMPLE_PLUGIN)/pyproj
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall ./$(EXAMPLE_PLUGIN)
+	# xds-protos ships an older copy of OpenTelemetry's proto files: whichever package installs last
+	# owns them. The tracing exporter needs opentelemetry-proto's own (see README dependency notes).
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall "opentelemetry-proto==$$($(BIN)/python -c \
+		'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	@touch $(STAMP)
 
 demo: venv

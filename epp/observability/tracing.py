@@ -53,7 +53,11 @@ class Tracing:
         exporter: SpanExporter
         kind = env.get("OTEL_TRACES_EXPORTER", "console")
         if kind == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            except ImportError as e:  # xds-protos' older copy of the OpenTelemetry protos won the install
+                raise ValueError(f"--tracing: the OTLP exporter cannot load ({e}); reinstall opentelemetry-proto "
+                                 "(pip install --force-reinstall --no-deps opentelemetry-proto)") from None
 
             given = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
             exporter = OTLPSpanExporter() if given else OTLPSpanExporter(endpoint="localhost:4317", insecure=True)
