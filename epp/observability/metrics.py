@@ -8,14 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from epp.scheduling.contract import ExportsMetrics, HoldsPrefixIndex, declares
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
     from epp.datastore.store import Datastore
 
 DEFAULT_FAIRNESS = "default-flow"  # the reference's fairness id of a request that names none
@@ -205,25 +203,19 @@ class PickerMetrics:
         r = self.registry
         # Legacy names (the Inference Extension's) and the reference's llm_d_epp_* names, side by
         # side with the reference's labels, as the reference emits them.
-        model, full = ["model_name", "target_model_name"], ["model_name", "target_model_name", "fairness_id",
-                                                              "priority"]
-        self.requests = Counter("inference_objective_request", "Requests received, by model.",
-                                [*model, "priority"], registry=r)
+        full = ["model_name", "target_model_name", "fairness_id", "priority"]
+        # The llm_d_epp_* request series are updated per request; their legacy names
+        # (inference_objective_*) are summed from them at scrape time (LegacyRequestSeries), so
+        # a request costs one update per series, not two.
         self.llmd_requests = Counter("llm_d_epp_request", "Total number of processed requests.", full, registry=r)
-        self.errors = Counter("inference_objective_request_error", "Requests refused or failed, by error code.",
-                              [*model, "error_code"], registry=r)
         self.llmd_errors = Counter("llm_d_epp_request_error", "Total number of request errors.", [*full, "error_code"],
                                    registry=r)
-        self.duration = Histogram("inference_objective_request_duration_seconds",
-                                  "Time from the pick to the end of the response.", model,
-                                  buckets=REQUEST_BUCKETS, registry=r)
         self.llmd_duration = Histogram("llm_d_epp_request_duration_seconds",
                                        "End-to-end request latency distribution in seconds.", full,
                                        buckets=REQUEST_BUCKETS, registry=r)
-        self.running = Gauge("inference_objective_running_requests", "Requests routed and not ended, by model.",
-                             ["model_name"], registry=r)
         self.llmd_running = Gauge("llm_d_epp_request_running", "Current number of active running requests.", full,
                                   registry=r)
+        self.loop_collectors.append(LegacyRequestSeries(self))
         self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
                                        "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
         self.llmd_scheduler_e2e = Histogram("llm_d_epp_scheduler_e2e_duration_seconds",
@@ -248,6 +240,7 @@ class PickerMetrics:
         ProcessCollector(registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._per_request: dict[RequestLabels, tuple[Any, Any, Any]] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached (labels() costs a lock and a dict build per call)."""
@@ -271,12 +264,18 @@ class PickerMetrics:
         return RequestLabels(self.models(model), self.models(target), self.fairness(fairness or DEFAULT_FAIRNESS),
                              str(priority))
 
+    def _of(self, lab: RequestLabels) -> tuple[Any, Any, Any]:
+        """The (counter, running gauge, duration histogram) children of one label set, cached."""
+        found = self._per_request.get(lab)
+        if found is None:
+            found = self._per_request[lab] = (self.llmd_requests.labels(*lab), self.llmd_running.labels(*lab),
+                                              self.llmd_duration.labels(*lab))
+        return found
+
     def request_started(self, lab: RequestLabels) -> None:
-        self.child(self.requests, lab.model, lab.target, lab.priority).inc()
-        self.child(self.llmd_requests, *lab).inc()
+        self._of(lab)[0].inc()
 
     def request_refused(self, lab: RequestLabels, status: int) -> None:
-        self.child(self.errors, lab.model, lab.target, str(status)).inc()
         self.child(self.llmd_errors, *lab, str(status)).inc()
 
     def scheduled(self, seconds: float) -> None:
@@ -285,13 +284,61 @@ class PickerMetrics:
 
     def request_running(self, lab: RequestLabels, delta: int) -> None:
         if lab.model:  # as the reference: only requests that name a model
-            self.child(self.running, lab.model).inc(delta)
-            self.child(self.llmd_running, *lab).inc(delta)
+            self._of(lab)[1].inc(delta)
 
     def request_finished(self, lab: RequestLabels, seconds: float) -> None:
-        self.child(self.duration, lab.model, lab.target).observe(seconds)
-        self.child(self.llmd_duration, *lab).observe(seconds)
-        self.request_running(lab, -1)
+        children = self._of(lab)
+        children[2].observe(seconds)
+        if lab.model:
+            children[1].dec()
+
+    def sample_value(self, name: str, labels: dict[str, str]) -> float | None:
+        """One sample of the exposition, legacy series included (for tests and debugging)."""
+        for family in self.prepare().collect():
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
+
+
+# Legacy family -> (the llm_d_epp_* family it sums, its labels, kind, help).
+_LEGACY: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
+    ("inference_objective_request", "llm_d_epp_request", ("model_name", "target_model_name", "priority"),
+     "counter", "Requests received, by model."),
+    ("inference_objective_request_error", "llm_d_epp_request_error",
+     ("model_name", "target_model_name", "error_code"), "counter", "Requests refused or failed, by error code."),
+    ("inference_objective_request_duration_seconds", "llm_d_epp_request_duration_seconds",
+     ("model_name", "target_model_name"), "histogram", "Time from the pick to the end of the response."),
+    ("inference_objective_running_requests", "llm_d_epp_request_running", ("model_name",), "gauge",
+     "Requests routed and not ended, by model."),
+)
+
+
+class LegacyRequestSeries(Collector):
+    """The Inference Extension's request series, summed from the llm_d_epp_* ones over the
+    labels they lack (fairness_id, and priority where the legacy series has none)."""
+
+    def __init__(self, metrics: PickerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        sources = {f.name: f for metric in (m.llmd_requests, m.llmd_errors, m.llmd_duration, m.llmd_running)
+                   for f in metric.collect()}
+        for legacy, source, keep, kind, help_text in _LEGACY:
+            family = sources.get(source)
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples if family is not None else ():
+                if sample.name.endswith("_created"):
+                    continue
+                suffix = sample.name[len(source):]
+                extra = (("le", sample.labels["le"]),) if "le" in sample.labels else ()
+                key = (suffix, tuple((k, sample.labels.get(k, "")) for k in keep) + extra)
+                sums[key] = sums.get(key, 0.0) + sample.value
+            out = Metric(legacy, help_text, kind)
+            for (suffix, labels), value in sums.items():
+                out.add_sample(legacy + suffix, dict(labels), value)
+            yield out
 
 
 class RequestLabels(NamedTuple):

@@ -44,7 +44,7 @@ def director(text: str = PREFILL, n: int = 2) -> Director:
 
 
 def errors(d: Director, code: str) -> float:
-    value = d.metrics.registry.get_sample_value(
+    value = d.metrics.sample_value(
         "inference_objective_request_error_total", {"model_name": "", "target_model_name": "", "error_code": code})
     return value or 0.0
 

@@ -48,7 +48,7 @@ def test_300_long_model_names_keep_the_exposition_small() -> None:
     again = generate_latest(picks.metrics.prepare()).decode()  # type: ignore[arg-type]
     assert len(again) < len(text) + 2_000
     assert 'model_name="other"' in text and 'model_name="llama"' in text
-    requests = picks.metrics.registry.get_sample_value
+    requests = picks.metrics.sample_value
     assert requests("inference_objective_request_total",
                     {"model_name": "other", "target_model_name": "other", "priority": "0"}) == 600
     assert requests("llm_d_epp_request_total", {"model_name": "other", "target_model_name": "other",
@@ -66,7 +66,7 @@ def test_rewrite_targets_are_known_labels() -> None:
     routed = picks.route(RequestInput({}, "/v1/completions", model="alias", prompt="hi"))
     routed.finish()
     assert routed.request.target_model == "llama-v2"
-    requests = picks.metrics.registry.get_sample_value
+    requests = picks.metrics.sample_value
     assert requests("inference_objective_request_total",
                     {"model_name": "alias", "target_model_name": "llama-v2", "priority": "0"}) == 1
 
