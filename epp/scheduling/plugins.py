@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, ClassVar
 
@@ -14,7 +15,9 @@ from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, INT_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_index import ApproximatePrefix
-from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
+from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot
+
+log = logging.getLogger("epp.plugins")
 
 
 def _minmax_low_is_good(values: list[float]) -> list[float]:
@@ -70,6 +73,31 @@ class LoadAwareScorer(Scorer):
             waiting = c.signals.waiting if c.signals else 0.0
             out.append(0.5 if waiting <= 0 else 0.5 * (1.0 - min(waiting, th) / th))
         return out
+
+
+class ActiveRequestScorer(Scorer):
+    """The reference's ``active-request-scorer``: a pod with at most ``idleThreshold`` requests in
+    flight (epp's own count) scores 1; the others ``(max - count) / max x maxBusyScore``."""
+
+    type_name: ClassVar[str] = "active-request-scorer"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        if params.text("requestTimeout") is not None:  # as the reference: deprecated, and ignored
+            log.warning("%s: requestTimeout is deprecated and ignored (epp ends a request's count at its end)", name)
+        self.idle = max(0, params.int("idleThreshold", 0, minimum=-INT_LIMIT))
+        self.max_busy = params.float("maxBusyScore", 1.0, minimum=0.0, maximum=1.0)
+        if params.text("inFlightLoadProducerName"):
+            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
+                              "not supported by epp (it counts the requests in flight itself)")
+        params.done()
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        inflight = snapshot.inflight
+        counts = [inflight.get(c.address, 0) for c in candidates]
+        top = max(counts, default=0)
+        return [1.0 if n <= self.idle else (top - n) / top * self.max_busy for n in counts]
 
 
 class KVCacheUtilizationScorer(_NoParams, Scorer):
@@ -181,6 +209,6 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 
 BUILTIN: tuple[type[Any], ...] = (
-    QueueScorer, LoadAwareScorer, KVCacheUtilizationScorer, RunningRequestsScorer, PrefixCacheScorer,
-    PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, *FILTERS)
+    QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
+    PrefixCacheScorer, PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker,
+    WeightedRandomPicker, SingleProfileHandler, *FILTERS)

@@ -99,3 +99,26 @@ def test_load_aware_scorer_as_the_reference_scores() -> None:
                 "  - pluginRef: load-aware-scorer\n")
         built, _ = parse_config(text).build()
         assert built.profile.scorers[0][0].threshold == expected  # type: ignore[attr-defined]
+
+
+def active(params: str) -> object:
+    text = ("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: active-request-scorer\n"
+            f"  parameters: {params}\nschedulingProfiles:\n- name: d\n  plugins:\n"
+            "  - pluginRef: active-request-scorer\n")
+    built, _ = parse_config(text).build()
+    return built.profile.scorers[0][0]
+
+
+def test_active_request_scorer_as_the_reference_scores(caplog: pytest.LogCaptureFixture) -> None:
+    eps = [EndpointState(f"e{i}", EngineSignals(), scraped_at=10.0) for i in range(4)]
+    snap = Snapshot(tuple(eps), {"e0": 0, "e1": 1, "e2": 2, "e3": 4}, {}, 10.0, 2.0)
+    req = InferenceRequest("r", "/v1/completions")
+    assert active("{}").score(req, snap, eps, CycleState()) == [1.0, 0.75, 0.5, 0.0]  # type: ignore[attr-defined]
+    assert active("{idleThreshold: 1, maxBusyScore: 0.5}").score(  # type: ignore[attr-defined]
+        req, snap, eps, CycleState()) == [1.0, 1.0, 0.25, 0.0]
+    active("{requestTimeout: 2m}")  # deprecated in the reference, and ignored there too
+    assert "requestTimeout is deprecated and ignored" in caplog.text
+    for bad, message in (("{maxBusyScore: 2}", "maxBusyScore: must be <= 1.0"),
+                         ("{inFlightLoadProducerName: p}", "not supported by epp")):
+        with pytest.raises(ConfigError, match=message):
+            active(bad)
