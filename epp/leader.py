@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from epp.tasks import cancel_and_wait
+
 log = logging.getLogger("epp.leader")
 
 
@@ -159,11 +161,8 @@ class LeaderElector:
         self._task = asyncio.create_task(self.run())
 
     async def stop(self, release: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if release and self.is_leader:
             from epp.datastore.kubernetes import read_json
 

@@ -9,7 +9,6 @@ the Lease holder is ready; readiness reports it all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from epp.server.tls import TLSPolicy
 from epp.signals.httpget import MAX_BODY
 from epp.signals.kvevents import KVEventManager
 from epp.signals.promtext import MAX_SERIES
+from epp.tasks import cancel_and_wait
 
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesOptions
@@ -176,10 +176,7 @@ class PickerServer:
         await self.grpc.drain(timeout)
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await cancel_and_wait([self._watch])
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()

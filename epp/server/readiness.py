@@ -8,12 +8,12 @@ so a pool without pods is not restarted in a loop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 from epp.server import h2grpc
 from epp.server.extproc import SERVICE as EXTPROC_SERVICE
 from epp.server.health import NOT_SERVING, SERVING, HealthState
+from epp.tasks import cancel_and_wait
 
 # The health services that say whether to send epp traffic (liveness stays SERVING).
 READINESS_SERVICES = ("", "readiness", EXTPROC_SERVICE)
@@ -59,9 +59,6 @@ class Readiness:
             self.update()
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self.server is not None:
             await self.server.stop(grace)

@@ -21,6 +21,7 @@ from epp.server.extproc import StreamFactory
 from epp.server.extproc import h2_services as extproc_services
 from epp.server.pickapi import PickAPI
 from epp.server.tls import TLSPolicy, load_cert_dir, self_signed
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger("epp")
 
@@ -76,10 +77,7 @@ class GrpcServing:
             log.warning("drain timeout: %d streams still open", self.open_streams())
 
     async def stop(self, grace: float) -> None:
-        if self._reload is not None:
-            self._reload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reload
+        await cancel_and_wait([self._reload])
         await self.server.stop(grace)
 
 

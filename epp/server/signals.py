@@ -5,7 +5,6 @@ per endpoint, whatever the number of reloads)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from epp.scheduling.contract import DataSource, MetricsExtractor, SubscribesKVEv
 from epp.signals.kvevents import KVEventManager
 from epp.signals.mappings import EngineMapping, single_engine
 from epp.signals.scraper import Scraper, ScrapeTarget
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger("epp")
 
@@ -73,9 +73,6 @@ class SignalCollection:
                 log.exception("KV-event subscribers could not be updated")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         await self.scraper.stop()
         await self.kv_events.close()

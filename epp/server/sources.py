@@ -8,7 +8,6 @@ outside Kubernetes those come from a watched file (--objectives-file).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from epp.datastore.sources import endpoints_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.requestcontrol.policies import RequestPolicies, parse_policy_file
+from epp.tasks import cancel_and_wait
 
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesDiscovery, KubernetesOptions
@@ -66,10 +66,6 @@ class PoolSources:
             await self.discovery.start()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         if self.discovery is not None:
             await self.discovery.stop()

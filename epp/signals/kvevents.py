@@ -29,6 +29,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from epp.tasks import cancel_and_wait
+
 log = logging.getLogger("epp.kvevents")
 END_SEQ = -1
 
@@ -130,11 +132,7 @@ class KVEventSubscriber:
         self._tasks.append(asyncio.create_task(self._receive(sock)))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._sock is not None:
             if self.binds:

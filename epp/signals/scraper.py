@@ -8,7 +8,6 @@ fresh endpoint exists. Loops start and stop as endpoints join and leave the data
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import ssl
@@ -21,6 +20,7 @@ from epp.datastore.store import Datastore
 from epp.signals.httpget import MAX_BODY, KeepAliveGetter
 from epp.signals.mappings import EngineMapping, MetricNames
 from epp.signals.promtext import MAX_SERIES, ParseError, parse_signals
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger("epp.scraper")
 
@@ -83,11 +83,7 @@ class Scraper:
 
     async def stop(self) -> None:
         self._started = False
-        for t in self._tasks.values():
-            t.cancel()
-        for t in list(self._tasks.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(list(self._tasks.values()))
         self._tasks.clear()
         for g in self._getters.values():
             g.close()
