@@ -19,12 +19,16 @@ import yaml
 
 from epp.datalayer import DATA_LAYER
 from epp.filewatch import WatchedFile
-from epp.flowcontrol.saturation import SaturationThresholds
+from epp.flowcontrol import config as flow_config
+from epp.flowcontrol.contract import SaturationDetector
+from epp.flowcontrol.controller import FlowSettings
+from epp.flowcontrol.detectors import DETECTORS
+from epp.flowcontrol.policies import FLOW_POLICIES
 from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, declares
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
-from epp.scheduling.registry import PluginRegistry, PluginType
+from epp.scheduling.registry import PluginRegistry, PluginType, check_contract
 from epp.scheduling.types import ConfigError
 
 log = logging.getLogger("epp.config")
@@ -32,15 +36,17 @@ log = logging.getLogger("epp.config")
 # The reference's current apiVersion first; the older two are still read (the reference logs the
 # x-k8s.io one as deprecated).
 API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1", "inference.networking.k8s.io/v1alpha1")
-# featureGates the reference registers -> whether epp does that (gate on) or the opposite (off).
-FEATURE_GATES = {"flowControl": (False, "flow control (queues, priorities, fairness) is not supported by epp yet"),
-                 "haPopulateNonLeaderDatastore": (True, "epp's standby replicas always discover and scrape the pool")}
+# featureGates the reference registers -> (its default, the value epp cannot honour and why; None:
+# epp does either).
+FEATURE_GATES: dict[str, tuple[bool, tuple[bool, str] | None]] = {
+    "flowControl": (False, None),
+    "haPopulateNonLeaderDatastore": (False, (False, "epp's standby replicas always discover and scrape the pool")),
+}
 # Sections of the reference's schema epp does not read yet: refused, never ignored.
 NOT_YET = {"dataLayer": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
            "data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
            "requestHandler": "epp parses OpenAI chat and completions requests itself",
-           "parser": "epp parses OpenAI chat and completions requests itself",
-           "flowControl": "flow control is not supported by epp yet"}
+           "parser": "epp parses OpenAI chat and completions requests itself"}
 KIND = "EndpointPickerConfig"
 
 DEFAULT_CONFIG = """\
@@ -111,10 +117,11 @@ class PickerConfig:
     filter_refs: tuple[str, ...]
     scorer_refs: tuple[tuple[str, float], ...]
     picker_ref: str | None
-    saturation: SaturationThresholds
     source: str
     digest: str
     data_refs: tuple[str, ...] = ()  # the data-layer plugins (metrics source, extractor), at most one of each
+    detector_ref: str = flow_config.DEFAULT_DETECTOR  # admission's and flow control's saturation detector
+    flow: flow_config.FlowPlan | None = None  # flow control (None: the flowControl gate is off)
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -140,13 +147,20 @@ class PickerConfig:
                 instances[k] = inst
             return instances[k]
 
-        for ref in self.data_refs:
+        for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ())):
             instance(self.plugins[ref])
         filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
         picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
             "max-score-picker", Params({}, "picker"))
         return Scheduler(Profile(self.profile_name, scorers, picker, filters)), instances
+
+    def runtime(self, instances: Mapping[str, Any]) -> tuple[SaturationDetector, FlowSettings | None]:
+        """The saturation detector and the flow-control settings, from ``build``'s instances."""
+        def get(ref: str) -> Any:
+            return instances[self.plugins[ref].key()]
+
+        return get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
@@ -168,7 +182,7 @@ MAX_WEIGHT = 1e6
 def installed_plugins() -> PluginRegistry:
     """epp's plugin types (scheduling and data layer) plus those installed packages register
     (``epp.plugins``)."""
-    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER))
+    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES))
 
 
 def parse_config(text: str | bytes, source: str = "<config>", registry: PluginRegistry | None = None
@@ -233,7 +247,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         raw = {}
     _expect(raw, dict, "(root)", "a mapping")
     _no_unknown(raw, {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
-                      *NOT_YET}, "")
+                      "flowControl", *NOT_YET}, "")
     for section, why in NOT_YET.items():
         if section in raw:
             raise ConfigError(section, f"not supported by epp ({why})")
@@ -244,8 +258,10 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         raise ConfigError("kind", f"expected {KIND}, got {show(raw.get('kind'))}")
     gates = raw.get("featureGates") or []
     _expect(gates, list, "featureGates", "a list")
+    enabled = {name: default for name, (default, _) in FEATURE_GATES.items()}
     for i, gate in enumerate(gates):
-        _feature_gate(_expect(gate, str, f"featureGates[{i}]", "a string"), f"featureGates[{i}]")
+        name, on = _feature_gate(_expect(gate, str, f"featureGates[{i}]", "a string"), f"featureGates[{i}]")
+        enabled[name] = on
     plugins: dict[str, PluginSpec] = {}
     for i, p in enumerate(_expect(raw.get("plugins") or [], list, "plugins", "a list")):
         path = f"plugins[{i}]"
@@ -285,6 +301,8 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         if name not in plugins:
             raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
         role = plugins[name].type.role
+        if role == "saturation detector":  # a detector is a filter too (the endpoints under its limits)
+            role = "filter"
         if role != "scorer" and "weight" in ref:
             raise ConfigError(f"{path}.weight", f"only scorers take a weight ({show(name)} is a {role})")
         if role == "scorer":
@@ -301,29 +319,74 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
             filter_refs.append(name)
         else:
             raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
-    sat = _expect(raw.get("saturationDetector") or {}, dict, "saturationDetector", "a mapping")
-    if "pluginRef" in sat:
-        raise ConfigError("saturationDetector.pluginRef", "not supported by epp yet (saturation detector plugins "
-                                                          "come with flow control); give the thresholds instead")
-    sp = Params(sat, "saturationDetector")
-    thresholds = SaturationThresholds(sp.float("queueDepthThreshold", 64.0, minimum=0),
-                                      sp.float("kvCacheUtilThreshold", 1.0, minimum=0, maximum=1.0),
-                                      sp.duration("metricsStalenessThreshold", 2.0))
-    sp.done()
+    detector, flow = _flow_control(raw, plugins, registry, enabled["flowControl"])
     data_refs: dict[str, str] = {}  # role -> plugin name
     for spec in plugins.values():
         if spec.type.role in ("data source", "metrics extractor"):
             if spec.type.role in data_refs:
                 raise ConfigError(f"{spec.path}", f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
             data_refs[spec.type.role] = spec.name
-    cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, thresholds, source,
-                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()))
+    cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
+                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow)
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
 
 
-def _feature_gate(text: str, path: str) -> None:
-    """``name`` or ``name=true|false`` (the reference's form), refused unless epp does what it asks."""
+def _flow_control(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], registry: PluginRegistry,
+                  gate_on: bool) -> tuple[str, flow_config.FlowPlan | None]:
+    """The saturation detector (``flowControl.saturationDetector``, else the deprecated top-level
+    one, whose early-2026 threshold form still reads as a utilization-detector's parameters) and,
+    with the flowControl gate on, the section's plan. Default plugins a reference names and no
+    entry defines are added to ``plugins``, as the reference's loader registers them."""
+    def role_of(name: str) -> str | None:
+        spec = plugins.get(name)
+        return spec.type.role if spec is not None else None
+
+    section = raw.get("flowControl")
+    if section is not None:
+        _expect(section, dict, "flowControl", "a mapping")
+    top = raw.get("saturationDetector")
+    if top is not None:
+        _expect(top, dict, "saturationDetector", "a mapping")
+        log.info("DEPRECATION: top-level saturationDetector is deprecated, use flowControl.saturationDetector")
+    if top and "pluginRef" not in top:  # the early-2026 form: the thresholds themselves
+        if flow_config.DEFAULT_DETECTOR in plugins:
+            raise ConfigError("saturationDetector", f"give the thresholds in the {flow_config.DEFAULT_DETECTOR!r} "
+                                                    "plugin entry, or here, not both")
+        _add_default(plugins, registry, flow_config.DEFAULT_DETECTOR, "saturationDetector", top)
+        top = None
+    if section is not None and section.get("saturationDetector") is not None:
+        detector = flow_config.detector_ref(section["saturationDetector"], "flowControl.saturationDetector", role_of)
+    else:
+        detector = flow_config.detector_ref(top, "saturationDetector", role_of)
+    plan = None
+    if section is not None:
+        rest = {k: v for k, v in section.items() if k != "saturationDetector"}
+        plan = flow_config.parse_flow_control(rest, role_of, detector)  # strict even when it will be ignored
+        if not gate_on and rest:
+            log.warning("flowControl is set but the flowControl feature gate is off: everything in it except "
+                        "saturationDetector is ignored (add featureGates: [flowControl] to enable flow control)")
+    if gate_on and plan is None:
+        plan = flow_config.parse_flow_control({}, role_of, detector)
+    for ref in (detector, *(plan.refs() if plan is not None else ())):
+        if ref not in plugins:
+            _add_default(plugins, registry, ref, "flowControl", {})
+    return detector, plan if gate_on else None
+
+
+_DEFAULT_TYPES = {cls.type_name: cls for cls in (*DETECTORS, *FLOW_POLICIES)}
+
+
+def _add_default(plugins: dict[str, PluginSpec], registry: PluginRegistry, type_name: str, path: str,
+                 params: Mapping[str, Any]) -> None:
+    builtin = _DEFAULT_TYPES.get(type_name)  # epp's own, whatever registry parses the rest
+    ptype = check_contract(builtin) if builtin is not None else registry.get(type_name, path)
+    plugins[type_name] = PluginSpec(type_name, ptype, dict(params), path,
+                                    ptype.cls(type_name, Params(params, path)))
+
+
+def _feature_gate(text: str, path: str) -> tuple[str, bool]:
+    """``name`` or ``name=true|false`` (the reference's form); refused when epp cannot do what it asks."""
     name, sep, value = text.partition("=")
     if name not in FEATURE_GATES:
         raise ConfigError(path, f"feature gate {show(name)} is unknown (known: {', '.join(FEATURE_GATES)})")
@@ -333,9 +396,10 @@ def _feature_gate(text: str, path: str) -> None:
         if v not in ("true", "false", "1", "0", "t", "f"):
             raise ConfigError(path, f"{show(value)} is not a valid value for the feature gate {name}")
         on = v in ("true", "1", "t")
-    does, why = FEATURE_GATES[name]
-    if on != does:
-        raise ConfigError(path, f"{name}={'true' if on else 'false'} is not supported by epp ({why})")
+    cannot = FEATURE_GATES[name][1]
+    if cannot is not None and on == cannot[0]:
+        raise ConfigError(path, f"{name}={'true' if on else 'false'} is not supported by epp ({cannot[1]})")
+    return name, on
 
 
 def load_config(path: str | None) -> PickerConfig:
@@ -362,6 +426,10 @@ class Built:
         source = next((p for p in found if declares(p, DataSource)), None)
         extractor = next((p for p in found if declares(p, MetricsExtractor)), None)
         return source, extractor
+
+    def runtime(self) -> tuple[SaturationDetector, FlowSettings | None]:
+        """The saturation detector, and the flow-control settings (None: the gate is off)."""
+        return self.config.runtime(self.instances)
 
 
 def build(cfg: PickerConfig, previous: Built | None = None) -> Built:

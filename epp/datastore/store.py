@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
 
@@ -18,6 +18,7 @@ class Snapshot:
     recent_picks: dict[str, int]
     now: float
     staleness: float
+    inflight_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens not yet prefilled
 
 
 class Datastore:
@@ -31,6 +32,7 @@ class Datastore:
         self.inflight: dict[str, int] = {}
         self.recent_picks: dict[str, int] = {}
         self.total_picks: dict[str, int] = {}
+        self.inflight_tokens: dict[str, int] = {}
         self._listeners: list[Callable[[set[str], set[str]], None]] = []
 
     # -- endpoint set ---------------------------------------------------------------------------
@@ -60,6 +62,7 @@ class Datastore:
             self.inflight.pop(a, None)
             self.recent_picks.pop(a, None)
             self.total_picks.pop(a, None)
+            self.inflight_tokens.pop(a, None)
         for a in added:
             self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {})
             self.inflight.setdefault(a, 0)
@@ -93,11 +96,24 @@ class Datastore:
         self._tuple = tuple(self._states.values())
 
     # -- picks -----------------------------------------------------------------------------------------
-    def acquire(self, address: str) -> None:
+    def acquire(self, address: str, tokens: int = 0) -> None:
+        """One more request in flight on ``address``, with ``tokens`` prompt tokens to prefill."""
         if address in self._states:
             self.inflight[address] = self.inflight.get(address, 0) + 1
             self.recent_picks[address] = self.recent_picks.get(address, 0) + 1
             self.total_picks[address] = self.total_picks.get(address, 0) + 1
+            if tokens:
+                self.inflight_tokens[address] = self.inflight_tokens.get(address, 0) + tokens
+
+    def prefilled(self, address: str, tokens: int) -> None:
+        """``tokens`` acquired on ``address`` are prefilled (the response started, or ended)."""
+        n = self.inflight_tokens.get(address)
+        if n is not None and tokens:
+            left = n - tokens
+            if left > 0:
+                self.inflight_tokens[address] = left
+            else:
+                del self.inflight_tokens[address]
 
     def release(self, address: str) -> None:
         n = self.inflight.get(address)
@@ -110,7 +126,8 @@ class Datastore:
         return {m for st in self._states.values() if st.signals is not None for m in st.signals.models}
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self._tuple, self.inflight, self.recent_picks, self._clock(), self.staleness)
+        return Snapshot(self._tuple, self.inflight, self.recent_picks, self._clock(), self.staleness,
+                        self.inflight_tokens)
 
     def fresh_count(self) -> int:
         now = self._clock()

@@ -1,9 +1,10 @@
-"""Admission: may this request be scheduled now? The director asks before scheduling.
+"""Admission without flow control: may this request be scheduled now? The director asks first.
 
-``Admission`` is the extension point flow control takes over (queue, then dispatch); today's
-policy is ``SheddableAdmission``: a sheddable request (negative objective priority) is refused
-with 429 while every endpoint is saturated (epp.flowcontrol.saturation; an endpoint with stale
-metrics counts as saturated, as in the reference). Other requests are always admitted.
+``SheddableAdmission`` is the reference's legacy admission: a sheddable request (negative
+objective priority) is refused with 429 while the saturation detector reads the candidates as
+saturated (>= 1.0; the default utilization-detector counts an endpoint with stale metrics as
+saturated). Other requests are always admitted. With flow control on, the waiting room
+(epp.requestcontrol.waiting) takes this place.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.saturation import SaturationThresholds
+from epp.flowcontrol.contract import SaturationDetector
 from epp.request import InferenceRequest
 from epp.requestcontrol.refused import SATURATED, Refused
 
@@ -23,13 +24,12 @@ class Admission(Protocol):
 
 
 class SheddableAdmission:
-    def __init__(self, thresholds: SaturationThresholds | None = None) -> None:
-        self.thresholds = thresholds or SaturationThresholds()
+    def __init__(self, detector: SaturationDetector) -> None:
+        self.detector = detector
 
     def admit(self, request: InferenceRequest, snapshot: Snapshot) -> Refused | None:
         if request.priority >= 0:
             return None
-        if self.thresholds.pool_saturated(snapshot):
-            return Refused(429, "every endpoint is saturated and the request is sheddable; retry later",
-                           dropped=SATURATED)
+        if self.detector.saturation(snapshot, snapshot.endpoints) >= 1.0:
+            return Refused(429, "the pool is saturated and the request is sheddable; retry later", dropped=SATURATED)
         return None

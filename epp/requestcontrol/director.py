@@ -1,11 +1,13 @@
 """The director: one request's life, for every front end (ext_proc, the Pick API).
 
-``route`` takes what the front end has (headers, path, the body or the Pick API's fields) and
-runs: parse -> policies (objective priority, model rewrite) -> admission -> schedule -> commit.
-It returns a ``Routed`` or raises ``Refused`` (counted and logged here, mapped to the wire by the
-adapter). ``Routed`` then takes the response side, whatever carries it: first bytes (prefill
-done), the body (usage read, and stripped when epp asked for it), usage reported directly, and
-the end, which releases the in-flight count exactly once.
+``submit`` takes what the front end has (headers, path, the body or the Pick API's fields) and
+runs: parse -> policies (objective priority, model rewrite) -> admission -> schedule -> commit,
+where with flow control on admission is the waiting room (epp.requestcontrol.waiting), which may
+hold the request and schedule it later. It returns a ``Routed`` (or a ``Waiting`` whose ``ready``
+gets one later) or raises ``Refused`` (counted and logged here, mapped to the wire by the adapter).
+``Routed`` then takes the response side, whatever carries it: first bytes (prefill done), the
+body (usage read, and stripped when epp asked for it), usage reported directly, and the end,
+which releases the in-flight count exactly once.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 from epp.datastore.store import Datastore, Snapshot
+from epp.flowcontrol.config import DEFAULT_DETECTOR
+from epp.flowcontrol.controller import FlowSettings
+from epp.flowcontrol.detectors import UtilizationDetector
+from epp.observability.flowmetrics import FlowMetrics
 from epp.observability.metrics import PickerMetrics, RequestLabels
 from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
@@ -33,9 +39,12 @@ from epp.requestcontrol.parsing import (
     route_path,
 )
 from epp.requestcontrol.policies import RequestPolicies
-from epp.requestcontrol.refused import NO_ENDPOINTS, Refused
+from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.usage import UsageReader, wants_injection
+from epp.requestcontrol.waiting import Waiting, WaitingRoom
 from epp.scheduling.framework import Scheduler
+from epp.scheduling.params import Params
+from epp.scheduling.prefix_index import CHARS_PER_TOKEN
 from epp.scheduling.types import Decision, SchedulingError
 
 log = logging.getLogger("epp.director")
@@ -67,7 +76,7 @@ class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
     __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "forward_body", "prefilled",
-                 "reader", "request", "scheduler", "wants_chunks")
+                 "queued", "reader", "request", "scheduler", "tokens", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -82,6 +91,8 @@ class Routed:
         self.endpoint = decision.primary  # where the in-flight count is kept (the served one, once known)
         self.done = False
         self.prefilled = False
+        self.tokens = 0  # prompt tokens counted in flight on the endpoint until the prefill is done
+        self.queued = 0.0  # seconds flow control held the request
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
@@ -103,14 +114,17 @@ class Routed:
             self.endpoint = endpoint
 
     def explain(self) -> tuple[tuple[str, str], ...]:
-        """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
-        return ("x-epp-endpoint", self.header_value), ("x-epp-reason", self.decision.reason())
+        """Response headers naming the pick, why, and how long flow control held the request
+        (opt-in: --decision-headers=true)."""
+        return (("x-epp-endpoint", self.header_value), ("x-epp-reason", self.decision.reason()),
+                ("x-epp-queue-ms", f"{self.queued * 1000:.1f}"))
 
     def first_bytes(self) -> None:
         """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
         if not self.prefilled:
             self.prefilled = True
             self.wants_chunks = self.reader is not None
+            self._director.store.prefilled(self.decision.primary, self.tokens)
             self.scheduler.prefill_done(self.decision)
 
     def response_body(self, data: bytes, eos: bool) -> bytes:
@@ -150,9 +164,11 @@ class Director:
         self.subset_filter = subset_filter  # off: --disable-endpoint-subset-filter
         self.scheduler = scheduler
         self.metrics = metrics
-        self.admission: Admission = admission or SheddableAdmission()
+        self.admission: Admission = admission or SheddableAdmission(UtilizationDetector(
+            DEFAULT_DETECTOR, Params({}, DEFAULT_DETECTOR)))
         self.rng = rng or random.Random()
         self.policies = policies or RequestPolicies()
+        self.waiting: WaitingRoom | None = None  # flow control, when on
 
     @property
     def policies(self) -> RequestPolicies:
@@ -163,54 +179,126 @@ class Director:
         self._policies = policies
         self.metrics.models.set_configured(policies.model_names())
 
+    # -- flow control ------------------------------------------------------------------------------
+    @property
+    def flow_control(self) -> bool:
+        return self.waiting is not None
+
+    def set_flow_control(self, settings: FlowSettings | None, metrics: FlowMetrics | None = None) -> None:
+        """Turn flow control on (or reconfigure it) with ``settings``, or off with None; turned
+        off, whatever waits is dispatched at once."""
+        room = self.waiting
+        if settings is None:
+            self.waiting = None
+            if room is not None:
+                room.release_all()
+        elif room is None:
+            self.waiting = WaitingRoom(settings, self.store, self._deliver, self._held_refused, metrics)
+        else:
+            room.reconfigure(settings)
+
     # -- the request path -------------------------------------------------------------------------
-    def route(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE) -> Routed:
-        """Parse, apply policies, admit, schedule and commit; raises Refused."""
+    def submit(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE,
+               ready: Callable[[Routed | Refused], None] | None = None) -> Routed | Waiting:
+        """Parse, apply policies, admit and schedule now; or, with flow control, hold the request
+        (a ``Waiting`` whose ``ready`` gets the outcome later). Raises Refused."""
         tracing = self.tracing
         if tracing is None:
-            return self._route(given, access)
+            return self._submit(given, access, ready)
         span = tracing.start(given.headers)
         try:
-            routed = self._route(given, access)
+            out = self._submit(given, access, ready)
         except Refused as e:
             tracing.failed(span, e.message)
             raise
         else:
-            span.set_attributes({"target_model": routed.request.target_model or routed.request.model,
-                                 "request_prio": routed.request.priority})
-            return routed
+            span.set_attributes({"target_model": out.request.target_model or out.request.model,
+                                 "request_prio": out.request.priority})
+            return out
         finally:
             span.end()
 
-    def _route(self, given: RequestInput, access: ResponseAccess) -> Routed:
+    def route(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE) -> Routed:
+        """``submit`` for callers that cannot wait: a request flow control would hold is refused."""
+        out = self.submit(given, access)
+        if isinstance(out, Waiting):
+            out.cancel()
+            raise Refused(503, "flow control holds this request and the caller cannot wait", dropped=SATURATED)
+        return out
+
+    def _submit(self, given: RequestInput, access: ResponseAccess,
+                ready: Callable[[Routed | Refused], None] | None) -> Routed | Waiting:
         request = self._parse(given)
         self._apply_policies(request)
         m = self.metrics
         labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
                                   request.priority)
         m.request_started(labels)
-        t0 = time.perf_counter()
-        scheduler = self.scheduler
-        snapshot = self.store.snapshot()
+        room = self.waiting
+        if room is None:
+            try:
+                snapshot = self._candidates(given)
+                refusal = self.admission.admit(request, snapshot)
+                if refusal is not None:
+                    raise refusal
+            except Refused as e:
+                raise self._refused(request, labels, e) from None
+            return self._schedule(request, given, access, labels, snapshot, time.perf_counter())
+        w = Waiting(room, given, access, request, labels, room.clock())
         try:
             if given.subset is not None and self.subset_filter:
-                snapshot = _within(snapshot, given.subset)
-            refusal = self.admission.admit(request, snapshot)
-            if refusal is not None:
-                raise refusal
+                self._candidates(given)  # a hint no endpoint matches is refused now, not after a wait
+            room.admit(w)
+        except Refused as e:
+            raise self._refused(request, labels, e) from None
+        result = w.result
+        if result is None:
+            w.ready = ready
+            return w
+        if isinstance(result, Refused):
+            raise result
+        return result
+
+    def _deliver(self, w: Waiting) -> Routed | Refused:
+        """Schedule a request flow control dispatches, on the snapshot of now."""
+        try:
+            snapshot = self._candidates(w.given)
+        except Refused as e:
+            return self._refused(w.request, w.labels, e)
+        try:
+            routed = self._schedule(w.request, w.given, w.access, w.labels, snapshot, time.perf_counter())
+        except Refused as e:
+            return e  # counted and logged where it was raised
+        routed.queued = w.queued_seconds
+        return routed
+
+    def _held_refused(self, w: Waiting, refusal: Refused) -> Refused:
+        return self._refused(w.request, w.labels, refusal)
+
+    def _candidates(self, given: RequestInput) -> Snapshot:
+        snapshot = self.store.snapshot()
+        if given.subset is not None and self.subset_filter:
+            snapshot = _within(snapshot, given.subset)
+        return snapshot
+
+    def _schedule(self, request: InferenceRequest, given: RequestInput, access: ResponseAccess,
+                  labels: RequestLabels, snapshot: Snapshot, t0: float) -> Routed:
+        m = self.metrics
+        scheduler = self.scheduler
+        try:
             decision = scheduler.schedule(request, snapshot)
         except SchedulingError as e:
             dropped = NO_ENDPOINTS if e.status == 503 else None
             raise self._refused(request, labels, Refused(e.status, e.message, dropped=dropped)) from None
-        except Refused as e:
-            raise self._refused(request, labels, e) from None
         scheduler.committed(decision)
-        self.store.acquire(decision.primary)
+        tokens = len(request.prompt) // CHARS_PER_TOKEN
+        self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)
         m.child(m.picks, decision.primary).inc()
         m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
+        routed.tokens = tokens
         inject = False
         if access is not ResponseAccess.NONE and scheduler.wants_usage:
             inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
@@ -259,6 +347,8 @@ class Director:
     def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None:
         self.store.release(endpoint)
         self.metrics.request_finished(labels, time.perf_counter() - started)
+        if self.waiting is not None:
+            self.waiting.pump()  # capacity freed
 
     def move(self, old: str, new: str) -> bool:
         """Move one in-flight request from ``old`` to ``new`` (False when ``new`` is not in the pool)."""

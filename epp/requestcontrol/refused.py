@@ -19,6 +19,9 @@ GRPC_CODES = {400: 3, 401: 16, 404: 5, 413: 8, 429: 8, 500: 13, 503: 14}
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 SATURATED = "rejected-saturated"  # the reference's reason codes
 NO_ENDPOINTS = "rejected-no-endpoints"
+TTL_EXPIRED = "rejected-ttl-expired"
+SHUTTING_DOWN = "rejected-shutting-down"
+EVICTED = "evicted"
 
 
 class Refused(Exception):

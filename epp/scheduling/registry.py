@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from epp.scheduling.contract import HOOKS, ROLE_METHODS, ROLES
+from epp.flowcontrol import contract as flow_contract
+from epp.scheduling import contract as scheduling_contract
+from epp.scheduling.contract import HOOKS
 from epp.scheduling.params import show
 from epp.scheduling.types import ConfigError
 
 ENTRY_POINT_GROUP = "epp.plugins"
+# Every role a plugin may have: the scheduling ones and the flow-control ones.
+ROLES = scheduling_contract.ROLES + flow_contract.ROLES
+ROLE_METHODS = {**scheduling_contract.ROLE_METHODS, **flow_contract.ROLE_METHODS}
 
 
 class ContractError(Exception):
@@ -35,7 +40,7 @@ class ContractError(Exception):
 class PluginType:
     type_name: str
     cls: type[Any]
-    role: str  # "filter", "scorer", "picker", "profile handler", "data source" or "metrics extractor"
+    role: str  # as ROLES names it: "filter", "scorer", "picker", ..., "saturation detector", ...
     origin: str  # "epp", or the distribution that installed it
 
 

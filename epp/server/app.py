@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from epp.config import Built, PickerConfig, build, config_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
+from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
 from epp.observability.metrics import PickerMetrics, PluginCollector
 from epp.observability.tracing import Tracing
 from epp.requestcontrol.admission import SheddableAdmission
@@ -92,9 +93,12 @@ class PickerServer:
         self.built = build(opts.config)  # plugins that load files (a tokenizer) load here, once
         self.built.scheduler.plugin_timer = self.metrics.plugin_timer
         self.tracing = Tracing() if opts.tracing else None
-        self.director = Director(self.store, self.built.scheduler, self.metrics,
-                                 admission=SheddableAdmission(opts.config.saturation), subset_filter=opts.subset_filter,
-                                 tracing=self.tracing)
+        detector, flow = self.built.runtime()
+        self.director = Director(self.store, self.built.scheduler, self.metrics, admission=SheddableAdmission(detector),
+                                 subset_filter=opts.subset_filter, tracing=self.tracing)
+        self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
+        self.director.set_flow_control(flow, self.flow_metrics)
+        self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
         self.sources = PoolSources(self.store, self._set_policies, endpoints=opts.endpoints,
                                    endpoints_file=opts.endpoints_file, objectives_file=opts.objectives_file,
                                    kubernetes=opts.kubernetes, poll_interval=opts.config_poll_interval)
@@ -108,7 +112,8 @@ class PickerServer:
         self.pick_api = PickAPI(self.director, max_outstanding=opts.pick_api_max_outstanding, token=pick_token)
         self.grpc = GrpcServing(self._new_stream, self.pick_api, opts.limits)
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
-        self.readiness = Readiness(lambda: self.store.fresh_count() > 0,
+        # With flow control on, epp is ready without endpoints: requests wait for one (scale from zero).
+        self.readiness = Readiness(lambda: self.store.fresh_count() > 0 or self.director.flow_control,
                                    lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, TokenFileAuthorizer(metrics_token)
                                                 if metrics_token is not None else None)
@@ -119,6 +124,10 @@ class PickerServer:
     @property
     def kv_events(self) -> KVEventManager:
         return self.signals.kv_events
+
+    def _flow_gauges(self) -> FlowGauges:
+        room = self.director.waiting
+        return room.gauges() if room is not None else FlowGauges()
 
     def _plugins(self) -> list[Any]:
         return self.director.scheduler.profile.plugins()
@@ -140,7 +149,9 @@ class PickerServer:
         built.scheduler.plugin_timer = self.metrics.plugin_timer
         self.built = built
         self.director.scheduler = built.scheduler
-        self.director.admission = SheddableAdmission(built.config.saturation)
+        detector, flow = built.runtime()
+        self.director.admission = SheddableAdmission(detector)
+        self.director.set_flow_control(flow, self.flow_metrics)
         self.metrics.config_reloads.inc()
         self.signals.reconfigure(built.data_layer())
 

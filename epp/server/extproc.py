@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
+from epp.requestcontrol.waiting import Waiting
 from epp.server import h2grpc
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -190,8 +191,9 @@ class ExtProcStream:
     """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order;
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
-    __slots__ = ("_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_picked", "_req_mode",
-                 "_resp_mode", "_subset", "decision_headers", "emit_scores", "max_body", "pick")
+    __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_held",
+                 "_picked", "_req_mode", "_resp_mode", "_subset", "_waiting", "decision_headers", "emit", "emit_scores",
+                 "max_body", "pick")
 
     def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False) -> None:
@@ -208,6 +210,12 @@ class ExtProcStream:
         self._headers: dict[str, str] = {}
         self._chunks: list[bytes] = []
         self._picked = False
+        # Flow control may hold the pick: the answers then go out later through ``emit``, and
+        # answers to messages that come meanwhile (trailers) wait in ``_held`` behind them.
+        self._after_pick: Callable[[], list[bytes]] | None = None
+        self._held: list[bytes] | None = None
+        self._waiting: Waiting | None = None
+        self.emit: Callable[[list[bytes]], None] | None = None
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
@@ -227,7 +235,7 @@ class ExtProcStream:
                 # The body is known to be empty (the headers ended the stream, or said so), or
                 # it goes by unseen (None): pick from the headers.
                 empty = msg.request_headers.end_of_stream or self._headers.get("content-length", "").strip() == "0"
-                return [self._pick_in_headers(b"" if empty else None)]
+                return self._pick_in_headers(b"" if empty else None)
             if self._req_mode in (BUFFERED, BUFFERED_PARTIAL):
                 return [CONTINUE_REQUEST_HEADERS]
             return []  # FULL_DUPLEX: hold the headers answer until the body is complete
@@ -251,9 +259,12 @@ class ExtProcStream:
                     return []
                 return self._pick_full_duplex(eos=True)
             self._picked = True  # BUFFERED: one message with the whole body
-            return [self._pick_buffered(body.body)]
+            return self._pick_buffered(body.body)
         if kind == "request_trailers":
             out = self._pick_full_duplex(eos=False) if not self._picked and self._req_mode == FULL_DUPLEX else []
+            if self._held is not None:
+                self._held.append(CONTINUE_REQUEST_TRAILERS)
+                return out
             out.append(CONTINUE_REQUEST_TRAILERS)
             return out
         if kind == "response_headers":
@@ -289,35 +300,59 @@ class ExtProcStream:
         """The stream ended (normally, reset, or the connection dropped)."""
         if self.pick is not None:
             self.pick.finish()
+        elif self._waiting is not None:
+            self._waiting.cancel()  # the client went away while flow control held the request
+            self._waiting = None
 
     # -- picking ---------------------------------------------------------------------------------
-    def _decide(self, body: bytes | None) -> bytes | None:
-        """Pick into ``self.pick``; None on success, else the serialized ImmediateResponse."""
+    def _decide(self, body: bytes | None, answer: Callable[[], list[bytes]]) -> list[bytes]:
+        """Pick into ``self.pick`` and return ``answer()``, or the ImmediateResponse of a refusal;
+        when flow control holds the request, [] now and the same later through ``emit``."""
         headers = self._headers
         access = ResponseAccess.NONE
         if self._resp_mode == FULL_DUPLEX:  # epp sees the response body, and forwards the request
             access = ResponseAccess.INJECT if self._req_mode == FULL_DUPLEX else ResponseAccess.READ  # body itself
         try:
-            self.pick = self._director.route(RequestInput(headers, headers.get(":path", ""), body,
-                                                          subset=self._subset), access)
+            out = self._director.submit(RequestInput(headers, headers.get(":path", ""), body, subset=self._subset),
+                                        access, self._ready)
         except Refused as e:
-            return immediate(e.status, e.body(), e.dropped)
-        return None
+            return [immediate(e.status, e.body(), e.dropped)]
+        if isinstance(out, Waiting):
+            self._waiting = out
+            self._after_pick = answer
+            self._held = []
+            return []
+        self.pick = out
+        return answer()
+
+    def _ready(self, result: Routed | Refused) -> None:
+        """Flow control dispatched (or refused) the held request: send what was held back."""
+        self._waiting = None
+        answer, held = self._after_pick, self._held or []
+        self._after_pick = self._held = None
+        if isinstance(result, Refused):
+            out = [immediate(result.status, result.body(), result.dropped)]
+        else:
+            self.pick = result
+            out = answer() if answer is not None else []
+            out.extend(held)
+        if self.emit is not None:
+            self.emit(out)
 
     def _request_id(self) -> str | None:
         return None if "x-request-id" in self._headers else uuid.uuid4().hex
 
-    def _pick_in_headers(self, body: bytes | None) -> bytes:
+    def _pick_in_headers(self, body: bytes | None) -> list[bytes]:
         """Pick; the answer is the HeadersResponse (or an ImmediateResponse)."""
-        return self._decide(body) or self._pick_response("request_headers")
+        return self._decide(body, lambda: [self._pick_response("request_headers")])
 
-    def _pick_buffered(self, body: bytes) -> bytes:
+    def _pick_buffered(self, body: bytes) -> list[bytes]:
         """Pick; the answer is the BodyResponse (BUFFERED mode)."""
-        refused = self._decide(body)
-        if refused is not None:
-            return refused
+        return self._decide(body, lambda: [self._pick_response("request_body", self._routed().forward_body)])
+
+    def _routed(self) -> Routed:
         assert self.pick is not None
-        return self._pick_response("request_body", self.pick.forward_body)
+        return self.pick
 
     def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
@@ -340,20 +375,22 @@ class ExtProcStream:
         chunks = self._chunks
         self._chunks = []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        first = self._pick_in_headers(body)
-        pick = self.pick
-        if pick is None:
-            return [first]  # ImmediateResponse
-        new = pick.forward_body
-        if new is not None:
-            body = new  # Envoy forwards FULL_DUPLEX bodies chunked: no Content-Length to fix
-        n = len(body)
-        if n == 0:
-            return [first, EMPTY_REQUEST_EOS] if eos else [first]
-        out = [first]
-        for start in range(0, n, PIECE):
-            out.append(_streamed("request", body[start : start + PIECE], eos and start + PIECE >= n))
-        return out
+
+        def answer() -> list[bytes]:
+            pick = self._routed()
+            out = [self._pick_response("request_headers")]
+            sent = pick.forward_body if pick.forward_body is not None else body
+            # (Envoy forwards FULL_DUPLEX bodies chunked: no Content-Length to fix.)
+            n = len(sent)
+            if n == 0:
+                if eos:
+                    out.append(EMPTY_REQUEST_EOS)
+                return out
+            for start in range(0, n, PIECE):
+                out.append(_streamed("request", sent[start : start + PIECE], eos and start + PIECE >= n))
+            return out
+
+        return self._decide(body, answer)
 
 
 StreamFactory = Callable[[], ExtProcStream]
@@ -367,6 +404,14 @@ class H2ExtProc:
     def __init__(self, responder: h2grpc.Responder, stream: ExtProcStream) -> None:
         self.responder = responder
         self.stream = stream
+        stream.emit = self._emit
+
+    def _emit(self, answers: list[bytes]) -> None:
+        """Answers produced outside this stream's read (a pick flow control released)."""
+        send = self.responder.send
+        for out in answers:
+            send(out)
+        self.responder.flush()
 
     def on_message(self, message: bytes) -> None:
         try:

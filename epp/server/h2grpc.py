@@ -72,8 +72,19 @@ class Limits:
     max_send: int = 2 * MAX_MESSAGE  # one message the server sends (--grpc-max-send-msg-size)
 
 # gRPC status codes used here.
-OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = (
-    0, 3, 8, 12, 13, 14, 16)
+OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = (
+    0, 3, 4, 8, 12, 13, 14, 16)
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def grpc_timeout(headers: dict[str, str]) -> float | None:
+    """The call's deadline in seconds from its ``grpc-timeout`` header (None: none, or malformed)."""
+    value = headers.get("grpc-timeout", "")
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
 
 _HEADER = struct.Struct(">BHBBL")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
 

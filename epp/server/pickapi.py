@@ -3,19 +3,24 @@
 ``PickAPI`` speaks the protocol (synchronous; ``_Unary`` adapts it to epp's HTTP/2 server): the
 request goes to the director as ext_proc's does, and the open pick takes the same response side
 (ResponseStarted = first bytes, Release's cached_tokens or response tail = usage, Release = end).
+With flow control a Pick may wait (a ``HeldPick``): it is answered when the request dispatches,
+or DEADLINE_EXCEEDED when the call's grpc-timeout passes first (the request leaves the queue).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
 from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.waiting import Waiting
 from epp.server import h2grpc
 from epp.server.auth import TokenFile
 from epp.v1 import picker_pb2
@@ -95,16 +100,24 @@ class PickAPI:
         return given
 
     def pick(self, request: Any, client: str = "local") -> Any:
-        """PickRequest -> PickResponse; raises PickFailed with a gRPC status code."""
+        """PickRequest -> PickResponse, or a HeldPick (flow control holds the request); raises
+        PickFailed with a gRPC status code."""
         now = time.monotonic()
         self._expire(now)
         if self._per_client.get(client, 0) >= self.max_outstanding:
             raise PickFailed(h2grpc.RESOURCE_EXHAUSTED,
                              f"{self.max_outstanding} picks of this client are not released; call Release")
         try:
-            pick = self.director.route(self._input(request), ResponseAccess.READ)
+            out = self.director.submit(self._input(request), ResponseAccess.READ)
         except Refused as e:
             raise PickFailed(e.grpc_code, e.message) from None
+        if isinstance(out, Waiting):
+            return HeldPick(self, out, client)
+        return self.opened(out, client)
+
+    def opened(self, pick: Routed, client: str) -> Any:
+        """The PickResponse of a committed pick, which stays open until Release."""
+        now = time.monotonic()
         req = pick.request
         pid = uuid.uuid4().hex
         self._open[pid] = _Open(pick, client, now)
@@ -151,10 +164,52 @@ class PickAPI:
         }
 
 
+class HeldPick:
+    """A Pick flow control holds: ``wait`` answers it once, when it dispatches or is refused,
+    or when ``deadline`` seconds pass (it then leaves the queue)."""
+
+    __slots__ = ("_answer", "_timer", "api", "client", "waiting")
+
+    def __init__(self, api: PickAPI, waiting: Waiting, client: str) -> None:
+        self.api = api
+        self.waiting = waiting
+        self.client = client
+        self._answer: Callable[[Any], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def wait(self, answer: Callable[[Any], None], deadline: float | None) -> None:
+        self._answer = answer
+        self.waiting.ready = self._ready
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_later(deadline, self._deadline)
+
+    def _ready(self, result: Routed | Refused) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        answer = self._answer
+        if isinstance(result, Refused):
+            out: Any = PickFailed(result.grpc_code, result.message)
+        else:
+            out = self.api.opened(result, self.client)
+        if answer is not None:
+            answer(out)
+
+    def _deadline(self) -> None:
+        self.waiting.cancel()
+        if self._answer is not None:
+            self._answer(PickFailed(h2grpc.DEADLINE_EXCEEDED, "the call's deadline passed while flow control "
+                                                              "held the request"))
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.waiting.cancel()
+
+
 class _Unary:
     """A unary call on the HTTP/2 server: one request message, one response."""
 
-    __slots__ = ("api", "call", "failed", "headers", "message", "parse", "responder")
+    __slots__ = ("api", "call", "failed", "headers", "held", "message", "parse", "responder")
 
     def __init__(self, api: PickAPI, responder: h2grpc.Responder, headers: dict[str, str], parse: Any,
                  call: Any) -> None:
@@ -165,6 +220,7 @@ class _Unary:
         self.call = call
         self.message: bytes | None = None
         self.failed: PickFailed | None = None
+        self.held: HeldPick | None = None
 
     def on_message(self, message: bytes) -> None:
         if self.message is not None:
@@ -196,8 +252,23 @@ class _Unary:
             self.responder.finish(h2grpc.INTERNAL, f"internal error: {type(e).__name__}")
             return
         self.message = None
+        if isinstance(resp, HeldPick):
+            self.held = resp
+            resp.wait(self._answer_later, h2grpc.grpc_timeout(self.headers))
+            return
         self.responder.send(resp.SerializeToString())
         self.responder.finish()
 
+    def _answer_later(self, resp: Any) -> None:
+        self.held = None
+        if isinstance(resp, PickFailed):
+            self.responder.finish(resp.code, resp.message)
+        else:
+            self.responder.send(resp.SerializeToString())
+            self.responder.finish()
+        self.responder.flush()
+
     def on_reset(self) -> None:
-        pass
+        if self.held is not None:  # the client went away while its Pick waited
+            self.held.cancel()
+            self.held = None

@@ -16,7 +16,6 @@ from epp.cli import build_parser, main, parse_size
 from epp.config import DEFAULT_CONFIG, parse_config
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.saturation import SaturationThresholds
 from epp.observability.logs import JsonFormatter, level_of
 from epp.scheduling.types import ConfigError
 from epp.server.tls import TLSPolicy
@@ -137,7 +136,6 @@ def test_the_current_api_version_and_the_older_ones_load() -> None:
 
 
 @pytest.mark.parametrize(("gates", "message"), [
-    ("[flowControl]", "flowControl=true is not supported by epp"),
     ("[haPopulateNonLeaderDatastore=false]", "haPopulateNonLeaderDatastore=false is not supported"),
     ("[bogus]", "feature gate 'bogus' is unknown"),
     ("[flowControl=maybe]", "not a valid value for the feature gate flowControl"),
@@ -148,27 +146,27 @@ def test_feature_gates_are_validated_against_the_references_names(gates: str, me
 
 
 def test_feature_gates_epp_honours_are_accepted() -> None:
-    parse_config(CURRENT + "featureGates: [haPopulateNonLeaderDatastore, flowControl=false]\n")
+    assert parse_config(CURRENT + "featureGates: [haPopulateNonLeaderDatastore, flowControl=false]\n").flow is None
+    assert parse_config(CURRENT + "featureGates: [flowControl]\n").flow is not None
 
 
 @pytest.mark.parametrize("section", ["dataLayer: {sources: []}", "requestHandler: {parsers: []}",
-                                     "flowControl: {bogusField: 1}", "data: {}", "parser: {pluginRef: p}"])
+                                     "data: {}", "parser: {pluginRef: p}",
+                                     "featureGates: [flowControl]\nflowControl: {enableEviction: true}"])
 def test_sections_epp_cannot_honour_are_refused_not_ignored(section: str) -> None:
     with pytest.raises(ConfigError, match="not supported by epp"):
         parse_config(CURRENT + section + "\n")
-    with pytest.raises(ConfigError, match=r"saturationDetector\.pluginRef: not supported by epp"):
-        parse_config(CURRENT + "saturationDetector: {pluginRef: utilization-detector}\n")
 
 
-def test_stale_metrics_count_as_saturated_with_the_detectors_threshold() -> None:
-    cfg = parse_config(CURRENT + "saturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 200ms}\n")
-    t = cfg.saturation
-    assert (t.queue_depth, t.staleness) == (5.0, 0.2)
+def test_the_early_2026_threshold_form_is_a_utilization_detector() -> None:
+    cfg = parse_config(CURRENT + "saturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 500ms}\n")
+    detector = cfg.plugins[cfg.detector_ref].instance
+    assert (detector.type_name, detector.queue_depth, detector.staleness) == ("utilization-detector", 5, 0.5)
 
     def snap(*ages: float) -> Snapshot:
         eps = tuple(EndpointState(f"a{i}", EngineSignals(), scraped_at=10.0 - age) for i, age in enumerate(ages))
         return Snapshot(eps, {}, {}, 10.0, 2.0)
 
-    assert t.pool_saturated(snap(0.5, 0.3))  # all stale: fail-closed
-    assert not t.pool_saturated(snap(0.5, 0.1))
-    assert not SaturationThresholds().pool_saturated(Snapshot((), {}, {}, 0.0, 2.0))  # no pool: not saturated
+    assert detector.saturation(snap(0.6, 0.7), snap(0.6, 0.7).endpoints) == 1.0  # all stale: fail-closed
+    assert detector.saturation(snap(0.6, 0.1), snap(0.6, 0.1).endpoints) == 0.5  # one stale, one idle
+    assert detector.saturation(snap(), ()) == 1.0  # an empty pool reads saturated, as the reference's

@@ -10,9 +10,10 @@ import pytest
 from epp.config import DEFAULT_CONFIG, parse_config
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Datastore, Snapshot
-from epp.flowcontrol.saturation import SaturationThresholds
+from epp.flowcontrol.detectors import UtilizationDetector
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import SheddableAdmission
+from epp.scheduling.params import Params
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.types import SchedulingError
 
@@ -79,15 +80,20 @@ def test_an_empty_pool_is_503_and_saturation_is_not_the_schedulers_business() ->
     assert s.schedule(sheddable, snap(ep("a", waiting=100), ep("b", waiting=64))).primary == "b"
 
 
-def test_sheddable_requests_are_refused_429_only_while_every_fresh_endpoint_is_saturated() -> None:
-    admission = SheddableAdmission(SaturationThresholds(queue_depth=64, kv_cache_util=0.9))
+def test_sheddable_requests_are_refused_429_while_the_pool_reads_saturated() -> None:
+    # The reference's legacy admission: the utilization detector's mean of
+    # max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold) >= 1.0, stale endpoints at 1.0.
+    detector = UtilizationDetector("d", Params({"queueDepthThreshold": 64, "kvCacheUtilThreshold": 0.9,
+                                                "metricsStalenessThreshold": "2s"}, "d"))
+    admission = SheddableAdmission(detector)
     sheddable = req()
     sheddable.priority = -1
     full = snap(ep("a", waiting=100), ep("b", waiting=64), ep("stale", age=9.0))
     refused = admission.admit(sheddable, full)
     assert refused is not None and refused.status == 429 and refused.err_type == "RateLimitError"
     assert admission.admit(req(), full) is None  # priority 0 (no objective) is never shed
-    assert admission.admit(sheddable, snap(ep("a", waiting=100), ep("b", waiting=63))) is None
+    assert admission.admit(sheddable, snap(ep("a", waiting=64), ep("b", waiting=63))) is None  # mean < 1
+    assert admission.admit(sheddable, snap(ep("a", waiting=70), ep("b", waiting=63))) is not None  # mean > 1
     assert admission.admit(sheddable, snap(ep("a", kv=0.95), ep("b", waiting=1))) is None
     assert admission.admit(sheddable, snap(ep("a", kv=0.95), ep("b", kv=0.9))) is not None
 

@@ -1,0 +1,67 @@
+"""The flow-control extension points: each a plugin role, configured under ``plugins`` and named
+from the ``flowControl`` section (the reference's types and parameters).
+
+- ``SaturationDetector``: how full the pool is. 0 is idle, 1.0 the set point at which dispatch
+  holds, above 1 oversubscribed; an empty pool reads 1.0. It is also a scheduling filter (the
+  endpoints past their limit), so a profile may list it.
+- ``FairnessPolicy``: which flow of a priority band dispatches next.
+- ``OrderingPolicy``: which request of a flow goes first (the smaller key).
+- ``UsageLimitPolicy``: each band's dispatch ceiling; a band dispatches while saturation < it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.contract import Plugin
+from epp.scheduling.types import CycleState
+
+if TYPE_CHECKING:
+    from epp.flowcontrol.queues import Band, FlowQueue, QueuedRequest
+
+
+class SaturationDetector(Plugin, Protocol):
+    """The pool's saturation from the endpoints' signals (and epp's own in-flight counts)."""
+
+    def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float: ...
+
+    def stale_count(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> int:
+        """Endpoints scored saturated because their metrics are missing or stale (0: reads none)."""
+        ...
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]: ...
+
+
+class OrderingPolicy(Plugin, Protocol):
+    """A queued request's place in its flow: smaller keys dispatch first (fixed at enqueue)."""
+
+    def key(self, item: QueuedRequest) -> tuple[float, float]: ...
+
+
+class FairnessPolicy(Plugin, Protocol):
+    """Chooses the flow of ``band`` to dispatch from (None when every flow is empty). ``state``
+    is the band's own, made by ``new_state`` when the band is."""
+
+    def new_state(self) -> Any: ...
+
+    def pick(self, band: Band, state: Any) -> FlowQueue | None: ...
+
+
+class UsageLimitPolicy(Plugin, Protocol):
+    """Writes each band's ceiling into ``ceilings`` (``priorities`` highest first, ceilings
+    non-increasing)."""
+
+    def compute(self, saturation: float, priorities: Sequence[int], ceilings: list[float]) -> None: ...
+
+
+ROLES: tuple[tuple[type[Any], str], ...] = ((SaturationDetector, "saturation detector"),
+                                            (FairnessPolicy, "fairness policy"), (OrderingPolicy, "ordering policy"),
+                                            (UsageLimitPolicy, "usage limit policy"))
+ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturation", "stale_count", "filter"),
+                                                  FairnessPolicy: ("new_state", "pick"), OrderingPolicy: ("key",),
+                                                  UsageLimitPolicy: ("compute",)}

@@ -1,0 +1,123 @@
+"""Saturation detectors, the reference's two, each also a scheduling filter.
+
+``utilization-detector`` (queueDepthThreshold 5, kvCacheUtilThreshold 0.8,
+metricsStalenessThreshold 200ms, headroom 0): an endpoint's score is
+max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold); the pool's saturation is the
+mean over the endpoints. An endpoint with missing or stale metrics scores 1.0 (fail-closed). As
+filter it keeps the endpoints under threshold * (1 + headroom) (all of them when none is).
+epp counts its own picks since the endpoint's last scrape as waiting (as the queue scorer does):
+the scraped queue is up to a scrape interval old, and without them a burst would all be
+dispatched on one stale reading.
+
+``concurrency-detector`` (maxConcurrency 100, maxTokenConcurrency 1,000,000, concurrencyMode
+requests | tokens | hybrid, headroom 0) reads epp's own in-flight requests and prompt tokens per
+endpoint: saturation is in-flight / capacity over the pool (hybrid: the mean of each endpoint's
+max(requests ratio, tokens ratio)); as filter it keeps the endpoints under capacity * (1 + headroom).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.flowcontrol.contract import SaturationDetector
+from epp.request import InferenceRequest
+from epp.scheduling.params import Params
+from epp.scheduling.types import ConfigError, CycleState
+
+
+class UtilizationDetector(SaturationDetector):
+    type_name: ClassVar[str] = "utilization-detector"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.queue_depth = params.int("queueDepthThreshold", 5, minimum=1, maximum=10**12)
+        self.kv_cache_util = params.float("kvCacheUtilThreshold", 0.8, maximum=1.0)
+        if self.kv_cache_util <= 0:
+            raise ConfigError(f"{params.path}.kvCacheUtilThreshold",
+                              f"must be in (0.0, 1.0], got {self.kv_cache_util:g}")
+        self.staleness = params.duration("metricsStalenessThreshold", 0.2)
+        self.headroom = params.float("headroom", 0.0, minimum=0.0)
+        params.done()
+
+    def _waiting(self, e: EndpointState, snapshot: Snapshot) -> float:
+        assert e.signals is not None
+        a = e.address
+        return e.signals.waiting + min(snapshot.recent_picks.get(a, 0), snapshot.inflight.get(a, 0))
+
+    def _fresh(self, e: EndpointState, now: float) -> bool:
+        return e.signals is not None and e.error is None and now - e.scraped_at <= self.staleness
+
+    def endpoint_score(self, e: EndpointState, snapshot: Snapshot) -> float:
+        if not self._fresh(e, snapshot.now):
+            return 1.0
+        assert e.signals is not None
+        return max(self._waiting(e, snapshot) / self.queue_depth, e.signals.kv_usage / self.kv_cache_util)
+
+    def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
+        if not endpoints:
+            return 1.0
+        return sum(self.endpoint_score(e, snapshot) for e in endpoints) / len(endpoints)
+
+    def stale_count(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> int:
+        return sum(1 for e in endpoints if not self._fresh(e, snapshot.now))
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]:
+        q_limit = self.queue_depth * (1.0 + self.headroom)
+        kv_limit = self.kv_cache_util * (1.0 + self.headroom)
+        now = snapshot.now
+        kept = [e for e in candidates if self._fresh(e, now) and e.signals is not None
+                and self._waiting(e, snapshot) < q_limit and e.signals.kv_usage < kv_limit]
+        return kept or candidates
+
+
+MODES = ("requests", "tokens", "hybrid")
+
+
+class ConcurrencyDetector(SaturationDetector):
+    type_name: ClassVar[str] = "concurrency-detector"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.max_concurrency = params.int("maxConcurrency", 100, minimum=1, maximum=10**12)
+        self.max_tokens = params.int("maxTokenConcurrency", 1_000_000, minimum=1, maximum=10**15)
+        self.mode = params.text("concurrencyMode", "requests", choices=MODES) or "requests"
+        self.headroom = params.float("headroom", 0.0, minimum=0.0)
+        if params.text("inFlightLoadProducerName"):
+            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
+                              "not supported by epp (its in-flight counts are built in, not a producer plugin)")
+        params.done()
+
+    def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
+        if not endpoints:
+            return 1.0
+        inflight, tokens = snapshot.inflight, snapshot.inflight_tokens
+        if self.mode == "hybrid":
+            return sum(max(inflight.get(e.address, 0) / self.max_concurrency,
+                           tokens.get(e.address, 0) / self.max_tokens) for e in endpoints) / len(endpoints)
+        if self.mode == "tokens":
+            return sum(tokens.get(e.address, 0) for e in endpoints) / (self.max_tokens * len(endpoints))
+        return sum(inflight.get(e.address, 0) for e in endpoints) / (self.max_concurrency * len(endpoints))
+
+    def stale_count(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> int:
+        return 0  # it reads epp's own counts, never stale
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]:
+        req_limit = int(self.max_concurrency * (1.0 + self.headroom))
+        tok_limit = int(self.max_tokens * (1.0 + self.headroom))
+        inflight, tokens = snapshot.inflight, snapshot.inflight_tokens
+        mode = self.mode
+        kept = []
+        for e in candidates:
+            r, t = inflight.get(e.address, 0), tokens.get(e.address, 0)
+            if ((mode == "requests" and r < req_limit) or (mode == "tokens" and t < tok_limit)
+                    or (mode == "hybrid" and r < req_limit and t < tok_limit)):
+                kept.append(e)
+        return kept
+
+
+DETECTORS = (UtilizationDetector, ConcurrencyDetector)

@@ -1,0 +1,275 @@
+"""The waiting room: flow control in the request path, between admission and scheduling.
+
+The director hands every request to ``admit``. The controller (epp.flowcontrol.controller)
+rejects it, or queues it; ``pump`` then dispatches what may go now, this request included when
+nothing is ahead of it, so an idle pool adds no wait. A dispatched request is scheduled against
+the snapshot of that moment (late binding) by the director's ``deliver``, and its front end hears
+through ``Waiting.ready``. Pumps run on arrivals, on every response's end, and on a short tick
+while anything waits (which also sees scrapes and expires budgets). Every queued request ends
+exactly once: dispatched, or refused with a status and the reference's drop reason, or removed
+because its client went away (then nothing is sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from epp.datastore.store import Datastore
+from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
+from epp.flowcontrol.queues import QueuedRequest
+from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
+from epp.requestcontrol.headers import SLO_TTFT_MS, header
+from epp.requestcontrol.refused import EVICTED, NO_ENDPOINTS, SATURATED, SHUTTING_DOWN, TTL_EXPIRED, Refused
+
+if TYPE_CHECKING:
+    from epp.observability.metrics import RequestLabels
+    from epp.request import InferenceRequest
+    from epp.requestcontrol.director import RequestInput, ResponseAccess, Routed
+
+log = logging.getLogger("epp.flowcontrol")
+
+TICK = 0.02  # seconds between pumps while requests wait (scrapes land in between)
+
+
+class Waiting:
+    """A request held by flow control. The front end sets ``ready`` (called once, with the
+    Routed or the Refused) and calls ``cancel`` if its client goes away first."""
+
+    __slots__ = ("access", "arrived", "given", "item", "key", "labels", "queued_at", "ready", "request", "result",
+                 "room")
+
+    def __init__(self, room: WaitingRoom, given: RequestInput, access: ResponseAccess, request: InferenceRequest,
+                 labels: RequestLabels, arrived: float) -> None:
+        self.room = room
+        self.given = given
+        self.access = access
+        self.request = request
+        self.labels = labels
+        self.arrived = arrived
+        self.key: QueueKey = (labels.fairness, labels.priority, labels.model, labels.target)
+        self.ready: Callable[[Routed | Refused], None] | None = None
+        self.result: Routed | Refused | None = None  # set when it ended before ``ready`` was set
+        self.item: QueuedRequest | None = None
+        self.queued_at = 0.0
+
+    @property
+    def queued_seconds(self) -> float:
+        return self.room.clock() - self.queued_at
+
+    def cancel(self) -> None:
+        self.room.cancel(self)
+
+
+class Timers(Protocol):
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
+
+
+def _running_loop() -> Timers | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _refusal(outcome: Outcome, priority: int) -> Refused:
+    """What a request that flow control did not dispatch is told (OpenAI-style JSON; the
+    reference's status codes and drop reasons)."""
+    if outcome is Outcome.REJECTED_CAPACITY:
+        return Refused(429, f"flow control: the queue is full (priority {priority}); retry later", dropped=SATURATED)
+    if outcome is Outcome.REJECTED_NO_ENDPOINTS:
+        return Refused(503, "flow control: the pool has no endpoints and the queue is full", dropped=NO_ENDPOINTS)
+    if outcome is Outcome.EVICTED_TTL:
+        return Refused(429, "flow control: the request waited its queue budget (defaultRequestTTL) for capacity; "
+                            "retry later", dropped=TTL_EXPIRED)
+    if outcome is Outcome.EVICTED_NO_ENDPOINTS:
+        return Refused(503, "flow control: no endpoint appeared within noEndpointRequestTTL", dropped=NO_ENDPOINTS)
+    if outcome is Outcome.EVICTED_OTHER:
+        return Refused(429, "flow control: evicted from the queue to make room for higher-priority requests",
+                       dropped=EVICTED)
+    return Refused(503, "flow control is shutting down", dropped=SHUTTING_DOWN)
+
+
+class WaitingRoom:
+    def __init__(self, settings: FlowSettings, store: Datastore, deliver: Callable[[Waiting], Routed | Refused],
+                 refused: Callable[[Waiting, Refused], Refused], metrics: FlowMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 timers: Callable[[], Timers | None] = _running_loop) -> None:
+        self.controller = FlowController(settings)
+        self.store = store
+        self.deliver = deliver  # schedules a dispatched request
+        self.refused = refused  # counts and logs a refusal of a held request
+        self.metrics = metrics
+        self.clock = clock
+        self._timers = timers
+        self._timer: asyncio.TimerHandle | None = None
+        self._pumping = False
+        self._again = False
+        self.queued: dict[QueueKey, list[int]] = {}  # -> [requests, bytes], for the queue gauges
+
+    def reconfigure(self, settings: FlowSettings) -> None:
+        self.controller.reconfigure(settings)
+        self.pump()
+
+    # -- arrivals -----------------------------------------------------------------------------------
+    def admit(self, w: Waiting) -> None:
+        """Queue ``w`` and pump; raises Refused when the controller rejects it."""
+        started = time.perf_counter()
+        now = self.clock()
+        self._observe_pool(now)
+        given = w.given
+        size = len(given.body) if given.body is not None else len(w.request.prompt)
+        item = QueuedRequest(w.labels.fairness, w.request.priority, size, w.arrived, w, _slo_seconds(w.request))
+        outcome, evicted = self.controller.enqueue(item, now)
+        for victim in evicted:
+            self._left(victim, Outcome.EVICTED_OTHER)
+            self._resolve(victim.payload, self.refused(victim.payload, _refusal(Outcome.EVICTED_OTHER,
+                                                                                  victim.priority)))
+        m = self.metrics
+        if m is not None:
+            m.enqueued(w.key, outcome.value if outcome else "NotYetFinalized", time.perf_counter() - started)
+        if outcome is not None:
+            if m is not None:
+                m.ended(w.key, outcome.value, 0.0)
+            raise _refusal(outcome, item.priority)
+        w.item = item
+        w.queued_at = now
+        counts = self.queued.setdefault(w.key, [0, 0])
+        counts[0] += 1
+        counts[1] += size
+        self.pump()
+        self._arm()
+
+    def cancel(self, w: Waiting) -> None:
+        """The client went away: out of the queue, never dispatched, nothing sent."""
+        item = w.item
+        if item is not None and self.controller.cancel(item):
+            self._left(item, Outcome.EVICTED_CONTEXT_CANCELLED)
+
+    # -- dispatch -----------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Dispatch every request that may go now (re-entrant calls fold into the running one)."""
+        if self._pumping:
+            self._again = True
+            return
+        controller = self.controller
+        if not controller.queues.totals.count:
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                started = time.perf_counter()
+                store = self.store
+                while True:
+                    item = controller.next(store.snapshot())
+                    if item is None:
+                        break
+                    self._left(item, Outcome.DISPATCHED)
+                    w: Waiting = item.payload
+                    try:
+                        result = self.deliver(w)
+                    except Exception:  # epp's bug: the request still ends, with a status
+                        log.exception("dispatching request %s failed", w.request.request_id or "-")
+                        result = Refused(500, "internal error while dispatching the request")
+                    self._resolve(w, result)
+                if self.metrics is not None:
+                    self.metrics.cycle(time.perf_counter() - started)
+                again = self._again
+        finally:
+            self._pumping = False
+
+    def tick(self) -> None:
+        """Expire what ran out of budget, then pump (the timer calls it while anything waits)."""
+        self._timer = None
+        now = self.clock()
+        self._observe_pool(now)
+        expired, outcome = self.controller.expire(now)
+        for item in expired:
+            self._left(item, outcome)
+            self._resolve(item.payload, self.refused(item.payload, _refusal(outcome, item.priority)))
+        self.pump()
+        self._arm()
+
+    def release_all(self) -> None:
+        """Flow control was turned off: everything queued dispatches now, ungated."""
+        for item in self.controller.drain():
+            self._left(item, Outcome.DISPATCHED)
+            w: Waiting = item.payload
+            self._resolve(w, self.deliver(w))
+        self._disarm()
+
+    def close(self) -> None:
+        """Shutting down: every queued request gets 503."""
+        for item in self.controller.drain():
+            self._left(item, Outcome.EVICTED_OTHER)
+            self._resolve(item.payload, self.refused(item.payload, _refusal(Outcome.REJECTED_OTHER, item.priority)))
+        self._disarm()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _observe_pool(self, now: float) -> None:
+        self.controller.observe_pool(not self.store.snapshot().endpoints, now)
+
+    def _left(self, item: QueuedRequest, outcome: Outcome) -> None:
+        w: Waiting = item.payload
+        counts = self.queued.get(w.key)
+        if counts is not None:
+            counts[0] -= 1
+            counts[1] -= item.size
+            if counts[0] <= 0:
+                del self.queued[w.key]
+        if self.metrics is not None:
+            self.metrics.ended(w.key, outcome.value, self.clock() - w.queued_at)
+
+    def _resolve(self, w: Waiting, result: Routed | Refused) -> None:
+        ready = w.ready
+        if ready is None:
+            w.result = result
+            return
+        try:
+            ready(result)
+        except Exception:
+            log.exception("answering request %s failed", w.request.request_id or "-")
+
+    def _arm(self) -> None:
+        if self._timer is not None or not self.controller.queues.totals.count:
+            return
+        timers = self._timers()
+        if timers is None:
+            return
+        delay = TICK
+        expiry = self.controller.next_expiry()
+        if expiry is not None:
+            delay = max(0.0, min(delay, expiry - self.clock()))
+        self._timer = timers.call_later(delay, self.tick)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def gauges(self) -> FlowGauges:
+        c = self.controller
+        snap = self.store.snapshot()
+        saturation = dict(c.last_saturation) if c.queues.totals.count else {}
+        if not saturation:
+            c.saturation(snap)
+            saturation = dict(c.last_saturation)
+        s = c.settings
+        t = c.queues.totals
+        bands = [(p, b.count, b.config.max_requests, b.nbytes, b.config.max_bytes) for p, b in c.queues.bands.items()]
+        return FlowGauges({k: (v[0], v[1]) for k, v in self.queued.items()}, saturation,
+                          s.detector.stale_count(snap, snap.endpoints), s.detector.name, bands,
+                          (t.count, s.max_requests, t.nbytes, s.max_bytes))
+
+
+def _slo_seconds(request: InferenceRequest) -> float | None:
+    text = header(request.headers, SLO_TTFT_MS).strip()
+    if not text.isdigit():
+        return None
+    return int(text) / 1000.0
+

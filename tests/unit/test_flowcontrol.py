@@ -1,0 +1,258 @@
+"""Flow control as pure code: queues, ordering, fairness, bands, caps, TTLs, detectors, policies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.store import Snapshot
+from epp.flowcontrol.controller import BandSpec, FlowController, FlowSettings, Outcome
+from epp.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
+from epp.flowcontrol.policies import (
+    EDFOrdering,
+    FCFSOrdering,
+    GlobalStrictFairness,
+    PriorityHoldback,
+    RoundRobinFairness,
+    SLODeadlineOrdering,
+    SoftReflectiveCeiling,
+    StaticUsageLimit,
+)
+from epp.flowcontrol.queues import QueuedRequest
+from epp.request import InferenceRequest
+from epp.scheduling.params import Params
+from epp.scheduling.types import ConfigError, CycleState
+
+NOW = 100.0
+
+
+def p(cls: type[Any], **params: Any) -> Any:
+    return cls(cls.type_name, Params(params, cls.type_name))
+
+
+class Gate:
+    """A detector whose saturation the test sets."""
+
+    type_name = "test-gate"
+    name = "gate"
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def saturation(self, snapshot: Snapshot, endpoints: Any) -> float:
+        return self.value if endpoints else 1.0
+
+    def stale_count(self, snapshot: Snapshot, endpoints: Any) -> int:
+        return 0
+
+    def filter(self, request: Any, snapshot: Snapshot, candidates: Any, cycle: Any) -> Any:
+        return candidates
+
+
+def settings(gate: Gate | None = None, **kw: Any) -> FlowSettings:
+    kw.setdefault("usage_limit", p(StaticUsageLimit))
+    return FlowSettings(gate or Gate(), fairness=kw.pop("fairness", p(GlobalStrictFairness)),
+                        ordering=kw.pop("ordering", p(FCFSOrdering)), **kw)
+
+
+def pool(n: int = 2) -> Snapshot:
+    return Snapshot(tuple(EndpointState(f"e{i}", EngineSignals(), scraped_at=NOW) for i in range(n)), {}, {}, NOW, 2.0)
+
+
+def item(flow: str = "", priority: int = 0, size: int = 10, received: float = NOW, slo: float | None = None,
+         tag: str = "") -> QueuedRequest:
+    return QueuedRequest(flow, priority, size, received, tag or f"{flow}{priority}", slo)
+
+
+def drain(fc: FlowController, snap: Snapshot | None = None) -> list[Any]:
+    out = []
+    while (it := fc.next(snap or pool())) is not None:
+        out.append(it.payload)
+    return out
+
+
+# -- queues, ordering and fairness ----------------------------------------------------------------------
+def test_fcfs_within_a_flow_and_counts_stay_exact() -> None:
+    fc = FlowController(settings())
+    for i in range(5):
+        assert fc.enqueue(item(tag=f"r{i}", size=100), NOW + i) == (None, [])
+    t = fc.queues.totals
+    assert (t.count, t.nbytes) == (5, 500)
+    victim = next(i for i in fc.queues.items() if i.payload == "r2")
+    assert fc.cancel(victim) and not fc.cancel(victim)
+    assert drain(fc) == ["r0", "r1", "r3", "r4"]
+    assert (t.count, t.nbytes) == (0, 0) and not fc.queues.bands[0].flows
+
+
+def test_edf_orders_by_deadline_and_slo_deadline_by_the_ttft_slo() -> None:
+    fc = FlowController(settings(ordering=p(SLODeadlineOrdering)))
+    fc.enqueue(item(tag="no-slo", received=NOW), NOW)
+    fc.enqueue(item(tag="slo-2s", received=NOW, slo=2.0), NOW)
+    fc.enqueue(item(tag="slo-500ms-late", received=NOW + 1, slo=0.5), NOW + 1)
+    assert drain(fc) == ["slo-500ms-late", "slo-2s", "no-slo"]
+    edf = FlowController(settings(ordering=p(EDFOrdering), default_ttl=10.0))
+    edf.enqueue(item(tag="a"), NOW)
+    edf.reconfigure(settings(ordering=p(EDFOrdering), default_ttl=1.0))
+    edf.enqueue(item(tag="b"), NOW + 1)  # a shorter budget: an earlier deadline than a's
+    assert drain(edf) == ["b", "a"]
+
+
+def test_round_robin_alternates_flows_and_global_strict_keeps_arrival_order() -> None:
+    def run(fairness: Any) -> list[Any]:
+        fc = FlowController(settings(fairness=fairness))
+        for i in range(4):
+            fc.enqueue(item("big", tag=f"big{i}"), NOW + i)
+        fc.enqueue(item("small", tag="small0"), NOW + 10)
+        fc.enqueue(item("small", tag="small1"), NOW + 11)
+        return drain(fc)
+
+    assert run(p(RoundRobinFairness)) == ["big0", "small0", "big1", "small1", "big2", "big3"]
+    assert run(p(GlobalStrictFairness)) == ["big0", "big1", "big2", "big3", "small0", "small1"]
+
+
+def test_bands_dispatch_in_strict_priority_order() -> None:
+    fc = FlowController(settings())
+    fc.enqueue(item(priority=-1, tag="sheddable"), NOW)
+    fc.enqueue(item(priority=0, tag="standard"), NOW + 1)
+    fc.enqueue(item(priority=10, tag="critical"), NOW + 2)
+    assert fc.queues.priorities == [10, 0, -1]
+    assert drain(fc) == ["critical", "standard", "sheddable"]
+
+
+def test_saturation_holds_dispatch_and_a_gated_band_blocks_the_ones_below() -> None:
+    gate = Gate(1.0)
+    holdback = p(PriorityHoldback, minCeiling=0.5)
+    fc = FlowController(settings(gate, usage_limit=holdback))
+    fc.enqueue(item(priority=10, tag="critical"), NOW)
+    fc.enqueue(item(priority=0, tag="standard"), NOW)
+    assert drain(fc) == []  # saturated: everything waits
+    gate.value = 0.7  # under the top band's ceiling (1.0), over the bottom one's (0.5)
+    assert drain(fc) == ["critical"]
+    fc.enqueue(item(priority=10, tag="critical2"), NOW)
+    assert drain(fc) == ["critical2"]
+    gate.value = 0.4
+    assert drain(fc) == ["standard"]
+    assert fc.next(pool(0)) is None  # an empty pool reads saturated
+
+
+# -- caps, displacement and TTLs -------------------------------------------------------------------------
+def test_band_and_pool_caps_reject_at_once_and_displace_sheddable_requests() -> None:
+    fc = FlowController(settings(max_requests=3, bands={5: BandSpec(max_requests=1)}))
+    assert fc.enqueue(item(priority=5), NOW)[0] is None
+    assert fc.enqueue(item(priority=5), NOW)[0] is Outcome.REJECTED_CAPACITY  # band 5 holds one
+    assert fc.enqueue(item(priority=-1, tag="old-sheddable"), NOW)[0] is None
+    assert fc.enqueue(item(priority=-1, tag="new-sheddable"), NOW + 1)[0] is None
+    outcome, evicted = fc.enqueue(item(priority=0, tag="standard"), NOW + 2)  # pool full: the newest sheddable goes
+    assert outcome is None and [e.payload for e in evicted] == ["new-sheddable"]
+    assert fc.enqueue(item(priority=-1), NOW + 3) == (Outcome.REJECTED_CAPACITY, [])  # nothing lower to displace
+    assert [e.payload for e in fc.enqueue(item(priority=0), NOW + 4)[1]] == ["old-sheddable"]
+    fc.observe_pool(True, NOW + 5)
+    assert fc.enqueue(item(priority=0), NOW + 5)[0] is Outcome.REJECTED_NO_ENDPOINTS
+    bytes_cap = FlowController(settings(max_bytes=1000))
+    assert bytes_cap.enqueue(item(size=4 * 1024 * 1024), NOW)[0] is Outcome.REJECTED_CAPACITY  # 4 MiB counts 4 MiB
+
+
+def test_ttl_expires_oldest_first_and_the_no_endpoint_budget_starts_fresh() -> None:
+    fc = FlowController(settings(default_ttl=1.0, no_endpoint_ttl=5.0))
+    fc.enqueue(item(tag="a"), NOW)
+    fc.enqueue(item(tag="b"), NOW + 0.5)
+    assert fc.next_expiry() == NOW + 1.0
+    expired, outcome = fc.expire(NOW + 1.2)
+    assert [i.payload for i in expired] == ["a"] and outcome is Outcome.EVICTED_TTL
+    fc.observe_pool(True, NOW + 1.4)  # scale to zero: b gets the no-endpoint budget, from now
+    assert fc.expire(NOW + 3.0)[0] == [] and fc.next_expiry() == NOW + 6.4
+    expired, outcome = fc.expire(NOW + 6.5)
+    assert [i.payload for i in expired] == ["b"] and outcome is Outcome.EVICTED_NO_ENDPOINTS
+    forever = FlowController(settings(default_ttl=0.0))
+    forever.enqueue(item(), NOW)
+    assert forever.next_expiry() is None and forever.expire(NOW + 1e6)[0] == []
+
+
+def test_a_hundred_thousand_queued_requests_keep_exact_counts() -> None:
+    fc = FlowController(settings(fairness=p(RoundRobinFairness)))
+    fc.reconfigure(settings(fairness=p(RoundRobinFairness), default_band=BandSpec(max_requests=200_000)))
+    for i in range(100_000):
+        fc.enqueue(item(f"t{i % 7}", size=1), NOW + i * 1e-6)
+    first = [fc.next(pool()) for _ in range(7)]
+    assert sorted(i.flow_id for i in first if i) == [f"t{k}" for k in range(7)]
+    assert fc.queues.totals.count == 100_000 - 7
+
+
+# -- detectors ------------------------------------------------------------------------------------------------
+def ep(addr: str, waiting: float = 0.0, kv: float = 0.0, age: float = 0.0, role: str | None = None) -> EndpointState:
+    labels = {"llm-d.ai/role": role} if role else {}
+    return EndpointState(addr, EngineSignals(waiting=waiting, kv_usage=kv), scraped_at=NOW - age, labels=labels)
+
+
+def test_utilization_detector_is_the_references_roofline_plus_epps_own_recent_picks() -> None:
+    d = p(UtilizationDetector)  # defaults: queue 5, kv 0.8, staleness 200ms
+    eps = (ep("a", waiting=5), ep("b", kv=0.4), ep("c", age=1.0))
+    snap = Snapshot(eps, {}, {}, NOW, 2.0)
+    assert d.saturation(snap, eps) == pytest.approx((1.0 + 0.5 + 1.0) / 3)  # c is stale: fail-closed
+    assert d.stale_count(snap, eps) == 1
+    # Picks since b's scrape that are still in flight count as waiting there.
+    busy = Snapshot(eps, {"b": 4}, {"b": 3}, NOW, 2.0)
+    assert d.endpoint_score(eps[1], busy) == pytest.approx(3 / 5)
+    kept = d.filter(InferenceRequest("r", "/v1/completions"), snap, list(eps), CycleState())
+    assert [e.address for e in kept] == ["b"]
+    with pytest.raises(ConfigError, match="kvCacheUtilThreshold"):
+        p(UtilizationDetector, kvCacheUtilThreshold=0)
+    with pytest.raises(ConfigError, match="queueDepthThreshold"):
+        p(UtilizationDetector, queueDepthThreshold=0)
+
+
+def test_concurrency_detector_modes_and_filter() -> None:
+    eps = (ep("a"), ep("b"))
+    snap = Snapshot(eps, {"a": 3, "b": 1}, {}, NOW, 2.0, {"a": 100, "b": 700})
+    assert p(ConcurrencyDetector, maxConcurrency=4).saturation(snap, eps) == 0.5
+    assert p(ConcurrencyDetector, maxTokenConcurrency=1000, concurrencyMode="tokens").saturation(snap, eps) == 0.4
+    hybrid = p(ConcurrencyDetector, maxConcurrency=4, maxTokenConcurrency=1000, concurrencyMode="hybrid")
+    assert hybrid.saturation(snap, eps) == pytest.approx((0.75 + 0.7) / 2)
+    kept = p(ConcurrencyDetector, maxConcurrency=2, headroom=0.5).filter(
+        InferenceRequest("r", "/v1/completions"), snap, list(eps), CycleState())
+    assert [e.address for e in kept] == ["b"]  # a has 3 in flight, the limit is 2 * 1.5
+    with pytest.raises(ConfigError, match="concurrencyMode"):
+        p(ConcurrencyDetector, concurrencyMode="bogus")
+
+
+def test_saturation_is_the_worse_of_the_prefill_and_decode_stages() -> None:
+    fc = FlowController(settings(p(UtilizationDetector)))
+    eps = (ep("p", waiting=10, role="prefill"), ep("d1", role="decode"), ep("d2"))
+    assert fc.saturation(Snapshot(eps, {}, {}, NOW, 2.0)) == 2.0
+    assert fc.last_saturation == {"prefill": 2.0, "decode": 0.0, "effective": 2.0}
+
+
+# -- usage limits ----------------------------------------------------------------------------------------------
+def test_usage_limit_policies_compute_the_references_ceilings() -> None:
+    ceilings = [0.0] * 3
+    p(StaticUsageLimit, threshold=0.8).compute(0.5, [10, 0, -5], ceilings)
+    assert ceilings == [0.8, 0.8, 0.8]
+    p(PriorityHoldback, minCeiling=0.4).compute(0.5, [10, 0, -5], ceilings)
+    assert ceilings == pytest.approx([1.0, 0.7, 0.4])
+    p(PriorityHoldback, minCeiling=0.4, domain="value").compute(0.5, [10, 0, -5], ceilings)
+    assert ceilings == pytest.approx([1.0, 0.4 + 5 / 15 * 0.6, 0.4])
+    one = [0.0]
+    p(PriorityHoldback, minCeiling=0.4).compute(0.9, [3], one)
+    assert one == [1.0]
+    with pytest.raises(ConfigError, match="minCeiling: required"):
+        p(PriorityHoldback)
+    with pytest.raises(ConfigError, match="less than maxCeiling"):
+        p(PriorityHoldback, minCeiling=0.5, maxCeiling=0.5)
+
+
+def test_soft_reflective_ceiling_opens_gated_bands_on_a_duty_cycle() -> None:
+    policy = p(SoftReflectiveCeiling)
+    opens = 0
+    for _ in range(300):
+        ceilings = [0.0, 0.0]
+        policy.compute(0.75, [1, 0], ceilings)  # period round(0.75 / 0.25) = 3
+        assert ceilings[0] == 1.0
+        opens += ceilings[1] == 1.0
+    assert opens == 100
+    ceilings = [0.0, 0.0]
+    policy.compute(0.3, [1, 0], ceilings)
+    assert ceilings == [1.0, 1.0]  # under the reflective ceiling: open
+    policy.compute(1.2, [1, 0], ceilings)
+    assert ceilings == [1.0, 0.0]

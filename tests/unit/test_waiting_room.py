@@ -1,0 +1,259 @@
+"""Flow control in the request path: the director, the waiting room and the ext_proc stream,
+driven message by message (no sockets; the timer is driven by the test)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from epp.config import Built, build, parse_config
+from epp.datastore.endpoint import EngineSignals
+from epp.datastore.store import Datastore
+from epp.observability.flowmetrics import FlowMetrics
+from epp.observability.metrics import PickerMetrics
+from epp.requestcontrol.director import Director, RequestInput, Routed
+from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.waiting import Waiting
+from epp.scheduling.types import ConfigError
+from epp.server.extproc import ExtProcStream
+
+ADDRS = ["10.0.0.1:8000", "10.0.0.2:8000"]
+
+
+def config(flow: str = "", detector: str = "maxConcurrency: 1", gate: str = "featureGates: [flowControl]") -> str:
+    return f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+{gate}
+plugins:
+- type: concurrency-detector
+  parameters: {{{detector}}}
+- type: round-robin-fairness-policy
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+flowControl:
+  saturationDetector: {{pluginRef: concurrency-detector}}
+{flow}
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def setup(text: str, addrs: list[str] = ADDRS) -> tuple[Director, Clock, Built]:
+    store = Datastore()
+    store.set_endpoints(addrs)
+    for a in addrs:
+        store.record_scrape(a, EngineSignals(), 0)
+    built = build(parse_config(text))
+    metrics = PickerMetrics(store)
+    d = Director(store, built.scheduler, metrics)
+    _, flow = built.runtime()
+    d.set_flow_control(flow, FlowMetrics(metrics.registry, "pool"))
+    clock = Clock()
+    assert d.waiting is not None
+    d.waiting.clock = clock
+    return d, clock, built
+
+
+def req(fairness: str = "", objective: str = "", prompt: str = "hello") -> RequestInput:
+    headers = {"x-llm-d-inference-fairness-id": fairness} if fairness else {}
+    if objective:
+        headers["x-llm-d-inference-objective"] = objective
+    return RequestInput(headers, "/v1/completions", model="m", prompt=prompt)
+
+
+class Answers:
+    def __init__(self) -> None:
+        self.got: list[Routed | Refused] = []
+
+    def __call__(self, result: Routed | Refused) -> None:
+        self.got.append(result)
+
+
+def test_an_idle_pool_dispatches_at_once_and_a_full_one_holds_until_a_response_ends() -> None:
+    d, _, _ = setup(config())
+    first = d.submit(req(), ready=Answers())
+    second = d.submit(req(), ready=Answers())
+    assert isinstance(first, Routed) and isinstance(second, Routed)  # one per endpoint (maxConcurrency 1)
+    assert first.endpoint != second.endpoint
+    answers = Answers()
+    held = d.submit(req(), ready=answers)
+    assert isinstance(held, Waiting) and answers.got == []
+    first.finish()  # capacity frees: the held request is scheduled now, on the endpoint that freed
+    assert len(answers.got) == 1
+    late = answers.got[0]
+    assert isinstance(late, Routed) and late.endpoint == first.endpoint and late.queued >= 0.0
+    assert dict(late.explain())["x-epp-queue-ms"]
+
+
+def test_priorities_dispatch_first_and_fairness_alternates_flows() -> None:
+    d, _, _ = setup(config("  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}"), ADDRS[:1])
+    from epp.requestcontrol.policies import RequestPolicies
+
+    d.policies = RequestPolicies.build([{"kind": "InferenceObjective", "metadata": {"name": "critical"},
+                                         "spec": {"priority": 10}}], pool=None)
+    busy = d.submit(req(), ready=Answers())
+    assert isinstance(busy, Routed)
+    order: list[str] = []
+
+    def tagged(tag: str) -> Any:
+        def ready(result: Routed | Refused) -> None:
+            order.append(tag)
+            assert isinstance(result, Routed)
+            result.finish()  # each ends at once, letting the next one go
+        return ready
+
+    for i in range(3):
+        assert isinstance(d.submit(req("A"), ready=tagged(f"A{i}")), Waiting)
+    assert isinstance(d.submit(req("B"), ready=tagged("B0")), Waiting)
+    assert isinstance(d.submit(req("C", objective="critical"), ready=tagged("critical")), Waiting)
+    busy.finish()
+    assert order == ["critical", "A0", "B0", "A1", "A2"]
+
+
+def test_ttl_expiry_is_429_json_with_the_drop_reason_and_an_empty_pool_is_503() -> None:
+    d, clock, _ = setup(config("  defaultRequestTTL: 2s\n  noEndpointRequestTTL: 30s"))
+    room = d.waiting
+    assert room is not None
+    for _ in range(2):
+        d.submit(req(), ready=Answers())
+    answers = Answers()
+    assert isinstance(d.submit(req(), ready=answers), Waiting)
+    clock.now += 1.0
+    room.tick()
+    assert answers.got == []
+    clock.now += 1.5
+    room.tick()
+    refused = answers.got[0]
+    assert isinstance(refused, Refused) and refused.status == 429 and refused.dropped == "rejected-ttl-expired"
+    assert orjson.loads(refused.body())["error"]["type"] == "RateLimitError"
+    # Scale to zero: requests wait for an endpoint (noEndpointRequestTTL), then 503.
+    d.store.set_endpoints([])
+    waiting = Answers()
+    assert isinstance(d.submit(req(), ready=waiting), Waiting)
+    clock.now += 29.0
+    room.tick()
+    assert waiting.got == []
+    clock.now += 2.0
+    room.tick()
+    gone = waiting.got[0]
+    assert isinstance(gone, Refused) and gone.status == 503 and gone.dropped == "rejected-no-endpoints"
+
+
+def test_a_request_waiting_for_the_first_endpoint_goes_when_one_appears() -> None:
+    d, clock, _ = setup(config(), [])
+    answers = Answers()
+    assert isinstance(d.submit(req(), ready=answers), Waiting)
+    d.store.set_endpoints(ADDRS[:1])
+    d.store.record_scrape(ADDRS[0], EngineSignals(), 0)
+    clock.now += 0.05
+    assert d.waiting is not None
+    d.waiting.tick()
+    assert isinstance(answers.got[0], Routed) and answers.got[0].endpoint == ADDRS[0]
+
+
+def test_caps_reject_at_once_and_a_cancelled_request_is_never_dispatched() -> None:
+    d, _, _ = setup(config("  maxRequests: 1"))
+    for _ in range(2):
+        d.submit(req(), ready=Answers())
+    gone = Answers()
+    held = d.submit(req(), ready=gone)
+    assert isinstance(held, Waiting)
+    with pytest.raises(Refused) as e:
+        d.submit(req(), ready=Answers())
+    assert e.value.status == 429 and e.value.dropped == "rejected-saturated"
+    held.cancel()  # the client went away
+    after = Answers()
+    assert isinstance(d.submit(req(), ready=after), Waiting)  # its room is free again
+    assert d.waiting is not None
+    d.waiting.pump()
+    assert gone.got == []
+
+
+def test_a_reload_keeps_queued_requests_and_turning_the_gate_off_releases_them() -> None:
+    d, _, built = setup(config())
+    for _ in range(2):
+        d.submit(req(), ready=Answers())
+    answers = Answers()
+    assert isinstance(d.submit(req(), ready=answers), Waiting)
+    newer = build(parse_config(config("  defaultRequestTTL: 5s", detector="maxConcurrency: 1")), built)
+    d.set_flow_control(newer.runtime()[1])
+    assert answers.got == [] and d.waiting is not None and d.waiting.controller.queues.totals.count == 1
+    off = build(parse_config(config(gate="")), newer)
+    assert off.runtime()[1] is None
+    d.set_flow_control(None)
+    assert isinstance(answers.got[0], Routed)
+
+
+def test_ext_proc_holds_the_headers_answer_and_sends_it_when_the_request_dispatches() -> None:
+    d, _, _ = setup(config())
+    for _ in range(2):
+        d.submit(req(), ready=Answers())
+    stream = ExtProcStream(d)
+    sent: list[list[bytes]] = []
+    stream.emit = sent.append
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers={"headers": [
+        {"key": ":path", "raw_value": b"/v1/completions"}, {"key": "content-type", "raw_value": b"application/json"}]}))
+    assert stream.on_message(headers) == []
+    body = b'{"model": "m", "prompt": "hi"}'
+    assert stream.on_message(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))) == []
+    assert stream.on_message(pb.ProcessingRequest(request_trailers=pb.HttpTrailers())) == []  # held behind the pick
+    room = d.waiting
+    assert room is not None
+    first = next(iter(d.store.inflight))
+    d.finished(first, d.metrics.request_labels("", "", "", 0), 0.0)
+    assert len(sent) == 1
+    kinds = [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in sent[0]]
+    assert kinds == ["request_headers", "request_body", "request_trailers"]
+    assert stream.pick is not None
+
+
+def test_ext_proc_stream_reset_while_held_leaves_the_queue() -> None:
+    d, _, _ = setup(config())
+    for _ in range(2):
+        d.submit(req(), ready=Answers())
+    stream = ExtProcStream(d)
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers={"headers": [
+        {"key": ":path", "raw_value": b"/v1/models"}]}, end_of_stream=True))
+    assert stream.on_message(headers) == []
+    assert d.waiting is not None and d.waiting.controller.queues.totals.count == 1
+    stream.close()
+    assert d.waiting.controller.queues.totals.count == 0
+
+
+def test_flow_control_config_is_strict_with_paths() -> None:
+    for flow, message in [
+        ("  bogus: 1", "flowControl.bogus: unknown field"),
+        ("  maxBytes: lots", "flowControl.maxBytes: invalid quantity"),
+        ("  priorityBands: [{priority: 1}, {priority: 1}]", r"priorityBands\[1\].priority: priority 1 is configured"),
+        ("  priorityBands: [{maxRequests: 5}]", r"priorityBands\[0\].priority: required"),
+        ("  defaultPriorityBand: {fairnessPolicyRef: queue-scorer}", "is a scorer, not a fairness policy"),
+        ("  usageLimitPolicyPluginRef: nope", "no plugin named 'nope'"),
+        ("  defaultRequestTTL: soon", "defaultRequestTTL"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(config(flow))
+    plan = parse_config(config("  maxBytes: 1Gi\n  maxRequests: 1k\n  defaultRequestTTL: 0s")).flow
+    assert plan is not None and (plan.max_bytes, plan.max_requests, plan.default_ttl) == (2**30, 1000, 0.0)
+    assert plan.no_endpoint_ttl == 0.0  # follows defaultRequestTTL unless given
+
+
+def test_a_flow_control_section_with_the_gate_off_is_validated_and_warned_about(caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, "epp.config"):
+        assert parse_config(config("  maxRequests: 10", gate="")).flow is None
+    assert "feature gate is off" in caplog.text
+    with pytest.raises(ConfigError, match="flowControl.bogus"):
+        parse_config(config("  bogus: 1", gate=""))
