@@ -18,7 +18,7 @@ max(requests ratio, tokens ratio)); as filter it keeps the endpoints under capac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
@@ -120,4 +120,4 @@ class ConcurrencyDetector(SaturationDetector):
         return kept
 
 
-DETECTORS = (UtilizationDetector, ConcurrencyDetector)
+DETECTORS: tuple[type[Any], ...] = (UtilizationDetector, ConcurrencyDetector)

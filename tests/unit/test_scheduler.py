@@ -13,8 +13,8 @@ from epp.datastore.store import Datastore, Snapshot
 from epp.flowcontrol.detectors import UtilizationDetector
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import SheddableAdmission
-from epp.scheduling.params import Params
 from epp.scheduling.framework import Scheduler
+from epp.scheduling.params import Params
 from epp.scheduling.types import SchedulingError
 
 NOW = 1000.0
