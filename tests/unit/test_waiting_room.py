@@ -255,5 +255,5 @@ def test_a_flow_control_section_with_the_gate_off_is_validated_and_warned_about(
     with caplog.at_level(logging.WARNING, "epp.config"):
         assert parse_config(config("  maxRequests: 10", gate="")).flow is None
     assert "feature gate is off" in caplog.text
-    with pytest.raises(ConfigError, match="flowControl.bogus"):
+    with pytest.raises(ConfigError, match=r"flowControl\.bogus"):
         parse_config(config("  bogus: 1", gate=""))
