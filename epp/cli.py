@@ -381,6 +381,18 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--late-limit-ms", type=float, default=5.0, help="repeat a contender's run once when the "
                     "simulated GPUs' steps ran later than this on average (the host was busy)")
     ro.add_argument("--no-progress", action="store_true")
+    ov = bsub.add_parser("overload", help="flow control off vs on (and the peers): overload, priorities, "
+                         "fairness, scale from zero, queue cost")
+    ov.add_argument("--out", default="results/overload")
+    ov.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    ov.add_argument("--servers", type=int, default=8)
+    ov.add_argument("--requests", type=int, default=800, help="requests per run")
+    ov.add_argument("--scenarios", default="overload,priority,fairness,scale-from-zero,queue")
+    ov.add_argument("--ttl", default="750ms", help="flowControl.defaultRequestTTL of the flow-control runs")
+    ov.add_argument("--no-peers", action="store_true", help="skip vllm-router and sglang-router")
+    ov.add_argument("--seed", type=int, default=1)
+    ov.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it")
+    ov.add_argument("--max-seconds", type=float, default=180.0, help="time cap per run")
     pr = bsub.add_parser("precise", help="approximate vs precise prefix routing under churn (sim fleet)")
     _fleet_load_args(pr, "results/precise", requests=800, capacity_seconds=15.0)
     pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
@@ -464,6 +476,21 @@ def run_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress, epp_configs=configs,
             baseline_src=Path(args.baseline_src) if args.baseline_src else None)))
         print((out / "routing.md").read_text())
+        return 0
+    if args.bench_command == "overload":
+        from epp.bench.overload import SCENARIOS, OverloadOptions, bench_overload
+
+        scenarios = tuple(s for s in args.scenarios.split(",") if s)
+        bad = [s for s in scenarios if s not in SCENARIOS]
+        if bad:
+            print(f"epp bench overload: unknown scenario(s) {bad} (known: {', '.join(SCENARIOS)})", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        _run(bench_overload(out, OverloadOptions(preset=args.profile, servers=args.servers, requests=args.requests,
+                                                 seed=args.seed, scenarios=scenarios, peers=not args.no_peers,
+                                                 ttl=args.ttl, capacity_rps=args.capacity_rps,
+                                                 max_seconds=args.max_seconds)))
+        print((out / "overload.md").read_text())
         return 0
     if args.bench_command == "precise":
         from epp.bench.precisebench import Churn, bench_precise

@@ -49,8 +49,12 @@ async def start_sim(ports: list[int], workdir: Path, profile: str = "fast",
 
 
 async def start_epp(endpoints: list[str], grpc_port: int, health_port: int, metrics_port: int, workdir: Path,
-                    extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    args = epp_command("serve", "--endpoints", ",".join(endpoints), "--secure-serving=false", "--host", "127.0.0.1",
+                    extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                    endpoints_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """epp serving ``endpoints`` (or the ``endpoints_file`` it watches), ready once each one's
+    metrics are fresh."""
+    where = ("--endpoints-file", str(endpoints_file)) if endpoints_file else ("--endpoints", ",".join(endpoints))
+    args = epp_command("serve", *where, "--secure-serving=false", "--host", "127.0.0.1",
                        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                        "--metrics-port", str(metrics_port), *extra)
     proc = spawn(args, workdir / "epp.log", env)

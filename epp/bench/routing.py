@@ -61,6 +61,7 @@ class RequestResult:
     output_tokens: int = 0
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    dropped: str = ""  # the x-llm-d-request-dropped-reason of a refusal
 
     @property
     def cold(self) -> bool:
@@ -211,12 +212,12 @@ def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> by
 
 
 async def _turn(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-                kind: str, t0: float) -> tuple[RequestResult, str]:
-    return await stream_chat(s, url, chat_body(model, messages, max_tokens), kind, t0)
+                kind: str, t0: float, headers: dict[str, str] | None = None) -> tuple[RequestResult, str]:
+    return await stream_chat(s, url, chat_body(model, messages, max_tokens), kind, t0, headers)
 
 
 async def stream_chat(s: aiohttp.ClientSession, url: str, body: bytes, kind: str = "",
-                      t0: float = 0.0) -> tuple[RequestResult, str]:
+                      t0: float = 0.0, headers: dict[str, str] | None = None) -> tuple[RequestResult, str]:
     """POST ``body`` to ``url``/v1/chat/completions and read the stream: TTFT (first chunk with
     text), inter-token gaps, e2e, usage; plus the generated text. Status 599 when the connection
     fails."""
@@ -226,9 +227,10 @@ async def stream_chat(s: aiohttp.ClientSession, url: str, body: bytes, kind: str
     last = None
     try:
         async with s.post(f"{url}/v1/chat/completions", data=body,
-                          headers={"content-type": "application/json"}) as r:
+                          headers={"content-type": "application/json", **(headers or {})}) as r:
             res.status = r.status
             if r.status != 200:
+                res.dropped = r.headers.get("x-llm-d-request-dropped-reason", "")
                 await r.read()
                 return res, ""
             buf = b""
@@ -265,7 +267,7 @@ async def _session(s: aiohttp.ClientSession, url: str, model: str, sess: Session
         if i:
             await asyncio.sleep(sess.think_s)
         messages.append({"role": "user", "content": q})
-        res, answer = await _turn(s, url, model, messages, sess.max_tokens, sess.kind, t0)
+        res, answer = await _turn(s, url, model, messages, sess.max_tokens, sess.kind, t0, sess.headers)
         out.append(res)
         if res.status != 200:
             return

@@ -33,6 +33,7 @@ class Session:
     max_tokens: int
     think_s: float = 0.0
     kind: str = "zipf"
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every turn (objective, fairness id)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from the ``flowControl`` section (the reference's types and parameters).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
@@ -21,7 +21,7 @@ from epp.scheduling.contract import Plugin
 from epp.scheduling.types import CycleState
 
 if TYPE_CHECKING:
-    from epp.flowcontrol.queues import Band, FlowQueue, QueuedRequest
+    from epp.flowcontrol.queues import Band, QueuedRequest
 
 
 class SaturationDetector(Plugin, Protocol):
@@ -44,12 +44,16 @@ class OrderingPolicy(Plugin, Protocol):
 
 
 class FairnessPolicy(Plugin, Protocol):
-    """Chooses the flow of ``band`` to dispatch from (None when every flow is empty). ``state``
-    is the band's own, made by ``new_state`` when the band is."""
+    """Chooses the flow of ``band`` to dispatch from and returns its head (None when every flow
+    is empty). ``state`` is the band's own, made by ``new_state`` when the band is. A policy
+    with ``orders_band`` sees the band as one queue (``band.first()``); the others choose among
+    ``band.active`` and take the chosen flow's ``peek()``."""
+
+    orders_band: ClassVar[bool] = False
 
     def new_state(self) -> Any: ...
 
-    def pick(self, band: Band, state: Any) -> FlowQueue | None: ...
+    def pick(self, band: Band, state: Any) -> QueuedRequest | None: ...
 
 
 class UsageLimitPolicy(Plugin, Protocol):

@@ -119,7 +119,8 @@ class FlowController:
         self.regime_since = 0.0
         self._stages = Stages()
         self._ceilings: list[float] = []
-        self.last_saturation: dict[str, float] = {}  # stage -> value, at the last dispatch decision
+        self._last: tuple[tuple[str, float], ...] = ()
+        self._effective = 1.0
 
     def reconfigure(self, settings: FlowSettings) -> None:
         """New caps and policies for new requests; queued ones keep their place and keys."""
@@ -181,13 +182,21 @@ class FlowController:
     def saturation(self, snapshot: Snapshot) -> float:
         detector = self.settings.detector
         parts = self._stages.of(snapshot.endpoints)
-        values = self.last_saturation
-        values.clear()
-        for name, endpoints in parts:
-            values[name] = detector.saturation(snapshot, endpoints)
-        effective = max(values.values()) if values else detector.saturation(snapshot, snapshot.endpoints)
-        values["effective"] = effective
+        if len(parts) == 1:  # one stage (no P/D labels): the usual case, kept cheap
+            effective = detector.saturation(snapshot, parts[0][1])
+            self._last = ((parts[0][0], effective),)
+            self._effective = effective
+            return effective
+        values = tuple((name, detector.saturation(snapshot, endpoints)) for name, endpoints in parts)
+        effective = max(v for _, v in values) if values else detector.saturation(snapshot, snapshot.endpoints)
+        self._last = values
+        self._effective = effective
         return effective
+
+    @property
+    def last_saturation(self) -> dict[str, float]:
+        """Stage -> saturation at the last evaluation, with the 'effective' one that gates."""
+        return {**dict(self._last), "effective": self._effective}
 
     def next(self, snapshot: Snapshot) -> QueuedRequest | None:
         """The request to dispatch now (taken out of the queues), or None: empty, or gated."""
@@ -206,8 +215,7 @@ class FlowController:
             band = q.bands[p]
             if not band.count:
                 continue
-            flow = band.config.fairness.pick(band, band.policy_state)
-            head = flow.peek() if flow is not None else None
+            head = band.config.fairness.pick(band, band.policy_state)
             if head is None:
                 continue
             q.remove(head)

@@ -41,6 +41,8 @@ class UtilizationDetector(SaturationDetector):
         self.staleness = params.duration("metricsStalenessThreshold", 0.2)
         self.headroom = params.float("headroom", 0.0, minimum=0.0)
         params.done()
+        self._for: Sequence[EndpointState] | None = None
+        self._pre: list[tuple[str, float, float, float, float]] = []
 
     def _waiting(self, e: EndpointState, snapshot: Snapshot) -> float:
         assert e.signals is not None
@@ -59,7 +61,24 @@ class UtilizationDetector(SaturationDetector):
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
         if not endpoints:
             return 1.0
-        return sum(self.endpoint_score(e, snapshot) for e in endpoints) / len(endpoints)
+        # endpoint_score, with what comes from the scrape computed once per endpoint tuple (it is
+        # replaced on every scrape): this runs once per dispatch.
+        if endpoints is not self._for:
+            q, kv = self.queue_depth, self.kv_cache_util
+            self._pre = [(e.address, e.signals.waiting, max(e.signals.waiting / q, e.signals.kv_usage / kv),
+                          e.signals.kv_usage / kv, e.scraped_at) if e.signals is not None and e.error is None
+                         else (e.address, 0.0, 1.0, 1.0, -1e18) for e in endpoints]
+            self._for = endpoints
+        now, staleness, q = snapshot.now, self.staleness, self.queue_depth
+        recent, inflight = snapshot.recent_picks, snapshot.inflight
+        total = 0.0
+        for a, waiting, base, kv_ratio, scraped_at in self._pre:
+            if now - scraped_at > staleness:
+                total += 1.0
+                continue
+            r = recent.get(a)
+            total += max((waiting + min(r, inflight.get(a, 0))) / q, kv_ratio) if r else base
+        return total / len(endpoints)
 
     def stale_count(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> int:
         return sum(1 for e in endpoints if not self._fresh(e, snapshot.now))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from epp.flowcontrol.contract import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
-from epp.flowcontrol.queues import Band, FlowQueue, QueuedRequest
+from epp.flowcontrol.queues import Band, QueuedRequest
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
 
@@ -57,18 +57,13 @@ class SLODeadlineOrdering(_NoParams, OrderingPolicy):
 # -- fairness ----------------------------------------------------------------------------------------
 class GlobalStrictFairness(_NoParams, FairnessPolicy):
     type_name: ClassVar[str] = "global-strict-fairness-policy"
+    orders_band: ClassVar[bool] = True
 
     def new_state(self) -> Any:
         return None
 
-    def pick(self, band: Band, state: Any) -> FlowQueue | None:
-        best: FlowQueue | None = None
-        best_key: tuple[tuple[float, float], int] | None = None
-        for q in band.active.values():
-            head = q.peek()
-            if head is not None and (best_key is None or (head.key, head.seq) < best_key):
-                best, best_key = q, (head.key, head.seq)
-        return best
+    def pick(self, band: Band, state: Any) -> QueuedRequest | None:
+        return band.first()
 
 
 class RoundRobinFairness(_NoParams, FairnessPolicy):
@@ -77,11 +72,11 @@ class RoundRobinFairness(_NoParams, FairnessPolicy):
     def new_state(self) -> Any:
         return None
 
-    def pick(self, band: Band, state: Any) -> FlowQueue | None:
+    def pick(self, band: Band, state: Any) -> QueuedRequest | None:
         # ``band.active`` holds the flows with work in turn order: serve the first, then it goes last.
         for flow_id, q in band.active.items():
             band.active.move_to_end(flow_id)
-            return q
+            return q.peek()
         return None
 
 

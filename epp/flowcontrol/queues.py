@@ -49,48 +49,54 @@ class BandConfig:
     ordering: OrderingPolicy
 
 
+class _Heap:
+    """Requests by (key, seq); removed ones are dropped when they reach the top, and the heap is
+    rebuilt when they outnumber the live ones."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[tuple[float, float], int, QueuedRequest]] = []
+
+    def push(self, item: QueuedRequest) -> None:
+        heapq.heappush(self.entries, (item.key, item.seq, item))
+
+    def top(self) -> QueuedRequest | None:
+        entries = self.entries
+        while entries and not entries[0][2].queued:
+            heapq.heappop(entries)
+        return entries[0][2] if entries else None
+
+    def compact(self, live: int) -> None:
+        entries = self.entries
+        if not live:
+            entries.clear()
+        elif len(entries) > 64 and len(entries) > 2 * live:
+            self.entries = [e for e in entries if e[2].queued]
+            heapq.heapify(self.entries)
+
+
 class FlowQueue:
-    """One flow's requests in one band, smallest key first."""
+    """One flow's requests in one band. It orders them itself unless its band orders all its
+    flows' requests as one queue (global-strict fairness); then it only counts them."""
 
-    __slots__ = ("_heap", "count", "flow_id", "nbytes", "ordering")
+    __slots__ = ("count", "flow_id", "heap", "nbytes", "ordering")
 
-    def __init__(self, flow_id: str, ordering: OrderingPolicy) -> None:
+    def __init__(self, flow_id: str, ordering: OrderingPolicy, ordered: bool) -> None:
         self.flow_id = flow_id
         self.ordering = ordering  # the policy its keys came from (a reload keeps queued keys)
-        self._heap: list[tuple[tuple[float, float], int, QueuedRequest]] = []
+        self.heap = _Heap() if ordered else None
         self.count = 0
         self.nbytes = 0
 
-    def push(self, item: QueuedRequest) -> None:
-        heapq.heappush(self._heap, (item.key, item.seq, item))
-        self.count += 1
-        self.nbytes += item.size
-
     def peek(self) -> QueuedRequest | None:
-        heap = self._heap
-        while heap and not heap[0][2].queued:
-            heapq.heappop(heap)
-        return heap[0][2] if heap else None
-
-    def forget(self, item: QueuedRequest) -> None:
-        """``item`` (already marked not queued) leaves the counts; its heap entry goes lazily."""
-        self.count -= 1
-        self.nbytes -= item.size
-        heap = self._heap
-        if self.count == 0:
-            heap.clear()
-        elif len(heap) > 64 and len(heap) > 2 * self.count:
-            self._heap = [e for e in heap if e[2].queued]
-            heapq.heapify(self._heap)
-
-    def items(self) -> Iterator[QueuedRequest]:
-        return (e[2] for e in self._heap if e[2].queued)
+        return self.heap.top() if self.heap is not None else None
 
 
 class Band:
     """A priority band: its flows (the non-empty ones in ``active``, oldest activation first)."""
 
-    __slots__ = ("active", "config", "count", "flows", "nbytes", "order", "policy_state", "priority")
+    __slots__ = ("active", "config", "count", "flows", "heap", "nbytes", "order", "policy_state", "priority")
 
     def __init__(self, config: BandConfig) -> None:
         self.priority = config.priority
@@ -99,13 +105,34 @@ class Band:
         self.flows: dict[str, FlowQueue] = {}
         self.active: OrderedDict[str, FlowQueue] = OrderedDict()
         self.order: deque[QueuedRequest] = deque()  # enqueue order (removed ones skipped lazily)
+        # One heap over all flows when the fairness policy orders the band as one queue.
+        self.heap = _Heap() if config.fairness.orders_band else None
         self.count = 0
         self.nbytes = 0
 
     def reconfigure(self, config: BandConfig) -> None:
-        if config.fairness is not self.config.fairness:
-            self.policy_state = config.fairness.new_state()
+        old = self.config
         self.config = config
+        if config.fairness is not old.fairness:
+            self.policy_state = config.fairness.new_state()
+        if config.fairness.orders_band != old.fairness.orders_band:  # re-file what waits, keys kept
+            self.heap = _Heap() if config.fairness.orders_band else None
+            for q in self.flows.values():
+                q.heap = None if self.heap is not None else _Heap()
+            for item in self.order:
+                if item.queued:
+                    self._file(self.flows[item.flow_id], item)
+
+    def _file(self, q: FlowQueue, item: QueuedRequest) -> None:
+        if self.heap is not None:
+            self.heap.push(item)
+        else:
+            assert q.heap is not None
+            q.heap.push(item)
+
+    def first(self) -> QueuedRequest | None:
+        """The request whose key is smallest over all the band's flows (ordered bands only)."""
+        return self.heap.top() if self.heap is not None else None
 
     def newest(self) -> QueuedRequest | None:
         """The most recently enqueued request (the first evicted when room is needed)."""
@@ -117,7 +144,7 @@ class Band:
     def flow(self, flow_id: str) -> FlowQueue:
         q = self.flows.get(flow_id)
         if q is None:
-            q = self.flows[flow_id] = FlowQueue(flow_id, self.config.ordering)
+            q = self.flows[flow_id] = FlowQueue(flow_id, self.config.ordering, self.heap is None)
         return q
 
 
@@ -151,7 +178,9 @@ class Queues:
         q = band.flow(item.flow_id)
         item.key = q.ordering.key(item)
         item.queued = True
-        q.push(item)
+        band._file(q, item)
+        q.count += 1
+        q.nbytes += item.size
         if q.count == 1:
             band.active[item.flow_id] = q
         band.count += 1
@@ -168,12 +197,17 @@ class Queues:
         item.queued = False
         band = self.bands[item.priority]
         q = band.flows[item.flow_id]
-        q.forget(item)
+        q.count -= 1
+        q.nbytes -= item.size
+        if q.heap is not None:
+            q.heap.compact(q.count)
         if q.count == 0:
             band.active.pop(item.flow_id, None)
             del band.flows[item.flow_id]
         band.count -= 1
         band.nbytes -= item.size
+        if band.heap is not None:
+            band.heap.compact(band.count)
         if not band.count:
             band.order.clear()
         elif len(band.order) > 1024 and len(band.order) > 2 * band.count:

@@ -255,10 +255,8 @@ class WaitingRoom:
     def gauges(self) -> FlowGauges:
         c = self.controller
         snap = self.store.snapshot()
-        saturation = dict(c.last_saturation) if c.queues.totals.count else {}
-        if not saturation:
-            c.saturation(snap)
-            saturation = dict(c.last_saturation)
+        c.saturation(snap)  # now, not at the last dispatch (which may be long ago)
+        saturation = c.last_saturation
         s = c.settings
         t = c.queues.totals
         bands = [(p, b.count, b.config.max_requests, b.nbytes, b.config.max_bytes) for p, b in c.queues.bands.items()]
