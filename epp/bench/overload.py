@@ -20,6 +20,7 @@ Scenarios, on a fresh simulated fleet each (h100 preset, 8 pods by default), Env
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -352,6 +353,7 @@ def queue_cost() -> list[dict[str, Any]]:
                 for i in range(queued):
                     fc.enqueue(QueuedRequest(f"f{i % flows}", 0, 1000, now), now)
                 n = 20_000
+                gc.collect()  # the previous configurations' garbage is not this one's cost
                 t0 = time.perf_counter()
                 for i in range(n):
                     fc.enqueue(QueuedRequest(f"f{i % flows}", 0, 1000, now), now)
