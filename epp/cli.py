@@ -390,6 +390,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ov.add_argument("--scenarios", default="overload,priority,fairness,scale-from-zero,queue")
     ov.add_argument("--ttl", default="750ms", help="flowControl.defaultRequestTTL of the flow-control runs")
     ov.add_argument("--no-peers", action="store_true", help="skip vllm-router and sglang-router")
+    ov.add_argument("--detector", default="concurrency", choices=("concurrency", "utilization"),
+                    help="the flow-control runs' saturation detector (see epp/bench/overload.py)")
+    ov.add_argument("--workload", default="bursty", help="the overload and priority scenarios' workload")
     ov.add_argument("--seed", type=int, default=1)
     ov.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it")
     ov.add_argument("--max-seconds", type=float, default=180.0, help="time cap per run")
@@ -489,7 +492,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_overload(out, OverloadOptions(preset=args.profile, servers=args.servers, requests=args.requests,
                                                  seed=args.seed, scenarios=scenarios, peers=not args.no_peers,
                                                  ttl=args.ttl, capacity_rps=args.capacity_rps,
-                                                 max_seconds=args.max_seconds)))
+                                                 max_seconds=args.max_seconds, detector=args.detector,
+                                                 workload=args.workload)))
         print((out / "overload.md").read_text())
         return 0
     if args.bench_command == "precise":

@@ -57,9 +57,20 @@ spec: {priority: 10, poolRef: {name: default}}
 """
 
 
-def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_endpoint_ttl: str = "30s") -> str:
-    """The default profile with flow control on: the reference's default detector (utilization,
-    queue 5 / KV 0.8), a queue budget ``ttl``."""
+DETECTORS = {
+    # The reference's default detector and thresholds (scraped queue 5, KV 0.8).
+    "utilization": "- type: utilization-detector\n  name: detector\n  parameters: {metricsStalenessThreshold: 1s}\n",
+    # epp's own account of each pod's in-flight requests and of the prompt tokens it still has to
+    # prefill (uncached ones): the work ahead of a new request's first token.
+    "concurrency": "- type: concurrency-detector\n  name: detector\n"
+                   "  parameters: {concurrencyMode: hybrid, maxConcurrency: 64, maxTokenConcurrency: 6000}\n",
+}
+
+
+def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_endpoint_ttl: str = "30s",
+                detector: str = "concurrency") -> str:
+    """The default profile with flow control on: the detector (also a filter of the profile), a
+    queue budget ``ttl``."""
     return f"""\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -69,17 +80,17 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: max-score-picker
-- type: utilization-detector
-  parameters: {{metricsStalenessThreshold: 1s}}
-- type: {fairness}
+{DETECTORS[detector]}- type: {fairness}
 schedulingProfiles:
 - name: default
   plugins:
+  - {{pluginRef: detector}}
   - {{pluginRef: queue-scorer, weight: 2}}
   - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
   - {{pluginRef: prefix-cache-scorer, weight: 3}}
   - {{pluginRef: max-score-picker}}
 flowControl:
+  saturationDetector: {{pluginRef: detector}}
   defaultRequestTTL: {ttl}
   noEndpointRequestTTL: {no_endpoint_ttl}
   defaultPriorityBand: {{fairnessPolicyRef: {fairness}}}
@@ -100,6 +111,8 @@ class OverloadOptions:
     capacity_rps: float | None = None
     capacity_seconds: float = 20.0
     max_seconds: float = 180.0
+    detector: str = "concurrency"  # DETECTORS key
+    workload: str = "bursty"  # of the overload and priority scenarios
     params: WorkloadParams = field(default_factory=WorkloadParams)
 
 
@@ -250,7 +263,8 @@ async def bench_overload(out: Path, opts: OverloadOptions) -> dict[str, Any]:
 async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -> dict[str, Any]:
     result: dict[str, Any] = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": o.preset,
                                        "servers": o.servers, "requests": o.requests, "ttl": o.ttl,
-                                       "slo_ttft_s": o.slo_ttft_s, "slo_tpot_s": o.slo_tpot_s}}
+                                       "slo_ttft_s": o.slo_ttft_s, "slo_tpot_s": o.slo_tpot_s,
+                                       "detector": o.detector, "workload": o.workload}}
     checks: dict[str, Any] = {}
     if "queue" in o.scenarios:
         result["queue"] = queue_cost()
@@ -260,10 +274,11 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
     if fleet_scenarios:
         cap = o.capacity_rps or await capacity(o.preset, o.servers, "mix", o.params, o.capacity_seconds)
     result["meta"]["capacity_rps"] = round(cap, 2)
+    print(f"epp bench overload: capacity {cap:.1f} req/s", file=sys.stderr, flush=True)
     b = Bench(out, o, router_cores, cap)
-    on = flow_config(o.ttl)
+    on = flow_config(o.ttl, detector=o.detector)
     if "overload" in o.scenarios:
-        trace = build("mix", o.requests, cap * 1.6, o.seed, o.params)
+        trace = build(o.workload, o.requests, cap * 1.6, o.seed, o.params)
         off_r, _ = await b.run("overload", "epp", trace)
         on_r, _ = await b.run("overload", "epp-flow-control", trace, on)
         if o.peers:
@@ -276,7 +291,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         checks["overload_timed_out"] = rows["epp-flow-control"]["timed_out"]
         checks["overload_off_ttft_p90_s"] = _p90(off_r)
     if "priority" in o.scenarios:
-        trace = build("mix", o.requests, cap * 1.4, o.seed + 1, o.params)
+        trace = build(o.workload, o.requests, cap * 1.4, o.seed + 1, o.params)
         critical = tag(trace, {"x-llm-d-inference-objective": "critical"}, 0.25, o.seed, "critical")
         alone = replace(trace, sessions=[s for s, c in zip(trace.sessions, critical, strict=True) if c])
         off_r, _ = await b.run("priority", "epp", trace, None, CRITICAL_OBJECTIVE)
@@ -295,7 +310,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         bt = build("zipf", int(o.requests * 0.25), cap * 0.3, o.seed + 3, o.params)
         tag(bt, {"x-llm-d-inference-fairness-id": "tenant-b"}, 1.0, 0, "tenant-b")
         both = merge(a, bt)
-        rr = flow_config(o.ttl, "round-robin-fairness-policy")
+        rr = flow_config(o.ttl, "round-robin-fairness-policy", detector=o.detector)
         off_r, _ = await b.run("fairness", "epp", both)
         on_r, elapsed_on = await b.run("fairness", "epp-flow-control", both, rr)
         alone_r, _ = await b.run("fairness", "epp-flow-control-b-alone", bt, rr)

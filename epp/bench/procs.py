@@ -58,7 +58,9 @@ async def start_epp(endpoints: list[str], grpc_port: int, health_port: int, metr
                        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                        "--metrics-port", str(metrics_port), *extra)
     proc = spawn(args, workdir / "epp.log", env)
-    want = f'inference_pool_ready_pods{{name="default"}} {float(len(endpoints))}'
+    # From an endpoints file epp reads the endpoints itself: ready once it serves metrics.
+    want = 'inference_pool_ready_pods{name="default"}' if endpoints_file else \
+        f'inference_pool_ready_pods{{name="default"}} {float(len(endpoints))}'
 
     async def ready() -> bool:
         if proc.poll() is not None:

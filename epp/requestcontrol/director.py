@@ -45,7 +45,7 @@ from epp.requestcontrol.waiting import Waiting, WaitingRoom
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.params import Params
 from epp.scheduling.prefix_index import CHARS_PER_TOKEN
-from epp.scheduling.types import Decision, SchedulingError
+from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, Decision, SchedulingError
 
 log = logging.getLogger("epp.director")
 
@@ -291,7 +291,11 @@ class Director:
             dropped = NO_ENDPOINTS if e.status == 503 else None
             raise self._refused(request, labels, Refused(e.status, e.message, dropped=dropped)) from None
         scheduler.committed(decision)
-        tokens = len(request.prompt) // CHARS_PER_TOKEN
+        # The prompt tokens the pod has to compute: the prompt less what a prefix scorer found
+        # cached there (as the reference's in-flight load counts them).
+        cycle = decision.cycle
+        prompt = cycle.get(PROMPT_TOKENS) or len(request.prompt) // CHARS_PER_TOKEN
+        tokens = max(0, prompt - (cycle.get(MATCHED_TOKENS) or {}).get(decision.primary, 0))
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)

@@ -257,3 +257,30 @@ def test_a_flow_control_section_with_the_gate_off_is_validated_and_warned_about(
     assert "feature gate is off" in caplog.text
     with pytest.raises(ConfigError, match=r"flowControl\.bogus"):
         parse_config(config("  bogus: 1", gate=""))
+
+
+def test_in_flight_tokens_are_the_uncached_prompt_until_the_first_byte() -> None:
+    text = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {blockSizeTokens: 16}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 1}
+"""
+    store = Datastore()
+    store.set_endpoints(ADDRS[:1])
+    store.record_scrape(ADDRS[0], EngineSignals(), 0)
+    d = Director(store, build(parse_config(text)).scheduler, PickerMetrics(store))
+    prompt = "the same long prompt " * 200  # 4,200 characters: 1,050 estimated tokens
+    first = d.route(req(prompt=prompt))
+    assert store.inflight_tokens[ADDRS[0]] == len(prompt) // 4  # nothing cached yet
+    first.first_bytes()
+    assert ADDRS[0] not in store.inflight_tokens  # prefilled
+    second = d.route(req(prompt=prompt))
+    assert store.inflight_tokens.get(ADDRS[0], 0) < 64  # the prefix the pod has cached is not counted
+    second.finish()
+    first.finish()
