@@ -390,9 +390,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ov.add_argument("--scenarios", default="overload,priority,fairness,scale-from-zero,queue")
     ov.add_argument("--ttl", default="750ms", help="flowControl.defaultRequestTTL of the flow-control runs")
     ov.add_argument("--no-peers", action="store_true", help="skip vllm-router and sglang-router")
-    ov.add_argument("--detector", default="concurrency", choices=("concurrency", "utilization"),
-                    help="the flow-control runs' saturation detector (see epp/bench/overload.py)")
+    ov.add_argument("--detector", default="concurrency",
+                    help="the flow-control runs' saturation detector: concurrency or utilization (see "
+                    "epp/bench/overload.py), or KIND:{parameters} e.g. 'concurrency:{maxConcurrency: 8}'")
     ov.add_argument("--workload", default="bursty", help="the overload and priority scenarios' workload")
+    ov.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (each is one SSE chunk "
+                    "through the gateway: on a 2-core host the simulated fleet falls behind its clock at 64)")
     ov.add_argument("--seed", type=int, default=1)
     ov.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it")
     ov.add_argument("--max-seconds", type=float, default=180.0, help="time cap per run")
@@ -482,6 +485,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "overload":
         from epp.bench.overload import SCENARIOS, OverloadOptions, bench_overload
+        from epp.bench.workloads import WorkloadParams
 
         scenarios = tuple(s for s in args.scenarios.split(",") if s)
         bad = [s for s in scenarios if s not in SCENARIOS]
@@ -493,7 +497,8 @@ def run_bench(args: argparse.Namespace) -> int:
                                                  seed=args.seed, scenarios=scenarios, peers=not args.no_peers,
                                                  ttl=args.ttl, capacity_rps=args.capacity_rps,
                                                  max_seconds=args.max_seconds, detector=args.detector,
-                                                 workload=args.workload)))
+                                                 workload=args.workload,
+                                                 params=WorkloadParams(output_tokens=args.output_tokens))))
         print((out / "overload.md").read_text())
         return 0
     if args.bench_command == "precise":

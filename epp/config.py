@@ -20,15 +20,19 @@ import yaml
 from epp.datalayer import DATA_LAYER
 from epp.filewatch import WatchedFile
 from epp.flowcontrol import config as flow_config
+from epp.flowcontrol import contract as flow_contract
 from epp.flowcontrol.contract import SaturationDetector
 from epp.flowcontrol.controller import FlowSettings
 from epp.flowcontrol.detectors import DETECTORS
 from epp.flowcontrol.policies import FLOW_POLICIES
+from epp.requestcontrol import admission as request_contract
+from epp.requestcontrol.admission import Admitter
+from epp.requestcontrol.admitters import ADMITTERS
 from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, declares
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
-from epp.scheduling.registry import PluginRegistry, PluginType, check_contract
+from epp.scheduling.registry import SCHEDULING, PluginRegistry, PluginType, check_contract
 from epp.scheduling.types import ConfigError
 
 log = logging.getLogger("epp.config")
@@ -108,6 +112,15 @@ class PluginSpec:
         return self.type.cls(self.name, Params(self.parameters, self.path + ".parameters"))
 
 
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What the director takes from a config besides the scheduler."""
+
+    detector: SaturationDetector  # legacy admission's (and flow control's) saturation detector
+    flow: FlowSettings | None  # None: the flowControl gate is off
+    admitters: tuple[Admitter, ...] = ()
+
+
 @dataclass(slots=True)
 class PickerConfig:
     """A validated config (the plan): ``build`` turns it into a Scheduler, once per reload."""
@@ -122,6 +135,7 @@ class PickerConfig:
     data_refs: tuple[str, ...] = ()  # the data-layer plugins (metrics source, extractor), at most one of each
     detector_ref: str = flow_config.DEFAULT_DETECTOR  # admission's and flow control's saturation detector
     flow: flow_config.FlowPlan | None = None  # flow control (None: the flowControl gate is off)
+    admitter_refs: tuple[str, ...] = ()  # every admitter plugin listed, in order
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -147,7 +161,7 @@ class PickerConfig:
                 instances[k] = inst
             return instances[k]
 
-        for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ())):
+        for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ()), *self.admitter_refs):
             instance(self.plugins[ref])
         filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
@@ -155,12 +169,13 @@ class PickerConfig:
             "max-score-picker", Params({}, "picker"))
         return Scheduler(Profile(self.profile_name, scorers, picker, filters)), instances
 
-    def runtime(self, instances: Mapping[str, Any]) -> tuple[SaturationDetector, FlowSettings | None]:
-        """The saturation detector and the flow-control settings, from ``build``'s instances."""
+    def runtime(self, instances: Mapping[str, Any]) -> Runtime:
+        """The request-control side of the config, from ``build``'s instances."""
         def get(ref: str) -> Any:
             return instances[self.plugins[ref].key()]
 
-        return get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None
+        return Runtime(get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None,
+                       tuple(get(ref) for ref in self.admitter_refs))
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
@@ -179,10 +194,16 @@ def _no_unknown(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
 MAX_WEIGHT = 1e6
 
 
+# Every plugin role a config may use: scheduling, flow control, request control.
+ALL_ROLES = SCHEDULING.plus(flow_contract.ROLES, flow_contract.ROLE_METHODS).plus(request_contract.ROLES,
+                                                                                  request_contract.ROLE_METHODS)
+
+
 def installed_plugins() -> PluginRegistry:
-    """epp's plugin types (scheduling and data layer) plus those installed packages register
-    (``epp.plugins``)."""
-    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES))
+    """epp's plugin types (scheduling, data layer, flow control, admitters) plus those installed
+    packages register (``epp.plugins``)."""
+    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES, *ADMITTERS),
+                                         known=ALL_ROLES)
 
 
 def parse_config(text: str | bytes, source: str = "<config>", registry: PluginRegistry | None = None
@@ -326,8 +347,10 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
             if spec.type.role in data_refs:
                 raise ConfigError(f"{spec.path}", f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
             data_refs[spec.type.role] = spec.name
+    admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
-                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow)
+                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
+                       admitter_refs)
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
 
@@ -380,7 +403,7 @@ _DEFAULT_TYPES = {cls.type_name: cls for cls in (*DETECTORS, *FLOW_POLICIES)}
 def _add_default(plugins: dict[str, PluginSpec], registry: PluginRegistry, type_name: str, path: str,
                  params: Mapping[str, Any]) -> None:
     builtin = _DEFAULT_TYPES.get(type_name)  # epp's own, whatever registry parses the rest
-    ptype = check_contract(builtin) if builtin is not None else registry.get(type_name, path)
+    ptype = check_contract(builtin, known=ALL_ROLES) if builtin is not None else registry.get(type_name, path)
     plugins[type_name] = PluginSpec(type_name, ptype, dict(params), path,
                                     ptype.cls(type_name, Params(params, path)))
 
@@ -427,8 +450,8 @@ class Built:
         extractor = next((p for p in found if declares(p, MetricsExtractor)), None)
         return source, extractor
 
-    def runtime(self) -> tuple[SaturationDetector, FlowSettings | None]:
-        """The saturation detector, and the flow-control settings (None: the gate is off)."""
+    def runtime(self) -> Runtime:
+        """The saturation detector, the flow-control settings and the admitters."""
         return self.config.runtime(self.instances)
 
 

@@ -71,6 +71,8 @@ def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_en
                 detector: str = "concurrency") -> str:
     """The default profile with flow control on: the detector (also a filter of the profile), a
     queue budget ``ttl``."""
+    kind, _, params = detector.partition(":")
+    spec = DETECTORS[kind] if not params else f"- type: {kind}-detector\n  name: detector\n  parameters: {params}\n"
     return f"""\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -80,7 +82,7 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: max-score-picker
-{DETECTORS[detector]}- type: {fairness}
+{spec}- type: {fairness}
 schedulingProfiles:
 - name: default
   plugins:

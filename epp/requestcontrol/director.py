@@ -28,7 +28,7 @@ from epp.observability.flowmetrics import FlowMetrics
 from epp.observability.metrics import PickerMetrics, RequestLabels
 from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
-from epp.requestcontrol.admission import Admission, SheddableAdmission
+from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
 from epp.requestcontrol.parsing import (
     GENERATION_PATHS,
@@ -169,6 +169,7 @@ class Director:
         self.rng = rng or random.Random()
         self.policies = policies or RequestPolicies()
         self.waiting: WaitingRoom | None = None  # flow control, when on
+        self.admitters: tuple[Admitter, ...] = ()  # admitter plugins: after admission, before scheduling
 
     @property
     def policies(self) -> RequestPolicies:
@@ -285,6 +286,10 @@ class Director:
                   labels: RequestLabels, snapshot: Snapshot, t0: float) -> Routed:
         m = self.metrics
         scheduler = self.scheduler
+        for admitter in self.admitters:
+            refusal = admitter.admit(request, snapshot)
+            if refusal is not None:
+                raise self._refused(request, labels, refusal)
         try:
             decision = scheduler.schedule(request, snapshot)
         except SchedulingError as e:

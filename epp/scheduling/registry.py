@@ -16,20 +16,34 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
+from types import MappingProxyType
 from typing import Any
 
-from epp.flowcontrol import contract as flow_contract
-from epp.scheduling import contract as scheduling_contract
 from epp.scheduling.contract import HOOKS
+from epp.scheduling.contract import ROLE_METHODS as SCHEDULING_ROLE_METHODS
+from epp.scheduling.contract import ROLES as SCHEDULING_ROLES
 from epp.scheduling.params import show
 from epp.scheduling.types import ConfigError
 
 ENTRY_POINT_GROUP = "epp.plugins"
-# Every role a plugin may have: the scheduling ones and the flow-control ones.
-ROLES = scheduling_contract.ROLES + flow_contract.ROLES
-ROLE_METHODS = {**scheduling_contract.ROLE_METHODS, **flow_contract.ROLE_METHODS}
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """The roles a registry accepts (protocol, name) and each one's methods. The scheduling
+    roles by default; the config adds the layers above (flow control, request control)."""
+
+    roles: tuple[tuple[type[Any], str], ...] = SCHEDULING_ROLES
+    methods: Mapping[type[Any], tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType(SCHEDULING_ROLE_METHODS))
+
+    def plus(self, roles: tuple[tuple[type[Any], str], ...], methods: Mapping[type[Any], tuple[str, ...]]) -> Roles:
+        return Roles(self.roles + roles, MappingProxyType({**self.methods, **methods}))
+
+
+SCHEDULING = Roles()
 
 
 class ContractError(Exception):
@@ -57,17 +71,17 @@ def _arity(fn: Any) -> int:
     return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def check_contract(cls: type[Any], origin: str = "epp") -> PluginType:
-    """Validate ``cls`` as a plugin type; raises ContractError saying what is wrong."""
+def check_contract(cls: type[Any], origin: str = "epp", known: Roles = SCHEDULING) -> PluginType:
+    """Validate ``cls`` as a plugin type with one of ``known``'s roles; raises ContractError."""
     type_name = cls.__dict__.get("type_name")
     if not isinstance(type_name, str) or not type_name:
         raise ContractError(f"{cls.__qualname__} has no type_name")
-    roles = [(proto, role) for proto, role in ROLES if proto in cls.__mro__]
+    roles = [(proto, role) for proto, role in known.roles if proto in cls.__mro__]
     if len(roles) != 1:
-        names = ", ".join(proto.__name__ for proto, _ in ROLES)
+        names = ", ".join(proto.__name__ for proto, _ in known.roles)
         raise ContractError(f"{type_name}: a plugin subclasses exactly one of {names} (found {len(roles)})")
     role_proto, role = roles[0]
-    checks: list[tuple[type[Any], str]] = [(role_proto, m) for m in ROLE_METHODS[role_proto]]
+    checks: list[tuple[type[Any], str]] = [(role_proto, m) for m in known.methods[role_proto]]
     declared_methods: set[str] = set()
     for hook, methods in HOOKS:
         if hook in cls.__mro__:
@@ -97,21 +111,23 @@ def check_contract(cls: type[Any], origin: str = "epp") -> PluginType:
 class PluginRegistry:
     """Type name -> plugin type. Built-in types are registered eagerly; installed ones on use."""
 
-    def __init__(self, builtin: Iterable[type[Any]], installed: Mapping[str, metadata.EntryPoint] | None = None
-                 ) -> None:
+    def __init__(self, builtin: Iterable[type[Any]], installed: Mapping[str, metadata.EntryPoint] | None = None,
+                 known: Roles = SCHEDULING) -> None:
+        self.known = known
         self._types: dict[str, PluginType] = {}
         for cls in builtin:
-            t = check_contract(cls)
+            t = check_contract(cls, known=known)
             self._types[t.type_name] = t
         self._installed = {k: v for k, v in (installed or {}).items() if k not in self._types}
         self.shadowed = sorted(k for k in (installed or {}) if k in self._types)
 
     @classmethod
     def with_installed(cls, builtin: Iterable[type[Any]],
-                       entry_points: Callable[[], Iterable[metadata.EntryPoint]] | None = None) -> PluginRegistry:
+                       entry_points: Callable[[], Iterable[metadata.EntryPoint]] | None = None,
+                       known: Roles = SCHEDULING) -> PluginRegistry:
         """The built-in types plus what installed packages register under ``epp.plugins``."""
         found = (entry_points or (lambda: metadata.entry_points(group=ENTRY_POINT_GROUP)))()
-        return cls(builtin, {ep.name: ep for ep in found})
+        return cls(builtin, {ep.name: ep for ep in found}, known)
 
     def names(self) -> list[str]:
         return sorted({*self._types, *self._installed})
@@ -133,7 +149,7 @@ class PluginRegistry:
         if not isinstance(cls, type):
             raise ConfigError(path, f"plugin type {show(type_name)} from {origin}: {ep.value} is not a class")
         try:
-            t = check_contract(cls, origin)
+            t = check_contract(cls, origin, self.known)
         except ContractError as e:
             raise ConfigError(path, f"plugin type {show(type_name)} from {origin}: {e}") from None
         if t.type_name != type_name:

@@ -93,11 +93,13 @@ class PickerServer:
         self.built = build(opts.config)  # plugins that load files (a tokenizer) load here, once
         self.built.scheduler.plugin_timer = self.metrics.plugin_timer
         self.tracing = Tracing() if opts.tracing else None
-        detector, flow = self.built.runtime()
-        self.director = Director(self.store, self.built.scheduler, self.metrics, admission=SheddableAdmission(detector),
-                                 subset_filter=opts.subset_filter, tracing=self.tracing)
+        rt = self.built.runtime()
+        self.director = Director(self.store, self.built.scheduler, self.metrics,
+                                 admission=SheddableAdmission(rt.detector), subset_filter=opts.subset_filter,
+                                 tracing=self.tracing)
+        self.director.admitters = rt.admitters
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
-        self.director.set_flow_control(flow, self.flow_metrics)
+        self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
         self.sources = PoolSources(self.store, self._set_policies, endpoints=opts.endpoints,
                                    endpoints_file=opts.endpoints_file, objectives_file=opts.objectives_file,
@@ -149,9 +151,10 @@ class PickerServer:
         built.scheduler.plugin_timer = self.metrics.plugin_timer
         self.built = built
         self.director.scheduler = built.scheduler
-        detector, flow = built.runtime()
-        self.director.admission = SheddableAdmission(detector)
-        self.director.set_flow_control(flow, self.flow_metrics)
+        rt = built.runtime()
+        self.director.admission = SheddableAdmission(rt.detector)
+        self.director.admitters = rt.admitters
+        self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.config_reloads.inc()
         self.signals.reconfigure(built.data_layer())
 

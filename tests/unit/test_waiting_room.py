@@ -60,8 +60,7 @@ def setup(text: str, addrs: list[str] = ADDRS) -> tuple[Director, Clock, Built]:
     built = build(parse_config(text))
     metrics = PickerMetrics(store)
     d = Director(store, built.scheduler, metrics)
-    _, flow = built.runtime()
-    d.set_flow_control(flow, FlowMetrics(metrics.registry, "pool"))
+    d.set_flow_control(built.runtime().flow, FlowMetrics(metrics.registry, "pool"))
     clock = Clock()
     assert d.waiting is not None
     d.waiting.clock = clock
@@ -190,10 +189,10 @@ def test_a_reload_keeps_queued_requests_and_turning_the_gate_off_releases_them()
     answers = Answers()
     assert isinstance(d.submit(req(), ready=answers), Waiting)
     newer = build(parse_config(config("  defaultRequestTTL: 5s", detector="maxConcurrency: 1")), built)
-    d.set_flow_control(newer.runtime()[1])
+    d.set_flow_control(newer.runtime().flow)
     assert answers.got == [] and d.waiting is not None and d.waiting.controller.queues.totals.count == 1
     off = build(parse_config(config(gate="")), newer)
-    assert off.runtime()[1] is None
+    assert off.runtime().flow is None
     d.set_flow_control(None)
     assert isinstance(answers.got[0], Routed)
 
@@ -284,3 +283,55 @@ schedulingProfiles:
     assert store.inflight_tokens.get(ADDRS[0], 0) < 64  # the prefix the pod has cached is not counted
     second.finish()
     first.finish()
+
+
+def test_the_probabilistic_admitter_sheds_sheddable_requests_by_saturation() -> None:
+    from epp.requestcontrol.admitters import ProbabilisticAdmitter
+    from epp.scheduling.params import Params
+
+    admitter = ProbabilisticAdmitter("pa", Params({}, "pa"))
+    store = Datastore()
+    store.set_endpoints(ADDRS)
+    from epp.request import InferenceRequest
+
+    low = InferenceRequest("r", "/v1/completions")
+    low.priority = -1
+    for a in ADDRS:
+        store.record_scrape(a, EngineSignals(waiting=0.5), 0)  # saturation 0.1: p = 0.1^5 * 300 = 0.003
+    shed = sum(admitter.admit(low, store.snapshot()) is not None for _ in range(2000))
+    assert shed < 30
+    for a in ADDRS:
+        store.record_scrape(a, EngineSignals(waiting=2.0), 0)  # saturation 0.4: p = 1
+    refused = admitter.admit(low, store.snapshot())
+    assert refused is not None and refused.status == 429 and refused.dropped == "rejected-saturated"
+    assert admitter.admit(InferenceRequest("r", "/v1/completions"), store.snapshot()) is None  # priority 0
+
+
+def test_admitters_listed_in_the_config_run_before_scheduling() -> None:
+    text = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: probabilistic-admitter
+  parameters: {k: 1000000}
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+"""
+    store = Datastore()
+    store.set_endpoints(ADDRS)
+    for a in ADDRS:
+        store.record_scrape(a, EngineSignals(waiting=1.0), 0)
+    built = build(parse_config(text))
+    d = Director(store, built.scheduler, PickerMetrics(store))
+    d.admitters = built.runtime().admitters
+    from epp.requestcontrol.policies import RequestPolicies
+
+    d.policies = RequestPolicies.build([{"kind": "InferenceObjective", "metadata": {"name": "batch"},
+                                         "spec": {"priority": -1}}], pool=None)
+    with pytest.raises(Refused) as e:
+        d.route(req(objective="batch"))
+    assert e.value.status == 429
+    assert isinstance(d.route(req()), Routed)
