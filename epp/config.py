@@ -52,6 +52,14 @@ NOT_YET = {"dataLayer": "the data layer is configured by flags in epp (--engine,
            "requestHandler": "epp parses OpenAI chat and completions requests itself",
            "parser": "epp parses OpenAI chat and completions requests itself"}
 KIND = "EndpointPickerConfig"
+# The reference's plugin types epp knows and does not implement: refused by name, with the reason.
+NOT_SUPPORTED_TYPES = {
+    "program-aware-fairness": "flow control's per-program least-attained-service fairness is not implemented; "
+                              "use round-robin-fairness-policy",
+    "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
+    "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
+    "inflight-load-producer": "epp counts in-flight requests and tokens itself",
+}
 
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -291,6 +299,9 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         type_name = p.get("type")
         if not isinstance(type_name, str) or not type_name:
             raise ConfigError(f"{path}.type", "required")
+        if type_name in NOT_SUPPORTED_TYPES and type_name not in registry.names():
+            raise ConfigError(f"{path}.type",
+                              f"{type_name!r} is not supported by epp ({NOT_SUPPORTED_TYPES[type_name]})")
         ptype = registry.get(type_name, f"{path}.type")
         name = p.get("name") or type_name
         _expect(name, str, f"{path}.name", "a string")
