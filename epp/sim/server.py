@@ -278,11 +278,11 @@ class SimServer:
                     body["usage"] = usage
                 return b"data: " + orjson.dumps(body) + b"\n\n"
 
-            if chat:
-                await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                         "finish_reason": None}]))
             decode = self.engine.tokenizer.decode_one
             pending = await req.queue.get()
+            if chat:  # as vLLM: the role chunk goes with the first output, after the prefill
+                await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}]))
             while pending is not None:
                 nxt = await req.queue.get()
                 finish = req.finish_reason if nxt is None else None
