@@ -129,6 +129,17 @@ def test_gateway_examples_route_to_the_pool() -> None:
     mode = patch["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"][
         "envoy.filters.http.ext_proc"]["overrides"]["processing_mode"]
     assert mode["request_body_mode"] == "BUFFERED"  # the mode epp serves besides FULL_DUPLEX_STREAMED
+    timeout = patch["spec"]["configPatches"][1]["patch"]["value"]["typed_config"]["message_timeout"]
+    assert float(timeout.removesuffix("s")) > 60  # a held pick's answer comes within flow control's default budget
     for gw in ("envoy-gateway", "istio", "kgateway"):
         gateway = yaml.safe_load((ROOT / f"examples/gateways/{gw}/gateway.yaml").read_text())
         assert gateway["kind"] == "Gateway" and gateway["metadata"]["name"] == route["spec"]["parentRefs"][0]["name"]
+
+
+def test_the_shipped_bootstraps_wait_longer_than_flow_controls_default_queue_budget() -> None:
+    import re
+
+    for name in ("epp-buffered.yaml", "epp-full-duplex.yaml"):
+        text = (ROOT.parent / "envoy" / name).read_text()
+        found = re.findall(r"message_timeout: (\d+)s", text)
+        assert found and all(int(t) > 60 for t in found), name
