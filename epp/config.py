@@ -54,8 +54,6 @@ NOT_YET = {"dataLayer": "the data layer is configured by flags in epp (--engine,
 KIND = "EndpointPickerConfig"
 # The reference's plugin types epp knows and does not implement: refused by name, with the reason.
 NOT_SUPPORTED_TYPES = {
-    "program-aware-fairness": "flow control's per-program least-attained-service fairness is not implemented; "
-                              "use round-robin-fairness-policy",
     "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
@@ -203,8 +201,8 @@ MAX_WEIGHT = 1e6
 
 
 # Every plugin role a config may use: scheduling, flow control, request control.
-ALL_ROLES = SCHEDULING.plus(flow_contract.ROLES, flow_contract.ROLE_METHODS).plus(request_contract.ROLES,
-                                                                                  request_contract.ROLE_METHODS)
+ALL_ROLES = SCHEDULING.plus(flow_contract.ROLES, flow_contract.ROLE_METHODS, flow_contract.HOOKS).plus(
+    request_contract.ROLES, request_contract.ROLE_METHODS)
 
 
 def installed_plugins() -> PluginRegistry:

@@ -344,6 +344,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
     result["unavailable"] = b.unavailable
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(markdown(result))
+    plots(out, result)
     return result
 
 
@@ -407,3 +408,38 @@ def markdown(result: dict[str, Any]) -> str:
     for name, why in result.get("unavailable", {}).items():
         lines.append(f"\n{name}: not available ({why})")
     return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, result: dict[str, Any]) -> None:
+    """overload.png: per scenario, the TTFT CDF of each contender's served requests (the SLO
+    marked), with its goodput in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in result.get("rows", [])))
+    if not scenarios:
+        return
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 4.0), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        for r in result["rows"]:
+            if r["scenario"] != scenario:
+                continue
+            path = out / "logs" / f"{scenario}-{r['contender']}" / "requests.json"
+            if not path.exists():
+                continue
+            ttft = sorted(x["ttft_s"] for x in json.loads(path.read_text())
+                          if x["status"] == 200 and x["ttft_s"] is not None)
+            if ttft:
+                ax.plot(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))],
+                        label=f"{r['contender']} (goodput {r['goodput_rps']}/s, {sum(r['refused'].values())} refused)")
+        ax.axvline(result["meta"]["slo_ttft_s"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT of served requests (s)")
+        ax.set_title(scenario)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].set_ylabel("fraction of served requests")
+    fig.tight_layout()
+    fig.savefig(out / "overload.png", dpi=100)
+    plt.close(fig)

@@ -56,6 +56,16 @@ class FairnessPolicy(Plugin, Protocol):
     def pick(self, band: Band, state: Any) -> QueuedRequest | None: ...
 
 
+class ObservesFlows(Protocol):
+    """A hook of fairness policies: a request of ``flow_id`` dispatched after waiting ``waited``
+    seconds; one ended, having used ``prompt_tokens`` and ``completion_tokens`` (0 when the
+    response did not say)."""
+
+    def on_dispatched(self, flow_id: str, waited: float) -> None: ...
+
+    def on_completed(self, flow_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
 class UsageLimitPolicy(Plugin, Protocol):
     """Writes each band's ceiling into ``ceilings`` (``priorities`` highest first, ceilings
     non-increasing)."""
@@ -69,3 +79,4 @@ ROLES: tuple[tuple[type[Any], str], ...] = ((SaturationDetector, "saturation det
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturation", "stale_count", "filter"),
                                                   FairnessPolicy: ("new_state", "pick"), OrderingPolicy: ("key",),
                                                   UsageLimitPolicy: ("compute",)}
+HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),)

@@ -5,7 +5,7 @@ Ordering (within a flow): ``fcfs-ordering-policy`` (enqueue time), ``edf-orderin
 (arrival + the request's ``x-llm-d-slo-ttft-ms``; no SLO sorts last).
 Fairness (between the flows of a band): ``global-strict-fairness-policy`` (the flow whose head
 orders first, as if the band were one queue), ``round-robin-fairness-policy`` (the next flow with
-work, in turn).
+work, in turn), ``program-aware-fairness`` (least attained service: epp.flowcontrol.programs).
 Usage limits (per-band ceilings): ``static-usage-limit-policy`` (``threshold``, default 1.0),
 ``priority-holdback-policy`` (``minCeiling`` required, ``maxCeiling`` 1.0, ``domain`` rank or
 value, ``shape`` linear), ``soft-reflective-ceiling-policy`` (no parameters).
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from epp.flowcontrol.contract import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
+from epp.flowcontrol.programs import ProgramAwareFairness
 from epp.flowcontrol.queues import Band, QueuedRequest
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
@@ -164,4 +165,5 @@ class SoftReflectiveCeiling(UsageLimitPolicy):
 
 
 FLOW_POLICIES: tuple[type[Any], ...] = (FCFSOrdering, EDFOrdering, SLODeadlineOrdering, GlobalStrictFairness,
-                                        RoundRobinFairness, StaticUsageLimit, PriorityHoldback, SoftReflectiveCeiling)
+                                        RoundRobinFairness, ProgramAwareFairness, StaticUsageLimit, PriorityHoldback,
+                                        SoftReflectiveCeiling)

@@ -33,6 +33,7 @@ class FlowGauges:
     detector: str = ""
     bands: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # priority, n, cap, bytes, cap
     pool: tuple[int, int, int, int] = (0, 0, 0, 0)  # n, cap (0 none), bytes, cap (0 none)
+    families: list[Metric] = field(default_factory=list)  # the policies' own (program-aware fairness)
 
 
 class FlowMetrics:
@@ -83,6 +84,7 @@ class FlowCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         g = self.read()
         pool = self.pool
+        yield from g.families
         for prefix in PREFIXES:
             labels = ["fairness_id", "priority", "inference_pool", "model_name", "target_model_name"]
             size = GaugeMetricFamily(f"{prefix}flow_control_queue_size",

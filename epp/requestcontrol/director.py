@@ -22,6 +22,7 @@ from typing import Any
 
 from epp.datastore.store import Datastore, Snapshot
 from epp.flowcontrol.config import DEFAULT_DETECTOR
+from epp.flowcontrol.contract import ObservesFlows
 from epp.flowcontrol.controller import FlowSettings
 from epp.flowcontrol.detectors import UtilizationDetector
 from epp.observability.flowmetrics import FlowMetrics
@@ -75,8 +76,8 @@ class RequestInput:
 class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
-    __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "forward_body", "prefilled",
-                 "queued", "reader", "request", "scheduler", "tokens", "wants_chunks")
+    __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "flow", "forward_body",
+                 "prefilled", "queued", "reader", "request", "scheduler", "tokens", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -93,6 +94,7 @@ class Routed:
         self.prefilled = False
         self.tokens = 0  # prompt tokens counted in flight on the endpoint until the prefill is done
         self.queued = 0.0  # seconds flow control held the request
+        self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
@@ -150,6 +152,11 @@ class Routed:
             self.done = True
             self.first_bytes()
             self._director.finished(self.endpoint, self._labels, self._started)
+            if self.flow is not None:
+                reader = self.reader
+                flow_id, policy = self.flow
+                policy.on_completed(flow_id, reader.prompt_tokens if reader else 0,
+                                    reader.completion_tokens if reader else 0)
 
 
 class Director:
@@ -267,10 +274,13 @@ class Director:
         except Refused as e:
             return self._refused(w.request, w.labels, e)
         try:
-            routed = self._schedule(w.request, w.given, w.access, w.labels, snapshot, time.perf_counter())
+            routed = self._schedule(w.request, w.given, w.access, w.labels, snapshot, time.perf_counter(),
+                                    read_usage=w.fairness is not None)
         except Refused as e:
             return e  # counted and logged where it was raised
         routed.queued = w.queued_seconds
+        if w.fairness is not None:
+            routed.flow = (w.labels.fairness, w.fairness)
         return routed
 
     def _held_refused(self, w: Waiting, refusal: Refused) -> Refused:
@@ -283,7 +293,7 @@ class Director:
         return snapshot
 
     def _schedule(self, request: InferenceRequest, given: RequestInput, access: ResponseAccess,
-                  labels: RequestLabels, snapshot: Snapshot, t0: float) -> Routed:
+                  labels: RequestLabels, snapshot: Snapshot, t0: float, read_usage: bool = False) -> Routed:
         m = self.metrics
         scheduler = self.scheduler
         for admitter in self.admitters:
@@ -309,7 +319,7 @@ class Director:
         routed = Routed(self, scheduler, request, decision, labels, t1)
         routed.tokens = tokens
         inject = False
-        if access is not ResponseAccess.NONE and scheduler.wants_usage:
+        if access is not ResponseAccess.NONE and (scheduler.wants_usage or read_usage):
             inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
             routed.reader = UsageReader(strip=inject)
         if given.body is not None:

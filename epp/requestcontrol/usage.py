@@ -1,4 +1,5 @@
-"""Read ``usage.prompt_tokens_details.cached_tokens`` from a response as it streams through.
+"""Read the usage (``prompt_tokens_details.cached_tokens``, ``prompt_tokens``,
+``completion_tokens``) from a response as it streams through.
 
 JSON responses and SSE streams both carry usage at the end, so the reader keeps only the last
 few KB it saw. When epp itself asked for usage (it added ``stream_options.include_usage`` to a
@@ -19,6 +20,8 @@ from epp.request import InferenceRequest
 TAIL = 8192
 HOLD_LIMIT = 1 << 20  # never hold more than this waiting for an event's end
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 def wants_injection(request: InferenceRequest) -> bool:
@@ -47,12 +50,14 @@ def _is_injected_usage(event: bytes) -> tuple[bool, int | None]:
 
 
 class UsageReader:
-    __slots__ = ("_held", "_tail", "cached_tokens", "strip", "stripped")
+    __slots__ = ("_held", "_tail", "cached_tokens", "completion_tokens", "prompt_tokens", "strip", "stripped")
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.stripped = False
         self.cached_tokens: int | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self._tail = b""
         self._held = b""
 
@@ -67,8 +72,7 @@ class UsageReader:
         if eos:
             self._held = b""
             out = self._filter(buf)
-            if self.cached_tokens is None:
-                self._read_tail()
+            self._read_tail()
             return out
         cut = buf.rfind(b"\n\n")
         if cut < 0 and len(buf) < HOLD_LIMIT:
@@ -101,6 +105,12 @@ class UsageReader:
             self._tail = (self._tail + data)[-TAIL:]
 
     def _read_tail(self) -> None:
-        found = _CACHED.findall(self._tail)
-        if found:
+        tail = self._tail
+        found = _CACHED.findall(tail)
+        if found and self.cached_tokens is None:
             self.cached_tokens = int(found[-1])
+        prompt, completion = _PROMPT.findall(tail), _COMPLETION.findall(tail)
+        if prompt:
+            self.prompt_tokens = int(prompt[-1])
+        if completion:
+            self.completion_tokens = int(completion[-1])

@@ -16,14 +16,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from epp.datastore.store import Datastore
+from epp.flowcontrol.contract import ObservesFlows
 from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
 from epp.flowcontrol.queues import QueuedRequest
 from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
 from epp.requestcontrol.headers import SLO_TTFT_MS, header
 from epp.requestcontrol.refused import EVICTED, NO_ENDPOINTS, SATURATED, SHUTTING_DOWN, TTL_EXPIRED, Refused
+from epp.scheduling.contract import ExportsMetrics, declares
 
 if TYPE_CHECKING:
     from epp.observability.metrics import RequestLabels
@@ -39,8 +41,8 @@ class Waiting:
     """A request held by flow control. The front end sets ``ready`` (called once, with the
     Routed or the Refused) and calls ``cancel`` if its client goes away first."""
 
-    __slots__ = ("access", "arrived", "given", "item", "key", "labels", "queued_at", "ready", "request", "result",
-                 "room")
+    __slots__ = ("access", "arrived", "fairness", "given", "item", "key", "labels", "queued_at", "ready", "request",
+                 "result", "room")
 
     def __init__(self, room: WaitingRoom, given: RequestInput, access: ResponseAccess, request: InferenceRequest,
                  labels: RequestLabels, arrived: float) -> None:
@@ -55,6 +57,7 @@ class Waiting:
         self.result: Routed | Refused | None = None  # set when it ended before ``ready`` was set
         self.item: QueuedRequest | None = None
         self.queued_at = 0.0
+        self.fairness: ObservesFlows | None = None  # the dispatching band's policy, when it observes flows
 
     @property
     def queued_seconds(self) -> float:
@@ -171,6 +174,10 @@ class WaitingRoom:
                         break
                     self._left(item, Outcome.DISPATCHED)
                     w: Waiting = item.payload
+                    policy = controller.queues.bands[item.priority].config.fairness
+                    if declares(policy, ObservesFlows):
+                        w.fairness = observer = cast(ObservesFlows, policy)
+                        observer.on_dispatched(item.flow_id, self.clock() - w.queued_at)
                     try:
                         result = self.deliver(w)
                     except Exception:  # epp's bug: the request still ends, with a status
@@ -252,7 +259,7 @@ class WaitingRoom:
             self._timer.cancel()
             self._timer = None
 
-    def gauges(self) -> FlowGauges:
+    def gauges(self, pool: str = "default") -> FlowGauges:
         c = self.controller
         snap = self.store.snapshot()
         c.saturation(snap)  # now, not at the last dispatch (which may be long ago)
@@ -260,9 +267,12 @@ class WaitingRoom:
         s = c.settings
         t = c.queues.totals
         bands = [(p, b.count, b.config.max_requests, b.nbytes, b.config.max_bytes) for p, b in c.queues.bands.items()]
+        policies = {id(p): p for p in (s.fairness, *(b.config.fairness for b in c.queues.bands.values()))}
+        families = [f for p in policies.values() if declares(p, ExportsMetrics)
+                    for f in cast(ExportsMetrics, p).metric_families(pool)]
         return FlowGauges({k: (v[0], v[1]) for k, v in self.queued.items()}, saturation,
                           s.detector.stale_count(snap, snap.endpoints), s.detector.name, bands,
-                          (t.count, s.max_requests, t.nbytes, s.max_bytes))
+                          (t.count, s.max_requests, t.nbytes, s.max_bytes), families)
 
 
 def _slo_seconds(request: InferenceRequest) -> float | None:

@@ -38,9 +38,11 @@ class Roles:
     roles: tuple[tuple[type[Any], str], ...] = SCHEDULING_ROLES
     methods: Mapping[type[Any], tuple[str, ...]] = field(
         default_factory=lambda: MappingProxyType(SCHEDULING_ROLE_METHODS))
+    hooks: tuple[tuple[type[Any], tuple[str, ...]], ...] = HOOKS
 
-    def plus(self, roles: tuple[tuple[type[Any], str], ...], methods: Mapping[type[Any], tuple[str, ...]]) -> Roles:
-        return Roles(self.roles + roles, MappingProxyType({**self.methods, **methods}))
+    def plus(self, roles: tuple[tuple[type[Any], str], ...], methods: Mapping[type[Any], tuple[str, ...]],
+             hooks: tuple[tuple[type[Any], tuple[str, ...]], ...] = ()) -> Roles:
+        return Roles(self.roles + roles, MappingProxyType({**self.methods, **methods}), self.hooks + hooks)
 
 
 SCHEDULING = Roles()
@@ -83,7 +85,7 @@ def check_contract(cls: type[Any], origin: str = "epp", known: Roles = SCHEDULIN
     role_proto, role = roles[0]
     checks: list[tuple[type[Any], str]] = [(role_proto, m) for m in known.methods[role_proto]]
     declared_methods: set[str] = set()
-    for hook, methods in HOOKS:
+    for hook, methods in known.hooks:
         if hook in cls.__mro__:
             checks.extend((hook, m) for m in methods)
             declared_methods.update(methods)
@@ -95,7 +97,7 @@ def check_contract(cls: type[Any], origin: str = "epp", known: Roles = SCHEDULIN
         if callable(impl) and _arity(impl) != expected:
             raise ContractError(f"{type_name}: {method}() takes {_arity(impl)} positional parameters, "
                                 f"{proto.__name__} says {expected}")
-    for hook, methods in HOOKS:
+    for hook, methods in known.hooks:
         for method in methods:
             if method not in declared_methods and callable(getattr(cls, method, None)):
                 raise ContractError(f"{type_name}: defines {method}() without declaring {hook.__name__}, "

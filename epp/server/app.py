@@ -129,7 +129,7 @@ class PickerServer:
 
     def _flow_gauges(self) -> FlowGauges:
         room = self.director.waiting
-        return room.gauges() if room is not None else FlowGauges()
+        return room.gauges(self.opts.pool_name) if room is not None else FlowGauges()
 
     def _plugins(self) -> list[Any]:
         return self.director.scheduler.profile.plugins()

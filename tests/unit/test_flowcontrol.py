@@ -256,3 +256,31 @@ def test_soft_reflective_ceiling_opens_gated_bands_on_a_duty_cycle() -> None:
     assert ceilings == [1.0, 1.0]  # under the reflective ceiling: open
     policy.compute(1.2, [1, 0], ceilings)
     assert ceilings == [1.0, 0.0]
+
+
+# -- program-aware fairness ----------------------------------------------------------------------------------
+def test_program_aware_fairness_serves_the_least_served_program_and_forgets_service() -> None:
+    from epp.flowcontrol.programs import ProgramAwareFairness
+
+    clock = [NOW]
+    policy = ProgramAwareFairness("pa", Params({"lasHalfLifeSeconds": 10, "evictionTtlSeconds": 100,
+                                                "evictionSweepSeconds": 50}, "pa"), clock=lambda: clock[0])
+    fc = FlowController(settings(fairness=policy))
+    for flow in ("heavy", "light"):
+        for i in range(3):
+            fc.enqueue(item(flow, tag=f"{flow}{i}"), NOW)
+    policy.on_dispatched("heavy", 0.0)
+    policy.on_completed("heavy", 1000, 500)  # 2,000 weighted tokens attained
+    policy.on_completed("gone", 10, 10)  # a program that sends nothing more
+    assert fc.next(pool()).payload == "light0"  # the program with less service goes first
+    clock[0] += 100.0  # ten half-lives: heavy's service is nearly forgotten; heads' waits now tie
+    assert policy.programs["heavy"].service == 2000.0
+    fc.next(pool())
+    assert policy._service(policy.programs["heavy"], clock[0]) < 2.0
+    families = {f.name: f for f in policy.metric_families("default")}
+    assert "llm_d_epp_program_aware_jains_fairness_index" in families
+    clock[0] += 200.0
+    policy.pick(fc.queues.bands[0], None)  # a sweep: idle programs past evictionTtlSeconds go
+    assert "gone" not in policy.programs and "heavy" in policy.programs  # (heavy still has work queued)
+    with pytest.raises(ConfigError, match="strategy"):
+        ProgramAwareFairness("pa", Params({"strategy": "wfq"}, "pa"))

@@ -335,3 +335,39 @@ schedulingProfiles:
         d.route(req(objective="batch"))
     assert e.value.status == 429
     assert isinstance(d.route(req()), Routed)
+
+
+def test_program_aware_fairness_hears_each_programs_usage_from_the_response() -> None:
+    from epp.requestcontrol.director import ResponseAccess
+
+    d, _, _ = setup(config("  defaultPriorityBand: {fairnessPolicyRef: program-aware-fairness}")
+                    .replace("- type: round-robin-fairness-policy", "- type: program-aware-fairness"), ADDRS[:1])
+    busy = d.submit(req("tenant-a"), ResponseAccess.READ, ready=Answers())
+    assert isinstance(busy, Routed)
+    answers = Answers()
+    assert isinstance(d.submit(req("tenant-b"), ResponseAccess.READ, ready=answers), Waiting)
+    busy.finish()
+    late = answers.got[0]
+    assert isinstance(late, Routed) and late.flow is not None
+    late.response_body(b'{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":20}}', True)
+    policy = late.flow[1]
+    assert policy.programs["tenant-b"].service == 140.0  # prompt + 2 x completion  # type: ignore[attr-defined]
+    assert policy.programs["tenant-b"].dispatched == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("sample", ["sim-program-aware-config.yaml", "soft-reflective-ceiling-epp-config.yaml",
+                                    "probabilistic-admitter-epp-config.yaml"])
+def test_the_references_flow_control_samples_load_and_do_what_they_say(sample: str) -> None:
+    from pathlib import Path
+
+    from epp.config import load_config
+
+    rt = build(load_config(str(Path(__file__).resolve().parents[1] / "fixtures" / "reference" / sample))).runtime()
+    if sample.startswith("sim-program-aware"):
+        assert rt.flow is not None and rt.flow.default_band.fairness is not None
+        assert rt.flow.default_band.fairness.type_name == "program-aware-fairness"
+    elif sample.startswith("soft-reflective"):
+        assert rt.flow is not None and rt.flow.usage_limit.type_name == "soft-reflective-ceiling-policy"
+    else:  # flow control off; the admitter sheds, the detector's thresholds never gate
+        assert rt.flow is None and [a.type_name for a in rt.admitters] == ["probabilistic-admitter"]
+        assert rt.detector.queue_depth == 999999999  # type: ignore[attr-defined]
