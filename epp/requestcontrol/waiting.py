@@ -16,9 +16,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, cast
 
-from epp.datastore.store import Datastore
+from epp.datastore.store import Datastore, Snapshot
 from epp.flowcontrol.contract import ObservesFlows
 from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
 from epp.flowcontrol.queues import QueuedRequest
@@ -168,8 +169,11 @@ class WaitingRoom:
                 self._again = False
                 started = time.perf_counter()
                 store = self.store
+                pool = _schedulable(store.snapshot()).endpoints
                 while True:
-                    item = controller.next(store.snapshot())
+                    # Saturation over the endpoints the scheduler will choose from (fresh ones),
+                    # not the whole list: pods not scraped yet are no capacity.
+                    item = controller.next(replace(store.snapshot(), endpoints=pool))
                     if item is None:
                         break
                     self._left(item, Outcome.DISPATCHED)
@@ -273,6 +277,14 @@ class WaitingRoom:
         return FlowGauges({k: (v[0], v[1]) for k, v in self.queued.items()}, saturation,
                           s.detector.stale_count(snap, snap.endpoints), s.detector.name, bands,
                           (t.count, s.max_requests, t.nbytes, s.max_bytes), families)
+
+
+def _schedulable(snapshot: Snapshot) -> Snapshot:
+    """The snapshot narrowed as the scheduler narrows it: the endpoints with fresh metrics, or all
+    of them when none is fresh."""
+    now, staleness = snapshot.now, snapshot.staleness
+    fresh = tuple(e for e in snapshot.endpoints if e.fresh(now, staleness))
+    return replace(snapshot, endpoints=fresh) if fresh and len(fresh) < len(snapshot.endpoints) else snapshot
 
 
 def _slo_seconds(request: InferenceRequest) -> float | None:

@@ -191,6 +191,8 @@ class PickerServer:
 
     async def stop(self, grace: float = 1.0) -> None:
         await cancel_and_wait([self._watch])
+        if self.director.waiting is not None:  # what still waits is told 503 now, not cut off
+            self.director.waiting.close()
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()

@@ -250,3 +250,20 @@ async def test_flow_control_metrics_and_a_bad_reload_keeps_the_queue_config() ->
              "model_name": "sim-model", "target_model_name": "sim-model"})
         assert value == 1, [f.samples for f in stack.picker.metrics.prepare().collect()
                             if f.name == "llm_d_epp_flow_control_request_queue_duration_seconds"]
+
+
+async def test_shutting_down_answers_what_still_waits_with_503() -> None:
+    async with in_process_stack(servers=1, config_text=flow_config()) as stack, aiohttp.ClientSession() as s:
+        await slow(stack, 50)
+        t = Timed(s, stack.url)
+        busy = asyncio.create_task(t.send("busy", max_tokens=20))
+        await wait_until(lambda: _running(stack), 5, "the pod busy")
+        held = asyncio.create_task(t.send("held"))
+        await until_queued(stack, 1)
+        assert stack.picker is not None and stack.picker.director.waiting is not None
+        stack.picker.director.waiting.close()  # what PickerServer.stop does first
+        await asyncio.wait_for(held, 5)
+        _, status, headers, data = t.ends["held"]
+        assert status == 503 and headers["x-llm-d-request-dropped-reason"] == "rejected-shutting-down"
+        assert orjson.loads(data)["error"]["code"] == 503
+        await busy

@@ -371,3 +371,16 @@ def test_the_references_flow_control_samples_load_and_do_what_they_say(sample: s
     else:  # flow control off; the admitter sheds, the detector's thresholds never gate
         assert rt.flow is None and [a.type_name for a in rt.admitters] == ["probabilistic-admitter"]
         assert rt.detector.queue_depth == 999999999  # type: ignore[attr-defined]
+
+
+def test_pods_not_scraped_yet_are_no_capacity_while_a_scraped_one_exists() -> None:
+    d, _, _ = setup(config(), ADDRS[:1])
+    d.store.set_endpoints(ADDRS)  # the second pod appears; its metrics are not read yet
+    assert isinstance(d.submit(req(), ready=Answers()), Routed)
+    answers = Answers()
+    assert isinstance(d.submit(req(), ready=answers), Waiting)  # held, not sent to be refused
+    assert answers.got == []
+    d.store.record_scrape(ADDRS[1], EngineSignals(), 0)
+    assert d.waiting is not None
+    d.waiting.tick()
+    assert isinstance(answers.got[0], Routed) and answers.got[0].endpoint == ADDRS[1]
