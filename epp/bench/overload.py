@@ -30,13 +30,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from epp.bench.procs import start_epp, stop
 from epp.bench.routing import (
     RequestResult,
     Running,
     _place,
     capacity,
     drive,
+    epp_behind_envoy,
     split_cores,
     start_contender,
     summarize,
@@ -45,7 +45,7 @@ from epp.bench.simbench import _pct
 from epp.bench.workloads import Trace, WorkloadParams, build
 from epp.sim.fleet import Fleet
 from epp.sim.profiles import profile
-from epp.stack.local import free_ports, start_envoy
+from epp.stack.local import free_ports
 
 SCENARIOS = ("overload", "priority", "fairness", "scale-from-zero", "queue")
 PEERS = ("vllm-router", "sglang-router")
@@ -172,23 +172,13 @@ def _p90(results: list[RequestResult], predicate: Any = None) -> float:
 
 async def start_epp_contender(addresses: list[str], workdir: Path, config: str | None,
                               objectives: str | None = None, endpoints_file: Path | None = None) -> Running:
-    grpc, health, metrics = free_ports(3)
     extra: list[str] = []
-    if config is not None:
-        path = workdir / "epp-config.yaml"
-        path.write_text(config)
-        extra += ["--config-file", str(path)]
-    if objectives is not None:
-        path = workdir / "objectives.yaml"
-        path.write_text(objectives)
-        extra += ["--objectives-file", str(path)]
-    epp = await start_epp(addresses, grpc, health, metrics, workdir, tuple(extra), endpoints_file=endpoints_file)
-    try:
-        envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc)
-    except Exception:
-        stop(epp)
-        raise
-    return Running(envoy.url, [epp], envoy)
+    for flag, text, name in (("--config-file", config, "epp-config.yaml"),
+                             ("--objectives-file", objectives, "objectives.yaml")):
+        if text is not None:
+            (workdir / name).write_text(text)
+            extra += [flag, str(workdir / name)]
+    return await epp_behind_envoy(addresses, workdir, tuple(extra), endpoints_file=endpoints_file)
 
 
 class Bench:

@@ -149,6 +149,21 @@ def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
     return [str(path)], ""
 
 
+async def epp_behind_envoy(addresses: list[str], workdir: Path, extra: tuple[str, ...] = (),
+                           env: dict[str, str] | None = None, endpoints_file: Path | None = None,
+                           grpc: tuple[int, int, int] | None = None) -> Running:
+    """epp (``extra`` arguments) and a FULL_DUPLEX Envoy in front of it."""
+    grpc_port, health, metrics = grpc or tuple(free_ports(3))
+    epp = await start_epp(addresses, grpc_port, health, metrics, workdir, extra, env=env,
+                          endpoints_file=endpoints_file)
+    try:
+        envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc_port)
+    except Exception:
+        stop(epp)
+        raise
+    return Running(envoy.url, [epp], envoy)
+
+
 async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path,
                           epp_configs: dict[str, Path] | None = None,
                           baseline_src: Path | None = None) -> Running | str:
@@ -173,13 +188,7 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
             if config is None:
                 return f"no config file given for {name} (--epp-config {name[4:]}=PATH)"
             extra = ("--config-file", str(config))
-        epp = await start_epp(addresses, grpc, health, metrics, workdir, extra, env=env)
-        try:
-            envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc)
-        except Exception:
-            stop(epp)
-            raise
-        return Running(envoy.url, [epp], envoy)
+        return await epp_behind_envoy(addresses, workdir, extra, env, grpc=(grpc, health, metrics))
     cmd, why = await asyncio.to_thread(peer_command, name, venvs)
     if cmd is None:
         return why

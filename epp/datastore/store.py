@@ -20,6 +20,11 @@ class Snapshot:
     staleness: float
     inflight_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens not yet prefilled
 
+    def fresh(self) -> tuple[EndpointState, ...]:
+        """The endpoints whose metrics are fresh (what the scheduler chooses from, when any is)."""
+        now, staleness = self.now, self.staleness
+        return tuple(e for e in self.endpoints if e.fresh(now, staleness))
+
 
 class Datastore:
     """Owns endpoints and counters; sources and the scraper write, the pick path reads."""

@@ -23,6 +23,22 @@ REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 
                    45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
 
 
+class Children:
+    """``metric.labels(*labels)``, cached (labels() costs a lock and a dict build per call)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def __call__(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+
 class PoolCollector(Collector):
     """Pool gauges computed from the datastore at scrape time."""
 
@@ -239,16 +255,8 @@ class PickerMetrics:
         self.config_reloads = Counter("epp_config_reloads", "Config reloads applied.", registry=r)
         ProcessCollector(registry=r)
 
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.child = Children()
         self._per_request: dict[RequestLabels, tuple[Any, Any, Any]] = {}
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached (labels() costs a lock and a dict build per call)."""
-        key = (id(metric), *labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
 
     def prepare(self) -> Collector:
         """Everything to render: the registry plus the loop collectors' families, read now."""

@@ -282,8 +282,7 @@ class WaitingRoom:
 def _schedulable(snapshot: Snapshot) -> Snapshot:
     """The snapshot narrowed as the scheduler narrows it: the endpoints with fresh metrics, or all
     of them when none is fresh."""
-    now, staleness = snapshot.now, snapshot.staleness
-    fresh = tuple(e for e in snapshot.endpoints if e.fresh(now, staleness))
+    fresh = snapshot.fresh()
     return replace(snapshot, endpoints=fresh) if fresh and len(fresh) < len(snapshot.endpoints) else snapshot
 
 

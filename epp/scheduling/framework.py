@@ -95,8 +95,7 @@ class Scheduler:
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
             raise SchedulingError(503, "no endpoints in the pool")
-        now, staleness = snapshot.now, snapshot.staleness
-        candidates = [e for e in snapshot.endpoints if e.fresh(now, staleness)]
+        candidates = list(snapshot.fresh())
         note = ""
         if not candidates:
             candidates = list(snapshot.endpoints)
