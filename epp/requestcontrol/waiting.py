@@ -197,14 +197,18 @@ class WaitingRoom:
     def tick(self) -> None:
         """Expire what ran out of budget, then pump (the timer calls it while anything waits)."""
         self._timer = None
-        now = self.clock()
-        self._observe_pool(now)
-        expired, outcome = self.controller.expire(now)
-        for item in expired:
-            self._left(item, outcome)
-            self._resolve(item.payload, self.refused(item.payload, _refusal(outcome, item.priority)))
-        self.pump()
-        self._arm()
+        try:
+            now = self.clock()
+            self._observe_pool(now)
+            expired, outcome = self.controller.expire(now)
+            for item in expired:
+                self._left(item, outcome)
+                self._resolve(item.payload, self.refused(item.payload, _refusal(outcome, item.priority)))
+            self.pump()
+        except Exception:  # epp's bug: logged, and the tick keeps running (never a silently dead timer)
+            log.exception("flow control tick failed")
+        finally:
+            self._arm()
 
     def release_all(self) -> None:
         """Flow control was turned off: everything queued dispatches now, ungated."""
