@@ -126,8 +126,8 @@ class Routed:
         if not self.prefilled:
             self.prefilled = True
             self.wants_chunks = self.reader is not None
-            self._director.store.prefilled(self.decision.primary, self.tokens)
             self.scheduler.prefill_done(self.decision)
+            self._director.prefilled(self.decision.primary, self.tokens)
 
     def response_body(self, data: bytes, eos: bool) -> bytes:
         """One chunk of the response body; returns the bytes to forward (usage epp asked for is
@@ -362,6 +362,11 @@ class Director:
         self.metrics.request_refused(labels, refusal.status)
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
+
+    def prefilled(self, endpoint: str, tokens: int) -> None:
+        self.store.prefilled(endpoint, tokens)
+        if tokens and self.waiting is not None:
+            self.waiting.pump()  # the pod's prefill work ahead shrank
 
     def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None:
         self.store.release(endpoint)

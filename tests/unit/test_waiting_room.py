@@ -285,6 +285,16 @@ schedulingProfiles:
     first.finish()
 
 
+def test_a_request_held_by_the_token_limit_goes_when_the_prefill_ahead_is_done() -> None:
+    d, _, _ = setup(config(detector="maxTokenConcurrency: 100, concurrencyMode: tokens"), ADDRS[:1])
+    first = d.submit(req(prompt="x" * 800), ready=Answers())  # 200 estimated tokens to prefill
+    assert isinstance(first, Routed)
+    answers = Answers()
+    assert isinstance(d.submit(req(prompt="y" * 800), ready=answers), Waiting)
+    first.first_bytes()  # the prefill is done, the response still streams: the pool has room now
+    assert len(answers.got) == 1 and isinstance(answers.got[0], Routed) and not first.done
+
+
 def test_the_probabilistic_admitter_sheds_sheddable_requests_by_saturation() -> None:
     from epp.requestcontrol.admitters import ProbabilisticAdmitter
     from epp.scheduling.params import Params
