@@ -279,7 +279,10 @@ async def _session(s: aiohttp.ClientSession, url: str, model: str, sess: Session
         res, answer = await _turn(s, url, model, messages, sess.max_tokens, sess.kind, t0, sess.headers)
         out.append(res)
         if res.status != 200:
-            return
+            # Refused (flow control's 429, a 503) or failed: the user drops that question and goes
+            # on with the next one, so every run offers every request of the trace.
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -382,6 +385,12 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "router_cpu_us_per_req": round(1e6 * cpu / len(results), 1) if results else None,
         # How far the simulated GPUs' steps ran behind their modelled clock: host CPU contention.
         "sim_step_late_ms": round(1000 * late / steps, 2) if steps else 0.0,
+        # The share of the run's time the simulated GPUs were busy (all of them, mean), and busy
+        # with steps that computed prompt tokens.
+        "fleet_busy": round(sum(srv.engine.stats.busy_s for srv in fleet.servers)
+                            / (elapsed * len(fleet.servers)), 3) if elapsed and fleet.servers else None,
+        "fleet_prefill_busy": round(sum(srv.engine.stats.prefill_busy_s for srv in fleet.servers)
+                                    / (elapsed * len(fleet.servers)), 3) if elapsed and fleet.servers else None,
         "ttft_p90_by_kind_s": {k: round(_pct([r.ttft_s for r in ok if r.kind == k and r.ttft_s is not None], 90), 4)
                                for k in sorted({r.kind for r in ok})},
         # Cold requests (the server computed > COLD_TOKENS prompt tokens) and the warm ones' tail:

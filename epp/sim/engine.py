@@ -75,6 +75,8 @@ class StepStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0  # timed steps
+    busy_s: float = 0.0  # modelled GPU time of the steps run
+    prefill_busy_s: float = 0.0  # of which steps that computed prompt tokens
     late_s: float = 0.0  # summed lateness of timed steps behind the modelled clock (host contention)
     finished: dict[str, int] = field(
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0})
@@ -166,6 +168,9 @@ class Engine:
                 await asyncio.sleep(max(clock - loop.time(), 0.0))
                 late = loop.time() - clock
                 self.stats.steps += 1
+                self.stats.busy_s += duration
+                if prefills:
+                    self.stats.prefill_busy_s += duration
                 if late > 0:
                     self.stats.late_s += late
             elif not prefills and not decodes:
