@@ -394,6 +394,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     help="the flow-control runs' saturation detector: concurrency or utilization (see "
                     "epp/bench/overload.py), or KIND:{parameters} e.g. 'concurrency:{maxConcurrency: 8}'")
     ov.add_argument("--workload", default="bursty", help="the overload and priority scenarios' workload")
+    ov.add_argument("--ordering", default="least-prefill-ordering-policy",
+                    help="the flow-control runs' ordering policy (e.g. fcfs-ordering-policy)")
     ov.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (each is one SSE chunk "
                     "through the gateway: on a 2-core host the simulated fleet falls behind its clock at 64)")
     ov.add_argument("--seed", type=int, default=1)
@@ -497,7 +499,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                                  seed=args.seed, scenarios=scenarios, peers=not args.no_peers,
                                                  ttl=args.ttl, capacity_rps=args.capacity_rps,
                                                  max_seconds=args.max_seconds, detector=args.detector,
-                                                 workload=args.workload,
+                                                 ordering=args.ordering, workload=args.workload,
                                                  params=WorkloadParams(output_tokens=args.output_tokens))))
         print((out / "overload.md").read_text())
         return 0

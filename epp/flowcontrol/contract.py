@@ -38,7 +38,11 @@ class SaturationDetector(Plugin, Protocol):
 
 
 class OrderingPolicy(Plugin, Protocol):
-    """A queued request's place in its flow: smaller keys dispatch first (fixed at enqueue)."""
+    """A queued request's place in its flow: smaller keys dispatch first (fixed at enqueue).
+    A policy with ``reads_prefill_estimate`` orders by ``item.cost``, which the waiting room then
+    fills in at enqueue (the scheduler's prefix matchers run once more per request for it)."""
+
+    reads_prefill_estimate: ClassVar[bool] = False
 
     def key(self, item: QueuedRequest) -> tuple[float, float]: ...
 

@@ -79,6 +79,11 @@ class FlowSettings:
     default_band: BandSpec = BandSpec()
     default_negative_band: BandSpec | None = None
 
+    def reads_prefill_estimate(self) -> bool:
+        """Some band orders its requests by their estimated prefill (``QueuedRequest.cost``)."""
+        specs = [self.default_band, *self.bands.values(), *filter(None, [self.default_negative_band])]
+        return any((s.ordering or self.ordering).reads_prefill_estimate for s in specs)
+
     def band_config(self, priority: int) -> BandConfig:
         spec = self.bands.get(priority)
         if spec is None:

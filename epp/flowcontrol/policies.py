@@ -2,7 +2,12 @@
 
 Ordering (within a flow): ``fcfs-ordering-policy`` (enqueue time), ``edf-ordering-policy``
 (enqueue time + the queue-wait budget; no budget sorts last), ``slo-deadline-ordering-policy``
-(arrival + the request's ``x-llm-d-slo-ttft-ms``; no SLO sorts last).
+(arrival + the request's ``x-llm-d-slo-ttft-ms``; no SLO sorts last), and epp's own
+``least-prefill-ordering-policy``: the request with the fewest prompt tokens to compute first
+(estimated at arrival on the endpoint that has most of the prompt cached), less
+``agingTokensPerSecond`` (default 1,000) for each second it has waited, then arrival. Under
+overload it serves the cheap requests (warm chat turns, short prompts) and the queue budget sheds
+the costly ones: more requests meet their SLO for the same GPU time.
 Fairness (between the flows of a band): ``global-strict-fairness-policy`` (the flow whose head
 orders first, as if the band were one queue), ``round-robin-fairness-policy`` (the next flow with
 work, in turn), ``program-aware-fairness`` (least attained service: epp.flowcontrol.programs).
@@ -53,6 +58,20 @@ class SLODeadlineOrdering(_NoParams, OrderingPolicy):
     def key(self, item: QueuedRequest) -> tuple[float, float]:
         slo = item.slo_ttft
         return (item.received + slo if slo is not None else LAST), item.received
+
+
+class LeastPrefillOrdering(OrderingPolicy):
+    type_name: ClassVar[str] = "least-prefill-ordering-policy"
+    reads_prefill_estimate: ClassVar[bool] = True
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.aging = params.float("agingTokensPerSecond", 1000.0, minimum=0.0)
+        params.done()
+
+    def key(self, item: QueuedRequest) -> tuple[float, float]:
+        # cost - aging * (now - enqueued) orders as cost + aging * enqueued at any ``now``.
+        return item.cost + self.aging * item.enqueued, item.enqueued
 
 
 # -- fairness ----------------------------------------------------------------------------------------
@@ -166,4 +185,4 @@ class SoftReflectiveCeiling(UsageLimitPolicy):
 
 FLOW_POLICIES: tuple[type[Any], ...] = (FCFSOrdering, EDFOrdering, SLODeadlineOrdering, GlobalStrictFairness,
                                         RoundRobinFairness, ProgramAwareFairness, StaticUsageLimit, PriorityHoldback,
-                                        SoftReflectiveCeiling)
+                                        SoftReflectiveCeiling, LeastPrefillOrdering)

@@ -31,6 +31,7 @@ class QueuedRequest:
     received: float  # monotonic time the request arrived (slo-deadline ordering counts from it)
     payload: Any = None
     slo_ttft: float | None = None  # seconds, from the request's TTFT SLO header
+    cost: int = 0  # prompt tokens to compute where most is cached, at arrival (when an ordering reads it)
     enqueued: float = 0.0
     ttl: float = 0.0  # the queue-wait budget at enqueue (0: none); EDF orders by enqueued + ttl
     key: tuple[float, float] = (0.0, 0.0)

@@ -45,8 +45,7 @@ from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.requestcontrol.waiting import Waiting, WaitingRoom
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.params import Params
-from epp.scheduling.prefix_index import CHARS_PER_TOKEN
-from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, Decision, SchedulingError
+from epp.scheduling.types import MATCHED_TOKENS, Decision, SchedulingError, prompt_tokens
 
 log = logging.getLogger("epp.director")
 
@@ -201,7 +200,8 @@ class Director:
             if room is not None:
                 room.release_all()
         elif room is None:
-            self.waiting = WaitingRoom(settings, self.store, self._deliver, self._held_refused, metrics)
+            self.waiting = WaitingRoom(settings, self.store, self._deliver, self._held_refused, metrics,
+                                       self._prefill_estimate)
         else:
             room.reconfigure(settings)
 
@@ -283,6 +283,13 @@ class Director:
             routed.flow = (w.labels.fairness, w.fairness)
         return routed
 
+    def _prefill_estimate(self, w: Waiting) -> int:
+        """The prompt tokens ``w`` would compute now where most of it is cached."""
+        try:
+            return self.scheduler.prefill_estimate(w.request, self._candidates(w.given))
+        except Refused:
+            return 0
+
     def _held_refused(self, w: Waiting, refusal: Refused) -> Refused:
         return self._refused(w.request, w.labels, refusal)
 
@@ -309,8 +316,8 @@ class Director:
         # The prompt tokens the pod has to compute: the prompt less what a prefix scorer found
         # cached there (as the reference's in-flight load counts them).
         cycle = decision.cycle
-        prompt = cycle.get(PROMPT_TOKENS) or len(request.prompt) // CHARS_PER_TOKEN
-        tokens = max(0, prompt - (cycle.get(MATCHED_TOKENS) or {}).get(decision.primary, 0))
+        matched = (cycle.get(MATCHED_TOKENS) or {}).get(decision.primary, 0)
+        tokens = max(0, prompt_tokens(cycle, request.prompt) - matched)
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)

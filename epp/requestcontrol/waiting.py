@@ -100,6 +100,7 @@ def _refusal(outcome: Outcome, priority: int) -> Refused:
 class WaitingRoom:
     def __init__(self, settings: FlowSettings, store: Datastore, deliver: Callable[[Waiting], Routed | Refused],
                  refused: Callable[[Waiting, Refused], Refused], metrics: FlowMetrics | None = None,
+                 estimate: Callable[[Waiting], int] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  timers: Callable[[], Timers | None] = _running_loop) -> None:
         self.controller = FlowController(settings)
@@ -107,6 +108,8 @@ class WaitingRoom:
         self.deliver = deliver  # schedules a dispatched request
         self.refused = refused  # counts and logs a refusal of a held request
         self.metrics = metrics
+        self.estimate = estimate  # the prompt tokens a request would compute (orderings that read it)
+        self._estimates = estimate is not None and settings.reads_prefill_estimate()
         self.clock = clock
         self._timers = timers
         self._timer: asyncio.TimerHandle | None = None
@@ -116,6 +119,7 @@ class WaitingRoom:
 
     def reconfigure(self, settings: FlowSettings) -> None:
         self.controller.reconfigure(settings)
+        self._estimates = self.estimate is not None and settings.reads_prefill_estimate()
         self.pump()
 
     # -- arrivals -----------------------------------------------------------------------------------
@@ -127,6 +131,8 @@ class WaitingRoom:
         given = w.given
         size = len(given.body) if given.body is not None else len(w.request.prompt)
         item = QueuedRequest(w.labels.fairness, w.request.priority, size, w.arrived, w, _slo_seconds(w.request))
+        if self._estimates and self.estimate is not None:
+            item.cost = self.estimate(w)
         outcome, evicted = self.controller.enqueue(item, now)
         for victim in evicted:
             self._left(victim, Outcome.EVICTED_OTHER)

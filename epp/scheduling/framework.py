@@ -28,7 +28,15 @@ from epp.scheduling.contract import (
     Scorer,
     declares,
 )
-from epp.scheduling.types import ConfigError, CycleState, Decision, SchedulingError, Slot
+from epp.scheduling.types import (
+    MATCHED_TOKENS,
+    ConfigError,
+    CycleState,
+    Decision,
+    SchedulingError,
+    Slot,
+    prompt_tokens,
+)
 
 PluginTimer = Callable[[str, str, str, float], None]  # (extension point, plugin type, plugin name, seconds)
 
@@ -136,6 +144,17 @@ class Scheduler:
             cycle=cycle,
             note=note,
         )
+
+    def prefill_estimate(self, request: InferenceRequest, snapshot: Snapshot) -> int:
+        """The prompt tokens ``request`` would compute on the endpoint that has most of it cached
+        now: only the profile's prefix matchers run (no filter, no pick, nothing remembered)."""
+        cycle = CycleState()
+        candidates = list(snapshot.fresh()) or list(snapshot.endpoints)
+        if candidates:
+            for scorer, _ in self.profile.scorers:
+                if MATCHED_TOKENS in scorer.produces:
+                    scorer.score(request, snapshot, candidates, cycle)
+        return max(0, prompt_tokens(cycle, request.prompt) - max((cycle.get(MATCHED_TOKENS) or {}).values(), default=0))
 
     def committed(self, decision: Decision) -> None:
         """The caller sends the request to ``decision.primary``: plugins with memory learn it."""

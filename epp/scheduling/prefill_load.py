@@ -28,8 +28,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import ForgetsEndpoints, ObservesPicks, ObservesPrefill, Scorer
 from epp.scheduling.params import Params
-from epp.scheduling.prefix_index import CHARS_PER_TOKEN
-from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, CycleState, Slot
+from epp.scheduling.types import CHARS_PER_TOKEN, MATCHED_TOKENS, PROMPT_TOKENS, CycleState, Slot
 
 
 class PrefillLoadScorer(Scorer, ObservesPicks, ObservesPrefill, ForgetsEndpoints):

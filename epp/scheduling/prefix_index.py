@@ -20,9 +20,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
-from epp.scheduling.types import MATCHED_TOKENS, CycleState
-
-CHARS_PER_TOKEN = 4
+from epp.scheduling.types import CHARS_PER_TOKEN, MATCHED_TOKENS, CycleState
 
 
 def leading_matches(hashes: Sequence[int], holders_of: Callable[[int], Set[str] | None]) -> dict[str, int]:

@@ -68,6 +68,12 @@ class CycleState:
 # Shared slots. Prefix scorers produce both; the prefill-load scorer consumes them.
 MATCHED_TOKENS: Slot[dict[str, int]] = Slot("prefix-matched-tokens")  # pod -> prompt tokens cached there
 PROMPT_TOKENS: Slot[int] = Slot("prompt-tokens")  # the prompt's exact token count, when tokenized
+CHARS_PER_TOKEN = 4  # the estimate of a prompt's tokens where it was not tokenized
+
+
+def prompt_tokens(cycle: CycleState, prompt: str) -> int:
+    """The prompt's tokens: exact when a plugin tokenized it this cycle, else estimated."""
+    return cycle.get(PROMPT_TOKENS) or len(prompt) // CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True, slots=True)

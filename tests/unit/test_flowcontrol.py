@@ -14,6 +14,7 @@ from epp.flowcontrol.policies import (
     EDFOrdering,
     FCFSOrdering,
     GlobalStrictFairness,
+    LeastPrefillOrdering,
     PriorityHoldback,
     RoundRobinFairness,
     SLODeadlineOrdering,
@@ -97,6 +98,37 @@ def test_edf_orders_by_deadline_and_slo_deadline_by_the_ttft_slo() -> None:
     edf.reconfigure(settings(ordering=p(EDFOrdering), default_ttl=1.0))
     edf.enqueue(item(tag="b"), NOW + 1)  # a shorter budget: an earlier deadline than a's
     assert drain(edf) == ["b", "a"]
+
+
+def cost(tokens: int, tag: str) -> QueuedRequest:
+    it = item(tag=tag)
+    it.cost = tokens
+    return it
+
+
+def test_least_prefill_serves_the_cheapest_first_and_ages_the_costly_ones_up() -> None:
+    fc = FlowController(settings(ordering=p(LeastPrefillOrdering)))
+    fc.enqueue(cost(3000, "cold"), NOW)
+    fc.enqueue(cost(200, "warm"), NOW + 0.1)
+    fc.enqueue(cost(0, "cached"), NOW + 0.2)
+    assert drain(fc) == ["cached", "warm", "cold"]
+    # 1,000 tokens per second waited (the default): a 3,000-token prompt 3 s old goes before a
+    # fresh 200-token one, and ties go by arrival.
+    fc.enqueue(cost(3000, "old-cold"), NOW)
+    fc.enqueue(cost(200, "fresh-warm"), NOW + 3.0)
+    fc.enqueue(cost(200, "fresher-warm"), NOW + 3.0)
+    assert drain(fc) == ["old-cold", "fresh-warm", "fresher-warm"]
+    strict = FlowController(settings(ordering=p(LeastPrefillOrdering, agingTokensPerSecond=0)))
+    strict.enqueue(cost(3000, "old-cold"), NOW)
+    strict.enqueue(cost(200, "fresh-warm"), NOW + 3.0)
+    assert drain(strict) == ["fresh-warm", "old-cold"]
+    assert settings(ordering=p(LeastPrefillOrdering)).reads_prefill_estimate()
+    assert not settings().reads_prefill_estimate()
+    assert settings(bands={5: BandSpec(ordering=p(LeastPrefillOrdering))}).reads_prefill_estimate()
+    with pytest.raises(ConfigError, match="agingTokensPerSecond"):
+        p(LeastPrefillOrdering, agingTokensPerSecond=-1)
+    with pytest.raises(ConfigError, match="agingTokens"):
+        p(LeastPrefillOrdering, agingTokens=5)
 
 
 def test_round_robin_alternates_flows_and_global_strict_keeps_arrival_order() -> None:

@@ -58,6 +58,27 @@ def test_prefix_affinity_after_a_pick_is_recorded() -> None:
         assert d.scores()[first.primary][1]["prefix-cache-scorer"] > 0.9
 
 
+def test_the_prefill_estimate_is_the_prompt_less_the_best_cached_prefix_and_remembers_nothing() -> None:
+    s = scheduler()
+    shared = "system prompt shared by a whole group of requests " * 20  # 1,000 chars: 250 tokens
+    pool = snap(ep("a"), ep("b"))
+    assert s.prefill_estimate(req(shared + "question 1"), pool) == len(shared + "question 1") // 4
+    assert s.prefill_estimate(req(shared + "question 1"), pool) == len(shared + "question 1") // 4  # not recorded
+    s.committed(s.schedule(req(shared + "question 1"), pool))
+    assert s.prefill_estimate(req(shared + "question 2"), pool) < 16  # the shared blocks are cached
+    no_prefix = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+"""
+    assert scheduler(no_prefix).prefill_estimate(req("x" * 400), pool) == 100  # the whole prompt
+
+
 def test_stale_and_failing_endpoints_are_avoided_while_a_fresh_one_exists() -> None:
     s = scheduler()
     stale = ep("stale", kv=0.0, age=5.0)

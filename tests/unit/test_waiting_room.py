@@ -295,6 +295,42 @@ def test_a_request_held_by_the_token_limit_goes_when_the_prefill_ahead_is_done()
     assert len(answers.got) == 1 and isinstance(answers.got[0], Routed) and not first.done
 
 
+LEAST_PREFILL = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: prefix-cache-scorer
+  parameters: {blockSizeTokens: 16}
+- type: least-prefill-ordering-policy
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 1}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  defaultPriorityBand: {orderingPolicyRef: least-prefill-ordering-policy}
+"""
+
+
+def test_least_prefill_ordering_dispatches_a_warm_prompt_before_an_earlier_cold_one() -> None:
+    d, clock, _ = setup(LEAST_PREFILL, ADDRS[:1])
+    chat = "the conversation so far " * 100
+    first = d.submit(req(prompt=chat), ready=Answers())
+    assert isinstance(first, Routed)
+    cold, warm = Answers(), Answers()
+    assert isinstance(d.submit(req(prompt="a prompt nobody sent before " * 100), ready=cold), Waiting)
+    clock.now += 0.1
+    assert isinstance(d.submit(req(prompt=chat + " and one more question"), ready=warm), Waiting)
+    first.finish()
+    assert len(warm.got) == 1 and cold.got == []  # the pod has the chat cached: it goes first
+    assert isinstance(warm.got[0], Routed)
+    warm.got[0].finish()
+    assert len(cold.got) == 1
+
+
 def test_the_probabilistic_admitter_sheds_sheddable_requests_by_saturation() -> None:
     from epp.requestcontrol.admitters import ProbabilisticAdmitter
     from epp.scheduling.params import Params
