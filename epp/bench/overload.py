@@ -61,17 +61,20 @@ DETECTORS = {
     # The reference's default detector and thresholds (scraped queue 5, KV 0.8).
     "utilization": "- type: utilization-detector\n  name: detector\n  parameters: {metricsStalenessThreshold: 1s}\n",
     # epp's own account of each pod's in-flight requests and of the prompt tokens it still has to
-    # prefill (uncached ones): the work ahead of a new request's first token.
+    # prefill (uncached ones): the work ahead of a new request's first token. 2,000 tokens are
+    # ~160 ms of prefill on the a100 preset: a pod takes one cold prompt or a few warm ones at a
+    # time (4,500 let two cold prompts share each 500 ms step, and every decode in it waited too).
     "concurrency": "- type: concurrency-detector\n  name: detector\n"
-                   "  parameters: {concurrencyMode: hybrid, maxConcurrency: 64, maxTokenConcurrency: 4500}\n",
+                   "  parameters: {concurrencyMode: hybrid, maxConcurrency: 64, maxTokenConcurrency: 2000}\n",
 }
 
 
 def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_endpoint_ttl: str = "30s",
-                detector: str = "concurrency", holdback: float | None = None) -> str:
+                detector: str = "concurrency", holdback: float | None = None,
+                ordering: str = "least-prefill-ordering-policy") -> str:
     """The default profile with flow control on: the detector (also a filter of the profile), a
-    queue budget ``ttl``; with ``holdback``, the priority-holdback usage limit (lower bands gated
-    from that saturation, the top band at 1.0)."""
+    queue budget ``ttl``, the bands' ``ordering``; with ``holdback``, the priority-holdback usage
+    limit (lower bands gated from that saturation, the top band at 1.0)."""
     kind, _, params = detector.partition(":")
     spec = DETECTORS[kind] if not params else f"- type: {kind}-detector\n  name: detector\n  parameters: {params}\n"
     return f"""\
@@ -84,6 +87,7 @@ plugins:
 - type: prefix-cache-scorer
 - type: max-score-picker
 {spec}- type: {fairness}
+- type: {ordering}
 {f"- type: priority-holdback-policy{chr(10)}  parameters: {{minCeiling: {holdback}}}{chr(10)}" if holdback else ""}
 schedulingProfiles:
 - name: default
@@ -97,7 +101,7 @@ flowControl:
   saturationDetector: {{pluginRef: detector}}
   defaultRequestTTL: {ttl}
   noEndpointRequestTTL: {no_endpoint_ttl}
-  defaultPriorityBand: {{fairnessPolicyRef: {fairness}}}
+  defaultPriorityBand: {{fairnessPolicyRef: {fairness}, orderingPolicyRef: {ordering}}}
 {"  usageLimitPolicyPluginRef: priority-holdback-policy" + chr(10) if holdback else ""}"""
 
 
@@ -118,6 +122,9 @@ class OverloadOptions:
     capacity_seconds: float = 20.0
     max_seconds: float = 180.0
     detector: str = "concurrency"  # DETECTORS key
+    # The flow-control runs' ordering within a flow: epp's least-prefill (cheapest first), or a
+    # reference one (fcfs-ordering-policy, edf-ordering-policy).
+    ordering: str = "least-prefill-ordering-policy"
     workload: str = "bursty"  # of the overload and priority scenarios
     params: WorkloadParams = field(default_factory=WorkloadParams)
 
@@ -272,7 +279,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
     result["meta"]["capacity_rps"] = round(cap, 2)
     print(f"epp bench overload: capacity {cap:.1f} req/s", file=sys.stderr, flush=True)
     b = Bench(out, o, router_cores, cap)
-    on = flow_config(o.ttl, detector=o.detector)
+    on = flow_config(o.ttl, detector=o.detector, ordering=o.ordering)
     if "overload" in o.scenarios:
         trace = build(o.workload, o.requests, cap * 1.6, o.seed, o.params)
         off_r, _ = await b.run("overload", "epp", trace)
@@ -293,7 +300,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         off_r, _ = await b.run("priority", "epp", trace, None, CRITICAL_OBJECTIVE)
         # The reference's tool for this: priority-holdback keeps standard traffic under 0.6 of the
         # set point, so a critical request finds room at once.
-        held = flow_config(o.ttl, detector=o.detector, holdback=0.6)
+        held = flow_config(o.ttl, detector=o.detector, ordering=o.ordering, holdback=0.6)
         on_r, _ = await b.run("priority", "epp-flow-control", trace, held, CRITICAL_OBJECTIVE)
         idle_r, _ = await b.run("priority", "epp-critical-alone", alone, None, CRITICAL_OBJECTIVE)
         off_p90 = _p90(off_r, labelled("critical"))
@@ -309,7 +316,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         bt = build("zipf", int(o.requests * 0.25), cap * 0.3, o.seed + 3, o.params)
         tag(bt, {"x-llm-d-inference-fairness-id": "tenant-b"}, 1.0, 0, "tenant-b")
         both = merge(a, bt)
-        rr = flow_config(o.ttl, "round-robin-fairness-policy", detector=o.detector)
+        rr = flow_config(o.ttl, "round-robin-fairness-policy", detector=o.detector, ordering=o.ordering)
         off_r, _ = await b.run("fairness", "epp", both)
         on_r, elapsed_on = await b.run("fairness", "epp-flow-control", both, rr)
         alone_r, _ = await b.run("fairness", "epp-flow-control-b-alone", bt, rr)
@@ -329,7 +336,7 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         rate = max(1.0, cap * 0.3)
         trace = build("zipf", int(rate * 12), rate, o.seed + 4, o.params)
         # The waiting room with the default queue budget (60 s): the backlog drains once pods appear.
-        zero = flow_config("60s", detector=o.detector)
+        zero = flow_config("60s", detector=o.detector, ordering=o.ordering)
         zero_on, _ = await b.run("scale-from-zero", "epp-flow-control", trace, zero, endpoints_later=5.0)
         zero_off, _ = await b.run("scale-from-zero", "epp", trace, None, endpoints_later=5.0)
         early = [r for r in zero_on if r.sent_s < 5.0]
