@@ -28,10 +28,11 @@ from epp.flowcontrol.policies import FLOW_POLICIES
 from epp.requestcontrol import admission as request_contract
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.admitters import ADMITTERS
-from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, declares
+from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, UsesPrefixProducer, declares
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
+from epp.scheduling.prefix_producer import EARLY_2026, REFERENCE_DEFAULTS, ApproxPrefixProducer
 from epp.scheduling.registry import SCHEDULING, PluginRegistry, PluginType, check_contract
 from epp.scheduling.types import ConfigError
 
@@ -142,6 +143,7 @@ class PickerConfig:
     detector_ref: str = flow_config.DEFAULT_DETECTOR  # admission's and flow control's saturation detector
     flow: flow_config.FlowPlan | None = None  # flow control (None: the flowControl gate is off)
     admitter_refs: tuple[str, ...] = ()  # every admitter plugin listed, in order
+    early_dialect: bool = False  # an older apiVersion: a bare prefix-cache-scorer keeps the early-2026 index
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -173,7 +175,32 @@ class PickerConfig:
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
         picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
             "max-score-picker", Params({}, "picker"))
+        self._bind_producers([*filters, *(s for s, _ in scorers)], instance, instances, old)
         return Scheduler(Profile(self.profile_name, scorers, picker, filters)), instances
+
+    def _bind_producers(self, users: list[Any], instance: Callable[[PluginSpec], Any], instances: dict[str, Any],
+                        old: Mapping[str, Any]) -> None:
+        """Each plugin that reads a prefix producer gets the one it names, the config's only one,
+        or one with the reference's defaults (kept across reloads like any plugin)."""
+        users = [u for u in users if declares(u, UsesPrefixProducer) and not u.own_index]
+        if not users:
+            return
+        listed = [spec for spec in self.plugins.values() if spec.type.role == "prefix producer"]
+        bound: list[Any] = []
+        for user in users:
+            if user.producer_name is not None:
+                producer = instance(self.plugins[user.producer_name])
+            elif listed:
+                producer = instance(listed[0])
+            else:
+                k = f"{ApproxPrefixProducer.type_name}/(made)/{'early-2026' if self.early_dialect else 'reference'}"
+                producer = instances.get(k) or old.get(k) or ApproxPrefixProducer.with_limits(
+                    ApproxPrefixProducer.type_name, EARLY_2026 if self.early_dialect else REFERENCE_DEFAULTS)
+                instances[k] = producer
+            if not any(producer is b for b in bound):
+                producer.reporter = None
+                bound.append(producer)
+            user.bind_producer(producer)
 
     def runtime(self, instances: Mapping[str, Any]) -> Runtime:
         """The request-control side of the config, from ``build``'s instances."""
@@ -357,11 +384,30 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                 raise ConfigError(f"{spec.path}", f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
             data_refs[spec.type.role] = spec.name
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
+    _check_producer_refs(plugins)
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
                        hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
-                       admitter_refs)
+                       admitter_refs, api != API_VERSIONS[0])
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
+
+
+def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:
+    """A prefix producer a plugin names exists and is one; unnamed, there is at most one."""
+    producers = [spec.name for spec in plugins.values() if spec.type.role == "prefix producer"]
+    for spec in plugins.values():
+        if not declares(spec.instance, UsesPrefixProducer):
+            continue
+        named = spec.instance.producer_name
+        path = f"{spec.path}.parameters.prefixMatchInfoProducerName"
+        if named is not None:
+            if named not in plugins:
+                raise ConfigError(path, f"no plugin named {show(named)} in plugins")
+            if plugins[named].type.role != "prefix producer":
+                raise ConfigError(path, f"{show(named)} is a {plugins[named].type.role}, not a prefix producer")
+        elif len(producers) > 1 and not spec.instance.own_index:
+            raise ConfigError(path, f"required: the config has {len(producers)} prefix producers "
+                                    f"({', '.join(producers)})")
 
 
 def _flow_control(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], registry: PluginRegistry,

@@ -24,6 +24,7 @@ from epp.scheduling.types import CycleState, Slot
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
+    from epp.scheduling.prefix_producer import PrefixMatch
     from epp.signals.kvevents import BlockIndex, KVEventsSpec
     from epp.signals.mappings import EngineMapping
     from epp.signals.scraper import ScrapeTarget
@@ -74,6 +75,13 @@ class DataSource(Plugin, Protocol):
     def scrape_interval(self) -> float | None: ...
 
 
+class PrefixProducer(Plugin, Protocol):
+    """Prepares the prefix match of a request on each candidate (the reference's
+    PrefixCacheMatchInfo), for the scorers that name it; listed under plugins only."""
+
+    def match(self, request: InferenceRequest, candidates: list[EndpointState], cycle: CycleState) -> PrefixMatch: ...
+
+
 class MetricsExtractor(Plugin, Protocol):
     """Which series carry the routing signals, per endpoint (data layer; under plugins only)."""
 
@@ -82,7 +90,8 @@ class MetricsExtractor(Plugin, Protocol):
 
 ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
-                                            (MetricsExtractor, "metrics extractor"))
+                                            (MetricsExtractor, "metrics extractor"),
+                                            (PrefixProducer, "prefix producer"))
 
 
 # -- hooks: the request's life after the decision ---------------------------------------------------
@@ -110,6 +119,17 @@ class ObservesUsage(Protocol):
     def usage_injected(self) -> bool: ...
 
     def on_usage(self, endpoint: str, cycle: CycleState, cached_tokens: int) -> None: ...
+
+
+class UsesPrefixProducer(Protocol):
+    """Reads a prefix producer's matches: ``producer_name`` is the one it names (None: the
+    config's only one, or one made with the reference's defaults); the loader binds it, unless
+    it has ``own_index`` (the early-2026 form)."""
+
+    producer_name: str | None
+    own_index: bool
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None: ...
 
 
 class ForgetsEndpoints(Protocol):
@@ -153,12 +173,13 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ForgetsEndpoints, ("on_endpoint_removed",)),
     (LoadsResources, ("load",)),
     (HoldsPrefixIndex, ("prefix_index_size",)),
+    (UsesPrefixProducer, ("bind_producer",)),
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
-                                                  MetricsExtractor: ("engine_mapping",)}
+                                                  MetricsExtractor: ("engine_mapping",), PrefixProducer: ("match",)}
 
 
 def declares(plugin: object, hook: type[Any]) -> bool:

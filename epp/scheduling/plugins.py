@@ -9,12 +9,22 @@ from typing import Any, ClassVar
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, ObservesPicks, Picker, ProfileHandler, Scorer
+from epp.scheduling.balance import spread_hot_prefixes
+from epp.scheduling.contract import (
+    ForgetsEndpoints,
+    HoldsPrefixIndex,
+    ObservesPicks,
+    Picker,
+    PrefixProducer,
+    ProfileHandler,
+    Scorer,
+    UsesPrefixProducer,
+)
 from epp.scheduling.filters import FILTERS
-from epp.scheduling.params import ENDPOINTS_PER_PICK_LIMIT, INT_LIMIT, Params
+from epp.scheduling.params import BLOCKS_TO_MATCH_LIMIT, ENDPOINTS_PER_PICK_LIMIT, INT_LIMIT, Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
-from epp.scheduling.prefix_index import ApproximatePrefix
+from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
 from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot
 
 log = logging.getLogger("epp.plugins")
@@ -121,38 +131,75 @@ class RunningRequestsScorer(_NoParams, Scorer):
         return _minmax_low_is_good([float(inflight.get(c.address, 0)) for c in candidates])
 
 
-class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixIndex):
-    """Approximate prefix affinity: matched leading blocks / prompt blocks, from where epp sent
-    earlier prompts, with hot prefixes spread over less busy pods (epp.scheduling.balance;
-    ``balanceAbsThreshold`` < 0 turns that off). The pick records the request's blocks on the
-    chosen endpoint."""
+LEGACY_INDEX_PARAMS = ("blockSizeTokens", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
+
+
+class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixIndex, UsesPrefixProducer):
+    """Prefix affinity from an approximate prefix producer: (1 - matchLengthWeight) x matched
+    blocks / prompt blocks + matchLengthWeight x min(1, matched tokens / matchLengthScaleTokens)^2
+    (the reference's formula; weight 0 by default), with hot prefixes spread over less busy pods
+    (epp's own, epp.scheduling.balance; ``balanceAbsThreshold`` < 0 turns it off). The producer is
+    the one ``prefixMatchInfoProducerName`` names, or the config's only one, or one the loader
+    makes; the early-2026 form gives the index parameters here instead (its own index). The pick
+    records the request's blocks on the chosen endpoint."""
 
     type_name: ClassVar[str] = "prefix-cache-scorer"
     produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
-        self.approx = ApproximatePrefix.from_params(params)
-        params.bool("autoTune", True)  # accepted for compatibility with the reference
+        self.producer_name = params.text("prefixMatchInfoProducerName") or None
+        self.weight = params.float("matchLengthWeight", 0.0, minimum=0.0, maximum=1.0)
+        self.scale = params.int("matchLengthScaleTokens", 8192, minimum=0, maximum=BLOCKS_TO_MATCH_LIMIT * 64)
+        if self.weight > 0 and self.scale <= 0:
+            raise ConfigError(f"{params.path}.matchLengthScaleTokens", "must be > 0 when matchLengthWeight is > 0")
+        self.balance_abs = params.float("balanceAbsThreshold", 4.0)
+        self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
+        legacy = [k for k in LEGACY_INDEX_PARAMS if k in params.names()]
+        self.producer: ApproxPrefixProducer | None = None
+        self.own_index = bool(legacy)
+        if legacy:
+            if self.producer_name:
+                raise ConfigError(f"{params.path}.{legacy[0]}", "an index parameter of the early-2026 form: with "
+                                  "prefixMatchInfoProducerName, set it on the approx-prefix-cache-producer")
+            self.producer = ApproxPrefixProducer.early_2026(name, params)
         params.done()
-        self._hashes: Slot[list[int]] = Slot(f"{name}/hashes")
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None:
+        if not self.own_index:
+            assert isinstance(producer, ApproxPrefixProducer)
+            self.producer = producer
+            if producer.reporter is None:  # the index's size is counted once, however many read it
+                producer.reporter = self
+
+    def _producer(self) -> ApproxPrefixProducer:
+        if self.producer is None:  # built outside the loader: the early-2026 defaults
+            self.producer = ApproxPrefixProducer.with_limits(self.name, EARLY_2026)
+        return self.producer
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        hashes = self.approx.hashes(request)
-        cycle.put(self._hashes, hashes)
-        return self.approx.score(hashes, snapshot, candidates, cycle)
+        m = self._producer().match(request, candidates, cycle)
+        total = m.total
+        if not total:
+            return [0.0] * len(candidates)
+        blocks, w = m.blocks, self.weight
+        ratios = [blocks.get(c.address, 0) / total for c in candidates]
+        if w:
+            size, scale = m.block_tokens, self.scale
+            ratios = [(1 - w) * r + w * min(1.0, blocks.get(c.address, 0) * size / scale) ** 2
+                      for r, c in zip(ratios, candidates, strict=True)]
+        return spread_hot_prefixes(ratios, snapshot, candidates, self.balance_abs, self.balance_rel)
 
     def on_pick(self, endpoint: str, cycle: CycleState) -> None:
-        hashes = cycle.get(self._hashes)
-        if hashes:
-            self.approx.index.record(endpoint, hashes)
+        self._producer().record(endpoint, cycle)
 
     def on_endpoint_removed(self, endpoint: str) -> None:
-        self.approx.index.forget(endpoint)
+        self._producer().on_endpoint_removed(endpoint)
 
     def prefix_index_size(self) -> int:
-        return self.approx.index.size()
+        p = self._producer()
+        return p.prefix_index_size() if self.own_index or p.reporter is self else 0
 
 
 class _Picker:
@@ -211,4 +258,4 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
     PrefixCacheScorer, PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker,
-    WeightedRandomPicker, SingleProfileHandler, *FILTERS)
+    WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

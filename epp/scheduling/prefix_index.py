@@ -56,6 +56,7 @@ class PrefixIndex:
         self.block_chars = block_size_tokens * CHARS_PER_TOKEN
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
+        self.capacities: dict[str, int] = {}  # per endpoint, where it differs (its own GPU blocks)
         self._holders: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
 
@@ -81,13 +82,14 @@ class PrefixIndex:
         lru = self._lru.get(address)
         if lru is None:
             lru = self._lru[address] = OrderedDict()
+        capacity = self.capacities.get(address, self.lru_capacity)
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
                 continue
             lru[h] = None
             self._holders.setdefault(h, set()).add(address)
-            if len(lru) > self.lru_capacity:
+            if len(lru) > capacity:
                 old, _ = lru.popitem(last=False)
                 holders = self._holders.get(old)
                 if holders is not None:

@@ -204,7 +204,8 @@ def test_contract_violations_are_named(bases: tuple[type[Any], ...], members: di
 
 def test_every_builtin_follows_the_contract() -> None:
     roles = {check_contract(cls).role for cls in (*BUILTIN, *DATA_LAYER)}
-    assert roles == {"filter", "scorer", "picker", "profile handler", "data source", "metrics extractor"}
+    assert roles == {"filter", "scorer", "picker", "profile handler", "data source", "metrics extractor",
+                     "prefix producer"}
 
 
 # -- plugins built once, loaded off the loop ------------------------------------------------------
@@ -274,12 +275,15 @@ def test_the_example_package_is_installed_and_parsed_strictly() -> None:
 
 @pytest.mark.parametrize("scorer", ["prefix-cache-scorer", "precise-prefix-cache-scorer"])
 def test_both_prefix_scorers_read_the_shared_parameters_alike(scorer: str) -> None:
-    """One reading (ApproximatePrefix.from_params): same names, defaults, bounds and errors."""
+    """The early-2026 index parameters: same names, defaults, bounds and errors on both."""
     text = config(f"- type: {scorer}\n  parameters: {{PARAMS}}", f"  - {{pluginRef: {scorer}, weight: 1}}")
     s, _ = parse_config(text.replace("{PARAMS}", "")).build()
-    approx = s.profile.scorers[0][0].approx  # type: ignore[attr-defined]
-    assert (approx.index.block_chars, approx.index.max_blocks, approx.index.lru_capacity) == (64, 256, 31250)
-    assert (approx.balance_abs, approx.balance_rel) == (4.0, 1.5)
+    plugin: Any = s.profile.scorers[0][0]
+    holder = plugin.producer if scorer == "prefix-cache-scorer" else plugin.approx  # an older apiVersion
+    index = holder.index
+    assert (index.block_chars, index.max_blocks, index.lru_capacity) == (64, 256, 31250)
+    balance = plugin if scorer == "prefix-cache-scorer" else plugin.approx
+    assert (balance.balance_abs, balance.balance_rel) == (4.0, 1.5)
     for bad in ("blockSizeTokens: 0", "lruCapacityPerServer: 1e14", "maxPrefixBlocksToMatch: x",
                 "balanceRelThreshold: 0.5"):
         field = bad.split(":")[0]

@@ -1,0 +1,167 @@
+"""``approx-prefix-cache-producer``: the approximate prefix index as its own plugin, read by the
+``prefix-cache-scorer`` (and, later, filters) that name it (the reference's data producer).
+
+Parameters, with the reference's names and defaults: ``autoTune`` (true: the block size is the
+pods' own, from their ``cache_config_info``, and each pod's index holds as many blocks as the pod
+has GPU blocks), ``blockSizeTokens`` (16; the deprecated ``blockSize`` maps into it),
+``maxPrefixTokensToMatch`` (131,072; it wins when > 0), ``maxPrefixBlocksToMatch`` (2,048,
+used when the token cap is 0; both 0 match the whole prompt), ``lruCapacityPerServer`` (31,250).
+As in the reference, a block is never smaller than 64 tokens (one index entry per pod and block:
+a small block size would multiply the index's memory).
+
+The early-2026 form, the index parameters on the ``prefix-cache-scorer`` itself (or a bare scorer
+in a document of the older apiVersions), is ``EARLY_2026``: 16-token blocks kept as given, 256
+blocks matched, the same autoTune.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from epp.datastore.endpoint import EndpointState
+from epp.request import InferenceRequest
+from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
+from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
+from epp.scheduling.prefix_index import PrefixIndex
+from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCK_TOKENS = 64  # the reference's floor (llm-d-router#1158)
+TOKEN_CAP_LIMIT = BLOCKS_TO_MATCH_LIMIT * 64
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """One request against the index: its block hashes, and each candidate's leading matches."""
+
+    hashes: list[int]
+    blocks: dict[str, int]  # endpoint -> leading blocks it holds
+    block_tokens: int
+
+    @property
+    def total(self) -> int:
+        return len(self.hashes)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    auto_tune: bool
+    block_tokens: int
+    max_tokens: int  # 0: use max_blocks
+    max_blocks: int  # 0 (with max_tokens 0): the whole prompt
+    lru_capacity: int
+    min_block_tokens: int
+
+
+REFERENCE_DEFAULTS = Limits(True, 16, 131072, 2048, 31250, MIN_BLOCK_TOKENS)
+EARLY_2026 = Limits(True, 16, 0, 256, 31250, 1)
+
+
+class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
+    type_name: ClassVar[str] = "approx-prefix-cache-producer"
+    produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        auto = params.bool("autoTune", True)
+        block = params.int("blockSizeTokens", 16, minimum=1, maximum=BLOCK_SIZE_LIMIT)
+        deprecated = params.int("blockSize", 0, minimum=0, maximum=BLOCK_SIZE_LIMIT)
+        if deprecated:
+            log.warning("%s.blockSize is deprecated; use blockSizeTokens", params.path)
+            if block == 16:
+                block = deprecated
+        limits = Limits(auto, block, params.int("maxPrefixTokensToMatch", 131072, minimum=0, maximum=TOKEN_CAP_LIMIT),
+                        params.int("maxPrefixBlocksToMatch", 2048, minimum=0, maximum=BLOCKS_TO_MATCH_LIMIT),
+                        params.int("lruCapacityPerServer", 31250, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT),
+                        MIN_BLOCK_TOKENS)
+        params.done()
+        if block < MIN_BLOCK_TOKENS and not auto:
+            log.warning("%s.blockSizeTokens %d is below the minimum: %d-token blocks are used", params.path,
+                        block, MIN_BLOCK_TOKENS)
+        self._setup(limits)
+
+    @classmethod
+    def with_limits(cls, name: str, limits: Limits) -> ApproxPrefixProducer:
+        """A producer the loader makes (no config entry of its own)."""
+        self = cls.__new__(cls)
+        self.name = name
+        self._setup(limits)
+        return self
+
+    @classmethod
+    def early_2026(cls, name: str, params: Params) -> ApproxPrefixProducer:
+        """The index parameters as the early-2026 ``prefix-cache-scorer`` took them."""
+        e = EARLY_2026
+        limits = Limits(params.bool("autoTune", e.auto_tune),
+                        params.int("blockSizeTokens", e.block_tokens, minimum=1, maximum=BLOCK_SIZE_LIMIT), 0,
+                        params.int("maxPrefixBlocksToMatch", e.max_blocks, minimum=1, maximum=BLOCKS_TO_MATCH_LIMIT),
+                        params.int("lruCapacityPerServer", e.lru_capacity, minimum=1, maximum=BLOCKS_PER_SERVER_LIMIT),
+                        e.min_block_tokens)
+        return cls.with_limits(name, limits)
+
+    def _setup(self, limits: Limits) -> None:
+        self.limits = limits
+        self.index = self._index(max(limits.block_tokens, limits.min_block_tokens))
+        self._match: Slot[PrefixMatch] = Slot(f"{self.name}/match")
+        self._recorded: Slot[bool] = Slot(f"{self.name}/recorded")
+        self.reporter: object | None = None  # the scorer that reports the index's size (the loader sets it)
+
+    def _index(self, block_tokens: int) -> PrefixIndex:
+        lim = self.limits
+        # The token cap wins; both caps 0 match the whole prompt.
+        blocks = lim.max_tokens // block_tokens if lim.max_tokens else lim.max_blocks or BLOCKS_TO_MATCH_LIMIT
+        return PrefixIndex(block_tokens, blocks, lim.lru_capacity)
+
+    def block_tokens(self, candidates: list[EndpointState]) -> int:
+        """The block size in use: the pods' own with autoTune (the first candidate that reports
+        one), else the configured one; never under the floor."""
+        lim = self.limits
+        size = lim.block_tokens
+        if lim.auto_tune:
+            for c in candidates:
+                if c.signals is not None and c.signals.block_size:
+                    size = c.signals.block_size
+                    break
+        return max(size, lim.min_block_tokens)
+
+    def match(self, request: InferenceRequest, candidates: list[EndpointState], cycle: CycleState) -> PrefixMatch:
+        """The request's match (once per cycle, however many scorers read it); it also puts
+        MATCHED_TOKENS (endpoint -> estimated cached prompt tokens)."""
+        done = cycle.get(self._match)
+        if done is not None:
+            return done
+        size = self.block_tokens(candidates)
+        index = self.index
+        if size != index.block_chars // 4:
+            log.info("%s: prefix blocks of %d tokens from now on (was %d): the index starts over", self.name,
+                     size, index.block_chars // 4)
+            index = self.index = self._index(size)
+        if self.limits.auto_tune:
+            caps = index.capacities
+            for c in candidates:
+                n = c.signals.num_gpu_blocks if c.signals is not None else None
+                if n and caps.get(c.address) != n:
+                    caps[c.address] = min(n, BLOCKS_PER_SERVER_LIMIT)
+        hashes = index.hashes(request.model, request.prompt) if request.prompt else []
+        blocks = index.match_lengths(hashes) if hashes else {}
+        m = PrefixMatch(hashes, blocks, size)
+        cycle.put(self._match, m)
+        cycle.put(MATCHED_TOKENS, {a: n * size for a, n in blocks.items()})
+        return m
+
+    def record(self, endpoint: str, cycle: CycleState) -> None:
+        """The request went to ``endpoint``: its blocks are cached there now (once per cycle)."""
+        m = cycle.get(self._match)
+        if m is not None and m.hashes and not cycle.get(self._recorded):
+            cycle.put(self._recorded, True)
+            self.index.record(endpoint, m.hashes)
+
+    def on_endpoint_removed(self, endpoint: str) -> None:
+        self.index.forget(endpoint)
+        self.index.capacities.pop(endpoint, None)
+
+    def prefix_index_size(self) -> int:
+        return self.index.size()
