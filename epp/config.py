@@ -48,8 +48,7 @@ FEATURE_GATES: dict[str, tuple[bool, tuple[bool, str] | None]] = {
     "haPopulateNonLeaderDatastore": (False, (False, "epp's standby replicas always discover and scrape the pool")),
 }
 # Sections of the reference's schema epp does not read yet: refused, never ignored.
-NOT_YET = {"dataLayer": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
-           "data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
+NOT_YET = {"data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
            "requestHandler": "epp parses OpenAI chat and completions requests itself",
            "parser": "epp parses OpenAI chat and completions requests itself"}
 KIND = "EndpointPickerConfig"
@@ -58,6 +57,21 @@ NOT_SUPPORTED_TYPES = {
     "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
+    **dict.fromkeys(("disagg-profile-handler", "pd-profile-handler", "prefix-based-pd-decider",
+                     "always-disagg-pd-decider", "prefill-header-handler", "disagg-headers-handler"),
+                    "prefill/decode disaggregation is not implemented yet"),
+    "data-parallel-profile-handler": "data-parallel routing is not implemented yet",
+    **dict.fromkeys(("always-disagg-multimodal-decider", "encode-filter", "mm-embeddings-cache-producer"),
+                    "multimodal encode disaggregation is not implemented"),
+    **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
+                    "topology-aware routing is not implemented"),
+}
+# The dataLayer fields epp does not implement, with the reason.
+DATA_LAYER_NOT_SUPPORTED = {
+    "discovery": "epp discovers endpoints from its flags (--endpoints, --endpoints-file, --pool-name)",
+    "peerDiscovery": "epp replicas share no state (one leader serves)",
+    "crossReplicaSyncerPluginRef": "epp replicas share no state (one leader serves)",
+    "crossReplicaSyncInterval": "epp replicas share no state (one leader serves)",
 }
 
 DEFAULT_CONFIG = """\
@@ -301,7 +315,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         raw = {}
     _expect(raw, dict, "(root)", "a mapping")
     _no_unknown(raw, {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
-                      "flowControl", *NOT_YET}, "")
+                      "flowControl", "dataLayer", *NOT_YET}, "")
     for section, why in NOT_YET.items():
         if section in raw:
             raise ConfigError(section, f"not supported by epp ({why})")
@@ -377,12 +391,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         else:
             raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
     detector, flow = _flow_control(raw, plugins, registry, enabled["flowControl"])
-    data_refs: dict[str, str] = {}  # role -> plugin name
-    for spec in plugins.values():
-        if spec.type.role in ("data source", "metrics extractor"):
-            if spec.type.role in data_refs:
-                raise ConfigError(f"{spec.path}", f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
-            data_refs[spec.type.role] = spec.name
+    data_refs = _data_layer(raw.get("dataLayer"), plugins)
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
     _check_producer_refs(plugins)
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
@@ -390,6 +399,63 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                        admitter_refs, api != API_VERSIONS[0])
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
+
+
+def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, str]:
+    """The metrics source and extractor (role -> plugin name): the ones ``dataLayer.sources``
+    names, else the ones listed under plugins (at most one of each; none: the flags' defaults)."""
+    data_refs: dict[str, str] = {}
+    listed = [spec for spec in plugins.values() if spec.type.role in ("data source", "metrics extractor")]
+    inject = _data_layer_fields(section) if section is not None else True
+    if section is None or (not section.get("sources") and inject):
+        for spec in listed:
+            if spec.type.role in data_refs:
+                raise ConfigError(spec.path, f"a second {spec.type.role} ({data_refs[spec.type.role]!r} is one)")
+            data_refs[spec.type.role] = spec.name
+        return data_refs
+
+    def ref(value: Any, path: str, role: str) -> str:
+        _expect(value, dict, path, "a mapping")
+        name = value.get("pluginRef")
+        _expect(name, str, f"{path}.pluginRef", "a plugin name")
+        if name not in plugins:
+            raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
+        if plugins[name].type.role != role:
+            raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {plugins[name].type.role}, not a {role}")
+        return str(name)
+
+    for i, source in enumerate(_expect(section.get("sources") or [], list, "dataLayer.sources", "a list")):
+        path = f"dataLayer.sources[{i}]"
+        _no_unknown(_expect(source, dict, path, "a mapping"), {"pluginRef", "extractors"}, path)
+        if "data source" in data_refs:
+            raise ConfigError(path, f"a second data source ({data_refs['data source']!r} is one)")
+        data_refs["data source"] = ref(source, path, "data source")
+        extractors = _expect(source.get("extractors") or [], list, f"{path}.extractors", "a list")
+        for j, extractor in enumerate(extractors):
+            epath = f"{path}.extractors[{j}]"
+            _no_unknown(_expect(extractor, dict, epath, "a mapping"), {"pluginRef"}, epath)
+            if "metrics extractor" in data_refs:
+                raise ConfigError(epath, f"a second metrics extractor ({data_refs['metrics extractor']!r} is one)")
+            data_refs["metrics extractor"] = ref(extractor, epath, "metrics extractor")
+    if "data source" not in data_refs and not inject:
+        raise ConfigError("dataLayer.injectDefaults", "false with no metrics source is not supported by epp (its "
+                                                      "scorers and detectors read the pods' metrics)")
+    for spec in listed:
+        if spec.name not in data_refs.values():
+            raise ConfigError(spec.path, f"{spec.type.role} {spec.name!r} is not named in dataLayer.sources")
+    return data_refs
+
+
+def _data_layer_fields(section: Any) -> bool:
+    """The section's own fields; returns injectDefaults."""
+    _expect(section, dict, "dataLayer", "a mapping")
+    _no_unknown(section, {"injectDefaults", "sources", *DATA_LAYER_NOT_SUPPORTED}, "dataLayer")
+    for key, why in DATA_LAYER_NOT_SUPPORTED.items():
+        if section.get(key) is not None:
+            raise ConfigError(f"dataLayer.{key}", f"not supported by epp ({why})")
+    inject = section.get("injectDefaults", True)
+    _expect(inject, bool, "dataLayer.injectDefaults", "true or false")
+    return bool(inject)
 
 
 def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:
