@@ -179,3 +179,64 @@ async def test_http_https_path_port_and_the_pods_engine(servers: dict[str, objec
     # An sglang exposition read with vLLM's names (no label) is a clear failure, not zeros.
     _, err = await scrape(config(f"{{path: /custom, port: {plain}}}"), f"127.0.0.1:{other}")
     assert err is not None and "vllm:num_requests_waiting" in err
+
+
+DATA_LAYER = """apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- {name: scrape, type: metrics-data-source, parameters: {path: /stats}}
+- {name: vllm, type: core-metrics-extractor}
+dataLayer:
+  SECTION
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+"""
+
+
+def data_layer(section: str) -> str:
+    return DATA_LAYER.replace("SECTION", section.replace("\n", "\n  "))
+
+
+def test_the_data_layer_section_names_the_source_and_its_extractor() -> None:
+    built = build(parse_config(data_layer("sources:\n- pluginRef: scrape\n  extractors: [{pluginRef: vllm}]")))
+    source, extractor = built.data_layer()
+    assert isinstance(source, MetricsDataSource) and source.scrape_target().path == "/stats"
+    assert isinstance(extractor, CoreMetricsExtractor)
+    # No sources: the ones under plugins, as the reference's default injection finds them.
+    source, _ = build(parse_config(data_layer("injectDefaults: true"))).data_layer()
+    assert isinstance(source, MetricsDataSource)
+
+
+@pytest.mark.parametrize(("section", "error"), [
+    ("discovery: {pluginRef: file-discovery}", r"dataLayer\.discovery: not supported by epp"),
+    ("crossReplicaSyncerPluginRef: redis", r"dataLayer\.crossReplicaSyncerPluginRef: not supported by epp"),
+    ("sources:\n- pluginRef: vllm", r"dataLayer\.sources\[0\]\.pluginRef: 'vllm' is a metrics extractor, not a data"),
+    ("sources:\n- pluginRef: scrape\n  extractors: [{pluginRef: nope}]",
+     r"dataLayer\.sources\[0\]\.extractors\[0\]\.pluginRef: no plugin named 'nope'"),
+    ("sources:\n- pluginRef: scrape", r"plugins\[2\]: metrics extractor 'vllm' is not named in dataLayer\.sources"),
+    ("sources:\n- {pluginRef: scrape, extractor: []}", r"dataLayer\.sources\[0\]\.extractor: unknown field"),
+    ("injectDefaults: maybe", r"dataLayer\.injectDefaults: expected true or false"),
+    ("sourcez: []", r"dataLayer\.sourcez: unknown field"),
+])
+def test_the_data_layer_section_is_strict(section: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config(data_layer(section))
+
+
+def test_no_metrics_source_at_all_is_refused() -> None:
+    text = data_layer("injectDefaults: false").replace("- {name: scrape, type: metrics-data-source, "
+                                                        "parameters: {path: /stats}}\n", "")
+    with pytest.raises(ConfigError, match=r"dataLayer\.injectDefaults: false with no metrics source is not supported"):
+        parse_config(text)
+
+
+@pytest.mark.parametrize(("sample", "error"), [
+    ("pd-epp-config.yaml", r"'disagg-profile-handler' is not supported by epp \(prefill/decode disaggregation"),
+    ("dp-epp-config.yaml", r"'data-parallel-profile-handler' is not supported by epp \(data-parallel routing"),
+])
+def test_the_references_pd_and_dp_samples_are_refused_by_name(sample: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load_config(str(FIXTURES / sample))
