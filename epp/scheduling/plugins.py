@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
@@ -202,6 +203,62 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
         return p.prefix_index_size() if self.own_index or p.reporter is self else 0
 
 
+class NoHitLRUScorer(Scorer, ObservesPicks, UsesPrefixProducer):
+    """Spreads cold prompts (no candidate has any of its prefix cached): the pods that served a
+    cold request longest ago, or never, score highest (1 down to 0 by rank); a warm request scores
+    0.5 everywhere, leaving locality to the prefix scorer. The reference's semantics: cold is
+    judged by the prefix producer's match; only cold picks move a pod up the LRU (``lruSize``
+    pods, default 1024)."""
+
+    type_name: ClassVar[str] = "no-hit-lru-scorer"
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
+    own_index: bool = False
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.producer_name = params.text("prefixMatchInfoProducerName") or None
+        self.size = params.int("lruSize", 1024, minimum=1, maximum=1_000_000)
+        for old in ("prefixPluginType", "prefixPluginName"):
+            if params.text(old) is not None:
+                log.warning("%s.%s is deprecated and has no effect (as in the reference): the prefix producer "
+                            "is prefixMatchInfoProducerName's", params.path, old)
+        params.done()
+        self.producer: PrefixProducer | None = None
+        self.lru: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._cold: Slot[bool] = Slot(f"{name}/cold")
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None:
+        self.producer = producer
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        blocks = self.producer.match(request, candidates, cycle).blocks if self.producer is not None else {}
+        cold = not any(blocks.get(c.address, 0) > 0 for c in candidates)
+        cycle.put(self._cold, cold)
+        n = len(candidates)
+        if not cold:
+            return [0.5] * n
+        if n == 1:
+            return [1.0]
+        position = {a: i for i, a in enumerate(self.lru)}
+        never = [i for i, c in enumerate(candidates) if c.address not in position]
+        scores = [0.0] * n
+        for rank, i in enumerate(never):
+            scores[i] = 1.0 - rank / (n - 1)
+        for i, c in enumerate(candidates):
+            if c.address in position:
+                scores[i] = max(0.0, 1.0 - (len(never) + position[c.address]) / (n - 1))
+        return scores
+
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        if cycle.get(self._cold):
+            lru = self.lru
+            lru[endpoint] = None
+            lru.move_to_end(endpoint)
+            if len(lru) > self.size:
+                lru.popitem(last=False)
+
+
 class _Picker:
     """Pickers share ``maxNumOfEndpoints`` (primary + fallbacks) and a random source."""
 
@@ -257,5 +314,5 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
-    PrefixCacheScorer, PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker,
+    PrefixCacheScorer, NoHitLRUScorer, PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker,
     WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

@@ -153,3 +153,36 @@ def test_a_reload_keeps_the_producers_index() -> None:
     first.scheduler.committed(first.scheduler.schedule(req(LONG), pool))
     again = build(parse_config(text.replace("weight: 1", "weight: 2")), first)
     assert again.scheduler.profile.scorers[0][0].producer.index.size() > 0
+
+
+NO_HIT = doc("- type: prefix-cache-scorer\n- {type: no-hit-lru-scorer, parameters: {lruSize: 2}}",
+             "  - {pluginRef: prefix-cache-scorer, weight: 10}\n  - {pluginRef: no-hit-lru-scorer, weight: 5}")
+
+
+def test_no_hit_lru_spreads_cold_prompts_and_stays_neutral_on_warm_ones() -> None:
+    s, _ = parse_config(NO_HIT).build()
+    pool = snap(ep("a"), ep("b"), ep("c"))
+    lru = s.profile.scorers[1][0]
+    firsts = []
+    for i in range(3):  # three cold prompts: each goes to a pod no cold prompt went to yet
+        d = s.schedule(req(f"cold prompt number {i} " * 40), pool)
+        s.committed(d)
+        firsts.append(d.primary)
+    assert sorted(firsts) == ["a", "b", "c"]
+    assert list(lru.lru) == firsts[1:]  # lruSize 2: the oldest fell out
+    d = s.schedule(req("cold prompt number 0 " * 40 + "again"), pool)  # warm on firsts[0]
+    assert d.scores()[firsts[0]][1]["no-hit-lru-scorer"] == 0.5 and d.primary == firsts[0]
+    s.committed(d)
+    assert list(lru.lru) == firsts[1:]  # a warm pick does not move the LRU
+    cold = s.schedule(req("yet another cold prompt " * 40), pool).scores()
+    # never used (fell out of the LRU) 1.0, then least recently used 0.5, most recent 0.0
+    assert [cold[a][1]["no-hit-lru-scorer"] for a in firsts] == [1.0, 0.5, 0.0]
+
+
+def test_no_hit_lru_parameters_are_the_references() -> None:
+    with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.lruSize: must be >= 1"):
+        parse_config(NO_HIT.replace("lruSize: 2", "lruSize: 0"))
+    with pytest.raises(ConfigError, match=r"prefixMatchInfoProducerName: no plugin named 'x'"):
+        parse_config(NO_HIT.replace("lruSize: 2", "prefixMatchInfoProducerName: x"))
+    s, _ = parse_config(NO_HIT.replace("lruSize: 2", "prefixPluginName: prefix-cache-scorer")).build()
+    assert s.profile.scorers[1][0].size == 1024  # the deprecated name is accepted, with a warning
