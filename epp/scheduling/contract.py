@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.types import CycleState, Slot
+from epp.scheduling.types import CycleState, PrefixMatch, Slot
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from epp.scheduling.prefix_producer import PrefixMatch
     from epp.signals.kvevents import BlockIndex, KVEventsSpec
     from epp.signals.mappings import EngineMapping
     from epp.signals.scraper import ScrapeTarget

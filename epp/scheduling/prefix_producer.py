@@ -25,25 +25,12 @@ from epp.request import InferenceRequest
 from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.prefix_index import PrefixIndex
-from epp.scheduling.types import MATCHED_TOKENS, CycleState, Slot
+from epp.scheduling.types import MATCHED_TOKENS, CycleState, PrefixMatch, Slot
 
 log = logging.getLogger(__name__)
 
 MIN_BLOCK_TOKENS = 64  # the reference's floor (llm-d-router#1158)
 TOKEN_CAP_LIMIT = BLOCKS_TO_MATCH_LIMIT * 64
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
-    """One request against the index: its block hashes, and each candidate's leading matches."""
-
-    hashes: list[int]
-    blocks: dict[str, int]  # endpoint -> leading blocks it holds
-    block_tokens: int
-
-    @property
-    def total(self) -> int:
-        return len(self.hashes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,19 @@ def prompt_tokens(cycle: CycleState, prompt: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """One request against the index: its block hashes, and each candidate's leading matches."""
+
+    hashes: list[int]
+    blocks: dict[str, int]  # endpoint -> leading blocks it holds
+    block_tokens: int
+
+    @property
+    def total(self) -> int:
+        return len(self.hashes)
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of one scheduling cycle; explanations are computed only when asked for."""
 
