@@ -28,7 +28,14 @@ from epp.flowcontrol.policies import FLOW_POLICIES
 from epp.requestcontrol import admission as request_contract
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.admitters import ADMITTERS
-from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor, UsesPrefixProducer, declares
+from epp.scheduling.contract import (
+    AlsoFilters,
+    DataSource,
+    LoadsResources,
+    MetricsExtractor,
+    UsesPrefixProducer,
+    declares,
+)
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
@@ -61,7 +68,7 @@ NOT_SUPPORTED_TYPES = {
                      "always-disagg-pd-decider", "prefill-header-handler", "disagg-headers-handler"),
                     "prefill/decode disaggregation is not implemented yet"),
     "data-parallel-profile-handler": "data-parallel routing is not implemented yet",
-    **dict.fromkeys(("always-disagg-multimodal-decider", "encode-filter", "mm-embeddings-cache-producer"),
+    **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer"),
                     "multimodal encode disaggregation is not implemented"),
     **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
                     "topology-aware routing is not implemented"),
@@ -382,6 +389,8 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                     or not 0 <= weight <= MAX_WEIGHT):
                 raise ConfigError(f"{path}.weight", f"expected a number >= 0 and <= {MAX_WEIGHT:g}, got {show(weight)}")
             scorer_refs.append((name, float(weight)))
+            if declares(plugins[name].instance, AlsoFilters):
+                filter_refs.append(name)
         elif role == "picker":
             if picker_ref is not None:
                 raise ConfigError(f"{path}.pluginRef", f"a profile has one picker; {picker_ref!r} is already set")

@@ -131,6 +131,14 @@ class UsesPrefixProducer(Protocol):
     def bind_producer(self, producer: PrefixProducer | None) -> None: ...
 
 
+class AlsoFilters(Protocol):
+    """A scorer that is a filter too (the reference's plugins that implement both): listed in a
+    profile, it filters there as well, before any scorer runs."""
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]: ...
+
+
 class ForgetsEndpoints(Protocol):
     """``endpoint`` left the pool: drop what is kept about it."""
 
@@ -173,6 +181,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (LoadsResources, ("load",)),
     (HoldsPrefixIndex, ("prefix_index_size",)),
     (UsesPrefixProducer, ("bind_producer",)),
+    (AlsoFilters, ("filter",)),
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
 )

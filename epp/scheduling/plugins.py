@@ -11,6 +11,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
+from epp.scheduling.context_length import ContextLengthAware
 from epp.scheduling.contract import (
     ForgetsEndpoints,
     HoldsPrefixIndex,
@@ -314,5 +315,5 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
-    PrefixCacheScorer, NoHitLRUScorer, PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker,
-    WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)
+    PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, PrecisePrefixCacheScorer, PrefillLoadScorer,
+    MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

@@ -84,7 +84,7 @@ def check_contract(cls: type[Any], origin: str = "epp", known: Roles = SCHEDULIN
         raise ContractError(f"{type_name}: a plugin subclasses exactly one of {names} (found {len(roles)})")
     role_proto, role = roles[0]
     checks: list[tuple[type[Any], str]] = [(role_proto, m) for m in known.methods[role_proto]]
-    declared_methods: set[str] = set()
+    declared_methods: set[str] = set(known.methods[role_proto])  # its role's own methods are declared
     for hook, methods in known.hooks:
         if hook in cls.__mro__:
             checks.extend((hook, m) for m in methods)
