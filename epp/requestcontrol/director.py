@@ -120,6 +120,12 @@ class Routed:
         return (("x-epp-endpoint", self.header_value), ("x-epp-reason", self.decision.reason()),
                 ("x-epp-queue-ms", f"{self.queued * 1000:.1f}"))
 
+    def response_headers(self, explain: bool) -> tuple[tuple[str, str], ...]:
+        """The headers epp sets on the response: the plugins' (a session token) and, with
+        ``explain``, the decision headers."""
+        own = tuple(self.scheduler.response_headers(self.decision, self.endpoint))
+        return own + self.explain() if explain else own
+
     def first_bytes(self) -> None:
         """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
         if not self.prefilled:

@@ -13,7 +13,7 @@ loop, before the plugin serves. Plugins never do I/O on the pick path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.datastore.endpoint import EndpointState
@@ -131,6 +131,12 @@ class UsesPrefixProducer(Protocol):
     def bind_producer(self, producer: PrefixProducer | None) -> None: ...
 
 
+class WritesResponseHeaders(Protocol):
+    """Headers to set on the response of a request sent to ``endpoint`` (the one that served it)."""
+
+    def response_headers(self, endpoint: str, cycle: CycleState) -> Sequence[tuple[str, str]]: ...
+
+
 class AlsoFilters(Protocol):
     """A scorer that is a filter too (the reference's plugins that implement both): listed in a
     profile, it filters there as well, before any scorer runs."""
@@ -182,6 +188,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (HoldsPrefixIndex, ("prefix_index_size",)),
     (UsesPrefixProducer, ("bind_producer",)),
     (AlsoFilters, ("filter",)),
+    (WritesResponseHeaders, ("response_headers",)),
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
 )

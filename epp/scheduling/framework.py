@@ -26,6 +26,7 @@ from epp.scheduling.contract import (
     ObservesUsage,
     Picker,
     Scorer,
+    WritesResponseHeaders,
     declares,
 )
 from epp.scheduling.types import (
@@ -85,6 +86,7 @@ class Scheduler:
     _on_prefill: list[ObservesPrefill] = field(init=False, default_factory=list)
     _on_usage: list[ObservesUsage] = field(init=False, default_factory=list)
     _on_removed: list[ForgetsEndpoints] = field(init=False, default_factory=list)
+    _headers: list[WritesResponseHeaders] = field(init=False, default_factory=list)
     wants_usage: bool = field(init=False, default=False)
     inject_usage: bool = field(init=False, default=False)
 
@@ -94,6 +96,7 @@ class Scheduler:
         self._on_pick = [p for p in plugins if declares(p, ObservesPicks)]
         self._on_prefill = [p for p in plugins if declares(p, ObservesPrefill)]
         self._on_removed = [p for p in plugins if declares(p, ForgetsEndpoints)]
+        self._headers = [p for p in plugins if declares(p, WritesResponseHeaders)]
         self._on_usage = [p for p in plugins if declares(p, ObservesUsage) and p.usage_wanted()]
         # Some plugin learns from each response's usage (the precise scorer's closed loop); and
         # may ask streams for usage when their client did not (epp strips it back out).
@@ -170,6 +173,13 @@ class Scheduler:
         """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""
         for p in self._on_usage:
             p.on_usage(decision.primary, decision.cycle, cached_tokens)
+
+    def response_headers(self, decision: Decision, endpoint: str) -> list[tuple[str, str]]:
+        """Headers plugins set on the response of ``decision``'s request, served by ``endpoint``."""
+        out: list[tuple[str, str]] = []
+        for p in self._headers:
+            out.extend(p.response_headers(endpoint, decision.cycle))
+        return out
 
     def endpoint_removed(self, address: str) -> None:
         for p in self._on_removed:

@@ -27,6 +27,7 @@ from epp.scheduling.params import BLOCKS_TO_MATCH_LIMIT, ENDPOINTS_PER_PICK_LIMI
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
+from epp.scheduling.session_affinity import SessionAffinityScorer
 from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot
 
 log = logging.getLogger("epp.plugins")
@@ -315,5 +316,6 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
-    PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, PrecisePrefixCacheScorer, PrefillLoadScorer,
+    PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer, PrecisePrefixCacheScorer,
+    PrefillLoadScorer,
     MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

@@ -14,6 +14,7 @@ plugin is a ConfigError naming the config entry, never a traceback.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from epp.scheduling.params import show
 from epp.scheduling.types import ConfigError
 
 ENTRY_POINT_GROUP = "epp.plugins"
+
+
+KNOWN_LIST_CHARS = 600  # an unknown type's error lists the known ones up to this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,15 @@ class PluginRegistry:
             return known
         ep = self._installed.get(type_name)
         if ep is None:
-            raise ConfigError(path, f"unknown plugin type {show(type_name)} (known: {', '.join(self.names())})")
+            names = self.names()
+            listed = ", ".join(names)
+            if len(listed) > KNOWN_LIST_CHARS:  # one line stays readable: the closest names, and a count
+                close = difflib.get_close_matches(type_name, names, n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+                listed = f"{hint}{len(names)} types are known; the README lists them"
+            else:
+                listed = f"known: {listed}"
+            raise ConfigError(path, f"unknown plugin type {show(type_name)} ({listed})")
         origin = ep.dist.name if ep.dist is not None else ep.value
         try:
             cls = ep.load()

@@ -20,7 +20,7 @@ ends at the response's end_of_stream, its trailers, or the stream's end, whichev
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -171,10 +171,11 @@ def immediate(status: int, body: bytes, dropped: str | None = None) -> bytes:
     return _ser(resp)
 
 
-def explain_response(pick: Routed) -> bytes:
-    """Response headers naming the pick and why (opt-in: --decision-headers=true)."""
+def headers_response(headers: Sequence[tuple[str, str]]) -> bytes:
+    """The response_headers answer that sets ``headers`` (a plugin's session token, the decision
+    headers of --decision-headers=true)."""
     mutation = pb.HeaderMutation()
-    for key, value in pick.explain():
+    for key, value in headers:
         opt = mutation.set_headers.add()
         opt.header.key = key
         opt.header.raw_value = value.encode()
@@ -275,9 +276,8 @@ class ExtProcStream:
                     pick.served_by(served)
                 if msg.response_headers.end_of_stream:
                     pick.finish()
-            if self.decision_headers and pick is not None:
-                return [explain_response(pick)]
-            return [CONTINUE_RESPONSE_HEADERS]
+            headers = pick.response_headers(self.decision_headers) if pick is not None else ()
+            return [headers_response(headers)] if headers else [CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             body = msg.response_body
             eos = body.end_of_stream
