@@ -28,9 +28,10 @@ from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
 from epp.scheduling.session_affinity import SessionAffinityScorer
-from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot
+from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot, prompt_tokens
 
 log = logging.getLogger("epp.plugins")
+TOKEN_THRESHOLD = 4 * 1024 * 1024  # the reference's queueThresholdTokens default (128 requests of 32k)
 
 
 def _minmax_low_is_good(values: list[float]) -> list[float]:
@@ -111,6 +112,33 @@ class ActiveRequestScorer(Scorer):
         counts = [inflight.get(c.address, 0) for c in candidates]
         top = max(counts, default=0)
         return [1.0 if n <= self.idle else (top - n) / top * self.max_busy for n in counts]
+
+
+class TokenLoadScorer(Scorer):
+    """The reference's token-load-scorer: 1 - min(1, tokens / queueThresholdTokens), where tokens
+    are the prompt tokens epp has sent the pod and it has not prefilled yet, plus this request's
+    own uncached part there (its prompt less the prefix a prefix scorer matched on the pod)."""
+
+    type_name: ClassVar[str] = "token-load-scorer"
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        threshold = params.int("queueThresholdTokens", TOKEN_THRESHOLD, maximum=INT_LIMIT)
+        self.threshold = float(threshold if threshold > 0 else TOKEN_THRESHOLD)  # <= 0: the default, as there
+        if params.text("inFlightLoadProducerName"):
+            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
+                              "not supported by epp (its in-flight counts are built in, not a producer plugin)")
+        params.done()
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        pending = snapshot.inflight_tokens
+        matched = cycle.get(MATCHED_TOKENS) or {}
+        prompt = prompt_tokens(cycle, request.prompt)
+        top = self.threshold
+        return [1.0 - min(top, pending.get(c.address, 0) + max(0, prompt - matched.get(c.address, 0))) / top
+                for c in candidates]
 
 
 class KVCacheUtilizationScorer(_NoParams, Scorer):
@@ -315,7 +343,7 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 
 BUILTIN: tuple[type[Any], ...] = (
-    QueueScorer, LoadAwareScorer, ActiveRequestScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
+    QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
     PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer, PrecisePrefixCacheScorer,
     PrefillLoadScorer,
     MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

@@ -15,7 +15,7 @@ from epp.request import InferenceRequest
 from epp.requestcontrol.admission import SheddableAdmission
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.params import Params
-from epp.scheduling.types import SchedulingError
+from epp.scheduling.types import ConfigError, SchedulingError
 
 NOW = 1000.0
 
@@ -172,3 +172,32 @@ def test_a_hot_prefix_spreads_once_its_holder_is_much_busier() -> None:
     quiet = [ep("hot"), ep("b")]
     snap = Snapshot(tuple(quiet), {"hot": 12}, {}, NOW, 2.0)
     assert spread_hot_prefixes([1.0, 0.0], snap, quiet, 4.0, 1.5) == [0.0, 0.0]
+
+
+TOKEN_LOAD = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- {type: token-load-scorer, parameters: {queueThresholdTokens: 1000}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 0}
+  - {pluginRef: token-load-scorer, weight: 1}
+"""
+
+
+def test_token_load_counts_the_pods_pending_prefill_and_this_requests_uncached_part() -> None:
+    s = scheduler(TOKEN_LOAD)
+    pool = Snapshot((ep("a"), ep("b")), {}, {}, NOW, 2.0, inflight_tokens={"a": 600})
+    d = s.schedule(req("x" * 800), pool)  # 200 tokens to compute on either pod
+    scores = {a: v[1]["token-load-scorer"] for a, v in d.scores().items()}
+    assert scores == {"a": pytest.approx(1 - 800 / 1000), "b": pytest.approx(1 - 200 / 1000)}
+    assert d.primary == "b"
+    crowded = Snapshot((ep("a"),), {}, {}, NOW, 2.0, inflight_tokens={"a": 5000})
+    assert s.schedule(req("x" * 800), crowded).scores()["a"][1]["token-load-scorer"] == 0.0
+    default = scheduler(TOKEN_LOAD.replace("queueThresholdTokens: 1000", "queueThresholdTokens: 0"))
+    assert default.profile.scorers[1][0].threshold == 4 * 1024 * 1024  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"inFlightLoadProducerName: not supported by epp"):
+        parse_config(TOKEN_LOAD.replace("queueThresholdTokens: 1000", "inFlightLoadProducerName: p"))
