@@ -9,8 +9,9 @@
   older inference.networking.k8s.io/engine-type read too), and ``engineConfigs`` that add engines
   or replace the built-in ones (vllm, sglang, trtllm-serve, triton-tensorrt-llm, triton).
 
-Without them epp scrapes ``http://<endpoint>/metrics`` as ``--engine`` says. LoRA specs and
-custom metrics are refused: no epp plugin reads them.
+Without them epp scrapes ``http://<endpoint>/metrics`` as ``--engine`` says. ``loraSpec`` (vLLM:
+``vllm:lora_requests_info``) feeds the lora-affinity-scorer; custom metrics are refused: no epp
+plugin reads them.
 """
 
 from __future__ import annotations
@@ -100,8 +101,6 @@ class CoreMetricsExtractor(MetricsExtractor):
             running = _spec(p, "runningRequestsSpec", base.running if base else None)
             if waiting is None or running is None:
                 raise ConfigError(f"{p.path}", "queuedRequestsSpec and runningRequestsSpec are required")
-            if p.text("loraSpec"):
-                raise ConfigError(f"{p.path}.loraSpec", "not supported by epp (no epp plugin reads LoRA info)")
             if p.sections("customMetrics"):
                 raise ConfigError(f"{p.path}.customMetrics", "not supported by epp (no epp plugin reads them)")
             engines[engine] = MetricNames(
@@ -111,7 +110,8 @@ class CoreMetricsExtractor(MetricsExtractor):
                 p.text("cacheNumBlocksLabelName", base.num_blocks_label if base else "num_gpu_blocks")
                 or "num_gpu_blocks",
                 _spec(p, "cacheBlockSizeSpec", base.block_size if base else None),
-                _spec(p, "cacheNumBlocksSpec", base.num_blocks if base else None))
+                _spec(p, "cacheNumBlocksSpec", base.num_blocks if base else None),
+                _spec(p, "loraSpec", base.lora_info if base else None))
             p.done()
         default = params.text("defaultEngine", "vllm") or "vllm"
         if default not in engines:

@@ -15,6 +15,10 @@ class EngineSignals:
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     models: tuple[str, ...] = ()  # the model_name labels of the queue series (what the pod serves)
+    # LoRA adapters (vllm:lora_requests_info, its latest sample): running, waiting, and how many fit
+    active_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    max_adapters: int = 0
 
 
 @dataclass(frozen=True, slots=True)

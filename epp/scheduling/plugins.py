@@ -141,6 +141,30 @@ class TokenLoadScorer(Scorer):
                 for c in candidates]
 
 
+class LoraAffinityScorer(_NoParams, Scorer):
+    """The reference's lora-affinity-scorer, from each pod's ``vllm:lora_requests_info``: 1.0
+    where the request's target model (adapter) runs, 0.8 where another adapter still fits, 0.6
+    where it waits to load, else 0."""
+
+    type_name: ClassVar[str] = "lora-affinity-scorer"
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        target = request.target_model or request.model
+        out = []
+        for c in candidates:
+            s = c.signals
+            if s is None:
+                out.append(0.0)
+            elif target in s.active_adapters:
+                out.append(1.0)
+            elif len(s.active_adapters) + len(s.waiting_adapters) < s.max_adapters:
+                out.append(0.8)
+            else:
+                out.append(0.6 if target in s.waiting_adapters else 0.0)
+        return out
+
+
 class KVCacheUtilizationScorer(_NoParams, Scorer):
     """Free KV cache scores higher: 1 - kv_cache_usage_perc."""
 
@@ -343,7 +367,7 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
 
 
 BUILTIN: tuple[type[Any], ...] = (
-    QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, KVCacheUtilizationScorer, RunningRequestsScorer,
-    PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer, PrecisePrefixCacheScorer,
-    PrefillLoadScorer,
-    MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler, ApproxPrefixProducer, *FILTERS)
+    QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
+    RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
+    PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
+    SingleProfileHandler, ApproxPrefixProducer, *FILTERS)

@@ -57,11 +57,13 @@ class MetricNames:
     num_blocks_label: str = "num_gpu_blocks"
     block_size: MetricSpec | None = None
     num_blocks: MetricSpec | None = None
+    lora_info: MetricSpec | None = None  # labels running_lora_adapters, waiting_lora_adapters, max_lora
 
 
 # The reference's built-in engine configs (core-metrics-extractor).
 VLLM = MetricNames("vllm", spec("vllm:num_requests_waiting"), spec("vllm:num_requests_running"),
-                   spec("vllm:kv_cache_usage_perc"), spec("vllm:cache_config_info"))
+                   spec("vllm:kv_cache_usage_perc"), spec("vllm:cache_config_info"),
+                   lora_info=spec("vllm:lora_requests_info"))
 SGLANG = MetricNames("sglang", spec("sglang:num_queue_reqs"), spec("sglang:num_running_reqs"),
                      spec("sglang:token_usage"), spec("sglang:cache_config_info"), block_size_label="page_size",
                      num_blocks_label="num_pages")

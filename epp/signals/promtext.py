@@ -115,7 +115,7 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
     """Extract routing signals from an exposition. Raises ParseError if the core gauges are
     absent, ValueRejected for a value out of range, TooLarge past ``max_series``."""
     specs = [s for s in (names.waiting, names.running, names.kv_usage, names.cache_info, names.block_size,
-                         names.num_blocks) if s is not None]
+                         names.num_blocks, names.lora_info) if s is not None]
     lines = {s.name: _lines_of(text, s.name, max_series) for s in specs}
     waiting = _values(lines[names.waiting.name], names.waiting)
     running = _values(lines[names.running.name], names.running)
@@ -147,6 +147,17 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
                     block_size = int(found[0][1])
                 else:
                     num_blocks = int(found[0][1])
+    active: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    max_adapters = 0
+    if names.lora_info is not None:
+        samples = _values(lines[names.lora_info.name], names.lora_info)
+        if samples:  # the latest (its value is the time it was made), as the reference reads it
+            lab = _labels(max(samples, key=lambda s: s[1])[0])
+            active = _adapters(lab.get("running_lora_adapters", ""))
+            waiting_adapters = _adapters(lab.get("waiting_lora_adapters", ""))
+            if lab.get("max_lora", "").isdigit():
+                max_adapters = int(lab["max_lora"])
     kv_name = names.kv_usage.name if names.kv_usage is not None else "kv usage"
     kv_usage = sum(v for _, v in kv) / len(kv)  # a fraction: average over engines
     return EngineSignals(
@@ -156,4 +167,11 @@ def parse_signals(text: str, names: MetricNames, max_series: int = MAX_SERIES) -
         block_size=block_size,
         num_gpu_blocks=num_blocks,
         models=tuple(models),
+        active_adapters=active,
+        waiting_adapters=waiting_adapters,
+        max_adapters=max_adapters,
     )
+
+
+def _adapters(csv: str) -> frozenset[str]:
+    return frozenset(name.strip() for name in csv.split(",") if name.strip())

@@ -86,7 +86,7 @@ def test_engine_configs_add_or_replace_engines_and_refuse_what_epp_cannot_use() 
                          ('{engineConfigs: [{name: default, queuedRequestsSpec: a, runningRequestsSpec: b}]}',
                           "'default' is reserved"),
                          ('{engineConfigs: [{name: x, queuedRequestsSpec: a}]}', "runningRequestsSpec are required"),
-                         ('{engineConfigs: [{name: vllm, loraSpec: l}]}', "loraSpec: not supported by epp"),
+                         ('{engineConfigs: [{name: vllm, loraSpec: "l{"}]}', "loraSpec: .* is not a metric spec"),
                          ('{engineConfigs: [{name: vllm, customMetrics: [{attributeKey: a, metricSpec: b}]}]}',
                           "customMetrics: not supported by epp"),
                          ('{engineConfigs: [{name: x, queuedRequestsSpec: "a{b}", runningRequestsSpec: c}]}',
