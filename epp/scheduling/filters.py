@@ -7,6 +7,8 @@
   ``allowsNoLabel``.
 - ``label-selector-filter`` (and its deprecated name ``by-label-selector``): a Kubernetes label
   selector, ``matchLabels`` and ``matchExpressions`` (In, NotIn, Exists, DoesNotExist).
+- ``header-based-testing-filter``: the conformance suite's, by the ``test-epp-endpoint-selection``
+  request header.
 
 Labels come from the endpoints' pods (Kubernetes discovery); endpoints from a list or a file have
 none.
@@ -123,4 +125,58 @@ class ByLabelSelectorFilter(LabelSelectorFilter):
     type_name: ClassVar[str] = "by-label-selector"
 
 
-FILTERS = (DecodeFilter, PrefillFilter, EncodeFilter, ByLabelFilter, LabelSelectorFilter, ByLabelSelectorFilter)
+TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    """``ip:port``, ``[v6]:port``, a bare ip or ``[v6]`` -> (ip without brackets, port or "")."""
+    a = address.strip()
+    if a.startswith("["):
+        host, _, rest = a[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if a.count(":") == 1:
+        host, _, port = a.partition(":")
+        return host, port
+    return a, ""  # a bare IPv4, or a bare IPv6 without brackets
+
+
+class HeaderBasedTestingFilter(Filter):
+    """The reference's ``header-based-testing-filter`` (what the Inference Extension conformance
+    suite configures): only the endpoints the request's ``test-epp-endpoint-selection`` header
+    names (``ip`` or ``ip:port``, comma separated, in that order, one per IP); none without it."""
+
+    type_name: ClassVar[str] = "header-based-testing-filter"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        params.done()
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]:
+        value = request.headers.get(TEST_SELECTION_HEADER, "")
+        if not value.strip():
+            return []
+        by_ip: dict[str, EndpointState] = {}
+        by_host_port: dict[tuple[str, str], EndpointState] = {}
+        for c in candidates:
+            host, port = _host_port(c.address)
+            by_ip[host] = c
+            if port:
+                by_host_port[(host, port)] = c
+        kept: list[EndpointState] = []
+        seen: set[str] = set()
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            host, port = _host_port(item)
+            e = by_host_port.get((host, port)) if port else by_ip.get(host)
+            if e is not None:
+                ip = _host_port(e.address)[0]
+                if ip not in seen:
+                    seen.add(ip)
+                    kept.append(e)
+        return kept
+
+
+FILTERS = (DecodeFilter, PrefillFilter, EncodeFilter, ByLabelFilter, LabelSelectorFilter, ByLabelSelectorFilter,
+           HeaderBasedTestingFilter)

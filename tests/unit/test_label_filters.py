@@ -122,3 +122,32 @@ def test_active_request_scorer_as_the_reference_scores(caplog: pytest.LogCapture
                          ("{inFlightLoadProducerName: p}", "not supported by epp")):
         with pytest.raises(ConfigError, match=message):
             active(bad)
+
+
+def test_the_conformance_suites_header_filter_keeps_the_endpoints_the_header_names() -> None:
+    from epp.scheduling.filters import HeaderBasedTestingFilter
+    from epp.scheduling.params import Params
+
+    f = HeaderBasedTestingFilter("t", Params({}, "t"))
+    eps = [EndpointState(a, EngineSignals(), scraped_at=0.0)
+           for a in ("10.0.0.7:8000", "10.0.0.7:8001", "10.0.0.8:3002", "[fd00::1]:3000")]
+    snap = Snapshot(tuple(eps), {}, {}, 0.0, 2.0)
+
+    def kept(value: str | None) -> list[str]:
+        headers = {"test-epp-endpoint-selection": value} if value is not None else {}
+        req = InferenceRequest("id", "/v1/completions", model="m", headers=headers)
+        return [e.address for e in f.filter(req, snap, eps, CycleState())]
+
+    assert kept("10.0.0.8:3002, 10.0.0.7:8000") == ["10.0.0.8:3002", "10.0.0.7:8000"]  # header order
+    assert kept("10.0.0.7") == ["10.0.0.7:8001"]  # a bare IP: one endpoint of it
+    assert kept("10.0.0.7:8000,10.0.0.7:8001") == ["10.0.0.7:8000"]  # one per IP, as the reference
+    assert kept("[fd00::1]:3000") == ["[fd00::1]:3000"] == kept("fd00::1")
+    assert kept("10.0.0.9") == [] and kept("") == [] and kept(None) == []
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.parameters\.x: unknown parameter"):
+        parse_config("""apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {type: header-based-testing-filter, parameters: {x: 1}}
+schedulingProfiles:
+- {name: default, plugins: [{pluginRef: header-based-testing-filter}]}
+""")
