@@ -126,7 +126,9 @@ def _pick_mutation(value: str, request_id: str | None) -> pb.CommonResponse:
         opt.header.key = "x-request-id"
         opt.header.raw_value = request_id.encode()
         opt.append_action = OVERWRITE
-    return pb.CommonResponse(header_mutation=mutation)
+    # As the reference: the gateway re-evaluates the route with the headers epp set (a route may
+    # match on them).
+    return pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
 
 def _with_metadata(resp: pb.ProcessingResponse, value: str, scores: dict[str, float] | None = None) -> bytes:

@@ -63,6 +63,7 @@ def test_full_duplex_holds_headers_then_returns_body_pieces_with_one_eos() -> No
     out = parse(s.on_message(body(BODY[50:], False)) + s.on_message(body(b"", True)))
     assert out[0].WhichOneof("response") == "request_headers"
     assert dest(out[0], "request_headers") in ps.store.addresses()
+    assert out[0].request_headers.response.clear_route_cache  # as the reference: the route is re-evaluated
     pieces = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
     assert b"".join(p.body for p in pieces) == BODY
     assert [p.end_of_stream for p in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -105,7 +106,7 @@ def test_buffered_picks_on_the_body_response_and_leaves_the_body_alone() -> None
     first = parse(s.on_message(headers(BUFFERED, resp_mode=0)))
     assert first[0].request_headers == pb.HeadersResponse()
     out = parse(s.on_message(body(BODY, True)))[0]
-    assert dest(out, "request_body")
+    assert dest(out, "request_body") and out.request_body.response.clear_route_cache
     assert not out.request_body.response.HasField("body_mutation")
     assert parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True))))[
         0].response_body == pb.BodyResponse()
