@@ -24,7 +24,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.flowcontrol.contract import SaturationDetector
 from epp.request import InferenceRequest
-from epp.scheduling.params import Params
+from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
 from epp.scheduling.types import ConfigError, CycleState
 
 
@@ -105,9 +105,7 @@ class ConcurrencyDetector(SaturationDetector):
         self.max_tokens = params.int("maxTokenConcurrency", 1_000_000, minimum=1, maximum=10**15)
         self.mode = params.text("concurrencyMode", "requests", choices=MODES) or "requests"
         self.headroom = params.float("headroom", 0.0, minimum=0.0)
-        if params.text("inFlightLoadProducerName"):
-            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
-                              "not supported by epp (its in-flight counts are built in, not a producer plugin)")
+        params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
 
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:

@@ -14,6 +14,8 @@ INT_LIMIT = 2**31 - 1  # the default upper bound of an integer parameter
 DURATION_LIMIT = 7 * 24 * 3600.0  # a week, in seconds
 # Upper bounds of the parameters that size memory or work per request: a value past them is a
 # typo or an attack (``lruCapacityPerServer: 1e14``), never a deployment.
+# Why epp refuses the reference's in-flight load producer wherever a plugin names one.
+INFLIGHT_BUILT_IN = "its in-flight counts are built in, not a producer plugin"
 BLOCK_SIZE_LIMIT = 4096  # tokens per block
 BLOCKS_TO_MATCH_LIMIT = 1 << 20  # blocks matched per request
 BLOCKS_PER_SERVER_LIMIT = 10_000_000  # prefix-index entries per server (~1 GB)
@@ -124,6 +126,12 @@ class Params:
         if isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
             return dict(v)
         raise ConfigError(path, "expected a mapping of strings (or a list of strings)")
+
+    def refuse(self, key: builtins.str, why: builtins.str) -> None:
+        """A parameter of the reference that epp cannot honour: absent or empty passes; given, it
+        is a "not supported by epp (why)" error."""
+        if self._raw.pop(key, None) not in (None, ""):
+            raise ConfigError(f"{self._path}.{key}", f"not supported by epp ({why})")
 
     def done(self) -> None:
         if self._raw:

@@ -23,7 +23,13 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.filters import FILTERS
-from epp.scheduling.params import BLOCKS_TO_MATCH_LIMIT, ENDPOINTS_PER_PICK_LIMIT, INT_LIMIT, Params
+from epp.scheduling.params import (
+    BLOCKS_TO_MATCH_LIMIT,
+    ENDPOINTS_PER_PICK_LIMIT,
+    INFLIGHT_BUILT_IN,
+    INT_LIMIT,
+    Params,
+)
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
@@ -101,9 +107,7 @@ class ActiveRequestScorer(Scorer):
             log.warning("%s: requestTimeout is deprecated and ignored (epp ends a request's count at its end)", name)
         self.idle = max(0, params.int("idleThreshold", 0, minimum=-INT_LIMIT))
         self.max_busy = params.float("maxBusyScore", 1.0, minimum=0.0, maximum=1.0)
-        if params.text("inFlightLoadProducerName"):
-            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
-                              "not supported by epp (it counts the requests in flight itself)")
+        params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
@@ -126,9 +130,7 @@ class TokenLoadScorer(Scorer):
         self.name = name
         threshold = params.int("queueThresholdTokens", TOKEN_THRESHOLD, maximum=INT_LIMIT)
         self.threshold = float(threshold if threshold > 0 else TOKEN_THRESHOLD)  # <= 0: the default, as there
-        if params.text("inFlightLoadProducerName"):
-            raise ConfigError(f"{params.path}.inFlightLoadProducerName",
-                              "not supported by epp (its in-flight counts are built in, not a producer plugin)")
+        params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
