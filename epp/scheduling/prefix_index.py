@@ -53,6 +53,7 @@ class PrefixIndex:
     """Block hash -> endpoints holding it, with one LRU per endpoint."""
 
     def __init__(self, block_size_tokens: int = 16, max_blocks: int = 256, lru_capacity: int = 31250) -> None:
+        self.block_tokens = block_size_tokens
         self.block_chars = block_size_tokens * CHARS_PER_TOKEN
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
@@ -75,7 +76,7 @@ class PrefixIndex:
 
     def matched_tokens(self, matches: dict[str, int]) -> dict[str, int]:
         """Matched blocks -> estimated prompt tokens."""
-        per_block = self.block_chars // CHARS_PER_TOKEN
+        per_block = self.block_tokens
         return {a: n * per_block for a, n in matches.items()}
 
     def record(self, address: str, hashes: list[int]) -> None:

@@ -122,9 +122,9 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
             return done
         size = self.block_tokens(candidates)
         index = self.index
-        if size != index.block_chars // 4:
+        if size != index.block_tokens:
             log.info("%s: prefix blocks of %d tokens from now on (was %d): the index starts over", self.name,
-                     size, index.block_chars // 4)
+                     size, index.block_tokens)
             index = self.index = self._index(size)
         if self.limits.auto_tune:
             caps = index.capacities

@@ -43,6 +43,8 @@ def encode(endpoint: str) -> str:
 
 
 def decode(token: str) -> str:
+    if not token:
+        return ""
     try:
         return base64.b64decode(token.strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -105,7 +107,7 @@ class SessionAffinityScorer(Scorer, ObservesPicks, WritesResponseHeaders):
               cycle: CycleState) -> list[float]:
         headers = request.headers
         if self.strategy == ENCODED:
-            want = decode(headers.get(self.header, "")) if headers.get(self.header) else ""
+            want = decode(headers.get(self.header) or "")
         else:
             now = snapshot.now
             self._sweep(now)
