@@ -10,7 +10,8 @@ before, 0 for the others.
 - ``strategy: session_id``: the client sends an opaque id (``sessionIdConfig.sources``, header
   sources in priority order, default ``x-session-id``); epp binds it to the pod that served it
   and forgets a binding unused for ``evictionTtlSeconds`` (300; swept every
-  ``evictionSweepSeconds``, 10). An unbound session, or one whose pod is not a candidate, scores
+  ``evictionSweepSeconds``, 10; at most 100,000 bindings, and an id over 64 characters is kept
+  as its hash). An unbound session, or one whose pod is not a candidate, scores
   0 everywhere and is bound to wherever the request goes.
 
 ``profileName`` (the profile whose pick is remembered, for P/D) is refused: epp runs one
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -35,7 +37,8 @@ from epp.scheduling.types import ConfigError, CycleState, Slot
 
 ENCODED = "encoded_endpoint_header"
 SESSION_ID = "session_id"
-MAX_SESSIONS = 1_000_000  # bindings kept at most (the oldest go first beyond it)
+MAX_SESSIONS = 100_000  # bindings kept at most (the oldest go first beyond it)
+MAX_ID_CHARS = 64  # a longer session id is kept as its hash: clients choose ids, memory stays bounded
 
 
 def encode(endpoint: str) -> str:
@@ -99,6 +102,8 @@ class SessionAffinityScorer(Scorer, ObservesPicks, WritesResponseHeaders):
     def _session_id(self, headers: Mapping[str, str]) -> str:
         for h in self.sources:
             value = (headers.get(h) or "").strip()
+            if len(value) > MAX_ID_CHARS:
+                return hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
             if value:
                 return value
         return ""

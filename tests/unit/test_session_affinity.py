@@ -75,6 +75,11 @@ def test_a_session_id_binds_to_the_pod_that_served_it_until_its_ttl() -> None:
     assert late.primary != first.primary
     s.committed(late)  # rebound to where it went
     assert s.schedule(req(x_session_id="chat-1"), busy(pool(1201.0), first.primary)).primary == late.primary
+    long_id = "x" * 10_000  # kept as its hash: a client cannot grow the bindings by long ids
+    d = s.schedule(req(x_session_id=long_id), pool(1300.0))
+    s.committed(d)
+    assert s.schedule(req(x_session_id=long_id), busy(pool(1301.0), d.primary)).primary == d.primary
+    assert max(len(k) for k in s.profile.scorers[1][0].bindings) <= 64  # type: ignore[attr-defined]
     two = build("{strategy: session_id, sessionIdConfig: {sources: [{header: x-user}, {header: x-session-id}]}}")
     d = two.schedule(req(x_user="u1", x_session_id="s"), pool())
     two.committed(d)
