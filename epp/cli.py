@@ -358,7 +358,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
     ro = bsub.add_parser("routing", help="epp vs Envoy and the peer routers on the simulated fleet (+ plots)")
     ro.add_argument("--out", default="results/routing")
-    ro.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    ro.add_argument("--profile", default="h100-llama8b", help="simulator preset, or a mixed fleet: "
+                    "h100-llama8b*4,slow-llama8b*4 (its counts replace --servers)")
     ro.add_argument("--servers", type=int, default=8)
     ro.add_argument("--loads", default="0.9", help="fractions of the fleet's capacity, e.g. 0.5,0.9,1.1")
     ro.add_argument("--requests", type=int, default=1200, help="requests per run")
@@ -377,6 +378,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--capacity-seconds", type=float, default=20.0)
     ro.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it: the "
                     "same offered load across runs and seeds")
+    ro.add_argument("--capacity-basis", choices=("spread", "no-affinity"), default="spread",
+                    help="what load 1.0 is: the fleet's throughput with requests spread evenly (spread), or "
+                    "with no prefix cached anywhere (no-affinity: the same whoever routes)")
     ro.add_argument("--max-seconds", type=float, default=240.0, help="time cap per run")
     ro.add_argument("--late-limit-ms", type=float, default=5.0, help="repeat a contender's run once when the "
                     "simulated GPUs' steps ran later than this on average (the host was busy)")
@@ -477,7 +481,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing(out, RoutingOptions(
             preset=args.profile, servers=args.servers, loads=loads, requests=args.requests, workload=args.workload,
             seed=args.seed, contenders=contenders, capacity_seconds=args.capacity_seconds,
-            capacity_rps=args.capacity_rps, max_seconds=args.max_seconds, late_limit_ms=args.late_limit_ms,
+            capacity_rps=args.capacity_rps, capacity_basis=args.capacity_basis, max_seconds=args.max_seconds,
+            late_limit_ms=args.late_limit_ms,
             trace_file=Path(args.trace) if args.trace else None,
             params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
                                   output_tokens=args.output_tokens),

@@ -33,10 +33,12 @@ from epp.scheduling.contract import (
     DataSource,
     LoadsResources,
     MetricsExtractor,
+    UsesLatencyProducer,
     UsesPrefixProducer,
     declares,
 )
 from epp.scheduling.framework import Profile, Scheduler, producer_order
+from epp.scheduling.latency import PredictedLatencyProducer
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
 from epp.scheduling.prefix_producer import EARLY_2026, REFERENCE_DEFAULTS, ApproxPrefixProducer
@@ -165,6 +167,7 @@ class PickerConfig:
     flow: flow_config.FlowPlan | None = None  # flow control (None: the flowControl gate is off)
     admitter_refs: tuple[str, ...] = ()  # every admitter plugin listed, in order
     early_dialect: bool = False  # an older apiVersion: a bare prefix-cache-scorer keeps the early-2026 index
+    producer_refs: tuple[str, ...] = ()  # data producers listed (in the profile or under plugins only)
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -196,8 +199,30 @@ class PickerConfig:
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
         picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
             "max-score-picker", Params({}, "picker"))
-        self._bind_producers([*filters, *(s for s, _ in scorers)], instance, instances, old)
-        return Scheduler(Profile(self.profile_name, scorers, picker, filters)), instances
+        producers = [instance(self.plugins[ref]) for ref in self.producer_refs]
+        producers += self._bind_latency_producers([*filters, *(s for s, _ in scorers)], producers, instances, old)
+        self._bind_producers([*producers, *filters, *(s for s, _ in scorers)], instance, instances, old)
+        return Scheduler(Profile(self.profile_name, scorers, picker, filters, producers)), instances
+
+    def _bind_latency_producers(self, users: list[Any], listed: list[Any], instances: dict[str, Any],
+                                old: Mapping[str, Any]) -> list[Any]:
+        """Each plugin that reads latency predictions gets the producer it names, or the config's
+        only one, or one with the reference's defaults; returns the producers made here."""
+        made: list[Any] = []
+        for user in users:
+            if not declares(user, UsesLatencyProducer):
+                continue
+            named = user.latency_producer_name
+            producer = next((p for p in listed if p.name == named), None) if named else (listed[0] if listed else None)
+            if producer is None:
+                k = f"{PredictedLatencyProducer.type_name}/(made)"
+                producer = instances.get(k) or old.get(k) or PredictedLatencyProducer(
+                    PredictedLatencyProducer.type_name, Params({}, "predicted-latency-producer"))
+                instances[k] = producer
+                listed = [producer]
+                made.append(producer)
+            user.bind_latency_producer(producer)
+        return made
 
     def _bind_producers(self, users: list[Any], instance: Callable[[PluginSpec], Any], instances: dict[str, Any],
                         old: Mapping[str, Any]) -> None:
@@ -397,15 +422,18 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
             picker_ref = name
         elif role == "filter":
             filter_refs.append(name)
+        elif role == "data producer":
+            pass  # data producers run in the profile wherever they are listed
         else:
             raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
     detector, flow = _flow_control(raw, plugins, registry, enabled["flowControl"])
     data_refs = _data_layer(raw.get("dataLayer"), plugins)
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
     _check_producer_refs(plugins)
+    producer_refs = _check_latency_refs(plugins)
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
                        hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
-                       admitter_refs, api != API_VERSIONS[0])
+                       admitter_refs, api != API_VERSIONS[0], producer_refs)
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
 
@@ -483,6 +511,27 @@ def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:
         elif len(producers) > 1 and not spec.instance.own_index:
             raise ConfigError(path, f"required: the config has {len(producers)} prefix producers "
                                     f"({', '.join(producers)})")
+
+
+def _check_latency_refs(plugins: Mapping[str, PluginSpec]) -> tuple[str, ...]:
+    """The data producers listed; a latency producer a plugin names exists and is one, and an
+    unnamed one is unambiguous."""
+    producers = tuple(spec.name for spec in plugins.values() if spec.type.role == "data producer")
+    latency = [n for n in producers if plugins[n].type.type_name == PredictedLatencyProducer.type_name]
+    for spec in plugins.values():
+        if not declares(spec.instance, UsesLatencyProducer):
+            continue
+        named = spec.instance.latency_producer_name
+        path = f"{spec.path}.parameters.latencyPredictionInfoProducerName"
+        if named is not None:
+            if named not in plugins:
+                raise ConfigError(path, f"no plugin named {show(named)} in plugins")
+            if named not in latency:
+                raise ConfigError(path, f"{show(named)} is a {plugins[named].type.type_name}, not a "
+                                        f"{PredictedLatencyProducer.type_name}")
+        elif len(latency) > 1:
+            raise ConfigError(path, f"required: the config has {len(latency)} latency producers ({', '.join(latency)})")
+    return producers
 
 
 def _flow_control(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], registry: PluginRegistry,

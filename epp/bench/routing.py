@@ -41,7 +41,7 @@ from epp.bench.procs import cpu_seconds, start_epp, stop
 from epp.bench.simbench import _pct
 from epp.bench.workloads import Session, Trace, WorkloadParams, build
 from epp.sim.fleet import Fleet
-from epp.sim.profiles import profile
+from epp.sim.profiles import fleet_params
 from epp.stack.local import EnvoyProc, free_ports, spawn, start_envoy, wait_until
 
 CONTENDERS = ("envoy-round-robin", "envoy-least-request", "epp", "vllm-router", "sglang-router")
@@ -76,6 +76,7 @@ class Running:
     url: str
     procs: list[subprocess.Popen[bytes]]
     envoy: EnvoyProc | None = None
+    metrics_url: str | None = None  # epp's /metrics (the latency model's error is read from it)
 
     def cpu(self) -> float:
         total = 0.0
@@ -161,7 +162,7 @@ async def epp_behind_envoy(addresses: list[str], workdir: Path, extra: tuple[str
     except Exception:
         stop(epp)
         raise
-    return Running(envoy.url, [epp], envoy)
+    return Running(envoy.url, [epp], envoy, f"http://127.0.0.1:{metrics}/metrics")
 
 
 async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path,
@@ -326,11 +327,19 @@ async def drive(url: str, trace: Trace, fleet: Fleet, max_seconds: float,
     return results, elapsed, samples
 
 
-async def capacity(preset: str, servers: int, workload: str, params: WorkloadParams, seconds: float) -> float:
-    """Requests/s the fleet completes with requests spread evenly and plenty of concurrency."""
-    fleet = Fleet(free_ports(servers), profile(preset))
+async def capacity(preset: str, servers: int, workload: str, params: WorkloadParams, seconds: float,
+                   affinity: bool = True) -> float:
+    """Requests/s the fleet completes with plenty of concurrency on every server: the sum of
+    what each server completes on its own (a mixed fleet's fast servers count in full). Without
+    ``affinity`` the servers cache no prefix: every request computes its whole prompt (the
+    no-affinity capacity, which no routing choice changes)."""
+    per_server = fleet_params(preset, servers)
+    if not affinity:
+        per_server = [p.with_overrides(enable_prefix_caching=False) for p in per_server]
+    servers = len(per_server)
+    fleet = Fleet(free_ports(servers), per_server)
     await fleet.start()
-    model = profile(preset).names()[0]
+    model = per_server[0].names()[0]
     try:
         trace = build(workload, 20_000, 1e6, seed=99, p=params)
         flat = [(sess.system, q, sess.max_tokens) for sess in trace.sessions for q in sess.questions]
@@ -338,20 +347,20 @@ async def capacity(preset: str, servers: int, workload: str, params: WorkloadPar
         idx = 0
         stop_at = time.monotonic() + seconds
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-            async def worker() -> None:
+            async def worker(server: int) -> None:
                 nonlocal done, idx
                 while time.monotonic() < stop_at and idx < len(flat):
                     i = idx
                     idx += 1
                     system, q, mt = flat[i]
-                    url = f"http://{fleet.servers[i % servers].address}"
+                    url = f"http://{fleet.servers[server].address}"
                     msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
                     res, _ = await _turn(s, url, model, msgs, mt, "capacity", 0.0)
                     if res.status == 200:
                         done += 1
 
             start = time.monotonic()
-            await asyncio.gather(*(worker() for _ in range(servers * 24)))
+            await asyncio.gather(*(worker(k % servers) for k in range(servers * 24)))
             if not done:
                 raise RuntimeError(f"the {preset} fleet completed no request while measuring capacity: is the "
                                    "workload's prompt longer than the preset's max_model_len?")
@@ -412,6 +421,9 @@ class RoutingOptions:
     contenders: tuple[str, ...] = CONTENDERS
     capacity_seconds: float = 20.0
     capacity_rps: float | None = None  # given instead of measured: the same offered load across runs
+    # What a load of 1.0 is: "spread" (requests spread evenly, each server caching what it sees)
+    # or "no-affinity" (no server caches a prefix: the fleet's capacity whatever the routing).
+    capacity_basis: str = "spread"
     max_seconds: float = 240.0
     late_limit_ms: float = 5.0  # a run whose simulated GPUs' steps were later than this on average is repeated once
     params: WorkloadParams = field(default_factory=WorkloadParams)
@@ -438,7 +450,7 @@ async def bench_routing(out: Path, opts: RoutingOptions, venvs: Path = Path(".ve
 
 async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set[int] | None) -> dict[str, Any]:
     cap = opts.capacity_rps or await capacity(opts.preset, opts.servers, opts.workload, opts.params,
-                                              opts.capacity_seconds)
+                                              opts.capacity_seconds, affinity=opts.capacity_basis == "spread")
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
     load_series: dict[str, list[list[float]]] = {}
@@ -475,9 +487,10 @@ async def _bench(out: Path, opts: RoutingOptions, venvs: Path, router_cores: set
                     rows.append(best[0])
                     load_series[f"{name}@{load}"] = best[1]
                     progress.done(task, f"TTFT p90 {best[0]['ttft_p90_s']} s, {best[0]['errors']} errors")
-    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset, "servers": opts.servers,
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset,
+                       "servers": len(fleet_params(opts.preset, opts.servers)),
                        "workload": opts.workload, "loads": list(opts.loads), "capacity_rps": round(cap, 2),
-                       "capacity_given": opts.capacity_rps is not None,
+                       "capacity_given": opts.capacity_rps is not None, "capacity_basis": opts.capacity_basis,
                        "first_seen_share": first_seen,
                        "params": asdict(opts.params), "requests": opts.requests},
               "rows": rows, "unavailable": unavailable}
@@ -492,7 +505,8 @@ async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, o
                    progress: _Progress) -> tuple[dict[str, Any], Samples] | str:
     """One contender in front of a fresh fleet: its summary row and load samples, or why it is
     not available."""
-    fleet = Fleet(free_ports(opts.servers), profile(opts.preset))
+    per_server = fleet_params(opts.preset, opts.servers)
+    fleet = Fleet(free_ports(len(per_server)), per_server)
     await fleet.start()
     work = out / "logs" / f"{name}-{load}"
     work.mkdir(parents=True, exist_ok=True)
@@ -507,6 +521,8 @@ async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, o
             results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds,
                                                     lambda n: progress.update(task, n))
             row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
+            if running.metrics_url is not None:
+                row["latency_ttft_error_p50"] = await latency_error_median(running.metrics_url)
             (work / "requests.json").write_text(json.dumps([asdict(r) for r in results]))
             return row, samples
         finally:
@@ -515,18 +531,46 @@ async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, o
         await fleet.stop()
 
 
+async def latency_error_median(url: str) -> float | None:
+    """The median of epp's latency-model TTFT error over the run (its histogram, interpolated
+    within the bucket); None when epp has no latency model or it learned nothing."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return None
+    buckets: list[tuple[float, float]] = []
+    for m in re.finditer(r'^epp_latency_prediction_ttft_error_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$', text, re.M):
+        buckets.append((float(m.group(1)), float(m.group(2))))
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    half = buckets[-1][1] / 2
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= half:
+            if bound == float("inf"):
+                return lo_bound
+            share = (half - lo_count) / (count - lo_count) if count > lo_count else 0.0
+            return round(lo_bound + share * (bound - lo_bound), 3)
+        lo_bound, lo_count = bound, count
+    return None
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = [f"# epp bench routing ({m['date']}): {m['preset']}, {m['servers']} servers, workload {m['workload']}, "
-             f"capacity {m['capacity_rps']} req/s ({'given' if m.get('capacity_given') else 'measured'})", "",
+             f"capacity {m['capacity_rps']} req/s ({'given' if m.get('capacity_given') else 'measured'}, "
+             f"{m.get('capacity_basis', 'spread')})", "",
              "| contender | load | requests | errors | req/s | output tok/s | TTFT p50 s | TTFT p90 s | TTFT p99 s "
-             "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req | sim late ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 ms | e2e p90 s | prefix hit rate | imbalance | router CPU us/req | sim late ms/step "
+             "| fleet busy | latency model error p50 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['contender']} | {r['load']} | {r['requests']} | {r['errors']} | {r['req_per_s']} "
                      f"| {r['output_tok_per_s']} | {r['ttft_p50_s']} | {r['ttft_p90_s']} | {r['ttft_p99_s']} "
                      f"| {r['itl_p50_ms']} | {r['e2e_p90_s']} | {r['prefix_hit_rate']} | {r['load_imbalance']} "
-                     f"| {r['router_cpu_us_per_req']} | {r.get('sim_step_late_ms', '-')} |")
+                     f"| {r['router_cpu_us_per_req']} | {r.get('sim_step_late_ms', '-')} | {r.get('fleet_busy', '-')} "
+                     f"| {_show(r.get('latency_ttft_error_p50'))} |")
     repeated = [f"{r['contender']} @ {r['load']}" for r in result["rows"] if r.get("runs", 1) > 1]
     if repeated:
         lines += ["", "Run twice because the simulated GPUs ran late (busy host); the row is the run closer to the "
@@ -545,6 +589,10 @@ def markdown(result: dict[str, Any]) -> str:
     for name, why in result["unavailable"].items():
         lines.append(f"\n{name}: not available ({why})")
     return "\n".join(lines) + "\n"
+
+
+def _show(v: Any) -> str:
+    return "-" if v is None else str(v)
 
 
 def plots(out: Path, result: dict[str, Any], load_series: dict[str, list[list[float]]]) -> None:

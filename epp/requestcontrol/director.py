@@ -45,7 +45,7 @@ from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.requestcontrol.waiting import Waiting, WaitingRoom
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.params import Params
-from epp.scheduling.types import MATCHED_TOKENS, Decision, SchedulingError, prompt_tokens
+from epp.scheduling.types import MATCHED_TOKENS, Completion, Decision, SchedulingError, Usage, prompt_tokens
 
 log = logging.getLogger("epp.director")
 
@@ -76,7 +76,7 @@ class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
     __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "flow", "forward_body",
-                 "prefilled", "queued", "reader", "request", "scheduler", "tokens", "wants_chunks")
+                 "prefilled", "queued", "reader", "request", "scheduler", "streamed", "tokens", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -91,6 +91,7 @@ class Routed:
         self.endpoint = decision.primary  # where the in-flight count is kept (the served one, once known)
         self.done = False
         self.prefilled = False
+        self.streamed = False  # the response body came in pieces, the first before the end
         self.tokens = 0  # prompt tokens counted in flight on the endpoint until the prefill is done
         self.queued = 0.0  # seconds flow control held the request
         self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
@@ -134,11 +135,18 @@ class Routed:
             self.scheduler.prefill_done(self.decision)
             self._director.prefilled(self.decision.primary, self.tokens)
 
+    def response_started(self) -> None:
+        """A front end reports the response's first bytes ahead of its end (the Pick API)."""
+        if not self.prefilled:
+            self.first_bytes()
+            self.streamed = True
+
     def response_body(self, data: bytes, eos: bool) -> bytes:
         """One chunk of the response body; returns the bytes to forward (usage epp asked for is
         cut out). The last chunk (``eos``) reports the usage and finishes the request."""
         if data and not self.prefilled:
             self.first_bytes()
+            self.streamed = not eos
         reader = self.reader
         if reader is not None:
             data = reader.feed(data, eos)
@@ -156,9 +164,12 @@ class Routed:
         if not self.done:
             self.done = True
             self.first_bytes()
+            reader = self.reader
+            usage = None if reader is None or not reader.completion_tokens else Usage(
+                reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens)
+            self.scheduler.completed(self.decision, Completion(usage, self.streamed))
             self._director.finished(self.endpoint, self._labels, self._started)
             if self.flow is not None:
-                reader = self.reader
                 flow_id, policy = self.flow
                 policy.on_completed(flow_id, reader.prompt_tokens if reader else 0,
                                     reader.completion_tokens if reader else 0)

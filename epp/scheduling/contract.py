@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.types import CycleState, PrefixMatch, Slot
+from epp.scheduling.types import Completion, CycleState, PrefixMatch, Slot
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -80,6 +80,18 @@ class PrefixProducer(Plugin, Protocol):
 
     def match(self, request: InferenceRequest, candidates: list[EndpointState], cycle: CycleState) -> PrefixMatch: ...
 
+    def record(self, endpoint: str, cycle: CycleState) -> None:
+        """The request went to ``endpoint``: its matched blocks are cached there now (once per cycle)."""
+
+
+class DataProducer(Plugin, Protocol):
+    """Prepares per-candidate data for the filters and scorers that read it (the reference's
+    data producers, e.g. latency predictions): runs first in every cycle, on all candidates. A
+    config may list it in the profile or under plugins only; either way it runs in the profile."""
+
+    def produce(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+                cycle: CycleState) -> None: ...
+
 
 class MetricsExtractor(Plugin, Protocol):
     """Which series carry the routing signals, per endpoint (data layer; under plugins only)."""
@@ -90,7 +102,7 @@ class MetricsExtractor(Plugin, Protocol):
 ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
                                             (MetricsExtractor, "metrics extractor"),
-                                            (PrefixProducer, "prefix producer"))
+                                            (PrefixProducer, "prefix producer"), (DataProducer, "data producer"))
 
 
 # -- hooks: the request's life after the decision ---------------------------------------------------
@@ -120,6 +132,13 @@ class ObservesUsage(Protocol):
     def on_usage(self, endpoint: str, cycle: CycleState, cached_tokens: int) -> None: ...
 
 
+class ObservesCompletion(Protocol):
+    """The response ended (``completion``: its usage, and whether epp saw it stream). Its presence
+    makes the director read each response's usage, asking streams for it if need be."""
+
+    def on_complete(self, endpoint: str, cycle: CycleState, completion: Completion) -> None: ...
+
+
 class UsesPrefixProducer(Protocol):
     """Reads a prefix producer's matches: ``producer_name`` is the one it names (None: the
     config's only one, or one made with the reference's defaults); the loader binds it, unless
@@ -129,6 +148,15 @@ class UsesPrefixProducer(Protocol):
     own_index: bool
 
     def bind_producer(self, producer: PrefixProducer | None) -> None: ...
+
+
+class UsesLatencyProducer(Protocol):
+    """Reads a latency producer's predictions: ``latency_producer_name`` is the one it names
+    (None: the config's only one, or one the loader makes with the reference's defaults)."""
+
+    latency_producer_name: str | None
+
+    def bind_latency_producer(self, producer: Any) -> None: ...
 
 
 class WritesResponseHeaders(Protocol):
@@ -183,10 +211,12 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ObservesPicks, ("on_pick",)),
     (ObservesPrefill, ("on_prefill_done",)),
     (ObservesUsage, ("usage_wanted", "usage_injected", "on_usage")),
+    (ObservesCompletion, ("on_complete",)),
     (ForgetsEndpoints, ("on_endpoint_removed",)),
     (LoadsResources, ("load",)),
     (HoldsPrefixIndex, ("prefix_index_size",)),
     (UsesPrefixProducer, ("bind_producer",)),
+    (UsesLatencyProducer, ("bind_latency_producer",)),
     (AlsoFilters, ("filter",)),
     (WritesResponseHeaders, ("response_headers",)),
     (ExportsMetrics, ("metric_families",)),
@@ -194,7 +224,8 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
-                                                  MetricsExtractor: ("engine_mapping",), PrefixProducer: ("match",)}
+                                                  MetricsExtractor: ("engine_mapping",),
+                                                  PrefixProducer: ("match", "record"), DataProducer: ("produce",)}
 
 
 def declares(plugin: object, hook: type[Any]) -> bool:

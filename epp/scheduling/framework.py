@@ -19,8 +19,10 @@ from typing import Any
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import (
+    DataProducer,
     Filter,
     ForgetsEndpoints,
+    ObservesCompletion,
     ObservesPicks,
     ObservesPrefill,
     ObservesUsage,
@@ -31,6 +33,7 @@ from epp.scheduling.contract import (
 )
 from epp.scheduling.types import (
     MATCHED_TOKENS,
+    Completion,
     ConfigError,
     CycleState,
     Decision,
@@ -48,9 +51,10 @@ class Profile:
     scorers: list[tuple[Scorer, float]]
     picker: Picker
     filters: list[Filter] = field(default_factory=list)
+    producers: list[DataProducer] = field(default_factory=list)
 
     def plugins(self) -> list[Any]:
-        return [*self.filters, *(s for s, _ in self.scorers), self.picker]
+        return [*self.producers, *self.filters, *(s for s, _ in self.scorers), self.picker]
 
 
 def producer_order(scorers: list[tuple[Scorer, float]]) -> list[tuple[Scorer, float]]:
@@ -85,6 +89,7 @@ class Scheduler:
     _on_pick: list[ObservesPicks] = field(init=False, default_factory=list)
     _on_prefill: list[ObservesPrefill] = field(init=False, default_factory=list)
     _on_usage: list[ObservesUsage] = field(init=False, default_factory=list)
+    _on_complete: list[ObservesCompletion] = field(init=False, default_factory=list)
     _on_removed: list[ForgetsEndpoints] = field(init=False, default_factory=list)
     _headers: list[WritesResponseHeaders] = field(init=False, default_factory=list)
     wants_usage: bool = field(init=False, default=False)
@@ -98,10 +103,12 @@ class Scheduler:
         self._on_removed = [p for p in plugins if declares(p, ForgetsEndpoints)]
         self._headers = [p for p in plugins if declares(p, WritesResponseHeaders)]
         self._on_usage = [p for p in plugins if declares(p, ObservesUsage) and p.usage_wanted()]
-        # Some plugin learns from each response's usage (the precise scorer's closed loop); and
-        # may ask streams for usage when their client did not (epp strips it back out).
-        self.wants_usage = bool(self._on_usage)
-        self.inject_usage = any(p.usage_injected() for p in self._on_usage)
+        self._on_complete = [p for p in plugins if declares(p, ObservesCompletion)]
+        # Some plugin learns from each response's usage (the precise scorer's closed loop, the
+        # latency model); and may ask streams for usage when their client did not (epp strips it
+        # back out).
+        self.wants_usage = bool(self._on_usage or self._on_complete)
+        self.inject_usage = bool(self._on_complete) or any(p.usage_injected() for p in self._on_usage)
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
@@ -114,6 +121,11 @@ class Scheduler:
         cycle = CycleState()
         self._cycles += 1
         timer = self.plugin_timer if self._cycles % PLUGIN_TIMING_SAMPLE == 0 else None
+        for producer in self.profile.producers:
+            t0 = time.perf_counter() if timer else 0.0
+            producer.produce(request, snapshot, candidates, cycle)
+            if timer:
+                timer("DataProducer", producer.type_name, producer.name, time.perf_counter() - t0)
         for f in self.profile.filters:
             t0 = time.perf_counter() if timer else 0.0
             candidates = f.filter(request, snapshot, candidates, cycle)
@@ -173,6 +185,11 @@ class Scheduler:
         """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""
         for p in self._on_usage:
             p.on_usage(decision.primary, decision.cycle, cached_tokens)
+
+    def completed(self, decision: Decision, completion: Completion) -> None:
+        """The response to ``decision`` ended (its usage, and whether it streamed)."""
+        for p in self._on_complete:
+            p.on_complete(decision.primary, decision.cycle, completion)
 
     def response_headers(self, decision: Decision, endpoint: str) -> list[tuple[str, str]]:
         """Headers plugins set on the response of ``decision``'s request, served by ``endpoint``."""

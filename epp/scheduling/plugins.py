@@ -23,6 +23,7 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.filters import FILTERS
+from epp.scheduling.latency import LATENCY_PLUGINS
 from epp.scheduling.params import (
     BLOCKS_TO_MATCH_LIMIT,
     ENDPOINTS_PER_PICK_LIMIT,
@@ -372,4 +373,4 @@ BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
     RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, ApproxPrefixProducer, *FILTERS)
+    SingleProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS)

@@ -77,6 +77,24 @@ def prompt_tokens(cycle: CycleState, prompt: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """What a response reported it used (OpenAI ``usage``)."""
+
+    prompt_tokens: int
+    cached_tokens: int | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How a response ended: its usage (None when epp could not read it), and whether its body
+    came in pieces, the first before the end (a stream epp saw stream; not a buffered body)."""
+
+    usage: Usage | None
+    streamed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PrefixMatch:
     """One request against the index: its block hashes, and each candidate's leading matches."""
 

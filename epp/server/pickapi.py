@@ -140,7 +140,7 @@ class PickAPI:
     def response_started(self, request: Any, client: str = "local") -> Any:
         entry = self._open.get(request.pick_id)
         if entry is not None:
-            entry.pick.first_bytes()
+            entry.pick.response_started()
         return picker_pb2.ResponseStartedResponse(known=entry is not None)
 
     def release(self, request: Any, client: str = "local") -> Any:

@@ -52,12 +52,16 @@ def raise_fd_limit(needed: int) -> None:
 class Fleet:
     """N independent simulated servers sharing one event loop (and one ZMQ context)."""
 
-    def __init__(self, ports: Sequence[int], params: EngineParams, *, host: str = "127.0.0.1", seed: int = 0,
-                 kv_events: KVEventsConfig | None = None) -> None:
+    def __init__(self, ports: Sequence[int], params: EngineParams | Sequence[EngineParams], *, host: str = "127.0.0.1",
+                 seed: int = 0, kv_events: KVEventsConfig | None = None) -> None:
+        """``params``: one preset for every server, or one per server (a mixed fleet)."""
+        per_server = [params] * len(ports) if isinstance(params, EngineParams) else list(params)
+        if len(per_server) != len(ports):
+            raise ValueError(f"{len(ports)} ports for {len(per_server)} servers' parameters")
         self.zmq_ctx = zmq.asyncio.Context() if kv_events and kv_events.enable_kv_cache_events else None
         self.servers = [
-            SimServer(port, params, host=host, seed=seed + i, index=i, kv_events=kv_events, zmq_ctx=self.zmq_ctx)
-            for i, port in enumerate(ports)
+            SimServer(port, p, host=host, seed=seed + i, index=i, kv_events=kv_events, zmq_ctx=self.zmq_ctx)
+            for i, (port, p) in enumerate(zip(ports, per_server, strict=True))
         ]
 
     async def start(self) -> None:

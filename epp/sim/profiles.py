@@ -54,6 +54,14 @@ PROFILES: dict[str, EngineParams] = {
         decode_base_s=0.0095,
         decode_per_seq_s=0.00015,
     ),
+    # A generation 2.5x slower than the H100 in every step, with 2.5x less KV cache (mixed fleets).
+    "slow-llama8b": EngineParams(
+        num_gpu_blocks=11200,
+        prefill_overhead_s=0.010,
+        prefill_per_token_s=0.0001,
+        decode_base_s=0.01625,
+        decode_per_seq_s=0.00025,
+    ),
     # A small card: KV pressure and queueing arrive early (useful for eviction scenarios).
     "l4-llama8b": EngineParams(
         num_gpu_blocks=2500,
@@ -82,3 +90,25 @@ def profile(name: str) -> EngineParams:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(sorted(PROFILES))}") from None
+
+
+def fleet_params(spec: str, servers: int) -> list[EngineParams]:
+    """One preset for ``servers`` servers (``h100-llama8b``), or a mixed fleet that gives its own
+    counts (``h100-llama8b*4,slow-llama8b*4``; ``servers`` is then ignored)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1 and "*" not in parts[0]:
+        return [profile(parts[0])] * servers
+    out: list[EngineParams] = []
+    for part in parts:
+        name, _, count = part.partition("*")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            raise ValueError(f"bad fleet part {part!r}: expected PRESET*COUNT") from None
+        if n < 1:
+            raise ValueError(f"bad fleet part {part!r}: the count must be >= 1")
+        out += [profile(name.strip())] * n
+    models = {p.names()[0] for p in out}
+    if len(models) > 1:
+        raise ValueError(f"a fleet serves one model; {spec!r} mixes {', '.join(sorted(models))}")
+    return out

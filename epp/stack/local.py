@@ -137,7 +137,8 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def in_process_stack(*, servers: int = 4, params: EngineParams | None = None, template: str = "epp-full-duplex",
+async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[EngineParams] | None = None,
+                           template: str = "epp-full-duplex",
                            config_text: str | None = None, secure: bool = False, staleness: float = 2.0,
                            refresh: float = 0.05, endpoints_file: bool = False,
                            kv_events: KVEventsConfig | None = None, wait_ready: bool = True,

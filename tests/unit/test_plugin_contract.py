@@ -205,7 +205,7 @@ def test_contract_violations_are_named(bases: tuple[type[Any], ...], members: di
 def test_every_builtin_follows_the_contract() -> None:
     roles = {check_contract(cls).role for cls in (*BUILTIN, *DATA_LAYER)}
     assert roles == {"filter", "scorer", "picker", "profile handler", "data source", "metrics extractor",
-                     "prefix producer"}
+                     "prefix producer", "data producer"}
 
 
 # -- plugins built once, loaded off the loop ------------------------------------------------------
@@ -256,8 +256,10 @@ def test_installed_types_load_on_use_and_broken_ones_are_config_errors() -> None
         reg.get("missing", "plugins[1].type")
     with pytest.raises(ConfigError, match="whose type_name is 'test-consumer'"):
         reg.get("mislabelled", "plugins[2].type")
-    with pytest.raises(ConfigError, match=r"unknown plugin type 'nope'.*test-producer"):
+    with pytest.raises(ConfigError, match=r"unknown plugin type 'nope' \(\d+ types are known; the README"):
         reg.get("nope", "plugins[3].type")
+    with pytest.raises(ConfigError, match=r"unknown plugin type 'test-produce' \(did you mean 'test-producer'"):
+        reg.get("test-produce", "plugins[3].type")
 
 
 def test_the_example_package_is_installed_and_parsed_strictly() -> None:

@@ -1,0 +1,519 @@
+"""Predicted-latency routing with the reference's config surface, on epp's in-process model.
+
+- ``predicted-latency-producer`` (a data producer): per candidate, this request's predicted TTFT
+  and TPOT from ``epp.scheduling.latency_model`` (each pod's own fit, learned from the responses
+  it served), and the headroom against the request's SLO headers (``x-llm-d-slo-ttft-ms``,
+  ``x-llm-d-slo-tpot-ms``, or their old ``x-slo-*`` names): ``SLO - predicted``, or
+  ``-predicted`` without an SLO. It learns from every response that reports its usage: TTFT at
+  the first bytes of a stream, TPOT over the rest of it; a non-streamed response teaches TTFT as
+  its end-to-end time less its tokens at the predicted TPOT. When its median TTFT error over
+  recent responses passes ``maxPredictionError`` (epp's own, default 0.5) it stops publishing
+  predictions, logs it, and its readers fall back as the reference's do when its sidecar is down;
+  it goes on predicting the chosen pod, and publishes again once the error is back under 0.35.
+  Parameters as the reference: ``streamingMode`` (false: TPOT is not part of the headroom; the
+  TTFT SLO is held against the predicted end-to-end time), ``sloBufferFactor`` (the TPOT SLO is
+  multiplied by it), ``contextTTL`` (a response that ends later teaches nothing),
+  ``endpointRoleLabel`` (pods whose label says ``prefill`` have no TPOT), ``predictInProduce``
+  (false: learn only), ``prefixMatchInfoProducerName``; ``samplingMean`` and
+  ``maxDecodeTokenSamplesForPrediction`` are read and ignored, as the reference ignores them now.
+- ``latency-scorer``: the reference's headroom scoring (positive headroom first, idle pods first
+  when none is, deficit buckets, TTFT/TPOT blend, ``least``/``most``), with its composite fallback
+  (KV, queue, prefix) when there is no prediction.
+- ``slo-headroom-tier-filter``: the pods predicted to meet the SLOs, with ``epsilonExploreNeg``
+  exploration of the others.
+- ``prefix-cache-affinity-filter``: the pods holding at least ``affinityThreshold`` of the prompt,
+  unless the best of them is predicted ``maxTTFTPenaltyMs`` slower than the best other pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from epp.datastore.endpoint import EndpointState
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.contract import (
+    DataProducer,
+    ExportsMetrics,
+    Filter,
+    ForgetsEndpoints,
+    ObservesCompletion,
+    ObservesPicks,
+    ObservesPrefill,
+    PrefixProducer,
+    Scorer,
+    UsesLatencyProducer,
+    UsesPrefixProducer,
+)
+from epp.scheduling.latency_model import ERROR_BUCKETS, ErrorTracker, LatencyModel, tpot_features, ttft_features
+from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
+from epp.scheduling.types import MATCHED_TOKENS, Completion, ConfigError, CycleState, Slot, prompt_tokens
+
+log = logging.getLogger("epp.latency")
+
+TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
+TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
+DEFAULT_OUTPUT_TOKENS = 256.0  # the expected output length before any response reported one
+ENCODER_CACHE = "multimodal encoder-cache features: epp routes text"
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPrediction:
+    """One candidate's prediction for this request (seconds), and its headroom against the SLOs
+    (``SLO - predicted``; no SLO counts as 0, so the headroom is ``-predicted``)."""
+
+    ttft: float
+    tpot: float
+    ttft_headroom: float
+    tpot_headroom: float
+    dispatched: int  # requests epp has in flight there
+    # The TTFT this request's own prefill would add to the requests arriving at the pod meanwhile
+    # (epp's own: the pod's recent arrival rate x its prefill time squared / 2).
+    interference: float = 0.0
+
+    @property
+    def meets_slo(self) -> bool:
+        return self.ttft_headroom >= 0 and self.tpot_headroom >= 0
+
+
+@dataclass(slots=True)
+class _Pick:
+    """What the producer keeps about one request until it ends."""
+
+    pod: str = ""
+    x_ttft: tuple[float, ...] = ()
+    x_tpot: tuple[float, ...] = ()
+    ahead: float = 0.0  # pending prefill tokens on the pod before this request
+    batch: float = 0.0
+    uncached: float = 0.0
+    ttft: float = 0.0  # predicted, on the chosen pod
+    tpot: float = 0.0
+    streamed: bool = False
+    sent: float = 0.0
+    first: float = 0.0
+
+
+def _slo_seconds(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
+    for h in names:
+        raw = headers.get(h)
+        if raw:
+            try:
+                v = float(raw)
+            except ValueError:
+                return None
+            return v / 1000.0 if math.isfinite(v) and v > 0 else None
+    return None
+
+
+class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, ObservesCompletion, ForgetsEndpoints,
+                               ExportsMetrics, UsesPrefixProducer):
+    type_name: ClassVar[str] = "predicted-latency-producer"
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        for ignored in ("samplingMean", "maxDecodeTokenSamplesForPrediction"):
+            if ignored in params.names():
+                params.float(ignored, 0.0)
+                log.info("%s.%s is ignored (as the reference ignores it: no mid-stream TPOT predictions)",
+                         params.path, ignored)
+        self.buffer = params.float("sloBufferFactor", 1.0, minimum=0.0)
+        self.context_ttl = params.duration("contextTTL", 300.0)
+        self.streaming = params.bool("streamingMode", False)
+        self.role_label = params.text("endpointRoleLabel", "") or ""
+        self.publish = params.bool("predictInProduce", True)
+        self.producer_name = params.text("prefixMatchInfoProducerName") or None
+        params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
+        if params.bool("useEncoderCacheFeatures", False):
+            raise ConfigError(f"{params.path}.useEncoderCacheFeatures", f"not supported by epp ({ENCODER_CACHE})")
+        params.refuse("encoderCacheMatchInfoProducerName", ENCODER_CACHE)
+        max_error = params.float("maxPredictionError", 0.5, minimum=0.01)
+        params.done()
+        self.own_index = False
+        self.prefix: PrefixProducer | None = None
+        self.model = LatencyModel()
+        self.errors = ErrorTracker(max_error=max_error, recover_error=min(0.35, max_error * 0.7))
+        self.mean_output = DEFAULT_OUTPUT_TOKENS
+        self.clock: Callable[[], float] = time.monotonic
+        self._published: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/predictions")
+        self._all: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/all")
+        self._inputs: Slot[dict[str, tuple[float, float, float]]] = Slot(f"{name}/inputs")
+        self._pick: Slot[_Pick] = Slot(f"{name}/pick")
+        self._streams: Slot[bool] = Slot(f"{name}/streams")
+        self._now: Slot[float] = Slot(f"{name}/now")
+        self.arrivals = ArrivalRates()
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None:
+        self.prefix = producer
+
+    # -- predictions ---------------------------------------------------------------------------
+    def produce(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+                cycle: CycleState) -> None:
+        if self.prefix is not None:
+            self.prefix.match(request, candidates, cycle)
+        matched = cycle.get(MATCHED_TOKENS) or {}
+        prompt = float(prompt_tokens(cycle, request.prompt))
+        headers = request.headers
+        ttft_slo = _slo_seconds(headers, TTFT_SLO_HEADERS) or 0.0
+        tpot_slo = (_slo_seconds(headers, TPOT_SLO_HEADERS) or 0.0) * self.buffer
+        streaming = self.streaming
+        out_tokens = self._expected_output(request)
+        pending, inflight, model = snapshot.inflight_tokens, snapshot.inflight, self.model
+        rates = self.arrivals.rates(snapshot.now)
+        role_label = self.role_label
+        predictions: dict[str, LatencyPrediction] = {}
+        inputs: dict[str, tuple[float, float, float]] = {}
+        for c in candidates:
+            a = c.address
+            ahead = float(pending.get(a, 0))
+            own = max(0.0, prompt - matched.get(a, 0))
+            dispatched = inflight.get(a, 0)
+            s = c.signals
+            batch = float(max(dispatched, s.running + s.waiting if s is not None else 0.0))
+            ttft = model.predict_ttft(a, ttft_features(ahead + own, batch))
+            own_s = ttft - model.predict_ttft(a, ttft_features(ahead, batch)) if own else 0.0
+            tpot = model.predict_tpot(a, tpot_features(batch, ahead))
+            inputs[a] = (ahead, batch, own)
+            if role_label and c.labels.get(role_label) == "prefill":
+                tpot_room = 0.0
+            elif streaming:
+                tpot_room = tpot_slo - tpot
+            else:
+                tpot_room = 0.0
+            # Without streaming the TTFT SLO is held against the whole response, as the reference's
+            # non-streaming mode trains its TTFT model on end-to-end times.
+            latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
+            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
+                                               rates.get(a, 0.0) * own_s * own_s / 2)
+        cycle.put(self._all, predictions)
+        cycle.put(self._inputs, inputs)
+        cycle.put(self._now, snapshot.now)
+        body = request.body
+        cycle.put(self._streams, bool(body is not None and body.get("stream") is True))
+        if self.publish and self.errors.trusted:
+            cycle.put(self._published, predictions)
+
+    def predictions(self, cycle: CycleState) -> dict[str, LatencyPrediction] | None:
+        """This cycle's predictions, None when there are none to act on (not trusted, or off)."""
+        return cycle.get(self._published)
+
+    def _expected_output(self, request: InferenceRequest) -> float:
+        body = request.body
+        if body is not None:
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                return float(limit)
+        return self.mean_output
+
+    # -- learning ---------------------------------------------------------------------------------
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        if self.prefix is not None:
+            self.prefix.record(endpoint, cycle)
+        now = cycle.get(self._now)
+        if now is not None:
+            self.arrivals.add(endpoint, now)
+        inputs = (cycle.get(self._inputs) or {}).get(endpoint)
+        chosen = (cycle.get(self._all) or {}).get(endpoint)
+        if inputs is None or chosen is None:
+            return
+        ahead, batch, own = inputs
+        cycle.put(self._pick, _Pick(endpoint, ttft_features(ahead + own, batch), tpot_features(batch, ahead),
+                                    ahead, batch, own, chosen.ttft, chosen.tpot, cycle.get(self._streams) is True,
+                                    self.clock()))
+
+    def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None:
+        pick = cycle.get(self._pick)
+        if pick is not None and not pick.first:
+            pick.first = self.clock()
+
+    def on_complete(self, endpoint: str, cycle: CycleState, completion: Completion) -> None:
+        pick = cycle.pop(self._pick)
+        usage = completion.usage
+        if pick is None or usage is None or not pick.first:
+            return
+        now = self.clock()
+        if now - pick.sent > self.context_ttl:
+            return
+        pod, model = pick.pod, self.model
+        x_ttft = pick.x_ttft
+        if usage.cached_tokens is not None and usage.prompt_tokens:
+            actual = max(0.0, usage.prompt_tokens - usage.cached_tokens)
+            x_ttft = ttft_features(pick.ahead + actual, pick.batch)
+        n = usage.completion_tokens
+        self.mean_output += (n - self.mean_output) * 0.02
+        if pick.streamed and completion.streamed:
+            ttft = pick.first - pick.sent
+            if n > 1:
+                model.observe_tpot(pod, pick.x_tpot, (now - pick.first) / (n - 1))
+        else:
+            ttft = max(0.0005, (now - pick.sent) - model.predict_tpot(pod, pick.x_tpot) * max(0, n - 1))
+        predicted = model.predict_ttft(pod, x_ttft)
+        message = self.errors.add(predicted, ttft)
+        if message:
+            log.warning("%s: %s", self.name, message)
+        model.observe_ttft(pod, x_ttft, ttft)
+
+    def on_endpoint_removed(self, endpoint: str) -> None:
+        self.model.forget_pod(endpoint)
+        self.arrivals.forget(endpoint)
+
+    def metric_families(self, pool: str) -> Iterator[Metric]:
+        labels, values = ["name", "plugin"], [pool, self.name]
+        median = self.errors.median()
+        rows: list[tuple[type[Any], str, str, float | None]] = [
+            (GaugeMetricFamily, "epp_latency_prediction_ttft_error_ratio",
+             "Median |predicted - observed| / observed TTFT over recent responses.", median),
+            (GaugeMetricFamily, "epp_latency_prediction_active",
+             "1 while latency predictions are used, 0 while the scorers have fallen back.",
+             1.0 if self.errors.trusted and self.publish else 0.0),
+            (CounterMetricFamily, "epp_latency_prediction_samples", "Responses the latency model learned from.",
+             float(self.errors.samples)),
+            (CounterMetricFamily, "epp_latency_prediction_fallbacks",
+             "Times the predictions stopped being used because their error was too large.",
+             float(self.errors.fallbacks)),
+        ]
+        for family, name, help_text, value in rows:
+            fam = family(name, help_text, labels=labels)
+            if value is not None:
+                fam.add_metric(values, value)
+            yield fam
+        hist = HistogramMetricFamily("epp_latency_prediction_ttft_error",
+                                     "|predicted - observed| / observed TTFT of each response the model learned from.",
+                                     labels=labels)
+        running, cumulative = 0, []
+        for bound, n in zip((*ERROR_BUCKETS, math.inf), self.errors.buckets, strict=True):
+            running += n
+            cumulative.append((str(bound) if bound != math.inf else "+Inf", float(running)))
+        hist.add_metric(values, cumulative, self.errors.error_sum)
+        yield hist
+        coef = GaugeMetricFamily("epp_latency_model_coefficient",
+                                 "Each pod's learned latency coefficients (seconds per feature unit).",
+                                 labels=["name", "plugin", "endpoint", "quantity", "feature"])
+        for pod, fits in self.model.pods.items():
+            for quantity, fit, features in (("ttft", fits.ttft, ("step", "ktokens", "batch16", "cross")),
+                                            ("tpot", fits.tpot, ("step", "batch16", "pending_ktokens"))):
+                for feature, v in zip(features, fit.theta, strict=True):
+                    coef.add_metric([pool, self.name, pod, quantity, feature], v)
+        yield coef
+
+
+class ArrivalRates:
+    """Each pod's recent pick rate (requests/s), decaying with a ``horizon``-second time constant."""
+
+    def __init__(self, horizon: float = 10.0) -> None:
+        self.horizon = horizon
+        self._state: dict[str, tuple[float, float]] = {}  # pod -> (decayed count, at)
+
+    def add(self, pod: str, now: float) -> None:
+        count, at = self._state.get(pod, (0.0, now))
+        self._state[pod] = (count * math.exp(-max(0.0, now - at) / self.horizon) + 1.0, now)
+
+    def rates(self, now: float) -> dict[str, float]:
+        h = self.horizon
+        return {pod: count * math.exp(-max(0.0, now - at) / h) / h for pod, (count, at) in self._state.items()}
+
+    def forget(self, pod: str) -> None:
+        self._state.pop(pod, None)
+
+
+class _ReadsPredictions(UsesLatencyProducer):
+    latency_producer_name: str | None
+    producer: PredictedLatencyProducer | None = None
+
+    def bind_latency_producer(self, producer: Any) -> None:
+        assert isinstance(producer, PredictedLatencyProducer)
+        self.producer = producer
+
+    def _predictions(self, cycle: CycleState) -> dict[str, LatencyPrediction] | None:
+        return self.producer.predictions(cycle) if self.producer is not None else None
+
+
+W_MAX = 100
+EPS = 1e-9
+
+
+class LatencyScorer(Scorer, _ReadsPredictions):
+    type_name: ClassVar[str] = "latency-scorer"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.ttft_weight = params.float("ttftWeight", 0.8, minimum=0.0)
+        self.tpot_weight = params.float("tpotWeight", 0.2, minimum=0.0)
+        self.most = params.text("headroomSelectionStrategy", "least", choices=("least", "most")) == "most"
+        self.kv_weight = params.float("compositeKVWeight", 1.0, minimum=0.0)
+        self.queue_weight = params.float("compositeQueueWeight", 1.0, minimum=0.0)
+        self.prefix_weight = params.float("compositePrefixWeight", 1.0, minimum=0.0)
+        self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
+        self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
+        self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
+        params.done()
+
+    def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+              cycle: CycleState) -> list[float]:
+        predictions = self._predictions(cycle)
+        if not predictions:
+            return self._composite(snapshot, candidates, cycle)
+        preds = [predictions.get(c.address) for c in candidates]
+        scores = [0.0] * len(candidates)
+        positive = [i for i, p in enumerate(preds) if p is None or p.meets_slo]
+        if positive:
+            self._bucket(positive, preds, scores, force_least=False)
+            return scores
+        # Every candidate misses an SLO: idle pods first, then the least severe deficit.
+        idle = [i for i, p in enumerate(preds) if p is not None and p.dispatched == 0]
+        if idle:
+            self._bucket(idle, preds, scores, force_least=True)
+            return scores
+        tpot_only: list[int] = []
+        ttft_only: list[int] = []
+        both: list[int] = []
+        for i, p in enumerate(preds):
+            assert p is not None
+            t_neg, p_neg = p.ttft_headroom < 0, p.tpot_headroom < 0
+            (both if t_neg and p_neg else ttft_only if t_neg else tpot_only).append(i)
+        for bucket in (tpot_only, ttft_only, both):
+            if bucket:
+                self._bucket(bucket, preds, scores, force_least=True)
+                break
+        return scores
+
+    def _bucket(self, idx: list[int], preds: list[LatencyPrediction | None], scores: list[float],
+                force_least: bool) -> None:
+        total = self.ttft_weight + self.tpot_weight
+        alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
+        ttft = [abs(preds[i].ttft_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
+        if force_least and self.interference:  # a deficit: the delay it brings the pod's next arrivals adds to it
+            w = self.interference
+            ttft = [t + w * p.interference if (p := preds[i]) is not None else t
+                    for t, i in zip(ttft, idx, strict=True)]
+        tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
+        t_lo, t_range = min(ttft), max(ttft) - min(ttft)
+        p_lo, p_range = min(tpot), max(tpot) - min(tpot)
+        if t_range <= EPS < p_range:
+            alpha, beta = 0.0, 1.0
+        elif p_range <= EPS < t_range:
+            alpha, beta = 1.0, 0.0
+        most = self.most and not force_least
+        for k, i in enumerate(idx):
+            n_ttft = (ttft[k] - t_lo) / t_range if t_range > EPS else 0.5
+            n_tpot = (tpot[k] - p_lo) / p_range if p_range > EPS else 0.5
+            combined = alpha * n_ttft + beta * n_tpot
+            w = int(combined * W_MAX) + 1 if most else int((1.0 - combined) * W_MAX) + 1
+            scores[i] = min(1.0, w / W_MAX)  # the reference's 1..101 steps, capped at 1
+
+    def _composite(self, snapshot: Snapshot, candidates: list[EndpointState], cycle: CycleState) -> list[float]:
+        kv_w, q_w, p_w = self.kv_weight, self.queue_weight, self.prefix_weight
+        total = kv_w + q_w + p_w
+        if total <= 0:
+            kv_w, q_w, p_w, total = 1.0, 0.0, 0.0, 1.0
+        kv_w, q_w, p_w = kv_w / total, q_w / total, p_w / total
+        waiting = [c.signals.waiting if c.signals is not None else 0.0 for c in candidates]
+        top = max(waiting, default=0.0)
+        matched = cycle.get(MATCHED_TOKENS) or {}
+        prompt = max(1, prompt_tokens(cycle, ""))
+        out = []
+        for c, q in zip(candidates, waiting, strict=True):
+            rel_queue = (top - q) / top if top > 0 else 1.0
+            kv_free = 1.0 - (c.signals.kv_usage if c.signals is not None else 0.0)
+            prefix = min(1.0, matched.get(c.address, 0) / prompt) if matched else 0.0
+            out.append(round(W_MAX * (kv_w * kv_free + q_w * rel_queue + p_w * prefix)) / W_MAX)
+        return out
+
+
+class SLOHeadroomTierFilter(Filter, _ReadsPredictions):
+    type_name: ClassVar[str] = "slo-headroom-tier-filter"
+
+    def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
+        self.name = name
+        self.epsilon = params.float("epsilonExploreNeg", 0.01, minimum=0.0, maximum=1.0)
+        self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
+        params.done()
+        self.rng = rng or random.Random()
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]:
+        predictions = self._predictions(cycle)
+        if not predictions:
+            return candidates
+        positive: list[EndpointState] = []
+        negative: list[EndpointState] = []
+        for c in candidates:
+            p = predictions.get(c.address)
+            (positive if p is not None and p.meets_slo else negative).append(c)
+        if not positive or not negative:
+            return candidates
+        return negative if self.rng.random() < self.epsilon else positive
+
+
+class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions):
+    type_name: ClassVar[str] = "prefix-cache-affinity-filter"
+
+    def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
+        self.name = name
+        self.threshold = params.float("affinityThreshold", 0.8, maximum=1.0)
+        self.explore = params.float("explorationProbability", 0.0, minimum=0.0, maximum=1.0)
+        self.max_penalty = params.float("maxTTFTPenaltyMs", 18000.0, minimum=0.0) / 1000.0
+        self.source = params.text("ttftSource", "prefillThroughput", choices=("prefillThroughput", "latencyPredictor"))
+        self.peak = params.float("peakPrefillThroughput", 15928.0, minimum=0.0)
+        if self.source == "prefillThroughput" and self.max_penalty > 0 and self.peak <= 0:
+            raise ConfigError(f"{params.path}.peakPrefillThroughput", "must be > 0 with ttftSource prefillThroughput")
+        self.producer_name = params.text("prefixMatchInfoProducerName") or None
+        self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
+        params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
+        params.done()
+        self.own_index = False
+        self.prefix: PrefixProducer | None = None
+        self.rng = rng or random.Random()
+
+    @property
+    def uses_latency(self) -> bool:
+        return self.source == "latencyPredictor" and self.max_penalty > 0
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None:
+        self.prefix = producer
+
+    def on_pick(self, endpoint: str, cycle: CycleState) -> None:
+        if self.prefix is not None:
+            self.prefix.record(endpoint, cycle)
+
+    def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[EndpointState]:
+        if len(candidates) <= 1 or self.threshold <= 0 or self.prefix is None:
+            return candidates
+        if self.explore and self.rng.random() < self.explore:
+            return candidates
+        m = self.prefix.match(request, candidates, cycle)
+        if not m.total:
+            return candidates
+        sticky: list[EndpointState] = []
+        other: list[EndpointState] = []
+        for c in candidates:
+            (sticky if m.blocks.get(c.address, 0) / m.total >= self.threshold else other).append(c)
+        if not sticky:
+            return candidates
+        if self.max_penalty > 0 and other:
+            ttft = self._ttft(snapshot, cycle)
+            if ttft is not None and min(map(ttft, sticky)) - min(map(ttft, other)) > self.max_penalty:
+                return candidates
+        return sticky
+
+    def _ttft(self, snapshot: Snapshot, cycle: CycleState) -> Callable[[EndpointState], float] | None:
+        if self.source == "latencyPredictor":
+            predictions = self._predictions(cycle)
+            if not predictions:
+                return None  # no predictions: the load gate is skipped, as in the reference
+            return lambda c: p.ttft if (p := predictions.get(c.address)) is not None else math.inf
+        pending, peak = snapshot.inflight_tokens, self.peak
+        return lambda c: pending.get(c.address, 0) / peak
+
+
+LATENCY_PLUGINS: tuple[type[Any], ...] = (PredictedLatencyProducer, LatencyScorer, SLOHeadroomTierFilter,
+                                          PrefixCacheAffinityFilter)

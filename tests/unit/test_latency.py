@@ -1,0 +1,380 @@
+"""Predicted-latency routing: the online model, the producer's learning, and the reference's
+latency scorer and filters, as pure functions of a snapshot and a stream of observations."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from epp.config import parse_config
+from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.latency import (
+    LatencyPrediction,
+    LatencyScorer,
+    PredictedLatencyProducer,
+    PrefixCacheAffinityFilter,
+    SLOHeadroomTierFilter,
+)
+from epp.scheduling.latency_model import PRIOR_TTFT, TRAINED, ErrorTracker, LatencyModel, ttft_features
+from epp.scheduling.params import Params
+from epp.scheduling.types import Completion, ConfigError, CycleState, Usage
+
+NOW = 100.0
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+  parameters: {streamingMode: true}
+- type: latency-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: predicted-latency-producer
+  - pluginRef: latency-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+def snap(*addrs: str, inflight: dict[str, int] | None = None, tokens: dict[str, int] | None = None,
+         labels: dict[str, dict[str, str]] | None = None) -> Snapshot:
+    eps = tuple(EndpointState(a, EngineSignals(), scraped_at=NOW, labels=(labels or {}).get(a, {})) for a in addrs)
+    return Snapshot(eps, inflight or {}, {}, NOW, 2.0, tokens or {})
+
+
+def req(prompt: str, headers: dict[str, str] | None = None, stream: bool = True) -> InferenceRequest:
+    return InferenceRequest("id", "/v1/completions", model="m", prompt=prompt, headers=headers or {},
+                            body={"stream": stream, "max_tokens": 16})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- the model ---------------------------------------------------------------------------------------
+def _simulate(model: LatencyModel, pod: str, slowdown: float, n: int, rng: random.Random) -> list[float]:
+    errors = []
+    for _ in range(n):
+        tokens, batch = rng.uniform(0, 8000), rng.randint(0, 40)
+        y = slowdown * (0.0105 + 0.00004 * tokens + 0.0001 * batch * (1 + tokens / 8192)) * rng.uniform(0.9, 1.1)
+        x = ttft_features(tokens, batch)
+        errors.append(abs(model.predict_ttft(pod, x) - y) / y)
+        model.observe_ttft(pod, x, y)
+    return errors
+
+
+def test_each_pod_learns_its_own_speed_and_a_new_pod_starts_from_the_pool_mean() -> None:
+    model, rng = LatencyModel(), random.Random(1)
+    fast = _simulate(model, "fast", 1.0, 300, rng)
+    slow = _simulate(model, "slow", 2.5, 300, rng)
+    assert sum(fast[-100:]) / 100 < 0.15 and sum(slow[-100:]) / 100 < 0.15
+    x = ttft_features(6000, 8)
+    assert model.predict_ttft("slow", x) > 2 * model.predict_ttft("fast", x)
+    assert model.trained("fast") == 300 and model.trained("new") == 0
+    mean = model.pool_mean("ttft")
+    assert model.pods["new"].ttft.theta == list(mean) if model.predict_ttft("new", x) else False
+    assert model.predict_ttft("fast", x) < model.predict_ttft("new", x) < model.predict_ttft("slow", x)
+
+
+def test_an_untrained_pool_predicts_from_the_prior_and_never_below_half_a_millisecond() -> None:
+    model = LatencyModel()
+    assert model.pool_mean("ttft") == PRIOR_TTFT
+    assert model.predict_ttft("p", ttft_features(0, 0)) == pytest.approx(PRIOR_TTFT[0])
+    for _ in range(TRAINED + 5):
+        model.observe_ttft("p", ttft_features(1000, 0), 0.0)  # a pod that answers at once
+    assert model.predict_ttft("p", ttft_features(1000, 0)) >= 0.0005
+    assert all(v >= 0 for v in model.pods["p"].ttft.theta)  # costs are never negative
+
+
+def test_a_pod_that_slows_down_is_relearned() -> None:
+    model, rng = LatencyModel(), random.Random(2)
+    _simulate(model, "p", 1.0, 300, rng)
+    late = _simulate(model, "p", 3.0, 300, rng)
+    assert sum(late[-100:]) / 100 < 0.15
+
+
+def test_the_error_tracker_falls_back_and_recovers_with_messages() -> None:
+    t = ErrorTracker(window=100, min_samples=50)
+    messages = [m for _ in range(64) if (m := t.add(1.0, 0.4))]
+    assert not t.trusted and t.fallbacks == 1 and "above 50%" in messages[0]
+    messages = [m for _ in range(200) if (m := t.add(1.0, 1.05))]
+    assert t.trusted and "back to" in messages[-1]
+    assert sum(t.buckets) == t.samples == 264
+
+
+# -- the producer -----------------------------------------------------------------------------------
+def built(text: str = CONFIG) -> tuple[Any, PredictedLatencyProducer]:
+    s, _ = parse_config(text).build()
+    return s, s.profile.producers[0]
+
+
+def serve(s: Any, producer: PredictedLatencyProducer, clock: Clock, pool: Snapshot, prompt: str, ttft: float,
+          tpot: float, tokens: int = 16, cached: int = 0) -> str:
+    d = s.schedule(req(prompt), pool)
+    s.committed(d)
+    clock.t += ttft
+    s.prefill_done(d)
+    clock.t += tpot * (tokens - 1)
+    s.completed(d, Completion(Usage(len(prompt) // 4, cached, tokens), True))
+    return str(d.primary)
+
+
+def test_the_producer_learns_from_streams_and_routes_away_from_a_slow_pod() -> None:
+    s, producer = built()
+    clock = Clock()
+    producer.clock = clock
+    pool = snap("fast", "slow")
+    speed = {"fast": 1.0, "slow": 3.0}
+    for i in range(200):
+        pod_prompt = f"question {i} " * 50
+        d = s.schedule(req(pod_prompt), pool)
+        s.committed(d)
+        clock.t += speed[d.primary] * 0.02
+        s.prefill_done(d)
+        clock.t += speed[d.primary] * 0.007 * 15
+        s.completed(d, Completion(Usage(len(pod_prompt) // 4, 0, 16), True))
+    x = ttft_features(150, 0)
+    assert producer.model.predict_ttft("slow", x) > 2 * producer.model.predict_ttft("fast", x)
+    picks = [s.schedule(req(f"new {i} " * 50), pool).primary for i in range(20)]
+    assert picks.count("fast") == 20
+    families = {f.name: f for f in producer.metric_families("pool")}
+    assert families["epp_latency_prediction_active"].samples[0].value == 1.0
+    assert families["epp_latency_prediction_samples"].samples[0].value == 200
+
+
+def test_a_non_streamed_response_teaches_ttft_from_its_end_to_end_time() -> None:
+    s, producer = built()
+    clock = Clock()
+    producer.clock = clock
+    pool = snap("a")
+    for i in range(30):
+        d = s.schedule(req(f"q {i} " * 50, stream=False), pool)
+        s.committed(d)
+        clock.t += 0.05 + 0.0065 * 15  # the whole response at once
+        s.prefill_done(d)
+        s.completed(d, Completion(Usage(100, 0, 16), False))
+    assert producer.model.trained("a") == 30
+    assert producer.model.predict_ttft("a", ttft_features(100, 0)) == pytest.approx(0.05, rel=0.4)
+
+
+def test_a_response_without_usage_or_past_context_ttl_teaches_nothing() -> None:
+    s, producer = built(CONFIG.replace("{streamingMode: true}", "{streamingMode: true, contextTTL: 10s}"))
+    clock = Clock()
+    producer.clock = clock
+    pool = snap("a")
+    d = s.schedule(req("x " * 100), pool)
+    s.committed(d)
+    s.prefill_done(d)
+    s.completed(d, Completion(None, True))  # failed, or its usage could not be read
+    d = s.schedule(req("y " * 100), pool)
+    s.committed(d)
+    clock.t += 11
+    s.prefill_done(d)
+    s.completed(d, Completion(Usage(50, 0, 4), True))
+    assert producer.model.trained("a") == 0
+
+
+def test_large_errors_stop_publishing_and_the_scorer_falls_back_to_its_composite() -> None:
+    s, producer = built()
+    clock = Clock()
+    producer.clock = clock
+    pool = snap("a", "b")
+    rng = random.Random(3)
+    for i in range(80):  # wildly varying latencies no feature explains
+        serve(s, producer, clock, pool, f"q{i} " * 40, rng.choice((0.001, 2.0)), 0.001)
+    assert not producer.errors.trusted
+    d = s.schedule(req("z " * 40), pool)
+    # The composite: KV free (1) and queue (1) count, no prefix cached: 2/3 on both.
+    assert producer.predictions(d.cycle) is None and d.totals == [0.67, 0.67]
+    families = {f.name: f for f in producer.metric_families("pool")}
+    assert families["epp_latency_prediction_active"].samples[0].value == 0.0
+    assert families["epp_latency_prediction_fallbacks"].samples[0].value == 1
+
+
+def test_slo_headers_give_headroom_and_streaming_mode_decides_whether_tpot_counts() -> None:
+    _, producer = built()
+    cycle = CycleState()
+    producer.produce(req("p " * 40, {"x-llm-d-slo-ttft-ms": "500", "x-slo-tpot-ms": "1"}), snap("a"),
+                     list(snap("a").endpoints), cycle)
+    p = producer.predictions(cycle)["a"]  # type: ignore[index]
+    assert p.ttft_headroom == pytest.approx(0.5 - p.ttft) and p.tpot_headroom == pytest.approx(0.001 - p.tpot)
+    assert p.ttft_headroom > 0 > p.tpot_headroom and not p.meets_slo
+    _, plain = built(CONFIG.replace("{streamingMode: true}", "{endpointRoleLabel: llm-d.ai/role}"))
+    cycle = CycleState()
+    pool = snap("a", labels={"a": {"llm-d.ai/role": "prefill"}})
+    plain.produce(req("p " * 40, {"x-llm-d-slo-ttft-ms": "500"}), pool, list(pool.endpoints), cycle)
+    q = plain.predictions(cycle)["a"]  # type: ignore[index]
+    assert q.tpot_headroom == 0.0
+    # Not streaming: the TTFT SLO is held against the whole response (16 tokens at the TPOT).
+    assert q.ttft_headroom == pytest.approx(0.5 - q.ttft - 15 * q.tpot)
+
+
+def test_the_producers_parameters_follow_the_reference() -> None:
+    p = PredictedLatencyProducer("p", Params({"samplingMean": 100, "sloBufferFactor": 0.9,
+                                              "predictInProduce": False}, "plugins[0].parameters"))
+    assert p.buffer == 0.9 and not p.publish
+    for bad, message in (({"useEncoderCacheFeatures": True}, "not supported by epp"),
+                         ({"inFlightLoadProducerName": "x"}, "not supported by epp"),
+                         ({"contextTTL": "soon"}, "contextTTL"), ({"nope": 1}, "unknown parameter")):
+        with pytest.raises(ConfigError, match=message):
+            PredictedLatencyProducer("p", Params(bad, "plugins[0].parameters"))
+
+
+# -- the scorer and filters --------------------------------------------------------------------------
+def pred(ttft: float, tpot: float = 0.01, ttft_slo: float = 0.0, tpot_slo: float = 0.0,
+         dispatched: int = 1) -> LatencyPrediction:
+    return LatencyPrediction(ttft, tpot, ttft_slo - ttft, tpot_slo - tpot if tpot_slo else 0.0, dispatched)
+
+
+class Fixed(PredictedLatencyProducer):
+    def __init__(self, predictions: dict[str, LatencyPrediction]) -> None:
+        super().__init__("fixed", Params({}, "p"))
+        self.fixed = predictions
+
+    def predictions(self, cycle: CycleState) -> dict[str, LatencyPrediction] | None:
+        return self.fixed
+
+
+def scorer(predictions: dict[str, LatencyPrediction], **params: Any) -> LatencyScorer:
+    s = LatencyScorer("latency-scorer", Params(params, "p"))
+    s.bind_latency_producer(Fixed(predictions))
+    return s
+
+
+def scores(s: LatencyScorer, pool: Snapshot) -> list[float]:
+    return s.score(req("x"), pool, list(pool.endpoints), CycleState())
+
+
+def test_without_slo_the_lowest_predicted_latency_scores_highest() -> None:
+    pool = snap("a", "b", "c")
+    out = scores(scorer({"a": pred(0.3), "b": pred(0.1), "c": pred(0.2)}), pool)
+    assert out[0] == 0.01 and out[1] == 1.0 and 0.49 <= out[2] <= 0.51
+
+
+def test_positive_headroom_is_scored_alone_least_packs_and_most_spreads() -> None:
+    pool = snap("a", "b", "c")
+    preds = {"a": pred(0.1, ttft_slo=0.5), "b": pred(0.4, ttft_slo=0.5), "c": pred(0.9, ttft_slo=0.5)}
+    least = scores(scorer(preds), pool)
+    most = scores(scorer(preds, headroomSelectionStrategy="most"), pool)
+    assert least[2] == most[2] == 0.0  # misses its SLO
+    assert least[1] > least[0] and most[0] > most[1]
+
+
+def test_all_negative_prefers_idle_pods_then_the_least_severe_deficit() -> None:
+    pool = snap("a", "b", "c")
+    idle = scores(scorer({"a": pred(0.9, ttft_slo=0.1), "b": pred(2.0, ttft_slo=0.1, dispatched=0),
+                          "c": pred(0.5, ttft_slo=0.1)}), pool)
+    assert idle[1] > 0 and idle[0] == idle[2] == 0
+    buckets = scores(scorer({"a": pred(0.9, ttft_slo=0.1, tpot_slo=0.001),  # both missed
+                             "b": pred(0.05, 0.01, ttft_slo=0.1, tpot_slo=0.001),  # TPOT only
+                             "c": pred(0.5, ttft_slo=0.1)}), pool)  # TTFT only
+    assert buckets[1] > 0 and buckets[0] == buckets[2] == 0
+
+
+def test_no_predictions_falls_back_to_kv_queue_and_prefix() -> None:
+    s = LatencyScorer("latency-scorer", Params({}, "p"))
+    eps = (EndpointState("a", EngineSignals(waiting=4, kv_usage=0.5), scraped_at=NOW),
+           EndpointState("b", EngineSignals(waiting=0, kv_usage=0.1), scraped_at=NOW))
+    out = s.score(req("x"), Snapshot(eps, {}, {}, NOW, 2.0), list(eps), CycleState())
+    assert out[1] > out[0] and out[0] == pytest.approx((0.5 + 0.0 + 0.0) / 3, abs=0.01)
+
+
+def test_the_tier_filter_keeps_the_pods_meeting_the_slo_and_explores_the_others() -> None:
+    f = SLOHeadroomTierFilter("tier", Params({"epsilonExploreNeg": 0.5}, "p"), rng=random.Random(4))
+    f.bind_latency_producer(Fixed({"a": pred(0.1, ttft_slo=0.2), "b": pred(0.5, ttft_slo=0.2)}))
+    pool = snap("a", "b")
+    kept = [tuple(c.address for c in f.filter(req("x"), pool, list(pool.endpoints), CycleState()))
+            for _ in range(200)]
+    assert set(kept) == {("a",), ("b",)} and 60 < kept.count(("a",)) < 140
+    f.bind_latency_producer(Fixed({"a": pred(0.5, ttft_slo=0.2), "b": pred(0.6, ttft_slo=0.2)}))
+    assert len(f.filter(req("x"), pool, list(pool.endpoints), CycleState())) == 2  # one tier: all stay
+
+
+AFFINITY = CONFIG.replace("""- type: latency-scorer""", """- type: prefix-cache-affinity-filter
+  parameters: {ttftSource: latencyPredictor, maxTTFTPenaltyMs: 200}
+- type: latency-scorer""").replace("""  - pluginRef: latency-scorer""", """  - pluginRef: prefix-cache-affinity-filter
+  - pluginRef: latency-scorer""")
+
+
+def test_the_affinity_filter_sticks_to_the_cached_pod_until_its_predicted_ttft_is_too_far_behind() -> None:
+    s, _ = built(AFFINITY)
+    assert isinstance(s.profile.filters[0], PrefixCacheAffinityFilter) and s.profile.filters[0].prefix is not None
+    prompt = "a shared system prompt " * 200
+    pool = snap("a", "b")
+    first = s.schedule(req(prompt), pool)
+    s.committed(first)  # the filter records the blocks there
+    cached = first.primary
+    other = "b" if cached == "a" else "a"
+    # Some pending work on the cached pod: the prediction there is worse, yet within the penalty.
+    busy = snap("a", "b", tokens={cached: 2000}, inflight={cached: 2})
+    assert s.schedule(req(prompt + " q1"), busy).primary == cached
+    flooded = snap("a", "b", tokens={cached: 40000}, inflight={cached: 30})
+    assert s.schedule(req(prompt + " q2"), flooded).primary == other
+
+
+def test_the_affinity_filter_with_prefill_throughput_reads_epps_pending_tokens() -> None:
+    f = PrefixCacheAffinityFilter("aff", Params({"maxTTFTPenaltyMs": 100, "peakPrefillThroughput": 10000}, "p"))
+    assert not f.uses_latency
+    with pytest.raises(ConfigError, match="peakPrefillThroughput"):
+        PrefixCacheAffinityFilter("aff", Params({"peakPrefillThroughput": 0}, "p"))
+    with pytest.raises(ConfigError, match="must be one of"):
+        PrefixCacheAffinityFilter("aff", Params({"ttftSource": "magic"}, "p"))
+
+
+def test_the_reference_chart_latency_profile_loads_and_binds_one_producer() -> None:
+    text = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+- name: strict-affinity-filter
+  type: prefix-cache-affinity-filter
+  parameters: {affinityThreshold: 0.99, ttftSource: latencyPredictor, maxTTFTPenaltyMs: 5000}
+- name: loose-affinity-filter
+  type: prefix-cache-affinity-filter
+  parameters: {affinityThreshold: 0.80, ttftSource: latencyPredictor, maxTTFTPenaltyMs: 5000}
+- type: latency-scorer
+- type: weighted-random-picker
+- type: slo-headroom-tier-filter
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: predicted-latency-producer
+  - pluginRef: strict-affinity-filter
+  - pluginRef: slo-headroom-tier-filter
+  - pluginRef: loose-affinity-filter
+  - pluginRef: latency-scorer
+  - pluginRef: weighted-random-picker
+"""
+    s, producer = built(text)
+    assert len(s.profile.producers) == 1 and len(s.profile.filters) == 3
+    assert all(f.producer is producer for f in s.profile.filters if hasattr(f, "latency_producer_name"))
+    prefix = {id(f.prefix) for f in s.profile.filters if isinstance(f, PrefixCacheAffinityFilter)}
+    assert prefix == {id(producer.prefix)}  # one prefix index for all of them
+    d = s.schedule(req("hello " * 20), snap("a", "b"))
+    assert d.primary in ("a", "b")
+
+
+def test_latency_readers_get_a_producer_made_for_them_and_names_are_checked() -> None:
+    text = CONFIG.replace("- type: predicted-latency-producer\n  parameters: {streamingMode: true}\n", "").replace(
+        "  - pluginRef: predicted-latency-producer\n", "")
+    s, producer = built(text)
+    assert isinstance(producer, PredictedLatencyProducer) and s.profile.scorers[0][0].producer is producer
+    with pytest.raises(ConfigError, match=r"latencyPredictionInfoProducerName: no plugin named 'nope'"):
+        parse_config(CONFIG.replace("- type: latency-scorer", "- type: latency-scorer\n  parameters: "
+                                    "{latencyPredictionInfoProducerName: nope}"))
+    with pytest.raises(ConfigError, match=r"is a max-score-picker, not a predicted-latency-producer"):
+        parse_config(CONFIG.replace("- type: latency-scorer", "- type: latency-scorer\n  parameters: "
+                                    "{latencyPredictionInfoProducerName: max-score-picker}"))
+    with pytest.raises(ConfigError, match="only scorers take a weight"):
+        parse_config(CONFIG.replace("  - pluginRef: predicted-latency-producer",
+                                    "  - {pluginRef: predicted-latency-producer, weight: 2}"))
