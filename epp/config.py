@@ -193,14 +193,16 @@ class PickerConfig:
                 instances[k] = inst
             return instances[k]
 
-        for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ()), *self.admitter_refs):
+        for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ())):
             instance(self.plugins[ref])
+        admitters = [instance(self.plugins[ref]) for ref in self.admitter_refs]
         filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
         scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
         picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
             "max-score-picker", Params({}, "picker"))
         producers = [instance(self.plugins[ref]) for ref in self.producer_refs]
-        producers += self._bind_latency_producers([*filters, *(s for s, _ in scorers)], producers, instances, old)
+        producers += self._bind_latency_producers([*admitters, *filters, *(s for s, _ in scorers)], producers,
+                                                  instances, old)
         self._bind_producers([*producers, *filters, *(s for s, _ in scorers)], instance, instances, old)
         return Scheduler(Profile(self.profile_name, scorers, picker, filters, producers)), instances
 

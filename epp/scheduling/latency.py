@@ -101,7 +101,7 @@ class _Pick:
     first: float = 0.0
 
 
-def _slo_seconds(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
+def slo_seconds(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
     for h in names:
         raw = headers.get(h)
         if raw:
@@ -150,6 +150,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self._streams: Slot[bool] = Slot(f"{name}/streams")
         self._now: Slot[float] = Slot(f"{name}/now")
         self.arrivals = ArrivalRates()
+        self.running_slos = RunningSLOs()
+        self._tpot_slo: Slot[float] = Slot(f"{name}/tpot-slo")
 
     def bind_producer(self, producer: PrefixProducer | None) -> None:
         self.prefix = producer
@@ -162,8 +164,11 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         matched = cycle.get(MATCHED_TOKENS) or {}
         prompt = float(prompt_tokens(cycle, request.prompt))
         headers = request.headers
-        ttft_slo = _slo_seconds(headers, TTFT_SLO_HEADERS) or 0.0
-        tpot_slo = (_slo_seconds(headers, TPOT_SLO_HEADERS) or 0.0) * self.buffer
+        ttft_slo = slo_seconds(headers, TTFT_SLO_HEADERS) or 0.0
+        own_tpot_slo = slo_seconds(headers, TPOT_SLO_HEADERS) or 0.0
+        tpot_slo = own_tpot_slo * self.buffer
+        if own_tpot_slo:
+            cycle.put(self._tpot_slo, own_tpot_slo)
         streaming = self.streaming
         out_tokens = self._expected_output(request)
         pending, inflight, model = snapshot.inflight_tokens, snapshot.inflight, self.model
@@ -185,7 +190,10 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             if role_label and c.labels.get(role_label) == "prefill":
                 tpot_room = 0.0
             elif streaming:
-                tpot_room = tpot_slo - tpot
+                # Nor may it break the TPOT SLO of what already runs there (the reference's
+                # running-request queue): the tighter of the two counts.
+                floor = self.running_slos.tightest(a)
+                tpot_room = (min(tpot_slo, floor * self.buffer) if floor else tpot_slo) - tpot
             else:
                 tpot_room = 0.0
             # Without streaming the TTFT SLO is held against the whole response, as the reference's
@@ -220,6 +228,9 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         now = cycle.get(self._now)
         if now is not None:
             self.arrivals.add(endpoint, now)
+        slo = cycle.get(self._tpot_slo)
+        if slo:
+            self.running_slos.add(endpoint, slo)
         inputs = (cycle.get(self._inputs) or {}).get(endpoint)
         chosen = (cycle.get(self._all) or {}).get(endpoint)
         if inputs is None or chosen is None:
@@ -235,6 +246,9 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             pick.first = self.clock()
 
     def on_complete(self, endpoint: str, cycle: CycleState, completion: Completion) -> None:
+        slo = cycle.pop(self._tpot_slo)
+        if slo:
+            self.running_slos.remove(endpoint, slo)
         pick = cycle.pop(self._pick)
         usage = completion.usage
         if pick is None or usage is None or not pick.first:
@@ -264,6 +278,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
     def on_endpoint_removed(self, endpoint: str) -> None:
         self.model.forget_pod(endpoint)
         self.arrivals.forget(endpoint)
+        self.running_slos.forget(endpoint)
 
     def metric_families(self, pool: str) -> Iterator[Metric]:
         labels, values = ["name", "plugin"], [pool, self.name]
@@ -322,6 +337,36 @@ class ArrivalRates:
 
     def forget(self, pod: str) -> None:
         self._state.pop(pod, None)
+
+
+class RunningSLOs:
+    """The TPOT SLOs of the requests in flight on each pod (seconds -> how many)."""
+
+    def __init__(self) -> None:
+        self._by_pod: dict[str, dict[float, int]] = {}
+
+    def add(self, pod: str, slo: float) -> None:
+        counts = self._by_pod.setdefault(pod, {})
+        counts[slo] = counts.get(slo, 0) + 1
+
+    def remove(self, pod: str, slo: float) -> None:
+        counts = self._by_pod.get(pod)
+        if counts is None or slo not in counts:
+            return
+        if counts[slo] > 1:
+            counts[slo] -= 1
+        else:
+            del counts[slo]
+            if not counts:
+                del self._by_pod[pod]
+
+    def tightest(self, pod: str) -> float:
+        """The smallest TPOT SLO running on ``pod`` (0: none)."""
+        counts = self._by_pod.get(pod)
+        return min(counts) if counts else 0.0
+
+    def forget(self, pod: str) -> None:
+        self._by_pod.pop(pod, None)
 
 
 class _ReadsPredictions(UsesLatencyProducer):

@@ -378,3 +378,51 @@ def test_latency_readers_get_a_producer_made_for_them_and_names_are_checked() ->
     with pytest.raises(ConfigError, match="only scorers take a weight"):
         parse_config(CONFIG.replace("  - pluginRef: predicted-latency-producer",
                                     "  - {pluginRef: predicted-latency-producer, weight: 2}"))
+
+
+def test_the_latency_slo_admitter_sheds_sheddable_requests_no_pod_can_serve_in_time() -> None:
+    from epp.requestcontrol.admitters import LatencySLOAdmitter
+
+    admitter = LatencySLOAdmitter("adm", Params({}, "p"))
+    _, producer = built()
+    admitter.bind_latency_producer(producer)
+    busy = tuple(EndpointState(a, EngineSignals(running=8, kv_usage=0.5), scraped_at=NOW) for a in ("a", "b"))
+    pool = Snapshot(busy, {"a": 8, "b": 8}, {}, NOW, 2.0, {"a": 30000, "b": 30000})
+    tight = req("x " * 40, {"x-llm-d-slo-ttft-ms": "5"})
+    tight.priority = -1
+    refused = admitter.admit(tight, pool)
+    assert refused is not None and refused.status == 429 and "predicted to meet" in refused.message
+    # Streaming mode: a TPOT SLO is needed too (none counts as 0, as in the reference).
+    loose = req("x " * 40, {"x-llm-d-slo-ttft-ms": "60000", "x-llm-d-slo-tpot-ms": "1000"})
+    loose.priority = -1
+    assert admitter.admit(loose, pool) is None
+    tight.priority = 0  # not sheddable: always admitted
+    assert admitter.admit(tight, pool) is None
+    no_slo = req("x " * 40)
+    no_slo.priority = -1
+    assert admitter.admit(no_slo, pool) is None
+    idle = tuple(EndpointState(a, EngineSignals(running=0, kv_usage=0.5), scraped_at=NOW) for a in ("a", "b"))
+    tight.priority = -1
+    assert admitter.admit(tight, Snapshot(idle, {}, {}, NOW, 2.0, {"a": 30000})) is None
+
+
+def test_the_reference_chart_config_with_the_latency_admitter_loads() -> None:
+    text = CONFIG.replace("- type: max-score-picker", "- type: max-score-picker\n- type: latency-slo-admitter")
+    cfg = parse_config(text)
+    s, instances = cfg.build()
+    admitter = cfg.runtime(instances).admitters[0]
+    assert admitter.producer is s.profile.producers[0]  # type: ignore[attr-defined]
+
+
+def test_a_pod_running_a_tight_tpot_slo_lowers_the_headroom_of_new_requests_there() -> None:
+    s, producer = built()
+    pool = snap("a")
+    strict = req("x " * 40, {"x-llm-d-slo-tpot-ms": "2"})
+    d = s.schedule(strict, pool)
+    s.committed(d)
+    assert producer.running_slos.tightest("a") == 0.002
+    relaxed = s.schedule(req("y " * 40, {"x-llm-d-slo-tpot-ms": "500"}), pool)
+    p = producer.predictions(relaxed.cycle)["a"]  # type: ignore[index]
+    assert p.tpot_headroom == pytest.approx(0.002 - p.tpot)
+    s.completed(d, Completion(None, True))
+    assert producer.running_slos.tightest("a") == 0.0
