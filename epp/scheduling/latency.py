@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -53,7 +53,13 @@ from epp.scheduling.contract import (
     UsesLatencyProducer,
     UsesPrefixProducer,
 )
-from epp.scheduling.latency_model import ERROR_BUCKETS, ErrorTracker, LatencyModel, tpot_features, ttft_features
+from epp.scheduling.latency_model import (
+    ERROR_BUCKETS,
+    ErrorTracker,
+    LatencyModel,
+    tpot_features,
+    ttft_features,
+)
 from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
 from epp.scheduling.types import MATCHED_TOKENS, Completion, ConfigError, CycleState, Slot, prompt_tokens
 
@@ -65,8 +71,7 @@ DEFAULT_OUTPUT_TOKENS = 256.0  # the expected output length before any response 
 ENCODER_CACHE = "multimodal encoder-cache features: epp routes text"
 
 
-@dataclass(frozen=True, slots=True)
-class LatencyPrediction:
+class LatencyPrediction(NamedTuple):
     """One candidate's prediction for this request (seconds), and its headroom against the SLOs
     (``SLO - predicted``; no SLO counts as 0, so the headroom is ``-predicted``)."""
 
@@ -145,7 +150,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.clock: Callable[[], float] = time.monotonic
         self._published: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/predictions")
         self._all: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/all")
-        self._inputs: Slot[dict[str, tuple[float, float, float]]] = Slot(f"{name}/inputs")
+        # (addresses, pending tokens ahead, batch, own uncached tokens), per candidate
+        self._inputs: Slot[tuple[list[str], list[float], list[float], list[float]]] = Slot(f"{name}/inputs")
         self._pick: Slot[_Pick] = Slot(f"{name}/pick")
         self._streams: Slot[bool] = Slot(f"{name}/streams")
         self._now: Slot[float] = Slot(f"{name}/now")
@@ -171,36 +177,35 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             cycle.put(self._tpot_slo, own_tpot_slo)
         streaming = self.streaming
         out_tokens = self._expected_output(request)
-        pending, inflight, model = snapshot.inflight_tokens, snapshot.inflight, self.model
-        rates = self.arrivals.rates(snapshot.now)
-        role_label = self.role_label
+        pending, inflight = snapshot.inflight_tokens, snapshot.inflight
+        addresses = [c.address for c in candidates]
+        aheads = [float(pending.get(a, 0)) for a in addresses]
+        owns = [max(0.0, prompt - matched.get(a, 0)) for a in addresses]
+        dispatched = [inflight.get(a, 0) for a in addresses]
+        batches = [float(max(d, s.running + s.waiting)) if (s := c.signals) is not None else float(d)
+                   for c, d in zip(candidates, dispatched, strict=True)]
+        predicted = self.model.predict_pool(addresses, [x + y for x, y in zip(aheads, owns, strict=True)], batches,
+                                            aheads)
+        rates = self.arrivals.rates(addresses, snapshot.now)
+        role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         predictions: dict[str, LatencyPrediction] = {}
-        inputs: dict[str, tuple[float, float, float]] = {}
-        for c in candidates:
-            a = c.address
-            ahead = float(pending.get(a, 0))
-            own = max(0.0, prompt - matched.get(a, 0))
-            dispatched = inflight.get(a, 0)
-            s = c.signals
-            batch = float(max(dispatched, s.running + s.waiting if s is not None else 0.0))
-            ttft = model.predict_ttft(a, ttft_features(ahead + own, batch))
-            own_s = ttft - model.predict_ttft(a, ttft_features(ahead, batch)) if own else 0.0
-            tpot = model.predict_tpot(a, tpot_features(batch, ahead))
-            inputs[a] = (ahead, batch, own)
-            if role_label and c.labels.get(role_label) == "prefill":
+        for i, c in enumerate(candidates):
+            a = addresses[i]
+            ttft, tpot, per_token = predicted[i]
+            if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
-            elif streaming:
+            else:
                 # Nor may it break the TPOT SLO of what already runs there (the reference's
                 # running-request queue): the tighter of the two counts.
-                floor = self.running_slos.tightest(a)
-                tpot_room = (min(tpot_slo, floor * self.buffer) if floor else tpot_slo) - tpot
-            else:
-                tpot_room = 0.0
+                floor = tightest(a)
+                tpot_room = (min(tpot_slo, floor * buffer) if floor else tpot_slo) - tpot
             # Without streaming the TTFT SLO is held against the whole response, as the reference's
             # non-streaming mode trains its TTFT model on end-to-end times.
             latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
-            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
-                                               rates.get(a, 0.0) * own_s * own_s / 2)
+            own_s = owns[i] * per_token
+            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched[i],
+                                               rates[i] * own_s * own_s / 2)
+        inputs = (addresses, aheads, batches, owns)
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -231,11 +236,12 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         slo = cycle.get(self._tpot_slo)
         if slo:
             self.running_slos.add(endpoint, slo)
-        inputs = (cycle.get(self._inputs) or {}).get(endpoint)
+        inputs = cycle.get(self._inputs)
         chosen = (cycle.get(self._all) or {}).get(endpoint)
         if inputs is None or chosen is None:
             return
-        ahead, batch, own = inputs
+        i = inputs[0].index(endpoint)
+        ahead, batch, own = inputs[1][i], inputs[2][i], inputs[3][i]
         cycle.put(self._pick, _Pick(endpoint, ttft_features(ahead + own, batch), tpot_features(batch, ahead),
                                     ahead, batch, own, chosen.ttft, chosen.tpot, cycle.get(self._streams) is True,
                                     self.clock()))
@@ -331,9 +337,13 @@ class ArrivalRates:
         count, at = self._state.get(pod, (0.0, now))
         self._state[pod] = (count * math.exp(-max(0.0, now - at) / self.horizon) + 1.0, now)
 
-    def rates(self, now: float) -> dict[str, float]:
-        h = self.horizon
-        return {pod: count * math.exp(-max(0.0, now - at) / h) / h for pod, (count, at) in self._state.items()}
+    def rates(self, pods: list[str], now: float) -> list[float]:
+        state, h, exp = self._state, self.horizon, math.exp
+        out = []
+        for pod in pods:
+            entry = state.get(pod)
+            out.append(0.0 if entry is None else entry[0] * exp(-max(0.0, now - entry[1]) / h) / h)
+        return out
 
     def forget(self, pod: str) -> None:
         self._state.pop(pod, None)

@@ -19,6 +19,7 @@ no I/O; the plugin (``epp.scheduling.latency``) measures and feeds it.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ TRAINED = 20  # observations before a pod's fit counts towards the pool's mean
 PRIOR_TTFT: Vector = (0.012, 0.045, 0.004, 0.002)  # seconds: step, per 1k tokens, per 16 in batch, cross
 PRIOR_TPOT: Vector = (0.0065, 0.0016, 0.002)  # seconds per token: step, per 16 in batch, per 1k pending
 INITIAL_COVARIANCE = 4.0  # how little the prior is trusted (larger: the first observations move it more)
+MIN_SECONDS = 0.0005  # no prediction below half a millisecond
 
 
 def ttft_features(tokens: float, batch: float) -> Vector:
@@ -56,31 +58,28 @@ class Fit:
         return cls(list(theta), [[INITIAL_COVARIANCE if i == j else 0.0 for j in range(k)] for i in range(k)])
 
     def predict(self, x: Vector) -> float:
-        return sum(t * v for t, v in zip(self.theta, x, strict=True))
+        value: float = sum(map(operator.mul, self.theta, x))
+        return value
 
     def update(self, x: Vector, y: float, forget: float) -> None:
-        cov, k = self.cov, len(x)
-        px = [sum(cov[i][j] * x[j] for j in range(k)) for i in range(k)]
-        denom = forget + sum(x[i] * px[i] for i in range(k))
+        cov = self.cov
+        px = [sum(map(operator.mul, row, x)) for row in cov]  # P x (P is symmetric)
+        denom = forget + sum(map(operator.mul, x, px))
         if denom <= 1e-12:
             return
-        gain = [v / denom for v in px]
-        err = y - self.predict(x)
-        theta = self.theta
-        for i in range(k):
-            theta[i] = max(0.0, theta[i] + gain[i] * err)
-        # P = (P - g x'P) / forget, kept symmetric and bounded (no wind-up while a feature is constant).
+        err = y - sum(map(operator.mul, self.theta, x))
+        self.theta = [max(0.0, t + p * err / denom) for t, p in zip(self.theta, px, strict=True)]
+        # P = (P - P x x'P / denom) / forget; bounded (its trace) so that it cannot wind up while
+        # a feature stays constant, scaled as a whole so that it stays positive definite.
         scale = 1.0 / forget
-        for i in range(k):
-            row = cov[i]
-            for j in range(k):
-                row[j] = (row[j] - gain[i] * px[j]) * scale
-        for i in range(k):
-            if cov[i][i] > INITIAL_COVARIANCE * 4:
-                shrink = INITIAL_COVARIANCE * 4 / cov[i][i]
-                for j in range(k):
-                    cov[i][j] *= shrink
-                    cov[j][i] *= shrink
+        cov = [[(c - pi * pj / denom) * scale for c, pj in zip(row, px, strict=True)]
+               for row, pi in zip(cov, px, strict=True)]
+        trace = sum(cov[i][i] for i in range(len(cov)))
+        limit = INITIAL_COVARIANCE * 2 * len(cov)
+        if trace > limit:
+            shrink = limit / trace
+            cov = [[c * shrink for c in row] for row in cov]
+        self.cov = cov
         self.n += 1
 
 
@@ -88,9 +87,6 @@ class Fit:
 class PodFits:
     ttft: Fit
     tpot: Fit
-
-
-MIN_SECONDS = 0.0005  # no prediction below half a millisecond
 
 
 @dataclass(slots=True)
@@ -133,6 +129,30 @@ class LatencyModel:
             return PRIOR_TTFT if which == "ttft" else PRIOR_TPOT
         k = len(fits[0].theta)
         return tuple(sum(f.theta[i] for f in fits) / len(fits) for i in range(k))
+
+    def coefficients(self, pod: str) -> tuple[list[float], list[float]]:
+        """The pod's (TTFT, TPOT) coefficients, for ``ttft_of`` / ``tpot_of`` (read only)."""
+        fits = self._fits(pod)
+        return fits.ttft.theta, fits.tpot.theta
+
+    def predict_pool(self, pods: Sequence[str], tokens: Sequence[float], batches: Sequence[float],
+                     pending: Sequence[float]) -> list[tuple[float, float, float]]:
+        """Per pod: (TTFT with ``tokens`` to prefill, TPOT, seconds each prompt token adds to the
+        TTFT), at its ``batches`` and ``pending`` prefill tokens. The pick path's one call."""
+        own = self.pods
+        out = []
+        for pod, t, b, p in zip(pods, tokens, batches, pending, strict=True):
+            fits = own.get(pod)
+            if fits is None or not fits.ttft.n or not fits.tpot.n:
+                fits = self._fits(pod)
+            a, c = fits.ttft.theta, fits.tpot.theta
+            tk, bk = t / TOKEN_UNIT, b / BATCH_UNIT
+            slope = a[1] + a[3] * bk
+            ttft = a[0] + tk * slope + a[2] * bk
+            tpot = c[0] + c[1] * (b + 1) / BATCH_UNIT + c[2] * p / TOKEN_UNIT
+            out.append((ttft if ttft > MIN_SECONDS else MIN_SECONDS, tpot if tpot > MIN_SECONDS else MIN_SECONDS,
+                        slope / TOKEN_UNIT))
+        return out
 
     def predict_ttft(self, pod: str, x: Vector) -> float:
         return max(MIN_SECONDS, self._fits(pod).ttft.predict(x))

@@ -426,3 +426,19 @@ def test_a_pod_running_a_tight_tpot_slo_lowers_the_headroom_of_new_requests_ther
     assert p.tpot_headroom == pytest.approx(0.002 - p.tpot)
     s.completed(d, Completion(None, True))
     assert producer.running_slos.tightest("a") == 0.0
+
+
+def test_the_reference_charts_latency_predictor_config_loads_as_rendered() -> None:
+    from pathlib import Path
+
+    from epp.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "chart-latency-predictor-plugins.yaml"
+    cfg = load_config(str(path))
+    s, instances = cfg.build()
+    producer = s.profile.producers[0]
+    assert [type(f).__name__ for f in s.profile.filters] == ["PrefixCacheAffinityFilter", "SLOHeadroomTierFilter",
+                                                             "PrefixCacheAffinityFilter"]
+    assert cfg.runtime(instances).admitters[0].producer is producer  # type: ignore[attr-defined]
+    d = s.schedule(req("hello " * 30, {"x-llm-d-slo-ttft-ms": "300"}), snap("a", "b", "c"))
+    assert d.primary in ("a", "b", "c")

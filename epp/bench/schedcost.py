@@ -1,0 +1,136 @@
+"""What a scheduling profile costs per pick, in process: the default profile alone and with
+predicted-latency scoring added, side by side, for pools of several sizes.
+
+Each pick runs the whole request life the plugins see: the pick path (schedule, commit) and the
+response path (first bytes, the end with its usage, where the latency model learns), timed
+apart. CPU time per request (``time.process_time``), the median of a few rounds; the difference
+between the two profiles is what predicted-latency scoring adds to each path.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from epp.config import parse_config
+from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.store import Snapshot
+from epp.request import InferenceRequest
+from epp.scheduling.types import Completion, Usage
+
+_PROFILE = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+{extra_plugins}- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+{extra_refs}  - {{pluginRef: queue-scorer, weight: 2}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 3}}
+  - {{pluginRef: max-score-picker}}
+"""
+PROFILES = {
+    "default": _PROFILE.format(extra_plugins="", extra_refs=""),
+    "default + predicted latency": _PROFILE.format(
+        extra_plugins="- type: predicted-latency-producer\n  parameters: {streamingMode: true}\n"
+                      "- type: latency-scorer\n",
+        extra_refs="  - {pluginRef: predicted-latency-producer}\n  - {pluginRef: latency-scorer, weight: 1}\n"),
+}
+
+
+@dataclass
+class CostRow:
+    profile: str
+    candidates: int
+    picks: int
+    pick_us: float  # schedule + commit
+    response_us: float  # first bytes + end (learning)
+    added_pick_us: float | None = None
+    added_response_us: float | None = None
+
+
+def _pool(n: int, now: float) -> Snapshot:
+    eps = tuple(EndpointState(f"10.0.{i // 250}.{i % 250}:8000",
+                              EngineSignals(waiting=float(i % 3), running=float(4 + i % 7), kv_usage=0.1 + (i % 5) / 10,
+                                            block_size=16, num_gpu_blocks=28000), scraped_at=now)
+                for i in range(n))
+    return Snapshot(eps, {e.address: i % 4 for i, e in enumerate(eps)}, {}, now, 2.0,
+                    {e.address: 200 * (i % 3) for i, e in enumerate(eps)})
+
+
+def _requests(n: int) -> list[InferenceRequest]:
+    system = "You are a helpful assistant for the billing team. " * 40
+    return [InferenceRequest(f"r{i}", "/v1/chat/completions", model="m",
+                             prompt=f"{system if i % 2 else ''}question {i} about invoices " * 3,
+                             body={"stream": True, "max_tokens": 64}) for i in range(n)]
+
+
+class _Clock:
+    """The latency producer's clock in this loop: each response takes a plausible time (so its
+    model keeps learning and its predictions stay in use, as on a live pool)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.02
+        return self.t
+
+
+def _per_pick(scheduler: Any, pool: Snapshot, requests: list[InferenceRequest]) -> tuple[float, float]:
+    """(pick path, response path) CPU us per request."""
+    for p in scheduler.profile.producers:
+        p.clock = _Clock()
+    gc.collect()
+    clock = time.process_time
+    picking = responding = 0.0
+    for r in requests:
+        t0 = clock()
+        d = scheduler.schedule(r, pool)
+        scheduler.committed(d)
+        t1 = clock()
+        scheduler.prefill_done(d)
+        scheduler.completed(d, Completion(Usage(len(r.prompt) // 4, 0, 64), True))
+        picking += t1 - t0
+        responding += clock() - t1
+    return picking / len(requests) * 1e6, responding / len(requests) * 1e6
+
+
+def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128), picks: int = 2000, rounds: int = 3) -> list[CostRow]:
+    rows: list[CostRow] = []
+    for n in sizes:
+        pool = _pool(n, time.monotonic())
+        count = max(200, picks * 8 // n)
+        requests = _requests(count)
+        by_profile: dict[str, tuple[float, float]] = {}
+        for name, text in PROFILES.items():
+            scheduler, _ = parse_config(text).build()
+            _per_pick(scheduler, pool, requests[: count // 4])  # warm the prefix index and the model
+            runs = [_per_pick(scheduler, pool, requests) for _ in range(rounds)]
+            by_profile[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        base = by_profile["default"]
+        for name, (pick, response) in by_profile.items():
+            own = name == "default"
+            rows.append(CostRow(name, n, count, round(pick, 1), round(response, 1),
+                                None if own else round(pick - base[0], 1),
+                                None if own else round(response - base[1], 1)))
+    return rows
+
+
+def markdown(rows: list[CostRow]) -> str:
+    lines = ["| profile | candidates | picks | pick path CPU us | added | response path CPU us | added |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def added(v: float | None) -> str:
+            return "-" if v is None else f"{v:+.1f}"
+        lines.append(f"| {r.profile} | {r.candidates} | {r.picks} | {r.pick_us:.1f} | {added(r.added_pick_us)} "
+                     f"| {r.response_us:.1f} | {added(r.added_response_us)} |")
+    return "\n".join(lines) + "\n"
