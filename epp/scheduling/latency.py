@@ -407,6 +407,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.queue_weight = params.float("compositeQueueWeight", 1.0, minimum=0.0)
         self.prefix_weight = params.float("compositePrefixWeight", 1.0, minimum=0.0)
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
+        self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
         params.done()
@@ -423,7 +424,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
             self._bucket(positive, preds, scores, force_least=False)
             return scores
         # Every candidate misses an SLO: idle pods first, then the least severe deficit.
-        idle = [i for i, p in enumerate(preds) if p is not None and p.dispatched == 0]
+        idle = [i for i, p in enumerate(preds) if p is not None and p.dispatched == 0] if self.prefer_idle else []
         if idle:
             self._bucket(idle, preds, scores, force_least=True)
             return scores

@@ -127,11 +127,17 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
                      size, index.block_tokens)
             index = self.index = self._index(size)
         if self.limits.auto_tune:
+            # The pod's KV cache in the index's blocks: its GPU blocks of its own block size, in
+            # blocks of the index's (at least 64 tokens). The reference sizes the index in the
+            # pod's GPU blocks whatever the index's block size, which with 16-token pods believes
+            # 4x what the pod holds (and routes to prefixes it evicted long ago).
             caps = index.capacities
             for c in candidates:
-                n = c.signals.num_gpu_blocks if c.signals is not None else None
-                if n and caps.get(c.address) != n:
-                    caps[c.address] = min(n, BLOCKS_PER_SERVER_LIMIT)
+                s = c.signals
+                if s is not None and s.num_gpu_blocks:
+                    n = max(1, s.num_gpu_blocks * (s.block_size or size) // size)
+                    if caps.get(c.address) != n:
+                        caps[c.address] = min(n, BLOCKS_PER_SERVER_LIMIT)
         hashes = index.hashes(request.model, request.prompt) if request.prompt else []
         blocks = index.match_lengths(hashes) if hashes else {}
         m = PrefixMatch(hashes, blocks, size)

@@ -442,3 +442,24 @@ def test_the_reference_charts_latency_predictor_config_loads_as_rendered() -> No
     assert cfg.runtime(instances).admitters[0].producer is producer  # type: ignore[attr-defined]
     d = s.schedule(req("hello " * 30, {"x-llm-d-slo-ttft-ms": "300"}), snap("a", "b", "c"))
     assert d.primary in ("a", "b", "c")
+
+
+def test_prefer_idle_false_lets_a_busy_cached_pod_beat_an_idle_cold_one() -> None:
+    pool = snap("cached", "idle")
+    preds = {"cached": pred(0.02, dispatched=3), "idle": pred(0.3, dispatched=0)}
+    ref = scores(scorer(preds), pool)
+    assert ref[0] == 0.0 < ref[1]  # the reference's rule: an idle pod first
+    out = scores(scorer(preds, preferIdle=False), pool)
+    assert out[0] > out[1]
+
+
+def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None:
+    from pathlib import Path
+
+    from epp.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "epp" / "profiles" / "recommended.yaml"
+    s, _ = load_config(str(path)).build()
+    assert [type(p).__name__ for p in s.profile.producers] == ["PredictedLatencyProducer"]
+    scorer_ = s.profile.scorers[0][0]
+    assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming

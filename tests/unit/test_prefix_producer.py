@@ -140,6 +140,14 @@ def test_auto_tune_takes_the_pods_block_size_and_gpu_blocks() -> None:
         {"autoTune": False}, "q")).match(req(LONG), [ep("a", block_size=128)], CycleState()).block_tokens == 64
 
 
+def test_auto_tune_sizes_each_pods_index_in_its_own_tokens() -> None:
+    # A 16-token-block pod with 2,800 GPU blocks holds 44,800 tokens: 700 of the index's 64-token
+    # blocks, not 2,800 (the reference's count, 4x what the pod holds).
+    p = ApproxPrefixProducer("p", Params({}, "p"))
+    p.match(req(LONG), [ep("a", block_size=16, blocks=2800), ep("b", block_size=16, blocks=1120)], CycleState())
+    assert p.limits.min_block_tokens == 64 and p.index.capacities == {"a": 700, "b": 280}
+
+
 def test_the_deprecated_block_size_maps_into_block_size_tokens() -> None:
     text = doc("- {type: approx-prefix-cache-producer, parameters: {blockSize: 128, autoTune: false}}\n"
                "- type: prefix-cache-scorer")
