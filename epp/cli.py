@@ -552,6 +552,9 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--profile", default="fast", choices=sorted(PROFILES), help="latency/capacity preset")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="each N consecutive ports are one pod's data-parallel ranks (any of them hands a request "
+                   "to the rank named in x-data-parallel-host-port)")
     p.add_argument("--model", help="model name served")
     p.add_argument("--served-model-name", nargs="+", help="names the model answers to")
     p.add_argument("--lora-adapters", nargs="+", help="LoRA adapter names served")
@@ -618,7 +621,7 @@ def run_sim(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"epp sim: {e}", file=sys.stderr)
         return 2
-    fleet = Fleet(ports, params, host=args.host, seed=args.seed, kv_events=kv)
+    fleet = Fleet(ports, params, host=args.host, seed=args.seed, kv_events=kv, data_parallel=args.data_parallel)
     _run(serve_forever(fleet))
     return 0
 

@@ -69,7 +69,6 @@ NOT_SUPPORTED_TYPES = {
     **dict.fromkeys(("disagg-profile-handler", "pd-profile-handler", "prefix-based-pd-decider",
                      "always-disagg-pd-decider", "prefill-header-handler", "disagg-headers-handler"),
                     "prefill/decode disaggregation is not implemented yet"),
-    "data-parallel-profile-handler": "data-parallel routing is not implemented yet",
     **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer"),
                     "multimodal encode disaggregation is not implemented"),
     **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
@@ -168,6 +167,7 @@ class PickerConfig:
     admitter_refs: tuple[str, ...] = ()  # every admitter plugin listed, in order
     early_dialect: bool = False  # an older apiVersion: a bare prefix-cache-scorer keeps the early-2026 index
     producer_refs: tuple[str, ...] = ()  # data producers listed (in the profile or under plugins only)
+    handler_ref: str | None = None  # the profile handler, when one is listed
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -204,7 +204,8 @@ class PickerConfig:
         producers += self._bind_latency_producers([*admitters, *filters, *(s for s, _ in scorers)], producers,
                                                   instances, old)
         self._bind_producers([*producers, *filters, *(s for s, _ in scorers)], instance, instances, old)
-        return Scheduler(Profile(self.profile_name, scorers, picker, filters, producers)), instances
+        handler = instance(self.plugins[self.handler_ref]) if self.handler_ref is not None else None
+        return Scheduler(Profile(self.profile_name, scorers, picker, filters, producers), handler=handler), instances
 
     def _bind_latency_producers(self, users: list[Any], listed: list[Any], instances: dict[str, Any],
                                 old: Mapping[str, Any]) -> list[Any]:
@@ -433,9 +434,13 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
     _check_producer_refs(plugins)
     producer_refs = _check_latency_refs(plugins)
+    handlers = [spec for spec in plugins.values() if spec.type.role == "profile handler"]
+    if len(handlers) > 1:
+        raise ConfigError(handlers[1].path, f"a config has one profile handler; {handlers[0].name!r} is one")
     cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
                        hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
-                       admitter_refs, api != API_VERSIONS[0], producer_refs)
+                       admitter_refs, api != API_VERSIONS[0], producer_refs,
+                       handlers[0].name if handlers else None)
     producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
     return cfg
 

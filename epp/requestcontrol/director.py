@@ -101,7 +101,14 @@ class Routed:
 
     @property
     def header_value(self) -> str:
-        return ",".join(self.decision.endpoints)
+        """The destination the gateway is given: the chosen endpoints, as the profile handler
+        shapes them (a data-parallel pod's primary port), primary first."""
+        return ",".join(self.decision.targets)
+
+    @property
+    def request_headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers to set on the request to the server (a data-parallel rank)."""
+        return self.decision.request_headers
 
     def endpoint_scores(self) -> dict[str, float]:
         """Each picked endpoint's weighted total (primary and fallbacks)."""
@@ -112,6 +119,9 @@ class Routed:
     def served_by(self, endpoint: str) -> None:
         """The gateway says ``endpoint`` served the request (a fallback, after a retry): its
         in-flight count moves there."""
+        d = self.decision
+        if d.destinations and endpoint in d.destinations:  # the gateway names the shaped address
+            endpoint = d.endpoints[d.destinations.index(endpoint)]
         if endpoint and endpoint != self.endpoint and not self.done and self._director.move(self.endpoint, endpoint):
             self.endpoint = endpoint
 

@@ -173,6 +173,14 @@ class AlsoFilters(Protocol):
                cycle: CycleState) -> list[EndpointState]: ...
 
 
+class ShapesDestination(Protocol):
+    """A profile handler that changes how the chosen endpoints are reached: the addresses the
+    gateway is given for them, and headers to set on the request to the server (the reference's
+    data-parallel handler: the pod's primary port, and the rank in ``x-data-parallel-host-port``)."""
+
+    def destination(self, endpoints: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]: ...
+
+
 class ForgetsEndpoints(Protocol):
     """``endpoint`` left the pool: drop what is kept about it."""
 
@@ -219,6 +227,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (UsesLatencyProducer, ("bind_latency_producer",)),
     (AlsoFilters, ("filter",)),
     (WritesResponseHeaders, ("response_headers",)),
+    (ShapesDestination, ("destination",)),
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
 )

@@ -28,6 +28,7 @@ from epp.scheduling.contract import (
     ObservesUsage,
     Picker,
     Scorer,
+    ShapesDestination,
     WritesResponseHeaders,
     declares,
 )
@@ -84,6 +85,7 @@ PLUGIN_TIMING_SAMPLE = 8  # time the plugins of one cycle in this many (keeps th
 class Scheduler:
     profile: Profile
     plugin_timer: PluginTimer | None = None
+    handler: Any = None  # the profile handler, when the config lists one
     _cycles: int = 0
     # The hooks, resolved once from what each plugin declares.
     _on_pick: list[ObservesPicks] = field(init=False, default_factory=list)
@@ -92,6 +94,7 @@ class Scheduler:
     _on_complete: list[ObservesCompletion] = field(init=False, default_factory=list)
     _on_removed: list[ForgetsEndpoints] = field(init=False, default_factory=list)
     _headers: list[WritesResponseHeaders] = field(init=False, default_factory=list)
+    _shape: ShapesDestination | None = field(init=False, default=None)
     wants_usage: bool = field(init=False, default=False)
     inject_usage: bool = field(init=False, default=False)
 
@@ -109,6 +112,7 @@ class Scheduler:
         # back out).
         self.wants_usage = bool(self._on_usage or self._on_complete)
         self.inject_usage = bool(self._on_complete) or any(p.usage_injected() for p in self._on_usage)
+        self._shape: ShapesDestination | None = self.handler if declares(self.handler, ShapesDestination) else None
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
@@ -148,8 +152,13 @@ class Scheduler:
         chosen = self.profile.picker.pick(candidates, totals)
         if not chosen:
             raise SchedulingError(503, "picker chose no endpoint")
+        endpoints = tuple(candidates[i].address for i in chosen)
+        destinations: tuple[str, ...] = ()
+        request_headers: tuple[tuple[str, str], ...] = ()
+        if self._shape is not None:
+            destinations, request_headers = self._shape.destination(endpoints)
         return Decision(
-            endpoints=tuple(candidates[i].address for i in chosen),
+            endpoints=endpoints,
             profile=self.profile.name,
             candidates=candidates,
             scorer_names=tuple(s.name for s, _ in self.profile.scorers),
@@ -158,6 +167,8 @@ class Scheduler:
             totals=totals,
             cycle=cycle,
             note=note,
+            destinations=destinations,
+            request_headers=request_headers,
         )
 
     def prefill_estimate(self, request: InferenceRequest, snapshot: Snapshot) -> int:

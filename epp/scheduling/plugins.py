@@ -20,6 +20,7 @@ from epp.scheduling.contract import (
     PrefixProducer,
     ProfileHandler,
     Scorer,
+    ShapesDestination,
     UsesPrefixProducer,
 )
 from epp.scheduling.filters import FILTERS
@@ -369,8 +370,30 @@ class SingleProfileHandler(_NoParams, ProfileHandler):
     type_name: ClassVar[str] = "single-profile-handler"
 
 
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"  # the reference's (pkg/common/routing)
+
+
+class DataParallelProfileHandler(ProfileHandler, ShapesDestination):
+    """The reference's ``data-parallel-profile-handler`` (deprecated there): the endpoints are a
+    pod's vLLM data-parallel ranks (``ip:rank-port``); the gateway is sent to the pod's
+    ``primaryPort`` (default 8000) and the chosen rank goes in ``x-data-parallel-host-port``,
+    for the pod's sidecar (or its vLLM) to hand the request to. One profile, as there."""
+
+    type_name: ClassVar[str] = "data-parallel-profile-handler"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.port = params.int("primaryPort", 8000, minimum=1, maximum=65535)
+        params.done()
+
+    def destination(self, endpoints: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        port = str(self.port)
+        return (tuple(f"{e.rpartition(':')[0]}:{port}" for e in endpoints),
+                ((DATA_PARALLEL_HEADER, endpoints[0]),))
+
+
 BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
     RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS)
+    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS)

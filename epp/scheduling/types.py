@@ -120,10 +120,19 @@ class Decision:
     totals: list[float]
     cycle: CycleState
     note: str = ""
+    # Where the gateway sends the request when a profile handler reshapes it (else ``endpoints``),
+    # and the headers it sets on the request to the server.
+    destinations: tuple[str, ...] = ()
+    request_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def primary(self) -> str:
         return self.endpoints[0]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The addresses the gateway is given, primary first."""
+        return self.destinations or self.endpoints
 
     def scores(self) -> dict[str, tuple[float, dict[str, float]]]:
         """address -> (weighted total, {scorer: raw score in [0, 1]})."""

@@ -115,12 +115,18 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _pick_mutation(value: str, request_id: str | None) -> pb.CommonResponse:
+def _pick_mutation(value: str, request_id: str | None,
+                   extra: tuple[tuple[str, str], ...] = ()) -> pb.CommonResponse:
     mutation = pb.HeaderMutation()
     opt = mutation.set_headers.add()
     opt.header.key = DEST_HEADER
     opt.header.raw_value = value.encode()
     opt.append_action = OVERWRITE
+    for key, header_value in extra:  # for the server (a data-parallel rank)
+        opt = mutation.set_headers.add()
+        opt.header.key = key
+        opt.header.raw_value = header_value.encode()
+        opt.append_action = OVERWRITE
     if request_id is not None:
         opt = mutation.set_headers.add()
         opt.header.key = "x-request-id"
@@ -359,7 +365,7 @@ class ExtProcStream:
     def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
         value = self.pick.header_value
-        common = _pick_mutation(value, self._request_id())
+        common = _pick_mutation(value, self._request_id(), self.pick.request_headers)
         if new_body is not None:  # BUFFERED: the whole body replaced, its length with it
             common.body_mutation.body = new_body
             opt = common.header_mutation.set_headers.add()

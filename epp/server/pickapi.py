@@ -123,9 +123,12 @@ class PickAPI:
         self._open[pid] = _Open(pick, client, now)
         self._per_client[client] = self._per_client.get(client, 0) + 1
         d = pick.decision
-        resp = picker_pb2.PickResponse(endpoint=d.primary, fallback_endpoints=list(d.endpoints[1:]),
+        targets = d.targets
+        resp = picker_pb2.PickResponse(endpoint=targets[0], fallback_endpoints=list(targets[1:]),
                                        reason=d.reason(), pick_id=pid, target_model=req.target_model or req.model,
                                        priority=req.priority)
+        for key, value in d.request_headers:
+            resp.request_headers[key] = value
         for address, (total, parts) in d.scores().items():
             s = resp.scores.add(endpoint=address, total=total)
             for name, v in parts.items():

@@ -53,16 +53,27 @@ class Fleet:
     """N independent simulated servers sharing one event loop (and one ZMQ context)."""
 
     def __init__(self, ports: Sequence[int], params: EngineParams | Sequence[EngineParams], *, host: str = "127.0.0.1",
-                 seed: int = 0, kv_events: KVEventsConfig | None = None) -> None:
-        """``params``: one preset for every server, or one per server (a mixed fleet)."""
+                 seed: int = 0, kv_events: KVEventsConfig | None = None, data_parallel: int = 1) -> None:
+        """``params``: one preset for every server, or one per server (a mixed fleet).
+        ``data_parallel`` > 1: each run of that many consecutive ports is one pod's vLLM
+        data-parallel ranks (rank i on the i-th port); any of them takes a request for a sibling
+        rank named in ``x-data-parallel-host-port`` and hands it to that rank's engine."""
         per_server = [params] * len(ports) if isinstance(params, EngineParams) else list(params)
         if len(per_server) != len(ports):
             raise ValueError(f"{len(ports)} ports for {len(per_server)} servers' parameters")
+        if data_parallel < 1 or len(ports) % data_parallel:
+            raise ValueError(f"{len(ports)} ports do not split into pods of {data_parallel} data-parallel ranks")
         self.zmq_ctx = zmq.asyncio.Context() if kv_events and kv_events.enable_kv_cache_events else None
         self.servers = [
-            SimServer(port, p, host=host, seed=seed + i, index=i, kv_events=kv_events, zmq_ctx=self.zmq_ctx)
+            SimServer(port, p.with_overrides(data_parallel_rank=i % data_parallel) if data_parallel > 1 else p,
+                      host=host, seed=seed + i, index=i, kv_events=kv_events, zmq_ctx=self.zmq_ctx)
             for i, (port, p) in enumerate(zip(ports, per_server, strict=True))
         ]
+        for start in range(0, len(self.servers), data_parallel) if data_parallel > 1 else ():
+            pod = self.servers[start : start + data_parallel]
+            ranks = {s.address: s for s in pod}
+            for s in pod:
+                s.ranks = ranks
 
     async def start(self) -> None:
         raise_fd_limit(64 + 8 * len(self.servers))

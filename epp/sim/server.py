@@ -38,8 +38,11 @@ from epp.tokenization import prompt_token_ids
 log = logging.getLogger("epp.sim")
 
 LOGGED_HEADERS = ("x-request-id", "x-gateway-destination-endpoint", "content-type", "content-length",
-                  "transfer-encoding", "x-gateway-inference-objective", "x-test-id")
+                  "transfer-encoding", "x-gateway-inference-objective", "x-test-id", "x-data-parallel-host-port")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"  # the rank a pod's primary port hands a request to
 
 
 def error_response(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
@@ -74,6 +77,8 @@ class SimServer:
         self.engine: Engine
         self.metrics: EngineMetrics
         self.publisher: KVEventPublisher | None = None
+        # This pod's data-parallel ranks by address (itself included; empty: not data-parallel).
+        self.ranks: dict[str, SimServer] = {}
         self._new_engine()
 
     @property
@@ -202,6 +207,15 @@ class SimServer:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        rank = request.headers.get(DATA_PARALLEL_HEADER)
+        if rank and self.ranks and rank != self.address:
+            sibling = self.ranks.get(rank)
+            if sibling is None:
+                return error_response(400, f"{DATA_PARALLEL_HEADER} names {rank!r}, not a data-parallel rank "
+                                      "of this pod", "BadRequestError")
+            sibling.request_log.append({"ts": time.time(), "method": request.method, "path": request.path,
+                                        "via": self.address})
+            return await sibling._generate(request, chat)
         data = await self._parse(request)
         if isinstance(data, web.Response):
             return data

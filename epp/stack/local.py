@@ -146,7 +146,7 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
                            kubernetes: Any = None,
                            ports: Sequence[int] | None = None,
                            objectives_text: str | None = None,
-                           serve: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
+                           serve: dict[str, Any] | None = None, data_parallel: int = 1) -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
     (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
@@ -155,7 +155,7 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
         workdir = Path(tmp.name)
     fleet_ports = list(ports) if ports is not None else free_ports(servers)
     own = free_ports(3)
-    fleet = Fleet(fleet_ports, params or profile("fast"), kv_events=kv_events)
+    fleet = Fleet(fleet_ports, params or profile("fast"), kv_events=kv_events, data_parallel=data_parallel)
     await fleet.start()
     config_path: Path | None = None
     cfg: PickerConfig

@@ -233,10 +233,19 @@ def test_no_metrics_source_at_all_is_refused() -> None:
         parse_config(text)
 
 
-@pytest.mark.parametrize(("sample", "error"), [
-    ("pd-epp-config.yaml", r"'disagg-profile-handler' is not supported by epp \(prefill/decode disaggregation"),
-    ("dp-epp-config.yaml", r"'data-parallel-profile-handler' is not supported by epp \(data-parallel routing"),
-])
-def test_the_references_pd_and_dp_samples_are_refused_by_name(sample: str, error: str) -> None:
-    with pytest.raises(ConfigError, match=error):
-        load_config(str(FIXTURES / sample))
+def test_the_references_pd_sample_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"'disagg-profile-handler' is not supported by epp \(prefill/decode disagg"):
+        load_config(str(FIXTURES / "pd-epp-config.yaml"))
+
+
+def test_the_references_dp_sample_loads_and_routes_ranks_through_the_primary_port() -> None:
+    from epp.datastore.endpoint import EndpointState, EngineSignals
+    from epp.datastore.store import Snapshot
+    from epp.request import InferenceRequest
+
+    s, _ = load_config(str(FIXTURES / "dp-epp-config.yaml")).build()
+    ranks = tuple(EndpointState(f"10.0.0.7:{8000 + i}", EngineSignals(), scraped_at=1.0) for i in range(4))
+    d = s.schedule(InferenceRequest("r", "/v1/completions", model="m", prompt="hello"),
+                   Snapshot(ranks, {}, {}, 1.0, 2.0))
+    assert d.primary.startswith("10.0.0.7:80") and d.targets == ("10.0.0.7:8000",)
+    assert d.request_headers == (("x-data-parallel-host-port", d.primary),)

@@ -302,3 +302,27 @@ def test_plugin_timing_names_the_extension_point_the_type_and_the_name() -> None
     for _ in range(8):  # timed on one cycle in 8
         s.schedule(req(), snap("a", "b"))
     assert seen == [("Filter", "test-only-b", "test-only-b"), ("Scorer", "queue-scorer", "q")]
+
+
+def test_the_data_parallel_handler_validates_its_port_and_one_handler_per_config() -> None:
+    from epp.scheduling.plugins import DataParallelProfileHandler
+
+    h = DataParallelProfileHandler("dp", Params({"primaryPort": 9000}, "plugins[0].parameters"))
+    assert h.destination(("10.1.1.1:9003", "[fd00::1]:9001")) == (
+        ("10.1.1.1:9000", "[fd00::1]:9000"), (("x-data-parallel-host-port", "10.1.1.1:9003"),))
+    with pytest.raises(ConfigError, match=r"primaryPort: .*65535"):
+        DataParallelProfileHandler("dp", Params({"primaryPort": 70000}, "plugins[0].parameters"))
+    two = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: single-profile-handler
+- type: data-parallel-profile-handler
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 1}
+"""
+    with pytest.raises(ConfigError, match=r"plugins\[2\]: a config has one profile handler"):
+        parse_config(two)
