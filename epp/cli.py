@@ -410,6 +410,17 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
     pr.add_argument("--restart-every", type=float, default=6.0, help="seconds between pod restarts (0: none)")
     pr.add_argument("--down-for", type=float, default=0.5, help="seconds a restarting pod is down")
+    pd = bsub.add_parser("pd", help="prefill/decode disaggregation vs the same pods aggregated (long prompts)")
+    pd.add_argument("--out", default="results/pd")
+    pd.add_argument("--profile", default="h100-llama8b", help="simulator preset")
+    pd.add_argument("--servers", type=int, default=8)
+    pd.add_argument("--prefill", type=int, default=4, help="prefill pods of --servers in the P/D run")
+    pd.add_argument("--load", type=float, default=0.6, help="fraction of the aggregated no-affinity capacity")
+    pd.add_argument("--requests", type=int, default=300)
+    pd.add_argument("--prompt-tokens", type=int, default=8000)
+    pd.add_argument("--output-tokens", type=int, default=256)
+    pd.add_argument("--seed", type=int, default=1)
+    pd.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it")
     p.add_argument("--log-level", default="warning")
 
 
@@ -507,6 +518,20 @@ def run_bench(args: argparse.Namespace) -> int:
                                                  ordering=args.ordering, workload=args.workload,
                                                  params=WorkloadParams(output_tokens=args.output_tokens))))
         print((out / "overload.md").read_text())
+        return 0
+    if args.bench_command == "pd":
+        from epp.bench.pdbench import PDOptions, bench_pd
+        from epp.bench.workloads import WorkloadParams
+
+        if not 0 < args.prefill < args.servers:
+            print("epp bench pd: --prefill must leave at least one decode pod", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        _run(bench_pd(out, PDOptions(preset=args.profile, servers=args.servers, prefill=args.prefill, load=args.load,
+                                     requests=args.requests, seed=args.seed, capacity_rps=args.capacity_rps,
+                                     params=WorkloadParams(long_tokens=args.prompt_tokens, long_share=1.0,
+                                                           output_tokens=args.output_tokens))))
+        print((out / "pd.md").read_text())
         return 0
     if args.bench_command == "precise":
         from epp.bench.precisebench import Churn, bench_precise

@@ -37,13 +37,14 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
     declares,
 )
+from epp.scheduling.disagg import DisaggProfileHandler
 from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.latency import PredictedLatencyProducer
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
 from epp.scheduling.prefix_producer import EARLY_2026, REFERENCE_DEFAULTS, ApproxPrefixProducer
 from epp.scheduling.registry import SCHEDULING, PluginRegistry, PluginType, check_contract
-from epp.scheduling.types import ConfigError
+from epp.scheduling.types import MATCHED_TOKENS, ConfigError
 
 log = logging.getLogger("epp.config")
 
@@ -66,9 +67,8 @@ NOT_SUPPORTED_TYPES = {
     "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
-    **dict.fromkeys(("disagg-profile-handler", "pd-profile-handler", "prefix-based-pd-decider",
-                     "always-disagg-pd-decider", "prefill-header-handler", "disagg-headers-handler"),
-                    "prefill/decode disaggregation is not implemented yet"),
+    **dict.fromkeys(("pd-profile-handler", "prefill-header-handler", "disagg-headers-handler"),
+                    "deprecated in the reference: use disagg-profile-handler"),
     **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer"),
                     "multimodal encode disaggregation is not implemented"),
     **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
@@ -168,6 +168,8 @@ class PickerConfig:
     early_dialect: bool = False  # an older apiVersion: a bare prefix-cache-scorer keeps the early-2026 index
     producer_refs: tuple[str, ...] = ()  # data producers listed (in the profile or under plugins only)
     handler_ref: str | None = None  # the profile handler, when one is listed
+    prefill_profile: ProfilePlan | None = None  # P/D: the prefill stage (the main profile is decode)
+    decider_ref: str | None = None  # P/D: the decider that says when the prefill stage runs
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -196,16 +198,31 @@ class PickerConfig:
         for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ())):
             instance(self.plugins[ref])
         admitters = [instance(self.plugins[ref]) for ref in self.admitter_refs]
-        filters = [instance(self.plugins[ref]) for ref in self.filter_refs]
-        scorers = [(instance(self.plugins[ref]), w) for ref, w in self.scorer_refs]
-        picker = instance(self.plugins[self.picker_ref]) if self.picker_ref is not None else MaxScorePicker(
-            "max-score-picker", Params({}, "picker"))
+
+        def stage(name: str, filter_refs: tuple[str, ...], scorer_refs: tuple[tuple[str, float], ...],
+                  picker_ref: str | None) -> Profile:
+            picker = instance(self.plugins[picker_ref]) if picker_ref is not None else MaxScorePicker(
+                "max-score-picker", Params({}, "picker"))
+            return Profile(name, [(instance(self.plugins[ref]), w) for ref, w in scorer_refs], picker,
+                           [instance(self.plugins[ref]) for ref in filter_refs])
+
+        main = stage(self.profile_name, self.filter_refs, self.scorer_refs, self.picker_ref)
+        plan = self.prefill_profile
+        prefill = stage(plan.name, plan.filter_refs, plan.scorer_refs, plan.picker_ref) if plan is not None else None
+        users = [*main.filters, *(s for s, _ in main.scorers)]
+        if prefill is not None:
+            users += [p for p in (*prefill.filters, *(s for s, _ in prefill.scorers)) if all(p is not u for u in users)]
         producers = [instance(self.plugins[ref]) for ref in self.producer_refs]
-        producers += self._bind_latency_producers([*admitters, *filters, *(s for s, _ in scorers)], producers,
-                                                  instances, old)
-        self._bind_producers([*producers, *filters, *(s for s, _ in scorers)], instance, instances, old)
+        producers += self._bind_latency_producers([*admitters, *users], producers, instances, old)
+        self._bind_producers([*producers, *users], instance, instances, old)
+        main.producers = producers
         handler = instance(self.plugins[self.handler_ref]) if self.handler_ref is not None else None
-        return Scheduler(Profile(self.profile_name, scorers, picker, filters, producers), handler=handler), instances
+        prefill_stage = None
+        if prefill is not None:
+            prefill.producers = producers  # data producers run in every stage
+            prefill_stage = Scheduler(prefill)
+        decider = instance(self.plugins[self.decider_ref]) if self.decider_ref is not None else None
+        return Scheduler(main, handler=handler, prefill=prefill_stage, decider=decider), instances
 
     def _bind_latency_producers(self, users: list[Any], listed: list[Any], instances: dict[str, Any],
                                 old: Mapping[str, Any]) -> list[Any]:
@@ -389,46 +406,8 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     profiles = _expect(raw.get("schedulingProfiles") or [], list, "schedulingProfiles", "a list")
     if not profiles:
         raise ConfigError("schedulingProfiles", "at least one profile is required")
-    if len(profiles) > 1:
-        raise ConfigError("schedulingProfiles[1]", "only one scheduling profile is supported for now")
-    prof = _expect(profiles[0], dict, "schedulingProfiles[0]", "a mapping")
-    _no_unknown(prof, {"name", "plugins"}, "schedulingProfiles[0]")
-    pname = prof.get("name") or "default"
-    _expect(pname, str, "schedulingProfiles[0].name", "a string")
-    filter_refs: list[str] = []
-    scorer_refs: list[tuple[str, float]] = []
-    picker_ref: str | None = None
-    for j, ref in enumerate(_expect(prof.get("plugins") or [], list, "schedulingProfiles[0].plugins", "a list")):
-        path = f"schedulingProfiles[0].plugins[{j}]"
-        _expect(ref, dict, path, "a mapping")
-        _no_unknown(ref, {"pluginRef", "weight"}, path)
-        name = ref.get("pluginRef")
-        _expect(name, str, f"{path}.pluginRef", "a plugin name")
-        if name not in plugins:
-            raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
-        role = plugins[name].type.role
-        if role == "saturation detector":  # a detector is a filter too (the endpoints under its limits)
-            role = "filter"
-        if role != "scorer" and "weight" in ref:
-            raise ConfigError(f"{path}.weight", f"only scorers take a weight ({show(name)} is a {role})")
-        if role == "scorer":
-            weight = ref.get("weight", 1)
-            if (isinstance(weight, bool) or not isinstance(weight, int | float) or not finite(weight)
-                    or not 0 <= weight <= MAX_WEIGHT):
-                raise ConfigError(f"{path}.weight", f"expected a number >= 0 and <= {MAX_WEIGHT:g}, got {show(weight)}")
-            scorer_refs.append((name, float(weight)))
-            if declares(plugins[name].instance, AlsoFilters):
-                filter_refs.append(name)
-        elif role == "picker":
-            if picker_ref is not None:
-                raise ConfigError(f"{path}.pluginRef", f"a profile has one picker; {picker_ref!r} is already set")
-            picker_ref = name
-        elif role == "filter":
-            filter_refs.append(name)
-        elif role == "data producer":
-            pass  # data producers run in the profile wherever they are listed
-        else:
-            raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
+    plans = [_parse_profile(prof, j, plugins) for j, prof in enumerate(profiles)]
+    main, prefill, decider_ref = _profiles_for_handler(plans, plugins)
     detector, flow = _flow_control(raw, plugins, registry, enabled["flowControl"])
     data_refs = _data_layer(raw.get("dataLayer"), plugins)
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
@@ -437,12 +416,10 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     handlers = [spec for spec in plugins.values() if spec.type.role == "profile handler"]
     if len(handlers) > 1:
         raise ConfigError(handlers[1].path, f"a config has one profile handler; {handlers[0].name!r} is one")
-    cfg = PickerConfig(plugins, pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, source,
-                       hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
-                       admitter_refs, api != API_VERSIONS[0], producer_refs,
-                       handlers[0].name if handlers else None)
-    producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
-    return cfg
+    return PickerConfig(plugins, main.name, main.filter_refs, main.scorer_refs, main.picker_ref, source,
+                        hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
+                        admitter_refs, api != API_VERSIONS[0], producer_refs,
+                        handlers[0].name if handlers else None, prefill, decider_ref)
 
 
 def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, str]:
@@ -518,6 +495,102 @@ def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:
         elif len(producers) > 1 and not spec.instance.own_index:
             raise ConfigError(path, f"required: the config has {len(producers)} prefix producers "
                                     f"({', '.join(producers)})")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePlan:
+    """One validated ``schedulingProfiles[]`` entry."""
+
+    name: str
+    filter_refs: tuple[str, ...]
+    scorer_refs: tuple[tuple[str, float], ...]
+    picker_ref: str | None
+    path: str
+
+
+def _parse_profile(prof: Any, j: int, plugins: Mapping[str, PluginSpec]) -> ProfilePlan:
+    at = f"schedulingProfiles[{j}]"
+    _expect(prof, dict, at, "a mapping")
+    _no_unknown(prof, {"name", "plugins"}, at)
+    pname = prof.get("name") or "default"
+    _expect(pname, str, f"{at}.name", "a string")
+    filter_refs: list[str] = []
+    scorer_refs: list[tuple[str, float]] = []
+    picker_ref: str | None = None
+    for k, ref in enumerate(_expect(prof.get("plugins") or [], list, f"{at}.plugins", "a list")):
+        path = f"{at}.plugins[{k}]"
+        _expect(ref, dict, path, "a mapping")
+        _no_unknown(ref, {"pluginRef", "weight"}, path)
+        name = ref.get("pluginRef")
+        _expect(name, str, f"{path}.pluginRef", "a plugin name")
+        if name not in plugins:
+            raise ConfigError(f"{path}.pluginRef", f"no plugin named {show(name)} in plugins")
+        role = plugins[name].type.role
+        if role == "saturation detector":  # a detector is a filter too (the endpoints under its limits)
+            role = "filter"
+        if role != "scorer" and "weight" in ref:
+            raise ConfigError(f"{path}.weight", f"only scorers take a weight ({show(name)} is a {role})")
+        if role == "scorer":
+            weight = ref.get("weight", 1)
+            if (isinstance(weight, bool) or not isinstance(weight, int | float) or not finite(weight)
+                    or not 0 <= weight <= MAX_WEIGHT):
+                raise ConfigError(f"{path}.weight", f"expected a number >= 0 and <= {MAX_WEIGHT:g}, got {show(weight)}")
+            scorer_refs.append((name, float(weight)))
+            if declares(plugins[name].instance, AlsoFilters):
+                filter_refs.append(name)
+        elif role == "picker":
+            if picker_ref is not None:
+                raise ConfigError(f"{path}.pluginRef", f"a profile has one picker; {picker_ref!r} is already set")
+            picker_ref = name
+        elif role == "filter":
+            filter_refs.append(name)
+        elif role == "data producer":
+            pass  # data producers run in the profile wherever they are listed
+        else:
+            raise ConfigError(f"{path}.pluginRef", f"{show(name)} is a {role}: list it under plugins only")
+    producer_order([(plugins[ref].instance, w) for ref, w in scorer_refs])  # a slot cycle is a config error
+    return ProfilePlan(pname, tuple(filter_refs), tuple(scorer_refs), picker_ref, at)
+
+
+def _profiles_for_handler(plans: list[ProfilePlan], plugins: Mapping[str, PluginSpec]
+                          ) -> tuple[ProfilePlan, ProfilePlan | None, str | None]:
+    """(the profile that picks the endpoint, P/D's prefill profile, its decider): one profile,
+    or with a disagg-profile-handler the decode and prefill ones it names."""
+    names = [p.name for p in plans]
+    for j, n in enumerate(names):
+        if n in names[:j]:
+            raise ConfigError(f"schedulingProfiles[{j}].name", f"duplicate profile name {show(n)}")
+    handler = next((spec for spec in plugins.values() if isinstance(spec.instance, DisaggProfileHandler)), None)
+    if handler is None:
+        if len(plans) > 1:
+            raise ConfigError(plans[1].path, "several profiles need a disagg-profile-handler (which runs its decode "
+                                             "and prefill profiles); otherwise epp runs one profile")
+        return plans[0], None, None
+    h: DisaggProfileHandler = handler.instance
+    by_name = {p.name: p for p in plans}
+    for role, wanted in zip(("decode", "prefill"), h.profile_names(), strict=False):
+        if wanted not in by_name:
+            raise ConfigError(f"{handler.path}.parameters", f"the {role} profile {show(wanted)} is not among "
+                                                            f"schedulingProfiles ({', '.join(names)})")
+    for p in plans:
+        if p.name not in h.profile_names():
+            raise ConfigError(p.path, f"profile {show(p.name)} is not run by {handler.name} (it runs "
+                                      f"{', '.join(h.profile_names())})")
+    decider = None
+    if h.decider_name is not None:
+        spec = plugins.get(h.decider_name)
+        path = f"{handler.path}.parameters.deciders.prefill"
+        if spec is None:
+            raise ConfigError(path, f"no plugin named {show(h.decider_name)} in plugins")
+        if spec.type.role != "decider":
+            raise ConfigError(path, f"{show(h.decider_name)} is a {spec.type.role}, not a decider")
+        decode = by_name[h.decode_profile]
+        if spec.instance.needs_prefix_match and not any(
+                MATCHED_TOKENS in plugins[ref].instance.produces for ref, _ in decode.scorer_refs):
+            raise ConfigError(decode.path, f"{h.decider_name} reads the decode pod's prefix match: add a prefix "
+                                           "scorer to this profile")
+        decider = spec.name
+    return by_name[h.decode_profile], by_name[h.prefill_profile] if decider else None, decider
 
 
 def _check_latency_refs(plugins: Mapping[str, PluginSpec]) -> tuple[str, ...]:

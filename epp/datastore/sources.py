@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -30,8 +31,18 @@ def parse_endpoint_list(text: str, where: str = "--endpoints") -> list[str]:
     return [parse_address(t, where) for t in items]
 
 
-def parse_endpoints_yaml(text: str, where: str) -> list[str]:
-    """A YAML list of HOST:PORT strings, or ``{endpoints: [...]}``."""
+@dataclass(frozen=True, slots=True)
+class EndpointList:
+    """An endpoints file: the addresses, and the labels given for some of them."""
+
+    addresses: list[str]
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def parse_endpoints_yaml(text: str, where: str) -> EndpointList:
+    """A YAML list (or ``{endpoints: [...]}``) of HOST:PORT strings, or of ``{address: HOST:PORT,
+    labels: {key: value}}`` mappings: the labels a pod would carry in Kubernetes (the P/D role
+    ``llm-d.ai/role: prefill``), for the label filters."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -39,18 +50,34 @@ def parse_endpoints_yaml(text: str, where: str) -> list[str]:
     if isinstance(data, dict):
         data = data.get("endpoints")
     if data is None:
-        return []
+        return EndpointList([])
     if not isinstance(data, list):
         raise ValueError(f"{where}: expected a list of HOST:PORT")
-    out = []
+    out: list[str] = []
+    labels: dict[str, dict[str, str]] = {}
     for i, item in enumerate(data):
+        path = f"{where}[{i}]"
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"address", "labels"})
+            if unknown:
+                raise ValueError(f"{path}.{unknown[0]}: unknown field (allowed: address, labels)")
+            address, given = item.get("address"), item.get("labels") or {}
+            if not isinstance(address, str):
+                raise ValueError(f"{path}.address: expected a HOST:PORT string, got {address!r}")
+            if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in given.items()):
+                raise ValueError(f"{path}.labels: expected a mapping of strings to strings")
+            item = address
+            if given:
+                labels[parse_address(address, f"{path}.address")] = dict(given)
         if not isinstance(item, str):
-            raise ValueError(f"{where}[{i}]: expected a HOST:PORT string, got {item!r}")
-        out.append(parse_address(item, f"{where}[{i}]"))
-    return out
+            raise ValueError(f"{path}: expected a HOST:PORT string (or address and labels), got {item!r}")
+        out.append(parse_address(item, path))
+    return EndpointList(out, labels)
 
 
-def endpoints_watcher(path: str, store: Datastore, interval: float = 0.5) -> WatchedFile[list[str]]:
-    """Watches a YAML list of HOST:PORT; a bad edit is logged and the old set kept."""
-    return WatchedFile(path, lambda t: parse_endpoints_yaml(t, path), store.set_endpoints, what="endpoint list",
+def endpoints_watcher(path: str, store: Datastore, interval: float = 0.5) -> WatchedFile[EndpointList]:
+    """Watches an endpoints file; a bad edit is logged and the old set kept."""
+    return WatchedFile(path, lambda t: parse_endpoints_yaml(t, path),
+                       lambda found: store.set_endpoints(found.addresses, found.labels), what="endpoint list",
                        interval=interval)

@@ -76,7 +76,8 @@ class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
     __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "flow", "forward_body",
-                 "prefilled", "queued", "reader", "request", "scheduler", "streamed", "tokens", "wants_chunks")
+                 "prefill_tokens", "prefilled", "queued", "reader", "request", "scheduler", "streamed", "tokens",
+                 "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -93,6 +94,7 @@ class Routed:
         self.prefilled = False
         self.streamed = False  # the response body came in pieces, the first before the end
         self.tokens = 0  # prompt tokens counted in flight on the endpoint until the prefill is done
+        self.prefill_tokens = 0  # P/D: those counted on the prefill pod instead
         self.queued = 0.0  # seconds flow control held the request
         self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
         # Whether a response chunk that is not the last one matters (before the first bytes, or
@@ -144,6 +146,9 @@ class Routed:
             self.wants_chunks = self.reader is not None
             self.scheduler.prefill_done(self.decision)
             self._director.prefilled(self.decision.primary, self.tokens)
+            prefill = self.decision.prefill
+            if prefill is not None:  # P/D: the prefill pod is done with this request
+                self._director.prefill_stage_done(prefill.primary, self.prefill_tokens)
 
     def response_started(self) -> None:
         """A front end reports the response's first bytes ahead of its end (the Pick API)."""
@@ -345,6 +350,12 @@ class Director:
         cycle = decision.cycle
         matched = (cycle.get(MATCHED_TOKENS) or {}).get(decision.primary, 0)
         tokens = max(0, prompt_tokens(cycle, request.prompt) - matched)
+        prefill, prefill_tokens = decision.prefill, 0
+        if prefill is not None:  # P/D: the prefill pod computes the prompt, the decode pod receives it
+            matched = (prefill.cycle.get(MATCHED_TOKENS) or {}).get(prefill.primary, 0)
+            prefill_tokens, tokens = max(0, prompt_tokens(prefill.cycle, request.prompt) - matched), 0
+            self.store.acquire(prefill.primary, prefill_tokens)
+            m.child(m.picks, prefill.primary).inc()
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)
@@ -352,6 +363,7 @@ class Director:
         m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
         routed.tokens = tokens
+        routed.prefill_tokens = prefill_tokens
         inject = False
         if access is not ResponseAccess.NONE and (scheduler.wants_usage or read_usage):
             inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
@@ -401,6 +413,13 @@ class Director:
         self.store.prefilled(endpoint, tokens)
         if tokens and self.waiting is not None:
             self.waiting.pump()  # the pod's prefill work ahead shrank
+
+    def prefill_stage_done(self, endpoint: str, tokens: int) -> None:
+        """P/D: the prefill pod computed the prompt (the response started): it is free of it."""
+        self.store.prefilled(endpoint, tokens)
+        self.store.release(endpoint)
+        if self.waiting is not None:
+            self.waiting.pump()
 
     def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None:
         self.store.release(endpoint)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
-from epp.scheduling.types import Completion, CycleState, PrefixMatch, Slot
+from epp.scheduling.types import Completion, CycleState, Decision, PrefixMatch, Slot
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -93,6 +93,17 @@ class DataProducer(Plugin, Protocol):
                 cycle: CycleState) -> None: ...
 
 
+class Decider(Plugin, Protocol):
+    """P/D: whether this request's prompt is computed on a prefill pod, given the decode stage's
+    ``decision`` (its cycle has the prefix match on the chosen decode pod); listed under plugins
+    only, named by the ``disagg-profile-handler``. ``needs_prefix_match``: it reads the decode
+    profile's prefix match (the loader then requires a prefix matcher there)."""
+
+    needs_prefix_match: ClassVar[bool]
+
+    def disaggregate(self, request: InferenceRequest, decision: Decision) -> bool: ...
+
+
 class MetricsExtractor(Plugin, Protocol):
     """Which series carry the routing signals, per endpoint (data layer; under plugins only)."""
 
@@ -102,7 +113,8 @@ class MetricsExtractor(Plugin, Protocol):
 ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
                                             (MetricsExtractor, "metrics extractor"),
-                                            (PrefixProducer, "prefix producer"), (DataProducer, "data producer"))
+                                            (PrefixProducer, "prefix producer"), (DataProducer, "data producer"),
+                                            (Decider, "decider"))
 
 
 # -- hooks: the request's life after the decision ---------------------------------------------------
@@ -234,7 +246,8 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
                                                   MetricsExtractor: ("engine_mapping",),
-                                                  PrefixProducer: ("match", "record"), DataProducer: ("produce",)}
+                                                  PrefixProducer: ("match", "record"), DataProducer: ("produce",),
+                                                  Decider: ("disaggregate",)}
 
 
 def declares(plugin: object, hook: type[Any]) -> bool:

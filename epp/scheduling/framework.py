@@ -11,6 +11,7 @@ per profile: ``committed`` when the caller commits to the decision, then ``prefi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from epp.scheduling.types import (
     prompt_tokens,
 )
 
+PREFILLER_HEADER = "x-prefiller-host-port"  # the reference's (pkg/common/routing): the prefill pod, to the decode pod
 PluginTimer = Callable[[str, str, str, float], None]  # (extension point, plugin type, plugin name, seconds)
 
 
@@ -86,6 +88,9 @@ class Scheduler:
     profile: Profile
     plugin_timer: PluginTimer | None = None
     handler: Any = None  # the profile handler, when the config lists one
+    # P/D (disagg-profile-handler): the prefill stage, and the decider that says when it runs.
+    prefill: Scheduler | None = None
+    decider: Any = None
     _cycles: int = 0
     # The hooks, resolved once from what each plugin declares.
     _on_pick: list[ObservesPicks] = field(init=False, default_factory=list)
@@ -113,8 +118,33 @@ class Scheduler:
         self.wants_usage = bool(self._on_usage or self._on_complete)
         self.inject_usage = bool(self._on_complete) or any(p.usage_injected() for p in self._on_usage)
         self._shape: ShapesDestination | None = self.handler if declares(self.handler, ShapesDestination) else None
+        if self.prefill is not None:
+            self.wants_usage = self.wants_usage or self.prefill.wants_usage
+            self.inject_usage = self.inject_usage or self.prefill.inject_usage
+
+    def plugins(self) -> list[Any]:
+        """Every plugin of every stage (each instance once)."""
+        out = self.profile.plugins()
+        if self.prefill is not None:
+            seen = {id(p) for p in out}
+            out += [p for p in self.prefill.plugins() if id(p) not in seen]
+        return out
 
     def schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
+        """The decision; with P/D, the decode stage's, carrying the prefill stage's when the
+        decider asks for one (and the header that names the prefill pod to the decode pod)."""
+        decision = self._schedule(request, snapshot)
+        if self.prefill is None or self.decider is None or not self.decider.disaggregate(request, decision):
+            return decision
+        try:
+            prefill = self.prefill.schedule(request, snapshot)
+        except SchedulingError as e:  # no prefill pod can take it: the decode pod computes the prompt
+            return dataclasses.replace(decision, note=f"{decision.note + '; ' if decision.note else ''}"
+                                                      f"not disaggregated: {e.message}")
+        return dataclasses.replace(decision, prefill=prefill,
+                                   request_headers=(*decision.request_headers, (PREFILLER_HEADER, prefill.primary)))
+
+    def _schedule(self, request: InferenceRequest, snapshot: Snapshot) -> Decision:
         if not snapshot.endpoints:
             raise SchedulingError(503, "no endpoints in the pool")
         candidates = list(snapshot.fresh())
@@ -186,11 +216,15 @@ class Scheduler:
         """The caller sends the request to ``decision.primary``: plugins with memory learn it."""
         for p in self._on_pick:
             p.on_pick(decision.primary, decision.cycle)
+        if decision.prefill is not None and self.prefill is not None:
+            self.prefill.committed(decision.prefill)
 
     def prefill_done(self, decision: Decision) -> None:
         """The pod has computed ``decision``'s prompt (its first response bytes came back)."""
         for p in self._on_prefill:
             p.on_prefill_done(decision.primary, decision.cycle)
+        if decision.prefill is not None and self.prefill is not None:
+            self.prefill.prefill_done(decision.prefill)
 
     def usage(self, decision: Decision, cached_tokens: int) -> None:
         """The response to ``decision`` reported ``cached_tokens`` prompt tokens served from cache."""
@@ -201,6 +235,8 @@ class Scheduler:
         """The response to ``decision`` ended (its usage, and whether it streamed)."""
         for p in self._on_complete:
             p.on_complete(decision.primary, decision.cycle, completion)
+        if decision.prefill is not None and self.prefill is not None:
+            self.prefill.completed(decision.prefill, completion)
 
     def response_headers(self, decision: Decision, endpoint: str) -> list[tuple[str, str]]:
         """Headers plugins set on the response of ``decision``'s request, served by ``endpoint``."""
@@ -212,3 +248,5 @@ class Scheduler:
     def endpoint_removed(self, address: str) -> None:
         for p in self._on_removed:
             p.on_endpoint_removed(address)
+        if self.prefill is not None:
+            self.prefill.endpoint_removed(address)

@@ -23,6 +23,7 @@ from epp.scheduling.contract import (
     ShapesDestination,
     UsesPrefixProducer,
 )
+from epp.scheduling.disagg import DISAGG_PLUGINS
 from epp.scheduling.filters import FILTERS
 from epp.scheduling.latency import LATENCY_PLUGINS
 from epp.scheduling.params import (
@@ -396,4 +397,5 @@ BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
     RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS)
+    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS,
+    *DISAGG_PLUGINS)

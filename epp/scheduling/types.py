@@ -124,6 +124,7 @@ class Decision:
     # and the headers it sets on the request to the server.
     destinations: tuple[str, ...] = ()
     request_headers: tuple[tuple[str, str], ...] = ()
+    prefill: Decision | None = None  # P/D: the prefill stage's decision (its pod computes the prompt)
 
     @property
     def primary(self) -> str:

@@ -132,7 +132,7 @@ class PickerServer:
         return room.gauges(self.opts.pool_name) if room is not None else FlowGauges()
 
     def _plugins(self) -> list[Any]:
-        return self.director.scheduler.profile.plugins()
+        return self.director.scheduler.plugins()
 
     def _new_stream(self) -> ExtProcStream:
         o = self.opts

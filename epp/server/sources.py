@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from epp.datastore.sources import endpoints_watcher
+from epp.datastore.sources import EndpointList, endpoints_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.requestcontrol.policies import RequestPolicies, parse_policy_file
@@ -33,7 +33,7 @@ class PoolSources:
         self.objectives_file = objectives_file
         self.kubernetes = kubernetes
         self.poll_interval = poll_interval
-        self.endpoints_watcher: WatchedFile[list[str]] | None = None
+        self.endpoints_watcher: WatchedFile[EndpointList] | None = None
         self.policies_watcher: WatchedFile[RequestPolicies] | None = None
         self.discovery: KubernetesDiscovery | None = None
         self._tasks: list[asyncio.Task[Any]] = []

@@ -77,6 +77,8 @@ class StepStats:
     steps: int = 0  # timed steps
     busy_s: float = 0.0  # modelled GPU time of the steps run
     prefill_busy_s: float = 0.0  # of which steps that computed prompt tokens
+    remote_prefills: int = 0  # requests whose prompt a prefiller computed (P/D), blocks received here
+    imported_blocks: int = 0
     late_s: float = 0.0  # summed lateness of timed steps behind the modelled clock (host contention)
     finished: dict[str, int] = field(
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0})
@@ -138,6 +140,28 @@ class Engine:
         self.waiting.append(req)
         self._wake.set()
         return req
+
+    def import_blocks(self, prompt_ids: list[int], lora_name: str | None = None, cache_salt: str | None = None) -> int:
+        """P/D: the prompt's full blocks arrive computed from a prefiller (a KV connector's
+        transfer) and enter this engine's prefix cache; the request submitted next finds them.
+        Returns the blocks the cache now holds for it (fewer when the cache is full)."""
+        kv, bs = self.kv, self.params.block_size
+        lora = (lora_name, lora_name) if lora_name else None
+        digests = block_digests(prompt_ids, bs, self.root, lora, cache_salt)[: (len(prompt_ids) - 1) // bs]
+        hit = kv.longest_hit(digests)
+        need = len(digests) - hit
+        if need <= 0 or not kv.prefix_caching:
+            return hit
+        ids = kv.allocate(min(need, kv.num_free()))
+        if not ids:
+            return hit
+        kv.store(ids, digests[hit : hit + len(ids)], digests[hit - 1] if hit else self.root,
+                 prompt_ids[hit * bs : (hit + len(ids)) * bs], lora_name)
+        kv.release(ids)
+        self.stats.remote_prefills += 1
+        self.stats.imported_blocks += len(ids)
+        self._flush_events()
+        return hit + len(ids)
 
     def abort(self, req: SimRequest) -> None:
         req.aborted = True

@@ -36,6 +36,10 @@ class EngineParams:
     # Python-hash-seed emulation for vLLM's root block hash (None: vLLM 0.32's fixed root).
     hash_seed: str | None = None
     data_parallel_rank: int = 0
+    # P/D: what a decode pod pays to receive a prompt's KV blocks from its prefiller (llama-8B in
+    # bf16 holds 128 KiB per token: 32 layers x 8 KV heads x 128 x 2 (K and V) x 2 bytes).
+    kv_bytes_per_token: int = 131072
+    kv_transfer_gbytes_per_s: float = 20.0
 
     def names(self) -> tuple[str, ...]:
         return self.served_model_names or (self.model,)

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import zmq.asyncio
 from aiohttp import web
@@ -38,11 +39,13 @@ from epp.tokenization import prompt_token_ids
 log = logging.getLogger("epp.sim")
 
 LOGGED_HEADERS = ("x-request-id", "x-gateway-destination-endpoint", "content-type", "content-length",
-                  "transfer-encoding", "x-gateway-inference-objective", "x-test-id", "x-data-parallel-host-port")
+                  "transfer-encoding", "x-gateway-inference-objective", "x-test-id", "x-data-parallel-host-port",
+                  "x-prefiller-host-port")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 DATA_PARALLEL_HEADER = "x-data-parallel-host-port"  # the rank a pod's primary port hands a request to
+PREFILLER_HEADER = "x-prefiller-host-port"  # P/D: the pod that computes the prompt for this decode pod
 
 
 def error_response(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
@@ -79,6 +82,7 @@ class SimServer:
         self.publisher: KVEventPublisher | None = None
         # This pod's data-parallel ranks by address (itself included; empty: not data-parallel).
         self.ranks: dict[str, SimServer] = {}
+        self._client: aiohttp.ClientSession | None = None  # P/D: to the prefillers
         self._new_engine()
 
     @property
@@ -110,6 +114,9 @@ class SimServer:
         await self._site.start()
 
     async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._restart_task is not None:
             self._restart_task.cancel()
         await self.engine.stop()
@@ -236,6 +243,12 @@ class SimServer:
         model = data.get("model") or p.names()[0]
         lora = model if model in p.lora_adapters else None
         salt = data.get("cache_salt")
+        prefiller = request.headers.get(PREFILLER_HEADER)
+        if prefiller and prefiller != self.address and not data.get("kv_transfer_params"):
+            failed = await self._remote_prefill(prefiller, request.path, data, prompt_ids, lora,
+                                                salt if isinstance(salt, str) else None)
+            if failed is not None:
+                return failed
         if self.extra_latency_s:
             await asyncio.sleep(self.extra_latency_s)
         req = self.engine.submit(prompt_ids, max_tokens, int(data.get("min_tokens") or 0),
@@ -251,6 +264,32 @@ class SimServer:
         finally:
             if req.finish_reason is None:
                 self.engine.abort(req)
+
+    async def _remote_prefill(self, prefiller: str, path: str, data: dict[str, Any], prompt_ids: list[int],
+                              lora: str | None, salt: str | None) -> web.Response | None:
+        """P/D as llm-d's routing sidecar and vLLM's KV connector do it: the prefiller computes the
+        prompt (one output token, ``kv_transfer_params.do_remote_decode``), then its KV blocks
+        travel here (``kv_bytes_per_token`` / ``kv_transfer_gbytes_per_s``) and enter this engine's
+        prefix cache, so the local request computes only the prompt's last partial block. None
+        when done; an error response (502) when the prefiller failed."""
+        body = {k: v for k, v in data.items() if k not in ("stream", "stream_options")}
+        body.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+        body.pop("max_completion_tokens", None)
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        try:
+            async with self._client.post(f"http://{prefiller}{path}", data=orjson.dumps(body),
+                                         headers={"content-type": "application/json"}) as r:
+                answer = await r.read()
+                if r.status != 200:
+                    return error_response(502, f"prefiller {prefiller} answered {r.status}: "
+                                          f"{answer[:200].decode(errors='replace')}", "InternalServerError")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return error_response(502, f"prefiller {prefiller} failed: {e}", "InternalServerError")
+        p = self.params
+        await asyncio.sleep(len(prompt_ids) * p.kv_bytes_per_token / (p.kv_transfer_gbytes_per_s * 1e9))
+        self.engine.import_blocks(prompt_ids, lora, salt)
+        return None
 
     def _usage(self, req: SimRequest) -> dict[str, Any]:
         n_out = len(req.output_ids)

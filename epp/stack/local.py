@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from epp.config import PickerConfig, load_config, parse_config
 from epp.server.app import PickerServer, ServeOptions
@@ -29,6 +30,14 @@ from epp.sim.fleet import Fleet
 from epp.sim.kvevents import KVEventsConfig
 from epp.sim.profiles import EngineParams, profile
 from epp.stack import envoy as envoy_mod
+
+
+def endpoints_yaml(addresses: Sequence[str], labels: Sequence[dict[str, str]] | None = None) -> str:
+    """An endpoints file for ``addresses``, with each one's labels when given."""
+    if not labels:
+        return "".join(f"- {a}\n" for a in addresses)
+    return yaml.safe_dump([{"address": a, "labels": dict(ls)} if ls else a
+                           for a, ls in zip(addresses, labels, strict=True)], sort_keys=False)
 
 
 def free_port() -> int:
@@ -146,7 +155,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
                            kubernetes: Any = None,
                            ports: Sequence[int] | None = None,
                            objectives_text: str | None = None,
-                           serve: dict[str, Any] | None = None, data_parallel: int = 1) -> AsyncIterator[Stack]:
+                           serve: dict[str, Any] | None = None, data_parallel: int = 1,
+                           labels: Sequence[dict[str, str]] | None = None) -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
     (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
@@ -167,16 +177,16 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
         cfg = load_config(None)
     addrs = tuple(s.address for s in fleet.servers)
     ep_file = None
-    if endpoints_file:
+    if endpoints_file or labels:  # labels (per server, in order) go in the endpoints file, as a pod's would
         ep_file = workdir / "endpoints.yaml"
-        ep_file.write_text("".join(f"- {a}\n" for a in addrs))
+        ep_file.write_text(endpoints_yaml(addrs, labels))
     objectives = None
     if objectives_text is not None:
         objectives = workdir / "objectives.yaml"
         objectives.write_text(objectives_text)
     opts = ServeOptions(config=cfg, objectives_file=str(objectives) if objectives else None,
                         config_file=str(config_path) if config_path else None,
-                        endpoints=() if endpoints_file or kubernetes else addrs,
+                        endpoints=() if ep_file or kubernetes else addrs,
                         endpoints_file=str(ep_file) if ep_file else None, kubernetes=kubernetes,
                         host="127.0.0.1", grpc_port=own[0], grpc_health_port=own[1], metrics_port=own[2],
                         secure_serving=secure,

@@ -233,11 +233,6 @@ def test_no_metrics_source_at_all_is_refused() -> None:
         parse_config(text)
 
 
-def test_the_references_pd_sample_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"'disagg-profile-handler' is not supported by epp \(prefill/decode disagg"):
-        load_config(str(FIXTURES / "pd-epp-config.yaml"))
-
-
 def test_the_references_dp_sample_loads_and_routes_ranks_through_the_primary_port() -> None:
     from epp.datastore.endpoint import EndpointState, EngineSignals
     from epp.datastore.store import Snapshot
