@@ -83,6 +83,7 @@ class LatencyPrediction(NamedTuple):
     # The TTFT this request's own prefill would add to the requests arriving at the pod meanwhile
     # (epp's own: the pod's recent arrival rate x its prefill time squared / 2).
     interference: float = 0.0
+    own_prefill: float = 0.0  # seconds of prefill this request's uncached part costs the pod
 
     @property
     def meets_slo(self) -> bool:
@@ -204,7 +205,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
             own_s = owns[i] * per_token
             predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched[i],
-                                               rates[i] * own_s * own_s / 2)
+                                               rates[i] * own_s * own_s / 2, own_s)
         inputs = (addresses, aheads, batches, owns)
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
@@ -407,6 +408,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.queue_weight = params.float("compositeQueueWeight", 1.0, minimum=0.0)
         self.prefix_weight = params.float("compositePrefixWeight", 1.0, minimum=0.0)
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
+        self.work = params.float("prefillWorkWeight", 0.0, minimum=0.0)
         self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
@@ -446,9 +448,11 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         total = self.ttft_weight + self.tpot_weight
         alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
         ttft = [abs(preds[i].ttft_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
-        if force_least and self.interference:  # a deficit: the delay it brings the pod's next arrivals adds to it
-            w = self.interference
-            ttft = [t + w * p.interference if (p := preds[i]) is not None else t
+        if force_least and (self.interference or self.work):
+            # A deficit: the delay its prefill brings the pod's next arrivals, and the GPU time it
+            # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it.
+            w, k = self.interference, self.work
+            ttft = [t + w * p.interference + k * p.own_prefill if (p := preds[i]) is not None else t
                     for t, i in zip(ttft, idx, strict=True)]
         tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
         t_lo, t_range = min(ttft), max(ttft) - min(ttft)

@@ -463,3 +463,14 @@ def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None
     assert [type(p).__name__ for p in s.profile.producers] == ["PredictedLatencyProducer"]
     scorer_ = s.profile.scorers[0][0]
     assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming
+
+
+def test_prefill_work_weight_prefers_waiting_for_a_cached_prefix_to_recomputing_it_elsewhere() -> None:
+    pool = snap("cached", "other")
+    wait = LatencyPrediction(0.187, 0.01, -0.187, -0.01, 3, 0.0, 0.001)
+    recompute = LatencyPrediction(0.182, 0.01, -0.182, -0.01, 2, 0.0, 0.137)
+    preds = {"cached": wait, "other": recompute}
+    plain = scores(scorer(preds, preferIdle=False), pool)
+    assert plain[1] > plain[0]  # a few ms sooner, at the price of 137 ms of GPU time
+    weighted = scores(scorer(preds, preferIdle=False, prefillWorkWeight=0.25), pool)
+    assert weighted[0] > weighted[1]
