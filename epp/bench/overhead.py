@@ -3,7 +3,9 @@
 Contenders, all in front of the same fast simulated fleet: Envoy alone (round robin) and Envoy +
 epp (FULL_DUPLEX_STREAMED, the gateway mode; BUFFERED optionally). Each runs at concurrency 1
 and 16 with the same 2.4 KB completion request. Picker CPU per request comes from the epp
-process's own CPU time (/proc), over the requests of that run.
+process's own CPU time (/proc), over the requests of that run. Then, in process, what the default
+profile and predicted-latency scoring cost per pick for 8, 32 and 128 candidates
+(``epp.bench.schedcost``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import orjson
 
 from epp.bench.loadgen import run_load
 from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.bench.schedcost import markdown as cost_markdown
+from epp.bench.schedcost import scheduling_cost
 from epp.stack.local import EnvoyProc, free_ports, start_envoy
 
 
@@ -146,8 +150,13 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 stop(p)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cpus()} cores",
             "python": platform.python_version(), "servers": servers, "requests_c16": requests, "rounds": rounds}
-    (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    (out / "overhead.md").write_text(markdown(rows, meta))
+    # What a profile costs per pick in process, the default one and with predicted-latency scoring.
+    costs = scheduling_cost()
+    (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
+                                                   "scheduling_cost": [asdict(c) for c in costs]}, indent=1))
+    (out / "overhead.md").write_text(markdown(rows, meta) + "\nScheduling cost in process (the pick path: "
+                                     "schedule + commit; the response path: first bytes + end, where the latency "
+                                     "model learns):\n\n" + cost_markdown(costs))
     return rows
 
 
