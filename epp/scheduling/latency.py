@@ -151,8 +151,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.clock: Callable[[], float] = time.monotonic
         self._published: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/predictions")
         self._all: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/all")
-        # (addresses, pending tokens ahead, batch, own uncached tokens), per candidate
-        self._inputs: Slot[tuple[list[str], list[float], list[float], list[float]]] = Slot(f"{name}/inputs")
+        self._inputs: Slot[dict[str, tuple[float, float, float]]] = Slot(f"{name}/inputs")  # (ahead, batch, own)
         self._pick: Slot[_Pick] = Slot(f"{name}/pick")
         self._streams: Slot[bool] = Slot(f"{name}/streams")
         self._now: Slot[float] = Slot(f"{name}/now")
@@ -177,36 +176,38 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         if own_tpot_slo:
             cycle.put(self._tpot_slo, own_tpot_slo)
         streaming = self.streaming
-        out_tokens = self._expected_output(request)
-        pending, inflight = snapshot.inflight_tokens, snapshot.inflight
-        addresses = [c.address for c in candidates]
-        aheads = [float(pending.get(a, 0)) for a in addresses]
-        owns = [max(0.0, prompt - matched.get(a, 0)) for a in addresses]
-        dispatched = [inflight.get(a, 0) for a in addresses]
-        batches = [float(max(d, s.running + s.waiting)) if (s := c.signals) is not None else float(d)
-                   for c, d in zip(candidates, dispatched, strict=True)]
-        predicted = self.model.predict_pool(addresses, [x + y for x, y in zip(aheads, owns, strict=True)], batches,
-                                            aheads)
-        rates = self.arrivals.rates(addresses, snapshot.now)
+        out_tokens = 0.0 if streaming else self._expected_output(request)
+        pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
+        predict, rate = self.model.predict, self.arrivals.rate
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         predictions: dict[str, LatencyPrediction] = {}
-        for i, c in enumerate(candidates):
-            a = addresses[i]
-            ttft, tpot, per_token = predicted[i]
+        inputs: dict[str, tuple[float, float, float]] = {}
+        for c in candidates:
+            a = c.address
+            ahead = float(pending.get(a, 0))
+            own = prompt - matched.get(a, 0)
+            if own < 0:
+                own = 0.0
+            dispatched = inflight.get(a, 0)
+            s = c.signals
+            batch = float(dispatched if s is None else max(dispatched, s.running + s.waiting))
+            ttft, tpot, per_token = predict(a, ahead + own, batch, ahead)
+            inputs[a] = (ahead, batch, own)
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
-            else:
+            elif tpot_slo:
                 # Nor may it break the TPOT SLO of what already runs there (the reference's
                 # running-request queue): the tighter of the two counts.
                 floor = tightest(a)
                 tpot_room = (min(tpot_slo, floor * buffer) if floor else tpot_slo) - tpot
+            else:
+                tpot_room = -tpot
             # Without streaming the TTFT SLO is held against the whole response, as the reference's
             # non-streaming mode trains its TTFT model on end-to-end times.
             latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
-            own_s = owns[i] * per_token
-            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched[i],
-                                               rates[i] * own_s * own_s / 2, own_s)
-        inputs = (addresses, aheads, batches, owns)
+            own_s = own * per_token
+            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
+                                               rate(a, now) * own_s * own_s / 2 if own_s else 0.0, own_s)
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -237,12 +238,11 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         slo = cycle.get(self._tpot_slo)
         if slo:
             self.running_slos.add(endpoint, slo)
-        inputs = cycle.get(self._inputs)
+        inputs = (cycle.get(self._inputs) or {}).get(endpoint)
         chosen = (cycle.get(self._all) or {}).get(endpoint)
         if inputs is None or chosen is None:
             return
-        i = inputs[0].index(endpoint)
-        ahead, batch, own = inputs[1][i], inputs[2][i], inputs[3][i]
+        ahead, batch, own = inputs
         cycle.put(self._pick, _Pick(endpoint, ttft_features(ahead + own, batch), tpot_features(batch, ahead),
                                     ahead, batch, own, chosen.ttft, chosen.tpot, cycle.get(self._streams) is True,
                                     self.clock()))
@@ -338,13 +338,12 @@ class ArrivalRates:
         count, at = self._state.get(pod, (0.0, now))
         self._state[pod] = (count * math.exp(-max(0.0, now - at) / self.horizon) + 1.0, now)
 
-    def rates(self, pods: list[str], now: float) -> list[float]:
-        state, h, exp = self._state, self.horizon, math.exp
-        out = []
-        for pod in pods:
-            entry = state.get(pod)
-            out.append(0.0 if entry is None else entry[0] * exp(-max(0.0, now - entry[1]) / h) / h)
-        return out
+    def rate(self, pod: str, now: float) -> float:
+        entry = self._state.get(pod)
+        if entry is None:
+            return 0.0
+        h = self.horizon
+        return entry[0] * math.exp(-max(0.0, now - entry[1]) / h) / h
 
     def forget(self, pod: str) -> None:
         self._state.pop(pod, None)

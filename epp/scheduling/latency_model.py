@@ -102,14 +102,12 @@ class LatencyModel:
         fits = self.pods.get(pod)
         if fits is None:
             fits = self.pods[pod] = PodFits(Fit.starting_at(self._mean("ttft")), Fit.starting_at(self._mean("tpot")))
-        elif not fits.ttft.n or not fits.tpot.n:
-            # Not observed yet: follow the pool's mean as it learns (a pod nobody has tried yet is
-            # predicted like the pods that were, so it gets its share and its own fit).
-            if not fits.ttft.n:
-                fits.ttft.theta[:] = self._mean("ttft")
-            if not fits.tpot.n:
-                fits.tpot.theta[:] = self._mean("tpot")
         return fits
+
+    def _theta(self, fit: Fit, which: str) -> list[float] | Vector:
+        """A fit's coefficients; the pool's mean while it has observed nothing (a pod nobody has
+        tried yet is predicted like the pods that were, so it gets its share and its own fit)."""
+        return fit.theta if fit.n else self._mean(which)
 
     def _mean(self, which: str) -> Vector:
         mean = self._means.get(which)
@@ -130,42 +128,40 @@ class LatencyModel:
         k = len(fits[0].theta)
         return tuple(sum(f.theta[i] for f in fits) / len(fits) for i in range(k))
 
-    def coefficients(self, pod: str) -> tuple[list[float], list[float]]:
-        """The pod's (TTFT, TPOT) coefficients, for ``ttft_of`` / ``tpot_of`` (read only)."""
-        fits = self._fits(pod)
-        return fits.ttft.theta, fits.tpot.theta
-
-    def predict_pool(self, pods: Sequence[str], tokens: Sequence[float], batches: Sequence[float],
-                     pending: Sequence[float]) -> list[tuple[float, float, float]]:
-        """Per pod: (TTFT with ``tokens`` to prefill, TPOT, seconds each prompt token adds to the
-        TTFT), at its ``batches`` and ``pending`` prefill tokens. The pick path's one call."""
-        own = self.pods
-        out = []
-        for pod, t, b, p in zip(pods, tokens, batches, pending, strict=True):
-            fits = own.get(pod)
-            if fits is None or not fits.ttft.n or not fits.tpot.n:
-                fits = self._fits(pod)
-            a, c = fits.ttft.theta, fits.tpot.theta
-            tk, bk = t / TOKEN_UNIT, b / BATCH_UNIT
-            slope = a[1] + a[3] * bk
-            ttft = a[0] + tk * slope + a[2] * bk
-            tpot = c[0] + c[1] * (b + 1) / BATCH_UNIT + c[2] * p / TOKEN_UNIT
-            out.append((ttft if ttft > MIN_SECONDS else MIN_SECONDS, tpot if tpot > MIN_SECONDS else MIN_SECONDS,
-                        slope / TOKEN_UNIT))
-        return out
+    def predict(self, pod: str, tokens: float, batch: float, pending: float) -> tuple[float, float, float]:
+        """(TTFT with ``tokens`` to prefill, TPOT, seconds each prompt token adds to the TTFT) on
+        ``pod`` at its ``batch`` and ``pending`` prefill tokens: the pick path's one call per pod,
+        ``ttft_features`` / ``tpot_features`` dotted with the pod's coefficients."""
+        fits = self.pods.get(pod) or self._fits(pod)
+        a = fits.ttft.theta if fits.ttft.n else self._mean("ttft")
+        c = fits.tpot.theta if fits.tpot.n else self._mean("tpot")
+        tk, bk = tokens / TOKEN_UNIT, batch / BATCH_UNIT
+        slope = a[1] + a[3] * bk
+        ttft = a[0] + tk * slope + a[2] * bk
+        tpot = c[0] + c[1] * (batch + 1) / BATCH_UNIT + c[2] * pending / TOKEN_UNIT
+        return (ttft if ttft > MIN_SECONDS else MIN_SECONDS, tpot if tpot > MIN_SECONDS else MIN_SECONDS,
+                slope / TOKEN_UNIT)
 
     def predict_ttft(self, pod: str, x: Vector) -> float:
-        return max(MIN_SECONDS, self._fits(pod).ttft.predict(x))
+        theta = self._theta(self._fits(pod).ttft, "ttft")
+        value: float = sum(map(operator.mul, theta, x))
+        return max(MIN_SECONDS, value)
 
     def predict_tpot(self, pod: str, x: Vector) -> float:
-        return max(MIN_SECONDS, self._fits(pod).tpot.predict(x))
+        theta = self._theta(self._fits(pod).tpot, "tpot")
+        value: float = sum(map(operator.mul, theta, x))
+        return max(MIN_SECONDS, value)
 
     def observe_ttft(self, pod: str, x: Vector, seconds: float) -> None:
-        self._fits(pod).ttft.update(x, seconds, self.forget)
-        self._learned()
+        self._observe(self._fits(pod).ttft, "ttft", x, seconds)
 
     def observe_tpot(self, pod: str, x: Vector, seconds: float) -> None:
-        self._fits(pod).tpot.update(x, seconds, self.forget)
+        self._observe(self._fits(pod).tpot, "tpot", x, seconds)
+
+    def _observe(self, fit: Fit, which: str, x: Vector, seconds: float) -> None:
+        if not fit.n:  # its first observation: it starts from where the pool is now
+            fit.theta = list(self._mean(which))
+        fit.update(x, seconds, self.forget)
         self._learned()
 
     def trained(self, pod: str) -> int:
