@@ -13,6 +13,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from epp.config import parse_config
@@ -43,6 +44,8 @@ PROFILES = {
         extra_plugins="- type: predicted-latency-producer\n  parameters: {streamingMode: true}\n"
                       "- type: latency-scorer\n",
         extra_refs="  - {pluginRef: predicted-latency-producer}\n  - {pluginRef: latency-scorer, weight: 1}\n"),
+    "recommended (predicted latency alone)": (Path(__file__).resolve().parents[1] / "profiles"
+                                              / "recommended.yaml").read_text(),
 }
 
 
@@ -57,13 +60,16 @@ class CostRow:
     added_response_us: float | None = None
 
 
-def _pool(n: int, now: float) -> Snapshot:
+def _pool(n: int, now: float, shift: int = 0) -> Snapshot:
+    """``n`` endpoints with varied signals; ``shift`` rotates the load over them (each pick of a
+    run sees another rotation, so every endpoint gets picks, as on a live pool)."""
     eps = tuple(EndpointState(f"10.0.{i // 250}.{i % 250}:8000",
-                              EngineSignals(waiting=float(i % 3), running=float(4 + i % 7), kv_usage=0.1 + (i % 5) / 10,
-                                            block_size=16, num_gpu_blocks=28000), scraped_at=now)
+                              EngineSignals(waiting=float((i + shift) % 3), running=float(4 + (i + shift) % 7),
+                                            kv_usage=0.1 + ((i + shift) % 5) / 10, block_size=16,
+                                            num_gpu_blocks=28000), scraped_at=now)
                 for i in range(n))
-    return Snapshot(eps, {e.address: i % 4 for i, e in enumerate(eps)}, {}, now, 2.0,
-                    {e.address: 200 * (i % 3) for i, e in enumerate(eps)})
+    return Snapshot(eps, {e.address: (i + shift) % 4 for i, e in enumerate(eps)}, {}, now, 2.0,
+                    {e.address: 200 * ((i + shift) % 3) for i, e in enumerate(eps)})
 
 
 def _requests(n: int) -> list[InferenceRequest]:
@@ -85,14 +91,15 @@ class _Clock:
         return self.t
 
 
-def _per_pick(scheduler: Any, pool: Snapshot, requests: list[InferenceRequest]) -> tuple[float, float]:
+def _per_pick(scheduler: Any, pools: list[Snapshot], requests: list[InferenceRequest]) -> tuple[float, float]:
     """(pick path, response path) CPU us per request."""
     for p in scheduler.profile.producers:
         p.clock = _Clock()
     gc.collect()
     clock = time.process_time
     picking = responding = 0.0
-    for r in requests:
+    for i, r in enumerate(requests):
+        pool = pools[i % len(pools)]
         t0 = clock()
         d = scheduler.schedule(r, pool)
         scheduler.committed(d)
@@ -107,7 +114,8 @@ def _per_pick(scheduler: Any, pool: Snapshot, requests: list[InferenceRequest]) 
 def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128), picks: int = 2000, rounds: int = 3) -> list[CostRow]:
     rows: list[CostRow] = []
     for n in sizes:
-        pool = _pool(n, time.monotonic())
+        now = time.monotonic()
+        pool = [_pool(n, now, shift) for shift in range(7)]
         count = max(200, picks * 8 // n)
         requests = _requests(count)
         by_profile: dict[str, tuple[float, float]] = {}

@@ -57,6 +57,7 @@ from epp.scheduling.latency_model import (
     ERROR_BUCKETS,
     ErrorTracker,
     LatencyModel,
+    predict,
     tpot_features,
     ttft_features,
 )
@@ -95,8 +96,6 @@ class _Pick:
     """What the producer keeps about one request until it ends."""
 
     pod: str = ""
-    x_ttft: tuple[float, ...] = ()
-    x_tpot: tuple[float, ...] = ()
     ahead: float = 0.0  # pending prefill tokens on the pod before this request
     batch: float = 0.0
     uncached: float = 0.0
@@ -151,11 +150,12 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.clock: Callable[[], float] = time.monotonic
         self._published: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/predictions")
         self._all: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/all")
-        self._inputs: Slot[dict[str, tuple[float, float, float]]] = Slot(f"{name}/inputs")  # (ahead, batch, own)
+        self._inputs: Slot[dict[str, tuple[int, float, float]]] = Slot(f"{name}/inputs")  # (ahead, batch, own)
         self._pick: Slot[_Pick] = Slot(f"{name}/pick")
         self._streams: Slot[bool] = Slot(f"{name}/streams")
         self._now: Slot[float] = Slot(f"{name}/now")
         self.arrivals = ArrivalRates()
+        self.interference_wanted = False  # a reader weighs interference (set when it binds)
         self.running_slos = RunningSLOs()
         self._tpot_slo: Slot[float] = Slot(f"{name}/tpot-slo")
 
@@ -178,20 +178,21 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         streaming = self.streaming
         out_tokens = 0.0 if streaming else self._expected_output(request)
         pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
-        predict, rate = self.model.predict, self.arrivals.rate
+        rate, wants = self.arrivals.rate, self.interference_wanted
+        coefficients = self.model.coefficients
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         predictions: dict[str, LatencyPrediction] = {}
-        inputs: dict[str, tuple[float, float, float]] = {}
+        inputs: dict[str, tuple[int, float, float]] = {}
         for c in candidates:
             a = c.address
-            ahead = float(pending.get(a, 0))
+            ahead = pending.get(a, 0)
             own = prompt - matched.get(a, 0)
             if own < 0:
                 own = 0.0
             dispatched = inflight.get(a, 0)
             s = c.signals
-            batch = float(dispatched if s is None else max(dispatched, s.running + s.waiting))
-            ttft, tpot, per_token = predict(a, ahead + own, batch, ahead)
+            batch = dispatched if s is None else max(dispatched, s.running + s.waiting)
+            ttft, tpot, per_token = predict(coefficients(a), ahead + own, batch, ahead)
             inputs[a] = (ahead, batch, own)
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
@@ -207,7 +208,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
             own_s = own * per_token
             predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
-                                               rate(a, now) * own_s * own_s / 2 if own_s else 0.0, own_s)
+                                               rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s)
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -243,9 +244,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         if inputs is None or chosen is None:
             return
         ahead, batch, own = inputs
-        cycle.put(self._pick, _Pick(endpoint, ttft_features(ahead + own, batch), tpot_features(batch, ahead),
-                                    ahead, batch, own, chosen.ttft, chosen.tpot, cycle.get(self._streams) is True,
-                                    self.clock()))
+        cycle.put(self._pick, _Pick(endpoint, ahead, batch, own, chosen.ttft, chosen.tpot,
+                                    cycle.get(self._streams) is True, self.clock()))
 
     def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None:
         pick = cycle.get(self._pick)
@@ -264,18 +264,19 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         if now - pick.sent > self.context_ttl:
             return
         pod, model = pick.pod, self.model
-        x_ttft = pick.x_ttft
+        own = pick.uncached
         if usage.cached_tokens is not None and usage.prompt_tokens:
-            actual = max(0.0, usage.prompt_tokens - usage.cached_tokens)
-            x_ttft = ttft_features(pick.ahead + actual, pick.batch)
+            own = max(0.0, usage.prompt_tokens - usage.cached_tokens)  # what the pod actually computed
+        x_ttft = ttft_features(pick.ahead + own, pick.batch)
+        x_tpot = tpot_features(pick.batch, pick.ahead)
         n = usage.completion_tokens
         self.mean_output += (n - self.mean_output) * 0.02
         if pick.streamed and completion.streamed:
             ttft = pick.first - pick.sent
             if n > 1:
-                model.observe_tpot(pod, pick.x_tpot, (now - pick.first) / (n - 1))
+                model.observe_tpot(pod, x_tpot, (now - pick.first) / (n - 1))
         else:
-            ttft = max(0.0005, (now - pick.sent) - model.predict_tpot(pod, pick.x_tpot) * max(0, n - 1))
+            ttft = max(0.0005, (now - pick.sent) - model.predict_tpot(pod, x_tpot) * max(0, n - 1))
         predicted = model.predict_ttft(pod, x_ttft)
         message = self.errors.add(predicted, ttft)
         if message:
@@ -413,6 +414,11 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
         params.done()
 
+    def bind_latency_producer(self, producer: Any) -> None:
+        super().bind_latency_producer(producer)
+        if self.interference:
+            producer.interference_wanted = True  # it computes the pods' arrival rates for us
+
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
         predictions = self._predictions(cycle)
@@ -420,7 +426,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
             return self._composite(snapshot, candidates, cycle)
         preds = [predictions.get(c.address) for c in candidates]
         scores = [0.0] * len(candidates)
-        positive = [i for i, p in enumerate(preds) if p is None or p.meets_slo]
+        positive = [i for i, p in enumerate(preds) if p is None or (p.ttft_headroom >= 0 and p.tpot_headroom >= 0)]
         if positive:
             self._bucket(positive, preds, scores, force_least=False)
             return scores
@@ -454,8 +460,8 @@ class LatencyScorer(Scorer, _ReadsPredictions):
             ttft = [t + w * p.interference + k * p.own_prefill if (p := preds[i]) is not None else t
                     for t, i in zip(ttft, idx, strict=True)]
         tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
-        t_lo, t_range = min(ttft), max(ttft) - min(ttft)
-        p_lo, p_range = min(tpot), max(tpot) - min(tpot)
+        t_lo, p_lo = min(ttft), min(tpot)
+        t_range, p_range = max(ttft) - t_lo, max(tpot) - p_lo
         if t_range <= EPS < p_range:
             alpha, beta = 0.0, 1.0
         elif p_range <= EPS < t_range:

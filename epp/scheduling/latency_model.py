@@ -44,6 +44,20 @@ def tpot_features(batch: float, pending: float) -> Vector:
     return (1.0, (batch + 1) / BATCH_UNIT, pending / TOKEN_UNIT)
 
 
+def predict(coefficients: tuple[Sequence[float], Sequence[float]], tokens: float, batch: float,
+            pending: float) -> tuple[float, float, float]:
+    """(TTFT with ``tokens`` to prefill, TPOT, seconds each prompt token adds to the TTFT) at
+    ``batch`` and ``pending`` prefill tokens: ``ttft_features`` / ``tpot_features`` dotted with a
+    pod's ``coefficients`` (``LatencyModel.coefficients``), without building the features."""
+    a, c = coefficients
+    tk, bk = tokens / TOKEN_UNIT, batch / BATCH_UNIT
+    slope = a[1] + a[3] * bk
+    ttft = a[0] + tk * slope + a[2] * bk
+    tpot = c[0] + c[1] * (batch + 1) / BATCH_UNIT + c[2] * pending / TOKEN_UNIT
+    return (ttft if ttft > MIN_SECONDS else MIN_SECONDS, tpot if tpot > MIN_SECONDS else MIN_SECONDS,
+            slope / TOKEN_UNIT)
+
+
 @dataclass(slots=True)
 class Fit:
     """Recursive least squares with forgetting, over a few features."""
@@ -128,19 +142,12 @@ class LatencyModel:
         k = len(fits[0].theta)
         return tuple(sum(f.theta[i] for f in fits) / len(fits) for i in range(k))
 
-    def predict(self, pod: str, tokens: float, batch: float, pending: float) -> tuple[float, float, float]:
-        """(TTFT with ``tokens`` to prefill, TPOT, seconds each prompt token adds to the TTFT) on
-        ``pod`` at its ``batch`` and ``pending`` prefill tokens: the pick path's one call per pod,
-        ``ttft_features`` / ``tpot_features`` dotted with the pod's coefficients."""
+    def coefficients(self, pod: str) -> tuple[Sequence[float], Sequence[float]]:
+        """The pod's (TTFT, TPOT) coefficients for ``predict``: its own, or the pool's mean while
+        it has observed nothing."""
         fits = self.pods.get(pod) or self._fits(pod)
-        a = fits.ttft.theta if fits.ttft.n else self._mean("ttft")
-        c = fits.tpot.theta if fits.tpot.n else self._mean("tpot")
-        tk, bk = tokens / TOKEN_UNIT, batch / BATCH_UNIT
-        slope = a[1] + a[3] * bk
-        ttft = a[0] + tk * slope + a[2] * bk
-        tpot = c[0] + c[1] * (batch + 1) / BATCH_UNIT + c[2] * pending / TOKEN_UNIT
-        return (ttft if ttft > MIN_SECONDS else MIN_SECONDS, tpot if tpot > MIN_SECONDS else MIN_SECONDS,
-                slope / TOKEN_UNIT)
+        return (fits.ttft.theta if fits.ttft.n else self._mean("ttft"),
+                fits.tpot.theta if fits.tpot.n else self._mean("tpot"))
 
     def predict_ttft(self, pod: str, x: Vector) -> float:
         theta = self._theta(self._fits(pod).ttft, "ttft")
