@@ -423,7 +423,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
               cycle: CycleState) -> list[float]:
         predictions = self._predictions(cycle)
         if not predictions:
-            return self._composite(snapshot, candidates, cycle)
+            return self._composite(request, candidates, cycle)
         preds = [predictions.get(c.address) for c in candidates]
         scores = [0.0] * len(candidates)
         positive = [i for i, p in enumerate(preds) if p is None or (p.ttft_headroom >= 0 and p.tpot_headroom >= 0)]
@@ -474,7 +474,8 @@ class LatencyScorer(Scorer, _ReadsPredictions):
             w = int(combined * W_MAX) + 1 if most else int((1.0 - combined) * W_MAX) + 1
             scores[i] = min(1.0, w / W_MAX)  # the reference's 1..101 steps, capped at 1
 
-    def _composite(self, snapshot: Snapshot, candidates: list[EndpointState], cycle: CycleState) -> list[float]:
+    def _composite(self, request: InferenceRequest, candidates: list[EndpointState],
+                   cycle: CycleState) -> list[float]:
         kv_w, q_w, p_w = self.kv_weight, self.queue_weight, self.prefix_weight
         total = kv_w + q_w + p_w
         if total <= 0:
@@ -483,7 +484,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         waiting = [c.signals.waiting if c.signals is not None else 0.0 for c in candidates]
         top = max(waiting, default=0.0)
         matched = cycle.get(MATCHED_TOKENS) or {}
-        prompt = max(1, prompt_tokens(cycle, ""))
+        prompt = max(1, prompt_tokens(cycle, request.prompt))
         out = []
         for c, q in zip(candidates, waiting, strict=True):
             rel_queue = (top - q) / top if top > 0 else 1.0

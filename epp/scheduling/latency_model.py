@@ -81,7 +81,7 @@ class Fit:
         denom = forget + sum(map(operator.mul, x, px))
         if denom <= 1e-12:
             return
-        err = y - sum(map(operator.mul, self.theta, x))
+        err = y - self.predict(x)
         self.theta = [max(0.0, t + p * err / denom) for t, p in zip(self.theta, px, strict=True)]
         # P = (P - P x x'P / denom) / forget; bounded (its trace) so that it cannot wind up while
         # a feature stays constant, scaled as a whole so that it stays positive definite.
@@ -150,13 +150,13 @@ class LatencyModel:
                 fits.tpot.theta if fits.tpot.n else self._mean("tpot"))
 
     def predict_ttft(self, pod: str, x: Vector) -> float:
-        theta = self._theta(self._fits(pod).ttft, "ttft")
-        value: float = sum(map(operator.mul, theta, x))
-        return max(MIN_SECONDS, value)
+        return self._predict(self._fits(pod).ttft, "ttft", x)
 
     def predict_tpot(self, pod: str, x: Vector) -> float:
-        theta = self._theta(self._fits(pod).tpot, "tpot")
-        value: float = sum(map(operator.mul, theta, x))
+        return self._predict(self._fits(pod).tpot, "tpot", x)
+
+    def _predict(self, fit: Fit, which: str, x: Vector) -> float:
+        value: float = sum(map(operator.mul, self._theta(fit, which), x))
         return max(MIN_SECONDS, value)
 
     def observe_ttft(self, pod: str, x: Vector, seconds: float) -> None:

@@ -474,3 +474,14 @@ def test_prefill_work_weight_prefers_waiting_for_a_cached_prefix_to_recomputing_
     assert plain[1] > plain[0]  # a few ms sooner, at the price of 137 ms of GPU time
     weighted = scores(scorer(preds, preferIdle=False, prefillWorkWeight=0.25), pool)
     assert weighted[0] > weighted[1]
+
+
+def test_the_composite_fallback_scores_the_prefix_as_a_share_of_this_prompt() -> None:
+    from epp.scheduling.types import MATCHED_TOKENS
+
+    s = LatencyScorer("latency-scorer", Params({"compositeKVWeight": 0, "compositeQueueWeight": 0}, "p"))
+    eps = (EndpointState("a", EngineSignals(), scraped_at=NOW), EndpointState("b", EngineSignals(), scraped_at=NOW))
+    cycle = CycleState()
+    cycle.put(MATCHED_TOKENS, {"a": 100})
+    out = s.score(req("x" * 800), Snapshot(eps, {}, {}, NOW, 2.0), list(eps), cycle)  # 200 tokens, half cached on a
+    assert out == [0.5, 0.0]
