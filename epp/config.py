@@ -482,19 +482,28 @@ def _data_layer_fields(section: Any) -> bool:
 def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:
     """A prefix producer a plugin names exists and is one; unnamed, there is at most one."""
     producers = [spec.name for spec in plugins.values() if spec.type.role == "prefix producer"]
+    _check_named(plugins, UsesPrefixProducer, lambda p: p.producer_name, "prefixMatchInfoProducerName", producers,
+                 lambda spec: f"a {spec.type.role}, not a prefix producer", "prefix producers",
+                 lambda p: bool(p.own_index))
+
+
+def _check_named(plugins: Mapping[str, PluginSpec], hook: type[Any], named_by: Callable[[Any], str | None],
+                 param: str, targets: list[str], wrong: Callable[[PluginSpec], str], kinds: str,
+                 needs_none: Callable[[Any], bool] = lambda _: False) -> None:
+    """Each plugin declaring ``hook`` names (``param``) one of ``targets``, or names none while
+    there is at most one (unless ``needs_none``: it has its own)."""
     for spec in plugins.values():
-        if not declares(spec.instance, UsesPrefixProducer):
+        if not declares(spec.instance, hook):
             continue
-        named = spec.instance.producer_name
-        path = f"{spec.path}.parameters.prefixMatchInfoProducerName"
+        named = named_by(spec.instance)
+        path = f"{spec.path}.parameters.{param}"
         if named is not None:
             if named not in plugins:
                 raise ConfigError(path, f"no plugin named {show(named)} in plugins")
-            if plugins[named].type.role != "prefix producer":
-                raise ConfigError(path, f"{show(named)} is a {plugins[named].type.role}, not a prefix producer")
-        elif len(producers) > 1 and not spec.instance.own_index:
-            raise ConfigError(path, f"required: the config has {len(producers)} prefix producers "
-                                    f"({', '.join(producers)})")
+            if named not in targets:
+                raise ConfigError(path, f"{show(named)} is {wrong(plugins[named])}")
+        elif len(targets) > 1 and not needs_none(spec.instance):
+            raise ConfigError(path, f"required: the config has {len(targets)} {kinds} ({', '.join(targets)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,19 +607,9 @@ def _check_latency_refs(plugins: Mapping[str, PluginSpec]) -> tuple[str, ...]:
     unnamed one is unambiguous."""
     producers = tuple(spec.name for spec in plugins.values() if spec.type.role == "data producer")
     latency = [n for n in producers if plugins[n].type.type_name == PredictedLatencyProducer.type_name]
-    for spec in plugins.values():
-        if not declares(spec.instance, UsesLatencyProducer):
-            continue
-        named = spec.instance.latency_producer_name
-        path = f"{spec.path}.parameters.latencyPredictionInfoProducerName"
-        if named is not None:
-            if named not in plugins:
-                raise ConfigError(path, f"no plugin named {show(named)} in plugins")
-            if named not in latency:
-                raise ConfigError(path, f"{show(named)} is a {plugins[named].type.type_name}, not a "
-                                        f"{PredictedLatencyProducer.type_name}")
-        elif len(latency) > 1:
-            raise ConfigError(path, f"required: the config has {len(latency)} latency producers ({', '.join(latency)})")
+    _check_named(plugins, UsesLatencyProducer, lambda p: p.latency_producer_name, "latencyPredictionInfoProducerName",
+                 latency, lambda spec: f"a {spec.type.type_name}, not a {PredictedLatencyProducer.type_name}",
+                 "latency producers")
     return producers
 
 
