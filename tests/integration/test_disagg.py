@@ -4,6 +4,8 @@ its KV blocks and decodes; a short or cached prompt stays on the decode pod alon
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 
@@ -12,34 +14,7 @@ from epp.stack.local import in_process_stack
 
 from .conftest import completion_body, post
 
-CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: prefix-cache-scorer
-- type: queue-scorer
-- type: prefill-filter
-- type: decode-filter
-- type: max-score-picker
-- type: disagg-profile-handler
-  parameters:
-    deciders: {prefill: prefix-based-pd-decider}
-- type: prefix-based-pd-decider
-  parameters: {nonCachedTokens: 256}
-schedulingProfiles:
-- name: prefill
-  plugins:
-  - pluginRef: prefill-filter
-  - pluginRef: max-score-picker
-  - {pluginRef: prefix-cache-scorer, weight: 2}
-  - {pluginRef: queue-scorer, weight: 1}
-- name: decode
-  plugins:
-  - pluginRef: decode-filter
-  - pluginRef: max-score-picker
-  - {pluginRef: prefix-cache-scorer, weight: 2}
-  - {pluginRef: queue-scorer, weight: 1}
-"""
+CONFIG = (Path(__file__).resolve().parents[1] / "fixtures" / "pd-config.yaml").read_text()
 ROLES = [{"llm-d.ai/role": "prefill"}, {"llm-d.ai/role": "prefill"}, {"llm-d.ai/role": "decode"},
          {"llm-d.ai/role": "decode"}]
 DOC = "the quarterly report of the northern region, with its tables and notes " * 60  # ~1,100 tokens

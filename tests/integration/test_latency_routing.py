@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -13,21 +14,7 @@ import pytest
 from epp.sim.profiles import profile
 from epp.stack.local import in_process_stack
 
-CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: predicted-latency-producer
-  parameters: {streamingMode: true}
-- type: latency-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: predicted-latency-producer
-  - pluginRef: latency-scorer
-  - pluginRef: max-score-picker
-"""
+CONFIG = (Path(__file__).resolve().parents[1] / "fixtures" / "latency-config.yaml").read_text()
 FAST = profile("fast").with_overrides(prefill_overhead_s=0.004, decode_base_s=0.002)
 SLOW = FAST.with_overrides(prefill_overhead_s=0.06, decode_base_s=0.012)
 

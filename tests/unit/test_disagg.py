@@ -17,34 +17,7 @@ from epp.scheduling.types import ConfigError, Decision, SchedulingError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 ROLE = "llm-d.ai/role"
-PD = """
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: prefix-cache-scorer
-- type: queue-scorer
-- type: prefill-filter
-- type: decode-filter
-- type: max-score-picker
-- type: disagg-profile-handler
-  parameters:
-    deciders: {prefill: prefix-based-pd-decider}
-- type: prefix-based-pd-decider
-  parameters: {nonCachedTokens: 256}
-schedulingProfiles:
-- name: prefill
-  plugins:
-  - pluginRef: prefill-filter
-  - pluginRef: max-score-picker
-  - {pluginRef: prefix-cache-scorer, weight: 2}
-  - {pluginRef: queue-scorer, weight: 1}
-- name: decode
-  plugins:
-  - pluginRef: decode-filter
-  - pluginRef: max-score-picker
-  - {pluginRef: prefix-cache-scorer, weight: 2}
-  - {pluginRef: queue-scorer, weight: 1}
-"""
+PD = (Path(__file__).resolve().parents[1] / "fixtures" / "pd-config.yaml").read_text()
 
 
 def pool(*roles: tuple[str, str]) -> Snapshot:

@@ -4,6 +4,7 @@ latency scorer and filters, as pure functions of a snapshot and a stream of obse
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,21 +25,7 @@ from epp.scheduling.params import Params
 from epp.scheduling.types import Completion, ConfigError, CycleState, Usage
 
 NOW = 100.0
-CONFIG = """
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: predicted-latency-producer
-  parameters: {streamingMode: true}
-- type: latency-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: predicted-latency-producer
-  - pluginRef: latency-scorer
-  - pluginRef: max-score-picker
-"""
+CONFIG = (Path(__file__).resolve().parents[1] / "fixtures" / "latency-config.yaml").read_text()
 
 
 def snap(*addrs: str, inflight: dict[str, int] | None = None, tokens: dict[str, int] | None = None,
@@ -429,7 +416,6 @@ def test_a_pod_running_a_tight_tpot_slo_lowers_the_headroom_of_new_requests_ther
 
 
 def test_the_reference_charts_latency_predictor_config_loads_as_rendered() -> None:
-    from pathlib import Path
 
     from epp.config import load_config
 
@@ -454,7 +440,6 @@ def test_prefer_idle_false_lets_a_busy_cached_pod_beat_an_idle_cold_one() -> Non
 
 
 def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None:
-    from pathlib import Path
 
     from epp.config import load_config
 
