@@ -25,12 +25,14 @@ from epp.flowcontrol.contract import SaturationDetector
 from epp.flowcontrol.controller import FlowSettings
 from epp.flowcontrol.detectors import DETECTORS
 from epp.flowcontrol.policies import FLOW_POLICIES
-from epp.requestcontrol import admission as request_contract
+from epp.requestcontrol import contract as request_contract
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.admitters import ADMITTERS
+from epp.requestcontrol.tokens import Tokenizes, TokenProducer
 from epp.scheduling.contract import (
     AlsoFilters,
     DataSource,
+    ForgetsEndpoints,
     LoadsResources,
     MetricsExtractor,
     UsesLatencyProducer,
@@ -42,6 +44,7 @@ from epp.scheduling.framework import Profile, Scheduler, producer_order
 from epp.scheduling.latency import PredictedLatencyProducer
 from epp.scheduling.params import Params, finite, show
 from epp.scheduling.plugins import BUILTIN, MaxScorePicker
+from epp.scheduling.precise_producer import PrecisePrefixProducer
 from epp.scheduling.prefix_producer import EARLY_2026, REFERENCE_DEFAULTS, ApproxPrefixProducer
 from epp.scheduling.registry import SCHEDULING, PluginRegistry, PluginType, check_contract
 from epp.scheduling.types import MATCHED_TOKENS, ConfigError
@@ -69,7 +72,7 @@ NOT_SUPPORTED_TYPES = {
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
     **dict.fromkeys(("pd-profile-handler", "prefill-header-handler", "disagg-headers-handler"),
                     "deprecated in the reference: use disagg-profile-handler"),
-    **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer"),
+    **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer", "mm-embeddings-cache-scorer"),
                     "multimodal encode disaggregation is not implemented"),
     **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
                     "topology-aware routing is not implemented"),
@@ -148,6 +151,7 @@ class Runtime:
     detector: SaturationDetector  # legacy admission's (and flow control's) saturation detector
     flow: FlowSettings | None  # None: the flowControl gate is off
     admitters: tuple[Admitter, ...] = ()
+    tokens: Tokenizes | None = None  # the token producer (None: requests go without token ids)
 
 
 @dataclass(slots=True)
@@ -170,6 +174,7 @@ class PickerConfig:
     handler_ref: str | None = None  # the profile handler, when one is listed
     prefill_profile: ProfilePlan | None = None  # P/D: the prefill stage (the main profile is decode)
     decider_ref: str | None = None  # P/D: the decider that says when the prefill stage runs
+    token_ref: str | None = None  # the token producer, when one is listed
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -198,6 +203,8 @@ class PickerConfig:
         for ref in (*self.data_refs, self.detector_ref, *(self.flow.refs() if self.flow else ())):
             instance(self.plugins[ref])
         admitters = [instance(self.plugins[ref]) for ref in self.admitter_refs]
+        if self.token_ref is not None:
+            instance(self.plugins[self.token_ref])
 
         def stage(name: str, filter_refs: tuple[str, ...], scorer_refs: tuple[tuple[str, float], ...],
                   picker_ref: str | None) -> Profile:
@@ -214,7 +221,7 @@ class PickerConfig:
             users += [p for p in (*prefill.filters, *(s for s, _ in prefill.scorers)) if all(p is not u for u in users)]
         producers = [instance(self.plugins[ref]) for ref in self.producer_refs]
         producers += self._bind_latency_producers([*admitters, *users], producers, instances, old)
-        self._bind_producers([*producers, *users], instance, instances, old)
+        main.prefix_producers = self._bind_producers([*producers, *users], instance, instances, old)
         main.producers = producers
         handler = instance(self.plugins[self.handler_ref]) if self.handler_ref is not None else None
         prefill_stage = None
@@ -245,14 +252,15 @@ class PickerConfig:
         return made
 
     def _bind_producers(self, users: list[Any], instance: Callable[[PluginSpec], Any], instances: dict[str, Any],
-                        old: Mapping[str, Any]) -> None:
+                        old: Mapping[str, Any]) -> list[Any]:
         """Each plugin that reads a prefix producer gets the one it names, the config's only one,
-        or one with the reference's defaults (kept across reloads like any plugin)."""
+        or one with the reference's defaults (kept across reloads like any plugin); returns the
+        producers bound (each once)."""
         users = [u for u in users if declares(u, UsesPrefixProducer) and not u.own_index]
-        if not users:
-            return
-        listed = [spec for spec in self.plugins.values() if spec.type.role == "prefix producer"]
         bound: list[Any] = []
+        if not users:
+            return bound
+        listed = [spec for spec in self.plugins.values() if spec.type.role == "prefix producer"]
         for user in users:
             if user.producer_name is not None:
                 producer = instance(self.plugins[user.producer_name])
@@ -264,9 +272,9 @@ class PickerConfig:
                     ApproxPrefixProducer.type_name, EARLY_2026 if self.early_dialect else REFERENCE_DEFAULTS)
                 instances[k] = producer
             if not any(producer is b for b in bound):
-                producer.reporter = None
                 bound.append(producer)
             user.bind_producer(producer)
+        return bound
 
     def runtime(self, instances: Mapping[str, Any]) -> Runtime:
         """The request-control side of the config, from ``build``'s instances."""
@@ -274,7 +282,8 @@ class PickerConfig:
             return instances[self.plugins[ref].key()]
 
         return Runtime(get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None,
-                       tuple(get(ref) for ref in self.admitter_refs))
+                       tuple(get(ref) for ref in self.admitter_refs),
+                       get(self.token_ref) if self.token_ref is not None else None)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
@@ -301,7 +310,7 @@ ALL_ROLES = SCHEDULING.plus(flow_contract.ROLES, flow_contract.ROLE_METHODS, flo
 def installed_plugins() -> PluginRegistry:
     """epp's plugin types (scheduling, data layer, flow control, admitters) plus those installed
     packages register (``epp.plugins``)."""
-    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES, *ADMITTERS),
+    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES, *ADMITTERS, TokenProducer),
                                          known=ALL_ROLES)
 
 
@@ -416,10 +425,15 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     handlers = [spec for spec in plugins.values() if spec.type.role == "profile handler"]
     if len(handlers) > 1:
         raise ConfigError(handlers[1].path, f"a config has one profile handler; {handlers[0].name!r} is one")
+    tokens = [spec for spec in plugins.values() if spec.type.role == "token producer"]
+    if len(tokens) > 1:
+        raise ConfigError(tokens[1].path, f"a config has one token producer; {tokens[0].name!r} is one")
+    _check_token_readers(plugins, tokens[0] if tokens else None)
     return PickerConfig(plugins, main.name, main.filter_refs, main.scorer_refs, main.picker_ref, source,
                         hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
                         admitter_refs, api != API_VERSIONS[0], producer_refs,
-                        handlers[0].name if handlers else None, prefill, decider_ref)
+                        handlers[0].name if handlers else None, prefill, decider_ref,
+                        tokens[0].name if tokens else None)
 
 
 def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, str]:
@@ -448,6 +462,10 @@ def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, st
     for i, source in enumerate(_expect(section.get("sources") or [], list, "dataLayer.sources", "a list")):
         path = f"dataLayer.sources[{i}]"
         _no_unknown(_expect(source, dict, path, "a mapping"), {"pluginRef", "extractors"}, path)
+        named = plugins.get(source.get("pluginRef")) if isinstance(source.get("pluginRef"), str) else None
+        if named is not None and named.type.role == "notification source":
+            _endpoint_extractors(source, path, plugins)
+            continue
         if "data source" in data_refs:
             raise ConfigError(path, f"a second data source ({data_refs['data source']!r} is one)")
         data_refs["data source"] = ref(source, path, "data source")
@@ -467,6 +485,19 @@ def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, st
     return data_refs
 
 
+def _endpoint_extractors(source: Mapping[str, Any], path: str, plugins: Mapping[str, PluginSpec]) -> None:
+    """The extractors of an endpoint-notification-source: plugins that follow the pool's endpoints."""
+    for j, extractor in enumerate(_expect(source.get("extractors") or [], list, f"{path}.extractors", "a list")):
+        epath = f"{path}.extractors[{j}]"
+        _no_unknown(_expect(extractor, dict, epath, "a mapping"), {"pluginRef"}, epath)
+        name = extractor.get("pluginRef")
+        _expect(name, str, f"{epath}.pluginRef", "a plugin name")
+        if name not in plugins:
+            raise ConfigError(f"{epath}.pluginRef", f"no plugin named {show(name)} in plugins")
+        if not declares(plugins[name].instance, ForgetsEndpoints):
+            raise ConfigError(f"{epath}.pluginRef", f"{show(name)} does not follow endpoint notifications")
+
+
 def _data_layer_fields(section: Any) -> bool:
     """The section's own fields; returns injectDefaults."""
     _expect(section, dict, "dataLayer", "a mapping")
@@ -477,6 +508,20 @@ def _data_layer_fields(section: Any) -> bool:
     inject = section.get("injectDefaults", True)
     _expect(inject, bool, "dataLayer.injectDefaults", "true or false")
     return bool(inject)
+
+
+def _check_token_readers(plugins: Mapping[str, PluginSpec], tokens: PluginSpec | None) -> None:
+    """A precise prefix producer without real token ids routes on its approximate index: say so
+    at load (the reference's auto-made estimate producer would silently never match)."""
+    readers = [spec.name for spec in plugins.values() if spec.type.cls is PrecisePrefixProducer]
+    if not readers:
+        return
+    if tokens is None:
+        log.warning("%s: no token-producer is listed: matched on the approximate index (list a token-producer "
+                    "with vllm.url or tokenizer for the precise one)", ", ".join(readers))
+    elif not tokens.instance.real:
+        log.warning("%s: the token-producer %r estimates tokens from bytes, which never match the pods' blocks: "
+                    "matched on the approximate index", ", ".join(readers), tokens.name)
 
 
 def _check_producer_refs(plugins: Mapping[str, PluginSpec]) -> None:

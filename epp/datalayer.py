@@ -20,7 +20,7 @@ import ssl
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from epp.scheduling.contract import DataSource, LoadsResources, MetricsExtractor
+from epp.scheduling.contract import DataSource, EndpointNotifier, LoadsResources, MetricsExtractor
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
 from epp.signals.mappings import ENGINE_LABEL, ENGINES, EngineMapping, MetricNames, MetricSpec
@@ -124,5 +124,13 @@ class CoreMetricsExtractor(MetricsExtractor):
         return self.mapping
 
 
+class EndpointNotificationSource(EndpointNotifier):
+    type_name: ClassVar[str] = "endpoint-notification-source"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        params.done()
+
+
 # The data-layer plugin types; the config's registry adds them to the scheduling plugins.
-DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor)
+DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor, EndpointNotificationSource)

@@ -18,6 +18,8 @@ class InferenceRequest:
     body: dict[str, Any] | None = None  # the parsed JSON (read-only: the bytes are what is forwarded)
     objective: str = ""  # the x-gateway-inference-objective header
     priority: int = 0  # the objective's priority; negative = sheddable
+    token_ids: list[int] | None = None  # the prompt's token ids, when a token producer gave them
+    real_tokens: bool = False  # whether those are the model's tokens (not the byte estimate)
 
     @property
     def chat(self) -> bool:

@@ -13,7 +13,7 @@ enough. ``probabilistic-admitter`` (epp.requestcontrol.admitters) is the referen
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from epp.datastore.store import Snapshot
 from epp.flowcontrol.contract import SaturationDetector
@@ -46,6 +46,3 @@ class Admitter(Plugin, Protocol):
 
     def admit(self, request: InferenceRequest, snapshot: Snapshot) -> Refused | None: ...
 
-
-ROLES: tuple[tuple[type[Any], str], ...] = ((Admitter, "admitter"),)
-ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Admitter: ("admit",)}

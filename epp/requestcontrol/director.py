@@ -1,10 +1,11 @@
 """The director: one request's life, for every front end (ext_proc, the Pick API).
 
 ``submit`` takes what the front end has (headers, path, the body or the Pick API's fields) and
-runs: parse -> policies (objective priority, model rewrite) -> admission -> schedule -> commit,
-where with flow control on admission is the waiting room (epp.requestcontrol.waiting), which may
-hold the request and schedule it later. It returns a ``Routed`` (or a ``Waiting`` whose ``ready``
-gets one later) or raises ``Refused`` (counted and logged here, mapped to the wire by the adapter).
+runs: parse -> policies (objective priority, model rewrite) -> token ids (the token producer,
+which may have to fetch them first) -> admission -> schedule -> commit, where with flow control
+on admission is the waiting room (epp.requestcontrol.waiting), which may hold the request and
+schedule it later. It returns a ``Routed`` (or a ``Pending`` whose ``ready`` gets one later) or
+raises ``Refused`` (counted and logged here, mapped to the wire by the adapter).
 ``Routed`` then takes the response side, whatever carries it: first bytes (prefill done), the
 body (usage read, and stripped when epp asked for it), usage reported directly, and the end,
 which releases the in-flight count exactly once.
@@ -39,8 +40,10 @@ from epp.requestcontrol.parsing import (
     parse_body,
     route_path,
 )
+from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
+from epp.requestcontrol.tokens import Tokenizes
 from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.requestcontrol.waiting import Waiting, WaitingRoom
 from epp.scheduling.framework import Scheduler
@@ -208,6 +211,7 @@ class Director:
         self.policies = policies or RequestPolicies()
         self.waiting: WaitingRoom | None = None  # flow control, when on
         self.admitters: tuple[Admitter, ...] = ()  # admitter plugins: after admission, before scheduling
+        self.tokens: Tokenizes | None = None  # the token producer: the prompt's ids, before admission
 
     @property
     def policies(self) -> RequestPolicies:
@@ -239,9 +243,10 @@ class Director:
 
     # -- the request path -------------------------------------------------------------------------
     def submit(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE,
-               ready: Callable[[Routed | Refused], None] | None = None) -> Routed | Waiting:
-        """Parse, apply policies, admit and schedule now; or, with flow control, hold the request
-        (a ``Waiting`` whose ``ready`` gets the outcome later). Raises Refused."""
+               ready: Callable[[Routed | Refused], None] | None = None) -> Routed | Pending:
+        """Parse, apply policies, admit and schedule now; or hold the request (a ``Pending`` whose
+        ``ready`` gets the outcome later: flow control holds it, or its token ids are being
+        fetched). Raises Refused."""
         tracing = self.tracing
         if tracing is None:
             return self._submit(given, access, ready)
@@ -261,19 +266,46 @@ class Director:
     def route(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE) -> Routed:
         """``submit`` for callers that cannot wait: a request flow control would hold is refused."""
         out = self.submit(given, access)
-        if isinstance(out, Waiting):
+        if isinstance(out, Pending):
             out.cancel()
             raise Refused(503, "flow control holds this request and the caller cannot wait", dropped=SATURATED)
         return out
 
     def _submit(self, given: RequestInput, access: ResponseAccess,
-                ready: Callable[[Routed | Refused], None] | None) -> Routed | Waiting:
+                ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
         request = self._parse(given)
         self._apply_policies(request)
         m = self.metrics
         labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
                                   request.priority)
         m.request_started(labels)
+        fetch = self.tokens.prepare(request) if self.tokens is not None else None
+        if fetch is None:
+            return self._admit(request, given, access, labels, ready)
+        pending = Preparing(request)
+        pending.ready = ready
+
+        async def prepared() -> None:
+            try:
+                await fetch()
+            except Exception:  # a bug in a backend must not hang the request: it goes on without ids
+                log.exception("token producer failed on request %s", request.request_id or "-")
+            try:
+                out = self._admit(request, given, access, labels, None)
+            except Refused as e:
+                pending.deliver(e)
+                return
+            if isinstance(out, Pending):
+                pending.then(out)
+            else:
+                pending.deliver(out)
+
+        pending.start(prepared())
+        return pending
+
+    def _admit(self, request: InferenceRequest, given: RequestInput, access: ResponseAccess, labels: RequestLabels,
+               ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
+        """Admission (or flow control) and scheduling, once the request has what it needs."""
         room = self.waiting
         if room is None:
             try:

@@ -25,6 +25,7 @@ from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
 from epp.flowcontrol.queues import QueuedRequest
 from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
 from epp.requestcontrol.headers import SLO_TTFT_MS, header
+from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import EVICTED, NO_ENDPOINTS, SATURATED, SHUTTING_DOWN, TTL_EXPIRED, Refused
 from epp.scheduling.contract import ExportsMetrics, declares
 
@@ -38,24 +39,20 @@ log = logging.getLogger("epp.flowcontrol")
 TICK = 0.02  # seconds between pumps while requests wait (scrapes land in between)
 
 
-class Waiting:
-    """A request held by flow control. The front end sets ``ready`` (called once, with the
-    Routed or the Refused) and calls ``cancel`` if its client goes away first."""
+class Waiting(Pending):
+    """A request held by flow control."""
 
-    __slots__ = ("access", "arrived", "fairness", "given", "item", "key", "labels", "queued_at", "ready", "request",
-                 "result", "room")
+    __slots__ = ("access", "arrived", "fairness", "given", "item", "key", "labels", "queued_at", "room")
 
     def __init__(self, room: WaitingRoom, given: RequestInput, access: ResponseAccess, request: InferenceRequest,
                  labels: RequestLabels, arrived: float) -> None:
+        super().__init__(request)
         self.room = room
         self.given = given
         self.access = access
-        self.request = request
         self.labels = labels
         self.arrived = arrived
         self.key: QueueKey = (labels.fairness, labels.priority, labels.model, labels.target)
-        self.ready: Callable[[Routed | Refused], None] | None = None
-        self.result: Routed | Refused | None = None  # set when it ended before ``ready`` was set
         self.item: QueuedRequest | None = None
         self.queued_at = 0.0
         self.fairness: ObservesFlows | None = None  # the dispatching band's policy, when it observes flows

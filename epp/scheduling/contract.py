@@ -74,6 +74,13 @@ class DataSource(Plugin, Protocol):
     def scrape_interval(self) -> float | None: ...
 
 
+class EndpointNotifier(Plugin, Protocol):
+    """The pool's endpoint add/remove notifications for the plugins listed as its extractors
+    (the reference's ``endpoint-notification-source``; data layer, under plugins only). epp tells
+    every plugin that follows endpoints (``ForgetsEndpoints``, the KV-event subscriptions) whether
+    it is listed or not; listing it is how the reference's configs say so."""
+
+
 class PrefixProducer(Plugin, Protocol):
     """Prepares the prefix match of a request on each candidate (the reference's
     PrefixCacheMatchInfo), for the scorers that name it; listed under plugins only."""
@@ -113,6 +120,7 @@ class MetricsExtractor(Plugin, Protocol):
 ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer"), (Picker, "picker"),
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
                                             (MetricsExtractor, "metrics extractor"),
+                                            (EndpointNotifier, "notification source"),
                                             (PrefixProducer, "prefix producer"), (DataProducer, "data producer"),
                                             (Decider, "decider"))
 
@@ -245,7 +253,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
-                                                  MetricsExtractor: ("engine_mapping",),
+                                                  MetricsExtractor: ("engine_mapping",), EndpointNotifier: (),
                                                   PrefixProducer: ("match", "record"), DataProducer: ("produce",),
                                                   Decider: ("disaggregate",)}
 

@@ -28,6 +28,7 @@ from epp.scheduling.contract import (
     ObservesPrefill,
     ObservesUsage,
     Picker,
+    PrefixProducer,
     Scorer,
     ShapesDestination,
     WritesResponseHeaders,
@@ -55,9 +56,10 @@ class Profile:
     picker: Picker
     filters: list[Filter] = field(default_factory=list)
     producers: list[DataProducer] = field(default_factory=list)
+    prefix_producers: list[PrefixProducer] = field(default_factory=list)  # the ones its plugins read
 
     def plugins(self) -> list[Any]:
-        return [*self.producers, *self.filters, *(s for s, _ in self.scorers), self.picker]
+        return [*self.producers, *self.prefix_producers, *self.filters, *(s for s, _ in self.scorers), self.picker]
 
 
 def producer_order(scorers: list[tuple[Scorer, float]]) -> list[tuple[Scorer, float]]:

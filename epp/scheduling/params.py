@@ -101,6 +101,10 @@ class Params:
             raise ConfigError(f"{self._path}.{key}", f"expected a positive duration like '5s', got {show(v)}")
         return float(v)
 
+    def value(self, key: builtins.str, default: Any = None) -> Any:
+        """A value of any type, checked by the caller."""
+        return self._raw.pop(key, default)
+
     def section(self, key: builtins.str) -> Params | None:
         """A nested mapping, read with the same strictness (None when absent)."""
         v = self._raw.pop(key, None)

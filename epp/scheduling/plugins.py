@@ -33,6 +33,7 @@ from epp.scheduling.params import (
     INT_LIMIT,
     Params,
 )
+from epp.scheduling.precise_producer import PrecisePrefixProducer
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
@@ -216,7 +217,7 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
         self.balance_abs = params.float("balanceAbsThreshold", 4.0)
         self.balance_rel = params.float("balanceRelThreshold", 1.5, minimum=1.0)
         legacy = [k for k in LEGACY_INDEX_PARAMS if k in params.names()]
-        self.producer: ApproxPrefixProducer | None = None
+        self.producer: PrefixProducer | None = None
         self.own_index = bool(legacy)
         if legacy:
             if self.producer_name:
@@ -227,14 +228,12 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
 
     def bind_producer(self, producer: PrefixProducer | None) -> None:
         if not self.own_index:
-            assert isinstance(producer, ApproxPrefixProducer)
-            self.producer = producer
-            if producer.reporter is None:  # the index's size is counted once, however many read it
-                producer.reporter = self
+            self.producer = producer  # it is one of the profile's plugins: its hooks run on their own
 
-    def _producer(self) -> ApproxPrefixProducer:
-        if self.producer is None:  # built outside the loader: the early-2026 defaults
+    def _producer(self) -> PrefixProducer:
+        if self.producer is None:  # built outside the loader: the early-2026 defaults, its own
             self.producer = ApproxPrefixProducer.with_limits(self.name, EARLY_2026)
+            self.own_index = True
         return self.producer
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
@@ -255,11 +254,13 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
         self._producer().record(endpoint, cycle)
 
     def on_endpoint_removed(self, endpoint: str) -> None:
-        self._producer().on_endpoint_removed(endpoint)
+        if self.own_index and isinstance(self.producer, ApproxPrefixProducer):
+            self.producer.on_endpoint_removed(endpoint)
 
     def prefix_index_size(self) -> int:
-        p = self._producer()
-        return p.prefix_index_size() if self.own_index or p.reporter is self else 0
+        if self.own_index and isinstance(self.producer, ApproxPrefixProducer):
+            return self.producer.prefix_index_size()
+        return 0
 
 
 class NoHitLRUScorer(Scorer, ObservesPicks, UsesPrefixProducer):
@@ -397,5 +398,5 @@ BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
     RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, *FILTERS, *LATENCY_PLUGINS,
-    *DISAGG_PLUGINS)
+    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, PrecisePrefixProducer, *FILTERS,
+    *LATENCY_PLUGINS, *DISAGG_PLUGINS)

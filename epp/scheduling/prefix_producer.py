@@ -94,7 +94,6 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
         self.index = self._index(max(limits.block_tokens, limits.min_block_tokens))
         self._match: Slot[PrefixMatch] = Slot(f"{self.name}/match")
         self._recorded: Slot[bool] = Slot(f"{self.name}/recorded")
-        self.reporter: object | None = None  # the scorer that reports the index's size (the loader sets it)
 
     def _index(self, block_tokens: int) -> PrefixIndex:
         lim = self.limits

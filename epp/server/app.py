@@ -98,6 +98,7 @@ class PickerServer:
                                  admission=SheddableAdmission(rt.detector), subset_filter=opts.subset_filter,
                                  tracing=self.tracing)
         self.director.admitters = rt.admitters
+        self.director.tokens = rt.tokens
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
@@ -122,6 +123,7 @@ class PickerServer:
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
+        self._closing: asyncio.Task[None] | None = None  # a replaced token producer's connections
 
     @property
     def kv_events(self) -> KVEventManager:
@@ -132,7 +134,8 @@ class PickerServer:
         return room.gauges(self.opts.pool_name) if room is not None else FlowGauges()
 
     def _plugins(self) -> list[Any]:
-        return self.director.scheduler.plugins()
+        tokens = self.director.tokens
+        return [*self.director.scheduler.plugins(), *([tokens] if tokens is not None else [])]
 
     def _new_stream(self) -> ExtProcStream:
         o = self.opts
@@ -154,6 +157,9 @@ class PickerServer:
         rt = built.runtime()
         self.director.admission = SheddableAdmission(rt.detector)
         self.director.admitters = rt.admitters
+        old_tokens, self.director.tokens = self.director.tokens, rt.tokens
+        if old_tokens is not None and old_tokens is not rt.tokens:  # fetches under way on it go on without ids
+            self._closing = asyncio.get_running_loop().create_task(old_tokens.close())
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.config_reloads.inc()
         self.signals.reconfigure(built.data_layer())
@@ -196,6 +202,8 @@ class PickerServer:
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()
+        if self.director.tokens is not None:
+            await self.director.tokens.close()
         if self.elector is not None:
             await self.elector.stop(release=True)
         await self.sources.stop()

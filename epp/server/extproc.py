@@ -28,8 +28,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
-from epp.requestcontrol.waiting import Waiting
 from epp.server import h2grpc
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -223,7 +223,7 @@ class ExtProcStream:
         # answers to messages that come meanwhile (trailers) wait in ``_held`` behind them.
         self._after_pick: Callable[[], list[bytes]] | None = None
         self._held: list[bytes] | None = None
-        self._waiting: Waiting | None = None
+        self._waiting: Pending | None = None
         self.emit: Callable[[list[bytes]], None] | None = None
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
@@ -325,7 +325,7 @@ class ExtProcStream:
                                         access, self._ready)
         except Refused as e:
             return [immediate(e.status, e.body(), e.dropped)]
-        if isinstance(out, Waiting):
+        if isinstance(out, Pending):
             self._waiting = out
             self._after_pick = answer
             self._held = []

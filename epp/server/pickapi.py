@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import Refused
-from epp.requestcontrol.waiting import Waiting
 from epp.server import h2grpc
 from epp.server.auth import TokenFile
 from epp.v1 import picker_pb2
@@ -111,7 +111,7 @@ class PickAPI:
             out = self.director.submit(self._input(request), ResponseAccess.READ)
         except Refused as e:
             raise PickFailed(e.grpc_code, e.message) from None
-        if isinstance(out, Waiting):
+        if isinstance(out, Pending):
             return HeldPick(self, out, client)
         return self.opened(out, client)
 
@@ -173,7 +173,7 @@ class HeldPick:
 
     __slots__ = ("_answer", "_timer", "api", "client", "waiting")
 
-    def __init__(self, api: PickAPI, waiting: Waiting, client: str) -> None:
+    def __init__(self, api: PickAPI, waiting: Pending, client: str) -> None:
         self.api = api
         self.waiting = waiting
         self.client = client

@@ -98,6 +98,17 @@ def decode_batch(payload: bytes) -> list[dict[str, Any]]:
     return [e for e in events if isinstance(e, dict)]
 
 
+async def subscribe_on_handshake(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket, topic: bytes) -> None:
+    """A bound XSUB: send the subscription to each publisher as it completes its handshake."""
+    try:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                await sock.send(b"\x01" + topic)
+    finally:
+        monitor.close(0)
+
+
 class KVEventSubscriber:
     def __init__(self, source: KVEventSource, index: BlockIndex, ctx: zmq.asyncio.Context,
                  replay_timeout: float = 2.0, on_batch: Callable[[str, int], None] | None = None) -> None:
@@ -122,7 +133,7 @@ class KVEventSubscriber:
             sock = self.ctx.socket(zmq.XSUB)
             monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sock.bind(self.address)
-            self._tasks.append(asyncio.create_task(self._subscribe_on_handshake(sock, monitor, topic)))
+            self._tasks.append(asyncio.create_task(subscribe_on_handshake(sock, monitor, topic)))
         else:
             sock = self.ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.SUBSCRIBE, topic)
@@ -140,16 +151,6 @@ class KVEventSubscriber:
                     self._sock.disable_monitor()
             self._sock.close(0)
             self._sock = None
-
-    async def _subscribe_on_handshake(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket,
-                                      topic: bytes) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    await sock.send(b"\x01" + topic)
-        finally:
-            monitor.close(0)
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -230,10 +231,11 @@ class KVEventsSpec:
     """How a pool's pods publish KV events: endpoint templates with ``{ip}``, ``{port}`` and
     ``{port+N}`` (the pod's HTTP address), as each pod's ``--kv-events-config`` says."""
 
-    endpoint: str
+    endpoint: str  # "" : no per-pod subscribers (only ``shared``)
     replay_endpoint: str | None = None
     topic: str = ""
     per_pod: tuple[tuple[str, str, str | None], ...] = ()  # (pod, endpoint, replay) overriding the templates
+    shared: str | None = None  # one socket epp binds for every pod's publisher (pod named in the topic)
 
     def source_for(self, pod: str) -> KVEventSource:
         for name, endpoint, replay in self.per_pod:
@@ -253,8 +255,86 @@ class KVEventsSpec:
         return KVEventSource(pod, fill(self.endpoint), replay, self.topic)
 
 
+def topic_pod(topic: bytes) -> str:
+    """The pod a topic names: ``kv@<pod>@<model>`` (the reference's convention), else the topic."""
+    text = topic.decode(errors="replace")
+    parts = text.split("@")
+    return parts[1] if len(parts) == 3 else text
+
+
+def resolve_pod(named: str, pods: set[str]) -> str | None:
+    """The pool endpoint a topic's pod id means: the address itself, or the only endpoint on that
+    host (None: unknown or ambiguous)."""
+    if named in pods:
+        return named
+    host = named.strip("[]")
+    on_host = [p for p in pods if p.rpartition(":")[0].strip("[]") == host]
+    return on_host[0] if len(on_host) == 1 else None
+
+
+class SharedKVEventSubscriber:
+    """One bound socket that every pod's publisher connects to (the reference's ``zmqEndpoint``):
+    each message's topic names its pod; sequence numbers are followed per pod (a gap cannot be
+    replayed here, so it clears that pod's blocks)."""
+
+    def __init__(self, address: str, topic: str, index: BlockIndex, ctx: zmq.asyncio.Context) -> None:
+        self.address = address
+        self.topic = topic
+        self.index = index
+        self.ctx = ctx
+        self.pods: set[str] = set()
+        self.streams: dict[str, KVEventSubscriber] = {}
+        self.unknown = 0  # messages whose topic names no endpoint of the pool
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        sock = self.ctx.socket(zmq.XSUB)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.address)
+        self._sock = sock
+        self._tasks = [asyncio.create_task(subscribe_on_handshake(sock, monitor, self.topic.encode())),
+                       asyncio.create_task(self._receive(sock))]
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks.clear()
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._sock.close(0)
+            self._sock = None
+
+    def set_pods(self, pods: set[str]) -> None:
+        for pod in set(self.streams) - pods:
+            del self.streams[pod]
+        self.pods = pods
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:
+                continue
+            pod = resolve_pod(topic_pod(frames[0]), self.pods)
+            if pod is None:
+                self.unknown += 1
+                continue
+            stream = self.streams.get(pod)
+            if stream is None:
+                stream = self.streams[pod] = KVEventSubscriber(KVEventSource(pod, self.address), self.index, self.ctx)
+            await stream.handle(int.from_bytes(frames[1], "big"), frames[2])
+
+    def stats(self) -> SubscriberStats:
+        t = SubscriberStats()
+        for s in self.streams.values():
+            t.add(s.stats)
+        return t
+
+
 class KVEventManager:
-    """One subscriber per pod of the pool, kept in step with the datastore's endpoints."""
+    """One subscriber per pod of the pool, kept in step with the datastore's endpoints (and the
+    shared socket, when the spec has one)."""
 
     def __init__(self, ctx: zmq.asyncio.Context | None = None) -> None:
         self.ctx = ctx or zmq.asyncio.Context()
@@ -262,6 +342,7 @@ class KVEventManager:
         self.spec: KVEventsSpec | None = None
         self.index: BlockIndex | None = None
         self.subscribers: dict[str, KVEventSubscriber] = {}
+        self.shared: SharedKVEventSubscriber | None = None
         self.retired = SubscriberStats()  # totals of subscribers that were stopped
 
     async def sync(self, spec: KVEventsSpec | None, index: BlockIndex | None, pods: set[str]) -> None:
@@ -269,12 +350,26 @@ class KVEventManager:
         if spec != self.spec or index is not self.index:
             for pod in list(self.subscribers):
                 await self._stop(pod)
+            await self._stop_shared()
             self.spec, self.index = spec, index
         if spec is None or index is None:
             return
+        if spec.shared and self.shared is None:
+            shared = SharedKVEventSubscriber(spec.shared, spec.topic, index, self.ctx)
+            try:
+                await shared.start()
+                self.shared = shared
+            except zmq.ZMQError as e:
+                log.warning("cannot bind the shared KV-event socket %s: %s", spec.shared, e)
+        if self.shared is not None:
+            for pod in set(self.shared.pods) - pods:
+                index.clear(pod)
+            self.shared.set_pods(pods)
         for pod in set(self.subscribers) - pods:
             await self._stop(pod)
             index.clear(pod)
+        if not spec.endpoint:
+            return
         for pod in sorted(pods - set(self.subscribers)):
             sub = KVEventSubscriber(spec.source_for(pod), index, self.ctx)
             try:
@@ -289,9 +384,17 @@ class KVEventManager:
         await sub.stop()
         self.retired.add(sub.stats)
 
+    async def _stop_shared(self) -> None:
+        if self.shared is not None:
+            await self.shared.stop()
+            self.retired.add(self.shared.stats())
+            self.shared = None
+
     def totals(self) -> SubscriberStats:
         t = SubscriberStats()
         t.add(self.retired)
+        if self.shared is not None:
+            t.add(self.shared.stats())
         for sub in self.subscribers.values():
             t.add(sub.stats)
         return t

@@ -5,7 +5,7 @@ Admin API (for tests and demos), JSON on ``/admin``:
   POST /admin                 {"pin": {"num_requests_waiting": 50, ...}, "unpin": ["..."],
                                "metrics": "ok"|"fail"|"hang", "extra_latency_ms": 0,
                                "step_latency_ms": 0, "drain": false, "crash_for_s": null,
-                               "reset": false}
+                               "reset": false, "render_api": true}
   GET  /admin/requests        request log: path, body length, sha256, selected headers
   DELETE /admin/requests      clear the log
 """
@@ -71,6 +71,8 @@ class SimServer:
         self.metrics_mode = "ok"
         self.extra_latency_s = 0.0
         self.draining = False
+        self.render_api = True  # vLLM's /v1/*/render (off: 403, as vllm serve without --enable-scale-out)
+        self.render_calls = 0
         self.crashed = False
         self._metrics_release = asyncio.Event()
         self._ids = itertools.count()
@@ -157,6 +159,8 @@ class SimServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/v1/chat/completions/render", self.render_chat)
+        app.router.add_post("/v1/completions/render", self.render_completions)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.router.add_get("/admin", self.admin_get)
@@ -381,6 +385,39 @@ class SimServer:
         body = {"count": len(ids), "max_model_len": self.params.max_model_len, "tokens": ids, "token_strs": None}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
+    async def _render(self, request: web.Request, chat: bool) -> tuple[list[int], str] | web.Response:
+        if not self.render_api:  # as vllm serve without --enable-scale-out answers
+            return error_response(403, "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out "
+                                       "to enable them.", "PermissionDeniedError")
+        data = await self._parse(request)
+        if isinstance(data, web.Response):
+            return data
+        ids = self._prompt_ids(data, chat=chat)
+        if isinstance(ids, web.Response):
+            return ids
+        self.render_calls += 1
+        if self.extra_latency_s:
+            await asyncio.sleep(self.extra_latency_s)
+        return ids, str(data.get("request_id") or uuid.uuid4().hex)
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        """vLLM's render API: the GenerateRequest the server would run for this chat request."""
+        out = await self._render(request, chat=True)
+        if isinstance(out, web.Response):
+            return out
+        ids, rid = out
+        return web.Response(body=orjson.dumps({"request_id": rid, "token_ids": ids, "features": None}),
+                            content_type="application/json")
+
+    async def render_completions(self, request: web.Request) -> web.Response:
+        """vLLM's render API for completions: one GenerateRequest per prompt (one prompt here)."""
+        out = await self._render(request, chat=False)
+        if isinstance(out, web.Response):
+            return out
+        ids, rid = out
+        return web.Response(body=orjson.dumps([{"request_id": rid, "token_ids": ids, "features": None}]),
+                            content_type="application/json")
+
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         ok = self.engine.reset_prefix_cache()
         return web.Response(status=200 if ok else 409)
@@ -408,6 +445,7 @@ class SimServer:
             "prefix_cache_queries": e.stats.prefix_queries,
             "prefix_cache_hits": e.stats.prefix_hits,
             "preemptions": e.stats.preemptions,
+            "render_calls": self.render_calls,
             "steps": e.stats.steps,
             "step_late_ms_mean": round(1000 * e.stats.late_s / e.stats.steps, 3) if e.stats.steps else 0.0,
             "finished": dict(e.stats.finished),
@@ -436,7 +474,7 @@ class SimServer:
     async def apply_admin(self, cmd: dict[str, Any]) -> None:
         """Apply one admin command (see the module docstring)."""
         unknown = set(cmd) - {"pin", "unpin", "metrics", "extra_latency_ms", "step_latency_ms", "drain",
-                              "crash_for_s", "crash", "reset"}
+                              "crash_for_s", "crash", "reset", "render_api"}
         if unknown:
             raise ValueError(f"unknown admin field(s): {', '.join(sorted(unknown))}")
         for name, value in (cmd.get("pin") or {}).items():
@@ -457,6 +495,8 @@ class SimServer:
             self.engine.extra_step_latency_s = float(cmd["step_latency_ms"]) / 1000
         if "drain" in cmd:
             self.draining = bool(cmd["drain"])
+        if "render_api" in cmd:
+            self.render_api = bool(cmd["render_api"])
         if cmd.get("reset"):
             self.engine.reset_prefix_cache()
             self.request_log.clear()

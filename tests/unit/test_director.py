@@ -118,3 +118,68 @@ def test_only_a_front_end_that_forwards_the_body_gets_usage_injected() -> None:
     assert read.reader is not None and not read.reader.strip and read.forward_body is None
     blind = d.route(RequestInput({}, "/v1/completions", body), ResponseAccess.NONE)
     assert blind.reader is None and blind.forward_body is None
+
+
+# -- the token producer's fetch, before admission ---------------------------------------------------
+async def test_a_request_waits_for_its_token_ids_then_is_scheduled_with_them() -> None:
+    import asyncio
+
+    from epp.requestcontrol.pending import Pending
+    from epp.sim.profiles import profile
+    from epp.sim.server import SimServer
+    from epp.stack.local import free_port
+
+    sim = SimServer(free_port(), profile("fast"))
+    await sim.start()
+    try:
+        text = f"""apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{modelName: {sim.params.names()[0]}, vllm: {{url: "http://{sim.address}"}}}}
+- type: precise-prefix-cache-producer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer}}]
+"""
+        cfg = parse_config(text)
+        scheduler, instances = cfg.build()
+        d = director()
+        d.scheduler = scheduler
+        d.tokens = cfg.runtime(instances).tokens
+        model = sim.params.names()[0]
+        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi " * 40}]})
+        got: list[object] = []
+        out = d.submit(RequestInput({}, "/v1/chat/completions", body), ResponseAccess.READ, got.append)
+        assert isinstance(out, Pending) and not got  # rendering: nothing decided yet
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        routed = got[0]
+        assert not isinstance(routed, Refused)
+        assert routed.request.token_ids and routed.request.real_tokens  # type: ignore[attr-defined]
+        routed.finish()  # type: ignore[attr-defined]
+        cancelled: list[object] = []
+        out = d.submit(RequestInput({}, "/v1/chat/completions", body.replace(b"hi", b"yo")), ResponseAccess.READ,
+                       cancelled.append)
+        assert isinstance(out, Pending)
+        out.cancel()  # the client went away while its ids were fetched
+        await asyncio.sleep(0.2)
+        assert not cancelled and not any(d.store.snapshot().inflight.values())
+        api = PickAPI(d)
+        held = api.pick(picker_pb2.PickRequest(path="/v1/chat/completions", body=body.replace(b"hi", b"ok")))
+        answers: list[object] = []
+        held.wait(answers.append, deadline=5.0)
+        for _ in range(200):
+            if answers:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(answers[0], picker_pb2.PickResponse) and answers[0].endpoint
+        again = api.pick(picker_pb2.PickRequest(path="/v1/chat/completions", body=body))  # its ids are cached
+        assert isinstance(again, picker_pb2.PickResponse)
+    finally:
+        if d.tokens is not None:
+            await d.tokens.close()  # type: ignore[attr-defined]
+        await sim.stop()
