@@ -59,7 +59,8 @@ class KVEventsConfig:
         return cls(**raw)
 
     def for_server(self, port: int, index: int) -> KVEventsConfig:
-        """Expand ``{port}``, ``{port+N}``, ``{index}`` placeholders for one server of a fleet."""
+        """Expand ``{port}``, ``{port+N}``, ``{index}`` placeholders (endpoints and topic) for one
+        server of a fleet."""
 
         def sub(text: str | None) -> str | None:
             if text is None:
@@ -72,7 +73,7 @@ class KVEventsConfig:
             return _PLACEHOLDER.sub(repl, text)
 
         return KVEventsConfig(self.enable_kv_cache_events, self.publisher, sub(self.endpoint) or "",
-                              sub(self.replay_endpoint), self.buffer_steps, self.hwm, self.topic)
+                              sub(self.replay_endpoint), self.buffer_steps, self.hwm, sub(self.topic) or "")
 
 
 def binds(endpoint: str) -> bool:
