@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -17,6 +18,20 @@ if TYPE_CHECKING:
     from epp.datastore.store import Datastore
 
 DEFAULT_FAIRNESS = "default-flow"  # the reference's fairness id of a request that names none
+# The reference's buckets (pkg/epp/metrics/llm_d_router_metrics.go), for the series of the same names.
+SIZE_BUCKETS = tuple(float(1 << k) for k in range(6, 31))  # 64 B .. 1 GiB
+RESPONSE_SIZE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144,
+                 524288, 1048576)
+OUTPUT_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+NTPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+TPOT_BUCKETS = (0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
+                0.8, 1, 2)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2)
+REQUEST_PROCESSING_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                              10)
+RESPONSE_PROCESSING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                               2.5, 5)
 SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # the reference's
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
@@ -56,6 +71,9 @@ class PoolCollector(Collector):
         ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints with fresh metrics.", labels=["name"])
         per = GaugeMetricFamily("inference_pool_per_pod_queue_size", "Waiting queue per endpoint.",
                                 labels=["name", "model_server_pod"])
+        per_llmd = GaugeMetricFamily("llm_d_epp_per_endpoint_queue_size", "The total number of requests pending in "
+                                     "the model server queue for each underlying endpoint.",
+                                     labels=["name", "model_server_endpoint"])
         inflight = GaugeMetricFamily("epp_endpoint_inflight_requests", "Requests epp routed that have not ended.",
                                      labels=["name", "endpoint"])
         kvs = [e.signals.kv_usage for e in fresh if e.signals]
@@ -86,8 +104,9 @@ class PoolCollector(Collector):
         for e in snap.endpoints:
             if e.signals is not None:
                 per.add_metric([self.pool, e.address], e.signals.waiting)
+                per_llmd.add_metric([self.pool, e.address], e.signals.waiting)
             inflight.add_metric([self.pool, e.address], snap.inflight.get(e.address, 0))
-        yield from (kv, q, ready, per, inflight)
+        yield from (kv, q, ready, per, per_llmd, inflight)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         cpu = CounterMetricFamily("epp_picker_cpu_seconds", "CPU time (user+system) used by the picker process.")
         cpu.add_metric([], ru.ru_utime + ru.ru_stime)
@@ -231,7 +250,71 @@ class PickerMetrics:
                                        buckets=REQUEST_BUCKETS, registry=r)
         self.llmd_running = Gauge("llm_d_epp_request_running", "Current number of active running requests.", full,
                                   registry=r)
+        # What the responses tell (sizes, tokens, TTFT, time per output token), per request.
+        self.llmd_request_sizes = Histogram("llm_d_epp_request_size_bytes",
+                                            "Incoming request body size distribution in bytes.", full,
+                                            buckets=SIZE_BUCKETS, registry=r)
+        self.llmd_response_sizes = Histogram("llm_d_epp_response_size_bytes",
+                                             "Outgoing response body size distribution in bytes.", full,
+                                             buckets=RESPONSE_SIZE_BUCKETS, registry=r)
+        self.llmd_input_tokens = Histogram("llm_d_epp_request_input_tokens",
+                                           "Input token count distribution per request.", full,
+                                           buckets=TOKEN_BUCKETS, registry=r)
+        self.llmd_output_tokens = Histogram("llm_d_epp_request_output_tokens",
+                                            "Output token count distribution per request.", full,
+                                            buckets=OUTPUT_TOKEN_BUCKETS, registry=r)
+        self.llmd_cached_tokens = Histogram("llm_d_epp_request_cached_tokens",
+                                            "Distribution of prompt tokens read from cache per request, as reported "
+                                            "by the model server in the response.", full, buckets=TOKEN_BUCKETS,
+                                            registry=r)
+        self.llmd_ntpot = Histogram("llm_d_epp_request_ntpot_seconds",
+                                    "Normalized time per output token in seconds (end-to-end latency divided by "
+                                    "output token count).", full, buckets=NTPOT_BUCKETS, registry=r)
+        self.llmd_ttft = Histogram("llm_d_epp_request_ttft_seconds",
+                                   "Time to first token in seconds, measured from request received to first response "
+                                   "byte. For non-streaming requests, this equals total request duration.",
+                                   [*full, "streaming"], buckets=REQUEST_BUCKETS, registry=r)
+        self.llmd_tpot = Histogram("llm_d_epp_request_streaming_tpot_seconds",
+                                   "Average time per output token in seconds for streaming requests, computed as "
+                                   "(e2e - TTFT) / (output_tokens - 1).", full, buckets=TPOT_BUCKETS, registry=r)
+        self.llmd_itl = Histogram("llm_d_epp_request_streaming_itl_seconds",
+                                  "Inter-token latency in seconds for streaming requests, measured as the time "
+                                  "between consecutive response body chunks.", full, buckets=ITL_BUCKETS, registry=r)
         self.loop_collectors.append(LegacyRequestSeries(self))
+        endpoint = ["endpoint_name", "namespace", "port"]
+        self.scheduler_attempts = Counter("inference_extension_scheduler_attempts",
+                                          "Total number of scheduling attempts.",
+                                          ["status", "target_model_name", "pod_name", "namespace", "port"], registry=r)
+        self.llmd_scheduler_attempts = Counter("llm_d_epp_scheduler_attempts", "Total number of scheduling attempts.",
+                                               ["status", "target_model_name", *endpoint], registry=r)
+        self.request_processing = Histogram("llm_d_epp_request_processing_duration_seconds",
+                                            "EPP request processing latency distribution in seconds, from request "
+                                            "receipt until the request body has been handled, including admission "
+                                            "control.", buckets=REQUEST_PROCESSING_BUCKETS, registry=r)
+        self.response_processing = Histogram("llm_d_epp_response_processing_duration_seconds",
+                                             "EPP response processing latency distribution in seconds: the sum of "
+                                             "per-chunk handler time for a streamed response, or the interval from "
+                                             "response headers to completion for a non-streaming response.",
+                                             buckets=RESPONSE_PROCESSING_BUCKETS, registry=r)
+        info = ["commit", "build_ref"]
+        for name in ("inference_extension_info", "llm_d_epp_info"):
+            Gauge(name, "General information of the current build of Inference Extension.", info,
+                  registry=r).labels(*build_info()).set(1)
+        rewrite = ["model_rewrite_name", "model_name", "target_model"]
+        self.rewrite_decisions = Counter("inference_extension_model_rewrite_decisions",
+                                         "Total number of inference model rewrite decisions.", rewrite, registry=r)
+        self.llmd_rewrite_decisions = Counter("llm_d_epp_model_rewrite_decisions",
+                                              "Total number of inference model rewrite decisions.", rewrite,
+                                              registry=r)
+        self.poll_errors = Counter("llm_d_epp_datalayer_poll_errors", "Data-source poll errors per source type.",
+                                   ["source_type"], registry=r)
+        self.legacy_poll_errors = Counter("llm_d_inference_scheduler_datalayer_poll_errors",
+                                          "Data-source poll errors per source type.", ["source_type"], registry=r)
+        self.extract_errors = Counter("llm_d_epp_datalayer_extract_errors", "Extract errors per source/extractor type.",
+                                      ["source_type", "extractor_type"], registry=r)
+        self.legacy_extract_errors = Counter("llm_d_inference_scheduler_datalayer_extract_errors",
+                                             "Extract errors per source/extractor type.",
+                                             ["source_type", "extractor_type"], registry=r)
         self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
                                        "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
         self.llmd_scheduler_e2e = Histogram("llm_d_epp_scheduler_e2e_duration_seconds",
@@ -262,6 +345,51 @@ class PickerMetrics:
         """Everything to render: the registry plus the loop collectors' families, read now."""
         families = [m for c in self.loop_collectors for m in c.collect()]
         return _Joined(self.registry, Frozen(families))
+
+    def scrape_failed(self, endpoint: str, kind: str) -> None:
+        """A pod's /metrics could not be read (poll) or parsed (extract)."""
+        self.child(self.scrape_errors, endpoint, kind).inc()
+        if kind in EXTRACT_ERRORS:
+            for c in (self.extract_errors, self.legacy_extract_errors):
+                self.child(c, "metrics-data-source", "core-metrics-extractor").inc()
+        else:
+            for c in (self.poll_errors, self.legacy_poll_errors):
+                self.child(c, "metrics-data-source").inc()
+
+    def scheduling_attempt(self, ok: bool, target_model: str, endpoint: str, namespace: str = "") -> None:
+        """One scheduling cycle: ``endpoint`` (host:port) chosen, or none (a failure)."""
+        host, _, port = endpoint.rpartition(":") if endpoint else ("", "", "")
+        status, target = ("success" if ok else "failure"), self.models(target_model)
+        self.child(self.scheduler_attempts, status, target, host, namespace, port).inc()
+        self.child(self.llmd_scheduler_attempts, status, target, host, namespace, port).inc()
+
+    def rewrite_decided(self, rule: str, model: str, target: str) -> None:
+        models = self.models
+        self.child(self.rewrites, models(model), models(target)).inc()
+        for c in (self.rewrite_decisions, self.llmd_rewrite_decisions):
+            self.child(c, rule, models(model), models(target)).inc()
+
+    def response_observed(self, lab: RequestLabels, r: ResponseFacts) -> None:
+        """One response's facts at its end (the series it has data for)."""
+        c = self.child
+        if r.request_bytes is not None:
+            c(self.llmd_request_sizes, *lab).observe(r.request_bytes)
+        if r.response_bytes is not None:
+            c(self.llmd_response_sizes, *lab).observe(r.response_bytes)
+        if r.ttft is not None:
+            c(self.llmd_ttft, *lab, "true" if r.streamed else "false").observe(r.ttft)
+        if r.prompt_tokens:
+            c(self.llmd_input_tokens, *lab).observe(r.prompt_tokens)
+        if r.cached_tokens is not None:
+            c(self.llmd_cached_tokens, *lab).observe(r.cached_tokens)
+        out = r.completion_tokens
+        if out:
+            c(self.llmd_output_tokens, *lab).observe(out)
+            c(self.llmd_ntpot, *lab).observe(r.e2e / out)
+            if r.streamed and r.ttft is not None and out > 1:
+                c(self.llmd_tpot, *lab).observe(max(0.0, r.e2e - r.ttft) / (out - 1))
+        if r.processing is not None:
+            self.response_processing.observe(r.processing)
 
     def plugin_timer(self, extension_point: str, plugin_type: str, name: str, seconds: float) -> None:
         self.child(self.plugin_duration, extension_point, plugin_type, name).observe(seconds)
@@ -319,7 +447,48 @@ _LEGACY: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      ("model_name", "target_model_name"), "histogram", "Time from the pick to the end of the response."),
     ("inference_objective_running_requests", "llm_d_epp_request_running", ("model_name",), "gauge",
      "Requests routed and not ended, by model."),
+    ("inference_objective_request_sizes", "llm_d_epp_request_size_bytes", ("model_name", "target_model_name"),
+     "histogram", "Incoming request body size distribution in bytes."),
+    ("inference_objective_response_sizes", "llm_d_epp_response_size_bytes", ("model_name", "target_model_name"),
+     "histogram", "Outgoing response body size distribution in bytes."),
+    ("inference_objective_input_tokens", "llm_d_epp_request_input_tokens", ("model_name", "target_model_name"),
+     "histogram", "Input token count distribution per request."),
+    ("inference_objective_output_tokens", "llm_d_epp_request_output_tokens", ("model_name", "target_model_name"),
+     "histogram", "Output token count distribution per request."),
+    ("inference_objective_prompt_cached_tokens", "llm_d_epp_request_cached_tokens",
+     ("model_name", "target_model_name"), "histogram", "Prompt tokens read from cache per request."),
+    ("inference_objective_normalized_time_per_output_token_seconds", "llm_d_epp_request_ntpot_seconds",
+     ("model_name", "target_model_name"), "histogram", "End-to-end latency divided by output tokens."),
 )
+EXTRACT_ERRORS = frozenset({"ParseError", "ValueRejected", "TooLarge"})  # the exposition came, unreadable
+
+
+@dataclass(slots=True)
+class ResponseFacts:
+    """What a request's response told, for the response series (None: not seen)."""
+
+    e2e: float  # seconds from the request's arrival to the response's end
+    streamed: bool
+    request_bytes: int | None = None
+    response_bytes: int | None = None
+    ttft: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    processing: float | None = None
+
+
+def build_info() -> tuple[str, str]:
+    """(commit, build_ref) for the info series: the package's version; the commit when the
+    build recorded one (EPP_BUILD_COMMIT), else "unknown"."""
+    import os
+    from importlib import metadata
+
+    try:
+        version = metadata.version("epp")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return os.environ.get("EPP_BUILD_COMMIT", "unknown"), version
 
 
 class LegacyRequestSeries(Collector):
@@ -331,7 +500,9 @@ class LegacyRequestSeries(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        sources = {f.name: f for metric in (m.llmd_requests, m.llmd_errors, m.llmd_duration, m.llmd_running)
+        sources = {f.name: f for metric in (m.llmd_requests, m.llmd_errors, m.llmd_duration, m.llmd_running,
+                                            m.llmd_request_sizes, m.llmd_response_sizes, m.llmd_input_tokens,
+                                            m.llmd_output_tokens, m.llmd_cached_tokens, m.llmd_ntpot)
                    for f in metric.collect()}
         for legacy, source, keep, kind, help_text in _LEGACY:
             family = sources.get(source)

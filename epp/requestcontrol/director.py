@@ -27,7 +27,7 @@ from epp.flowcontrol.contract import ObservesFlows
 from epp.flowcontrol.controller import FlowSettings
 from epp.flowcontrol.detectors import UtilizationDetector
 from epp.observability.flowmetrics import FlowMetrics
-from epp.observability.metrics import PickerMetrics, RequestLabels
+from epp.observability.metrics import PickerMetrics, RequestLabels, ResponseFacts
 from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
@@ -78,9 +78,9 @@ class RequestInput:
 class Routed:
     """A committed decision and its response side; ``finish`` ends it exactly once."""
 
-    __slots__ = ("_director", "_labels", "_started", "decision", "done", "endpoint", "flow", "forward_body",
-                 "prefill_tokens", "prefilled", "queued", "reader", "request", "scheduler", "streamed", "tokens",
-                 "wants_chunks")
+    __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
+                 "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
+                 "queued", "reader", "request", "scheduler", "streamed", "tokens", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -103,6 +103,12 @@ class Routed:
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
+        # The response series (sizes, TTFT, inter-chunk latency, epp's time on the response).
+        self._first_at: float | None = None
+        self._last_chunk_at = 0.0
+        self._response_bytes: int | None = None
+        self._processing = 0.0
+        self._itl: Any = None
 
     @property
     def header_value(self) -> str:
@@ -146,6 +152,7 @@ class Routed:
         """The response's first body bytes arrived: the pod has finished this prompt's prefill."""
         if not self.prefilled:
             self.prefilled = True
+            self._first_at = time.perf_counter()
             self.wants_chunks = self.reader is not None
             self.scheduler.prefill_done(self.decision)
             self._director.prefilled(self.decision.primary, self.tokens)
@@ -162,14 +169,23 @@ class Routed:
     def response_body(self, data: bytes, eos: bool) -> bytes:
         """One chunk of the response body; returns the bytes to forward (usage epp asked for is
         cut out). The last chunk (``eos``) reports the usage and finishes the request."""
-        if data and not self.prefilled:
-            self.first_bytes()
-            self.streamed = not eos
+        t0 = time.perf_counter()
+        self._response_bytes = (self._response_bytes or 0) + len(data)
+        if data:
+            if not self.prefilled:
+                self.first_bytes()
+                self.streamed = not eos
+            elif self.streamed and self._last_chunk_at and self._streaming():
+                if self._itl is None:
+                    self._itl = self._director.metrics.child(self._director.metrics.llmd_itl, *self._labels)
+                self._itl.observe(t0 - self._last_chunk_at)
+            self._last_chunk_at = t0
         reader = self.reader
         if reader is not None:
             data = reader.feed(data, eos)
             if eos and reader.cached_tokens is not None:
                 self.usage(reader.cached_tokens)
+        self._processing += time.perf_counter() - t0
         if eos:
             self.finish()
         return data
@@ -187,10 +203,30 @@ class Routed:
                 reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens)
             self.scheduler.completed(self.decision, Completion(usage, self.streamed))
             self._director.finished(self.endpoint, self._labels, self._started)
+            self._report(reader)
             if self.flow is not None:
                 flow_id, policy = self.flow
                 policy.on_completed(flow_id, reader.prompt_tokens if reader else 0,
                                     reader.completion_tokens if reader else 0)
+
+
+    def _streaming(self) -> bool:
+        body = self.request.body
+        return body.get("stream") is True if body is not None else self.streamed
+
+    def _report(self, reader: UsageReader | None) -> None:
+        """The response series, at the end."""
+        now = time.perf_counter()
+        arrived = self.request.arrived or self._started
+        first = self._first_at
+        facts = ResponseFacts(now - arrived, self._streaming(), self.request.body_bytes, self._response_bytes,
+                              (first - arrived) if first is not None else None,
+                              processing=self._processing if self._response_bytes is not None else None)
+        if reader is not None:
+            facts.prompt_tokens = reader.prompt_tokens or 0
+            facts.completion_tokens = reader.completion_tokens or 0
+            facts.cached_tokens = reader.cached_tokens
+        self._director.metrics.response_observed(self._labels, facts)
 
 
 class Director:
@@ -273,7 +309,10 @@ class Director:
 
     def _submit(self, given: RequestInput, access: ResponseAccess,
                 ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
+        arrived = time.perf_counter()
         request = self._parse(given)
+        request.arrived = arrived
+        request.body_bytes = len(given.body) if given.body is not None else _content_length(given.headers)
         self._apply_policies(request)
         m = self.metrics
         labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
@@ -374,8 +413,10 @@ class Director:
         try:
             decision = scheduler.schedule(request, snapshot)
         except SchedulingError as e:
+            m.scheduling_attempt(False, request.target_model or request.model, "")
             dropped = NO_ENDPOINTS if e.status == 503 else None
             raise self._refused(request, labels, Refused(e.status, e.message, dropped=dropped)) from None
+        m.scheduling_attempt(True, request.target_model or request.model, decision.primary)
         scheduler.committed(decision)
         # The prompt tokens the pod has to compute: the prompt less what a prefix scorer found
         # cached there (as the reference's in-flight load counts them).
@@ -391,14 +432,16 @@ class Director:
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)
+        m.request_processing.observe(t1 - (request.arrived or t0))
         m.child(m.picks, decision.primary).inc()
         m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
         routed.tokens = tokens
         routed.prefill_tokens = prefill_tokens
         inject = False
-        if access is not ResponseAccess.NONE and (scheduler.wants_usage or read_usage):
-            inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
+        if access is not ResponseAccess.NONE:  # the response series read its usage; plugins may want more
+            if scheduler.wants_usage or read_usage:
+                inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
             routed.reader = UsageReader(strip=inject)
         if given.body is not None:
             routed.forward_body = mutated_body(request, inject)
@@ -430,11 +473,10 @@ class Director:
         if wanted and request.model:
             request.target_model = wanted
         if request.model and (policies.exact or policies.generic):
-            target = policies.rewrite(request.model, self.rng)
-            if target is not None:
-                request.target_model = target
-                models = self.metrics.models
-                self.metrics.child(self.metrics.rewrites, models(request.model), models(target)).inc()
+            found = policies.rewrite_by(request.model, self.rng)
+            if found is not None:
+                rule, request.target_model = found
+                self.metrics.rewrite_decided(rule, request.model, request.target_model)
 
     def _refused(self, request: InferenceRequest, labels: RequestLabels, refusal: Refused) -> Refused:
         self.metrics.request_refused(labels, refusal.status)
@@ -469,6 +511,11 @@ class Director:
 
     def endpoint_removed(self, address: str) -> None:
         self.scheduler.endpoint_removed(address)
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _host(address: str) -> str:

@@ -38,8 +38,9 @@ class RewriteRule:
     exact: frozenset[str] | None  # None: a generic rule (every model)
     targets: tuple[tuple[str, int], ...]
     created: str
-    name: str
+    name: str  # kind namespace/name, for messages and ordering
     index: int
+    object_name: str = ""  # metadata.name (the rewrite-decision metrics' label)
 
     def draw(self, rng: random.Random) -> str:
         total = sum(w for _, w in self.targets)
@@ -118,7 +119,7 @@ def parse_rewrite(obj: Mapping[str, Any]) -> list[RewriteRule]:
         if not targets:
             raise PolicyError(f"{path}.targets: expected at least one target")
         out.append(RewriteRule(frozenset(exact) if exact else None, tuple(targets),
-                               str(meta.get("creationTimestamp") or ""), where, i))
+                               str(meta.get("creationTimestamp") or ""), where, i, str(meta.get("name") or "")))
     return out
 
 
@@ -173,11 +174,16 @@ class RequestPolicies:
 
     def rewrite(self, model: str, rng: random.Random) -> str | None:
         """The model to send instead of ``model``, or None to leave it alone."""
+        found = self.rewrite_by(model, rng)
+        return found[1] if found is not None else None
+
+    def rewrite_by(self, model: str, rng: random.Random) -> tuple[str, str] | None:
+        """(the InferenceModelRewrite's name, the model to send) for ``model``, or None."""
         rules = self.exact.get(model) or self.generic
         if not rules:
             return None
         target = rules[0].draw(rng)
-        return None if target == model else target
+        return None if target == model else (rules[0].object_name, target)
 
 
 def parse_policy_file(text: str, source: str) -> RequestPolicies:

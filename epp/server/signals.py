@@ -32,7 +32,7 @@ class SignalCollection:
         engines, target, every = self._scraping(data_layer)
         self.scraper = Scraper(
             store, engines, every, timeout, target,
-            on_error=lambda a, r: metrics.scrape_errors.labels(a, r).inc(),
+            on_error=metrics.scrape_failed,
             on_scrape=metrics.scrape_parse.observe, max_bytes=max_bytes, max_series=max_series)
         self.kv_events = KVEventManager()
         self._kick = asyncio.Event()

@@ -19,12 +19,16 @@ from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.signals.httpget import MAX_BODY, KeepAliveGetter
 from epp.signals.mappings import EngineMapping, MetricNames
-from epp.signals.promtext import MAX_SERIES, ParseError, parse_signals
+from epp.signals.promtext import MAX_SERIES, parse_signals
 from epp.tasks import cancel_and_wait
 
 log = logging.getLogger("epp.scraper")
 
-ErrorHook = Callable[[str, str], None]
+ErrorHook = Callable[[str, str], None]  # (endpoint, the error's kind)
+
+
+class BadStatus(Exception):
+    """The pod answered /metrics with a status other than 200 (a poll error, not a parse error)."""
 INLINE_PARSE_BYTES = 256 * 1024
 
 
@@ -99,7 +103,7 @@ class Scraper:
         try:
             status, body = await getter.get(self.timeout)
             if status != 200:
-                raise ParseError(f"HTTP {status}")
+                raise BadStatus(f"HTTP {status}")
             t0 = time.perf_counter()
             state = self.store.get(address)
             names = self.engines.for_labels(state.labels if state is not None else {})

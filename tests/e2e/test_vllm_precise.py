@@ -5,7 +5,8 @@ over ipc, prompt-token details), epp in this process with the precise scorer on 
 tokenizer directory, a real Envoy in front. Proves: the scrape reads real values; epp tokenizes
 like vLLM; the index holds exactly the block keys vLLM publishes; shared-prefix requests land
 where their blocks are and vLLM reports the cached tokens epp predicted; streams keep the shape
-the client asked for; a reset_prefix_cache is seen.
+the client asked for; a reset_prefix_cache is seen; the token-producer gets vLLM's own ids from
+its render API (first server, --enable-scale-out) or its /tokenize (second server).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import pytest
 
 from epp.blockhash import block_hashes
 from epp.config import parse_config, precise_config
+from epp.request import InferenceRequest
+from epp.requestcontrol.tokens import TokenProducer
+from epp.scheduling.params import Params
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.server.app import PickerServer, ServeOptions
 from epp.stack.local import free_ports, start_envoy, wait_until
@@ -69,7 +73,8 @@ def real_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
             d.mkdir()
             log = d / "vllm.log"
             out = open(log, "wb")  # noqa: SIM115 - the child writes to it
-            procs.append(subprocess.Popen(vllm_fixture.server_command(VLLM_PYTHON, model, port, kv),
+            extra = ("--enable-scale-out",) if core == 0 else ()  # the render API on the first server only
+            procs.append(subprocess.Popen(vllm_fixture.server_command(VLLM_PYTHON, model, port, kv, extra),
                                           env=vllm_fixture.server_env(d, core), stdout=out, stderr=subprocess.STDOUT))
             addresses.append(f"127.0.0.1:{port}")
             logs.append(log)
@@ -97,6 +102,28 @@ def test_epp_tokenizes_like_vllm(real_fleet: RealFleet) -> None:
     prompt = SHARED + " and a completion prompt"
     theirs = _post(base + "/tokenize", {"model": "tiny", "prompt": prompt})
     assert tok.token_ids({"prompt": prompt}, chat=False) == theirs["tokens"]
+
+
+async def test_the_token_producer_takes_the_servers_render_or_else_its_tokenize(real_fleet: RealFleet) -> None:
+    """The reference's vllm backend against real servers: /v1/*/render where it is enabled, /tokenize
+    where vllm serve answers 403; either way the ids are the ones vLLM computes (and hashes)."""
+    tok = HFPromptTokenizer(str(real_fleet.model))
+    messages = [{"role": "system", "content": SHARED}, {"role": "user", "content": "Where is Dracula?"}]
+    bodies = [("/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 4}),
+              ("/v1/completions", {"model": "tiny", "prompt": SHARED + " and a completion", "max_tokens": 4})]
+    for addr, render_api in zip(real_fleet.addresses, (True, False), strict=True):
+        p = TokenProducer("token-producer", Params({"modelName": "tiny", "vllm": {"url": f"http://{addr}"}}, "t"))
+        try:
+            for path, body in bodies:
+                r = InferenceRequest("x", path, model="tiny", body=body)
+                fetch = p.prepare(r)
+                assert fetch is not None
+                await fetch()
+                assert r.token_ids == tok.token_ids(body, chat=r.chat) and r.real_tokens, (addr, path)
+            assert p.client is not None and p.client.tokenize_only is not render_api
+            assert p.counts == {"rendered": 2}
+        finally:
+            await p.close()
 
 
 def config(fleet: RealFleet) -> str:

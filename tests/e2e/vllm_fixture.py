@@ -65,13 +65,15 @@ def server_env(work: Path, core: int = 0) -> dict[str, str]:
                 VLLM_CPU_OMP_THREADS_BIND=str(core))
 
 
-def server_command(python: str, model: Path, port: int, kv_cfg: dict[str, object]) -> list[str]:
-    """A real vLLM OpenAI server with prefix caching, 48 blocks of 32 tokens, KV events and cached_tokens."""
+def server_command(python: str, model: Path, port: int, kv_cfg: dict[str, object],
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """A real vLLM OpenAI server with prefix caching, 48 blocks of 32 tokens, KV events and cached_tokens
+    (``extra``: more flags, e.g. --enable-scale-out for the render API)."""
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", "1024", "--enable-prefix-caching", "--block-size", "32",
             "--num-gpu-blocks-override", "48", "--enable-prompt-tokens-details", "--enforce-eager",
-            "--kv-events-config", json.dumps(kv_cfg)]
+            "--kv-events-config", json.dumps(kv_cfg), *extra]
 
 
 def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
