@@ -28,6 +28,7 @@ from epp.flowcontrol.policies import FLOW_POLICIES
 from epp.requestcontrol import contract as request_contract
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.admitters import ADMITTERS
+from epp.requestcontrol.parsers import DEFAULT_PARSERS, PARSERS, ParserTable
 from epp.requestcontrol.tokens import Tokenizes, TokenProducer
 from epp.scheduling.contract import (
     AlsoFilters,
@@ -61,9 +62,7 @@ FEATURE_GATES: dict[str, tuple[bool, tuple[bool, str] | None]] = {
     "haPopulateNonLeaderDatastore": (False, (False, "epp's standby replicas always discover and scrape the pool")),
 }
 # Sections of the reference's schema epp does not read yet: refused, never ignored.
-NOT_YET = {"data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)",
-           "requestHandler": "epp parses OpenAI chat and completions requests itself",
-           "parser": "epp parses OpenAI chat and completions requests itself"}
+NOT_YET = {"data": "the data layer is configured by flags in epp (--engine, --endpoints..., discovery)"}
 KIND = "EndpointPickerConfig"
 # The reference's plugin types epp knows and does not implement: refused by name, with the reason.
 NOT_SUPPORTED_TYPES = {
@@ -76,6 +75,8 @@ NOT_SUPPORTED_TYPES = {
                     "multimodal encode disaggregation is not implemented"),
     **dict.fromkeys(("topology-extractor", "topology-filter", "topology-scorer"),
                     "topology-aware routing is not implemented"),
+    **dict.fromkeys(("vllmhttp-parser", "vllmgrpc-parser", "sglanghttp-parser", "vertexai-parser"),
+                    "epp implements the openai, anthropic and passthrough parsers"),
 }
 # The dataLayer fields epp does not implement, with the reason.
 DATA_LAYER_NOT_SUPPORTED = {
@@ -152,6 +153,7 @@ class Runtime:
     flow: FlowSettings | None  # None: the flowControl gate is off
     admitters: tuple[Admitter, ...] = ()
     tokens: Tokenizes | None = None  # the token producer (None: requests go without token ids)
+    parsers: ParserTable | None = None  # requestHandler.parsers (None: the defaults)
 
 
 @dataclass(slots=True)
@@ -175,6 +177,7 @@ class PickerConfig:
     prefill_profile: ProfilePlan | None = None  # P/D: the prefill stage (the main profile is decode)
     decider_ref: str | None = None  # P/D: the decider that says when the prefill stage runs
     token_ref: str | None = None  # the token producer, when one is listed
+    parser_refs: tuple[str, ...] = ()  # requestHandler.parsers, in order (made by type name when not listed)
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -205,6 +208,8 @@ class PickerConfig:
         admitters = [instance(self.plugins[ref]) for ref in self.admitter_refs]
         if self.token_ref is not None:
             instance(self.plugins[self.token_ref])
+        for ref in self.parser_refs:
+            instance(self.plugins[ref])
 
         def stage(name: str, filter_refs: tuple[str, ...], scorer_refs: tuple[tuple[str, float], ...],
                   picker_ref: str | None) -> Profile:
@@ -283,7 +288,8 @@ class PickerConfig:
 
         return Runtime(get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None,
                        tuple(get(ref) for ref in self.admitter_refs),
-                       get(self.token_ref) if self.token_ref is not None else None)
+                       get(self.token_ref) if self.token_ref is not None else None,
+                       ParserTable([get(ref) for ref in self.parser_refs]) if self.parser_refs else None)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
@@ -310,7 +316,8 @@ ALL_ROLES = SCHEDULING.plus(flow_contract.ROLES, flow_contract.ROLE_METHODS, flo
 def installed_plugins() -> PluginRegistry:
     """epp's plugin types (scheduling, data layer, flow control, admitters) plus those installed
     packages register (``epp.plugins``)."""
-    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES, *ADMITTERS, TokenProducer),
+    return PluginRegistry.with_installed((*BUILTIN, *DATA_LAYER, *DETECTORS, *FLOW_POLICIES, *ADMITTERS, TokenProducer,
+                                          *PARSERS),
                                          known=ALL_ROLES)
 
 
@@ -376,7 +383,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
         raw = {}
     _expect(raw, dict, "(root)", "a mapping")
     _no_unknown(raw, {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
-                      "flowControl", "dataLayer", *NOT_YET}, "")
+                      "flowControl", "dataLayer", "requestHandler", "parser", *NOT_YET}, "")
     for section, why in NOT_YET.items():
         if section in raw:
             raise ConfigError(section, f"not supported by epp ({why})")
@@ -425,6 +432,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     handlers = [spec for spec in plugins.values() if spec.type.role == "profile handler"]
     if len(handlers) > 1:
         raise ConfigError(handlers[1].path, f"a config has one profile handler; {handlers[0].name!r} is one")
+    parser_refs = _request_handler(raw, plugins, registry)
     tokens = [spec for spec in plugins.values() if spec.type.role == "token producer"]
     if len(tokens) > 1:
         raise ConfigError(tokens[1].path, f"a config has one token producer; {tokens[0].name!r} is one")
@@ -433,7 +441,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                         hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
                         admitter_refs, api != API_VERSIONS[0], producer_refs,
                         handlers[0].name if handlers else None, prefill, decider_ref,
-                        tokens[0].name if tokens else None)
+                        tokens[0].name if tokens else None, parser_refs)
 
 
 def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, str]:
@@ -483,6 +491,41 @@ def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, st
         if spec.name not in data_refs.values():
             raise ConfigError(spec.path, f"{spec.type.role} {spec.name!r} is not named in dataLayer.sources")
     return data_refs
+
+
+def _request_handler(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], registry: PluginRegistry
+                     ) -> tuple[str, ...]:
+    """``requestHandler.parsers`` (or the deprecated top-level ``parser``; the new field wins), else
+    the reference's defaults: each ref is a listed parser, or a parser type made with its defaults."""
+    handler = raw.get("requestHandler")
+    refs: list[tuple[Any, str]] = []
+    if handler is not None:
+        _expect(handler, dict, "requestHandler", "a mapping")
+        _no_unknown(handler, {"parsers"}, "requestHandler")
+        for i, p in enumerate(_expect(handler.get("parsers") or [], list, "requestHandler.parsers", "a list")):
+            path = f"requestHandler.parsers[{i}]"
+            _no_unknown(_expect(p, dict, path, "a mapping"), {"pluginRef"}, path)
+            refs.append((p.get("pluginRef"), f"{path}.pluginRef"))
+    if not refs and raw.get("parser") is not None:
+        old = _expect(raw["parser"], dict, "parser", "a mapping")
+        _no_unknown(old, {"pluginRef"}, "parser")
+        refs.append((old.get("pluginRef"), "parser.pluginRef"))
+    if not refs:  # the defaults (those a custom registry has)
+        refs = [(name, "requestHandler.parsers") for name in DEFAULT_PARSERS if name in registry.names()]
+    out = []
+    for name, path in refs:
+        _expect(name, str, path, "a plugin name")
+        if name not in plugins:
+            if name in NOT_SUPPORTED_TYPES:
+                raise ConfigError(path, f"{name!r} is not supported by epp ({NOT_SUPPORTED_TYPES[name]})")
+            if name not in registry.names() or registry.get(name, path).role != "parser":
+                raise ConfigError(path, f"no plugin named {show(name)} in plugins (nor a parser type)")
+            ptype = registry.get(name, path)
+            plugins[name] = PluginSpec(name, ptype, {}, path, ptype.cls(name, Params({}, path)))
+        elif plugins[name].type.role != "parser":
+            raise ConfigError(path, f"{show(name)} is a {plugins[name].type.role}, not a parser")
+        out.append(name)
+    return tuple(out)
 
 
 def _endpoint_extractors(source: Mapping[str, Any], path: str, plugins: Mapping[str, PluginSpec]) -> None:

@@ -20,6 +20,7 @@ class InferenceRequest:
     priority: int = 0  # the objective's priority; negative = sheddable
     token_ids: list[int] | None = None  # the prompt's token ids, when a token producer gave them
     real_tokens: bool = False  # whether those are the model's tokens (not the byte estimate)
+    api: str = ""  # what the parser read: chat, completions, messages, embeddings, responses, ... ("": not read)
     arrived: float = 0.0  # perf_counter() when epp received it
     body_bytes: int | None = None  # the request body's size, when known
 

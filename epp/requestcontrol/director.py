@@ -32,14 +32,8 @@ from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
-from epp.requestcontrol.parsing import (
-    GENERATION_PATHS,
-    from_fields,
-    headers_only,
-    mutated_body,
-    parse_body,
-    route_path,
-)
+from epp.requestcontrol.parsers import default_parsers, headers_only
+from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
 from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
@@ -248,6 +242,7 @@ class Director:
         self.waiting: WaitingRoom | None = None  # flow control, when on
         self.admitters: tuple[Admitter, ...] = ()  # admitter plugins: after admission, before scheduling
         self.tokens: Tokenizes | None = None  # the token producer: the prompt's ids, before admission
+        self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
 
     @property
     def policies(self) -> RequestPolicies:
@@ -452,8 +447,11 @@ class Director:
         request_id = headers.get("x-request-id") or ""
         path = route_path(given.path)
         try:
-            if given.body is not None and path.startswith(GENERATION_PATHS):
-                return parse_body(request_id, path, headers, given.body)  # an empty body is refused here
+            if given.body is not None:
+                parser = self.parsers.resolve(path)
+                if parser is None:
+                    raise Refused(400, f"no parser of requestHandler.parsers claims the path {path!r}")
+                return parser.parse(request_id, path, headers, given.body)  # an empty body is refused here
             if given.prompt is not None or given.messages is not None:
                 return from_fields(request_id, path, headers, given.model, given.prompt, given.messages)
             return headers_only(request_id, path, headers)

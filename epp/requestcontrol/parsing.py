@@ -14,9 +14,10 @@ from typing import Any
 import orjson
 
 from epp.request import InferenceRequest
+from epp.requestcontrol.parsers import OpenAIParser, prompt_of_messages
 from epp.requestcontrol.refused import Refused
+from epp.scheduling.params import Params
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -45,67 +46,9 @@ def mutated_body(req: InferenceRequest, include_usage: bool = False) -> bytes | 
     return orjson.dumps(new)
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def prompt_of_messages(messages: list[Any]) -> str:
-    """A stable text rendering of chat messages for prefix hashing (role + content)."""
-    parts = []
-    for m in messages:
-        if isinstance(m, dict):
-            parts.append(f"<{m.get('role', '')}>{_content_text(m.get('content'))}")
-    return "".join(parts)
-
-
 def parse_body(request_id: str, path: str, headers: Mapping[str, str], body: bytes) -> InferenceRequest:
-    """Parse an OpenAI JSON body (``path`` as ``route_path`` gives it). Raises Refused(400)
-    for bad JSON, a missing model, or messages / prompt of the wrong shape (what the model server
-    would refuse anyway)."""
-    req = InferenceRequest(request_id, path, headers=headers)
-    if not body:
-        raise Refused(400, "request body is empty; expected an OpenAI JSON request")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise Refused(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise Refused(400, "request body must be a JSON object")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise Refused(400, "missing 'model' in request body", param="model")
-    req.model = model
-    req.target_model = model
-    req.body = data
-    messages = data.get("messages")
-    if messages is not None or req.chat:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise Refused(400, "'messages' must be an array of message objects", param="messages")
-        req.prompt = prompt_of_messages(messages)
-    else:
-        prompt = data.get("prompt")
-        if not isinstance(prompt, str | list):
-            raise Refused(400, "'prompt' must be a string or an array", param="prompt")
-        if isinstance(prompt, str):
-            req.prompt = prompt
-        elif isinstance(prompt, list) and prompt:
-            first = prompt[0]
-            if isinstance(first, str):
-                req.prompt = first
-            elif isinstance(first, int):
-                req.prompt = " ".join(map(str, prompt))
-            elif isinstance(first, list):
-                req.prompt = " ".join(map(str, first))
-    return req
-
-
-def headers_only(request_id: str, path: str, headers: Mapping[str, str]) -> InferenceRequest:
-    """A request without a body (GET /v1/models, health checks...): routed on load only."""
-    return InferenceRequest(request_id, path, model=headers.get("x-gateway-model-name", ""), headers=headers)
+    """An OpenAI body as the openai-parser reads it (Refused 400 for a bad one)."""
+    return OpenAIParser(OpenAIParser.type_name, Params({}, "openai-parser")).parse(request_id, path, headers, body)
 
 
 def from_fields(request_id: str, path: str, headers: Mapping[str, str], model: str, prompt: str | None,

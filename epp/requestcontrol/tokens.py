@@ -109,10 +109,20 @@ def prompt_key(request: InferenceRequest) -> bytes | None:
         return None
     kept = {k: v for k, v in body.items() if k not in NOT_PROMPT}
     try:
-        raw = orjson.dumps([request.chat, kept], option=orjson.OPT_SORT_KEYS)
+        raw = orjson.dumps([kind_of(request), kept], option=orjson.OPT_SORT_KEYS)
     except TypeError:
         return None
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+# The request kinds the producer tokenizes -> vLLM's render path and whether it answers a list.
+RENDER_PATHS = {"chat": ("/v1/chat/completions/render", False), "completions": ("/v1/completions/render", True),
+                "messages": ("/v1/messages/render", False)}
+
+
+def kind_of(request: InferenceRequest) -> str:
+    """chat, completions or messages (what the parser read; the path when no parser did)."""
+    return request.api or ("chat" if request.chat else "completions")
 
 
 def pretokenized(body: Mapping[str, Any], chat: bool) -> list[int] | None:
@@ -137,13 +147,14 @@ def _text(value: Any) -> str:
 
 
 def estimate_bytes(body: Mapping[str, Any], chat: bool) -> bytes:
-    """The bytes the reference's estimate packs: for chat the tools (JSON) then each message's
-    role and text; for completions the prompt text."""
+    """The bytes the reference's estimate packs: for chat (and Anthropic messages) the tools
+    (JSON), the system prompt, then each message's role and text; for completions the prompt."""
     if chat:
         out = bytearray()
         tools = body.get("tools")
         if tools:
             out += orjson.dumps(tools)
+        out += _text(body.get("system")).encode()
         messages = body.get("messages")
         for m in messages if isinstance(messages, list) else ():
             if isinstance(m, Mapping):
@@ -189,7 +200,7 @@ class RenderClient:
             await self._session.close()
             self._session = None
 
-    async def render(self, body: Mapping[str, Any], chat: bool) -> list[int]:
+    async def render(self, body: Mapping[str, Any], kind: str) -> list[int]:
         import aiohttp
 
         if self._session is None:
@@ -197,16 +208,19 @@ class RenderClient:
         payload = {**body, "model": self.model}
         payload.pop("stream", None)
         payload.pop("stream_options", None)
+        chat = kind != "completions"
         timeout = self.mm_timeout if chat and has_content_parts(body) else self.timeout
+        path, listed = RENDER_PATHS[kind]
         if not self.tokenize_only:
-            path = "/v1/chat/completions/render" if chat else "/v1/completions/render"
             status, data = await self._post(path, payload, timeout)
             if _no_render_api(status, data):
                 log.warning("token-producer: %s%s answered %d (no render API; vllm serve needs --enable-scale-out): "
                             "using its /tokenize from now on", self.url, path, status)
                 self.tokenize_only = True
             else:
-                return _render_ids(status, data, chat)
+                return _render_ids(status, data, listed)
+        if kind == "messages":
+            raise RenderError("the server has no render API, and /tokenize does not read Anthropic messages")
         status, data = await self._post("/tokenize", _tokenize_body(payload, chat), timeout)
         if status != 200 or not isinstance(data, dict) or not _ids_ok(data.get("tokens")):
             raise RenderError(f"/tokenize answered {status}: {_snippet(data)}")
@@ -246,11 +260,11 @@ def _snippet(data: Any) -> str:
     return text[:200]
 
 
-def _render_ids(status: int, data: Any, chat: bool) -> list[int]:
-    """vLLM's GenerateRequest (chat) or a list of them, one per prompt (completions)."""
+def _render_ids(status: int, data: Any, listed: bool) -> list[int]:
+    """vLLM's GenerateRequest (chat, messages) or a list of them, one per prompt (completions)."""
     if status != 200:
         raise RenderError(f"render answered {status}: {_snippet(data)}")
-    item = data if chat else (data[0] if isinstance(data, list) and len(data) == 1 else None)
+    item = data if not listed else (data[0] if isinstance(data, list) and len(data) == 1 else None)
     ids: Any = item.get("token_ids") if isinstance(item, dict) else None
     if not _ids_ok(ids):
         raise RenderError(f"render answer without token_ids: {_snippet(data)}")
@@ -333,14 +347,16 @@ class TokenProducer(Tokenizes, LoadsResources, ExportsMetrics):
 
     def prepare(self, request: InferenceRequest) -> Callable[[], Awaitable[None]] | None:
         body = request.body
-        if body is None:
+        kind = kind_of(request)
+        if body is None or kind not in RENDER_PATHS:  # embeddings, responses...: no ids (as the reference's render)
             return None
-        ids = pretokenized(body, request.chat)
+        chat = kind != "completions"
+        ids = pretokenized(body, chat)
         if ids is not None:
             self._set(request, ids, "given")
             return None
         if self.backend == "estimate":
-            self._set(request, pack_bytes(estimate_bytes(body, request.chat)) or None, "estimated", real=False)
+            self._set(request, pack_bytes(estimate_bytes(body, chat)) or None, "estimated", real=False)
             return None
         key = prompt_key(request)
         if key is not None:
@@ -349,7 +365,7 @@ class TokenProducer(Tokenizes, LoadsResources, ExportsMetrics):
                 self._set(request, cached, "cached")
                 return None
         if self.tokenizer is not None:
-            ids = self.tokenizer.token_ids(body, request.chat)
+            ids = self.tokenizer.token_ids(body, chat) if kind != "messages" else None
             self._set(request, ids, "tokenized" if ids else "failed")
             if ids and key is not None:
                 self.cache.put(key, ids)
@@ -365,7 +381,7 @@ class TokenProducer(Tokenizes, LoadsResources, ExportsMetrics):
     async def _fetch(self, request: InferenceRequest, key: bytes | None) -> None:
         assert self.client is not None and request.body is not None
         try:
-            ids = await self.client.render(request.body, request.chat)
+            ids = await self.client.render(request.body, kind_of(request))
         except RenderError as e:
             self._failed(request, str(e))
             return

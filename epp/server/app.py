@@ -99,6 +99,8 @@ class PickerServer:
                                  tracing=self.tracing)
         self.director.admitters = rt.admitters
         self.director.tokens = rt.tokens
+        if rt.parsers is not None:
+            self.director.parsers = rt.parsers
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
@@ -157,6 +159,8 @@ class PickerServer:
         rt = built.runtime()
         self.director.admission = SheddableAdmission(rt.detector)
         self.director.admitters = rt.admitters
+        if rt.parsers is not None:
+            self.director.parsers = rt.parsers
         old_tokens, self.director.tokens = self.director.tokens, rt.tokens
         if old_tokens is not None and old_tokens is not rt.tokens:  # fetches under way on it go on without ids
             self._closing = asyncio.get_running_loop().create_task(old_tokens.close())

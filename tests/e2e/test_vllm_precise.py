@@ -122,6 +122,17 @@ async def test_the_token_producer_takes_the_servers_render_or_else_its_tokenize(
                 assert r.token_ids == tok.token_ids(body, chat=r.chat) and r.real_tokens, (addr, path)
             assert p.client is not None and p.client.tokenize_only is not render_api
             assert p.counts == {"rendered": 2}
+            # Anthropic Messages: vLLM renders them as the same chat (only where the render API is on).
+            anthropic = {"model": "tiny", "max_tokens": 4, "system": SHARED,
+                         "messages": [{"role": "user", "content": [{"type": "text", "text": "Where is Dracula?"}]}]}
+            r = InferenceRequest("x", "/v1/messages", model="tiny", body=anthropic, api="messages")
+            fetch = p.prepare(r)
+            assert fetch is not None
+            await fetch()
+            if render_api:
+                assert r.token_ids == tok.token_ids({"messages": messages}, chat=True)
+            else:
+                assert r.token_ids is None and p.counts["failed"] == 1
         finally:
             await p.close()
 
