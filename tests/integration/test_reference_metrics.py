@@ -62,6 +62,8 @@ async def test_every_reference_metric_name_is_exposed_and_the_response_series_fi
     params = profile("fast").with_overrides(served_model_names=("sim-model",))
     async with in_process_stack(servers=2, params=params, config_text=CONFIG, objectives_text=REWRITE) as stack, \
             aiohttp.ClientSession() as s:
+        for a in stack.addresses:  # tokens 10 ms apart: each its own chunk through Envoy
+            await stack.server(a).apply_admin({"step_latency_ms": 10})
         for stream in (False, True, True):
             body = orjson.dumps({"model": "food", "max_tokens": 6, "ignore_eos": True, "stream": stream,
                                  "stream_options": {"include_usage": True} if stream else None,
