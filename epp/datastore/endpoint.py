@@ -30,6 +30,7 @@ class EndpointState:
     scraped_at: float = 0.0  # monotonic time of the last successful scrape
     error: str | None = None  # last scrape error, None when the last scrape succeeded
     labels: dict[str, str] = field(default_factory=dict)
+    name: str = ""  # namespace/name as the reference names it (its pod's, "-rank-N"), with discovery
 
     def fresh(self, now: float, staleness: float) -> bool:
         return self.signals is not None and self.error is None and now - self.scraped_at <= staleness

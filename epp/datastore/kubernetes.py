@@ -375,12 +375,16 @@ class KubernetesDiscovery:
     def _recompute(self) -> None:
         spec, pods = self.spec, self.pods
         labels: dict[str, dict[str, str]] = {}  # endpoint -> its pod's labels
+        names: dict[str, str] = {}  # endpoint -> namespace/pod-rank-N, as the reference names it
         if spec is not None and pods is not None:
             for pod in pods.objects.values():
-                pod_labels = (pod.get("metadata") or {}).get("labels") or {}
+                meta = pod.get("metadata") or {}
+                pod_labels = meta.get("labels") or {}
                 for address in pod_endpoints(pod, spec.target_ports):
                     labels[address] = {k: v for k, v in pod_labels.items() if isinstance(v, str)}
-        self.store.set_endpoints(sorted(labels), labels)
+                    rank = spec.target_ports.index(int(address.rpartition(":")[2]))
+                    names[address] = f"{meta.get('namespace') or self.namespace}/{meta.get('name', '')}-rank-{rank}"
+        self.store.set_endpoints(sorted(labels), labels, names)
 
     async def stop(self) -> None:
         for t in (self._pool_task, self._pods_task, *self._policy_tasks):

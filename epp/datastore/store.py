@@ -45,18 +45,22 @@ class Datastore:
         """Call ``listener(added, removed)`` whenever the endpoint set changes."""
         self._listeners.append(listener)
 
-    def set_endpoints(self, addresses: Iterable[str], labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        """The endpoint set, and each endpoint's labels (its pod's, with discovery)."""
+    def set_endpoints(self, addresses: Iterable[str], labels: Mapping[str, Mapping[str, str]] | None = None,
+                      names: Mapping[str, str] | None = None) -> None:
+        """The endpoint set, and each endpoint's labels and name (its pod's, with discovery)."""
         wanted = dict.fromkeys(addresses)
         added = {a for a in wanted if a not in self._states}
         removed = {a for a in self._states if a not in wanted}
         relabelled = False
-        if labels is not None:
+        if labels is not None or names is not None:
             for a in wanted:
                 state = self._states.get(a)
-                new = dict(labels.get(a, {}))
-                if state is not None and state.labels != new:
-                    self._states[a] = replace(state, labels=new)
+                if state is None:
+                    continue
+                new = dict(labels.get(a, {})) if labels is not None else state.labels
+                name = names.get(a, "") if names is not None else state.name
+                if state.labels != new or state.name != name:
+                    self._states[a] = replace(state, labels=new, name=name)
                     relabelled = True
         if relabelled and not added and not removed:
             self._tuple = tuple(self._states.values())
@@ -69,7 +73,8 @@ class Datastore:
             self.total_picks.pop(a, None)
             self.inflight_tokens.pop(a, None)
         for a in added:
-            self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {})
+            self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {},
+                                            name=names.get(a, "") if names is not None else "")
             self.inflight.setdefault(a, 0)
             self.recent_picks.setdefault(a, 0)
             self.total_picks.setdefault(a, 0)

@@ -356,12 +356,14 @@ class PickerMetrics:
             for c in (self.poll_errors, self.legacy_poll_errors):
                 self.child(c, "metrics-data-source").inc()
 
-    def scheduling_attempt(self, ok: bool, target_model: str, endpoint: str, namespace: str = "") -> None:
-        """One scheduling cycle: ``endpoint`` (host:port) chosen, or none (a failure)."""
+    def scheduling_attempt(self, ok: bool, target_model: str, endpoint: str, name: str = "") -> None:
+        """One scheduling cycle: ``endpoint`` (host:port; ``name`` its namespace/name when
+        discovered) chosen, or none (a failure)."""
         host, _, port = endpoint.rpartition(":") if endpoint else ("", "", "")
+        namespace, _, pod = name.rpartition("/") if name else ("", "", host)
         status, target = ("success" if ok else "failure"), self.models(target_model)
-        self.child(self.scheduler_attempts, status, target, host, namespace, port).inc()
-        self.child(self.llmd_scheduler_attempts, status, target, host, namespace, port).inc()
+        self.child(self.scheduler_attempts, status, target, pod, namespace, port).inc()
+        self.child(self.llmd_scheduler_attempts, status, target, pod, namespace, port).inc()
 
     def rewrite_decided(self, rule: str, model: str, target: str) -> None:
         models = self.models

@@ -411,7 +411,8 @@ class Director:
             m.scheduling_attempt(False, request.target_model or request.model, "")
             dropped = NO_ENDPOINTS if e.status == 503 else None
             raise self._refused(request, labels, Refused(e.status, e.message, dropped=dropped)) from None
-        m.scheduling_attempt(True, request.target_model or request.model, decision.primary)
+        m.scheduling_attempt(True, request.target_model or request.model, decision.primary,
+                             next((c.name for c in decision.candidates if c.address == decision.primary), ""))
         scheduler.committed(decision)
         # The prompt tokens the pod has to compute: the prompt less what a prefix scorer found
         # cached there (as the reference's in-flight load counts them).

@@ -4,9 +4,9 @@ before, 0 for the others.
 - ``strategy: encoded_endpoint_header`` (default): stateless. The request header
   (``encodedEndpointHeaderConfig.header``, default ``x-session-token``) carries the base64 of the
   endpoint that served the session; epp writes that header on every response, so the client
-  echoes it back. The reference encodes the pod's namespace/name; epp knows endpoints by address
-  and encodes that (a token from the reference scores nothing here, and the next response
-  carries epp's).
+  echoes it back. As the reference, the token is the endpoint's namespace/name
+  (``ns/pod-rank-N``) when Kubernetes discovery names it, else its address; either form is read,
+  so sessions carry over when epp replaces the reference.
 - ``strategy: session_id``: the client sends an opaque id (``sessionIdConfig.sources``, header
   sources in priority order, default ``x-session-id``); epp binds it to the pod that served it
   and forgets a binding unused for ``evictionTtlSeconds`` (300; swept every
@@ -98,6 +98,7 @@ class SessionAffinityScorer(Scorer, ObservesPicks, WritesResponseHeaders):
         self.bindings: dict[str, tuple[str, float]] = {}  # session id -> (endpoint, last seen), oldest first
         self._swept = 0.0
         self._session: Slot[tuple[str, float]] = Slot(f"{name}/session")
+        self._names: Slot[dict[str, str]] = Slot(f"{name}/names")  # the candidates' names, when discovered
 
     def _session_id(self, headers: Mapping[str, str]) -> str:
         for h in self.sources:
@@ -113,6 +114,10 @@ class SessionAffinityScorer(Scorer, ObservesPicks, WritesResponseHeaders):
         headers = request.headers
         if self.strategy == ENCODED:
             want = decode(headers.get(self.header) or "")
+            named = {c.address: c.name for c in candidates if c.name}
+            if named:
+                cycle.put(self._names, named)
+                return [1.0 if want and want in (c.address, c.name) else 0.0 for c in candidates]
         else:
             now = snapshot.now
             self._sweep(now)
@@ -143,4 +148,7 @@ class SessionAffinityScorer(Scorer, ObservesPicks, WritesResponseHeaders):
                 del self.bindings[next(iter(self.bindings))]
 
     def response_headers(self, endpoint: str, cycle: CycleState) -> Sequence[tuple[str, str]]:
-        return ((self.header, encode(endpoint)),) if self.strategy == ENCODED else ()
+        if self.strategy != ENCODED:
+            return ()
+        named = cycle.get(self._names)
+        return ((self.header, encode(named.get(endpoint) or endpoint if named else endpoint)),)

@@ -93,6 +93,8 @@ async def test_pool_and_pod_lifecycle(emulator: KubeEmulator, discovery: tuple[K
     await emulator.delete(*PODS, NS, "a")
     await emulator.apply(*POOL, pool(ports=(8000, 8001)))
     await endpoints_are(store, ["10.0.0.2:8000", "10.0.0.2:8001"], "two target ports")
+    names = {e.address: e.name for e in store.snapshot().endpoints}  # as the reference names them
+    assert names == {"10.0.0.2:8000": f"{NS}/b-rank-0", "10.0.0.2:8001": f"{NS}/b-rank-1"}
     await emulator.apply(*PODS, pod("b", "10.0.0.2", annotations={"inference.networking.k8s.io/active-ports": "8001"}))
     await endpoints_are(store, ["10.0.0.2:8001"], "active-ports annotation narrows")
     await emulator.apply(*POOL, pool(labels={"app": "web"}))

@@ -101,3 +101,17 @@ def test_a_session_id_binds_to_the_pod_that_served_it_until_its_ttl() -> None:
 def test_parameters_are_strict(params: str, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         parse_config(doc(params))
+
+
+def test_discovered_endpoints_get_the_references_namespace_name_tokens_and_either_form_is_read() -> None:
+    s = build()
+    named = Snapshot(tuple(replace(e, name=f"ns/pod-{i}-rank-0") for i, e in enumerate(pool().endpoints)),
+                     {}, {}, 1000.0, 2.0)
+    first = s.schedule(req(), named)
+    s.committed(first)
+    token = dict(s.response_headers(first, first.primary))["x-session-token"]
+    name = next(e.name for e in named.endpoints if e.address == first.primary)
+    assert base64.b64decode(token).decode() == name  # what the reference writes: a token it reads too
+    assert s.schedule(req(x_session_token=token), busy(named, first.primary)).primary == first.primary
+    by_address = base64.b64encode(first.primary.encode()).decode()  # a token epp wrote before discovery
+    assert s.schedule(req(x_session_token=by_address), busy(named, first.primary)).primary == first.primary
