@@ -36,6 +36,7 @@ from epp.scheduling.contract import (
     ForgetsEndpoints,
     LoadsResources,
     MetricsExtractor,
+    PreparesRequests,
     UsesLatencyProducer,
     UsesPrefixProducer,
     declares,
@@ -154,6 +155,7 @@ class Runtime:
     admitters: tuple[Admitter, ...] = ()
     tokens: Tokenizes | None = None  # the token producer (None: requests go without token ids)
     parsers: ParserTable | None = None  # requestHandler.parsers (None: the defaults)
+    preparers: tuple[PreparesRequests, ...] = ()  # plugins with work before admission (the burst window)
 
 
 @dataclass(slots=True)
@@ -289,7 +291,9 @@ class PickerConfig:
         return Runtime(get(self.detector_ref), self.flow.settings(get) if self.flow is not None else None,
                        tuple(get(ref) for ref in self.admitter_refs),
                        get(self.token_ref) if self.token_ref is not None else None,
-                       ParserTable([get(ref) for ref in self.parser_refs]) if self.parser_refs else None)
+                       ParserTable([get(ref) for ref in self.parser_refs]) if self.parser_refs else None,
+                       tuple(p for spec in self.plugins.values() if (p := instances.get(spec.key())) is not None
+                             and declares(p, PreparesRequests)))
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:

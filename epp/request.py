@@ -23,6 +23,7 @@ class InferenceRequest:
     api: str = ""  # what the parser read: chat, completions, messages, embeddings, responses, ... ("": not read)
     arrived: float = 0.0  # perf_counter() when epp received it
     body_bytes: int | None = None  # the request body's size, when known
+    prepared: dict[str, object] = field(default_factory=dict)  # what preparing plugins left, by plugin name
 
     @property
     def chat(self) -> bool:

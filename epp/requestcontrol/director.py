@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -40,6 +40,7 @@ from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.tokens import Tokenizes
 from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.requestcontrol.waiting import Waiting, WaitingRoom
+from epp.scheduling.contract import PreparesRequests
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.params import Params
 from epp.scheduling.types import MATCHED_TOKENS, Completion, Decision, SchedulingError, Usage, prompt_tokens
@@ -242,6 +243,7 @@ class Director:
         self.waiting: WaitingRoom | None = None  # flow control, when on
         self.admitters: tuple[Admitter, ...] = ()  # admitter plugins: after admission, before scheduling
         self.tokens: Tokenizes | None = None  # the token producer: the prompt's ids, before admission
+        self.preparers: tuple[PreparesRequests, ...] = ()  # then these (the burst window), in order
         self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
 
     @property
@@ -313,7 +315,7 @@ class Director:
         labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
                                   request.priority)
         m.request_started(labels)
-        fetch = self.tokens.prepare(request) if self.tokens is not None else None
+        fetch = self._preparation(request, self.tokens.prepare(request) if self.tokens is not None else None)
         if fetch is None:
             return self._admit(request, given, access, labels, ready)
         pending = Preparing(request)
@@ -336,6 +338,29 @@ class Director:
 
         pending.start(prepared())
         return pending
+
+    def _preparation(self, request: InferenceRequest, first: Callable[[], Awaitable[None]] | None
+                     ) -> Callable[[], Awaitable[None]] | None:
+        """What must be awaited before admission: ``first`` (the token fetch), then each
+        preparer's step, a preparer starting once the step before it is done (None: nothing)."""
+        preparers = self.preparers
+        if first is None:
+            for i, p in enumerate(preparers):
+                job = p.prepare(request, self.store.snapshot())
+                if job is not None:
+                    return self._then(request, job, preparers[i + 1:])
+            return None
+        return self._then(request, first, preparers)
+
+    def _then(self, request: InferenceRequest, job: Callable[[], Awaitable[None]],
+              rest: tuple[PreparesRequests, ...]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await job()
+            for p in rest:
+                more = p.prepare(request, self.store.snapshot())
+                if more is not None:
+                    await more()
+        return run
 
     def _admit(self, request: InferenceRequest, given: RequestInput, access: ResponseAccess, labels: RequestLabels,
                ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:

@@ -13,7 +13,7 @@ loop, before the plugin serves. Plugins never do I/O on the pick path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.datastore.endpoint import EndpointState
@@ -201,6 +201,17 @@ class ShapesDestination(Protocol):
     def destination(self, endpoints: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]: ...
 
 
+class PreparesRequests(Protocol):
+    """Work on a request before admission that may have to wait (the burst producer's window):
+    ``prepare`` returns what to call and await (None: nothing to wait for), after the token
+    producer's; it may leave what it learnt in ``request.prepared[its name]``. ``close`` releases
+    what it holds when the process stops or a reload replaces it."""
+
+    def prepare(self, request: InferenceRequest, snapshot: Snapshot) -> Callable[[], Awaitable[None]] | None: ...
+
+    async def close(self) -> None: ...
+
+
 class ForgetsEndpoints(Protocol):
     """``endpoint`` left the pool: drop what is kept about it."""
 
@@ -250,6 +261,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ShapesDestination, ("destination",)),
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
+    (PreparesRequests, ("prepare", "close")),
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),

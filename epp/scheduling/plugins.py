@@ -11,6 +11,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
+from epp.scheduling.burst import BurstPrefixProducer
 from epp.scheduling.context_length import ContextLengthAware
 from epp.scheduling.contract import (
     ForgetsEndpoints,
@@ -398,5 +399,6 @@ BUILTIN: tuple[type[Any], ...] = (
     QueueScorer, LoadAwareScorer, ActiveRequestScorer, TokenLoadScorer, LoraAffinityScorer, KVCacheUtilizationScorer,
     RunningRequestsScorer, PrefixCacheScorer, NoHitLRUScorer, ContextLengthAware, SessionAffinityScorer,
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
-    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, PrecisePrefixProducer, *FILTERS,
+    SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, PrecisePrefixProducer, BurstPrefixProducer,
+    *FILTERS,
     *LATENCY_PLUGINS, *DISAGG_PLUGINS)

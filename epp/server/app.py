@@ -99,6 +99,7 @@ class PickerServer:
                                  tracing=self.tracing)
         self.director.admitters = rt.admitters
         self.director.tokens = rt.tokens
+        self.director.preparers = rt.preparers
         if rt.parsers is not None:
             self.director.parsers = rt.parsers
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
@@ -161,6 +162,7 @@ class PickerServer:
         self.director.admitters = rt.admitters
         if rt.parsers is not None:
             self.director.parsers = rt.parsers
+        self.director.preparers = rt.preparers
         old_tokens, self.director.tokens = self.director.tokens, rt.tokens
         if old_tokens is not None and old_tokens is not rt.tokens:  # fetches under way on it go on without ids
             self._closing = asyncio.get_running_loop().create_task(old_tokens.close())

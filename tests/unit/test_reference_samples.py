@@ -14,7 +14,6 @@ from epp.scheduling.types import ConfigError
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 
 NOT_YET = {  # plugin types epp does not have yet (an unknown type today; the test fails once they load)
-    "epp-burst-prefix-cache-config.yaml": "burst-prefix-cache-producer",
     "sim-epp-gpu-config.yaml": "dcgm-data-source, dcgm-extractor, endpoint-attribute-filter/-scorer",
 }
 REFUSED = {
