@@ -109,14 +109,20 @@ async def test_requests_wait_for_their_window_and_are_placed_together() -> None:
     d.preparers = cfg.runtime(instances).preparers
     assert len(d.preparers) == 1
     got: list[Routed] = []
+    done = asyncio.Event()
+
+    def ready(r: Any) -> None:
+        got.append(r)
+        if len(got) == 5:
+            done.set()
+
     t0 = asyncio.get_running_loop().time()
     for i in range(5):
         prompt = ("the shared rollout prompt " * 20) if i < 4 else ("another prompt entirely " * 20)
         body = orjson.dumps({"model": "m", "prompt": prompt})
-        out = d.submit(RequestInput({}, "/v1/completions", body), ready=got.append)  # type: ignore[arg-type]
+        out = d.submit(RequestInput({}, "/v1/completions", body), ready=ready)
         assert not isinstance(out, Routed)  # waiting for the window
-    while len(got) < 5:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(done.wait(), 5)
     assert asyncio.get_running_loop().time() - t0 >= 0.045
     placed = Counter(r.decision.primary for r in got[:4] if not isinstance(r, Exception))
     assert sorted(placed.values()) == [2, 2]  # maxPerReplica 2: the group of 4 on two pods
