@@ -32,6 +32,8 @@ from epp.requestcontrol.parsers import DEFAULT_PARSERS, PARSERS, ParserTable
 from epp.requestcontrol.tokens import Tokenizes, TokenProducer
 from epp.scheduling.contract import (
     AlsoFilters,
+    AttributeExtractor,
+    AttributeSource,
     DataSource,
     ForgetsEndpoints,
     LoadsResources,
@@ -452,7 +454,8 @@ def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, st
     """The metrics source and extractor (role -> plugin name): the ones ``dataLayer.sources``
     names, else the ones listed under plugins (at most one of each; none: the flags' defaults)."""
     data_refs: dict[str, str] = {}
-    listed = [spec for spec in plugins.values() if spec.type.role in ("data source", "metrics extractor")]
+    listed = [spec for spec in plugins.values()
+              if spec.type.role in ("data source", "metrics extractor", "attribute source", "attribute extractor")]
     inject = _data_layer_fields(section) if section is not None else True
     if section is None or (not section.get("sources") and inject):
         for spec in listed:
@@ -478,16 +481,18 @@ def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, st
         if named is not None and named.type.role == "notification source":
             _endpoint_extractors(source, path, plugins)
             continue
-        if "data source" in data_refs:
-            raise ConfigError(path, f"a second data source ({data_refs['data source']!r} is one)")
-        data_refs["data source"] = ref(source, path, "data source")
+        kind, extracts = (("attribute source", "attribute extractor") if named is not None
+                          and named.type.role == "attribute source" else ("data source", "metrics extractor"))
+        if kind in data_refs:
+            raise ConfigError(path, f"a second {kind} ({data_refs[kind]!r} is one)")
+        data_refs[kind] = ref(source, path, kind)
         extractors = _expect(source.get("extractors") or [], list, f"{path}.extractors", "a list")
         for j, extractor in enumerate(extractors):
             epath = f"{path}.extractors[{j}]"
             _no_unknown(_expect(extractor, dict, epath, "a mapping"), {"pluginRef"}, epath)
-            if "metrics extractor" in data_refs:
-                raise ConfigError(epath, f"a second metrics extractor ({data_refs['metrics extractor']!r} is one)")
-            data_refs["metrics extractor"] = ref(extractor, epath, "metrics extractor")
+            if extracts in data_refs:
+                raise ConfigError(epath, f"a second {extracts} ({data_refs[extracts]!r} is one)")
+            data_refs[extracts] = ref(extractor, epath, extracts)
     if "data source" not in data_refs and not inject:
         raise ConfigError("dataLayer.injectDefaults", "false with no metrics source is not supported by epp (its "
                                                       "scorers and detectors read the pods' metrics)")
@@ -799,6 +804,13 @@ class Built:
         source = next((p for p in found if declares(p, DataSource)), None)
         extractor = next((p for p in found if declares(p, MetricsExtractor)), None)
         return source, extractor
+
+    def attribute_layer(self) -> tuple[AttributeSource, AttributeExtractor] | None:
+        """The config's attribute source and its extractor (DCGM), when both are configured."""
+        found = [self.instances[self.config.plugins[ref].key()] for ref in self.config.data_refs]
+        source = next((p for p in found if declares(p, AttributeSource)), None)
+        extractor = next((p for p in found if declares(p, AttributeExtractor)), None)
+        return (source, extractor) if source is not None and extractor is not None else None
 
     def runtime(self) -> Runtime:
         """The saturation detector, the flow-control settings and the admitters."""

@@ -17,12 +17,22 @@ plugin reads them.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from epp.scheduling.contract import DataSource, EndpointNotifier, LoadsResources, MetricsExtractor
+from epp.datastore.endpoint import EndpointState
+from epp.scheduling.contract import (
+    AttributeExtractor,
+    AttributeSource,
+    DataSource,
+    EndpointNotifier,
+    LoadsResources,
+    MetricsExtractor,
+)
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
+from epp.signals.dcgm import gpu_utilization
 from epp.signals.mappings import ENGINE_LABEL, ENGINES, EngineMapping, MetricNames, MetricSpec
 from epp.signals.scraper import ScrapeTarget
 
@@ -124,6 +134,60 @@ class CoreMetricsExtractor(MetricsExtractor):
         return self.mapping
 
 
+class DcgmDataSource(AttributeSource, LoadsResources):
+    """``dcgm-data-source``: the NVIDIA DCGM exporter on each endpoint's host (a sidecar or the
+    node's DaemonSet reached at the pod IP): ``scheme`` http/https, ``path`` (/metrics), ``port``
+    (9400), ``insecureSkipVerify`` (true), ``interval`` (default: --refresh-metrics-interval).
+    ``useNodeAddress`` is refused: epp knows the pods' addresses, not their nodes'."""
+
+    type_name: ClassVar[str] = "dcgm-data-source"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        self.scheme = params.text("scheme", "http", choices=("http", "https")) or "http"
+        self.metrics_path = params.text("path", "/metrics") or "/metrics"
+        if not self.metrics_path.startswith("/"):
+            raise ConfigError(f"{params.path}.path", f"must start with '/', got {self.metrics_path!r}")
+        self.port = params.int("port", 9400, minimum=1, maximum=65535)
+        self.skip_verify = params.bool("insecureSkipVerify", True)
+        if params.bool("useNodeAddress", False):
+            raise ConfigError(f"{params.path}.useNodeAddress", "not supported by epp (it knows the pods' addresses, "
+                                                               "not their nodes'; reach the exporter at the pod IP)")
+        self.interval = params.duration("interval", 0.0) if "interval" in params.names() else None
+        params.done()
+        self._tls: ssl.SSLContext | None = None
+
+    def load(self) -> None:
+        if self.scheme == "https":
+            ctx = ssl.create_default_context()
+            if self.skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._tls = ctx
+
+    def attribute_target(self) -> ScrapeTarget:
+        return ScrapeTarget(self.metrics_path, self.port, self._tls)
+
+    def attribute_interval(self) -> float | None:
+        return self.interval
+
+
+GPU_UTILIZATION = "GPUUtilization"
+
+
+class DcgmExtractor(AttributeExtractor):
+    """``dcgm-extractor``: ``GPUUtilization`` (0..1, the pod's busiest GPU) from the DCGM exposition."""
+
+    type_name: ClassVar[str] = "dcgm-extractor"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        params.done()
+
+    def attributes(self, text: str, endpoint: EndpointState) -> Mapping[str, float]:
+        return {f"{GPU_UTILIZATION}/{self.type_name}": gpu_utilization(text, endpoint.pod)}
+
+
 class EndpointNotificationSource(EndpointNotifier):
     type_name: ClassVar[str] = "endpoint-notification-source"
 
@@ -133,4 +197,5 @@ class EndpointNotificationSource(EndpointNotifier):
 
 
 # The data-layer plugin types; the config's registry adds them to the scheduling plugins.
-DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor, EndpointNotificationSource)
+DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor, EndpointNotificationSource,
+                                     DcgmDataSource, DcgmExtractor)

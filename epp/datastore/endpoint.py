@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,13 @@ class EndpointState:
     error: str | None = None  # last scrape error, None when the last scrape succeeded
     labels: dict[str, str] = field(default_factory=dict)
     name: str = ""  # namespace/name as the reference names it (its pod's, "-rank-N"), with discovery
+    attributes: Mapping[str, float] = field(default_factory=dict)  # "Attribute/producer" -> value (GPU use...)
+
+    @property
+    def pod(self) -> str:
+        """The pod's own name (without the namespace and the rank suffix), when discovered."""
+        return self.name.rpartition("/")[2].rpartition("-rank-")[0] if "-rank-" in self.name else \
+            self.name.rpartition("/")[2]
 
     def fresh(self, now: float, staleness: float) -> bool:
         return self.signals is not None and self.error is None and now - self.scraped_at <= staleness

@@ -98,6 +98,14 @@ class Datastore:
         # Picks made after the scrape started are not in its numbers yet.
         self.recent_picks[address] = self.total_picks.get(address, 0) - picks_at_start
 
+    def record_attributes(self, address: str, values: Mapping[str, float]) -> None:
+        """An attribute source's latest values for ``address`` (they replace its earlier ones)."""
+        state = self._states.get(address)
+        if state is None or state.attributes == values:
+            return
+        self._states[address] = replace(state, attributes=dict(values))
+        self._tuple = tuple(self._states.values())
+
     def record_scrape_error(self, address: str, error: str) -> None:
         state = self._states.get(address)
         if state is None:

@@ -356,6 +356,15 @@ class PickerMetrics:
             for c in (self.poll_errors, self.legacy_poll_errors):
                 self.child(c, "metrics-data-source").inc()
 
+    def attribute_poll_failed(self, endpoint: str, extracting: bool) -> None:
+        """The DCGM exposition of ``endpoint`` could not be read (poll) or parsed (extract)."""
+        if extracting:
+            for c in (self.extract_errors, self.legacy_extract_errors):
+                self.child(c, "dcgm-data-source", "dcgm-extractor").inc()
+        else:
+            for c in (self.poll_errors, self.legacy_poll_errors):
+                self.child(c, "dcgm-data-source").inc()
+
     def scheduling_attempt(self, ok: bool, target_model: str, endpoint: str, name: str = "") -> None:
         """One scheduling cycle: ``endpoint`` (host:port; ``name`` its namespace/name when
         discovered) chosen, or none (a failure)."""

@@ -13,7 +13,7 @@ loop, before the plugin serves. Plugins never do I/O on the pick path.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.datastore.endpoint import EndpointState
@@ -74,6 +74,22 @@ class DataSource(Plugin, Protocol):
     def scrape_interval(self) -> float | None: ...
 
 
+class AttributeSource(Plugin, Protocol):
+    """A second exposition per endpoint, polled for attributes (the reference's DCGM source;
+    data layer, under plugins only; its extractor reads it)."""
+
+    def attribute_target(self) -> ScrapeTarget: ...
+
+    def attribute_interval(self) -> float | None: ...
+
+
+class AttributeExtractor(Plugin, Protocol):
+    """Reads an attribute source's exposition into endpoint attributes ("Attribute/type" ->
+    value), for the filters and scorers that name them."""
+
+    def attributes(self, text: str, endpoint: EndpointState) -> Mapping[str, float]: ...
+
+
 class EndpointNotifier(Plugin, Protocol):
     """The pool's endpoint add/remove notifications for the plugins listed as its extractors
     (the reference's ``endpoint-notification-source``; data layer, under plugins only). epp tells
@@ -121,6 +137,8 @@ ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
                                             (MetricsExtractor, "metrics extractor"),
                                             (EndpointNotifier, "notification source"),
+                                            (AttributeSource, "attribute source"),
+                                            (AttributeExtractor, "attribute extractor"),
                                             (PrefixProducer, "prefix producer"), (DataProducer, "data producer"),
                                             (Decider, "decider"))
 
@@ -266,6 +284,8 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
                                                   MetricsExtractor: ("engine_mapping",), EndpointNotifier: (),
+                                                  AttributeSource: ("attribute_target", "attribute_interval"),
+                                                  AttributeExtractor: ("attributes",),
                                                   PrefixProducer: ("match", "record"), DataProducer: ("produce",),
                                                   Decider: ("disaggregate",)}
 

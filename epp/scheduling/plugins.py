@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
+from epp.scheduling.attributes import ATTRIBUTE_PLUGINS
 from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.burst import BurstPrefixProducer
 from epp.scheduling.context_length import ContextLengthAware
@@ -401,4 +402,4 @@ BUILTIN: tuple[type[Any], ...] = (
     PrecisePrefixCacheScorer, PrefillLoadScorer, MaxScorePicker, RandomPicker, WeightedRandomPicker,
     SingleProfileHandler, DataParallelProfileHandler, ApproxPrefixProducer, PrecisePrefixProducer, BurstPrefixProducer,
     *FILTERS,
-    *LATENCY_PLUGINS, *DISAGG_PLUGINS)
+    *LATENCY_PLUGINS, *DISAGG_PLUGINS, *ATTRIBUTE_PLUGINS)

@@ -111,7 +111,7 @@ class PickerServer:
         self.signals = SignalCollection(self.store, self.metrics, self._plugins, engine=opts.engine,
                                         interval=opts.refresh_metrics_interval, timeout=opts.scrape_timeout,
                                         max_bytes=opts.max_scrape_bytes, max_series=opts.max_scrape_series,
-                                        data_layer=self.built.data_layer())
+                                        data_layer=self.built.data_layer(), attributes=self.built.attribute_layer())
         self.metrics.loop_collectors.append(PluginCollector(opts.pool_name, self._plugins,
                                                             self.signals.kv_events.totals))
         self.store.on_change(self._endpoints_changed)
@@ -168,7 +168,7 @@ class PickerServer:
             self._closing = asyncio.get_running_loop().create_task(old_tokens.close())
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.config_reloads.inc()
-        self.signals.reconfigure(built.data_layer())
+        self.signals.reconfigure(built.data_layer(), built.attribute_layer())
 
     async def start(self) -> None:
         o = self.opts

@@ -11,7 +11,15 @@ from typing import Any
 
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
-from epp.scheduling.contract import DataSource, MetricsExtractor, SubscribesKVEvents, declares
+from epp.scheduling.contract import (
+    AttributeExtractor,
+    AttributeSource,
+    DataSource,
+    MetricsExtractor,
+    SubscribesKVEvents,
+    declares,
+)
+from epp.signals.attributes import AttributePoller
 from epp.signals.kvevents import KVEventManager
 from epp.signals.mappings import EngineMapping, single_engine
 from epp.signals.scraper import Scraper, ScrapeTarget
@@ -23,8 +31,8 @@ log = logging.getLogger("epp")
 class SignalCollection:
     def __init__(self, store: Datastore, metrics: PickerMetrics, plugins: Callable[[], list[Any]], *,
                  engine: str = "vllm", interval: float = 0.05, timeout: float = 1.0, max_bytes: int,
-                 max_series: int, data_layer: tuple[DataSource | None, MetricsExtractor | None] = (None, None)
-                 ) -> None:
+                 max_series: int, data_layer: tuple[DataSource | None, MetricsExtractor | None] = (None, None),
+                 attributes: tuple[AttributeSource, AttributeExtractor] | None = None) -> None:
         self.store = store
         self.plugins = plugins  # the current profile's plugins (a reload changes them)
         self.engine = engine
@@ -35,6 +43,10 @@ class SignalCollection:
             on_error=metrics.scrape_failed,
             on_scrape=metrics.scrape_parse.observe, max_bytes=max_bytes, max_series=max_series)
         self.kv_events = KVEventManager()
+        self.timeout = timeout
+        self.attributes = attributes  # a second exposition per endpoint (DCGM), when configured
+        self.poller: AttributePoller | None = None
+        self.on_attribute_error = metrics.attribute_poll_failed
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -46,10 +58,25 @@ class SignalCollection:
         every = (source.scrape_interval() if source is not None else None) or self.interval
         return engines, target, every
 
-    def reconfigure(self, data_layer: tuple[DataSource | None, MetricsExtractor | None]) -> None:
+    def reconfigure(self, data_layer: tuple[DataSource | None, MetricsExtractor | None],
+                    attributes: tuple[AttributeSource, AttributeExtractor] | None = None) -> None:
         """A config reload: the data-layer plugins may have changed."""
         self.scraper.reconfigure(*self._scraping(data_layer))
+        if attributes != self.attributes:
+            self.attributes = attributes
+            self._restart_poller()
         self.resync()
+
+    def _restart_poller(self) -> None:
+        old, self.poller = self.poller, None
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.stop())
+        if self.attributes is not None:
+            source, extractor = self.attributes
+            self.poller = AttributePoller(self.store, source.attribute_target(),
+                                          source.attribute_interval() or self.interval, extractor.attributes,
+                                          self.timeout, self.on_attribute_error)
+            self.poller.start()
 
     def resync(self) -> None:
         """The endpoint set or the plugins changed: bring the KV-event subscribers in line."""
@@ -57,6 +84,7 @@ class SignalCollection:
 
     async def start(self) -> None:
         await self.scraper.start()
+        self._restart_poller()
         self._kick.set()
         self._task = asyncio.create_task(self._kv_events_loop())
 
@@ -74,5 +102,7 @@ class SignalCollection:
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])
+        if self.poller is not None:
+            await self.poller.stop()
         await self.scraper.stop()
         await self.kv_events.close()

@@ -95,6 +95,20 @@ def _lines_of(text: str, name: str, limit: int = MAX_SERIES) -> list[str]:
         start = -1
 
 
+def sample_lines(text: str, name: str, limit: int = MAX_SERIES) -> list[str]:
+    """The sample lines of the metric ``name`` (bounded; TooLarge past ``limit``)."""
+    return _lines_of(text, name, limit)
+
+
+def split_sample(line: str) -> tuple[str, dict[str, str], float]:
+    """(name, labels, value) of one sample line; ParseError when it is not one."""
+    try:
+        name, labels, value = _split(line)
+    except ValueError as e:
+        raise ParseError(str(e)) from None
+    return name, _labels(labels), value
+
+
 def _checked(name: str, value: float, high: float) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= high:
         raise ValueRejected(f"{name} = {value!r} is outside [0, {high:g}]")
