@@ -16,13 +16,17 @@ blocks matched, the same autoTune.
 
 from __future__ import annotations
 
+import bisect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
 from epp.datastore.endpoint import EndpointState
 from epp.request import InferenceRequest
-from epp.scheduling.contract import ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
+from epp.scheduling.contract import ExportsMetrics, ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.types import MATCHED_TOKENS, CycleState, PrefixMatch, Slot
@@ -47,7 +51,46 @@ REFERENCE_DEFAULTS = Limits(True, 16, 131072, 2048, 31250, MIN_BLOCK_TOKENS)
 EARLY_2026 = Limits(True, 16, 0, 256, 31250, 1)
 
 
-class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the reference's
+BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+BYTES_PER_TOKEN = 4  # the reference reports matches as a byte estimate
+
+
+class HitStats:
+    """The reference's prefix_indexer_hit_ratio / _hit_bytes histograms (at each pick)."""
+
+    def __init__(self) -> None:
+        self.ratio = [0] * (len(RATIO_BUCKETS) + 1)
+        self.ratio_sum = 0.0
+        self.bytes = [0] * (len(BYTES_BUCKETS) + 1)
+        self.bytes_sum = 0.0
+
+    def add(self, matched_bytes: int, total_bytes: int) -> None:
+        self.bytes[bisect.bisect_left(BYTES_BUCKETS, matched_bytes)] += 1
+        self.bytes_sum += matched_bytes
+        if total_bytes > 0:
+            r = matched_bytes / total_bytes
+            self.ratio[bisect.bisect_left(RATIO_BUCKETS, r)] += 1
+            self.ratio_sum += r
+
+    def families(self, plugin: tuple[str, str]) -> Iterator[Metric]:
+        for suffix, bounds, counts, total, help_text in (
+                ("hit_ratio", RATIO_BUCKETS, self.ratio, self.ratio_sum,
+                 "Ratio of prefix length matched to total prefix length in the cache lookup."),
+                ("hit_bytes", BYTES_BUCKETS, self.bytes, self.bytes_sum,
+                 "Length of the prefix match in number of bytes in the cache lookup.")):
+            cum, buckets = 0, []
+            for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cum))
+            for name, labels in ((f"llm_d_epp_prefix_indexer_{suffix}", list(plugin)),
+                                 (f"inference_extension_prefix_indexer_{suffix}", [])):
+                fam = HistogramMetricFamily(name, help_text, labels=["plugin_name", "plugin_type"] if labels else [])
+                fam.add_metric(labels, buckets, total)
+                yield fam
+
+
+class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, ExportsMetrics):
     type_name: ClassVar[str] = "approx-prefix-cache-producer"
     produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
 
@@ -91,6 +134,7 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
 
     def _setup(self, limits: Limits) -> None:
         self.limits = limits
+        self.hits = HitStats()
         self.index = self._index(max(limits.block_tokens, limits.min_block_tokens))
         self._match: Slot[PrefixMatch] = Slot(f"{self.name}/match")
         self._recorded: Slot[bool] = Slot(f"{self.name}/recorded")
@@ -149,6 +193,8 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
         m = cycle.get(self._match)
         if m is not None and m.hashes and not cycle.get(self._recorded):
             cycle.put(self._recorded, True)
+            per_block = m.block_tokens * BYTES_PER_TOKEN
+            self.hits.add(m.blocks.get(endpoint, 0) * per_block, m.total * per_block)
             self.index.record(endpoint, m.hashes)
 
     def on_endpoint_removed(self, endpoint: str) -> None:
@@ -157,3 +203,11 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex):
 
     def prefix_index_size(self) -> int:
         return self.index.size()
+
+    def metric_families(self, pool: str) -> Iterator[Metric]:
+        """The reference's prefix indexer series (its size per plugin, the hit histograms)."""
+        size = GaugeMetricFamily("llm_d_epp_prefix_indexer_size", "Size of the prefix indexer.",
+                                 labels=["plugin_name", "plugin_type"])
+        size.add_metric([self.name, self.type_name], self.index.size())
+        yield size
+        yield from self.hits.families((self.name, self.type_name))

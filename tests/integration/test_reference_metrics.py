@@ -29,10 +29,11 @@ kind: EndpointPickerConfig
 featureGates: [flowControl]
 plugins:
 - type: queue-scorer
+- type: prefix-cache-scorer
 - type: max-score-picker
 schedulingProfiles:
 - name: default
-  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: prefix-cache-scorer}, {pluginRef: max-score-picker}]
 flowControl:
   maxRequests: 100
   maxBytes: 10000000
@@ -67,7 +68,7 @@ async def test_every_reference_metric_name_is_exposed_and_the_response_series_fi
         for stream in (False, True, True):
             body = orjson.dumps({"model": "food", "max_tokens": 6, "ignore_eos": True, "stream": stream,
                                  "stream_options": {"include_usage": True} if stream else None,
-                                 "messages": [{"role": "user", "content": "tell me about trains " * 10}]})
+                                 "messages": [{"role": "user", "content": "tell me about trains " * 40}]})
             status, _, _ = await post(s, f"{stack.url}/v1/chat/completions", body)
             assert status == 200
         assert stack.picker is not None
@@ -105,4 +106,7 @@ async def test_every_reference_metric_name_is_exposed_and_the_response_series_fi
     assert value("llm_d_epp_request_processing_duration_seconds_count") == 3
     assert value("llm_d_epp_response_processing_duration_seconds_count") == 3
     assert value("llm_d_epp_info") == 1
+    assert value("llm_d_epp_prefix_indexer_hit_ratio_count", plugin_type="approx-prefix-cache-producer") == 3
+    assert value("inference_extension_prefix_indexer_hit_bytes_sum") > 0  # the second and third matched the first
+    assert value("llm_d_epp_prefix_indexer_size", plugin_name="approx-prefix-cache-producer") > 0
     assert value("llm_d_epp_per_endpoint_queue_size", model_server_endpoint=stack.addresses[0]) >= 0
