@@ -203,11 +203,15 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.enable_cert_reload and not args.cert_path:
             raise ValueError("--enable-cert-reload needs --cert-path (a self-signed certificate never changes)")
         endpoints = tuple(parse_endpoint_list(args.endpoints)) if args.endpoints else ()
-        kube = kubernetes_options(args) if not endpoints and not args.endpoints_file else None
+        discovered = cfg.discovery()  # dataLayer.discovery (file-discovery)
+        if discovered is not None and (endpoints or args.endpoints_file or args.pool_name or args.endpoint_selector):
+            raise ValueError("the config's dataLayer.discovery and a flag (--endpoints, --endpoints-file, --pool-name, "
+                             "--endpoint-selector) both give the model servers: give one")
+        kube = kubernetes_options(args) if not endpoints and not args.endpoints_file and discovered is None else None
         if args.ha_enable_leader_election and kube is None:
             raise ValueError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or "
                              "--endpoint-selector), not --endpoints / --endpoints-file")
-        if not endpoints and not args.endpoints_file and kube is None:
+        if not endpoints and not args.endpoints_file and kube is None and discovered is None:
             raise ValueError("give the model servers: --pool-name NAME (Kubernetes InferencePool), "
                              "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
                              "--endpoints HOST:PORT,... or --endpoints-file PATH")

@@ -72,6 +72,7 @@ NOT_SUPPORTED_TYPES = {
     "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
+    "models-data-source": "no epp plugin reads the models it lists; the pods' metrics name their models",
     **dict.fromkeys(("pd-profile-handler", "prefill-header-handler", "disagg-headers-handler"),
                     "deprecated in the reference: use disagg-profile-handler"),
     **dict.fromkeys(("always-disagg-multimodal-decider", "mm-embeddings-cache-producer", "mm-embeddings-cache-scorer"),
@@ -83,7 +84,6 @@ NOT_SUPPORTED_TYPES = {
 }
 # The dataLayer fields epp does not implement, with the reason.
 DATA_LAYER_NOT_SUPPORTED = {
-    "discovery": "epp discovers endpoints from its flags (--endpoints, --endpoints-file, --pool-name)",
     "peerDiscovery": "epp replicas share no state (one leader serves)",
     "crossReplicaSyncerPluginRef": "epp replicas share no state (one leader serves)",
     "crossReplicaSyncInterval": "epp replicas share no state (one leader serves)",
@@ -182,6 +182,7 @@ class PickerConfig:
     decider_ref: str | None = None  # P/D: the decider that says when the prefill stage runs
     token_ref: str | None = None  # the token producer, when one is listed
     parser_refs: tuple[str, ...] = ()  # requestHandler.parsers, in order (made by type name when not listed)
+    discovery_ref: str | None = None  # dataLayer.discovery (file-discovery), when given
     _handed_out: bool = False
 
     def build(self, previous: Mapping[str, Any] | None = None) -> tuple[Scheduler, dict[str, Any]]:
@@ -284,6 +285,13 @@ class PickerConfig:
                 bound.append(producer)
             user.bind_producer(producer)
         return bound
+
+    def discovery(self) -> tuple[str, bool] | None:
+        """dataLayer.discovery's endpoints file and whether it is watched (None: the flags say)."""
+        if self.discovery_ref is None:
+            return None
+        found: tuple[str, bool] = self.plugins[self.discovery_ref].instance.endpoints_file()
+        return found
 
     def runtime(self, instances: Mapping[str, Any]) -> Runtime:
         """The request-control side of the config, from ``build``'s instances."""
@@ -432,6 +440,10 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
     main, prefill, decider_ref = _profiles_for_handler(plans, plugins)
     detector, flow = _flow_control(raw, plugins, registry, enabled["flowControl"])
     data_refs = _data_layer(raw.get("dataLayer"), plugins)
+    discovery_ref = _discovery(raw.get("dataLayer"), plugins)
+    listed = [spec.name for spec in plugins.values() if spec.type.role == "discovery"]
+    if listed and discovery_ref is None:
+        raise ConfigError(plugins[listed[0]].path, f"{listed[0]!r} is not named by dataLayer.discovery")
     admitter_refs = tuple(spec.name for spec in plugins.values() if spec.type.role == "admitter")
     _check_producer_refs(plugins)
     producer_refs = _check_latency_refs(plugins)
@@ -447,7 +459,7 @@ def _parse(text: str, source: str, registry: PluginRegistry) -> PickerConfig:
                         hashlib.sha256(text.encode()).hexdigest(), tuple(data_refs.values()), detector, flow,
                         admitter_refs, api != API_VERSIONS[0], producer_refs,
                         handlers[0].name if handlers else None, prefill, decider_ref,
-                        tokens[0].name if tokens else None, parser_refs)
+                        tokens[0].name if tokens else None, parser_refs, discovery_ref)
 
 
 def _data_layer(section: Any, plugins: Mapping[str, PluginSpec]) -> dict[str, str]:
@@ -550,10 +562,26 @@ def _endpoint_extractors(source: Mapping[str, Any], path: str, plugins: Mapping[
             raise ConfigError(f"{epath}.pluginRef", f"{show(name)} does not follow endpoint notifications")
 
 
+def _discovery(section: Any, plugins: Mapping[str, PluginSpec]) -> str | None:
+    """``dataLayer.discovery``: the file-discovery plugin it names (None: the flags say)."""
+    if not isinstance(section, dict) or section.get("discovery") is None:
+        return None
+    d = _expect(section["discovery"], dict, "dataLayer.discovery", "a mapping")
+    _no_unknown(d, {"pluginRef"}, "dataLayer.discovery")
+    name = d.get("pluginRef")
+    _expect(name, str, "dataLayer.discovery.pluginRef", "a plugin name")
+    if name not in plugins:
+        raise ConfigError("dataLayer.discovery.pluginRef", f"no plugin named {show(name)} in plugins")
+    if plugins[name].type.role != "discovery":
+        raise ConfigError("dataLayer.discovery.pluginRef", f"{show(name)} is a {plugins[name].type.role}, "
+                                                           "not a discovery plugin (file-discovery)")
+    return str(name)
+
+
 def _data_layer_fields(section: Any) -> bool:
     """The section's own fields; returns injectDefaults."""
     _expect(section, dict, "dataLayer", "a mapping")
-    _no_unknown(section, {"injectDefaults", "sources", *DATA_LAYER_NOT_SUPPORTED}, "dataLayer")
+    _no_unknown(section, {"injectDefaults", "sources", "discovery", *DATA_LAYER_NOT_SUPPORTED}, "dataLayer")
     for key, why in DATA_LAYER_NOT_SUPPORTED.items():
         if section.get(key) is not None:
             raise ConfigError(f"dataLayer.{key}", f"not supported by epp ({why})")

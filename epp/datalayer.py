@@ -26,6 +26,7 @@ from epp.scheduling.contract import (
     AttributeExtractor,
     AttributeSource,
     DataSource,
+    EndpointDiscovery,
     EndpointNotifier,
     LoadsResources,
     MetricsExtractor,
@@ -188,6 +189,26 @@ class DcgmExtractor(AttributeExtractor):
         return {f"{GPU_UTILIZATION}/{self.type_name}": gpu_utilization(text, endpoint.pod)}
 
 
+class FileDiscovery(EndpointDiscovery):
+    """``file-discovery``: the endpoints from a YAML file (``path``, required; the reference's
+    entries ``{name, namespace, address, port, labels}`` or epp's HOST:PORT forms), re-read on
+    change with ``watchFile`` (false: read once at start)."""
+
+    type_name: ClassVar[str] = "file-discovery"
+
+    def __init__(self, name: str, params: Params) -> None:
+        self.name = name
+        path = params.text("path")
+        if not path:
+            raise ConfigError(f"{params.path}.path", "required (the endpoints file)")
+        self.path = path
+        self.watch = params.bool("watchFile", False)
+        params.done()
+
+    def endpoints_file(self) -> tuple[str, bool]:
+        return self.path, self.watch
+
+
 class EndpointNotificationSource(EndpointNotifier):
     type_name: ClassVar[str] = "endpoint-notification-source"
 
@@ -198,4 +219,4 @@ class EndpointNotificationSource(EndpointNotifier):
 
 # The data-layer plugin types; the config's registry adds them to the scheduling plugins.
 DATA_LAYER: tuple[type[Any], ...] = (MetricsDataSource, CoreMetricsExtractor, EndpointNotificationSource,
-                                     DcgmDataSource, DcgmExtractor)
+                                     DcgmDataSource, DcgmExtractor, FileDiscovery)

@@ -90,6 +90,13 @@ class AttributeExtractor(Plugin, Protocol):
     def attributes(self, text: str, endpoint: EndpointState) -> Mapping[str, float]: ...
 
 
+class EndpointDiscovery(Plugin, Protocol):
+    """Where the endpoints come from, named by ``dataLayer.discovery`` (the reference's
+    ``file-discovery``): a file of endpoints, and whether it is watched."""
+
+    def endpoints_file(self) -> tuple[str, bool]: ...
+
+
 class EndpointNotifier(Plugin, Protocol):
     """The pool's endpoint add/remove notifications for the plugins listed as its extractors
     (the reference's ``endpoint-notification-source``; data layer, under plugins only). epp tells
@@ -137,6 +144,7 @@ ROLES: tuple[tuple[type[Any], str], ...] = ((Filter, "filter"), (Scorer, "scorer
                                             (ProfileHandler, "profile handler"), (DataSource, "data source"),
                                             (MetricsExtractor, "metrics extractor"),
                                             (EndpointNotifier, "notification source"),
+                                            (EndpointDiscovery, "discovery"),
                                             (AttributeSource, "attribute source"),
                                             (AttributeExtractor, "attribute extractor"),
                                             (PrefixProducer, "prefix producer"), (DataProducer, "data producer"),
@@ -284,6 +292,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),
                                                   MetricsExtractor: ("engine_mapping",), EndpointNotifier: (),
+                                                  EndpointDiscovery: ("endpoints_file",),
                                                   AttributeSource: ("attribute_target", "attribute_interval"),
                                                   AttributeExtractor: ("attributes",),
                                                   PrefixProducer: ("match", "record"), DataProducer: ("produce",),

@@ -105,8 +105,11 @@ class PickerServer:
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
+        discovered = self.built.config.discovery()  # dataLayer.discovery (file-discovery), when given
         self.sources = PoolSources(self.store, self._set_policies, endpoints=opts.endpoints,
-                                   endpoints_file=opts.endpoints_file, objectives_file=opts.objectives_file,
+                                   endpoints_file=discovered[0] if discovered else opts.endpoints_file,
+                                   watch_endpoints_file=discovered[1] if discovered else True,
+                                   objectives_file=opts.objectives_file,
                                    kubernetes=opts.kubernetes, poll_interval=opts.config_poll_interval)
         self.signals = SignalCollection(self.store, self.metrics, self._plugins, engine=opts.engine,
                                         interval=opts.refresh_metrics_interval, timeout=opts.scrape_timeout,
@@ -127,6 +130,7 @@ class PickerServer:
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
         self._closing: asyncio.Task[None] | None = None  # a replaced token producer's connections
+        self._rediscover: asyncio.Task[None] | None = None  # a reload's new dataLayer.discovery file
 
     @property
     def kv_events(self) -> KVEventManager:
@@ -169,6 +173,9 @@ class PickerServer:
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.config_reloads.inc()
         self.signals.reconfigure(built.data_layer(), built.attribute_layer())
+        discovered = built.config.discovery()
+        if discovered is not None:
+            self._rediscover = asyncio.get_running_loop().create_task(self.sources.use_endpoints_file(*discovered))
 
     async def start(self) -> None:
         o = self.opts

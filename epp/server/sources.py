@@ -25,11 +25,13 @@ class PoolSources:
     def __init__(self, store: Datastore, set_policies: Callable[[RequestPolicies], None], *,
                  endpoints: tuple[str, ...] = (), endpoints_file: str | None = None,
                  objectives_file: str | None = None, kubernetes: KubernetesOptions | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, watch_endpoints_file: bool = True) -> None:
         self.store = store
         self.set_policies = set_policies
         self.endpoints = endpoints
         self.endpoints_file = endpoints_file
+        self.watch_endpoints_file = watch_endpoints_file  # file-discovery's watchFile (the flag's file: always)
+        self._file_task: asyncio.Task[Any] | None = None
         self.objectives_file = objectives_file
         self.kubernetes = kubernetes
         self.poll_interval = poll_interval
@@ -46,9 +48,7 @@ class PoolSources:
         if self.endpoints:
             self.store.set_endpoints(self.endpoints)
         if self.endpoints_file:
-            self.endpoints_watcher = endpoints_watcher(self.endpoints_file, self.store, self.poll_interval)
-            self.endpoints_watcher.check()
-            self._tasks.append(asyncio.create_task(self.endpoints_watcher.run()))
+            self._read_endpoints_file()
         if self.objectives_file:
             path = self.objectives_file
             self.policies_watcher = WatchedFile(path, lambda t: parse_policy_file(t, path), self.set_policies,
@@ -65,7 +65,23 @@ class PoolSources:
             self.discovery = await kube.discovery(self.store, policies_changed)
             await self.discovery.start()
 
+    def _read_endpoints_file(self) -> None:
+        assert self.endpoints_file is not None
+        self.endpoints_watcher = endpoints_watcher(self.endpoints_file, self.store, self.poll_interval)
+        self.endpoints_watcher.check()
+        if self.watch_endpoints_file:
+            self._file_task = asyncio.create_task(self.endpoints_watcher.run())
+
+    async def use_endpoints_file(self, path: str, watch: bool) -> None:
+        """A reload changed dataLayer.discovery's file (or its watchFile): read that one now."""
+        if (path, watch) == (self.endpoints_file, self.watch_endpoints_file):
+            return
+        await cancel_and_wait([self._file_task])
+        self._file_task = None
+        self.endpoints_file, self.watch_endpoints_file = path, watch
+        self._read_endpoints_file()
+
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait([*self._tasks, self._file_task])
         if self.discovery is not None:
             await self.discovery.stop()

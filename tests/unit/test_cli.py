@@ -47,6 +47,13 @@ def test_serve_refuses_bad_input_clearly(tmp_path: Path) -> None:
     bad.write_text("plugins:\n- type: magic\nschedulingProfiles: [{name: d}]\n")
     r = epp("serve", "--endpoints", "127.0.0.1:1", "--config-file", str(bad))
     assert r.returncode == 2 and f"{bad}: plugins[0].type" in r.stderr
+    discovery = tmp_path / "discovery.yaml"
+    discovery.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+                         "- {type: file-discovery, parameters: {path: /tmp/x.yaml}}\n- type: queue-scorer\n"
+                         "dataLayer: {discovery: {pluginRef: file-discovery}}\n"
+                         "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n")
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--config-file", str(discovery))
+    assert r.returncode == 2 and "dataLayer.discovery and a flag" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_limits_and_auth_flags(tmp_path: Path) -> None:

@@ -211,7 +211,8 @@ def test_the_data_layer_section_names_the_source_and_its_extractor() -> None:
 
 
 @pytest.mark.parametrize(("section", "error"), [
-    ("discovery: {pluginRef: file-discovery}", r"dataLayer\.discovery: not supported by epp"),
+    ("discovery: {pluginRef: file-discovery}", r"dataLayer\.discovery\.pluginRef: no plugin named 'file-discovery'"),
+    ("discovery: {pluginRef: scrape}", r"dataLayer\.discovery\.pluginRef: 'scrape' is a data source, not a discovery"),
     ("crossReplicaSyncerPluginRef: redis", r"dataLayer\.crossReplicaSyncerPluginRef: not supported by epp"),
     ("sources:\n- pluginRef: vllm", r"dataLayer\.sources\[0\]\.pluginRef: 'vllm' is a metrics extractor, not a data"),
     ("sources:\n- pluginRef: scrape\n  extractors: [{pluginRef: nope}]",

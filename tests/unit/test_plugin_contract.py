@@ -205,7 +205,7 @@ def test_contract_violations_are_named(bases: tuple[type[Any], ...], members: di
 def test_every_builtin_follows_the_contract() -> None:
     roles = {check_contract(cls).role for cls in (*BUILTIN, *DATA_LAYER)}
     assert roles == {"filter", "scorer", "picker", "profile handler", "data source", "metrics extractor",
-                     "notification source", "attribute source", "attribute extractor", "prefix producer",
+                     "notification source", "attribute source", "attribute extractor", "discovery", "prefix producer",
                      "data producer", "decider"}
 
 

@@ -150,7 +150,7 @@ def test_feature_gates_epp_honours_are_accepted() -> None:
     assert parse_config(CURRENT + "featureGates: [flowControl]\n").flow is not None
 
 
-@pytest.mark.parametrize("section", ["dataLayer: {discovery: {pluginRef: d}}", "data: {}",
+@pytest.mark.parametrize("section", ["dataLayer: {peerDiscovery: {pluginRef: d}}", "data: {}",
                                      "requestHandler: {parsers: [{pluginRef: vllmgrpc-parser}]}",
                                      "featureGates: [flowControl]\nflowControl: {enableEviction: true}"])
 def test_sections_epp_cannot_honour_are_refused_not_ignored(section: str) -> None:
