@@ -15,6 +15,9 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 
 REFUSED = {
     "epp-mm-embeddings-cache-config.yaml": r"'mm-embeddings-cache-producer' is not supported by epp \(multimodal",
+    "pd-topology-epp-config.yaml": r"'topology-extractor' is not supported by epp \(topology-aware routing",
+    "sim-e-p-d-epp-config.yaml": r"deciders\.encode: not supported by epp \(multimodal encode",
+    "sim-e-pd-epp-config.yaml": r"'always-disagg-multimodal-decider' is not supported by epp \(multimodal",
 }
 
 
