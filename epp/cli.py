@@ -353,6 +353,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--max-seconds", type=float, default=20.0, help="time cap per run")
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
+    o.add_argument("--stream-tokens", type=int, default=64,
+                   help="also measure gateway mode with SSE streams of this many tokens, one per chunk "
+                        "(concurrency 16; 0: not)")
     o.add_argument("--baseline-src", metavar="DIR",
                    help="also run the epp of another checkout (DIR with its epp/v1 generated), side by side")
     o.add_argument("--profile", nargs="?", type=int, const=16, choices=(1, 16), metavar="CONCURRENCY",
@@ -444,6 +447,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
                             rounds=args.rounds, buffered=args.buffered, profile_with=prof,
+                            stream_tokens=args.stream_tokens,
                             baseline_src=Path(args.baseline_src) if args.baseline_src else None,
                             profile_concurrency=args.profile or 16))
         print((out / "overhead.md").read_text())

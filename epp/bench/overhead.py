@@ -2,7 +2,9 @@
 
 Contenders, all in front of the same fast simulated fleet: Envoy alone (round robin) and Envoy +
 epp (FULL_DUPLEX_STREAMED, the gateway mode; BUFFERED optionally). Each runs at concurrency 1
-and 16 with the same 2.4 KB completion request. Picker CPU per request comes from the epp
+and 16 with the same 2.4 KB completion request, and (``stream_tokens``, 64) at concurrency 16
+with the same request streamed: an SSE event per token, so every response chunk crosses the
+picker, as gateways configure it. Picker CPU per request comes from the epp
 process's own CPU time (/proc), over the requests of that run. Then, in process, what the default
 profile and predicted-latency scoring cost per pick for 8, 32 and 128 candidates
 (``epp.bench.schedcost``).
@@ -42,12 +44,14 @@ class Row:
     added_p50_ms: float | None
     picker_cpu_us_per_req: float | None
     envoy_cpu_us_per_req: float
+    stream_tokens: int = 0  # the response: one token (0), or an SSE stream of this many tokens
 
 
-def request_body(size: int = 2400) -> bytes:
-    base = orjson.dumps({"model": "sim-model", "prompt": "", "max_tokens": 1, "ignore_eos": True})
+def request_body(size: int = 2400, stream_tokens: int = 0) -> bytes:
+    extra: dict[str, Any] = {"stream": True, "max_tokens": stream_tokens} if stream_tokens else {"max_tokens": 1}
+    base = orjson.dumps({"model": "sim-model", "prompt": "", "ignore_eos": True, **extra})
     return orjson.dumps({"model": "sim-model", "prompt": "benchmark " * ((size - len(base)) // 10),
-                         "max_tokens": 1, "ignore_eos": True})
+                         "ignore_eos": True, **extra})
 
 
 async def _measure(name: str, envoy: EnvoyProc, epp: subprocess.Popen[bytes] | None, body: bytes, concurrency: int,
@@ -72,14 +76,16 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     for r in rows:
         added = "-" if r.added_p50_ms is None else f"{r.added_p50_ms:+.3f}"
         picker = "-" if r.picker_cpu_us_per_req is None else f"{r.picker_cpu_us_per_req:.0f}"
-        lines.append(f"| {r.contender} | {r.concurrency} | {r.requests} | {r.errors} | {r.rps:.0f} | {r.p50_ms:.3f} "
+        name = f"{r.contender}, {r.stream_tokens}-token streams" if r.stream_tokens else r.contender
+        lines.append(f"| {name} | {r.concurrency} | {r.requests} | {r.errors} | {r.rps:.0f} | {r.p50_ms:.3f} "
                      f"| {r.p99_ms:.3f} | {added} | {picker} | {r.envoy_cpu_us_per_req:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
                          rounds: int = 2, buffered: bool = False, baseline_src: Path | None = None,
-                         profile_with: str | None = None, profile_concurrency: int = 16) -> list[Row]:
+                         profile_with: str | None = None, profile_concurrency: int = 16,
+                         stream_tokens: int = 64) -> list[Row]:
     """``baseline_src``: a checkout of another epp version (with its generated epp/v1), run as one
     more contender in the same rounds, so a change is measured side by side with its baseline."""
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +125,7 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
             for _, envoy, _ in contenders:  # warm up connections and code paths
                 await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,
                                max_seconds=10)
-            samples: dict[tuple[str, int], list[Row]] = {}
+            samples: dict[tuple[str, int, int], list[Row]] = {}
             profiler = None
             for rnd in range(rounds):
                 for conc in (1, 16):
@@ -136,13 +142,19 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                         if profiler is not None and profiler.poll() is None:
                             profiler.send_signal(2)
                             profiler.wait(30)
-                        samples.setdefault((name, conc), []).append(row)
+                        samples.setdefault((name, conc, 0), []).append(row)
+                if stream_tokens:  # gateway mode with token streams: every chunk crosses the picker
+                    streamed = request_body(stream_tokens=stream_tokens)
+                    for name, envoy, picker in contenders:
+                        row = await _measure(name, envoy, picker, streamed, 16, max(requests // 4, 16), max_seconds)
+                        row.stream_tokens = stream_tokens
+                        samples.setdefault((name, 16, stream_tokens), []).append(row)
             rows = [_median_row(v) for v in samples.values()]
-            base = {r.concurrency: r.p50_ms for r in rows if r.contender == "envoy round-robin"}
+            base = {(r.concurrency, r.stream_tokens): r.p50_ms for r in rows if r.contender == "envoy round-robin"}
             for r in rows:
                 if r.contender != "envoy round-robin":
-                    r.added_p50_ms = round(r.p50_ms - base[r.concurrency], 3)
-            rows.sort(key=lambda r: (r.concurrency, r.contender))
+                    r.added_p50_ms = round(r.p50_ms - base[(r.concurrency, r.stream_tokens)], 3)
+            rows.sort(key=lambda r: (r.stream_tokens, r.concurrency, r.contender))
         finally:
             for e in envoys:
                 e.stop()
