@@ -143,6 +143,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--pool-group", default="inference.networking.k8s.io", help="the InferencePool API group")
     p.add_argument("--endpoint-selector", help="instead of a pool: pods with these labels (app=vllm,tier=gpu)")
     p.add_argument("--endpoint-target-ports", help="with --endpoint-selector: the pods' ports (8000[,8001])")
+    p.add_argument("--api-keys-file", help="YAML of API keys (their sha256), each with a tenant and a tier: "
+                                           "requests without a valid one get 401 (watched; see the README)")
     p.add_argument("--objectives-file", help="YAML InferenceObjective / InferenceModelRewrite documents (reloaded "
                    "on change; for pools outside Kubernetes, where discovery reads them from the API)")
     bool_flag(p, "--ha-enable-leader-election", False,
@@ -229,7 +231,7 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        kubernetes=kube, objectives_file=args.objectives_file,
+        kubernetes=kube, objectives_file=args.objectives_file, api_keys_file=args.api_keys_file,
         drain_timeout=args.drain_timeout,
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
                       max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),

@@ -16,7 +16,8 @@ class InferenceRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     target_model: str = ""  # the model to send the server (an InferenceModelRewrite may change it)
     body: dict[str, Any] | None = None  # the parsed JSON (read-only: the bytes are what is forwarded)
-    objective: str = ""  # the x-gateway-inference-objective header
+    objective: str = ""  # the x-gateway-inference-objective header (or the API key's tier)
+    tenant: str = ""  # the API key's tenant: the flow-control fairness id (overrides the header)
     priority: int = 0  # the objective's priority; negative = sheddable
     token_ids: list[int] | None = None  # the prompt's token ids, when a token producer gave them
     real_tokens: bool = False  # whether those are the model's tokens (not the byte estimate)

@@ -31,6 +31,7 @@ from epp.observability.metrics import PickerMetrics, RequestLabels, ResponseFact
 from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
+from epp.requestcontrol.apikeys import ApiKey, KeyTable
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
 from epp.requestcontrol.parsers import default_parsers, headers_only
 from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
@@ -245,6 +246,7 @@ class Director:
         self.tokens: Tokenizes | None = None  # the token producer: the prompt's ids, before admission
         self.preparers: tuple[PreparesRequests, ...] = ()  # then these (the burst window), in order
         self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
+        self.keys: KeyTable | None = None  # --api-keys-file: who may send requests (None: anyone)
 
     @property
     def policies(self) -> RequestPolicies:
@@ -307,13 +309,16 @@ class Director:
     def _submit(self, given: RequestInput, access: ResponseAccess,
                 ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
         arrived = time.perf_counter()
+        key = self._authenticate(given)
         request = self._parse(given)
+        if key is not None:
+            request.tenant, request.objective = key.tenant, key.tier
         request.arrived = arrived
         request.body_bytes = len(given.body) if given.body is not None else _content_length(given.headers)
         self._apply_policies(request)
         m = self.metrics
-        labels = m.request_labels(request.model, request.target_model, header(request.headers, FAIRNESS_ID),
-                                  request.priority)
+        labels = m.request_labels(request.model, request.target_model,
+                                  request.tenant or header(request.headers, FAIRNESS_ID), request.priority)
         m.request_started(labels)
         fetch = self._preparation(request, self.tokens.prepare(request) if self.tokens is not None else None)
         if fetch is None:
@@ -468,6 +473,18 @@ class Director:
             routed.forward_body = mutated_body(request, inject)
         return routed
 
+    def _authenticate(self, given: RequestInput) -> ApiKey | None:
+        """The request's API key when keys are configured (Refused 401 otherwise), before anything else."""
+        keys = self.keys
+        if keys is None:
+            return None
+        try:
+            return keys.check(given.headers)
+        except Refused as e:
+            self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
+            log.info("request %s refused: 401 %s", given.headers.get("x-request-id") or "-", e.message)
+            raise
+
     def _parse(self, given: RequestInput) -> InferenceRequest:
         headers = given.headers
         request_id = headers.get("x-request-id") or ""
@@ -491,7 +508,8 @@ class Director:
         reference orders them)."""
         policies = self.policies
         headers = request.headers
-        request.objective = header(headers, OBJECTIVE)
+        if not request.tenant:  # an API key's tier is its objective; the header is the client's own say
+            request.objective = header(headers, OBJECTIVE)
         request.priority = policies.priority(request.objective)
         wanted = header(headers, MODEL_REWRITE)
         if wanted and request.model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from epp.config import Built, PickerConfig, build, config_watcher
@@ -20,6 +21,7 @@ from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
 from epp.observability.metrics import PickerMetrics, PluginCollector
 from epp.observability.tracing import Tracing
 from epp.requestcontrol.admission import SheddableAdmission
+from epp.requestcontrol.apikeys import KeyTable, parse_keys_file
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.policies import RequestPolicies
 from epp.server import h2grpc
@@ -64,6 +66,7 @@ class ServeOptions:
     decision_headers: bool = False
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
+    api_keys_file: str | None = None  # --api-keys-file: API keys, their tenants and tiers (watched)
     drain_timeout: float = 30.0  # SIGTERM: keep serving (unready) until quiet, at most this long
     limits: h2grpc.Limits = field(default_factory=h2grpc.Limits)
     max_scrape_bytes: int = MAX_BODY
@@ -100,6 +103,17 @@ class PickerServer:
         self.director.admitters = rt.admitters
         self.director.tokens = rt.tokens
         self.director.preparers = rt.preparers
+        self.keys_watcher: WatchedFile[KeyTable] | None = None
+        if opts.api_keys_file:  # read now: a missing or bad keys file stops epp at start
+            path = opts.api_keys_file
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ValueError(f"{path}: cannot read the API keys file: {e.strerror}") from None
+            self.director.keys = parse_keys_file(text, path)
+            self.keys_watcher = WatchedFile(path, lambda t: parse_keys_file(t, path), self._set_keys, what="API keys",
+                                            current=self.director.keys, current_text=text,
+                                            interval=opts.config_poll_interval)
         if rt.parsers is not None:
             self.director.parsers = rt.parsers
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
@@ -131,6 +145,7 @@ class PickerServer:
         self.bound_ports: dict[str, int] = {}
         self._closing: asyncio.Task[None] | None = None  # a replaced token producer's connections
         self._rediscover: asyncio.Task[None] | None = None  # a reload's new dataLayer.discovery file
+        self._keys_task: asyncio.Task[None] | None = None
 
     @property
     def kv_events(self) -> KVEventManager:
@@ -147,6 +162,9 @@ class PickerServer:
     def _new_stream(self) -> ExtProcStream:
         o = self.opts
         return ExtProcStream(self.director, o.decision_headers, o.limits.max_message, o.emit_endpoint_scores)
+
+    def _set_keys(self, keys: KeyTable) -> None:
+        self.director.keys = keys
 
     def _set_policies(self, policies: RequestPolicies) -> None:
         self.director.policies = policies
@@ -192,6 +210,8 @@ class PickerServer:
         if o.config_file:
             self.config_watcher = config_watcher(o.config_file, self.built, self.apply, o.config_poll_interval)
             self._watch = asyncio.create_task(self.config_watcher.run())
+        if self.keys_watcher is not None:
+            self._keys_task = asyncio.create_task(self.keys_watcher.run())
         self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path, o.tls,
                                                          o.cert_reload)
         self.bound_ports["health"] = await self.readiness.start(o.host, o.grpc_health_port)
@@ -209,7 +229,7 @@ class PickerServer:
         await self.grpc.drain(timeout)
 
     async def stop(self, grace: float = 1.0) -> None:
-        await cancel_and_wait([self._watch])
+        await cancel_and_wait([self._watch, self._keys_task])
         if self.director.waiting is not None:  # what still waits is told 503 now, not cut off
             self.director.waiting.close()
         await self.grpc.stop(grace)
