@@ -5,6 +5,7 @@ The file (YAML; in Kubernetes a Secret mounted as a file) lists keys by their SH
     keys:
     - {id: team-a-1, sha256: 9f86d0...,  tenant: team-a, tier: premium}
     - {id: batch-7,  sha256: 2c26b4...,  tenant: batch,  tier: batch, active: false}
+    - {id: trial-1,  sha256: fcde2b...,  tenant: trial,  limits: {requestsPerMinute: 10, tokensPerMinute: 20000}}
 
 ``key`` (the key itself) is read too and hashed at load, with a warning: the file then holds a
 secret in clear. A request presents its key as ``Authorization: Bearer <key>`` or ``x-api-key``;
@@ -30,6 +31,7 @@ import yaml
 from epp.requestcontrol.refused import Refused
 
 log = logging.getLogger("epp.apikeys")
+API_KEY = "api-key"  # where the request's key is kept (InferenceRequest.prepared)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -40,6 +42,8 @@ class ApiKey:
     tenant: str
     tier: str = ""
     active: bool = True
+    rpm: int | None = None  # limits.requestsPerMinute (None: no limit)
+    tpm: int | None = None  # limits.tokensPerMinute: prompt + completion, charged when the response ends
 
 
 def digest_of(key: str) -> bytes:
@@ -76,6 +80,23 @@ class KeyTable:
         return found
 
 
+def _limits(raw: object, path: str) -> tuple[int | None, int | None]:
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    unknown = sorted(set(raw) - {"requestsPerMinute", "tokensPerMinute"})
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown field (allowed: requestsPerMinute, tokensPerMinute)")
+    out: list[int | None] = []
+    for name in ("requestsPerMinute", "tokensPerMinute"):
+        v = raw.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 10**9):
+            raise ValueError(f"{path}.{name}: expected a positive integer, got {v!r}")
+        out.append(v)
+    return out[0], out[1]
+
+
 def parse_keys_file(text: str, source: str) -> KeyTable:
     """The keys file; ValueError naming the file and the entry (a bad edit keeps the old keys)."""
     try:
@@ -92,9 +113,11 @@ def parse_keys_file(text: str, source: str) -> KeyTable:
         path = f"{source}: keys[{i}]"
         if not isinstance(e, dict):
             raise ValueError(f"{path}: expected a mapping")
-        unknown = sorted(set(e) - {"id", "sha256", "key", "tenant", "tier", "active"})
+        unknown = sorted(set(e) - {"id", "sha256", "key", "tenant", "tier", "active", "limits"})
         if unknown:
-            raise ValueError(f"{path}.{unknown[0]}: unknown field (allowed: id, sha256, key, tenant, tier, active)")
+            raise ValueError(f"{path}.{unknown[0]}: unknown field "
+                             "(allowed: id, sha256, key, tenant, tier, active, limits)")
+        rpm, tpm = _limits(e.get("limits"), f"{path}.limits")
         key_id, tenant, tier, active = e.get("id"), e.get("tenant"), e.get("tier", ""), e.get("active", True)
         for name, value in (("id", key_id), ("tenant", tenant)):
             if not isinstance(value, str) or not value:
@@ -119,7 +142,7 @@ def parse_keys_file(text: str, source: str) -> KeyTable:
                 raise ValueError(f"{path}.key: expected a string of at least 16 characters")
             d = digest_of(plain)
             clear += 1
-        keys.append(ApiKey(key_id, d, tenant, tier, active))
+        keys.append(ApiKey(key_id, d, tenant, tier, active, rpm, tpm))
     if len({k.digest for k in keys}) != len(keys):
         raise ValueError(f"{source}: two entries have the same key")
     if clear:

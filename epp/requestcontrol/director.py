@@ -31,12 +31,13 @@ from epp.observability.metrics import PickerMetrics, RequestLabels, ResponseFact
 from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
-from epp.requestcontrol.apikeys import ApiKey, KeyTable
+from epp.requestcontrol.apikeys import API_KEY, ApiKey, KeyTable
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
 from epp.requestcontrol.parsers import default_parsers, headers_only
 from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
 from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.ratelimits import RateLimits
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.tokens import Tokenizes
 from epp.requestcontrol.usage import UsageReader, wants_injection
@@ -139,9 +140,12 @@ class Routed:
                 ("x-epp-queue-ms", f"{self.queued * 1000:.1f}"))
 
     def response_headers(self, explain: bool) -> tuple[tuple[str, str], ...]:
-        """The headers epp sets on the response: the plugins' (a session token) and, with
-        ``explain``, the decision headers."""
+        """The headers epp sets on the response: the plugins' (a session token), the API key's
+        rate limits and, with ``explain``, the decision headers."""
         own = tuple(self.scheduler.response_headers(self.decision, self.endpoint))
+        key = self.request.prepared.get(API_KEY)
+        if isinstance(key, ApiKey) and (key.rpm is not None or key.tpm is not None):
+            own += self._director.rate_limits.headers(key)
         return own + self.explain() if explain else own
 
     def first_bytes(self) -> None:
@@ -223,6 +227,9 @@ class Routed:
             facts.completion_tokens = reader.completion_tokens or 0
             facts.cached_tokens = reader.cached_tokens
         self._director.metrics.response_observed(self._labels, facts)
+        key = self.request.prepared.get(API_KEY)
+        if isinstance(key, ApiKey) and key.tpm is not None:
+            self._director.rate_limits.charge(key, facts.prompt_tokens + facts.completion_tokens)
 
 
 class Director:
@@ -247,6 +254,7 @@ class Director:
         self.preparers: tuple[PreparesRequests, ...] = ()  # then these (the burst window), in order
         self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
         self.keys: KeyTable | None = None  # --api-keys-file: who may send requests (None: anyone)
+        self.rate_limits = RateLimits(time.monotonic)  # the keys' requests and tokens per minute
 
     @property
     def policies(self) -> RequestPolicies:
@@ -313,6 +321,7 @@ class Director:
         request = self._parse(given)
         if key is not None:
             request.tenant, request.objective = key.tenant, key.tier
+            request.prepared[API_KEY] = key
         request.arrived = arrived
         request.body_bytes = len(given.body) if given.body is not None else _content_length(given.headers)
         self._apply_policies(request)
@@ -466,8 +475,11 @@ class Director:
         routed.prefill_tokens = prefill_tokens
         inject = False
         if access is not ResponseAccess.NONE:  # the response series read its usage; plugins may want more
-            if scheduler.wants_usage or read_usage:
-                inject = access is ResponseAccess.INJECT and scheduler.inject_usage and wants_injection(request)
+            key = request.prepared.get(API_KEY)
+            metered = isinstance(key, ApiKey) and key.tpm is not None  # its tokens per minute need the usage
+            if scheduler.wants_usage or read_usage or metered:
+                inject = (access is ResponseAccess.INJECT and (scheduler.inject_usage or metered)
+                          and wants_injection(request))
             routed.reader = UsageReader(strip=inject)
         if given.body is not None:
             routed.forward_body = mutated_body(request, inject)
@@ -479,10 +491,13 @@ class Director:
         if keys is None:
             return None
         try:
-            return keys.check(given.headers)
+            key = keys.check(given.headers)
+            if key.rpm is not None or key.tpm is not None:
+                self.rate_limits.admit(key)
+            return key
         except Refused as e:
             self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
-            log.info("request %s refused: 401 %s", given.headers.get("x-request-id") or "-", e.message)
+            log.info("request %s refused: %d %s", given.headers.get("x-request-id") or "-", e.status, e.message)
             raise
 
     def _parse(self, given: RequestInput) -> InferenceRequest:

@@ -28,12 +28,14 @@ class Refused(Exception):
     """A request epp does not route: HTTP ``status``, a one-line reason, the offending field, and
     for a request dropped before dispatch the reference's reason code (``dropped``)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, dropped: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, dropped: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.dropped = dropped
+        self.headers = headers  # more response headers (a rate limit's Retry-After and x-ratelimit-*)
 
     @property
     def err_type(self) -> str:

@@ -165,12 +165,14 @@ def _metadata_string(msg: pb.ProcessingRequest, namespace: str, key: str) -> str
     return fields[key].string_value if key in fields else ""
 
 
-def immediate(status: int, body: bytes, dropped: str | None = None) -> bytes:
+def immediate(status: int, body: bytes, dropped: str | None = None,
+              more: Sequence[tuple[str, str]] = ()) -> bytes:
     resp = pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(body=body, details=f"epp_{status}"))
     resp.immediate_response.status.code = status
     headers = [("content-type", b"application/json")]
     if dropped is not None:
         headers.append((DROPPED_REASON_HEADER, dropped.encode()))
+    headers += [(k, v.encode()) for k, v in more]
     for key, value in headers:
         opt = resp.immediate_response.headers.set_headers.add()
         opt.header.key = key
@@ -324,7 +326,7 @@ class ExtProcStream:
             out = self._director.submit(RequestInput(headers, headers.get(":path", ""), body, subset=self._subset),
                                         access, self._ready)
         except Refused as e:
-            return [immediate(e.status, e.body(), e.dropped)]
+            return [immediate(e.status, e.body(), e.dropped, e.headers)]
         if isinstance(out, Pending):
             self._waiting = out
             self._after_pick = answer
@@ -339,7 +341,7 @@ class ExtProcStream:
         answer, held = self._after_pick, self._held or []
         self._after_pick = self._held = None
         if isinstance(result, Refused):
-            out = [immediate(result.status, result.body(), result.dropped)]
+            out = [immediate(result.status, result.body(), result.dropped, result.headers)]
         else:
             self.pick = result
             out = answer() if answer is not None else []

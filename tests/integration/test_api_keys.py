@@ -76,3 +76,26 @@ async def test_keys_guard_the_pool_and_name_the_tenant(tmp_path: Path) -> None:
         await wait_until(rotated, 5, "the new key")
         status, _, _ = await post(s, url, chat, headers={"x-api-key": KEY_A})
         assert status == 401  # rotated out
+
+
+async def test_a_key_over_its_limits_gets_429_with_the_rate_headers(tmp_path: Path) -> None:
+    f = tmp_path / "keys.yaml"
+    f.write_text(keys_file(f"{{id: trial, sha256: {sha(KEY_A)}, tenant: trial, "
+                           "limits: {requestsPerMinute: 3, tokensPerMinute: 100000}}"))
+    chat = orjson.dumps({"model": "sim-model", "max_tokens": 4, "ignore_eos": True, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    async with in_process_stack(servers=2, serve={"api_keys_file": str(f)}) as stack, aiohttp.ClientSession() as s:
+        url, auth = f"{stack.url}/v1/chat/completions", {"x-api-key": KEY_A}
+        remaining = []
+        for _ in range(3):
+            status, headers, body = await post(s, url, chat, headers=auth)
+            assert status == 200 and b'"usage"' not in body  # epp asked the stream for usage, and cut it out
+            remaining.append(headers["x-ratelimit-remaining-requests"])
+            assert headers["x-ratelimit-limit-tokens"] == "100000"
+        assert remaining == ["2", "1", "0"]
+        status, headers, body = await post(s, url, chat, headers=auth)
+        assert status == 429 and orjson.loads(body)["error"]["type"] == "RateLimitError"
+        assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-remaining-requests"] == "0"
+        assert stack.picker is not None
+        tokens = stack.picker.director.rate_limits.headers(stack.picker.director.keys.check(auth))  # type: ignore[union-attr]
+        assert int(dict(tokens)["x-ratelimit-remaining-tokens"]) < 100000  # the streams' usage was charged

@@ -68,3 +68,38 @@ def test_a_key_given_in_clear_is_hashed_and_warned_about(caplog: pytest.LogCaptu
 def test_a_bad_file_names_the_entry(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         parse_keys_file(text, "keys.yaml")
+
+
+def test_rate_limits_refill_per_minute_and_tokens_are_charged_at_the_end() -> None:
+    from epp.requestcontrol.ratelimits import RateLimits
+
+    table = parse_keys_file(f"keys:\n- {{id: t, sha256: {sha(KEY_A)}, tenant: t, "
+                            "limits: {requestsPerMinute: 2, tokensPerMinute: 100}}\n", "keys.yaml")
+    key = table.check({"x-api-key": KEY_A})
+    now = [1000.0]
+    limits = RateLimits(lambda: now[0])
+    limits.admit(key)
+    limits.admit(key)
+    with pytest.raises(Refused, match="over its 2 requests per minute") as e:
+        limits.admit(key)
+    assert e.value.status == 429
+    got = dict(e.value.headers)
+    assert got["retry-after"] == "30" and got["x-ratelimit-remaining-requests"] == "0"
+    assert got["x-ratelimit-limit-requests"] == "2" and got["x-ratelimit-reset-requests"] == "1m0s"
+    now[0] += 30  # one request back
+    limits.admit(key)
+    limits.charge(key, 150)  # one long answer: below zero
+    now[0] += 30
+    with pytest.raises(Refused, match="over its 100 tokens per minute") as e:
+        limits.admit(key)
+    assert dict(e.value.headers)["x-ratelimit-remaining-tokens"] == "0"
+    now[0] += 60
+    limits.admit(key)
+    assert dict(limits.headers(key))["x-ratelimit-remaining-tokens"] == "100"
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.requestsPerMinute: expected a positive integer"):
+        parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{requestsPerMinute: 0}}}}]", "k")
+    with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.concurrency: unknown field"):
+        parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{concurrency: 2}}}}]", "k")
