@@ -292,8 +292,12 @@ async def test_the_reference_charts_arguments_start_epp(emulator: KubeEmulator, 
             return all([await _health(health, s) == SERVING for s in services])
 
         await wait_until(probes_pass, 20, f"the chart's probes ({services}) to pass")
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
-            assert 'inference_pool_ready_pods{name="vllm-pool"} 2.0' in await r.text()
+
+        async def both_ready() -> bool:  # ready takes one fresh pod; the other's first scrape may come later
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{metrics}/metrics") as r:
+                return 'inference_pool_ready_pods{name="vllm-pool"} 2.0' in await r.text()
+
+        await wait_until(both_ready, 10, "both pods in the pool's ready gauge")
     finally:
         stop(proc)
         await fleet.stop()
