@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
@@ -52,7 +52,7 @@ from epp.scheduling.contract import (
 )
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
-from epp.scheduling.precision import PrecisionTracker
+from epp.scheduling.precision import PrecisionTracker, closed_loop_families
 from epp.scheduling.prefix_producer import REFERENCE_DEFAULTS, ApproxPrefixProducer
 from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, PrefixMatch, Slot
 from epp.signals.kvevents import BlockIndex, KVEventsSpec
@@ -292,26 +292,7 @@ class PrecisePrefixProducer(PrefixProducer, ObservesUsage, ForgetsEndpoints, Hol
 
     def metric_families(self, pool: str) -> Iterator[Metric]:
         labels, values = ["name", "plugin"], [pool, self.name]
-        totals = self.tracker.totals
-        rows: list[tuple[type[Any], str, str, float | None]] = [
-            (GaugeMetricFamily, "epp_prefix_routing_precision",
-             "Agreement of predicted and reported cached prompt tokens over recent responses "
-             "(sum of min / sum of max; 1 = the precise index is exact).", self.tracker.precision),
-            (GaugeMetricFamily, "epp_prefix_routing_precise_active",
-             "1 while the precise index routes, 0 while fallen back to the approximate one.",
-             1.0 if self.tracker.trusted else 0.0),
-            (CounterMetricFamily, "epp_prefix_reported_cached_tokens",
-             "Prompt tokens the pods reported served from cache (usage.cached_tokens).", totals.actual_tokens),
-            (CounterMetricFamily, "epp_prefix_routing_fallbacks", "Switches to the approximate index.",
-             totals.fallbacks),
-            (GaugeMetricFamily, "epp_precise_index_blocks", "Blocks held by the precise index (all pods).",
-             self.index.size()),
-        ]
-        for family, metric, help_text, value in rows:
-            fam = family(metric, help_text, labels=labels)
-            if value is not None:
-                fam.add_metric(values, value)
-            yield fam
+        yield from closed_loop_families(pool, self.name, self.tracker, self.tracker.trusted, self.index.size())
         used = CounterMetricFamily("epp_prefix_match_source", "Requests matched on the precise index or, falling "
                                    "back, on the approximate one.", labels=[*labels, "index"])
         for source, n in sorted(self.used.items()):

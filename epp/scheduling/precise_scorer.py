@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from epp.blockhash import BlockHasher
 from epp.datastore.endpoint import EndpointState
@@ -36,7 +36,7 @@ from epp.scheduling.contract import (
 )
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
-from epp.scheduling.precision import PrecisionTracker
+from epp.scheduling.precision import PrecisionTracker, closed_loop_families
 from epp.scheduling.prefix_index import ApproximatePrefix
 from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, Slot
 from epp.signals.kvevents import BlockIndex, KVEventsSpec
@@ -216,26 +216,5 @@ class PrecisePrefixCacheScorer(Scorer, ObservesPicks, ObservesUsage, ForgetsEndp
 
     def metric_families(self, pool: str) -> Iterator[Metric]:
         """The closed loop's agreement and mode, and the precise index's size."""
-        labels, values = ["name", "plugin"], [pool, self.name]
-        totals = self.tracker.totals
-        rows: list[tuple[type[Any], str, str, float | None]] = [
-            (GaugeMetricFamily, "epp_prefix_routing_precision",
-             "Agreement of predicted and reported cached prompt tokens over recent responses "
-             "(sum of min / sum of max; 1 = the precise index is exact).", self.tracker.precision),
-            (GaugeMetricFamily, "epp_prefix_routing_precise_active",
-             "1 while the precise index routes, 0 while fallen back to the approximate one.",
-             1.0 if self.tracker.trusted and self.tokenizer is not None else 0.0),
-            (CounterMetricFamily, "epp_prefix_predicted_cached_tokens",
-             "Prompt tokens the precise index predicted cached on the chosen pod.", totals.predicted_tokens),
-            (CounterMetricFamily, "epp_prefix_reported_cached_tokens",
-             "Prompt tokens the pods reported served from cache (usage.cached_tokens).", totals.actual_tokens),
-            (CounterMetricFamily, "epp_prefix_routing_fallbacks", "Switches to the approximate index.",
-             totals.fallbacks),
-            (GaugeMetricFamily, "epp_precise_index_blocks", "Blocks held by the precise index (all pods).",
-             self.index.size()),
-        ]
-        for family, name, help_text, value in rows:
-            fam = family(name, help_text, labels=labels)
-            if value is not None:
-                fam.add_metric(values, value)
-            yield fam
+        active = self.tracker.trusted and self.tokenizer is not None
+        yield from closed_loop_families(pool, self.name, self.tracker, active, self.index.size())

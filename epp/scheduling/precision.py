@@ -12,7 +12,11 @@ goes back. Requests where neither side expected or found a cached token carry no
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 @dataclass(slots=True)
@@ -71,3 +75,29 @@ class PrecisionTracker:
             t.recoveries += 1
             return f"precision recovered to {p:.2f}: routing on the precise index again"
         return None
+
+
+def closed_loop_families(pool: str, plugin: str, tracker: PrecisionTracker, active: bool,
+                         index_blocks: int) -> Iterator[Metric]:
+    """The closed loop's series of a precise plugin (the scorer's or the producer's): agreement,
+    whether the precise index routes, the token totals, the fallbacks, and the index's size."""
+    labels, values = ["name", "plugin"], [pool, plugin]
+    totals = tracker.totals
+    rows: list[tuple[type[Any], str, str, float | None]] = [
+        (GaugeMetricFamily, "epp_prefix_routing_precision",
+         "Agreement of predicted and reported cached prompt tokens over recent responses "
+         "(sum of min / sum of max; 1 = the precise index is exact).", tracker.precision),
+        (GaugeMetricFamily, "epp_prefix_routing_precise_active",
+         "1 while the precise index routes, 0 while fallen back to the approximate one.", 1.0 if active else 0.0),
+        (CounterMetricFamily, "epp_prefix_predicted_cached_tokens",
+         "Prompt tokens the precise index predicted cached on the chosen pod.", totals.predicted_tokens),
+        (CounterMetricFamily, "epp_prefix_reported_cached_tokens",
+         "Prompt tokens the pods reported served from cache (usage.cached_tokens).", totals.actual_tokens),
+        (CounterMetricFamily, "epp_prefix_routing_fallbacks", "Switches to the approximate index.", totals.fallbacks),
+        (GaugeMetricFamily, "epp_precise_index_blocks", "Blocks held by the precise index (all pods).", index_blocks),
+    ]
+    for family, name, help_text, value in rows:
+        fam = family(name, help_text, labels=labels)
+        if value is not None:
+            fam.add_metric(values, value)
+        yield fam
