@@ -38,6 +38,29 @@ from epp.signals.mappings import ENGINE_LABEL, ENGINES, EngineMapping, MetricNam
 from epp.signals.scraper import ScrapeTarget
 
 
+def read_path(params: Params, default: str) -> str:
+    """A source's URL ``path`` (must start with '/')."""
+    path = params.text("path", default) or default
+    if not path.startswith("/"):
+        raise ConfigError(f"{params.path}.path", f"must start with '/', got {path!r}")
+    return path
+
+
+def https_context(where: str, skip_verify: bool, ca: str | None = None, client_cert: str | None = None,
+                  client_key: str | None = None) -> ssl.SSLContext:
+    """A source's HTTPS context (reads the CA and client certificate files; ConfigError at ``where``)."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+        if client_cert and client_key:
+            ctx.load_cert_chain(client_cert, client_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{where}.caCertPath", f"cannot load the TLS files: {e}") from None
+    if skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class MetricsDataSource(DataSource, LoadsResources):
     type_name: ClassVar[str] = "metrics-data-source"
 
@@ -45,9 +68,7 @@ class MetricsDataSource(DataSource, LoadsResources):
         self.name = name
         self._path = params.path
         self.scheme = params.text("scheme", "http", choices=("http", "https")) or "http"
-        self.metrics_path = params.text("path", "/metrics") or "/metrics"
-        if not self.metrics_path.startswith("/"):
-            raise ConfigError(f"{params.path}.path", f"must start with '/', got {self.metrics_path!r}")
+        self.metrics_path = read_path(params, "/metrics")
         port = params.int("port", 0, minimum=0, maximum=65535)
         self.port = port or None
         self.skip_verify = params.bool("insecureSkipVerify", True)
@@ -64,18 +85,8 @@ class MetricsDataSource(DataSource, LoadsResources):
 
     def load(self) -> None:
         """The TLS context (reads the CA and client certificate files)."""
-        if self.scheme != "https":
-            return
-        try:
-            ctx = ssl.create_default_context(cafile=self.ca) if self.ca else ssl.create_default_context()
-            if self.client_cert and self.client_key:
-                ctx.load_cert_chain(self.client_cert, self.client_key)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"{self._path}.caCertPath", f"cannot load the TLS files: {e}") from None
-        if self.skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        self._tls = ctx
+        if self.scheme == "https":
+            self._tls = https_context(self._path, self.skip_verify, self.ca, self.client_cert, self.client_key)
 
     def scrape_target(self) -> ScrapeTarget:
         return ScrapeTarget(self.metrics_path, self.port, self._tls)
@@ -146,9 +157,8 @@ class DcgmDataSource(AttributeSource, LoadsResources):
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
         self.scheme = params.text("scheme", "http", choices=("http", "https")) or "http"
-        self.metrics_path = params.text("path", "/metrics") or "/metrics"
-        if not self.metrics_path.startswith("/"):
-            raise ConfigError(f"{params.path}.path", f"must start with '/', got {self.metrics_path!r}")
+        self.metrics_path = read_path(params, "/metrics")
+        self._path = params.path
         self.port = params.int("port", 9400, minimum=1, maximum=65535)
         self.skip_verify = params.bool("insecureSkipVerify", True)
         if params.bool("useNodeAddress", False):
@@ -160,11 +170,7 @@ class DcgmDataSource(AttributeSource, LoadsResources):
 
     def load(self) -> None:
         if self.scheme == "https":
-            ctx = ssl.create_default_context()
-            if self.skip_verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._tls = ctx
+            self._tls = https_context(self._path, self.skip_verify)
 
     def attribute_target(self) -> ScrapeTarget:
         return ScrapeTarget(self.metrics_path, self.port, self._tls)
