@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
-from epp.stack.local import free_port, in_process_stack, wait_until
+from epp.stack.local import in_process_stack, wait_until
+from tests.exposition_server import exposition_server
 
 from .conftest import post
 
@@ -71,20 +71,13 @@ async def exporter() -> AsyncIterator[tuple[int, list[str]]]:
     """Answers as a DCGM exporter sidecar does (samples without a pod label)."""
     util = ["35"]
 
-    async def metrics(_: web.Request) -> web.Response:
+    def answer() -> tuple[int, str]:
         if util[0] == "down":
-            return web.Response(status=503)
-        return web.Response(text=f'DCGM_FI_DEV_GPU_UTIL{{gpu="0",UUID="GPU-0"}} {util[0]}\n',
-                            content_type="text/plain")
+            return 503, ""
+        return 200, f'DCGM_FI_DEV_GPU_UTIL{{gpu="0",UUID="GPU-0"}} {util[0]}\n'
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield port, util
-    await runner.cleanup()
+    async with exposition_server(answer) as port:
+        yield port, util
 
 
 async def test_gpu_utilization_is_polled_filtered_on_and_dropped_when_the_exporter_fails(

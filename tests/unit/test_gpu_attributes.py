@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from epp.config import build, parse_config
 from epp.datastore.endpoint import EndpointState, EngineSignals
@@ -22,7 +21,7 @@ from epp.scheduling.types import ConfigError, CycleState
 from epp.signals.attributes import AttributePoller
 from epp.signals.dcgm import gpu_utilization
 from epp.signals.promtext import ParseError
-from epp.stack.local import free_port
+from tests.exposition_server import exposition_server
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 KEY = "GPUUtilization/dcgm-extractor"
@@ -112,18 +111,8 @@ def test_bad_parameters_name_the_field(cls: type[Any], p: dict[str, Any], error:
 async def exporter() -> AsyncIterator[tuple[int, list[str]]]:
     """A server speaking the DCGM exporter's exposition (what the data source scrapes)."""
     body = [EXPOSITION]
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=body[0], content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield port, body
-    await runner.cleanup()
+    async with exposition_server(lambda: (200, body[0])) as port:
+        yield port, body
 
 
 async def test_the_references_gpu_sample_polls_each_pods_utilization(exporter: tuple[int, list[str]]) -> None:
