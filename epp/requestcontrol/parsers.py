@@ -194,6 +194,7 @@ class ParserTable:
     def __init__(self, parsers: Sequence[Parser]) -> None:
         self.claims: list[tuple[str, Parser]] = []
         self.fallback: Parser | None = None
+        self._resolved: dict[str, Parser | None] = {}  # path -> its parser (a few paths carry the traffic)
         seen: set[str] = set()
         for p in parsers:
             if p.type_name in seen:
@@ -205,6 +206,15 @@ class ParserTable:
             self.claims.extend((suffix, p) for suffix in p.paths)
 
     def resolve(self, path: str) -> Parser | None:
+        if path in self._resolved:
+            return self._resolved[path]
+        found = self._resolve(path)
+        if len(self._resolved) >= 256:  # clients choose paths: the memo stays bounded
+            self._resolved.clear()
+        self._resolved[path] = found
+        return found
+
+    def _resolve(self, path: str) -> Parser | None:
         best: tuple[int, Parser] | None = None
         for suffix, p in self.claims:
             if matches(path, suffix) and (best is None or len(suffix) > best[0]):
