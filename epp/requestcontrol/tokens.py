@@ -49,6 +49,7 @@ log = logging.getLogger("epp.tokens")
 DEFAULT_URL = "http://localhost:8000"
 BYTES_PER_TOKEN = 4  # the reference's estimate
 CACHE_TOKENS = 2_000_000
+MAX_RENDER_BYTES = 64 << 20  # a render answer (a 1M-token prompt's ids are ~8 MB of JSON)
 ERROR_LOG_EVERY = 30.0
 # Fields that cannot change the rendered prompt: left out of the cache key (and nothing else is).
 NOT_PROMPT = frozenset({
@@ -234,7 +235,9 @@ class RenderClient:
             async with asyncio.timeout(timeout):
                 async with self._session.post(self.url + path, data=orjson.dumps(payload),
                                               headers={"content-type": "application/json"}) as resp:
-                    raw = await resp.read()
+                    raw = await resp.content.read(MAX_RENDER_BYTES + 1)
+                    if len(raw) > MAX_RENDER_BYTES:
+                        raise RenderError(f"{self.url}{path} answered more than {MAX_RENDER_BYTES >> 20} MiB")
         except TimeoutError:
             raise RenderError(f"{self.url}{path} did not answer within {timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as e:

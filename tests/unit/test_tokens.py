@@ -181,3 +181,15 @@ schedulingProfiles:
 """
     with pytest.raises(ConfigError, match=r"plugins\[1\]: a config has one token producer; 'a' is one"):
         parse_config(text)
+
+
+async def test_a_render_answer_past_the_size_bound_is_a_failure_not_memory(
+        sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("epp.requestcontrol.tokens.MAX_RENDER_BYTES", 64)  # the sim's answer is larger
+    p = producer({"modelName": MODEL, "vllm": {"url": f"http://{sim.address}"}})
+    r = chat("a prompt long enough that its ids take more than sixty-four bytes of JSON")
+    fetch = p.prepare(r)
+    assert fetch is not None
+    await fetch()
+    assert r.token_ids is None and p.counts == {"failed": 1}
+    await p.close()
