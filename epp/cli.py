@@ -694,6 +694,47 @@ def _fleet_load_args(p: argparse.ArgumentParser, out: str, requests: int, capaci
     p.add_argument("--groups", type=int, default=120)
     p.add_argument("--prefix-tokens", type=int, default=8000)
 
+def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("gateway", help="the whole front door: a real Envoy (TLS, retries, timeouts) + the picker "
+                                       "(API keys, limits, routing, metering), from one gateway config")
+    p.add_argument("-c", "--config", required=True, help="the gateway config (YAML; see the README)")
+    p.add_argument("--print-config", action="store_true", help="print the Envoy bootstrap it would run, and exit")
+    p.add_argument("--workdir", default=None, help="where the bootstrap, Envoy's log and the EDS file go "
+                                                   "(default: a new directory under /tmp)")
+    p.add_argument("--timeout-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: 300 s in 3 s
+    p.add_argument("--log-level", default="info")
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from epp.gateway import run
+    from epp.gateway.config import load_gateway_config
+    from epp.scheduling.types import ConfigError
+
+    try:
+        cfg = load_gateway_config(args.config)
+        if not 0 < args.timeout_scale <= 1:
+            raise ValueError("--timeout-scale: expected a number in (0, 1]")
+        if args.timeout_scale != 1:
+            cfg = cfg.scaled(args.timeout_scale)
+        workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="epp-gateway-"))
+        if args.print_config:
+            print(run.print_config(cfg, workdir), end="")
+            return 0
+        opts = run.serve_options(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"epp gateway: {e}", file=sys.stderr)
+        return 2
+    try:
+        _run(run.run_forever(cfg, workdir, opts))
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"epp gateway: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epp", description="Endpoint picker for LLM inference gateways.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -703,10 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pick(sub)
     _add_bench(sub)
     _add_demo(sub)
+    _add_gateway(sub)
     return parser
 
 
-COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo")
+COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo", "gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -739,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "demo":
         return run_demo(args)
+    if args.command == "gateway":
+        return run_gateway(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

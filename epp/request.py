@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class InferenceRequest:
     request_id: str
     path: str  # as ``route_path`` normalises it

@@ -5,7 +5,8 @@ The file (YAML; in Kubernetes a Secret mounted as a file) lists keys by their SH
     keys:
     - {id: team-a-1, sha256: 9f86d0...,  tenant: team-a, tier: premium}
     - {id: batch-7,  sha256: 2c26b4...,  tenant: batch,  tier: batch, active: false}
-    - {id: trial-1,  sha256: fcde2b...,  tenant: trial,  limits: {requestsPerMinute: 10, tokensPerMinute: 20000}}
+    - {id: trial-1,  sha256: fcde2b...,  tenant: trial,
+       limits: {requestsPerMinute: 10, tokensPerMinute: 20000, concurrency: 4}}
 
 ``key`` (the key itself) is read too and hashed at load, with a warning: the file then holds a
 secret in clear. A request presents its key as ``Authorization: Bearer <key>`` or ``x-api-key``;
@@ -44,6 +45,11 @@ class ApiKey:
     active: bool = True
     rpm: int | None = None  # limits.requestsPerMinute (None: no limit)
     tpm: int | None = None  # limits.tokensPerMinute: prompt + completion, charged when the response ends
+    concurrency: int | None = None  # limits.concurrency: requests under way at once (queued ones included)
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.concurrency is not None
 
 
 def digest_of(key: str) -> bytes:
@@ -80,21 +86,24 @@ class KeyTable:
         return found
 
 
-def _limits(raw: object, path: str) -> tuple[int | None, int | None]:
+LIMITS = ("requestsPerMinute", "tokensPerMinute", "concurrency")
+
+
+def _limits(raw: object, path: str) -> tuple[int | None, ...]:
     if raw is None:
-        return None, None
+        return None, None, None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping")
-    unknown = sorted(set(raw) - {"requestsPerMinute", "tokensPerMinute"})
+    unknown = sorted(set(raw) - set(LIMITS))
     if unknown:
-        raise ValueError(f"{path}.{unknown[0]}: unknown field (allowed: requestsPerMinute, tokensPerMinute)")
+        raise ValueError(f"{path}.{unknown[0]}: unknown field (allowed: {', '.join(LIMITS)})")
     out: list[int | None] = []
-    for name in ("requestsPerMinute", "tokensPerMinute"):
+    for name in LIMITS:
         v = raw.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 10**9):
             raise ValueError(f"{path}.{name}: expected a positive integer, got {v!r}")
         out.append(v)
-    return out[0], out[1]
+    return tuple(out)
 
 
 def parse_keys_file(text: str, source: str) -> KeyTable:
@@ -117,7 +126,7 @@ def parse_keys_file(text: str, source: str) -> KeyTable:
         if unknown:
             raise ValueError(f"{path}.{unknown[0]}: unknown field "
                              "(allowed: id, sha256, key, tenant, tier, active, limits)")
-        rpm, tpm = _limits(e.get("limits"), f"{path}.limits")
+        rpm, tpm, concurrency = _limits(e.get("limits"), f"{path}.limits")
         key_id, tenant, tier, active = e.get("id"), e.get("tenant"), e.get("tier", ""), e.get("active", True)
         for name, value in (("id", key_id), ("tenant", tenant)):
             if not isinstance(value, str) or not value:
@@ -142,7 +151,7 @@ def parse_keys_file(text: str, source: str) -> KeyTable:
                 raise ValueError(f"{path}.key: expected a string of at least 16 characters")
             d = digest_of(plain)
             clear += 1
-        keys.append(ApiKey(key_id, d, tenant, tier, active, rpm, tpm))
+        keys.append(ApiKey(key_id, d, tenant, tier, active, rpm, tpm, concurrency))
     if len({k.digest for k in keys}) != len(keys):
         raise ValueError(f"{source}: two entries have the same key")
     if clear:

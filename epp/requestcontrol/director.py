@@ -32,12 +32,15 @@ from epp.observability.tracing import Tracing
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admission, Admitter, SheddableAdmission
 from epp.requestcontrol.apikeys import API_KEY, ApiKey, KeyTable
+from epp.requestcontrol.ejections import Ejections
 from epp.requestcontrol.headers import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, header
+from epp.requestcontrol.metering import Metering, UsageRecord
+from epp.requestcontrol.models import models_answer
 from epp.requestcontrol.parsers import default_parsers, headers_only
 from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
 from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
-from epp.requestcontrol.ratelimits import RateLimits
+from epp.requestcontrol.ratelimits import RateLimits, Slot
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.tokens import Tokenizes
 from epp.requestcontrol.usage import UsageReader, wants_injection
@@ -48,6 +51,8 @@ from epp.scheduling.params import Params
 from epp.scheduling.types import MATCHED_TOKENS, Completion, Decision, SchedulingError, Usage, prompt_tokens
 
 log = logging.getLogger("epp.director")
+SLOT = "concurrency-slot"  # the API key's concurrency slot (InferenceRequest.prepared)
+KEY_HEADERS = ("authorization", "x-api-key")
 
 
 class ResponseAccess(Enum):
@@ -77,7 +82,7 @@ class Routed:
 
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
-                 "queued", "reader", "request", "scheduler", "streamed", "tokens", "wants_chunks")
+                 "queued", "reader", "request", "scheduler", "served", "status", "streamed", "tokens", "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -97,6 +102,8 @@ class Routed:
         self.prefill_tokens = 0  # P/D: those counted on the prefill pod instead
         self.queued = 0.0  # seconds flow control held the request
         self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
+        self.served: str | None = None  # the endpoint the gateway says served it (after its retries)
+        self.status = 0  # the response's HTTP status (0: none came)
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
@@ -118,6 +125,11 @@ class Routed:
         """Headers to set on the request to the server (a data-parallel rank)."""
         return self.decision.request_headers
 
+    @property
+    def removed_headers(self) -> tuple[str, ...]:
+        """Headers the server must not see: the client's API key, once the gateway checked it."""
+        return KEY_HEADERS if self._director.strip_keys and API_KEY in self.request.prepared else ()
+
     def endpoint_scores(self) -> dict[str, float]:
         """Each picked endpoint's weighted total (primary and fallbacks)."""
         d = self.decision
@@ -130,6 +142,7 @@ class Routed:
         d = self.decision
         if d.destinations and endpoint in d.destinations:  # the gateway names the shaped address
             endpoint = d.endpoints[d.destinations.index(endpoint)]
+        self.served = endpoint
         if endpoint and endpoint != self.endpoint and not self.done and self._director.move(self.endpoint, endpoint):
             self.endpoint = endpoint
 
@@ -145,7 +158,7 @@ class Routed:
         own = tuple(self.scheduler.response_headers(self.decision, self.endpoint))
         key = self.request.prepared.get(API_KEY)
         if isinstance(key, ApiKey) and (key.rpm is not None or key.tpm is not None):
-            own += self._director.rate_limits.headers(key)
+            own += self._director.rate_limits.headers(key)  # (concurrency is not a rate: no headers)
         return own + self.explain() if explain else own
 
     def first_bytes(self) -> None:
@@ -203,6 +216,14 @@ class Routed:
                 reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens)
             self.scheduler.completed(self.decision, Completion(usage, self.streamed))
             self._director.finished(self.endpoint, self._labels, self._started)
+            slot = self.request.prepared.get(SLOT)
+            if isinstance(slot, Slot):
+                slot.release()
+            ejections = self._director.ejections
+            if ejections is not None and self.served is not None:
+                tried = self.decision.endpoints
+                upto = tried.index(self.served) + 1 if self.served in tried else len(tried)
+                ejections.outcome(tried[:upto], self.served, self.status)
             self._report(reader)
             if self.flow is not None:
                 flow_id, policy = self.flow
@@ -230,6 +251,12 @@ class Routed:
         key = self.request.prepared.get(API_KEY)
         if isinstance(key, ApiKey) and key.tpm is not None:
             self._director.rate_limits.charge(key, facts.prompt_tokens + facts.completion_tokens)
+        metering = self._director.metering
+        if metering is not None:
+            metering.record(UsageRecord(
+                self.request.request_id, self.request.tenant, key.key_id if isinstance(key, ApiKey) else "",
+                self._labels.model, self.served or self.endpoint, self.status, facts.prompt_tokens,
+                facts.completion_tokens, facts.cached_tokens or 0, facts.ttft, facts.e2e, self._streaming()))
 
 
 class Director:
@@ -255,6 +282,10 @@ class Director:
         self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
         self.keys: KeyTable | None = None  # --api-keys-file: who may send requests (None: anyone)
         self.rate_limits = RateLimits(time.monotonic)  # the keys' requests and tokens per minute
+        self.strip_keys = False  # remove the client's key headers before the request goes to a server
+        self.ejections: Ejections | None = None  # the gateway's retries: endpoints out for a while
+        self.metering: Metering | None = None  # usage counters and lines, per tenant, key, model and pod
+        self.models: Callable[[], list[dict[str, Any]]] | None = None  # GET /v1/models, answered here
 
     @property
     def policies(self) -> RequestPolicies:
@@ -318,10 +349,25 @@ class Director:
                 ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
         arrived = time.perf_counter()
         key = self._authenticate(given)
-        request = self._parse(given)
+        if self.models is not None:
+            try:
+                answer = models_answer(given.headers, given.path, self.models)
+            except Refused as e:
+                self._meter_refusal(given, key, e.status)
+                raise
+            if answer is not None:
+                self._meter_refusal(given, key, answer.status)
+                raise answer
+        request = self._parse(given, key)
         if key is not None:
             request.tenant, request.objective = key.tenant, key.tier
             request.prepared[API_KEY] = key
+            if key.concurrency is not None:
+                try:
+                    request.prepared[SLOT] = self.rate_limits.acquire(key, request)
+                except Refused as e:
+                    self._meter_refusal(given, key, e.status)
+                    raise
         request.arrived = arrived
         request.body_bytes = len(given.body) if given.body is not None else _content_length(given.headers)
         self._apply_policies(request)
@@ -434,6 +480,12 @@ class Director:
         snapshot = self.store.snapshot()
         if given.subset is not None and self.subset_filter:
             snapshot = _within(snapshot, given.subset)
+        if self.ejections is not None:
+            out = self.ejections.excluded()
+            if out:
+                kept = tuple(e for e in snapshot.endpoints if e.address not in out)
+                if kept:  # every endpoint out: none is (a guess beats a refusal)
+                    snapshot = replace(snapshot, endpoints=kept)
         return snapshot
 
     def _schedule(self, request: InferenceRequest, given: RequestInput, access: ResponseAccess,
@@ -476,7 +528,8 @@ class Director:
         inject = False
         if access is not ResponseAccess.NONE:  # the response series read its usage; plugins may want more
             key = request.prepared.get(API_KEY)
-            metered = isinstance(key, ApiKey) and key.tpm is not None  # its tokens per minute need the usage
+            # Tokens per minute and metering need the usage, streams included.
+            metered = self.metering is not None or (isinstance(key, ApiKey) and key.tpm is not None)
             if scheduler.wants_usage or read_usage or metered:
                 inject = (access is ResponseAccess.INJECT and (scheduler.inject_usage or metered)
                           and wants_injection(request))
@@ -490,6 +543,7 @@ class Director:
         keys = self.keys
         if keys is None:
             return None
+        key = None
         try:
             key = keys.check(given.headers)
             if key.rpm is not None or key.tpm is not None:
@@ -498,9 +552,16 @@ class Director:
         except Refused as e:
             self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
             log.info("request %s refused: %d %s", given.headers.get("x-request-id") or "-", e.status, e.message)
+            self._meter_refusal(given, key, e.status)
             raise
 
-    def _parse(self, given: RequestInput) -> InferenceRequest:
+    def _meter_refusal(self, given: RequestInput, key: ApiKey | None, status: int, model: str = "") -> None:
+        """A request that ends before it is routed (refused, or answered here), for metering."""
+        if self.metering is not None:
+            self.metering.record(UsageRecord(given.headers.get("x-request-id", ""), key.tenant if key else "",
+                                             key.key_id if key else "", model, "", status))
+
+    def _parse(self, given: RequestInput, key: ApiKey | None = None) -> InferenceRequest:
         headers = given.headers
         request_id = headers.get("x-request-id") or ""
         path = route_path(given.path)
@@ -515,6 +576,7 @@ class Director:
             return headers_only(request_id, path, headers)
         except Refused as e:
             self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
+            self._meter_refusal(given, key, e.status)
             raise
 
     def _apply_policies(self, request: InferenceRequest) -> None:
@@ -537,6 +599,14 @@ class Director:
 
     def _refused(self, request: InferenceRequest, labels: RequestLabels, refusal: Refused) -> Refused:
         self.metrics.request_refused(labels, refusal.status)
+        slot = request.prepared.get(SLOT)
+        if isinstance(slot, Slot):
+            slot.release()
+        if self.metering is not None:
+            key = request.prepared.get(API_KEY)
+            self.metering.record(UsageRecord(request.request_id, request.tenant,
+                                             key.key_id if isinstance(key, ApiKey) else "", labels.model, "",
+                                             refusal.status))
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
 

@@ -1,5 +1,6 @@
-"""Per-key rate limits (the API keys file's ``limits``): requests per minute and tokens per minute,
-as token buckets that refill continuously (a key may burst its whole minute at once).
+"""Per-key limits (the API keys file's ``limits``): requests per minute and tokens per minute, as
+token buckets that refill continuously (a key may burst its whole minute at once), and
+concurrency, the key's requests under way at once (waiting in flow control included).
 
 A request takes one request token when it arrives; its tokens (the response's prompt +
 completion usage) are charged when it ends, so a key may go below zero with one long answer and
@@ -7,11 +8,16 @@ then waits until the bucket refills. Refused requests answer 429 with ``Retry-Af
 ``x-ratelimit-limit-*`` / ``-remaining-*`` / ``-reset-*`` headers OpenAI clients read; routed ones
 carry the same headers on their response. The counters are this process's: with several epp
 replicas each holds its own, so a key gets up to N times its limit.
+
+A concurrency slot is taken once the request is parsed and given back exactly once (``Slot``):
+when its response ends, when it is refused later, or, should a path forget, when the request
+object goes away.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +53,25 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s}s" if m else f"{s}s"
 
 
+class Slot:
+    """One request's place in its key's concurrency; ``release`` is idempotent."""
+
+    __slots__ = ("__weakref__", "_key_id", "_limits")
+
+    def __init__(self, limits: RateLimits, key_id: str) -> None:
+        self._limits: RateLimits | None = limits
+        self._key_id = key_id
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, None
+        if limits is not None:
+            n = limits.inflight.get(self._key_id, 0) - 1
+            if n > 0:
+                limits.inflight[self._key_id] = n
+            else:
+                limits.inflight.pop(self._key_id, None)
+
+
 class RateLimits:
     """The buckets of every key with limits, by key id (they survive a reload of the keys file)."""
 
@@ -54,6 +79,23 @@ class RateLimits:
         self.clock = clock
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
+        self.inflight: dict[str, int] = {}  # key id -> requests under way (keys with a concurrency limit)
+
+    def acquire(self, key: ApiKey, owner: object) -> Slot | None:
+        """A concurrency slot for ``key``, given back at the latest when ``owner`` goes away;
+        Refused(429) when the key already has ``concurrency`` requests under way."""
+        limit = key.concurrency
+        if limit is None:
+            return None
+        n = self.inflight.get(key.key_id, 0)
+        if n >= limit:
+            raise Refused(429, f"API key {key.key_id!r} already has {limit} requests under way; retry when one ends",
+                          headers=(("retry-after", "1"), ("x-ratelimit-limit-concurrency", str(limit)),
+                                   ("x-ratelimit-remaining-concurrency", "0")))
+        self.inflight[key.key_id] = n + 1
+        slot = Slot(self, key.key_id)
+        weakref.finalize(owner, slot.release)
+        return slot
 
     def _bucket(self, table: dict[str, Bucket], key_id: str, capacity: int, now: float) -> Bucket:
         b = table.get(key_id)

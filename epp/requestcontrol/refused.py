@@ -49,3 +49,15 @@ class Refused(Exception):
         """The OpenAI-style JSON error body."""
         return orjson.dumps({"error": {"message": self.message, "type": self.err_type, "param": self.param,
                                        "code": self.status}})
+
+
+class LocalAnswer(Refused):
+    """A request the gateway answers itself (``GET /v1/models``): not routed, not an error.
+    Front ends send it as they send a refusal, with ``payload`` as the body."""
+
+    def __init__(self, status: int, payload: bytes) -> None:
+        super().__init__(status, "answered by the gateway")
+        self.payload = payload
+
+    def body(self) -> bytes:
+        return self.payload

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from epp.observability.tracing import Tracing
 from epp.requestcontrol.admission import SheddableAdmission
 from epp.requestcontrol.apikeys import KeyTable, parse_keys_file
 from epp.requestcontrol.director import Director
+from epp.requestcontrol.ejections import Ejections
+from epp.requestcontrol.metering import Metering
 from epp.requestcontrol.policies import RequestPolicies
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
@@ -35,6 +38,7 @@ from epp.server.sources import PoolSources
 from epp.server.tls import TLSPolicy
 from epp.signals.httpget import MAX_BODY
 from epp.signals.kvevents import KVEventManager
+from epp.signals.models import ModelCatalog
 from epp.signals.promtext import MAX_SERIES
 from epp.tasks import cancel_and_wait
 
@@ -81,6 +85,11 @@ class ServeOptions:
     emit_endpoint_scores: bool = False  # per-endpoint scores in the envoy.lb metadata
     subset_filter: bool = True  # honour the gateway's subset hint (off: --disable-endpoint-subset-filter)
     tracing: bool = False  # --tracing: OpenTelemetry spans, set up from the OTEL_* environment
+    metrics_host: str | None = None  # where /metrics binds (None: ``host``)
+    metering_log: str | None = None  # usage lines, one JSON per finished request: "stdout" or a file path
+    strip_api_keys: bool = False  # remove the client's API key headers before the model server sees them
+    ejections: tuple[int, float] | None = None  # (failures in a row, seconds): the gateway's outlier detection
+    answer_models: bool = False  # answer GET /v1/models from the pool's merged listing
 
 
 class PickerServer:
@@ -116,6 +125,15 @@ class PickerServer:
                                             interval=opts.config_poll_interval)
         if rt.parsers is not None:
             self.director.parsers = rt.parsers
+        self.director.strip_keys = opts.strip_api_keys
+        if opts.ejections is not None:
+            self.director.ejections = Ejections(opts.ejections[0], opts.ejections[1], time.monotonic)
+        if opts.metering_log is not None:
+            self.director.metering = Metering(self.metrics.registry, opts.metering_log)
+        self.models: ModelCatalog | None = None
+        if opts.answer_models:
+            self.models = ModelCatalog(self.store)
+            self.director.models = self.models.listing
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
@@ -172,6 +190,8 @@ class PickerServer:
     def _endpoints_changed(self, added: set[str], removed: set[str]) -> None:
         for a in removed:
             self.director.endpoint_removed(a)
+            if self.director.ejections is not None:
+                self.director.ejections.forget(a)
         self.signals.resync()
 
     def apply(self, built: Built) -> None:
@@ -207,6 +227,8 @@ class PickerServer:
                                          retry_period=kube.retry_period)
             self.elector.start()
         await self.signals.start()
+        if self.models is not None:
+            self.models.start()
         if o.config_file:
             self.config_watcher = config_watcher(o.config_file, self.built, self.apply, o.config_poll_interval)
             self._watch = asyncio.create_task(self.config_watcher.run())
@@ -217,7 +239,7 @@ class PickerServer:
         self.bound_ports["health"] = await self.readiness.start(o.host, o.grpc_health_port)
         if o.metrics_token_review and discovery is not None:  # the API server answers who may read /metrics
             self.metrics_endpoint.auth = KubernetesReviews(discovery.api)
-        self.bound_ports["metrics"] = await self.metrics_endpoint.start(o.host, o.metrics_port)
+        self.bound_ports["metrics"] = await self.metrics_endpoint.start(o.metrics_host or o.host, o.metrics_port)
         log.info("epp serving ext_proc + epp.v1 on %s:%d (%s), health :%d, metrics :%d, %d endpoints",
                  o.host, self.bound_ports["grpc"], "TLS" if o.secure_serving else "plaintext",
                  self.bound_ports["health"], self.bound_ports["metrics"], len(self.store.addresses()))
@@ -235,6 +257,10 @@ class PickerServer:
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()
+        if self.models is not None:
+            await self.models.stop()
+        if self.director.metering is not None:
+            self.director.metering.close()
         if self.director.tokens is not None:
             await self.director.tokens.close()
         if self.elector is not None:

@@ -115,9 +115,20 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def _status(msg: pb.HttpHeaders) -> int:
+    """The response's ``:status`` (0 when absent or not a number)."""
+    for h in msg.headers.headers:
+        if h.key == ":status":
+            value = h.raw_value or h.value.encode()
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def _pick_mutation(value: str, request_id: str | None,
-                   extra: tuple[tuple[str, str], ...] = ()) -> pb.CommonResponse:
+                   extra: tuple[tuple[str, str], ...] = (), removed: tuple[str, ...] = ()) -> pb.CommonResponse:
     mutation = pb.HeaderMutation()
+    if removed:  # the client's API key, which the model server must not see
+        mutation.remove_headers.extend(removed)
     opt = mutation.set_headers.add()
     opt.header.key = DEST_HEADER
     opt.header.raw_value = value.encode()
@@ -284,6 +295,7 @@ class ExtProcStream:
                 served = _metadata_string(msg, LB_NAMESPACE, SERVED_KEY)
                 if served:
                     pick.served_by(served)
+                pick.status = _status(msg.response_headers)
                 if msg.response_headers.end_of_stream:
                     pick.finish()
             headers = pick.response_headers(self.decision_headers) if pick is not None else ()
@@ -367,7 +379,7 @@ class ExtProcStream:
     def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
         value = self.pick.header_value
-        common = _pick_mutation(value, self._request_id(), self.pick.request_headers)
+        common = _pick_mutation(value, self._request_id(), self.pick.request_headers, self.pick.removed_headers)
         if new_body is not None:  # BUFFERED: the whole body replaced, its length with it
             common.body_mutation.body = new_body
             opt = common.header_mutation.set_headers.add()

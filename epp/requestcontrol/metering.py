@@ -1,0 +1,92 @@
+"""Usage metering for billing: per tenant, API key id (never the key), model and pod.
+
+Counters (Prometheus, on the picker's /metrics):
+  epp_usage_requests_total{tenant, key_id, model, endpoint, status}
+  epp_usage_prompt_tokens_total / _completion_tokens_total / _cached_tokens_total{tenant, key_id, model, endpoint}
+and one JSON line per finished request (time, request id, tenant, key id, model, endpoint, status,
+tokens, TTFT, duration) to stdout or a file. Refused requests (401, 429, 400...) are lines and
+counts too, with no endpoint. Streams are metered whether or not the client asked for usage: the
+picker asks the model server for it and removes it from what the client receives.
+A request that ended without a response status (the client or the stream went away) has status 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from dataclasses import dataclass
+from typing import IO
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+
+log = logging.getLogger("epp.metering")
+LABELS = ("tenant", "key_id", "model", "endpoint")
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    tenant: str
+    key_id: str
+    model: str
+    endpoint: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    stream: bool = False
+
+
+class Metering:
+    """Counts and logs every finished request."""
+
+    def __init__(self, registry: CollectorRegistry, sink: str | None) -> None:
+        self.requests = Counter("epp_usage_requests", "Finished requests by tenant, key, model, endpoint and status.",
+                                [*LABELS, "status"], registry=registry)
+        self.prompt = Counter("epp_usage_prompt_tokens", "Prompt tokens (from the responses' usage).", LABELS,
+                              registry=registry)
+        self.completion = Counter("epp_usage_completion_tokens", "Completion tokens (from the responses' usage).",
+                                  LABELS, registry=registry)
+        self.cached = Counter("epp_usage_cached_tokens", "Prompt tokens served from the model server's cache.",
+                              LABELS, registry=registry)
+        self._out: IO[bytes] | None = None
+        self._own = False
+        if sink == "stdout":
+            self._out = sys.stdout.buffer
+        elif sink:
+            self._out = open(sink, "ab", buffering=0)  # noqa: SIM115 - kept open for the process's life
+            self._own = True
+
+    def record(self, r: UsageRecord) -> None:
+        labels = (r.tenant, r.key_id, r.model, r.endpoint)
+        self.requests.labels(*labels, str(r.status)).inc()
+        if r.prompt_tokens:
+            self.prompt.labels(*labels).inc(r.prompt_tokens)
+        if r.completion_tokens:
+            self.completion.labels(*labels).inc(r.completion_tokens)
+        if r.cached_tokens:
+            self.cached.labels(*labels).inc(r.cached_tokens)
+        out = self._out
+        if out is None:
+            return
+        line = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                "request_id": r.request_id, "tenant": r.tenant, "key_id": r.key_id, "model": r.model,
+                "endpoint": r.endpoint, "status": r.status, "stream": r.stream, "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens,
+                "ttft_ms": None if r.ttft_s is None else round(r.ttft_s * 1000, 1),
+                "duration_ms": round(r.duration_s * 1000, 1)}
+        try:
+            out.write(orjson.dumps(line) + b"\n")
+            if not self._own:
+                out.flush()
+        except OSError as e:  # a full disk must not fail requests
+            log.error("cannot write the usage line: %s", e)
+
+    def close(self) -> None:
+        if self._own and self._out is not None:
+            self._out.close()
+            self._out = None
