@@ -4,7 +4,7 @@ Admin API (for tests and demos), JSON on ``/admin``:
   GET  /admin                 state and engine counters
   POST /admin                 {"pin": {"num_requests_waiting": 50, ...}, "unpin": ["..."],
                                "metrics": "ok"|"fail"|"hang", "extra_latency_ms": 0,
-                               "step_latency_ms": 0, "drain": false, "crash_for_s": null,
+                               "step_latency_ms": 0, "drain": false, "fail_status": 0, "crash_for_s": null,
                                "reset": false, "render_api": true}
   GET  /admin/requests        request log: path, body length, sha256, selected headers
   DELETE /admin/requests      clear the log
@@ -38,7 +38,8 @@ from epp.tokenization import prompt_token_ids
 
 log = logging.getLogger("epp.sim")
 
-LOGGED_HEADERS = ("x-request-id", "x-gateway-destination-endpoint", "content-type", "content-length",
+LOGGED_HEADERS = ("x-request-id", "x-gateway-destination-endpoint", "content-type", "content-length", "authorization",
+                  "x-api-key",
                   "transfer-encoding", "x-gateway-inference-objective", "x-test-id", "x-data-parallel-host-port",
                   "x-prefiller-host-port")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +72,7 @@ class SimServer:
         self.metrics_mode = "ok"
         self.extra_latency_s = 0.0
         self.draining = False
+        self.fail_status = 0  # answer generation requests with this status (0: off)
         self.render_api = True  # vLLM's /v1/*/render (off: 403, as vllm serve without --enable-scale-out)
         self.render_calls = 0
         self.crashed = False
@@ -194,6 +196,8 @@ class SimServer:
     async def _parse(self, request: web.Request) -> dict[str, Any] | web.Response:
         if self.draining:
             return error_response(503, "server is draining", "ServiceUnavailableError")
+        if self.fail_status:
+            return error_response(self.fail_status, "failing as told (admin fail_status)", "InternalServerError")
         try:
             data = orjson.loads(await request.read())
         except orjson.JSONDecodeError as e:
@@ -454,6 +458,7 @@ class SimServer:
             "extra_latency_ms": self.extra_latency_s * 1000,
             "step_latency_ms": e.extra_step_latency_s * 1000,
             "draining": self.draining,
+            "fail_status": self.fail_status,
             "crashed": self.crashed,
             "requests_logged": len(self.request_log),
         }
@@ -474,7 +479,7 @@ class SimServer:
     async def apply_admin(self, cmd: dict[str, Any]) -> None:
         """Apply one admin command (see the module docstring)."""
         unknown = set(cmd) - {"pin", "unpin", "metrics", "extra_latency_ms", "step_latency_ms", "drain",
-                              "crash_for_s", "crash", "reset", "render_api"}
+                              "crash_for_s", "crash", "reset", "render_api", "fail_status"}
         if unknown:
             raise ValueError(f"unknown admin field(s): {', '.join(sorted(unknown))}")
         for name, value in (cmd.get("pin") or {}).items():
@@ -495,6 +500,8 @@ class SimServer:
             self.engine.extra_step_latency_s = float(cmd["step_latency_ms"]) / 1000
         if "drain" in cmd:
             self.draining = bool(cmd["drain"])
+        if "fail_status" in cmd:
+            self.fail_status = int(cmd["fail_status"])
         if "render_api" in cmd:
             self.render_api = bool(cmd["render_api"])
         if cmd.get("reset"):

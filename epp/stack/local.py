@@ -228,3 +228,69 @@ def spawn(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
 
 def epp_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "epp.cli", *args]
+
+
+@dataclass
+class GatewayStack:
+    """A simulated fleet behind ``epp gateway`` (the picker in this loop, Envoy a child process)."""
+
+    fleet: Fleet
+    gateway: Any  # epp.gateway.run.Gateway
+    cfg: Any  # epp.gateway.config.GatewayConfig
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        x = self.cfg.listeners[0]
+        return f"{'https' if x.tls else 'http'}://127.0.0.1:{x.port}"
+
+    @property
+    def picker(self) -> PickerServer:
+        p: PickerServer = self.gateway.picker
+        return p
+
+    def server(self, address: str) -> Any:
+        return next(s for s in self.fleet.servers if s.address == address)
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(config_text: str = "", *, servers: int = 3, params: EngineParams | None = None,
+                        scale: float = 1.0, workdir: Path | None = None,
+                        serve: dict[str, Any] | None = None) -> AsyncIterator[GatewayStack]:
+    """``epp gateway`` in front of a simulated fleet. ``config_text``: the gateway config without
+    ``servers`` (the fleet's static list is added), listener and ports (free ones are chosen);
+    ``{workdir}`` in it is replaced. ``scale`` shortens every timeout (--timeout-scale)."""
+    from epp.gateway import run
+    from epp.gateway.config import parse_gateway_config
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="epp-gateway-")
+        workdir = Path(tmp.name)
+    fleet = Fleet(free_ports(servers), params or profile("fast"))
+    await fleet.start()
+    listen, admin, grpc, health, metrics = free_ports(5)
+    doc = yaml.safe_load(config_text.replace("{workdir}", str(workdir))) if config_text.strip() else {}
+    doc.setdefault("servers", {"static": [s.address for s in fleet.servers]})
+    doc.setdefault("metering", {"log": False})  # (the CLI's default is stdout)
+    listeners = doc.setdefault("listeners", [{}])
+    listeners[0].setdefault("port", listen)
+    listeners[0].setdefault("address", "127.0.0.1")
+    doc["envoy"] = {"adminPort": admin}
+    doc.setdefault("picker", {}).update({"grpcPort": grpc, "healthPort": health, "metricsPort": metrics})
+    cfg = parse_gateway_config(yaml.safe_dump(doc), str(workdir / "gateway.yaml"))
+    if scale != 1.0:
+        cfg = cfg.scaled(scale)
+    opts = dataclasses.replace(run.serve_options(cfg), metrics_host="127.0.0.1", refresh_metrics_interval=0.05,
+                               config_poll_interval=0.1, **(serve or {}))
+    gw = None
+    try:
+        gw = await run.start(cfg, workdir, opts)
+        await wait_until(lambda: _ready(gw.picker), 10, "fresh metrics in epp")
+        yield GatewayStack(fleet, gw, cfg, workdir)
+    finally:
+        if gw is not None:
+            await run.stop(gw)
+        await fleet.stop()
+        if tmp is not None:
+            tmp.cleanup()

@@ -101,5 +101,7 @@ def test_rate_limits_refill_per_minute_and_tokens_are_charged_at_the_end() -> No
 def test_limits_are_checked() -> None:
     with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.requestsPerMinute: expected a positive integer"):
         parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{requestsPerMinute: 0}}}}]", "k")
-    with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.concurrency: unknown field"):
-        parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{concurrency: 2}}}}]", "k")
+    with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.burst: unknown field"):
+        parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{burst: 2}}}}]", "k")
+    with pytest.raises(ValueError, match=r"keys\[0\]\.limits\.concurrency: expected a positive integer"):
+        parse_keys_file(f"keys: [{{id: a, tenant: t, sha256: {sha(KEY_A)}, limits: {{concurrency: -1}}}}]", "k")
