@@ -256,10 +256,12 @@ class GatewayStack:
 @contextlib.asynccontextmanager
 async def gateway_stack(config_text: str = "", *, servers: int = 3, params: EngineParams | None = None,
                         scale: float = 1.0, workdir: Path | None = None,
-                        serve: dict[str, Any] | None = None) -> AsyncIterator[GatewayStack]:
+                        serve: dict[str, Any] | None = None,
+                        before: Any = None) -> AsyncIterator[GatewayStack]:
     """``epp gateway`` in front of a simulated fleet. ``config_text``: the gateway config without
     ``servers`` (the fleet's static list is added), listener and ports (free ones are chosen);
-    ``{workdir}`` in it is replaced. ``scale`` shortens every timeout (--timeout-scale)."""
+    ``{workdir}`` in it is replaced. ``scale`` shortens every timeout (--timeout-scale);
+    ``before(fleet)`` runs once the fleet is up, before the gateway starts (write its files)."""
     from epp.gateway import run
     from epp.gateway.config import parse_gateway_config
 
@@ -269,6 +271,8 @@ async def gateway_stack(config_text: str = "", *, servers: int = 3, params: Engi
         workdir = Path(tmp.name)
     fleet = Fleet(free_ports(servers), params or profile("fast"))
     await fleet.start()
+    if before is not None:
+        before(fleet)
     listen, admin, grpc, health, metrics = free_ports(5)
     doc = yaml.safe_load(config_text.replace("{workdir}", str(workdir))) if config_text.strip() else {}
     doc.setdefault("servers", {"static": [s.address for s in fleet.servers]})

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import pytest
 
 from epp.server.tls import self_signed
 from epp.sim.profiles import profile
@@ -129,14 +130,15 @@ async def test_healthz_follows_the_picker_and_is_not_metered(tmp_path: Path) -> 
         assert usage_lines(usage) == []
 
 
-async def test_retries_land_on_the_fallbacks_and_the_picker_learns(tmp_path: Path) -> None:
-    """A pod answering 503: every request still gets 200 from another pod (Envoy retries the
-    picker's next endpoint); after 5 failures in a row the picker stops choosing it."""
+@pytest.mark.parametrize("failure", [503, 429])
+async def test_retries_land_on_the_fallbacks_and_the_picker_learns(failure: int) -> None:
+    """A pod answering 503 (or 429): every request still gets 200 from another pod (Envoy retries
+    the picker's next endpoint); after 5 failures in a row the picker stops choosing it."""
     cfg = "circuitBreaker: {consecutiveFailures: 5, ejectionTime: 30s}\n"
     async with gateway_stack(cfg, servers=3) as stack, aiohttp.ClientSession() as s:
         url = f"{stack.url}/v1/chat/completions"
         bad = stack.fleet.servers[0].address
-        await admin(stack, bad, fail_status=503)
+        await admin(stack, bad, fail_status=failure)
         for i in range(30):
             status, headers, body = await post(s, url, chat_body(f"request {i}"))
             assert status == 200, body
@@ -267,3 +269,25 @@ async def test_tls_and_http2(tmp_path: Path) -> None:
     async with gateway_stack("", servers=1) as stack, httpx.AsyncClient(http1=False, http2=True) as c:
         r = await c.post(stack.url + "/v1/chat/completions", content=chat_body("h2c"))  # prior knowledge
         assert r.status_code == 200 and r.http_version == "HTTP/2"
+
+
+async def test_discovered_servers_follow_the_endpoints_file(tmp_path: Path) -> None:
+    """servers.endpointsFile: the picker writes what it discovers to the file Envoy's EDS reads,
+    so a model server added to the file takes traffic through the gateway."""
+    endpoints = tmp_path / "endpoints.yaml"
+    async with gateway_stack(f"servers: {{endpointsFile: {endpoints}}}\n", servers=2,
+                             workdir=tmp_path / "gw", before=lambda fleet: endpoints.write_text(
+                                 f"- {fleet.servers[0].address}\n")) as stack, aiohttp.ClientSession() as s:
+        url = f"{stack.url}/v1/chat/completions"
+        first, second = (x.address for x in stack.fleet.servers)
+        for i in range(4):
+            status, headers, _ = await post(s, url, chat_body(f"one {i}"))
+            assert status == 200 and headers["x-sim-server"] == first
+        endpoints.write_text(f"- {first}\n- {second}\n")
+
+        async def second_serves() -> bool:
+            await admin(stack, first, drain=True)  # only the new one can answer
+            status, headers, _ = await post(s, url, chat_body("two"))
+            return status == 200 and headers["x-sim-server"] == second
+
+        await wait_until(second_serves, 10, "the added server to take traffic")
