@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-vllm fuzz lint bench-overhead clean
+.PHONY: venv demo test test-vllm fuzz lint bench-overhead bench-gateway nginx clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,15 @@ lint: venv
 	$(BIN)/ruff check epp tests
 	$(BIN)/mypy
 
-test: lint
+# nginx (Debian's package) for `epp bench gateway` and its smoke test: the front door epp replaces.
+# Without root or a package mirror the install is skipped with a warning (the smoke test then skips).
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1)) || \
+		echo "warning: nginx could not be installed; the gateway-vs-nginx benchmark is skipped"
+
+test: lint nginx
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The fuzz tests at ten times the default suite's case counts (>= 100,000 protocol cases).
@@ -55,6 +63,9 @@ $(VLLM_STAMP):
 test-vllm: venv $(VLLM_STAMP)
 	EPP_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider -m vllm \
 		-s tests/e2e
+
+bench-gateway: venv nginx
+	$(BIN)/epp bench gateway --out results/gateway
 
 bench-overhead: venv
 	$(BIN)/epp bench overhead --out results/overhead --buffered

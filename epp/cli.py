@@ -419,6 +419,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
     pr.add_argument("--restart-every", type=float, default=6.0, help="seconds between pod restarts (0: none)")
     pr.add_argument("--down-for", type=float, default=0.5, help="seconds a restarting pod is down")
+    gw = bsub.add_parser("gateway", help="epp gateway (keys, limits, metering) vs nginx as seed 000 configures it")
+    gw.add_argument("--out", default="results/gateway")
+    gw.add_argument("--requests", type=int, default=2000, help="requests per concurrency-16 run")
+    gw.add_argument("--rounds", type=int, default=2)
     pd = bsub.add_parser("pd", help="prefill/decode disaggregation vs the same pods aggregated (long prompts)")
     pd.add_argument("--out", default="results/pd")
     pd.add_argument("--profile", default="h100-llama8b", help="simulator preset")
@@ -457,6 +461,13 @@ def run_bench(args: argparse.Namespace) -> int:
             from epp.bench.profile import top_functions
 
             print(top_functions(out / "profile.txt"))
+        return 0
+    if args.bench_command == "gateway":
+        from epp.bench.gatewaybench import bench_gateway
+
+        out = Path(args.out)
+        _run(bench_gateway(out, requests=args.requests, rounds=args.rounds))
+        print((out / "gateway.md").read_text())
         return 0
     if args.bench_command == "sim":
         from epp.bench.simbench import Workload, bench_routing_effect, bench_scale

@@ -12,7 +12,8 @@ it into an Envoy bootstrap (epp.gateway.bootstrap) and runs the picker behind it
     timeouts: {connect: 10s, upstreamIdle: 300s, listenerIdle: 300s}
     retries: {attempts: 3, backoff: 100ms}
     circuitBreaker: {consecutiveFailures: 5, ejectionTime: 30s}
-    metering: {log: stdout}
+    metering: {log: stdout}                      # or a file path, or false
+    envoy: {adminPort: 9901, concurrency: 0}     # admin on 127.0.0.1; worker threads (0: one per core)
 
 Every field is optional except ``servers``; unknown fields are errors naming the file and the
 field, as in the picker's own config.
@@ -98,6 +99,7 @@ class GatewayConfig:
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     metering: Metering = field(default_factory=Metering)
     admin_port: int = 9901  # Envoy's admin interface, on 127.0.0.1 only
+    envoy_concurrency: int = 0  # Envoy's worker threads (0: one per core)
     picker_port: int = 9002  # the picker's ext_proc port, on 127.0.0.1 only
     picker_health_port: int = 9003
     metrics_port: int = 9090  # the picker's /metrics (all interfaces: Prometheus scrapes it)
@@ -284,6 +286,7 @@ def parse_gateway_config(text: str, source: str) -> GatewayConfig:
     m.done()
     admin = top.section("envoy")
     admin_port = _port(admin, "adminPort", 9901)
+    concurrency = admin.integer("concurrency", 0, 0, 1024)
     admin.done()
     api_keys = top.string("apiKeys")
     top.done()
@@ -291,7 +294,8 @@ def parse_gateway_config(text: str, source: str) -> GatewayConfig:
                          objectives=objectives, timeouts=timeouts, retries=Retries(attempts, backoff, codes),
                          circuit_breaker=breaker,
                          metering=Metering(None if log_to is False else (log_to or "stdout")),
-                         admin_port=admin_port, picker_port=picker_port, picker_health_port=health_port,
+                         admin_port=admin_port, envoy_concurrency=concurrency, picker_port=picker_port,
+                         picker_health_port=health_port,
                          metrics_port=metrics_port, source=source)
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from epp.config import DEFAULT_CONFIG, PickerConfig, build, load_config, parse_config
 from epp.datastore.store import Datastore
 from epp.flowcontrol.controller import FlowSettings
@@ -119,10 +121,8 @@ async def start(cfg: GatewayConfig, workdir: Path, opts: ServeOptions | None = N
 
 
 async def _start_envoy(gw: Gateway) -> None:
-    gw.envoy = envoy_mod.start(gw.bootstrap_path, gw.workdir / "envoy.log")
+    gw.envoy = envoy_mod.start(gw.bootstrap_path, gw.workdir / "envoy.log", concurrency=gw.cfg.envoy_concurrency)
     deadline = time.monotonic() + 30
-    import aiohttp
-
     while time.monotonic() < deadline:
         if gw.envoy.poll() is not None:
             raise RuntimeError(f"Envoy exited with {gw.envoy.returncode}; its log: {gw.workdir / 'envoy.log'}")

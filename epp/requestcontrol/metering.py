@@ -12,11 +12,11 @@ A request that ended without a response status (the client or the stream went aw
 
 from __future__ import annotations
 
-import datetime
 import logging
 import sys
+import time
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -53,8 +53,13 @@ class Metering:
                                   LABELS, registry=registry)
         self.cached = Counter("epp_usage_cached_tokens", "Prompt tokens served from the model server's cache.",
                               LABELS, registry=registry)
+        # The label children, looked up once per (tenant, key, model, endpoint): .labels() takes a
+        # lock and builds a tuple each call. Bounded as the labels are (keys file, fleet, models).
+        self._series: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+        self._by_status: dict[tuple[str, str, str, str, int], Any] = {}
         self._out: IO[bytes] | None = None
         self._own = False
+        self._second, self._prefix = -1, ""
         if sink == "stdout":
             self._out = sys.stdout.buffer
         elif sink:
@@ -63,17 +68,26 @@ class Metering:
 
     def record(self, r: UsageRecord) -> None:
         labels = (r.tenant, r.key_id, r.model, r.endpoint)
-        self.requests.labels(*labels, str(r.status)).inc()
-        if r.prompt_tokens:
-            self.prompt.labels(*labels).inc(r.prompt_tokens)
-        if r.completion_tokens:
-            self.completion.labels(*labels).inc(r.completion_tokens)
-        if r.cached_tokens:
-            self.cached.labels(*labels).inc(r.cached_tokens)
+        counted = self._by_status.get((*labels, r.status))
+        if counted is None:
+            counted = self._by_status[(*labels, r.status)] = self.requests.labels(*labels, str(r.status))
+        counted.inc()
+        if r.prompt_tokens or r.completion_tokens or r.cached_tokens:
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = (self.prompt.labels(*labels), self.completion.labels(*labels),
+                                                 self.cached.labels(*labels))
+            prompt, completion, cached = series
+            if r.prompt_tokens:
+                prompt.inc(r.prompt_tokens)
+            if r.completion_tokens:
+                completion.inc(r.completion_tokens)
+            if r.cached_tokens:
+                cached.inc(r.cached_tokens)
         out = self._out
         if out is None:
             return
-        line = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        line = {"time": self._timestamp(),
                 "request_id": r.request_id, "tenant": r.tenant, "key_id": r.key_id, "model": r.model,
                 "endpoint": r.endpoint, "status": r.status, "stream": r.stream, "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens,
@@ -85,6 +99,15 @@ class Metering:
                 out.flush()
         except OSError as e:  # a full disk must not fail requests
             log.error("cannot write the usage line: %s", e)
+
+    def _timestamp(self) -> str:
+        """ISO 8601 UTC with milliseconds; the part up to the second is formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}+00:00"
 
     def close(self) -> None:
         if self._own and self._out is not None:

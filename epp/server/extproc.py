@@ -192,17 +192,21 @@ def immediate(status: int, body: bytes, dropped: str | None = None,
     return _ser(resp)
 
 
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
 def headers_response(headers: Sequence[tuple[str, str]]) -> bytes:
-    """The response_headers answer that sets ``headers`` (a plugin's session token, the decision
-    headers of --decision-headers=true)."""
-    mutation = pb.HeaderMutation()
-    for key, value in headers:
-        opt = mutation.set_headers.add()
-        opt.header.key = key
-        opt.header.raw_value = value.encode()
-        opt.append_action = OVERWRITE
-    return _ser(pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-        response=pb.CommonResponse(header_mutation=mutation))))
+    """The response_headers answer that sets ``headers`` (a plugin's session token, the rate
+    limits of an API key, the decision headers of --decision-headers=true), encoded directly
+    (protobuf objects cost ~20 us here): ProcessingResponse.response_headers(2) >
+    HeadersResponse.response(1) > CommonResponse.header_mutation(2) > set_headers(1) >
+    HeaderValueOption{header(1){key(1), raw_value(3)}, append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD}."""
+    options = b"".join(
+        _field(b"\x0a", _field(b"\x0a", _field(b"\x0a", key.encode())
+                              + (_field(b"\x1a", value.encode()) if value else b"")) + b"\x18\x02")
+        for key, value in headers)  # (an empty value is left out, as protobuf leaves out empty fields)
+    return _field(b"\x12", _field(b"\x0a", _field(b"\x12", options)))
 
 
 class OutOfOrder(Exception):

@@ -76,9 +76,10 @@ def validate(path: Path) -> tuple[bool, str]:
 
 
 def start(path: Path, log_path: Path, concurrency: int = 1, base_id: int | None = None) -> subprocess.Popen[bytes]:
-    """Start Envoy; the caller waits for readiness on the admin port."""
-    args = [envoy_binary(), "-c", str(path), "--concurrency", str(concurrency), "-l", "warning",
-            "--disable-hot-restart", "--log-path", str(log_path)]
+    """Start Envoy (``concurrency`` 0: a worker per core); the caller waits for readiness on the admin port."""
+    args = [envoy_binary(), "-c", str(path), "-l", "warning", "--disable-hot-restart", "--log-path", str(log_path)]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
     if base_id is not None:
         args += ["--base-id", str(base_id)]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

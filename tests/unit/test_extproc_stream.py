@@ -235,3 +235,22 @@ def test_a_full_duplex_body_past_the_limit_gets_413_and_is_not_held() -> None:
     assert immediate_status(s.on_message(body(b"x" * 600, False))) == 413
     assert s.on_message(body(b"x" * 600, True)) == [] and not s._chunks
     assert sum(ps.store.inflight.values()) == 0
+
+
+def test_headers_response_is_the_protobuf_encoding() -> None:
+    """The hand-encoded response_headers answer is byte for byte what protobuf would write."""
+    from envoy.config.core.v3 import base_pb2
+
+    from epp.server.extproc import headers_response
+
+    for headers in ([], [("x-a", "1")], [("x-ratelimit-reset-tokens", "1m30s"), ("set-cookie", "v" * 300)],
+                    [("x-é", "ü" * 70), ("k" * 200, "")]):
+        mutation = pb.HeaderMutation()
+        for key, value in headers:
+            opt = mutation.set_headers.add()
+            opt.header.key = key
+            opt.header.raw_value = value.encode()
+            opt.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        expected = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation))).SerializeToString()
+        assert headers_response(headers) == expected, headers
