@@ -1,18 +1,24 @@
 """`epp demo` (what `make demo` runs): a 4-server simulated fleet + epp + a real Envoy on
-localhost, a short burst of mixed traffic, a table of where each request went and why, then the
-stack stays up until Ctrl-C."""
+localhost, a short burst of mixed traffic, a table of where each request went and why; then
+`epp gateway` in front of a 3-server fleet: a request without a key (401), with one (200), a burst
+over a key's limit (429), a pod killed mid-run (the retries land on the fallbacks), and the usage
+lines. Both stacks stay up until Ctrl-C."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import orjson
 
 from epp.sim.profiles import profile
-from epp.stack.local import Stack, in_process_stack
+from epp.stack.local import GatewayStack, Stack, gateway_stack, in_process_stack
 
 SUPPORT = "You are ACME's support assistant. Policy: " + "answer precisely, cite the manual, be kind. " * 30
 CODING = "You are a senior Python reviewer. Rules: " + "prefer clarity, type everything, test it. " * 30
@@ -93,6 +99,65 @@ def table(rows: list[Sent], stack: Stack) -> str:
     return "\n".join(lines)
 
 
+DEMO_KEY = "sk-demo-team-a-0123456789"
+TRIAL_KEY = "sk-demo-trial-0123456789"
+
+
+def _keys(path: Path) -> Path:
+    sha = [hashlib.sha256(k.encode()).hexdigest() for k in (DEMO_KEY, TRIAL_KEY)]
+    path.write_text(f"keys:\n- {{id: team-a-1, sha256: {sha[0]}, tenant: team-a}}\n"
+                    f"- {{id: trial-1, sha256: {sha[1]}, tenant: trial, limits: {{requestsPerMinute: 3}}}}\n")
+    return path
+
+
+async def _status(s: aiohttp.ClientSession, url: str, key: str | None, text: str) -> tuple[int, str]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    body = chat("You are terse.", text)
+    async with s.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        await r.read()
+        return r.status, r.headers.get("x-sim-server", "-")
+
+
+async def gateway_demo(stack: GatewayStack, usage: Path) -> bool:
+    """The front door, step by step; True when every step answered as it should."""
+    url = stack.url
+    names = {srv.address: f"pod-{i + 1}" for i, srv in enumerate(stack.fleet.servers)}
+    ok = True
+    async with aiohttp.ClientSession() as s:
+        def show(label: str, status: int, want: int, where: str = "") -> None:
+            nonlocal ok
+            ok = ok and status == want
+            print(f"  {label:46} {status:>4} {names.get(where, '')}")
+
+        status, _ = await _status(s, url, None, "no key")
+        show("no API key", status, 401)
+        status, where = await _status(s, url, DEMO_KEY, "hello")
+        show("team-a's key", status, 200, where)
+        for i in range(5):
+            status, where = await _status(s, url, TRIAL_KEY, f"trial {i}")
+            show(f"trial key (3 requests per minute), request {i + 1}", status, 200 if i < 3 else 429, where)
+        victim = stack.fleet.servers[1]
+
+        async def kill_soon() -> None:  # while it is generating answers (non-streamed: no byte sent yet)
+            await asyncio.sleep(0.08)
+            await victim.crash(None)
+
+        killer = asyncio.create_task(kill_soon())
+        results = await asyncio.gather(*(_status(s, url, DEMO_KEY, f"during the kill {i}") for i in range(12)))
+        await killer
+        ok = ok and all(st == 200 for st, _ in results) and victim.address not in {w for _, w in results}
+        print(f"  12 requests at once, {names[victim.address]} killed 80 ms in: statuses "
+              f"{sorted({st for st, _ in results})}, served by {sorted({names.get(w, w) for _, w in results})}")
+        async with s.get(f"http://127.0.0.1:{stack.cfg.admin_port}/stats?filter=inference_pool.upstream_rq_retry$") \
+                as r:
+            print(f"  Envoy: {(await r.text()).strip()}")
+    lines = await asyncio.to_thread(lambda: usage.read_text().splitlines())
+    print(f"\n  usage lines (the last 3 of {len(lines)}):")
+    for line in lines[-3:]:
+        print("   ", line)
+    return ok
+
+
 async def run_demo(hold: bool = True) -> int:
     params = profile("h100-llama8b")
     async with in_process_stack(servers=4, params=params, decision_headers=True) as stack:
@@ -104,13 +169,27 @@ async def run_demo(hold: bool = True) -> int:
         rows = await traffic(stack)
         print(table(rows, stack))
         print("\nwhy = each scorer's score in [0, 1] for the chosen pod, the weighted total, and the runner-up.")
-        if not hold:
-            return 0 if all(r.status == 200 for r in rows) else 1
-        print("\nThe stack stays up; try:")
-        print(f"  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json' -d "
-              "'{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"max_tokens\": 16, "
-              "\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}' -D - ")
-        print(f"  curl -s http://127.0.0.1:{stack.picker.bound_ports['metrics'] if stack.picker else 0}/metrics")
-        print("Ctrl-C to stop.")
-        await asyncio.Event().wait()
+        with tempfile.TemporaryDirectory(prefix="epp-demo-gw-") as tmp:
+            work = Path(tmp)
+            usage = work / "usage.jsonl"
+            config = f"apiKeys: {_keys(work / 'keys.yaml')}\nmetering: {{log: {usage}}}\n"
+            async with gateway_stack(config, servers=3, params=params, workdir=work / "gateway") as gw:
+                print(f"\nepp gateway (Envoy + the picker, one config) on {gw.url}, in front of 3 more pods:")
+                gateway_ok = await gateway_demo(gw, usage)
+                if not hold:
+                    return 0 if all(r.status == 200 for r in rows) and gateway_ok else 1
+                await _hold(stack, gw)
     return 0
+
+
+async def _hold(stack: Stack, gw: GatewayStack) -> None:
+    print("\nThe stacks stay up; try:")
+    print(f"  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json' -d "
+          "'{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"max_tokens\": 16, "
+          "\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}' -D - ")
+    print(f"  curl -s http://127.0.0.1:{stack.picker.bound_ports['metrics'] if stack.picker else 0}/metrics")
+    print(f"  curl -s {gw.url}/v1/models -H 'authorization: Bearer {DEMO_KEY}'")
+    print(f"  curl -s {gw.url}/healthz -D -")
+    print("Ctrl-C to stop.")
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()

@@ -21,3 +21,9 @@ def test_demo_routes_and_explains() -> None:
     coding_pods = {pod.search(r).group(1) for r in rows if r.startswith("coding #")}  # type: ignore[union-attr]
     assert len(support_pods) == 1 and len(coding_pods) == 1
     assert any("prefix-cache-scorer=1.00" in r for r in rows)
+    # Then the gateway: 401 without a key, 200 with one, 429 over the trial key's limit, every
+    # request 200 while a pod is killed (the demo exits 1 otherwise), and the usage lines.
+    out = proc.stdout
+    assert re.search(r"no API key +401", out) and re.search(r"team-a's key +200", out)
+    assert re.search(r"request 4 +429", out) and "statuses [200]" in out
+    assert '"key_id":"team-a-1"' in out
