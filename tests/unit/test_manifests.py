@@ -143,3 +143,24 @@ def test_the_shipped_bootstraps_wait_longer_than_flow_controls_default_queue_bud
         text = (ROOT.parent / "envoy" / name).read_text()
         found = re.findall(r"message_timeout: (\d+)s", text)
         assert found and all(int(t) > 60 for t in found), name
+
+
+def test_the_api_keys_example_mounts_a_secret_epp_reads() -> None:
+    """examples/api-keys: the Secret's keys.yaml parses as epp's keys file, and the Deployment
+    mounts it where --api-keys-file points."""
+    import base64
+
+    from epp.requestcontrol.apikeys import parse_keys_file
+
+    docs = render("examples/api-keys")
+    check(docs)
+    secret = one(docs, "Secret")
+    table = parse_keys_file(base64.b64decode(secret["data"]["keys.yaml"]).decode(), "keys.yaml")
+    assert len(table) == 2 and {k.concurrency for k in table.by_digest.values()} == {64, 2}
+    pod = one(docs, "Deployment", "epp")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert args.api_keys_file == f"{mount['mountPath']}/keys.yaml" and mount["readOnly"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
