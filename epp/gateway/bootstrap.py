@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from epp.gateway.config import GatewayConfig, Listener
-from epp.stack.envoy import envoy_dir
+from epp.gateway.envoyproc import envoy_dir
 
 CLUSTER = "inference_pool"
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"

@@ -22,10 +22,10 @@ import aiohttp
 from epp.config import DEFAULT_CONFIG, PickerConfig, build, load_config, parse_config
 from epp.datastore.store import Datastore
 from epp.flowcontrol.controller import FlowSettings
+from epp.gateway import envoyproc as envoy_mod
 from epp.gateway.bootstrap import dump, eds_document, render
 from epp.gateway.config import GatewayConfig
 from epp.server.app import PickerServer, ServeOptions
-from epp.stack import envoy as envoy_mod
 
 log = logging.getLogger("epp.gateway")
 EDS_FILE = "endpoints.eds.yaml"
