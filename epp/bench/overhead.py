@@ -164,11 +164,20 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
             "python": platform.python_version(), "servers": servers, "requests_c16": requests, "rounds": rounds}
     # What a profile costs per pick in process, the default one and with predicted-latency scoring.
     costs = scheduling_cost()
+    # What the gateway's front door (API key, limits, metering) adds to a pick, in process.
+    from epp.bench.gatewaybench import front_door_cost, front_door_parts  # (it reuses request_body)
+
+    front, parts = front_door_cost(), front_door_parts()
     (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
-                                                   "scheduling_cost": [asdict(c) for c in costs]}, indent=1))
+                                                   "scheduling_cost": [asdict(c) for c in costs],
+                                                   "front_door_cost_us": front, "front_door_parts_us": parts},
+                                                  indent=1))
     (out / "overhead.md").write_text(markdown(rows, meta) + "\nScheduling cost in process (the pick path: "
                                      "schedule + commit; the response path: first bytes + end, where the latency "
-                                     "model learns):\n\n" + cost_markdown(costs))
+                                     "model learns):\n\n" + cost_markdown(costs)
+                                     + "\n\nThe gateway's front door on top of the pick, in process (us per request): "
+                                     + ", ".join(f"{k} {v}" for k, v in front.items()) + "; step by step: "
+                                     + ", ".join(f"{k} {v}" for k, v in parts.items()) + "\n")
     return rows
 
 

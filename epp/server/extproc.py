@@ -115,13 +115,17 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _status(msg: pb.HttpHeaders) -> int:
-    """The response's ``:status`` (0 when absent or not a number)."""
+def _status_and_served(msg: pb.HttpHeaders) -> tuple[int, str]:
+    """The response's ``:status`` (0 when absent or not a number) and the served-endpoint header
+    a gateway's route adds (``epp gateway`` does; "" when absent)."""
+    status, served = 0, ""
     for h in msg.headers.headers:
         if h.key == ":status":
             value = h.raw_value or h.value.encode()
-            return int(value) if value.isdigit() else 0
-    return 0
+            status = int(value) if value.isdigit() else 0
+        elif h.key == SERVED_KEY:
+            served = (h.raw_value or h.value.encode()).decode("ascii", "replace")
+    return status, served
 
 
 def _pick_mutation(value: str, request_id: str | None,
@@ -196,17 +200,22 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
-def headers_response(headers: Sequence[tuple[str, str]]) -> bytes:
+def headers_response(headers: Sequence[tuple[str, str]], remove: Sequence[str] = ()) -> bytes:
     """The response_headers answer that sets ``headers`` (a plugin's session token, the rate
     limits of an API key, the decision headers of --decision-headers=true), encoded directly
     (protobuf objects cost ~20 us here): ProcessingResponse.response_headers(2) >
     HeadersResponse.response(1) > CommonResponse.header_mutation(2) > set_headers(1) >
-    HeaderValueOption{header(1){key(1), raw_value(3)}, append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD}."""
+    HeaderValueOption{header(1){key(1), raw_value(3)}, append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD};
+    ``remove``: HeaderMutation.remove_headers(2)."""
     options = b"".join(
         _field(b"\x0a", _field(b"\x0a", _field(b"\x0a", key.encode())
                               + (_field(b"\x1a", value.encode()) if value else b"")) + b"\x18\x02")
         for key, value in headers)  # (an empty value is left out, as protobuf leaves out empty fields)
+    options += b"".join(_field(b"\x12", name.encode()) for name in remove)
     return _field(b"\x12", _field(b"\x0a", _field(b"\x12", options)))
+
+
+CONTINUE_REMOVING_SERVED = headers_response((), (SERVED_KEY,))
 
 
 class OutOfOrder(Exception):
@@ -295,14 +304,17 @@ class ExtProcStream:
             return out
         if kind == "response_headers":
             pick = self.pick
+            served_header = ""
             if pick is not None:
-                served = _metadata_string(msg, LB_NAMESPACE, SERVED_KEY)
+                pick.status, served_header = _status_and_served(msg.response_headers)
+                served = _metadata_string(msg, LB_NAMESPACE, SERVED_KEY) or served_header
                 if served:
                     pick.served_by(served)
-                pick.status = _status(msg.response_headers)
                 if msg.response_headers.end_of_stream:
                     pick.finish()
             headers = pick.response_headers(self.decision_headers) if pick is not None else ()
+            if served_header:  # the gateway's own note: not for the client
+                return [headers_response(headers, (SERVED_KEY,)) if headers else CONTINUE_REMOVING_SERVED]
             return [headers_response(headers)] if headers else [CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             body = msg.response_body

@@ -80,6 +80,7 @@ async def test_error_table_rows(tmp_path: Path) -> None:
         assert sum(served_counts(stack).values()) == 0  # neither reached a model server
         status, headers, body = await post(s, url, chat_body("hello", max_tokens=4), headers=auth())
         assert status == 200 and headers["content-type"].startswith("application/json")
+        assert "x-gateway-destination-endpoint-served" not in headers  # the picker's note, removed
         assert orjson.loads(body)["usage"]["completion_tokens"] == 4
         status, stream = await sse(s, url, chat_body("stream me", max_tokens=5, stream=True), headers=auth())
         assert status == 200 and stream.rstrip().endswith(b"data: [DONE]")

@@ -243,9 +243,11 @@ def test_headers_response_is_the_protobuf_encoding() -> None:
 
     from epp.server.extproc import headers_response
 
-    for headers in ([], [("x-a", "1")], [("x-ratelimit-reset-tokens", "1m30s"), ("set-cookie", "v" * 300)],
-                    [("x-é", "ü" * 70), ("k" * 200, "")]):
+    cases = ([], [("x-a", "1")], [("x-ratelimit-reset-tokens", "1m30s"), ("set-cookie", "v" * 300)],
+             [("x-é", "ü" * 70), ("k" * 200, "")])
+    for headers, remove in [(h, ()) for h in cases] + [(h, ("x-gateway-destination-endpoint-served",)) for h in cases]:
         mutation = pb.HeaderMutation()
+        mutation.remove_headers.extend(remove)
         for key, value in headers:
             opt = mutation.set_headers.add()
             opt.header.key = key
@@ -253,4 +255,4 @@ def test_headers_response_is_the_protobuf_encoding() -> None:
             opt.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
         expected = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation))).SerializeToString()
-        assert headers_response(headers) == expected, headers
+        assert headers_response(headers, remove) == expected, headers
