@@ -29,8 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.bench.loadgen import run_load
-from epp.bench.overhead import request_body
+from epp.bench.loadgen import request_body, run_load
 from epp.bench.procs import cpu_seconds, start_sim, stop
 from epp.stack.local import epp_command, free_ports, spawn, wait_until
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 
 @dataclass
@@ -90,3 +93,10 @@ async def run_load(host: str, port: int, path: str, body: bytes, *, concurrency:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.elapsed = time.perf_counter() - start
     return result
+
+
+def request_body(size: int = 2400, stream_tokens: int = 0) -> bytes:
+    extra: dict[str, Any] = {"stream": True, "max_tokens": stream_tokens} if stream_tokens else {"max_tokens": 1}
+    base = orjson.dumps({"model": "sim-model", "prompt": "", "ignore_eos": True, **extra})
+    return orjson.dumps({"model": "sim-model", "prompt": "benchmark " * ((size - len(base)) // 10),
+                         "ignore_eos": True, **extra})

@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from epp.bench.loadgen import run_load
+from epp.bench.gatewaybench import front_door_cost, front_door_parts
+from epp.bench.loadgen import request_body, run_load
 from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
 from epp.bench.schedcost import markdown as cost_markdown
 from epp.bench.schedcost import scheduling_cost
@@ -45,13 +44,6 @@ class Row:
     picker_cpu_us_per_req: float | None
     envoy_cpu_us_per_req: float
     stream_tokens: int = 0  # the response: one token (0), or an SSE stream of this many tokens
-
-
-def request_body(size: int = 2400, stream_tokens: int = 0) -> bytes:
-    extra: dict[str, Any] = {"stream": True, "max_tokens": stream_tokens} if stream_tokens else {"max_tokens": 1}
-    base = orjson.dumps({"model": "sim-model", "prompt": "", "ignore_eos": True, **extra})
-    return orjson.dumps({"model": "sim-model", "prompt": "benchmark " * ((size - len(base)) // 10),
-                         "ignore_eos": True, **extra})
 
 
 async def _measure(name: str, envoy: EnvoyProc, epp: subprocess.Popen[bytes] | None, body: bytes, concurrency: int,
@@ -165,8 +157,6 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
     # What a profile costs per pick in process, the default one and with predicted-latency scoring.
     costs = scheduling_cost()
     # What the gateway's front door (API key, limits, metering) adds to a pick, in process.
-    from epp.bench.gatewaybench import front_door_cost, front_door_parts  # (it reuses request_body)
-
     front, parts = front_door_cost(), front_door_parts()
     (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
                                                    "scheduling_cost": [asdict(c) for c in costs],
