@@ -7,6 +7,7 @@ it into an Envoy bootstrap (epp.gateway.bootstrap) and runs the picker behind it
     - {port: 8443, tls: {certFile: /etc/epp/tls.crt, keyFile: /etc/epp/tls.key}}
     - {port: 8080, address: 127.0.0.1}          # plain, for local use
     servers: {static: [10.0.0.11:8000, 10.0.0.12:8000]}   # or endpointsFile: PATH, or pool: {name, namespace}
+                                                 # (+ apiKeyFile: the servers' own key, vllm --api-key)
     apiKeys: /etc/epp/keys.yaml                  # the keys file of ``epp serve --api-keys-file``
     picker: {config: /etc/epp/epp-config.yaml}   # an EndpointPickerConfig (optional)
     timeouts: {connect: 10s, upstreamIdle: 300s, listenerIdle: 300s}
@@ -56,6 +57,7 @@ class Servers:
     endpoints_file: str | None = None
     pool_name: str | None = None
     pool_namespace: str | None = None
+    api_key_file: str | None = None  # the model servers' own key (vllm serve --api-key), sent as Bearer
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +218,9 @@ def _listeners(raw: object, source: str) -> tuple[Listener, ...]:
 
 def _servers(s: _Section) -> Servers:
     static, file, pool = s.get("static"), s.string("endpointsFile"), s.get("pool")
+    key_file = s.string("apiKeyFile")
+    if key_file is not None and not Path(key_file).is_file():
+        raise s.error("apiKeyFile", f"no such file: {key_file}")
     given = [n for n, v in (("static", static), ("endpointsFile", file), ("pool", pool)) if v is not None]
     if len(given) != 1:
         raise s.error("", "give exactly one of static (a list of HOST:PORT), endpointsFile or pool"
@@ -230,15 +235,15 @@ def _servers(s: _Section) -> Servers:
                 addrs.append(parse_address(str(a), f"{s.source}: servers.static[{i}]"))
             except ValueError as e:
                 raise GatewayConfigError(str(e)) from None
-        out = Servers(static=tuple(addrs))
+        out = Servers(static=tuple(addrs), api_key_file=key_file)
     elif file is not None:
-        out = Servers(endpoints_file=file)
+        out = Servers(endpoints_file=file, api_key_file=key_file)
     else:
         p = s.section("pool")
         name = p.string("name")
         if name is None:
             raise p.error("name", "required (the InferencePool's name)")
-        out = Servers(pool_name=name, pool_namespace=p.string("namespace"))
+        out = Servers(pool_name=name, pool_namespace=p.string("namespace"), api_key_file=key_file)
         p.done()
     s.done()
     return out

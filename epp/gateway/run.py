@@ -55,6 +55,7 @@ def serve_options(cfg: GatewayConfig) -> ServeOptions:
                         metrics_host="0.0.0.0", grpc_port=cfg.picker_port, grpc_health_port=cfg.picker_health_port,
                         metrics_port=cfg.metrics_port, secure_serving=False, objectives_file=cfg.objectives,
                         api_keys_file=cfg.api_keys, metering_log=cfg.metering.log, strip_api_keys=True,
+                        upstream_api_key_file=cfg.servers.api_key_file,
                         ejections=(cfg.circuit_breaker.consecutive_failures, cfg.circuit_breaker.ejection_time),
                         answer_models=True)
 

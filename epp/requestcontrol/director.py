@@ -122,13 +122,18 @@ class Routed:
 
     @property
     def request_headers(self) -> tuple[tuple[str, str], ...]:
-        """Headers to set on the request to the server (a data-parallel rank)."""
-        return self.decision.request_headers
+        """Headers to set on the request to the server (a data-parallel rank; the servers' own key)."""
+        upstream = self._director.upstream_auth
+        return self.decision.request_headers + upstream if upstream else self.decision.request_headers
 
     @property
     def removed_headers(self) -> tuple[str, ...]:
-        """Headers the server must not see: the client's API key, once the gateway checked it."""
-        return KEY_HEADERS if self._director.strip_keys and API_KEY in self.request.prepared else ()
+        """Headers the server must not see: the client's API key, once the gateway checked it
+        (``authorization`` is overwritten instead when the servers have their own key)."""
+        d = self._director
+        if not d.strip_keys or API_KEY not in self.request.prepared:
+            return ()
+        return KEY_HEADERS[1:] if d.upstream_auth else KEY_HEADERS
 
     def endpoint_scores(self) -> dict[str, float]:
         """Each picked endpoint's weighted total (primary and fallbacks)."""
@@ -283,6 +288,7 @@ class Director:
         self.keys: KeyTable | None = None  # --api-keys-file: who may send requests (None: anyone)
         self.rate_limits = RateLimits(time.monotonic)  # the keys' requests and tokens per minute
         self.strip_keys = False  # remove the client's key headers before the request goes to a server
+        self.upstream_auth: tuple[tuple[str, str], ...] = ()  # the servers' own key, set on every request
         self.ejections: Ejections | None = None  # the gateway's retries: endpoints out for a while
         self.metering: Metering | None = None  # usage counters and lines, per tenant, key, model and pod
         self.models: Callable[[], list[dict[str, Any]]] | None = None  # GET /v1/models, answered here

@@ -88,6 +88,7 @@ class ServeOptions:
     metrics_host: str | None = None  # where /metrics binds (None: ``host``)
     metering_log: str | None = None  # usage lines, one JSON per finished request: "stdout" or a file path
     strip_api_keys: bool = False  # remove the client's API key headers before the model server sees them
+    upstream_api_key_file: str | None = None  # the model servers' own key, sent as Authorization: Bearer
     ejections: tuple[int, float] | None = None  # (failures in a row, seconds): the gateway's outlier detection
     answer_models: bool = False  # answer GET /v1/models from the pool's merged listing
 
@@ -126,6 +127,15 @@ class PickerServer:
         if rt.parsers is not None:
             self.director.parsers = rt.parsers
         self.director.strip_keys = opts.strip_api_keys
+        if opts.upstream_api_key_file:  # read now: a missing or empty file stops epp at start
+            try:
+                upstream = Path(opts.upstream_api_key_file).read_text().strip()
+            except OSError as e:
+                raise ValueError(f"{opts.upstream_api_key_file}: cannot read the model servers' API key: "
+                                 f"{e.strerror}") from None
+            if not upstream or any(c in upstream for c in "\r\n"):
+                raise ValueError(f"{opts.upstream_api_key_file}: expected one line with the model servers' API key")
+            self.director.upstream_auth = (("authorization", f"Bearer {upstream}"),)
         if opts.ejections is not None:
             self.director.ejections = Ejections(opts.ejections[0], opts.ejections[1], time.monotonic)
         if opts.metering_log is not None:

@@ -259,7 +259,7 @@ async def gateway_stack(config_text: str = "", *, servers: int = 3, params: Engi
                         serve: dict[str, Any] | None = None,
                         before: Any = None) -> AsyncIterator[GatewayStack]:
     """``epp gateway`` in front of a simulated fleet. ``config_text``: the gateway config without
-    ``servers`` (the fleet's static list is added), listener and ports (free ones are chosen);
+    the servers (the fleet's static list is added to ``servers``), listener and ports (free ones are chosen);
     ``{workdir}`` in it is replaced. ``scale`` shortens every timeout (--timeout-scale);
     ``before(fleet)`` runs once the fleet is up, before the gateway starts (write its files)."""
     from epp.gateway import run
@@ -275,7 +275,9 @@ async def gateway_stack(config_text: str = "", *, servers: int = 3, params: Engi
         before(fleet)
     listen, admin, grpc, health, metrics = free_ports(5)
     doc = yaml.safe_load(config_text.replace("{workdir}", str(workdir))) if config_text.strip() else {}
-    doc.setdefault("servers", {"static": [s.address for s in fleet.servers]})
+    servers_doc = doc.setdefault("servers", {})
+    if not {"static", "endpointsFile", "pool"} & set(servers_doc):  # the fleet, as a static list
+        servers_doc["static"] = [s.address for s in fleet.servers]
     doc.setdefault("metering", {"log": False})  # (the CLI's default is stdout)
     listeners = doc.setdefault("listeners", [{}])
     listeners[0].setdefault("port", listen)

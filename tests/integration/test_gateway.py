@@ -230,6 +230,22 @@ async def test_concurrency_limit_and_the_key_never_reaches_a_server(tmp_path: Pa
         assert len(logged) == 2 and all("authorization" not in h and "x-api-key" not in h for h in logged)
 
 
+async def test_the_servers_own_key_replaces_the_clients(tmp_path: Path) -> None:
+    """servers.apiKeyFile: model servers started with their own key (vllm serve --api-key) get it
+    on every request; the client's key never reaches them, in either header."""
+    keys = keys_file(tmp_path / "keys.yaml", f"{{id: k, sha256: {sha(KEY)}, tenant: t}}")
+    (tmp_path / "vllm-key").write_text("upstream-secret-1\n")
+    cfg = f"apiKeys: {keys}\nservers: {{apiKeyFile: {tmp_path / 'vllm-key'}}}\n"
+    async with gateway_stack(cfg, servers=1) as stack, aiohttp.ClientSession() as s:
+        url = f"{stack.url}/v1/chat/completions"
+        for headers in (auth(), {"x-api-key": KEY}):
+            status, _, _ = await post(s, url, chat_body("hi"), headers=headers)
+            assert status == 200
+        logged = [e["headers"] for e in stack.fleet.servers[0].request_log if e["path"] == "/v1/chat/completions"]
+        assert [h.get("authorization") for h in logged] == ["Bearer upstream-secret-1"] * 2
+        assert all("x-api-key" not in h for h in logged)
+
+
 async def test_models_merged_across_pods(tmp_path: Path) -> None:
     keys = keys_file(tmp_path / "keys.yaml", f"{{id: k, sha256: {sha(KEY)}, tenant: t}}")
     async with gateway_stack(f"apiKeys: {keys}\n", servers=2) as stack, aiohttp.ClientSession() as s:

@@ -44,6 +44,7 @@ STATIC = "servers: {static: [127.0.0.1:8001, 127.0.0.1:8002]}\n"
     (STATIC + "colour: blue\n", "colour: unknown field"),
     (STATIC + "metering: {log: 3}\n", "metering.log"),
     ("servers: [\n", "invalid YAML"),
+    ("servers: {static: [127.0.0.1:1], apiKeyFile: /nope}\n", "servers.apiKeyFile: no such file"),
 ])
 def test_config_errors_name_the_file_and_field(text: str, message: str) -> None:
     with pytest.raises(GatewayConfigError) as e:
