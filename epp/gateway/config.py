@@ -57,6 +57,7 @@ class Servers:
     endpoints_file: str | None = None
     pool_name: str | None = None
     pool_namespace: str | None = None
+    kubeconfig: str | None = None  # with a pool: the API server to ask (default: in-cluster, else ~/.kube/config)
     api_key_file: str | None = None  # the model servers' own key (vllm serve --api-key), sent as Bearer
 
 
@@ -243,7 +244,8 @@ def _servers(s: _Section) -> Servers:
         name = p.string("name")
         if name is None:
             raise p.error("name", "required (the InferencePool's name)")
-        out = Servers(pool_name=name, pool_namespace=p.string("namespace"), api_key_file=key_file)
+        out = Servers(pool_name=name, pool_namespace=p.string("namespace"), kubeconfig=p.string("kubeconfig"),
+                      api_key_file=key_file)
         p.done()
     s.done()
     return out

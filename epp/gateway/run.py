@@ -49,7 +49,8 @@ def serve_options(cfg: GatewayConfig) -> ServeOptions:
     if cfg.servers.pool_name:
         from epp.datastore.kubernetes import KubernetesOptions
 
-        kube = KubernetesOptions(namespace=cfg.servers.pool_namespace, pool_name=cfg.servers.pool_name)
+        kube = KubernetesOptions(namespace=cfg.servers.pool_namespace, pool_name=cfg.servers.pool_name,
+                                 kubeconfig=cfg.servers.kubeconfig)
     return ServeOptions(config=picker, config_file=cfg.picker_config, endpoints=cfg.servers.static,
                         endpoints_file=cfg.servers.endpoints_file, kubernetes=kube, host="127.0.0.1",
                         metrics_host="0.0.0.0", grpc_port=cfg.picker_port, grpc_health_port=cfg.picker_health_port,

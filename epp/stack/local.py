@@ -272,7 +272,9 @@ async def gateway_stack(config_text: str = "", *, servers: int = 3, params: Engi
     fleet = Fleet(free_ports(servers), params or profile("fast"))
     await fleet.start()
     if before is not None:
-        before(fleet)
+        prepared = before(fleet)
+        if asyncio.iscoroutine(prepared):
+            await prepared
     listen, admin, grpc, health, metrics = free_ports(5)
     doc = yaml.safe_load(config_text.replace("{workdir}", str(workdir))) if config_text.strip() else {}
     servers_doc = doc.setdefault("servers", {})

@@ -332,3 +332,33 @@ async def test_metrics_auth_asks_the_api_server_who_may_read(emulator: KubeEmula
         reviews = len(emulator.reviews)
         async with s.get(url, headers={"Authorization": "Bearer prom-token"}) as r:  # cached: no new review
             assert r.status == 200 and len(emulator.reviews) == reviews
+
+
+async def test_epp_gateway_follows_an_inference_pool(emulator: KubeEmulator, tmp_path: Path) -> None:
+    """servers.pool: the gateway's picker discovers the pool's pods and writes them to Envoy's EDS
+    file, so a pod that joins the pool takes traffic through the gateway, and one that leaves stops."""
+    from epp.stack.local import gateway_stack
+
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig", NS)
+
+    async def register(fleet: Any) -> None:
+        ports = tuple(s.port for s in fleet.servers)
+        await emulator.apply(*POOL, pool(ports=ports))
+        await emulator.apply(*PODS, sim_pod("vllm-0", ports[0]))
+
+    cfg = f"servers: {{pool: {{name: vllm-pool, namespace: {NS}, kubeconfig: {kubeconfig}}}}}\n"
+    async with gateway_stack(cfg, servers=2, workdir=tmp_path / "gw", before=register) as stack, \
+            aiohttp.ClientSession() as s:
+        first, second = stack.fleet.servers
+        url = f"{stack.url}/v1/completions"
+        for i in range(3):
+            status, headers, _ = await post(s, url, completion_body(f"pool {i}"))
+            assert status == 200 and headers["x-sim-server"] == first.address
+        await emulator.apply(*PODS, sim_pod("vllm-1", second.port))
+        await first.apply_admin({"drain": True})  # only the new pod can answer
+
+        async def second_serves() -> bool:
+            status, headers, _ = await post(s, url, completion_body("joined"))
+            return status == 200 and headers["x-sim-server"] == second.address
+
+        await wait_until(second_serves, 15, "the pod that joined to serve through the gateway")
