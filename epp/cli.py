@@ -733,6 +733,8 @@ def run_gateway(args: argparse.Namespace) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="epp-gateway-"))
         if args.print_config:
             print(run.print_config(cfg, workdir), end="")
+            if any(x.tls for x in cfg.listeners):
+                print(f"epp gateway: the TLS listeners' SDS files are in {workdir}", file=sys.stderr)
             return 0
         opts = run.serve_options(cfg)
     except (ConfigError, ValueError) as e:

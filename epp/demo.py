@@ -151,6 +151,8 @@ async def gateway_demo(stack: GatewayStack, usage: Path) -> bool:
         async with s.get(f"http://127.0.0.1:{stack.cfg.admin_port}/stats?filter=inference_pool.upstream_rq_retry$") \
                 as r:
             print(f"  Envoy: {(await r.text()).strip()}")
+    if stack.picker.director.metering is not None:
+        stack.picker.director.metering.flush()  # (written within 100 ms anyway)
     lines = await asyncio.to_thread(lambda: usage.read_text().splitlines())
     print(f"\n  usage lines (the last 3 of {len(lines)}):")
     for line in lines[-3:]:

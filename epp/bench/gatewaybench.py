@@ -164,8 +164,11 @@ async def _measure(name: str, proc: subprocess.Popen[bytes], port: int, picker: 
 
 
 def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
-    """Microseconds per request of the director's path (submit + the response's end, usage
-    included) without and with auth + limits + metering, in process; best of ``rounds``."""
+    """Microseconds per request of the picker's whole ext_proc path, in process, without and with
+    auth + limits + metering: every message of a gateway-mode request (request headers, body,
+    response headers with the served endpoint, response body) parsed from its bytes and answered
+    by the protocol state machine, as the server does. Best of ``rounds``, interleaved."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from prometheus_client import CollectorRegistry
 
     from epp.config import load_config
@@ -173,8 +176,10 @@ def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
     from epp.datastore.store import Datastore
     from epp.observability.metrics import PickerMetrics
     from epp.requestcontrol.apikeys import parse_keys_file
-    from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+    from epp.requestcontrol.director import Director
+    from epp.requestcontrol.ejections import Ejections
     from epp.requestcontrol.metering import Metering
+    from epp.server.extproc import SERVED_KEY, ExtProcStream
 
     body = request_body()
     tail = (b'{"id":"x","choices":[{"text":"a"}],"usage":{"prompt_tokens":600,"completion_tokens":1,'
@@ -182,31 +187,49 @@ def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     keys = parse_keys_file(f"keys:\n- {{id: bench, sha256: {digest}, tenant: bench, limits: {{requestsPerMinute: "
                            "1000000000, tokensPerMinute: 1000000000, concurrency: 100000}}\n", "<bench>")
+    addresses = [f"10.0.0.{i}:8000" for i in range(8)]
 
     def director(front_door: bool, sink: Path) -> Director:
         store = Datastore()
-        store.set_endpoints([f"10.0.0.{i}:8000" for i in range(8)])
-        for a in store.addresses():
+        store.set_endpoints(addresses)
+        for a in addresses:
             store.record_scrape(a, EngineSignals(), 0)
         scheduler, _ = load_config(None).build()
         d = Director(store, scheduler, PickerMetrics(store))
+        d.ejections = Ejections(5, 30.0, time.monotonic)
         if front_door:
             d.keys = keys
             d.strip_keys = True
             d.metering = Metering(CollectorRegistry(), str(sink))
         return d
 
-    headers = {":path": "/v1/completions", ":method": "POST", "authorization": f"Bearer {KEY}",
-               "content-length": str(len(body))}
+    def messages(i: int) -> list[bytes]:
+        h = pb.HttpHeaders()
+        for k, v in ((":path", "/v1/completions"), (":method", "POST"), ("content-type", "application/json"),
+                     ("content-length", str(len(body))), ("authorization", f"Bearer {KEY}"),
+                     ("x-request-id", f"req-{i}")):
+            h.headers.headers.add(key=k, raw_value=v.encode())
+        first = pb.ProcessingRequest(request_headers=h)
+        first.protocol_config.request_body_mode = 4  # FULL_DUPLEX_STREAMED, both ways
+        first.protocol_config.response_body_mode = 4
+        rh = pb.HttpHeaders()
+        for k, v in ((":status", "200"), ("content-type", "application/json"), (SERVED_KEY, addresses[i % 8])):
+            rh.headers.headers.add(key=k, raw_value=v.encode())
+        return [m.SerializeToString() for m in (
+            first, pb.ProcessingRequest(request_body=pb.HttpBody(body=body)),
+            pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True)),
+            pb.ProcessingRequest(response_headers=rh), pb.ProcessingRequest(response_body=pb.HttpBody(body=tail)),
+            pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)))]
+
+    wire = [messages(i) for i in range(64)]
 
     def per_request(d: Director, n: int) -> float:
         t0 = time.perf_counter()
         for i in range(n):
-            routed = d.submit(RequestInput({**headers, "x-request-id": str(i)}, "/v1/completions", body),
-                              ResponseAccess.INJECT)
-            assert isinstance(routed, Routed)
-            routed.status = 200
-            routed.response_body(tail, True)
+            stream = ExtProcStream(d)
+            for raw in wire[i % 64]:
+                stream.on_message(pb.ProcessingRequest.FromString(raw))
+            stream.close()
         return (time.perf_counter() - t0) / n * 1e6
 
     out: dict[str, float] = {}
@@ -271,7 +294,7 @@ def markdown(rows: list[GatewayRow], cost: dict[str, float], meta: dict[str, Any
         picker = "-" if r.picker_cpu_us_per_req is None else f"{r.picker_cpu_us_per_req:.0f}"
         lines.append(f"| {r.contender} | {r.concurrency} | {resp} | {r.requests} | {r.errors} | {r.rps:.0f} "
                      f"| {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.proxy_cpu_us_per_req:.0f} | {picker} |")
-    lines += ["", "In process, the director's path per request (best of 7 interleaved rounds): "
+    lines += ["", "In process, the picker's whole ext_proc path per request (best of 7 interleaved rounds): "
               + ", ".join(f"{k} {v} us" for k, v in cost.items()), ""]
     if parts:
         lines += ["Each front-door step alone (us per request, best of 5):", "", "| step | us |", "|---|---|"]

@@ -19,6 +19,7 @@ from epp.gateway.envoyproc import envoy_dir
 CLUSTER = "inference_pool"
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 LOAD_ASSIGNMENT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
 def _seconds(value: float) -> str:
@@ -64,11 +65,36 @@ def timeouts(cfg: GatewayConfig, longest_wait: float) -> dict[str, float]:
     return {"stream_idle": stream_idle, "picker": picker, "message": max(120.0 * k, longest_wait + 10.0 * k)}
 
 
+def sds_file(workdir: Path, index: int) -> Path:
+    return workdir / f"tls-{index}.sds.yaml"
+
+
+def sds_document(x: Listener, index: int) -> str:
+    """The file Envoy's filesystem SDS reads for a TLS listener: its certificate and key files,
+    re-read when a file is moved into their directory (how cert-manager and Kubernetes Secret
+    mounts rotate them), so a renewed certificate is served without a restart."""
+    assert x.cert_file is not None and x.key_file is not None
+    watched = {"path": str(Path(x.cert_file).resolve().parent)}
+    doc = {"resources": [{"@type": SECRET, "name": f"gateway-{index}-cert", "tls_certificate": {
+        "certificate_chain": {"filename": x.cert_file}, "private_key": {"filename": x.key_file},
+        "watched_directory": watched}}]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_sds(cfg: GatewayConfig, workdir: Path) -> None:
+    """The SDS files of the TLS listeners (the bootstrap points at them)."""
+    for i, x in enumerate(cfg.listeners):
+        if x.tls:
+            sds_file(workdir, i).write_text(sds_document(x, i))
+
+
 def render(cfg: GatewayConfig, *, eds_path: Path | None = None, longest_wait: float = 0.0,
-           listen_ports: dict[int, int] | None = None) -> dict[str, Any]:
+           listen_ports: dict[int, int] | None = None, sds_dir: Path | None = None) -> dict[str, Any]:
     """The bootstrap as a dict. ``eds_path``: where the picker writes the pool's endpoints when they
     are discovered (an endpoints file or a pool); a static list is written in. ``listen_ports``
-    maps a listener's configured port to the one to bind (tests bind free ports)."""
+    maps a listener's configured port to the one to bind (tests bind free ports). ``sds_dir``:
+    where ``write_sds`` put the TLS listeners' SDS files (certificates reloaded when they change);
+    without it the certificates are read once, at start."""
     template: dict[str, Any] = yaml.safe_load((envoy_dir() / "gateway.yaml").read_text())
     listener_template = template.pop("LISTENER")
     t, r, cb = cfg.timeouts, cfg.retries, cfg.circuit_breaker
@@ -96,12 +122,13 @@ def render(cfg: GatewayConfig, *, eds_path: Path | None = None, longest_wait: fl
             "resource_api_version": "V3",
             "path_config_source": {"path": str(eds_path), "watched_directory": {"path": str(eds_path.parent)}}}}
     ports = listen_ports or {}
-    resources["listeners"] = [_listener(listener_template, x, i, ports.get(x.port, x.port), values)
+    resources["listeners"] = [_listener(listener_template, x, i, ports.get(x.port, x.port), values, sds_dir)
                               for i, x in enumerate(cfg.listeners)]
     return out
 
 
-def _listener(template: dict[str, Any], x: Listener, index: int, port: int, values: dict[str, Any]) -> dict[str, Any]:
+def _listener(template: dict[str, Any], x: Listener, index: int, port: int, values: dict[str, Any],
+              sds_dir: Path | None) -> dict[str, Any]:
     node: dict[str, Any] = _fill(copy.deepcopy(template), {**values, "LISTENER_NAME": f"gateway-{index}",
                                                           "LISTEN_ADDRESS": x.address, "LISTEN_PORT": port})
     chain = node["filter_chains"][0]
@@ -112,12 +139,18 @@ def _listener(template: dict[str, Any], x: Listener, index: int, port: int, valu
     else:
         hcm["codec_type"] = "HTTP1"
     if x.tls:
-        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": TLS_CONTEXT,
-            "common_tls_context": {
-                "alpn_protocols": ["h2", "http/1.1"] if x.http2 else ["http/1.1"],
-                "tls_certificates": [{"certificate_chain": {"filename": x.cert_file},
-                                      "private_key": {"filename": x.key_file}}]}}}
+        context: dict[str, Any] = {"alpn_protocols": ["h2", "http/1.1"] if x.http2 else ["http/1.1"]}
+        if sds_dir is not None:
+            path = sds_file(sds_dir, index)
+            context["tls_certificate_sds_secret_configs"] = [{"name": f"gateway-{index}-cert", "sds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {"path": str(path),
+                                       "watched_directory": {"path": str(Path(x.cert_file or "").resolve().parent)}}}}]
+        else:
+            context["tls_certificates"] = [{"certificate_chain": {"filename": x.cert_file},
+                                            "private_key": {"filename": x.key_file}}]
+        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls",
+                                     "typed_config": {"@type": TLS_CONTEXT, "common_tls_context": context}}
     return node
 
 

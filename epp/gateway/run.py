@@ -23,7 +23,7 @@ from epp.config import DEFAULT_CONFIG, PickerConfig, build, load_config, parse_c
 from epp.datastore.store import Datastore
 from epp.flowcontrol.controller import FlowSettings
 from epp.gateway import envoyproc as envoy_mod
-from epp.gateway.bootstrap import dump, eds_document, render
+from epp.gateway.bootstrap import dump, eds_document, render, write_sds
 from epp.gateway.config import GatewayConfig
 from epp.server.app import PickerServer, ServeOptions
 
@@ -92,9 +92,11 @@ class Gateway:
 
 
 def bootstrap_for(cfg: GatewayConfig, workdir: Path, flow: FlowSettings | None) -> dict[str, Any]:
-    """The bootstrap ``epp gateway`` runs (``--print-config`` prints it)."""
+    """The bootstrap ``epp gateway`` runs (``--print-config`` prints it); the TLS listeners' SDS
+    files it points at are written into ``workdir``."""
     eds = None if cfg.servers.static else workdir / EDS_FILE
-    return render(cfg, eds_path=eds, longest_wait=longest_wait(flow))
+    write_sds(cfg, workdir)
+    return render(cfg, eds_path=eds, longest_wait=longest_wait(flow), sds_dir=workdir)
 
 
 def print_config(cfg: GatewayConfig, workdir: Path) -> str:

@@ -200,18 +200,34 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
+_KEY_FIELDS: dict[str, bytes] = {}  # header name -> its encoded HeaderValue.key field (names repeat)
+
+
+def _set_header(key: str, value: str) -> bytes:
+    """HeaderMutation.set_headers(1) entry: HeaderValueOption{header(1){key(1), raw_value(3)},
+    append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD (2)}; an empty value is left out, as protobuf
+    leaves out empty fields."""
+    k = _KEY_FIELDS.get(key)
+    if k is None:
+        k = _field(b"\x0a", key.encode())
+        if len(_KEY_FIELDS) < 1024:
+            _KEY_FIELDS[key] = k
+    if value:
+        raw = value.encode()
+        hv = b"".join((k, b"\x1a", _varint(len(raw)), raw))
+    else:
+        hv = k
+    hv_len = _varint(len(hv))
+    return b"".join((b"\x0a", _varint(1 + len(hv_len) + len(hv) + 2), b"\x0a", hv_len, hv, b"\x18\x02"))
+
+
 def headers_response(headers: Sequence[tuple[str, str]], remove: Sequence[str] = ()) -> bytes:
     """The response_headers answer that sets ``headers`` (a plugin's session token, the rate
-    limits of an API key, the decision headers of --decision-headers=true), encoded directly
-    (protobuf objects cost ~20 us here): ProcessingResponse.response_headers(2) >
-    HeadersResponse.response(1) > CommonResponse.header_mutation(2) > set_headers(1) >
-    HeaderValueOption{header(1){key(1), raw_value(3)}, append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD};
-    ``remove``: HeaderMutation.remove_headers(2)."""
-    options = b"".join(
-        _field(b"\x0a", _field(b"\x0a", _field(b"\x0a", key.encode())
-                              + (_field(b"\x1a", value.encode()) if value else b"")) + b"\x18\x02")
-        for key, value in headers)  # (an empty value is left out, as protobuf leaves out empty fields)
-    options += b"".join(_field(b"\x12", name.encode()) for name in remove)
+    limits of an API key, the decision headers of --decision-headers=true) and removes ``remove``,
+    encoded directly (protobuf objects cost ~20 us here): ProcessingResponse.response_headers(2) >
+    HeadersResponse.response(1) > CommonResponse.header_mutation(2) > set_headers(1) entries, then
+    remove_headers(2)."""
+    options = b"".join([_set_header(k, v) for k, v in headers] + [_field(b"\x12", n.encode()) for n in remove])
     return _field(b"\x12", _field(b"\x0a", _field(b"\x12", options)))
 
 

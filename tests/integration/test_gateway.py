@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,9 @@ async def test_error_table_rows(tmp_path: Path) -> None:
             await stack.server(a).crash(None)
         status, _, body = await post(s, url, chat_body("gone"), headers=auth())
         assert status == 502 and error_of(body)["type"] == "BadGatewayError", body
+        metering = stack.picker.director.metering
+        assert metering is not None
+        metering.flush()  # (lines are written within 100 ms; now, for the test)
         lines = usage_lines(usage)
         by_status: dict[int, int] = {}
         for line in lines:
@@ -308,3 +312,35 @@ async def test_discovered_servers_follow_the_endpoints_file(tmp_path: Path) -> N
             return status == 200 and headers["x-sim-server"] == second
 
         await wait_until(second_serves, 10, "the added server to take traffic")
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """TLS listeners read their certificate through filesystem SDS: replacing the files (as
+    cert-manager or a Secret mount does, by moving them into place) changes what clients get."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    def install(pair: tuple[bytes, bytes]) -> None:
+        for name, data in (("tls.key", pair[0]), ("tls.crt", pair[1])):
+            (tmp_path / name).write_bytes(data)
+            os.replace(tmp_path / name, certs / name)
+
+    first, second = self_signed(("localhost",)), self_signed(("localhost",))
+    install(first)
+    cfg = f"listeners: [{{tls: {{certFile: {certs / 'tls.crt'}, keyFile: {certs / 'tls.key'}}}}}]\n"
+    async with gateway_stack(cfg, servers=1) as stack:
+        port = stack.cfg.listeners[0].port
+
+        def served() -> str:
+            return ssl.get_server_certificate(("127.0.0.1", port))
+
+        def same(pem: str, cert: bytes) -> bool:
+            return ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(cert.decode())
+
+        assert same(await asyncio.to_thread(served), first[1])
+        install(second)
+
+        async def renewed() -> bool:
+            return same(await asyncio.to_thread(served), second[1])
+
+        await wait_until(renewed, 15, "the renewed certificate")

@@ -4,6 +4,7 @@ and the per-key concurrency slot."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from epp.gateway.bootstrap import eds_document, render, timeouts
+from epp.gateway.bootstrap import eds_document, render, timeouts, write_sds
 from epp.gateway.config import GatewayConfigError, parse_gateway_config
 from epp.requestcontrol.apikeys import ApiKey, digest_of, parse_keys_file
 from epp.requestcontrol.ejections import Ejections
@@ -82,8 +83,11 @@ def test_bootstraps_validate_in_the_real_envoy(tmp_path: Path) -> None:
     (tmp_path / "tls.crt").write_bytes(cert)
     (tmp_path / "tls.key").write_bytes(key)
     tls = f"{{certFile: {tmp_path / 'tls.crt'}, keyFile: {tmp_path / 'tls.key'}}}"
-    _validate(tmp_path, render(parse_gateway_config(
-        STATIC + f"listeners: [{{port: 8443, tls: {tls}}}, {{port: 8080, http2: false}}]\n", "gw.yaml")))
+    tls_cfg = parse_gateway_config(STATIC + f"listeners: [{{port: 8443, tls: {tls}}}, {{port: 8080, http2: false}}]\n",
+                                   "gw.yaml")
+    _validate(tmp_path, render(tls_cfg))
+    write_sds(tls_cfg, tmp_path)  # certificates through filesystem SDS (reloaded when renewed)
+    _validate(tmp_path, render(tls_cfg, sds_dir=tmp_path))
     eds = tmp_path / "eds" / "endpoints.eds.yaml"
     eds.parent.mkdir()
     eds.write_text(eds_document(["127.0.0.1:8001"], 1))
@@ -127,6 +131,19 @@ def test_ejections_follow_consecutive_failures() -> None:
     assert e.excluded() == frozenset()
     e.forget("b")
     assert "b" not in e.failures
+
+
+async def test_metering_writes_lines_in_batches(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    m = Metering(CollectorRegistry(), str(log))
+    m.record(UsageRecord("r1", "t", "k", "m", "e", 200))
+    m.record(UsageRecord("r2", "t", "k", "m", "e", 200))
+    assert log.read_bytes() == b""  # buffered...
+    await asyncio.sleep(0.2)
+    assert len(log.read_bytes().splitlines()) == 2  # ...for at most 100 ms
+    m.record(UsageRecord("r3", "t", "k", "m", "e", 200))
+    m.close()  # and flushed at shutdown
+    assert len(log.read_bytes().splitlines()) == 3
 
 
 def test_metering_counts_and_writes_lines(tmp_path: Path) -> None:
