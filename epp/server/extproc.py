@@ -19,6 +19,7 @@ ends at the response's end_of_stream, its trailers, or the stream's end, whichev
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -200,23 +201,13 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
-_KEY_FIELDS: dict[str, bytes] = {}  # header name -> its encoded HeaderValue.key field (names repeat)
-
-
+@functools.lru_cache(maxsize=4096)  # (name, value) pairs repeat: limits, resets, session tokens
 def _set_header(key: str, value: str) -> bytes:
     """HeaderMutation.set_headers(1) entry: HeaderValueOption{header(1){key(1), raw_value(3)},
     append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD (2)}; an empty value is left out, as protobuf
     leaves out empty fields."""
-    k = _KEY_FIELDS.get(key)
-    if k is None:
-        k = _field(b"\x0a", key.encode())
-        if len(_KEY_FIELDS) < 1024:
-            _KEY_FIELDS[key] = k
-    if value:
-        raw = value.encode()
-        hv = b"".join((k, b"\x1a", _varint(len(raw)), raw))
-    else:
-        hv = k
+    k = _field(b"\x0a", key.encode())
+    hv = b"".join((k, b"\x1a", _varint(len(value.encode())), value.encode())) if value else k
     hv_len = _varint(len(hv))
     return b"".join((b"\x0a", _varint(1 + len(hv_len) + len(hv) + 2), b"\x0a", hv_len, hv, b"\x18\x02"))
 
