@@ -423,6 +423,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     gw.add_argument("--out", default="results/gateway")
     gw.add_argument("--requests", type=int, default=2000, help="requests per concurrency-16 run")
     gw.add_argument("--rounds", type=int, default=2)
+    gw.add_argument("--no-instructions", action="store_true", help="skip counting instructions under callgrind")
     pd = bsub.add_parser("pd", help="prefill/decode disaggregation vs the same pods aggregated (long prompts)")
     pd.add_argument("--out", default="results/pd")
     pd.add_argument("--profile", default="h100-llama8b", help="simulator preset")
@@ -466,7 +467,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from epp.bench.gatewaybench import bench_gateway
 
         out = Path(args.out)
-        _run(bench_gateway(out, requests=args.requests, rounds=args.rounds))
+        _run(bench_gateway(out, requests=args.requests, rounds=args.rounds, instructions=not args.no_instructions))
         print((out / "gateway.md").read_text())
         return 0
     if args.bench_command == "sim":

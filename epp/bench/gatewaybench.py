@@ -16,6 +16,7 @@ add to the director's path per request (submit + response end), with and without
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import platform
@@ -163,97 +164,135 @@ async def _measure(name: str, proc: subprocess.Popen[bytes], port: int, picker: 
                       round(own, 1) if picker else None)
 
 
-def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
-    """Microseconds per request of the picker's whole ext_proc path, in process, without and with
-    auth + limits + metering: every message of a gateway-mode request (request headers, body,
-    response headers with the served endpoint, response body) parsed from its bytes and answered
-    by the protocol state machine, as the server does. Best of ``rounds``, interleaved."""
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-    from prometheus_client import CollectorRegistry
+class FrontDoorPath:
+    """The picker's whole ext_proc path for one gateway-mode request, in process, as the server
+    runs it: every message (request headers with the key, body, response headers with the served
+    endpoint, response body with usage) parsed from its bytes and answered by the protocol state
+    machine. ``front_door``: with API keys (request, token and concurrency limits), key stripping
+    and usage metering; without: the pick alone."""
 
-    from epp.config import load_config
-    from epp.datastore.endpoint import EngineSignals
-    from epp.datastore.store import Datastore
-    from epp.observability.metrics import PickerMetrics
-    from epp.requestcontrol.apikeys import parse_keys_file
-    from epp.requestcontrol.director import Director
-    from epp.requestcontrol.ejections import Ejections
-    from epp.requestcontrol.metering import Metering
-    from epp.server.extproc import SERVED_KEY, ExtProcStream
+    def __init__(self, front_door: bool, usage_log: Path) -> None:
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    body = request_body()
-    tail = (b'{"id":"x","choices":[{"text":"a"}],"usage":{"prompt_tokens":600,"completion_tokens":1,'
-            b'"prompt_tokens_details":{"cached_tokens":512}}}')
-    digest = hashlib.sha256(KEY.encode()).hexdigest()
-    keys = parse_keys_file(f"keys:\n- {{id: bench, sha256: {digest}, tenant: bench, limits: {{requestsPerMinute: "
-                           "1000000000, tokensPerMinute: 1000000000, concurrency: 100000}}\n", "<bench>")
-    addresses = [f"10.0.0.{i}:8000" for i in range(8)]
+        from epp.config import load_config
+        from epp.datastore.endpoint import EngineSignals
+        from epp.datastore.store import Datastore
+        from epp.observability.metrics import PickerMetrics
+        from epp.requestcontrol.apikeys import parse_keys_file
+        from epp.requestcontrol.director import Director
+        from epp.requestcontrol.ejections import Ejections
+        from epp.requestcontrol.metering import Metering
+        from epp.server.extproc import SERVED_KEY, ExtProcStream
 
-    def director(front_door: bool, sink: Path) -> Director:
+        self._pb, self._stream = pb, ExtProcStream
+        addresses = [f"10.0.0.{i}:8000" for i in range(8)]
         store = Datastore()
         store.set_endpoints(addresses)
         for a in addresses:
             store.record_scrape(a, EngineSignals(), 0)
         scheduler, _ = load_config(None).build()
-        d = Director(store, scheduler, PickerMetrics(store))
+        d = self.director = Director(store, scheduler, PickerMetrics(store))
         d.ejections = Ejections(5, 30.0, time.monotonic)
         if front_door:
-            d.keys = keys
+            digest = hashlib.sha256(KEY.encode()).hexdigest()
+            d.keys = parse_keys_file(f"keys:\n- {{id: bench, sha256: {digest}, tenant: bench, limits: "
+                                     "{requestsPerMinute: 1000000000, tokensPerMinute: 1000000000, "
+                                     "concurrency: 100000}}\n", "<bench>")
             d.strip_keys = True
-            d.metering = Metering(CollectorRegistry(), str(sink))
-        return d
+            d.metering = Metering(str(usage_log))
+        body = request_body()
+        tail = (b'{"id":"x","choices":[{"text":"a"}],"usage":{"prompt_tokens":600,"completion_tokens":1,'
+                b'"prompt_tokens_details":{"cached_tokens":512}}}')
 
-    def messages(i: int) -> list[bytes]:
-        h = pb.HttpHeaders()
-        for k, v in ((":path", "/v1/completions"), (":method", "POST"), ("content-type", "application/json"),
-                     ("content-length", str(len(body))), ("authorization", f"Bearer {KEY}"),
-                     ("x-request-id", f"req-{i}")):
-            h.headers.headers.add(key=k, raw_value=v.encode())
-        first = pb.ProcessingRequest(request_headers=h)
-        first.protocol_config.request_body_mode = 4  # FULL_DUPLEX_STREAMED, both ways
-        first.protocol_config.response_body_mode = 4
-        rh = pb.HttpHeaders()
-        for k, v in ((":status", "200"), ("content-type", "application/json"), (SERVED_KEY, addresses[i % 8])):
-            rh.headers.headers.add(key=k, raw_value=v.encode())
-        return [m.SerializeToString() for m in (
-            first, pb.ProcessingRequest(request_body=pb.HttpBody(body=body)),
-            pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True)),
-            pb.ProcessingRequest(response_headers=rh), pb.ProcessingRequest(response_body=pb.HttpBody(body=tail)),
-            pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)))]
+        def messages(i: int) -> list[bytes]:
+            h = pb.HttpHeaders()
+            for k, v in ((":path", "/v1/completions"), (":method", "POST"), ("content-type", "application/json"),
+                         ("content-length", str(len(body))), ("authorization", f"Bearer {KEY}"),
+                         ("x-request-id", f"req-{i}")):
+                h.headers.headers.add(key=k, raw_value=v.encode())
+            first = pb.ProcessingRequest(request_headers=h)
+            first.protocol_config.request_body_mode = 4  # FULL_DUPLEX_STREAMED, both ways
+            first.protocol_config.response_body_mode = 4
+            rh = pb.HttpHeaders()
+            for k, v in ((":status", "200"), ("content-type", "application/json"), (SERVED_KEY, addresses[i % 8])):
+                rh.headers.headers.add(key=k, raw_value=v.encode())
+            return [m.SerializeToString() for m in (
+                first, pb.ProcessingRequest(request_body=pb.HttpBody(body=body)),
+                pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True)),
+                pb.ProcessingRequest(response_headers=rh),
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=tail)),
+                pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)))]
 
-    wire = [messages(i) for i in range(64)]
+        self._wire = [messages(i) for i in range(64)]
 
-    def per_request(d: Director, n: int) -> float:
+    def run(self, n: int) -> float:
+        """``n`` requests; microseconds per request."""
+        parse, wire, stream_of, d = self._pb.ProcessingRequest.FromString, self._wire, self._stream, self.director
         t0 = time.perf_counter()
         for i in range(n):
-            stream = ExtProcStream(d)
+            stream = stream_of(d)
             for raw in wire[i % 64]:
-                stream.on_message(pb.ProcessingRequest.FromString(raw))
+                stream.on_message(parse(raw))
             stream.close()
         return (time.perf_counter() - t0) / n * 1e6
 
+    def close(self) -> None:
+        if self.director.metering is not None:
+            self.director.metering.close()
+
+
+def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
+    """Microseconds per request of ``FrontDoorPath`` without and with the front door; best of
+    ``rounds``, interleaved so a disturbance of the machine hits both."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        contenders = {"pick": director(False, Path(tmp) / "u0.jsonl"),
-                      "pick + auth + limits + metering": director(True, Path(tmp) / "u1.jsonl")}
-        for d in contenders.values():
-            per_request(d, 500)  # warm up
-        for _ in range(rounds):  # interleaved, so a disturbance hits both; best of the rounds
-            for name, d in contenders.items():
-                out[name] = round(min(out.get(name, float("inf")), per_request(d, requests)), 1)
-        for d in contenders.values():
-            if d.metering is not None:
-                d.metering.close()
+        contenders = {"pick": FrontDoorPath(False, Path(tmp) / "u0.jsonl"),
+                      "pick + auth + limits + metering": FrontDoorPath(True, Path(tmp) / "u1.jsonl")}
+        for c in contenders.values():
+            c.run(500)  # warm up
+        for _ in range(rounds):
+            for name, c in contenders.items():
+                out[name] = round(min(out.get(name, float("inf")), c.run(requests)), 1)
+        for c in contenders.values():
+            c.close()
     out["added"] = round(out["pick + auth + limits + metering"] - out["pick"], 1)
     return out
+
+
+def front_door_instructions(requests: int = 1000) -> dict[str, float] | None:
+    """Instructions per request of ``FrontDoorPath`` without and with the front door, counted by
+    valgrind's callgrind (the same count whatever else the machine does): each contender runs
+    once with ``requests`` more than the other, and the difference is divided. None without
+    valgrind."""
+    import re
+    import sys
+
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return None
+    counts: dict[tuple[str, int], int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [(which, n) for which in ("pick", "front") for n in (0, requests)]
+        procs = {run: subprocess.Popen([valgrind, "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p",
+                                        sys.executable, "-m", "epp.bench.gatewaybench", run[0], str(run[1])],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for run in runs}
+        for run, proc in procs.items():
+            _, err = proc.communicate(timeout=1800)
+            found = re.search(r"Collected : (\d+)", err)
+            if proc.returncode != 0 or found is None:
+                raise RuntimeError(f"callgrind run {run} failed: {err[-2000:]}")
+            counts[run] = int(found.group(1))
+    pick = (counts[("pick", requests)] - counts[("pick", 0)]) / requests
+    front = (counts[("front", requests)] - counts[("front", 0)]) / requests
+    return {"pick": round(pick), "pick + auth + limits + metering": round(front), "added": round(front - pick),
+            "added_pct": round(100 * (front - pick) / pick, 1)}
 
 
 def front_door_parts(n: int = 20000) -> dict[str, float]:
     """Microseconds per call of each front-door step alone (best of 5 timeit runs): steadier than
     the difference of two whole paths on a shared machine."""
     import timeit
-
-    from prometheus_client import CollectorRegistry
 
     from epp.requestcontrol.apikeys import parse_keys_file
     from epp.requestcontrol.metering import Metering, UsageRecord
@@ -270,7 +309,7 @@ def front_door_parts(n: int = 20000) -> dict[str, float]:
         pass
 
     with tempfile.TemporaryDirectory() as tmp:
-        metering = Metering(CollectorRegistry(), str(Path(tmp) / "usage.jsonl"))
+        metering = Metering(str(Path(tmp) / "usage.jsonl"))
         record = UsageRecord("req-1", "b", "b", "sim-model", "10.0.0.1:8000", 200, 600, 1, 512, 0.01, 0.02)
         steps = {"auth (hash + look-up + compare)": lambda: table.check(headers),
                  "requests + tokens per minute (admit)": lambda: limits.admit(key),
@@ -285,7 +324,7 @@ def front_door_parts(n: int = 20000) -> dict[str, float]:
 
 
 def markdown(rows: list[GatewayRow], cost: dict[str, float], meta: dict[str, Any],
-             parts: dict[str, float] | None = None) -> str:
+             parts: dict[str, float] | None = None, counted: dict[str, float] | None = None) -> str:
     lines = [f"# epp bench gateway ({meta['date']}, {meta['machine']})", "",
              "| contender | conc | response | requests | errors | req/s | p50 ms | p99 ms | CPU us/req (all) "
              "| of which picker |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -296,6 +335,12 @@ def markdown(rows: list[GatewayRow], cost: dict[str, float], meta: dict[str, Any
                      f"| {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.proxy_cpu_us_per_req:.0f} | {picker} |")
     lines += ["", "In process, the picker's whole ext_proc path per request (best of 7 interleaved rounds): "
               + ", ".join(f"{k} {v} us" for k, v in cost.items()), ""]
+    if counted:
+        us = cost["pick"] * counted["added_pct"] / 100
+        lines += [f"Counted by callgrind (the same whatever else the machine does): the pick path "
+                  f"{counted['pick']:,.0f} instructions per request, with the front door "
+                  f"{counted['pick + auth + limits + metering']:,.0f}: +{counted['added']:,.0f} "
+                  f"(+{counted['added_pct']}%, about {us:.0f} us at the pick path's measured speed).", ""]
     if parts:
         lines += ["Each front-door step alone (us per request, best of 5):", "", "| step | us |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in parts.items()]
@@ -304,7 +349,9 @@ def markdown(rows: list[GatewayRow], cost: dict[str, float], meta: dict[str, Any
 
 
 async def bench_gateway(out: Path, *, servers: int = 4, requests: int = 2000, max_seconds: float = 20.0,
-                        rounds: int = 2, stream_tokens: int = 64) -> list[GatewayRow]:
+                        rounds: int = 2, stream_tokens: int = 64, instructions: bool = True) -> list[GatewayRow]:
+    """``instructions``: also count the front door's instructions per request under callgrind
+    (~2 minutes; skipped without valgrind)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-gw-") as tmp:
         work = Path(tmp)
@@ -344,12 +391,13 @@ async def bench_gateway(out: Path, *, servers: int = 4, requests: int = 2000, ma
                 stop(p)
     cost = front_door_cost()
     parts = front_door_parts()
+    counted = await asyncio.to_thread(front_door_instructions) if instructions else None
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cores()} cores",
             "servers": servers, "requests_c16": requests, "rounds": rounds}
     (out / "gateway.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
-                                                  "front_door_cost_us": cost, "front_door_parts_us": parts},
-                                                 indent=1))
-    (out / "gateway.md").write_text(markdown(rows, cost, meta, parts))
+                                                  "front_door_cost_us": cost, "front_door_parts_us": parts,
+                                                  "front_door_instructions": counted}, indent=1))
+    (out / "gateway.md").write_text(markdown(rows, cost, meta, parts, counted))
     return rows
 
 
@@ -357,3 +405,22 @@ def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def _run_path(which: str, n: int) -> None:
+    """One ``FrontDoorPath`` run (what ``front_door_instructions`` counts): a warm-up, then ``n``."""
+    async def main() -> None:  # in a running loop, as the server (usage lines are batched on it)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = FrontDoorPath(which == "front", Path(tmp) / "usage.jsonl")
+            path.run(300)
+            if n:
+                path.run(n)
+            path.close()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _run_path(sys.argv[1], int(sys.argv[2]))

@@ -18,14 +18,19 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("epp.metering")
 LABELS = ("tenant", "key_id", "model", "endpoint")
+TOKEN_SERIES = (("epp_usage_prompt_tokens", "Prompt tokens (from the responses' usage)."),
+                ("epp_usage_completion_tokens", "Completion tokens (from the responses' usage)."),
+                ("epp_usage_cached_tokens", "Prompt tokens served from the model server's cache."))
 FLUSH_AFTER = 0.1  # seconds a line may wait in the buffer
 FLUSH_AT = 64 * 1024  # bytes
 
@@ -46,22 +51,13 @@ class UsageRecord:
     stream: bool = False
 
 
-class Metering:
-    """Counts and logs every finished request."""
+class Metering(Collector):
+    """Counts and logs every finished request. The sums are plain numbers updated on the loop and
+    turned into counter families when /metrics is read (a loop collector: no per-request locks)."""
 
-    def __init__(self, registry: CollectorRegistry, sink: str | None) -> None:
-        self.requests = Counter("epp_usage_requests", "Finished requests by tenant, key, model, endpoint and status.",
-                                [*LABELS, "status"], registry=registry)
-        self.prompt = Counter("epp_usage_prompt_tokens", "Prompt tokens (from the responses' usage).", LABELS,
-                              registry=registry)
-        self.completion = Counter("epp_usage_completion_tokens", "Completion tokens (from the responses' usage).",
-                                  LABELS, registry=registry)
-        self.cached = Counter("epp_usage_cached_tokens", "Prompt tokens served from the model server's cache.",
-                              LABELS, registry=registry)
-        # The label children, looked up once per (tenant, key, model, endpoint): .labels() takes a
-        # lock and builds a tuple each call. Bounded as the labels are (keys file, fleet, models).
-        self._series: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
-        self._by_status: dict[tuple[str, str, str, str, int], Any] = {}
+    def __init__(self, sink: str | None) -> None:
+        self._requests: dict[tuple[str, str, str, str, str], int] = {}
+        self._tokens: dict[tuple[str, str, str, str], list[int]] = {}  # -> [prompt, completion, cached]
         self._out: IO[bytes] | None = None
         self._own = False
         self._second, self._prefix = -1, ""
@@ -73,24 +69,29 @@ class Metering:
             self._out = open(sink, "ab", buffering=0)  # noqa: SIM115 - kept open for the process's life
             self._own = True
 
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("epp_usage_requests", "Finished requests by tenant, key, model, endpoint "
+                                       "and status.", labels=[*LABELS, "status"])
+        for counted, n in self._requests.items():
+            requests.add_metric(list(counted), n)
+        yield requests
+        for i, (name, doc) in enumerate(TOKEN_SERIES):
+            family = CounterMetricFamily(name, doc, labels=list(LABELS))
+            for series, sums in self._tokens.items():
+                family.add_metric(list(series), sums[i])
+            yield family
+
     def record(self, r: UsageRecord) -> None:
         labels = (r.tenant, r.key_id, r.model, r.endpoint)
-        counted = self._by_status.get((*labels, r.status))
-        if counted is None:
-            counted = self._by_status[(*labels, r.status)] = self.requests.labels(*labels, str(r.status))
-        counted.inc()
+        counted = (*labels, str(r.status))
+        self._requests[counted] = self._requests.get(counted, 0) + 1
         if r.prompt_tokens or r.completion_tokens or r.cached_tokens:
-            series = self._series.get(labels)
-            if series is None:
-                series = self._series[labels] = (self.prompt.labels(*labels), self.completion.labels(*labels),
-                                                 self.cached.labels(*labels))
-            prompt, completion, cached = series
-            if r.prompt_tokens:
-                prompt.inc(r.prompt_tokens)
-            if r.completion_tokens:
-                completion.inc(r.completion_tokens)
-            if r.cached_tokens:
-                cached.inc(r.cached_tokens)
+            sums = self._tokens.get(labels)
+            if sums is None:
+                sums = self._tokens[labels] = [0, 0, 0]
+            sums[0] += r.prompt_tokens
+            sums[1] += r.completion_tokens
+            sums[2] += r.cached_tokens
         out = self._out
         if out is None:
             return

@@ -139,7 +139,8 @@ class PickerServer:
         if opts.ejections is not None:
             self.director.ejections = Ejections(opts.ejections[0], opts.ejections[1], time.monotonic)
         if opts.metering_log is not None:
-            self.director.metering = Metering(self.metrics.registry, opts.metering_log)
+            self.director.metering = Metering(opts.metering_log)
+            self.metrics.loop_collectors.append(self.director.metering)
         self.models: ModelCatalog | None = None
         if opts.answer_models:
             self.models = ModelCatalog(self.store)

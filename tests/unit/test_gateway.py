@@ -135,7 +135,7 @@ def test_ejections_follow_consecutive_failures() -> None:
 
 async def test_metering_writes_lines_in_batches(tmp_path: Path) -> None:
     log = tmp_path / "usage.jsonl"
-    m = Metering(CollectorRegistry(), str(log))
+    m = Metering(str(log))
     m.record(UsageRecord("r1", "t", "k", "m", "e", 200))
     m.record(UsageRecord("r2", "t", "k", "m", "e", 200))
     assert log.read_bytes() == b""  # buffered...
@@ -147,12 +147,13 @@ async def test_metering_writes_lines_in_batches(tmp_path: Path) -> None:
 
 
 def test_metering_counts_and_writes_lines(tmp_path: Path) -> None:
-    reg = CollectorRegistry()
     log = tmp_path / "usage.jsonl"
-    m = Metering(reg, str(log))
+    m = Metering(str(log))
     m.record(UsageRecord("r1", "team", "k1", "llama", "10.0.0.1:8000", 200, 10, 5, 4, 0.05, 0.2, True))
     m.record(UsageRecord("r2", "", "", "", "", 401))
     m.close()
+    reg = CollectorRegistry()
+    reg.register(m)
     lines = [orjson.loads(x) for x in log.read_bytes().splitlines()]
     assert [x["status"] for x in lines] == [200, 401]
     assert lines[0]["ttft_ms"] == 50.0 and lines[0]["cached_tokens"] == 4 and lines[1]["ttft_ms"] is None
