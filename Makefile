@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-vllm fuzz lint bench-overhead bench-gateway nginx clean
+.PHONY: venv demo test test-vllm fuzz lint bench-overhead bench-gateway nginx chromium dashboard-screenshot clean
 
 venv: $(STAMP)
 
@@ -37,7 +37,19 @@ nginx:
 		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1)) || \
 		echo "warning: nginx could not be installed; the gateway-vs-nginx benchmark is skipped"
 
-test: lint nginx
+# Chromium (Debian's package) for the dashboard's browser test and the README's screenshot.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) || \
+		echo "warning: chromium could not be installed; the dashboard's browser test is skipped"
+
+# The README's dashboard screenshot, taken by the browser test against a live stack.
+dashboard-screenshot: venv chromium
+	EPP_DASHBOARD_SCREENSHOT=$(abspath epp/observability/dashboard.png) $(BIN)/python -m pytest -q \
+		-p no:cacheprovider tests/integration/test_dashboard.py -k renders
+
+test: lint nginx chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The fuzz tests at ten times the default suite's case counts (>= 100,000 protocol cases).

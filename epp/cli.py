@@ -152,6 +152,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ha-lease-name", help="the Lease's name (default: epp-<pool name>)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
+    bool_flag(p, "--dashboard", True, "the live dashboard at /dashboard on the metrics port (off unless /metrics "
+              "is open: a browser page cannot send a token)")
     bool_flag(p, "--decision-headers", False,
               "add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
     bool_flag(p, "--emit-endpoint-scores", False,
@@ -236,7 +238,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
                       max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),
         tls=tls, cert_reload=args.enable_cert_reload, emit_endpoint_scores=args.emit_endpoint_scores,
-        subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing,
+        subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing, dashboard=args.dashboard,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file,

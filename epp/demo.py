@@ -163,6 +163,8 @@ async def gateway_demo(stack: GatewayStack, usage: Path) -> bool:
 async def run_demo(hold: bool = True) -> int:
     params = profile("h100-llama8b")
     async with in_process_stack(servers=4, params=params, decision_headers=True) as stack:
+        metrics = stack.picker.bound_ports["metrics"] if stack.picker else 0
+        print(f"live dashboard: http://127.0.0.1:{metrics}/dashboard  (open it now: it follows the traffic below)")
         names = ", ".join(f"pod-{i + 1}={s.address}" for i, s in enumerate(stack.fleet.servers))
         print(f"simulated vLLM fleet (h100-llama8b preset): {names}")
         print(f"epp on 127.0.0.1:{stack.picker.bound_ports['grpc'] if stack.picker else '?'}; "
@@ -189,7 +191,9 @@ async def _hold(stack: Stack, gw: GatewayStack) -> None:
     print(f"  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json' -d "
           "'{\"model\": \"meta-llama/Llama-3.1-8B-Instruct\", \"max_tokens\": 16, "
           "\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}' -D - ")
-    print(f"  curl -s http://127.0.0.1:{stack.picker.bound_ports['metrics'] if stack.picker else 0}/metrics")
+    metrics = stack.picker.bound_ports["metrics"] if stack.picker else 0
+    print(f"  the live dashboard: http://127.0.0.1:{metrics}/dashboard")
+    print(f"  curl -s http://127.0.0.1:{metrics}/metrics")
     print(f"  curl -s {gw.url}/v1/models -H 'authorization: Bearer {DEMO_KEY}'")
     print(f"  curl -s {gw.url}/healthz -D -")
     print("Ctrl-C to stop.")

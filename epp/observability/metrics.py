@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from epp.observability.activity import Activity
 from epp.scheduling.contract import ExportsMetrics, HoldsPrefixIndex, declares
 
 if TYPE_CHECKING:
@@ -233,6 +234,7 @@ class PickerMetrics:
     def __init__(self, store: Datastore, pool_name: str = "default", label_values: int = 64) -> None:
         self.models = LabelValues(store.served_models, label_values)
         self.fairness = LabelValues(lambda: (DEFAULT_FAIRNESS,), label_values)  # client-chosen: bounded too
+        self.activity = Activity()  # the last decisions and the pods' reported cache hits (the dashboard)
         self.loop_collectors: list[Collector] = [PoolCollector(store, pool_name)]
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry

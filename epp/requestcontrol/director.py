@@ -253,6 +253,8 @@ class Routed:
             facts.completion_tokens = reader.completion_tokens or 0
             facts.cached_tokens = reader.cached_tokens
         self._director.metrics.response_observed(self._labels, facts)
+        if reader is not None:
+            self._director.metrics.activity.served(self.endpoint, facts.prompt_tokens, facts.cached_tokens)
         key = self.request.prepared.get(API_KEY)
         if isinstance(key, ApiKey) and key.tpm is not None:
             self._director.rate_limits.charge(key, facts.prompt_tokens + facts.completion_tokens)
@@ -525,6 +527,7 @@ class Director:
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)
+        m.activity.picked(labels.model, decision)
         m.request_processing.observe(t1 - (request.arrived or t0))
         m.child(m.picks, decision.primary).inc()
         m.request_running(labels, 1)

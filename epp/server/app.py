@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from epp.config import Built, PickerConfig, build, config_watcher
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
+from epp.observability.dashboard import Dashboard, PoolParts
 from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
 from epp.observability.metrics import PickerMetrics, PluginCollector
 from epp.observability.tracing import Tracing
@@ -91,6 +92,7 @@ class ServeOptions:
     upstream_api_key_file: str | None = None  # the model servers' own key, sent as Authorization: Bearer
     ejections: tuple[int, float] | None = None  # (failures in a row, seconds): the gateway's outlier detection
     answer_models: bool = False  # answer GET /v1/models from the pool's merged listing
+    dashboard: bool = True  # the live dashboard at /dashboard on the metrics port (--dashboard=false: off)
 
 
 class PickerServer:
@@ -169,6 +171,15 @@ class PickerServer:
                                    lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, TokenFileAuthorizer(metrics_token)
                                                 if metrics_token is not None else None)
+        self.dashboard: Dashboard | None = None
+        if opts.dashboard and metrics_token is None and not opts.metrics_token_review:
+            plugins = PluginCollector(opts.pool_name, self._plugins, self.signals.kv_events.totals)
+            self.dashboard = Dashboard(PoolParts(
+                opts.pool_name, self.store.snapshot, lambda: self.store.total_picks, self.metrics.activity,
+                lambda: self._flow_gauges() if self.director.waiting is not None else None, plugins.collect))
+            self.metrics_endpoint.pages.append(self.dashboard.routes)
+        elif opts.dashboard:
+            log.warning("the dashboard is off: /metrics requires a token, and a browser page cannot send one")
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
@@ -203,6 +214,7 @@ class PickerServer:
             self.director.endpoint_removed(a)
             if self.director.ejections is not None:
                 self.director.ejections.forget(a)
+            self.metrics.activity.forget(a)
         self.signals.resync()
 
     def apply(self, built: Built) -> None:
@@ -277,6 +289,8 @@ class PickerServer:
         if self.elector is not None:
             await self.elector.stop(release=True)
         await self.sources.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.metrics_endpoint.stop()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -102,10 +103,13 @@ class MetricsEndpoint:
         self.metrics = metrics
         self.auth = auth
         self._runner: web.AppRunner | None = None
+        self.pages: list[Callable[[web.Application], None]] = []  # more routes on this port (the dashboard)
 
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
+        for add in self.pages:
+            add(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
