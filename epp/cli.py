@@ -421,6 +421,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pr.add_argument("--side-fraction", type=float, default=0.3, help="share of requests sent straight to a pod")
     pr.add_argument("--restart-every", type=float, default=6.0, help="seconds between pod restarts (0: none)")
     pr.add_argument("--down-for", type=float, default=0.5, help="seconds a restarting pod is down")
+    db = bsub.add_parser("dashboard", help="epp's CPU with 0, 1 and 8 dashboards open")
+    db.add_argument("--out", default="results/dashboard")
+    db.add_argument("--seconds", type=float, default=10.0)
     gw = bsub.add_parser("gateway", help="epp gateway (keys, limits, metering) vs nginx as seed 000 configures it")
     gw.add_argument("--out", default="results/gateway")
     gw.add_argument("--requests", type=int, default=2000, help="requests per concurrency-16 run")
@@ -464,6 +467,13 @@ def run_bench(args: argparse.Namespace) -> int:
             from epp.bench.profile import top_functions
 
             print(top_functions(out / "profile.txt"))
+        return 0
+    if args.bench_command == "dashboard":
+        from epp.bench.dashboardbench import bench_dashboard
+
+        out = Path(args.out)
+        _run(bench_dashboard(out, seconds=args.seconds))
+        print((out / "dashboard.md").read_text())
         return 0
     if args.bench_command == "gateway":
         from epp.bench.gatewaybench import bench_gateway

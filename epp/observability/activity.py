@@ -45,7 +45,8 @@ class Activity:
     def forget(self, endpoint: str) -> None:
         self.hits.pop(endpoint, None)
 
-    def decisions(self) -> list[dict[str, Any]]:
-        """The recent decisions, newest first, as the dashboard shows them."""
+    def decisions(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The last ``limit`` decisions, newest first, as the dashboard shows them."""
+        newest = list(self._recent)[-limit:][::-1]
         return [{"time": t, "model": model, "endpoint": d.primary, "fallbacks": list(d.endpoints[1:]),
-                 "reason": d.reason()} for t, model, d in reversed(self._recent)]
+                 "reason": d.reason()} for t, model, d in newest]
