@@ -163,3 +163,23 @@ async def test_the_dashboard_can_be_turned_off() -> None:
     async with in_process_stack(servers=1, serve={"dashboard": False}) as stack, aiohttp.ClientSession() as s, \
             s.get(dashboard_url(stack)) as r:
         assert r.status == 404
+
+
+async def test_the_view_shows_flow_controls_queues() -> None:
+    """With flow control on, requests held in epp appear in the view by flow, with the saturation."""
+    from .test_flow_control import flow_config, slow, until_queued
+
+    async with in_process_stack(servers=1, config_text=flow_config(max_concurrency=1)) as stack, \
+            aiohttp.ClientSession() as s:
+        await slow(stack, 40)
+        url = f"{stack.url}/v1/chat/completions"
+        sent = [asyncio.create_task(post(s, url, chat_body(f"held {i}", max_tokens=20),
+                                         headers={"x-llm-d-inference-fairness-id": "team-q"})) for i in range(4)]
+        await until_queued(stack, 2)
+        async with s.get(dashboard_url(stack) + "/events") as r:
+            view = orjson.loads((await r.content.readline())[len(b"data: "):])
+        flow = view["flow_control"]
+        assert flow is not None and flow["saturation"]
+        held = {q["fairness"]: q["requests"] for q in flow["queues"]}
+        assert held.get("team-q", 0) >= 2, flow
+        assert [st for st, _, _ in await asyncio.gather(*sent)] == [200] * 4
