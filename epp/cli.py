@@ -154,6 +154,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     bool_flag(p, "--dashboard", True, "the live dashboard at /dashboard on the metrics port (off unless /metrics "
               "is open: a browser page cannot send a token)")
+    p.add_argument("--shadow-config", action="append", default=[], metavar="FILE",
+                   help="a candidate EndpointPickerConfig (plugins and schedulingProfiles) that also schedules "
+                        "sampled live requests, without acting: agreement and estimated cache hits on /metrics "
+                        "and the dashboard (repeatable; named by the file's stem)")
+    p.add_argument("--shadow-sample-rate", type=float, default=1.0, metavar="FRACTION",
+                   help="the fraction of requests the shadow configs schedule (default 1)")
     bool_flag(p, "--decision-headers", False,
               "add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
     bool_flag(p, "--emit-endpoint-scores", False,
@@ -239,6 +245,7 @@ def run_serve(args: argparse.Namespace) -> int:
                       max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),
         tls=tls, cert_reload=args.enable_cert_reload, emit_endpoint_scores=args.emit_endpoint_scores,
         subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing, dashboard=args.dashboard,
+        shadow_configs=tuple(args.shadow_config), shadow_sample_rate=args.shadow_sample_rate,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file,

@@ -867,3 +867,26 @@ def config_watcher(path: str, current: Built, apply: Callable[[Built], None],
     watcher = WatchedFile(path, parse_and_build, apply, what="config", current=current, current_text=text,
                           interval=interval, offload=True)
     return watcher
+
+
+SHADOW_SECTIONS = {"apiVersion", "kind", "plugins", "schedulingProfiles"}
+
+
+def load_shadow_config(path: str) -> tuple[str, Scheduler]:
+    """A candidate config file: its name (the file's stem) and its scheduler; ConfigError naming
+    the file for a section that is not scheduling."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read the shadow config: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, f"invalid YAML: {e}") from None
+    if isinstance(doc, dict):
+        extra = sorted(set(doc) - SHADOW_SECTIONS)
+        if extra:
+            raise ConfigError(f"{path}: {extra[0]}", "a shadow config holds scheduling only (plugins, "
+                              "schedulingProfiles); flow control, data layer and request handling stay the live "
+                              "config's")
+    return Path(path).stem, build(parse_config(text, path)).scheduler

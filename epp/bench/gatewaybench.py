@@ -171,7 +171,7 @@ class FrontDoorPath:
     machine. ``front_door``: with API keys (request, token and concurrency limits), key stripping
     and usage metering; without: the pick alone."""
 
-    def __init__(self, front_door: bool, usage_log: Path) -> None:
+    def __init__(self, front_door: bool, usage_log: Path, shadows: int = 0) -> None:
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
         from epp.config import load_config
@@ -193,6 +193,10 @@ class FrontDoorPath:
         scheduler, _ = load_config(None).build()
         d = self.director = Director(store, scheduler, PickerMetrics(store))
         d.ejections = Ejections(5, 30.0, time.monotonic)
+        if shadows:  # candidate configs (the default profile again) scheduling every request too
+            from epp.requestcontrol.shadow import ShadowEvaluation
+
+            d.shadow = ShadowEvaluation([(f"candidate-{i}", load_config(None).build()[0]) for i in range(shadows)])
         if front_door:
             digest = hashlib.sha256(KEY.encode()).hexdigest()
             d.keys = parse_keys_file(f"keys:\n- {{id: bench, sha256: {digest}, tenant: bench, limits: "
@@ -256,6 +260,23 @@ def front_door_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
         for c in contenders.values():
             c.close()
     out["added"] = round(out["pick + auth + limits + metering"] - out["pick"], 1)
+    return out
+
+
+def shadow_cost(requests: int = 1000, rounds: int = 7) -> dict[str, float]:
+    """Microseconds per request of ``FrontDoorPath`` (the pick alone) without and with one and two
+    shadow configs scheduling every request (sample rate 1: the bound; a rate r costs r times the
+    difference). Best of ``rounds``, interleaved."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        contenders = {f"{n} shadow configs": FrontDoorPath(False, Path(tmp) / f"u{n}.jsonl", shadows=n)
+                      for n in (0, 1, 2)}
+        for c in contenders.values():
+            c.run(500)
+        for _ in range(rounds):
+            for name, c in contenders.items():
+                out[name] = round(min(out.get(name, float("inf")), c.run(requests)), 1)
+    out["added per shadow config"] = round((out["2 shadow configs"] - out["0 shadow configs"]) / 2, 1)
     return out
 
 

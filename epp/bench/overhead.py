@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from epp.bench.gatewaybench import front_door_cost, front_door_instructions, front_door_parts
+from epp.bench.gatewaybench import front_door_cost, front_door_instructions, front_door_parts, shadow_cost
 from epp.bench.loadgen import request_body, run_load
 from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
 from epp.bench.schedcost import markdown as cost_markdown
@@ -159,10 +159,11 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
     # What the gateway's front door (API key, limits, metering) adds to a pick, in process.
     front, parts = front_door_cost(), front_door_parts()
     counted = await asyncio.to_thread(front_door_instructions)  # callgrind, when valgrind is there
+    shadows = shadow_cost()
     (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
                                                    "scheduling_cost": [asdict(c) for c in costs],
                                                    "front_door_cost_us": front, "front_door_parts_us": parts,
-                                                   "front_door_instructions": counted},
+                                                   "front_door_instructions": counted, "shadow_cost_us": shadows},
                                                   indent=1))
     (out / "overhead.md").write_text(markdown(rows, meta) + "\nScheduling cost in process (the pick path: "
                                      "schedule + commit; the response path: first bytes + end, where the latency "
@@ -172,7 +173,9 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                                      + ", ".join(f"{k} {v}" for k, v in parts.items())
                                      + (f"; counted by callgrind: +{counted['added']:,.0f} instructions per request "
                                         f"(+{counted['added_pct']}% of the pick path's "
-                                        f"{counted['pick']:,.0f})" if counted else "") + "\n")
+                                        f"{counted['pick']:,.0f})" if counted else "") + "\n"
+                                     + "\nShadow evaluation on top of the pick, every request sampled, in process "
+                                     "(us per request): " + ", ".join(f"{k} {v}" for k, v in shadows.items()) + "\n")
     return rows
 
 

@@ -44,6 +44,7 @@ class PoolParts:
     activity: Activity
     flow: Callable[[], FlowGauges | None]  # None: flow control is off
     plugin_families: Callable[[], Iterable[Metric]]
+    shadows: Callable[[], list[dict[str, Any]] | None] = lambda: None  # shadow configs' tallies (None: none)
 
 
 @dataclass(slots=True)
@@ -91,7 +92,8 @@ def pool_view(parts: PoolParts, rates: dict[str, float]) -> dict[str, Any]:
             for sample in fam.samples:
                 loop[fam.name] = loop.get(fam.name, 0.0) + sample.value
     return {"pool": parts.pool, "time": time.time(), "picks_per_s": round(all_picks, 2), "pods": pods,
-            "decisions": parts.activity.decisions(20), "flow_control": queues, "closed_loop": loop or None}
+            "decisions": parts.activity.decisions(20), "flow_control": queues, "closed_loop": loop or None,
+            "shadow": parts.shadows()}
 
 
 class Dashboard:

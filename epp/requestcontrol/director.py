@@ -42,6 +42,7 @@ from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.ratelimits import RateLimits, Slot
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
+from epp.requestcontrol.shadow import ShadowEvaluation, ShadowPick
 from epp.requestcontrol.tokens import Tokenizes
 from epp.requestcontrol.usage import UsageReader, wants_injection
 from epp.requestcontrol.waiting import Waiting, WaitingRoom
@@ -82,7 +83,8 @@ class Routed:
 
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
-                 "queued", "reader", "request", "scheduler", "served", "status", "streamed", "tokens", "wants_chunks")
+                 "queued", "reader", "request", "scheduler", "served", "shadows", "status", "streamed", "tokens",
+                 "wants_chunks")
 
     def __init__(self, director: Director, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -104,6 +106,7 @@ class Routed:
         self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
         self.served: str | None = None  # the endpoint the gateway says served it (after its retries)
         self.status = 0  # the response's HTTP status (0: none came)
+        self.shadows: list[ShadowPick] = []  # the shadow configs' decisions for this request (sampled)
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
@@ -173,6 +176,8 @@ class Routed:
             self._first_at = time.perf_counter()
             self.wants_chunks = self.reader is not None
             self.scheduler.prefill_done(self.decision)
+            for p in self.shadows:
+                p.candidate.scheduler.prefill_done(p.decision)
             self._director.prefilled(self.decision.primary, self.tokens)
             prefill = self.decision.prefill
             if prefill is not None:  # P/D: the prefill pod is done with this request
@@ -211,6 +216,8 @@ class Routed:
     def usage(self, cached_tokens: int) -> None:
         """The response reported how many prompt tokens the pod served from its cache."""
         self.scheduler.usage(self.decision, cached_tokens)
+        for p in self.shadows:
+            p.candidate.scheduler.usage(p.decision, cached_tokens)
 
     def finish(self) -> None:
         if not self.done:
@@ -219,7 +226,13 @@ class Routed:
             reader = self.reader
             usage = None if reader is None or not reader.completion_tokens else Usage(
                 reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens)
-            self.scheduler.completed(self.decision, Completion(usage, self.streamed))
+            completion = Completion(usage, self.streamed)
+            self.scheduler.completed(self.decision, completion)
+            if self.shadows:
+                for p in self.shadows:
+                    p.candidate.scheduler.completed(p.decision, completion)
+                if reader is not None and reader.cached_tokens is not None and reader.prompt_tokens:
+                    ShadowEvaluation.reported(self.shadows, reader.prompt_tokens, reader.cached_tokens)
             self._director.finished(self.endpoint, self._labels, self._started)
             slot = self.request.prepared.get(SLOT)
             if isinstance(slot, Slot):
@@ -294,6 +307,7 @@ class Director:
         self.ejections: Ejections | None = None  # the gateway's retries: endpoints out for a while
         self.metering: Metering | None = None  # usage counters and lines, per tenant, key, model and pod
         self.models: Callable[[], list[dict[str, Any]]] | None = None  # GET /v1/models, answered here
+        self.shadow: ShadowEvaluation | None = None  # candidate configs scheduling sampled requests too
 
     @property
     def policies(self) -> RequestPolicies:
@@ -532,6 +546,8 @@ class Director:
         m.child(m.picks, decision.primary).inc()
         m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
+        if self.shadow is not None:  # after the live pick is committed: it never waits for the candidates
+            routed.shadows = self.shadow.observe(request, snapshot, decision)
         routed.tokens = tokens
         routed.prefill_tokens = prefill_tokens
         inject = False
@@ -539,7 +555,7 @@ class Director:
             key = request.prepared.get(API_KEY)
             # Tokens per minute and metering need the usage, streams included.
             metered = self.metering is not None or (isinstance(key, ApiKey) and key.tpm is not None)
-            if scheduler.wants_usage or read_usage or metered:
+            if scheduler.wants_usage or read_usage or metered or routed.shadows:
                 inject = (access is ResponseAccess.INJECT and (scheduler.inject_usage or metered)
                           and wants_injection(request))
             routed.reader = UsageReader(strip=inject)
@@ -647,6 +663,8 @@ class Director:
 
     def endpoint_removed(self, address: str) -> None:
         self.scheduler.endpoint_removed(address)
+        if self.shadow is not None:
+            self.shadow.endpoint_removed(address)
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:

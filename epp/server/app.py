@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from epp.config import Built, PickerConfig, build, config_watcher
+from epp.config import Built, PickerConfig, build, config_watcher, load_shadow_config
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.observability.dashboard import Dashboard, PoolParts
@@ -28,6 +28,7 @@ from epp.requestcontrol.director import Director
 from epp.requestcontrol.ejections import Ejections
 from epp.requestcontrol.metering import Metering
 from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.shadow import ShadowEvaluation
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
 from epp.server.extproc import ExtProcStream
@@ -93,6 +94,8 @@ class ServeOptions:
     ejections: tuple[int, float] | None = None  # (failures in a row, seconds): the gateway's outlier detection
     answer_models: bool = False  # answer GET /v1/models from the pool's merged listing
     dashboard: bool = True  # the live dashboard at /dashboard on the metrics port (--dashboard=false: off)
+    shadow_configs: tuple[str, ...] = ()  # --shadow-config FILE...: candidate configs evaluated on live requests
+    shadow_sample_rate: float = 1.0  # the fraction of requests they schedule
 
 
 class PickerServer:
@@ -171,12 +174,17 @@ class PickerServer:
                                    lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, TokenFileAuthorizer(metrics_token)
                                                 if metrics_token is not None else None)
+        if opts.shadow_configs:  # read and built now: a bad candidate stops epp at start
+            self.director.shadow = ShadowEvaluation([load_shadow_config(p) for p in opts.shadow_configs],
+                                                    opts.shadow_sample_rate)
+            self.metrics.loop_collectors.append(self.director.shadow)
         self.dashboard: Dashboard | None = None
         if opts.dashboard and metrics_token is None and not opts.metrics_token_review:
             plugins = PluginCollector(opts.pool_name, self._plugins, self.signals.kv_events.totals)
             self.dashboard = Dashboard(PoolParts(
                 opts.pool_name, self.store.snapshot, lambda: self.store.total_picks, self.metrics.activity,
-                lambda: self._flow_gauges() if self.director.waiting is not None else None, plugins.collect))
+                lambda: self._flow_gauges() if self.director.waiting is not None else None, plugins.collect,
+                lambda: self.director.shadow.view() if self.director.shadow is not None else None))
             self.metrics_endpoint.pages.append(self.dashboard.routes)
         elif opts.dashboard:
             log.warning("the dashboard is off: /metrics requires a token, and a browser page cannot send one")
