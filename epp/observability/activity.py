@@ -27,11 +27,12 @@ class CacheHits:
 
 class Activity:
     def __init__(self, keep: int = 40) -> None:
-        self._recent: deque[tuple[float, str, Decision]] = deque(maxlen=keep)
+        self._recent: deque[tuple[float, str, Decision, tuple[tuple[str, str], ...]]] = deque(maxlen=keep)
         self.hits: dict[str, CacheHits] = {}
 
-    def picked(self, model: str, decision: Decision) -> None:
-        self._recent.append((time.time(), model, decision))
+    def picked(self, model: str, decision: Decision, shadows: tuple[tuple[str, str], ...] = ()) -> None:
+        """A live pick, with where each sampled shadow config would have sent it ((config, pod)...)."""
+        self._recent.append((time.time(), model, decision, shadows))
 
     def served(self, endpoint: str, prompt_tokens: int, cached_tokens: int | None) -> None:
         """A response's usage: ``prompt_tokens`` of which ``cached_tokens`` came from the pod's cache."""
@@ -49,4 +50,5 @@ class Activity:
         """The last ``limit`` decisions, newest first, as the dashboard shows them."""
         newest = list(self._recent)[-limit:][::-1]
         return [{"time": t, "model": model, "endpoint": d.primary, "fallbacks": list(d.endpoints[1:]),
-                 "reason": d.reason()} for t, model, d in newest]
+                 "reason": d.reason(), "shadow": [{"config": c, "endpoint": e} for c, e in shadows]}
+                for t, model, d, shadows in newest]

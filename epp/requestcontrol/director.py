@@ -541,13 +541,15 @@ class Director:
         self.store.acquire(decision.primary, tokens)
         t1 = time.perf_counter()
         m.scheduled(t1 - t0)
-        m.activity.picked(labels.model, decision)
         m.request_processing.observe(t1 - (request.arrived or t0))
         m.child(m.picks, decision.primary).inc()
         m.request_running(labels, 1)
         routed = Routed(self, scheduler, request, decision, labels, t1)
         if self.shadow is not None:  # after the live pick is committed: it never waits for the candidates
             routed.shadows = self.shadow.observe(request, snapshot, decision)
+            m.activity.picked(labels.model, decision, tuple((p.candidate.name, p.chose) for p in routed.shadows))
+        else:
+            m.activity.picked(labels.model, decision)
         routed.tokens = tokens
         routed.prefill_tokens = prefill_tokens
         inject = False

@@ -39,6 +39,8 @@ class Tally:
     predicted_live: int = 0  # ...and on the live pod
     reported: int = 0  # prompt tokens the live pod reported cached (sampled requests with usage)
     prompt: int = 0  # prompt tokens of those requests
+    queue_own: float = 0.0  # requests waiting or in flight (epp's) on its choice, summed over its decisions
+    queue_live: float = 0.0  # ...and on the live pod
 
     @property
     def estimated(self) -> int:
@@ -58,8 +60,16 @@ class ShadowPick:
 
     candidate: Candidate
     decision: Decision  # its cycle, with the live pod as primary (what its plugins learned)
+    chose: str  # where it would have sent the request
     predicted_own: int  # prompt tokens it predicted cached on its own choice
     predicted_live: int  # ...and on the live pod
+
+
+def _queue(snapshot: Snapshot, address: str) -> float:
+    """Requests waiting at the pod (its metrics) plus epp's own in flight there."""
+    state = next((e for e in snapshot.endpoints if e.address == address), None)
+    waiting = state.signals.waiting if state is not None and state.signals is not None else 0.0
+    return waiting + snapshot.inflight.get(address, 0)
 
 
 class ShadowEvaluation(Collector):
@@ -95,12 +105,14 @@ class ShadowEvaluation(Collector):
                 continue
             t.decisions += 1
             t.agreed += d.primary == live.primary
+            t.queue_own += _queue(snapshot, d.primary)
+            t.queue_live += _queue(snapshot, live.primary)
             # What each pod holds of this prompt: the live profile's prefix match (it learns the real
             # placements), else the candidate's own.
             matched = live_matched or d.cycle.get(MATCHED_TOKENS) or {}
             at_live = dataclasses.replace(d, endpoints=(live.primary,), prefill=None)
             c.scheduler.committed(at_live)
-            out.append(ShadowPick(c, at_live, matched.get(d.primary, 0), matched.get(live.primary, 0)))
+            out.append(ShadowPick(c, at_live, d.primary, matched.get(d.primary, 0), matched.get(live.primary, 0)))
         return out
 
     @staticmethod
@@ -141,6 +153,8 @@ class ShadowEvaluation(Collector):
             t = c.tally
             out.append({"config": c.name, "decisions": t.decisions, "failed": t.failed,
                         "agreement": t.agreed / t.decisions if t.decisions else None,
+                        "queue": t.queue_own / t.decisions if t.decisions else None,
+                        "live_queue": t.queue_live / t.decisions if t.decisions else None,
                         "live_hit_rate": t.reported / t.prompt if t.prompt else None,
                         "estimated_hit_rate": max(0, t.estimated) / t.prompt if t.prompt else None})
         return out

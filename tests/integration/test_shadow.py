@@ -56,6 +56,9 @@ async def test_a_candidate_is_tallied_and_the_live_routing_is_untouched(tmp_path
         async with s.get(f"http://127.0.0.1:{port}/dashboard/events") as r:
             event = orjson.loads((await r.content.readline())[len(b"data: "):])
         assert event["shadow"][0]["config"] == "queue-only"
+        assert event["decisions"][0]["shadow"][0]["config"] == "queue-only"  # where it would have sent each one
+        assert event["decisions"][0]["shadow"][0]["endpoint"] in stack.addresses
+        assert view["queue"] is not None and view["live_queue"] is not None
 
 
 def test_a_shadow_config_holds_scheduling_only(tmp_path: Path) -> None:
