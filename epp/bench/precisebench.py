@@ -30,8 +30,8 @@ import aiohttp
 from epp.bench.routing import chat_body, stream_chat
 from epp.bench.simbench import Workload, _capacity, _pct
 from epp.config import load_config, parse_config, precise_config
-from epp.requestcontrol.director import RequestInput
 from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.routed import RequestInput
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.server.app import PickerServer, ServeOptions
 from epp.sim.fleet import Fleet

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from epp.request import InferenceRequest
-    from epp.requestcontrol.director import Routed
     from epp.requestcontrol.refused import Refused
+    from epp.requestcontrol.routed import Routed
 
 
 class Pending:

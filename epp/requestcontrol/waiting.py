@@ -32,7 +32,7 @@ from epp.scheduling.contract import ExportsMetrics, declares
 if TYPE_CHECKING:
     from epp.observability.metrics import RequestLabels
     from epp.request import InferenceRequest
-    from epp.requestcontrol.director import RequestInput, ResponseAccess, Routed
+    from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
 
 log = logging.getLogger("epp.flowcontrol")
 

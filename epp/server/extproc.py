@@ -28,9 +28,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
-from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
+from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
 from epp.server import h2grpc
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"

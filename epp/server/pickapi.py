@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from epp.requestcontrol.director import Director, RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
 from epp.server import h2grpc
 from epp.server.auth import TokenFile
 from epp.v1 import picker_pb2

@@ -14,7 +14,8 @@ from epp.config import parse_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
-from epp.requestcontrol.director import Director, RequestInput, Routed
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.routed import RequestInput, Routed
 from epp.scheduling.burst import BurstPrefixProducer, Entry, Replica, assign
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError

@@ -10,8 +10,9 @@ from epp.config import parse_config, precise_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
-from epp.requestcontrol.director import Director, RequestInput, ResponseAccess
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.server.extproc import ExtProcStream

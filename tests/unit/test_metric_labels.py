@@ -8,8 +8,9 @@ from epp.config import load_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import OTHER, LabelValues, PickerMetrics
-from epp.requestcontrol.director import Director, RequestInput
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.routed import RequestInput
 
 
 def test_known_values_pass_others_are_admitted_up_to_the_limit() -> None:

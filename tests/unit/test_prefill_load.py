@@ -10,7 +10,8 @@ from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Datastore, Snapshot
 from epp.observability.metrics import PickerMetrics
 from epp.request import InferenceRequest
-from epp.requestcontrol.director import Director, RequestInput
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.routed import RequestInput
 from epp.scheduling.prefill_load import PrefillLoadScorer, TrafficShare
 from epp.server.extproc import ExtProcStream
 

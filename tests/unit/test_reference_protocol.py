@@ -14,9 +14,10 @@ from epp.datastore.endpoint import EngineSignals
 from epp.datastore.kubernetes import pod_endpoints
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
-from epp.requestcontrol.director import Director, RequestInput
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.headers import OBJECTIVE, header
 from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.routed import RequestInput
 from epp.server.extproc import ExtProcStream
 from epp.server.health import NOT_SERVING, SERVING
 from epp.server.readiness import Readiness

@@ -15,8 +15,9 @@ from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.flowmetrics import FlowMetrics
 from epp.observability.metrics import PickerMetrics
-from epp.requestcontrol.director import Director, RequestInput, Routed
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.routed import RequestInput, Routed
 from epp.requestcontrol.waiting import Waiting
 from epp.scheduling.types import ConfigError
 from epp.server.extproc import ExtProcStream
@@ -384,7 +385,7 @@ schedulingProfiles:
 
 
 def test_program_aware_fairness_hears_each_programs_usage_from_the_response() -> None:
-    from epp.requestcontrol.director import ResponseAccess
+    from epp.requestcontrol.routed import ResponseAccess
 
     d, _, _ = setup(config("  defaultPriorityBand: {fairnessPolicyRef: program-aware-fairness}")
                     .replace("- type: round-robin-fairness-policy", "- type: program-aware-fairness"), ADDRS[:1])
