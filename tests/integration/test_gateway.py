@@ -344,3 +344,51 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path)
             return same(await asyncio.to_thread(served), second[1])
 
         await wait_until(renewed, 15, "the renewed certificate")
+
+
+async def test_the_command_restarts_envoy_and_stops_cleanly(tmp_path: Path) -> None:
+    """`epp gateway` as operators run it: Envoy killed -> restarted (the gateway answers again);
+    SIGTERM -> the picker drains, Envoy is stopped, the command exits 0."""
+    import signal
+    import subprocess
+
+    from epp.sim.fleet import Fleet
+    from epp.stack.local import free_ports
+
+    listen, admin, grpc, health, metrics, pod = free_ports(6)
+    fleet = Fleet([pod], profile("fast"))
+    await fleet.start()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"listeners: [{{port: {listen}, address: 127.0.0.1}}]\nservers: {{static: [127.0.0.1:{pod}]}}\n"
+                   f"envoy: {{adminPort: {admin}}}\npicker: {{grpcPort: {grpc}, healthPort: {health}, "
+                   f"metricsPort: {metrics}}}\nmetering: {{log: false}}\n")
+    proc = _spawn_gateway(cfg, tmp_path / "work")
+    try:
+        async with aiohttp.ClientSession() as s:
+            base = f"http://127.0.0.1:{listen}"
+            await wait_until(lambda: _healthz(s, base, 200), 30, "the gateway")
+            envoy_pid = int((await asyncio.to_thread(subprocess.check_output, ["pgrep", "-P", str(proc.pid), "envoy"])
+                             ).split()[0])
+            os.kill(envoy_pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            await wait_until(lambda: _healthz(s, base, 200), 30, "the gateway after Envoy was killed")
+            status, _, _ = await post(s, f"{base}/v1/chat/completions", chat_body("after the restart"))
+            assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err
+        assert b"restarting it" in err and b"Traceback" not in err
+        gone = await asyncio.to_thread(subprocess.run, ["pgrep", "-P", str(proc.pid)], capture_output=True)
+        assert gone.returncode == 1  # no child left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await fleet.stop()
+
+
+def _spawn_gateway(cfg: Path, workdir: Path) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "epp.cli", "gateway", "-c", str(cfg), "--workdir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
