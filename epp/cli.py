@@ -160,6 +160,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "and the dashboard (repeatable; named by the file's stem)")
     p.add_argument("--shadow-sample-rate", type=float, default=1.0, metavar="FRACTION",
                    help="the fraction of requests the shadow configs schedule (default 1)")
+    bool_flag(p, "--record-prompts", False, "let `epp record --prompts` include the prompt text (off: the trace "
+              "holds block hashes and token counts only)")
     bool_flag(p, "--decision-headers", False,
               "add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
     bool_flag(p, "--emit-endpoint-scores", False,
@@ -246,6 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls=tls, cert_reload=args.enable_cert_reload, emit_endpoint_scores=args.emit_endpoint_scores,
         subset_filter=not args.disable_endpoint_subset_filter, tracing=args.tracing, dashboard=args.dashboard,
         shadow_configs=tuple(args.shadow_config), shadow_sample_rate=args.shadow_sample_rate,
+        record_prompts=args.record_prompts,
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file,
@@ -725,6 +728,40 @@ def _fleet_load_args(p: argparse.ArgumentParser, out: str, requests: int, capaci
     p.add_argument("--groups", type=int, default=120)
     p.add_argument("--prefix-tokens", type=int, default=8000)
 
+def _add_record(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("record", help="write a trace of a running epp's requests (prompt hashes and token counts)")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the epp's metrics address, e.g. http://10.0.0.5:9090")
+    p.add_argument("--out", required=True, help="the trace file (JSON lines)")
+    p.add_argument("--seconds", type=float, default=60.0, help="stop after this long (default 60)")
+    p.add_argument("--requests", type=int, default=0, help="stop after this many requests (default: no limit)")
+    p.add_argument("--prompts", action="store_true",
+                   help="include the prompt text (only from an epp started with --record-prompts)")
+    p.add_argument("--token-file", help="bearer token for an epp whose /metrics requires one")
+
+
+def run_record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from epp.tuning.record import RecordError, record_trace
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    try:
+        summary = asyncio_run(record_trace(args.source, Path(args.out), seconds=args.seconds, requests=args.requests,
+                                           prompts=args.prompts, token=token))
+    except RecordError as e:
+        print(f"epp record: {e}", file=sys.stderr)
+        return 1
+    print(f"epp record: {summary.records} requests in {summary.seconds} s -> {summary.path}")
+    return 0
+
+
+def asyncio_run(coro: Coroutine[Any, Any, Any]) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
 def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gateway", help="the whole front door: a real Envoy (TLS, retries, timeouts) + the picker "
                                        "(API keys, limits, routing, metering), from one gateway config")
@@ -778,10 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_demo(sub)
     _add_gateway(sub)
+    _add_record(sub)
     return parser
 
 
-COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo", "gateway")
+COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo", "gateway", "record")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -816,6 +854,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args)
     if args.command == "gateway":
         return run_gateway(args)
+    if args.command == "record":
+        return run_record(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

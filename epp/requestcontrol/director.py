@@ -39,6 +39,7 @@ from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
 from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.ratelimits import RateLimits, Slot
+from epp.requestcontrol.recorder import Recorder
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.routed import SLOT, RequestInput, ResponseAccess, Routed
 from epp.requestcontrol.shadow import ShadowEvaluation
@@ -82,6 +83,7 @@ class Director:
         self.metering: Metering | None = None  # usage counters and lines, per tenant, key, model and pod
         self.models: Callable[[], list[dict[str, Any]]] | None = None  # GET /v1/models, answered here
         self.shadow: ShadowEvaluation | None = None  # candidate configs scheduling sampled requests too
+        self.recorder: Recorder | None = None  # finished requests as trace records (epp record)
 
     @property
     def policies(self) -> RequestPolicies:

@@ -22,6 +22,7 @@ from epp.requestcontrol.apikeys import API_KEY, ApiKey
 from epp.requestcontrol.ejections import Ejections
 from epp.requestcontrol.metering import Metering, UsageRecord
 from epp.requestcontrol.ratelimits import RateLimits, Slot
+from epp.requestcontrol.recorder import Outcome, Recorder
 from epp.requestcontrol.shadow import ShadowEvaluation, ShadowPick
 from epp.requestcontrol.usage import UsageReader
 from epp.scheduling.framework import Scheduler
@@ -40,6 +41,7 @@ class Ledger(Protocol):
     upstream_auth: tuple[tuple[str, str], ...]
     ejections: Ejections | None
     metering: Metering | None
+    recorder: Recorder | None
 
     def move(self, old: str, new: str) -> bool: ...
 
@@ -265,6 +267,11 @@ class Routed:
         key = self.request.prepared.get(API_KEY)
         if isinstance(key, ApiKey) and key.tpm is not None:
             self._director.rate_limits.charge(key, facts.prompt_tokens + facts.completion_tokens)
+        recorder = self._director.recorder
+        if recorder is not None and recorder.active:
+            recorder.finished(self.request, Outcome(self.status, self.served or self.endpoint, facts.prompt_tokens,
+                                                    facts.completion_tokens, facts.cached_tokens, facts.ttft,
+                                                    facts.e2e, self._streaming()))
         metering = self._director.metering
         if metering is not None:
             metering.record(UsageRecord(

@@ -28,12 +28,14 @@ from epp.requestcontrol.director import Director
 from epp.requestcontrol.ejections import Ejections
 from epp.requestcontrol.metering import Metering
 from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.recorder import Recorder
 from epp.requestcontrol.shadow import ShadowEvaluation
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
 from epp.server.extproc import ExtProcStream
 from epp.server.pickapi import PickAPI
 from epp.server.readiness import Readiness
+from epp.server.recording import RecordEndpoint
 from epp.server.serving import GrpcServing, MetricsEndpoint
 from epp.server.signals import SignalCollection
 from epp.server.sources import PoolSources
@@ -96,6 +98,8 @@ class ServeOptions:
     dashboard: bool = True  # the live dashboard at /dashboard on the metrics port (--dashboard=false: off)
     shadow_configs: tuple[str, ...] = ()  # --shadow-config FILE...: candidate configs evaluated on live requests
     shadow_sample_rate: float = 1.0  # the fraction of requests they schedule
+    record: bool = True  # GET /record on the metrics port: finished requests as trace records (epp record)
+    record_prompts: bool = False  # --record-prompts: a recording may ask for the prompt text too
 
 
 class PickerServer:
@@ -188,6 +192,10 @@ class PickerServer:
             self.metrics_endpoint.pages.append(self.dashboard.routes)
         elif opts.dashboard:
             log.warning("the dashboard is off: /metrics requires a token, and a browser page cannot send one")
+        if opts.record:
+            self.director.recorder = Recorder(opts.record_prompts)
+            self.metrics_endpoint.pages.append(RecordEndpoint(self.director.recorder,
+                                                              self.metrics_endpoint.refusal).routes)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
@@ -299,6 +307,8 @@ class PickerServer:
         await self.sources.stop()
         if self.dashboard is not None:
             await self.dashboard.stop()
+        if self.director.recorder is not None:
+            self.director.recorder.stop()
         await self.metrics_endpoint.stop()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered

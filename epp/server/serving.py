@@ -119,7 +119,8 @@ class MetricsEndpoint:
         bound: int = sockets[0].getsockname()[1] if sockets else port
         return bound
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a request /metrics' authorization refuses (None: allowed)."""
         if self.auth is not None:
             status = await self.auth.authorize(request.headers.get("Authorization"))
             if status != ALLOWED:
@@ -127,6 +128,12 @@ class MetricsEndpoint:
                 error = {"message": message, "type": kind, "param": None, "code": status}
                 headers = {"WWW-Authenticate": "Bearer"} if status == UNAUTHENTICATED else {}
                 return web.json_response({"error": error}, status=status, headers=headers)
+        return None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        refused = await self.refusal(request)
+        if refused is not None:
+            return refused
         everything = self.metrics.prepare()
         body = await asyncio.to_thread(generate_latest, everything)  # type: ignore[arg-type,unused-ignore]
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
