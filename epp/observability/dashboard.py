@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 
 from epp.datastore.store import Snapshot
 from epp.observability.activity import Activity
+from epp.observability.events import end, stream_events
 from epp.observability.flowmetrics import FlowGauges
 
 log = logging.getLogger("epp.dashboard")
@@ -122,21 +123,14 @@ class Dashboard:
             return web.json_response({"error": {"message": f"at most {MAX_VIEWERS} open dashboards",
                                                 "type": "ServiceUnavailableError", "param": None, "code": 503}},
                                      status=503)
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
-        await resp.prepare(request)
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=2)
         self._viewers.add(queue)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._tick())
-        try:
-            await resp.write(self._last or self._event(self._build()))  # at once, not a tick later
-            while chunk := await queue.get():  # (b"": epp is stopping)
-                await resp.write(chunk)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        try:  # the latest view at once, not a tick later
+            return await stream_events(request, queue, self._last or self._event(self._build()))
         finally:
             self._viewers.discard(queue)
-        return resp
 
     def _build(self) -> dict[str, Any]:
         self.views += 1
@@ -163,9 +157,7 @@ class Dashboard:
     async def stop(self) -> None:
         """End the open streams (so the server's shutdown does not wait for them) and the ticks."""
         for q in list(self._viewers):
-            with contextlib.suppress(asyncio.QueueEmpty):
-                q.get_nowait()
-            q.put_nowait(b"")
+            end(q)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

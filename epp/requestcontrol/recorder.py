@@ -11,7 +11,6 @@ none open the recorder costs one attribute check per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 import xxhash
 
+from epp.observability.events import end
 from epp.request import InferenceRequest
 
 BLOCK_CHARS = 64  # 16 tokens at the approximate index's 4 characters per token
@@ -107,8 +107,7 @@ class Recorder:
     def stop(self) -> None:
         """End every open recording (their readers see the end of the stream)."""
         for r in list(self.recordings):
-            with contextlib.suppress(asyncio.QueueFull):
-                r.queue.put_nowait(b"")
+            end(r.queue)
 
 
 def _int(value: object) -> int | None:

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from epp.observability.events import stream_events
 from epp.requestcontrol.recorder import Recorder
 
 
@@ -29,14 +29,7 @@ class RecordEndpoint:
         except PermissionError as e:
             return web.json_response({"error": {"message": str(e), "type": "PermissionDeniedError", "param": "prompts",
                                                 "code": 403}}, status=403)
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
-        try:
-            await resp.prepare(request)
-            await resp.write(b": recording\n\n")  # the client knows it is on before the first request ends
-            while chunk := await recording.queue.get():  # (b"": epp is stopping)
-                await resp.write(chunk)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        try:  # (the comment line tells the client it is on before the first request ends)
+            return await stream_events(request, recording.queue, b": recording\n\n")
         finally:
             self.recorder.close(recording)
-        return resp

@@ -14,21 +14,11 @@ import pytest
 
 from epp.stack.local import in_process_stack, wait_until
 from tests.exposition_server import exposition_server
+from tests.unit.test_burst import burst_config
 
 from .conftest import post
 
-BURST = """apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: burst-prefix-cache-producer
-  parameters: {windowDurationMs: 1000, maxPerReplica: 3, blockSizeTokens: 16}
-- type: prefix-cache-scorer
-  parameters: {prefixMatchInfoProducerName: burst-prefix-cache-producer}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins: [{pluginRef: prefix-cache-scorer}, {pluginRef: max-score-picker}]
-"""
+BURST = burst_config(1000, 3)
 
 
 async def test_a_burst_of_one_prompts_samples_is_placed_together_up_to_the_cap() -> None:

@@ -85,18 +85,23 @@ def test_bad_parameters_name_the_field(p: dict[str, Any], error: str) -> None:
         BurstPrefixProducer("b", params(**p))
 
 
-CONFIG = """apiVersion: llm-d.ai/v1alpha1
+def burst_config(window_ms: int, max_per_replica: int) -> str:
+    """The burst producer feeding the prefix scorer (this test's and the integration test's)."""
+    return f"""apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: burst-prefix-cache-producer
-  parameters: {windowDurationMs: 50, maxPerReplica: 2, blockSizeTokens: 16}
+  parameters: {{windowDurationMs: {window_ms}, maxPerReplica: {max_per_replica}, blockSizeTokens: 16}}
 - type: prefix-cache-scorer
-  parameters: {prefixMatchInfoProducerName: burst-prefix-cache-producer}
+  parameters: {{prefixMatchInfoProducerName: burst-prefix-cache-producer}}
 - type: max-score-picker
 schedulingProfiles:
 - name: default
-  plugins: [{pluginRef: prefix-cache-scorer}, {pluginRef: max-score-picker}]
+  plugins: [{{pluginRef: prefix-cache-scorer}}, {{pluginRef: max-score-picker}}]
 """
+
+
+CONFIG = burst_config(50, 2)
 
 
 async def test_requests_wait_for_their_window_and_are_placed_together() -> None:
