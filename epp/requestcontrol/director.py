@@ -147,25 +147,19 @@ class Director:
                 ready: Callable[[Routed | Refused], None] | None) -> Routed | Pending:
         arrived = time.perf_counter()
         key = self._authenticate(given)
-        if self.models is not None:
-            try:
-                answer = models_answer(given.headers, given.path, self.models)
-            except Refused as e:
-                self._meter_refusal(given, key, e.status)
-                raise
+        try:  # (what ends the request before it has labels is metered here; the rest in _refused)
+            answer = models_answer(given.headers, given.path, self.models) if self.models is not None else None
             if answer is not None:
-                self._meter_refusal(given, key, answer.status)
                 raise answer
-        request = self._parse(given, key)
-        if key is not None:
-            request.tenant, request.objective = key.tenant, key.tier
-            request.prepared[API_KEY] = key
-            if key.concurrency is not None:
-                try:
+            request = self._parse(given)
+            if key is not None:
+                request.tenant, request.objective = key.tenant, key.tier
+                request.prepared[API_KEY] = key
+                if key.concurrency is not None:
                     request.prepared[SLOT] = self.rate_limits.acquire(key, request)
-                except Refused as e:
-                    self._meter_refusal(given, key, e.status)
-                    raise
+        except Refused as e:
+            self._meter_refusal(given.headers.get("x-request-id", ""), key, e.status)
+            raise
         request.arrived = arrived
         request.body_bytes = len(given.body) if given.body is not None else _content_length(given.headers)
         self._apply_policies(request)
@@ -323,9 +317,7 @@ class Director:
         routed = Routed(self, scheduler, request, decision, labels, t1)
         if self.shadow is not None:  # after the live pick is committed: it never waits for the candidates
             routed.shadows = self.shadow.observe(request, snapshot, decision)
-            m.activity.picked(labels.model, decision, tuple((p.candidate.name, p.chose) for p in routed.shadows))
-        else:
-            m.activity.picked(labels.model, decision)
+        m.activity.picked(labels.model, decision, tuple((p.candidate.name, p.chose) for p in routed.shadows))
         routed.tokens = tokens
         routed.prefill_tokens = prefill_tokens
         inject = False
@@ -355,16 +347,17 @@ class Director:
         except Refused as e:
             self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
             log.info("request %s refused: %d %s", given.headers.get("x-request-id") or "-", e.status, e.message)
-            self._meter_refusal(given, key, e.status)
+            self._meter_refusal(given.headers.get("x-request-id", ""), key, e.status)
             raise
 
-    def _meter_refusal(self, given: RequestInput, key: ApiKey | None, status: int, model: str = "") -> None:
+    def _meter_refusal(self, request_id: str, key: object, status: int, model: str = "") -> None:
         """A request that ends before it is routed (refused, or answered here), for metering."""
         if self.metering is not None:
-            self.metering.record(UsageRecord(given.headers.get("x-request-id", ""), key.tenant if key else "",
-                                             key.key_id if key else "", model, "", status))
+            known = key if isinstance(key, ApiKey) else None
+            self.metering.record(UsageRecord(request_id, known.tenant if known else "", known.key_id if known else "",
+                                             model, "", status))
 
-    def _parse(self, given: RequestInput, key: ApiKey | None = None) -> InferenceRequest:
+    def _parse(self, given: RequestInput) -> InferenceRequest:
         headers = given.headers
         request_id = headers.get("x-request-id") or ""
         path = route_path(given.path)
@@ -379,7 +372,6 @@ class Director:
             return headers_only(request_id, path, headers)
         except Refused as e:
             self.metrics.request_refused(self.metrics.request_labels("", "", "", 0), e.status)
-            self._meter_refusal(given, key, e.status)
             raise
 
     def _apply_policies(self, request: InferenceRequest) -> None:
@@ -405,11 +397,7 @@ class Director:
         slot = request.prepared.get(SLOT)
         if isinstance(slot, Slot):
             slot.release()
-        if self.metering is not None:
-            key = request.prepared.get(API_KEY)
-            self.metering.record(UsageRecord(request.request_id, request.tenant,
-                                             key.key_id if isinstance(key, ApiKey) else "", labels.model, "",
-                                             refusal.status))
+        self._meter_refusal(request.request_id, request.prepared.get(API_KEY), refusal.status, labels.model)
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
 

@@ -208,7 +208,7 @@ def _set_header(key: str, value: str) -> bytes:
     append_action(3) = OVERWRITE_IF_EXISTS_OR_ADD (2)}; an empty value is left out, as protobuf
     leaves out empty fields."""
     k = _field(b"\x0a", key.encode())
-    hv = b"".join((k, b"\x1a", _varint(len(value.encode())), value.encode())) if value else k
+    hv = k + _field(b"\x1a", value.encode()) if value else k
     hv_len = _varint(len(hv))
     return b"".join((b"\x0a", _varint(1 + len(hv_len) + len(hv) + 2), b"\x0a", hv_len, hv, b"\x18\x02"))
 
@@ -321,9 +321,10 @@ class ExtProcStream:
                 if msg.response_headers.end_of_stream:
                     pick.finish()
             headers = pick.response_headers(self.decision_headers) if pick is not None else ()
-            if served_header:  # the gateway's own note: not for the client
-                return [headers_response(headers, (SERVED_KEY,)) if headers else CONTINUE_REMOVING_SERVED]
-            return [headers_response(headers)] if headers else [CONTINUE_RESPONSE_HEADERS]
+            remove = (SERVED_KEY,) if served_header else ()  # the gateway's own note: not for the client
+            if headers:
+                return [headers_response(headers, remove)]
+            return [CONTINUE_REMOVING_SERVED if remove else CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             body = msg.response_body
             eos = body.end_of_stream
