@@ -741,25 +741,27 @@ def _add_record(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run_record(args: argparse.Namespace) -> int:
+    import asyncio
     from pathlib import Path
 
     from epp.tuning.record import RecordError, record_trace
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
     try:
-        summary = asyncio_run(record_trace(args.source, Path(args.out), seconds=args.seconds, requests=args.requests,
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+    except OSError as e:
+        print(f"epp record: {args.token_file}: cannot read the token file: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(record_trace(args.source, Path(args.out), seconds=args.seconds, requests=args.requests,
                                            prompts=args.prompts, token=token))
     except RecordError as e:
         print(f"epp record: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the trace file cannot be written
+        print(f"epp record: {args.out}: {e.strerror}", file=sys.stderr)
+        return 2
     print(f"epp record: {summary.records} requests in {summary.seconds} s -> {summary.path}")
     return 0
-
-
-def asyncio_run(coro: Coroutine[Any, Any, Any]) -> Any:
-    import asyncio
-
-    return asyncio.run(coro)
 
 
 def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -56,6 +56,15 @@ def test_serve_refuses_bad_input_clearly(tmp_path: Path) -> None:
     assert r.returncode == 2 and "dataLayer.discovery and a flag" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_record_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    r = epp("record", "--from", "http://127.0.0.1:1", "--out", str(tmp_path / "t.jsonl"), "--token-file", "/nope")
+    assert r.returncode == 2 and "/nope: cannot read the token file" in r.stderr and "Traceback" not in r.stderr
+    r = epp("record", "--from", "http://127.0.0.1:1", "--out", str(tmp_path / "t.jsonl"), "--seconds", "1")
+    assert r.returncode == 1 and "cannot reach http://127.0.0.1:1/record" in r.stderr and "Traceback" not in r.stderr
+    r = epp("serve", "--endpoints", "127.0.0.1:1", "--shadow-config", str(tmp_path / "missing.yaml"))
+    assert r.returncode != 0 and "cannot read the shadow config" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_limits_and_auth_flags(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--endpoints", "a:1"])
     assert (args.grpc_max_recv_msg_size, args.grpc_max_header_list_size, args.max_scrape_bytes) == (
