@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from epp.sim.fleet import Fleet
 from epp.sim.kvevents import KVEventsConfig
 from epp.sim.profiles import EngineParams, profile
 from epp.stack import envoy as envoy_mod
+from epp.stack.ports import PortAllocator
 
 
 def endpoints_yaml(addresses: Sequence[str], labels: Sequence[dict[str, str]] | None = None) -> str:
@@ -40,24 +40,17 @@ def endpoints_yaml(addresses: Sequence[str], labels: Sequence[dict[str, str]] | 
                            for a, ls in zip(addresses, labels, strict=True)], sort_keys=False)
 
 
+PORTS = PortAllocator()  # one per process: ports are a process-wide resource
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port no other caller in this process has been given."""
+    return PORTS.take(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct free ports no other caller in this process has been given."""
+    return PORTS.take(n)
 
 
 async def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> None:
