@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from epp.flowcontrol.contract import FairnessPolicy, ObservesFlows
 from epp.flowcontrol.queues import Band, QueuedRequest
-from epp.scheduling.contract import ExportsMetrics
+from epp.scheduling.contract import ExportsMetrics, ReadsClock
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
 
@@ -41,7 +41,7 @@ class Program:
     last_done: float = 0.0
 
 
-class ProgramAwareFairness(FairnessPolicy, ObservesFlows, ExportsMetrics):
+class ProgramAwareFairness(FairnessPolicy, ObservesFlows, ExportsMetrics, ReadsClock):
     type_name: ClassVar[str] = "program-aware-fairness"
 
     def __init__(self, name: str, params: Params, clock: Callable[[], float] = time.monotonic) -> None:
@@ -59,6 +59,10 @@ class ProgramAwareFairness(FairnessPolicy, ObservesFlows, ExportsMetrics):
         self.programs: dict[str, Program] = {}
         self._swept = clock()
 
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._swept = clock()
     def new_state(self) -> Any:
         return None  # the programs are the plugin's, across bands (one instance, as the reference)
 

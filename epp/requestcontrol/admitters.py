@@ -23,13 +23,13 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.refused import SATURATED, Refused
-from epp.scheduling.contract import UsesLatencyProducer
+from epp.scheduling.contract import DrawsRandomly, UsesLatencyProducer
 from epp.scheduling.latency import TPOT_SLO_HEADERS, TTFT_SLO_HEADERS, PredictedLatencyProducer, slo_seconds
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError, CycleState
 
 
-class ProbabilisticAdmitter(Admitter):
+class ProbabilisticAdmitter(Admitter, DrawsRandomly):
     type_name: ClassVar[str] = "probabilistic-admitter"
 
     def __init__(self, name: str, params: Params) -> None:
@@ -43,6 +43,9 @@ class ProbabilisticAdmitter(Admitter):
             if value <= 0:
                 raise ConfigError(f"{params.path}.{key}", f"must be > 0, got {value:g}")
         self.rng = random.Random()
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
     def saturation(self, snapshot: Snapshot) -> float:
         total = 0.0

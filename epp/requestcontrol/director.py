@@ -59,9 +59,10 @@ class Director:
 
     def __init__(self, store: Datastore, scheduler: Scheduler, metrics: PickerMetrics,
                  policies: RequestPolicies | None = None, admission: Admission | None = None,
-                 rng: random.Random | None = None, subset_filter: bool = True, tracing: Tracing | None = None
-                 ) -> None:
+                 rng: random.Random | None = None, subset_filter: bool = True, tracing: Tracing | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock  # the waiting room's and the rate limits' (a virtual one in a replay)
         self.tracing = tracing  # --tracing: one span per request
         self.subset_filter = subset_filter  # off: --disable-endpoint-subset-filter
         self.scheduler = scheduler
@@ -76,7 +77,7 @@ class Director:
         self.preparers: tuple[PreparesRequests, ...] = ()  # then these (the burst window), in order
         self.parsers = default_parsers()  # requestHandler.parsers: which parser reads a body
         self.keys: KeyTable | None = None  # --api-keys-file: who may send requests (None: anyone)
-        self.rate_limits = RateLimits(time.monotonic)  # the keys' requests and tokens per minute
+        self.rate_limits = RateLimits(clock)  # the keys' requests and tokens per minute
         self.strip_keys = False  # remove the client's key headers before the request goes to a server
         self.upstream_auth: tuple[tuple[str, str], ...] = ()  # the servers' own key, set on every request
         self.ejections: Ejections | None = None  # the gateway's retries: endpoints out for a while
@@ -109,7 +110,7 @@ class Director:
                 room.release_all()
         elif room is None:
             self.waiting = WaitingRoom(settings, self.store, self._deliver, self._held_refused, metrics,
-                                       self._prefill_estimate)
+                                       self._prefill_estimate, clock=self.clock)
         else:
             room.reconfigure(settings)
 

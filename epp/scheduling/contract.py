@@ -264,6 +264,20 @@ class ExportsMetrics(Protocol):
     def metric_families(self, pool: str) -> Iterable[Metric]: ...
 
 
+class ReadsClock(Protocol):
+    """Times what it learns from with a monotonic clock (a response's TTFT): ``use_clock`` gives
+    it the one to read instead, for a replay on a virtual clock (``epp tune``)."""
+
+    def use_clock(self, clock: Callable[[], float]) -> None: ...
+
+
+class DrawsRandomly(Protocol):
+    """Draws from a random source of its own (ties, exploration): ``reseed`` makes the draws
+    repeat, so a replay compares configs on the same draws (``epp tune``)."""
+
+    def reseed(self, seed: int) -> None: ...
+
+
 class SubscribesKVEvents(Protocol):
     """Wants the pods' KV-cache events: the subscription (None: not configured) and the index
     they feed. The process keeps one subscriber per endpoint."""
@@ -288,6 +302,8 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ExportsMetrics, ("metric_families",)),
     (SubscribesKVEvents, ("kv_subscription",)),
     (PreparesRequests, ("prepare", "close")),
+    (ReadsClock, ("use_clock",)),
+    (DrawsRandomly, ("reseed",)),
 )
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {Filter: ("filter",), Scorer: ("score",), Picker: ("pick",),
                                                   ProfileHandler: (), DataSource: ("scrape_target", "scrape_interval"),

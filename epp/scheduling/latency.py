@@ -42,6 +42,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import (
     DataProducer,
+    DrawsRandomly,
     ExportsMetrics,
     Filter,
     ForgetsEndpoints,
@@ -49,6 +50,7 @@ from epp.scheduling.contract import (
     ObservesPicks,
     ObservesPrefill,
     PrefixProducer,
+    ReadsClock,
     Scorer,
     UsesLatencyProducer,
     UsesPrefixProducer,
@@ -119,7 +121,7 @@ def slo_seconds(headers: Mapping[str, str], names: tuple[str, ...]) -> float | N
 
 
 class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, ObservesCompletion, ForgetsEndpoints,
-                               ExportsMetrics, UsesPrefixProducer):
+                               ExportsMetrics, UsesPrefixProducer, ReadsClock):
     type_name: ClassVar[str] = "predicted-latency-producer"
     consumes: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
 
@@ -159,6 +161,9 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.running_slos = RunningSLOs()
         self._tpot_slo: Slot[float] = Slot(f"{name}/tpot-slo")
 
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
     def bind_producer(self, producer: PrefixProducer | None) -> None:
         self.prefix = producer
 
@@ -494,7 +499,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         return out
 
 
-class SLOHeadroomTierFilter(Filter, _ReadsPredictions):
+class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsRandomly):
     type_name: ClassVar[str] = "slo-headroom-tier-filter"
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
@@ -503,6 +508,9 @@ class SLOHeadroomTierFilter(Filter, _ReadsPredictions):
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         params.done()
         self.rng = rng or random.Random()
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
     def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
                cycle: CycleState) -> list[EndpointState]:
@@ -519,7 +527,7 @@ class SLOHeadroomTierFilter(Filter, _ReadsPredictions):
         return negative if self.rng.random() < self.epsilon else positive
 
 
-class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions):
+class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions, DrawsRandomly):
     type_name: ClassVar[str] = "prefix-cache-affinity-filter"
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
@@ -538,6 +546,9 @@ class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _Read
         self.own_index = False
         self.prefix: PrefixProducer | None = None
         self.rng = rng or random.Random()
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
     @property
     def uses_latency(self) -> bool:

@@ -15,6 +15,7 @@ from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.burst import BurstPrefixProducer
 from epp.scheduling.context_length import ContextLengthAware
 from epp.scheduling.contract import (
+    DrawsRandomly,
     ForgetsEndpoints,
     HoldsPrefixIndex,
     ObservesPicks,
@@ -321,7 +322,7 @@ class NoHitLRUScorer(Scorer, ObservesPicks, UsesPrefixProducer):
                 lru.popitem(last=False)
 
 
-class _Picker:
+class _Picker(DrawsRandomly):
     """Pickers share ``maxNumOfEndpoints`` (primary + fallbacks) and a random source."""
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
@@ -329,6 +330,9 @@ class _Picker:
         self.max_endpoints = params.int("maxNumOfEndpoints", 1, minimum=1, maximum=ENDPOINTS_PER_PICK_LIMIT)
         params.done()
         self.rng = rng or random.Random()
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
 
 class MaxScorePicker(_Picker, Picker):

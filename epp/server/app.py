@@ -195,7 +195,7 @@ class PickerServer:
         if opts.record:
             self.director.recorder = Recorder(opts.record_prompts)
             self.metrics_endpoint.pages.append(RecordEndpoint(self.director.recorder,
-                                                              self.metrics_endpoint.refusal).routes)
+                                                              self.metrics_endpoint.refusal, self.store).routes)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}

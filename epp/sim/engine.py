@@ -93,8 +93,10 @@ class Engine:
     """A single simulated vLLM engine."""
 
     def __init__(self, params: EngineParams, seed: int = 0, observe: Observer | None = None,
-                 publish: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 publish: Callable[[list[dict[str, Any]]], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.params = params
+        self._clock = clock  # request timestamps (the event loop's clock: a virtual one in `epp tune`)
         self.seed = seed
         self.tokenizer = SimTokenizer()
         self.kv = KVCache(params.num_gpu_blocks, params.block_size, params.enable_prefix_caching)
@@ -136,7 +138,8 @@ class Engine:
             h = zlib.crc32(repr((self.seed, prompt_ids[-64:], len(prompt_ids))).encode())
             low = max(1, min(min_tokens, max_tokens))
             stop_after = low + h % (max_tokens - low + 1)
-        req = SimRequest(f"{next(self._ids)}", prompt_ids, max_tokens, stop_after, lora_name, cache_salt)
+        req = SimRequest(f"{next(self._ids)}", prompt_ids, max_tokens, stop_after, lora_name, cache_salt,
+                         arrival=self._clock())
         self.waiting.append(req)
         self._wake.set()
         return req
@@ -295,7 +298,7 @@ class Engine:
                 self.stats.prefix_hits += hit * bs
                 self.stats.prompt_tokens += len(ids)
             if req.scheduled_at is None:
-                req.scheduled_at = time.monotonic()
+                req.scheduled_at = self._clock()
                 self._observe("queue", req.scheduled_at - req.arrival)
             self.running.append(req)
             chunk = min(req.num_tokens - req.num_computed, budget)
@@ -345,7 +348,7 @@ class Engine:
         req.queue.put_nowait(token)
 
     def _complete(self, prefills: list[tuple[SimRequest, int]], decodes: list[SimRequest]) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for req, chunk in prefills:
             if req not in self.running:
                 continue
@@ -377,6 +380,6 @@ class Engine:
         req.finish_reason = reason
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if reason != "abort":
-            self._observe("e2e", time.monotonic() - req.arrival)
+            self._observe("e2e", self._clock() - req.arrival)
         req.queue.put_nowait(None)
         self._wake.set()

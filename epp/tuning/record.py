@@ -62,6 +62,9 @@ async def record_trace(url: str, out: Path, *, seconds: float = 60.0, requests: 
                         if not raw.startswith(b"data: "):
                             continue
                         record = orjson.loads(raw[len(b"data: "):])
+                        if "pool" in record:  # the header: the pool's endpoints and cache configs
+                            f.write(orjson.dumps(record) + b"\n")
+                            continue
                         if first is None:
                             first = record["t"]
                         record["t"] = round(record["t"] - first, 4)

@@ -41,7 +41,10 @@ async def test_the_trace_holds_hashes_and_counts_not_prompts(tmp_path: Path) -> 
         assert summary.records == 5
         raw = out.read_bytes()
         assert b"swordfish" not in raw and b"travel desk" not in raw  # the privacy default
-        records = [orjson.loads(line) for line in raw.splitlines()]
+        head, *records = [orjson.loads(line) for line in raw.splitlines()]
+        # The header: the pool as its metrics describe it (what a replay configures engines from).
+        assert [p["address"] for p in head["pool"]] == list(stack.addresses)
+        assert {(p["block_size"], p["num_gpu_blocks"]) for p in head["pool"]} == {(16, 4096)}
         assert records[0]["t"] == 0 and all(r["t"] >= 0 for r in records)
         r = records[0]
         assert r["model"] == "sim-model" and r["status"] == 200 and r["completion_tokens"] == 3
@@ -74,5 +77,5 @@ async def test_prompts_only_where_epp_allows_them(tmp_path: Path) -> None:
         await asyncio.wait_for(ready.wait(), 10)
         await _send(stack.url, 1)
         await recording
-        record = orjson.loads((tmp_path / "p.jsonl").read_bytes().splitlines()[0])
+        record = orjson.loads((tmp_path / "p.jsonl").read_bytes().splitlines()[1])
         assert "swordfish" in record["prompt"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "epp"
-TOOLING = ("epp.sim", "epp.stack", "epp.bench", "epp.demo")
+TOOLING = ("epp.sim", "epp.stack", "epp.bench", "epp.demo", "epp.tuning")  # epp.tuning: offline tools on the simulator
 COMMANDS = {"epp.cli"}  # the command line runs `epp sim`, `epp bench`, `epp demo` too
 
 
