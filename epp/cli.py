@@ -377,6 +377,19 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
     _fleet_load_args(sm, "results/sim", requests=1800, capacity_seconds=20.0)
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
+    tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
+                                      "the default vs the tuned config on a fresh trace of the same workload")
+    tb.add_argument("--out", default="results/tune")
+    tb.add_argument("--profile", default="h100-llama8b", help="simulator preset, or a mixed fleet")
+    tb.add_argument("--servers", type=int, default=8)
+    tb.add_argument("--workload", default="zipf")
+    tb.add_argument("--load", type=float, default=1.2, help="fraction of the fleet's capacity")
+    tb.add_argument("--requests", type=int, default=1200)
+    tb.add_argument("--capacity-rps", type=float, help="use this capacity (req/s) instead of measuring it")
+    tb.add_argument("--capacity-basis", default="no-affinity", choices=("spread", "no-affinity"))
+    tb.add_argument("--objective", default="p90", choices=("p50", "p90", "p99", "mean"))
+    tb.add_argument("--seeds", type=int, default=2, help="tuner replays per config")
+    tb.add_argument("--max-seconds", type=float, default=240.0)
     ro = bsub.add_parser("routing", help="epp vs Envoy and the peer routers on the simulated fleet (+ plots)")
     ro.add_argument("--out", default="results/routing")
     ro.add_argument("--profile", default="h100-llama8b", help="simulator preset, or a mixed fleet: "
@@ -509,6 +522,17 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing_effect(out, preset=args.profile, servers=args.servers, load=args.load,
                                   requests=args.requests, capacity_seconds=args.capacity_seconds, wl=wl))
         print((out / "sim-routing.md").read_text())
+        return 0
+    if args.bench_command == "tune":
+        from epp.bench.tunebench import TuneBenchOptions, bench_tune
+        from epp.tuning.tune import TuneOptions
+
+        out = Path(args.out)
+        _run(bench_tune(out, TuneBenchOptions(
+            preset=args.profile, servers=args.servers, workload=args.workload, load=args.load, requests=args.requests,
+            capacity_rps=args.capacity_rps, capacity_basis=args.capacity_basis, max_seconds=args.max_seconds,
+            tune=TuneOptions(objective=args.objective, seeds=args.seeds))))
+        print((out / "tune-bench.md").read_text())
         return 0
     if args.bench_command == "routing":
         from epp.bench.routing import CONTENDERS, RoutingOptions, bench_routing
@@ -764,6 +788,67 @@ def run_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("tune", help="replay a recorded trace (epp record) in virtual time against simulated engines "
+                                    "and search the config's weights and parameters for the best TTFT")
+    p.add_argument("--trace", required=True, help="the trace file (from epp record)")
+    p.add_argument("--config", help="the current config (default: epp's default config)")
+    p.add_argument("--out", default="tune-results", help="where tune.json, tune.md, tune.png and best-config.yaml go")
+    p.add_argument("--axis", action="append", default=[], metavar="PLUGIN.weight=V1,V2|PLUGIN.PARAM=V1,V2",
+                   help="something to vary (repeatable; default: every scorer's weight over 0,1,2,3,5)")
+    p.add_argument("--objective", default="p90", choices=("p50", "p90", "p99", "mean"), help="TTFT to minimise")
+    p.add_argument("--search", default="descent", choices=("descent", "grid"),
+                   help="coordinate descent from the current config (default) or every combination")
+    p.add_argument("--rounds", type=int, default=2, help="descent: passes over the axes (default 2)")
+    p.add_argument("--seeds", type=int, default=2, help="replays per config, averaged (default 2)")
+    p.add_argument("--workers", type=int, default=0, help="replay processes (default: one per core)")
+    p.add_argument("--engine", default="h100-llama8b",
+                   help="the simulator preset the engines start from (its speed is replaced by the trace's)")
+    p.add_argument("--speed", default="measured", choices=("measured", "preset"),
+                   help="the engines' speed: measured from the trace's responses (default) or the preset's")
+    p.add_argument("--servers", type=int, help="engines to replay on (default: the recorded pool's endpoints)")
+    p.add_argument("--refresh-metrics-interval", type=float, default=0.05,
+                   help="how often the replay feeds the engines' metrics to the picker (s, default 0.05)")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from epp.config import DEFAULT_CONFIG
+    from epp.tuning.replay import ReplayError, ReplayOptions
+    from epp.tuning.trace import TraceError
+    from epp.tuning.tune import TuneError, TuneOptions, parse_axis, tune
+
+    try:
+        if args.config:
+            try:
+                text, source = Path(args.config).read_text(), args.config
+            except OSError as e:
+                raise TuneError(f"{args.config}: cannot read the config: {e.strerror}") from None
+        else:
+            text, source = DEFAULT_CONFIG, "<default config>"
+        if args.seeds < 1 or args.rounds < 1:
+            raise TuneError("--seeds and --rounds are >= 1")
+        opts = TuneOptions(args.objective, args.search, args.rounds, args.seeds, args.workers,
+                           ReplayOptions(refresh_s=args.refresh_metrics_interval))
+        result = tune(Path(args.trace), Path(args.out), text, source, [parse_axis(a) for a in args.axis], opts,
+                      args.engine, args.servers, args.speed == "measured",
+                      progress=lambda m: print(f"epp tune: {m}", file=sys.stderr))
+    except (TuneError, TraceError, ReplayError, ValueError) as e:
+        print(f"epp tune: {e}", file=sys.stderr)
+        return 2
+    key = {"p50": "ttft_p50_s", "p90": "ttft_p90_s", "p99": "ttft_p99_s", "mean": "ttft_mean_s"}[args.objective]
+    cur, best = result["current"], result["best"]
+    print(f"current: {cur['config']}: TTFT p50 {cur['ttft_p50_s']} s, p90 {cur['ttft_p90_s']} s, "
+          f"p99 {cur['ttft_p99_s']} s, hit rate {cur['prefix_hit_rate']}, imbalance {cur['load_imbalance']}")
+    print(f"best:    {best['config']}: TTFT p50 {best['ttft_p50_s']} s, p90 {best['ttft_p90_s']} s, "
+          f"p99 {best['ttft_p99_s']} s, hit rate {best['prefix_hit_rate']}, imbalance {best['load_imbalance']}")
+    change = (best[key] / cur[key] - 1) * 100 if cur[key] else 0.0
+    print(f"{args.objective}: {change:+.1f}%; the config -> {Path(args.out) / 'best-config.yaml'} "
+          f"(and tune.md, tune.json, tune.png)")
+    return 0
+
+
 def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gateway", help="the whole front door: a real Envoy (TLS, retries, timeouts) + the picker "
                                        "(API keys, limits, routing, metering), from one gateway config")
@@ -818,10 +903,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_gateway(sub)
     _add_record(sub)
+    _add_tune(sub)
     return parser
 
 
-COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo", "gateway", "record")
+COMMANDS = ("serve", "sim", "config", "pick", "bench", "demo", "gateway", "record", "tune")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -858,6 +944,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_gateway(args)
     if args.command == "record":
         return run_record(args)
+    if args.command == "tune":
+        return run_tune(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -186,22 +186,23 @@ MIN_SAMPLES = 20
 
 def measure_speed(requests: list[TracedRequest]) -> SpeedFit:
     """Fit TTFT = overhead + per-token x uncached prompt tokens along the fastest responses of each
-    size (the lower envelope: requests that waited least), and the decode step from the fastest
-    streams' time per output token."""
+    size (the lower envelope: requests that waited least; sizes binned in powers of two), and the
+    decode step from the fastest streams' time per output token."""
     points = sorted((r.prompt_tokens - (r.cached_tokens or 0), r.ttft_s) for r in requests
                     if r.status == 200 and r.ttft_s is not None and r.cached_tokens is not None and r.stream)
     per_token = overhead = None
     if len(points) >= MIN_SAMPLES:
-        buckets = 8
+        bins: dict[int, list[tuple[int, float]]] = {}
+        for u, t in points:  # by size, in powers of two: a few long prompts are a bin of their own
+            bins.setdefault(max(0, u).bit_length(), []).append((u, t))
         xs, ys = [], []
-        for k in range(buckets):
-            part = points[k * len(points) // buckets:(k + 1) * len(points) // buckets]
-            if not part:
+        for part in bins.values():
+            if len(part) < 3:
                 continue
             ttfts = sorted(t for _, t in part)
-            xs.append(statistics.fmean(u for u, _ in part))
-            ys.append(ttfts[len(ttfts) // 10])
-        if len(xs) >= 2 and max(xs) - min(xs) > 0:
+            xs.append(statistics.median(u for u, _ in part))
+            ys.append(ttfts[len(ttfts) // 10])  # the ones that waited least
+        if len(xs) >= 2 and max(xs) >= 2 * max(1, min(xs)):
             slope, intercept = statistics.linear_regression(xs, ys)
             if slope > 0:
                 per_token, overhead = slope, max(0.0, intercept)
