@@ -801,6 +801,8 @@ def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="coordinate descent from the current config (default) or every combination")
     p.add_argument("--rounds", type=int, default=2, help="descent: passes over the axes (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="replays per config, averaged (default 2)")
+    p.add_argument("--confirm-seeds", type=int, default=4,
+                   help="more replays of the winner and the current config before the winner is kept (default 4)")
     p.add_argument("--workers", type=int, default=0, help="replay processes (default: one per core)")
     p.add_argument("--engine", default="h100-llama8b",
                    help="the simulator preset the engines start from (its speed is replaced by the trace's)")
@@ -827,10 +829,10 @@ def run_tune(args: argparse.Namespace) -> int:
                 raise TuneError(f"{args.config}: cannot read the config: {e.strerror}") from None
         else:
             text, source = DEFAULT_CONFIG, "<default config>"
-        if args.seeds < 1 or args.rounds < 1:
-            raise TuneError("--seeds and --rounds are >= 1")
-        opts = TuneOptions(args.objective, args.search, args.rounds, args.seeds, args.workers,
-                           ReplayOptions(refresh_s=args.refresh_metrics_interval))
+        if args.seeds < 1 or args.rounds < 1 or args.confirm_seeds < 0:
+            raise TuneError("--seeds and --rounds are >= 1, --confirm-seeds >= 0")
+        opts = TuneOptions(args.objective, args.search, args.rounds, args.seeds, args.confirm_seeds,
+                           args.workers, ReplayOptions(refresh_s=args.refresh_metrics_interval))
         result = tune(Path(args.trace), Path(args.out), text, source, [parse_axis(a) for a in args.axis], opts,
                       args.engine, args.servers, args.speed == "measured",
                       progress=lambda m: print(f"epp tune: {m}", file=sys.stderr))

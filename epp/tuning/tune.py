@@ -5,7 +5,8 @@ pool's cache config and the speed the trace's responses show, for a few seeds (t
 draws), and is scored on the objective (TTFT p90 by default; a candidate that refuses or loses
 more requests than the current config never wins). The search is coordinate descent from the
 current config over the axes (every scorer's weight in the main profile, by default, plus the
-``--axis`` given), or the full grid of the axes. Replays run in worker processes, one per core.
+``--axis`` given), or the full grid of the axes; the winner is replayed on more seeds, next to the
+current config, and kept only if it still wins. Replays run in worker processes, one per core.
 
 Output: ``tune.json`` (every candidate's numbers), ``tune.md`` (best vs current), the best config
 (``best-config.yaml``, the current config with the winning values) and ``tune.png`` (TTFT CDFs of
@@ -34,7 +35,7 @@ from epp.tuning.replay import ReplayOptions, Workload, check_replayable, run_rep
 from epp.tuning.trace import RecordedTrace, SpeedFit, load_trace, measure_speed
 
 OBJECTIVES = {"p50": "ttft_p50_s", "p90": "ttft_p90_s", "p99": "ttft_p99_s", "mean": "ttft_mean_s"}
-DEFAULT_WEIGHTS = (0, 1, 2, 3, 5)
+DEFAULT_WEIGHTS = (0, 1, 2, 3, 5, 8)
 MAX_GRID = 400
 BETTER_BY = 0.01  # a candidate must beat the best so far by 1% to replace it (replays are not free of noise)
 
@@ -256,6 +257,7 @@ class TuneOptions:
     search: str = "descent"  # or "grid"
     rounds: int = 2  # descent: passes over the axes
     seeds: int = 2  # replays per candidate (tie-breaking draws), scores averaged
+    confirm_seeds: int = 4  # more replays of the best and the current before the best is kept
     workers: int = 0  # 0: one per core available
     replay: ReplayOptions = field(default_factory=ReplayOptions)
 
@@ -287,6 +289,7 @@ class Search:
         self.tried: dict[Assignment, Candidate] = {}
 
     def evaluate(self, assignments: Iterable[Assignment]) -> list[Candidate]:
+        assignments = list(assignments)
         todo = [a for a in dict.fromkeys(assignments) if a not in self.tried]
         jobs = {(a, s): self.pool.submit(_evaluate, self.space.render(a), describe(a), s + 1)
                 for a in todo for s in range(self.opts.seeds)}
@@ -295,6 +298,21 @@ class Search:
             self.progress(f"{describe(a)}: {self.opts.objective} {c.mean(self.key):.4f} s"
                           + (f", {c.lost():g} lost" if c.lost() else ""))
         return [self.tried[a] for a in assignments]
+
+    def confirm(self, current: Candidate, best: Candidate) -> Candidate:
+        """Replay the two on ``confirm_seeds`` more seeds each: the best stays only if it still wins
+        on all its seeds together (a search over many candidates favours a lucky draw)."""
+        more = range(self.opts.seeds, self.opts.seeds + self.opts.confirm_seeds)
+        jobs = {(c.assignment, s): self.pool.submit(_evaluate, self.space.render(c.assignment),
+                                                    describe(c.assignment), s + 1)
+                for c in (current, best) for s in more}
+        for c in (current, best):
+            c.runs += [jobs[(c.assignment, s)].result() for s in more]
+        kept = best if self.better(best, current) else current
+        self.progress(f"confirmed on {len(best.runs)} seeds: {describe(best.assignment)} "
+                      f"{best.mean(self.key):.4f} s vs the current {current.mean(self.key):.4f} s: "
+                      + ("kept" if kept is best else "not better: the current config stays"))
+        return kept
 
     def better(self, c: Candidate, best: Candidate) -> bool:
         if c.lost() != best.lost():
@@ -309,15 +327,17 @@ class Search:
             for c in self.evaluate(self.space.grid()):
                 if self.better(c, best):
                     best = c
-            return current, best
-        for _ in range(self.opts.rounds):
-            start = best
-            for axis in self.space.axes:
-                for c in self.evaluate(self.space.neighbours(best.assignment, axis)):
-                    if self.better(c, best):
-                        best = c
-            if best is start:
-                break
+        else:
+            for _ in range(self.opts.rounds):
+                start = best
+                for axis in self.space.axes:
+                    for c in self.evaluate(self.space.neighbours(best.assignment, axis)):
+                        if self.better(c, best):
+                            best = c
+                if best is start:
+                    break
+        if best is not current and self.opts.confirm_seeds:
+            best = self.confirm(current, best)
         return current, best
 
 
@@ -352,7 +372,8 @@ def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_
     result = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "trace": str(trace_path), "requests": len(trace.requests),
                  "trace_seconds": round(trace.seconds, 2), "config": config_source, "objective": opts.objective,
-                 "search": opts.search, "seeds": opts.seeds, "axes": [[a.label, list(a.values)] for a in space.axes],
+                 "search": opts.search, "seeds": opts.seeds, "confirm_seeds": opts.confirm_seeds,
+                 "axes": [[a.label, list(a.values)] for a in space.axes],
                  "engine": engine, "engines": [_engine_row(a, p) for a, p in zip(fleet.addresses, fleet.engines,
                                                                                   strict=True)],
                  "speed": {a: _speed_row(s) for a, s in fleet.speeds.items()}, "notes": fleet.notes,
@@ -408,23 +429,28 @@ def plot(out: Path, current: Candidate, best: Candidate, tried: list[Candidate],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    top = 0.0
     for label, c in (("current", current), ("best", best)):
         xs = c.runs[0]["ttft_all_s"]
         if xs:
-            cdf.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{label}: {describe(c.assignment)}")
-    cdf.set_xscale("log")
+            cdf.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+            top = max(top, xs[min(len(xs) - 1, int(len(xs) * 0.995))])
+    if top:
+        cdf.set_xlim(0, top)
     cdf.set_xlabel("predicted TTFT (s)")
     cdf.set_ylabel("fraction of requests")
-    cdf.legend(fontsize=7)
-    cdf.set_title("TTFT CDF (first seed)")
+    cdf.legend(loc="lower right")
+    cdf.set_title("TTFT CDF (first seed)", fontsize=10)
+    fig.text(0.01, 0.01, f"current: {describe(current.assignment)}\nbest: {describe(best.assignment)}", fontsize=7)
     ranked = sorted(tried, key=lambda c: c.mean(key))
     bars.barh(range(len(ranked)), [c.mean(key) for c in ranked],
               color=["tab:green" if c is best else "tab:orange" if c is current else "tab:gray" for c in ranked])
-    bars.set_yticks(range(len(ranked)), [describe(c.assignment) for c in ranked], fontsize=5)
+    bars.set_yticks(range(len(ranked)), [f"{describe(c.assignment)} ({len(c.runs)} seeds)" for c in ranked],
+                    fontsize=5)
     bars.invert_yaxis()
-    bars.set_xlabel(f"{key} (s)")
-    bars.set_title("every config tried")
-    fig.tight_layout()
+    bars.set_xlabel(f"{key} (s), mean over seeds")
+    bars.set_title("every config tried (green: best, orange: current)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out / "tune.png", dpi=100)
     plt.close(fig)

@@ -185,3 +185,23 @@ def test_serve_stops_gracefully_on_sigterm() -> None:
 def test_metrics_auth_without_a_token_file_needs_kubernetes() -> None:
     r = epp("serve", "--endpoints", "127.0.0.1:1", "--metrics-endpoint-auth")
     assert r.returncode == 2 and "TokenReview" in r.stderr and "--metrics-token-file" in r.stderr
+
+
+def test_tune_refuses_bad_input_clearly_and_tunes_a_small_trace(tmp_path: Path) -> None:
+    from tests.unit.test_tune import write_trace
+
+    r = epp("tune", "--trace", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl: cannot read the trace" in r.stderr and "Traceback" not in r.stderr
+    trace = write_trace(tmp_path / "t.jsonl", n=60, rate=30)
+    r = epp("tune", "--trace", str(trace), "--axis", "prefix-cache-scorer.weight=x")
+    assert r.returncode == 2 and "weights are numbers >= 0" in r.stderr and "Traceback" not in r.stderr
+    precise = tmp_path / "precise.yaml"
+    precise.write_text(precise_config("sim", "tcp://127.0.0.1:5557"))
+    r = epp("tune", "--trace", str(trace), "--config", str(precise))
+    assert r.returncode == 2 and "precise-prefix-cache-scorer" in r.stderr and "cannot be replayed" in r.stderr
+    out = tmp_path / "out"
+    r = epp("tune", "--trace", str(trace), "--out", str(out), "--axis", "prefix-cache-scorer.weight=0,3",
+            "--seeds", "1", "--workers", "1", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "best:    prefix-cache-scorer.weight=3" in r.stdout and (out / "best-config.yaml").is_file()
+    assert "60 requests over" in r.stderr  # progress goes to stderr
