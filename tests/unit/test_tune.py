@@ -160,3 +160,37 @@ def test_a_small_search_writes_a_config_at_least_as_good_as_the_current_one(tmp_
     assert best.startswith("# epp tune: the best of 2 configs") and "weight: 3" in best
     assert {p.name for p in out.iterdir()} >= {"tune.json", "tune.md", "best-config.yaml", "tune.png"}
     assert "| best | prefix-cache-scorer.weight=3 |" in (out / "tune.md").read_text()
+
+
+FLOW = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 2}
+- type: program-aware-fairness
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: concurrency-detector
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  defaultPriorityBand: {fairnessPolicyRef: program-aware-fairness}
+  defaultRequestTTL: 30s
+"""
+
+
+def test_flow_control_holds_requests_in_virtual_time_and_serves_them_all(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", n=80, rate=200))  # a burst: 2 per pod at a time
+    engines = [profile("h100-llama8b").with_overrides(num_gpu_blocks=400)] * 4
+    held = run_replay(FLOW, "flow", Workload.from_trace(trace), engines)
+    summary = held.summary()
+    assert summary["requests"] == 80 and not summary["refused"] and not summary["failed"]
+    assert summary["queued_p90_s"] > 0.05  # held in epp (virtual seconds), then dispatched as pods freed up
+    again = run_replay(FLOW, "flow", Workload.from_trace(trace), engines).summary()
+    assert again["queued_p90_s"] == summary["queued_p90_s"]  # the waiting room runs on the virtual clock too
