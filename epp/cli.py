@@ -796,6 +796,8 @@ def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default="tune-results", help="where tune.json, tune.md, tune.png and best-config.yaml go")
     p.add_argument("--axis", action="append", default=[], metavar="PLUGIN.weight=V1,V2|PLUGIN.PARAM=V1,V2",
                    help="something to vary (repeatable; default: every scorer's weight over 0,1,2,3,5)")
+    p.add_argument("--candidate", action="append", default=[], metavar="FILE",
+                   help="a whole config to compare too (repeatable), e.g. epp/profiles/recommended.yaml")
     p.add_argument("--objective", default="p90", choices=("p50", "p90", "p99", "mean"), help="TTFT to minimise")
     p.add_argument("--search", default="descent", choices=("descent", "grid"),
                    help="coordinate descent from the current config (default) or every combination")
@@ -829,13 +831,19 @@ def run_tune(args: argparse.Namespace) -> int:
                 raise TuneError(f"{args.config}: cannot read the config: {e.strerror}") from None
         else:
             text, source = DEFAULT_CONFIG, "<default config>"
+        candidates = []
+        for path in args.candidate:
+            try:
+                candidates.append((Path(path).name, Path(path).read_text()))
+            except OSError as e:
+                raise TuneError(f"{path}: cannot read the candidate config: {e.strerror}") from None
         if args.seeds < 1 or args.rounds < 1 or args.confirm_seeds < 0:
             raise TuneError("--seeds and --rounds are >= 1, --confirm-seeds >= 0")
         opts = TuneOptions(args.objective, args.search, args.rounds, args.seeds, args.confirm_seeds,
                            args.workers, ReplayOptions(refresh_s=args.refresh_metrics_interval))
         result = tune(Path(args.trace), Path(args.out), text, source, [parse_axis(a) for a in args.axis], opts,
                       args.engine, args.servers, args.speed == "measured",
-                      progress=lambda m: print(f"epp tune: {m}", file=sys.stderr))
+                      progress=lambda m: print(f"epp tune: {m}", file=sys.stderr), candidates=candidates)
     except (TuneError, TraceError, ReplayError, ValueError) as e:
         print(f"epp tune: {e}", file=sys.stderr)
         return 2

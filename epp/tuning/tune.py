@@ -264,7 +264,10 @@ class TuneOptions:
 
 @dataclass(slots=True)
 class Candidate:
-    assignment: Assignment
+    """One config replayed: its label (the assignment, or a candidate file's name), its text and runs."""
+
+    label: str
+    text: str
     runs: list[dict[str, Any]]
 
     def mean(self, key: str) -> float:
@@ -277,40 +280,43 @@ class Candidate:
     def row(self, objective_key: str) -> dict[str, Any]:
         keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_mean_s", "e2e_p90_s", "prefix_hit_rate",
                 "load_imbalance")
-        return {"config": describe(self.assignment), **{k: round(self.mean(k), 4) for k in keys},
-                "lost": self.lost(), "objective": round(self.mean(objective_key), 4)}
+        return {"config": self.label, **{k: round(self.mean(k), 4) for k in keys},
+                "lost": self.lost(), "objective": round(self.mean(objective_key), 4), "seeds": len(self.runs)}
 
 
 class Search:
     def __init__(self, space: ConfigSpace, opts: TuneOptions, pool: ProcessPoolExecutor,
-                 progress: Callable[[str], None]) -> None:
+                 progress: Callable[[str], None], others: Sequence[tuple[str, str]] = ()) -> None:
         self.space, self.opts, self.pool, self.progress = space, opts, pool, progress
+        self.others = others  # whole configs to compare too: (label, text)
         self.key = OBJECTIVES[opts.objective]
-        self.tried: dict[Assignment, Candidate] = {}
+        self.tried: dict[str, Candidate] = {}
 
-    def evaluate(self, assignments: Iterable[Assignment]) -> list[Candidate]:
-        assignments = list(assignments)
-        todo = [a for a in dict.fromkeys(assignments) if a not in self.tried]
-        jobs = {(a, s): self.pool.submit(_evaluate, self.space.render(a), describe(a), s + 1)
-                for a in todo for s in range(self.opts.seeds)}
-        for a in todo:
-            c = self.tried[a] = Candidate(a, [jobs[(a, s)].result() for s in range(self.opts.seeds)])
-            self.progress(f"{describe(a)}: {self.opts.objective} {c.mean(self.key):.4f} s"
+    def evaluate(self, configs: Iterable[tuple[str, str]]) -> list[Candidate]:
+        configs = list(configs)
+        todo = [(label, text) for label, text in dict(configs).items() if label not in self.tried]
+        jobs = {(label, s): self.pool.submit(_evaluate, text, label, s + 1)
+                for label, text in todo for s in range(self.opts.seeds)}
+        for label, text in todo:
+            c = self.tried[label] = Candidate(label, text, [jobs[(label, s)].result() for s in range(self.opts.seeds)])
+            self.progress(f"{label}: {self.opts.objective} {c.mean(self.key):.4f} s"
                           + (f", {c.lost():g} lost" if c.lost() else ""))
-        return [self.tried[a] for a in assignments]
+        return [self.tried[label] for label, _ in configs]
+
+    def assignments(self, assignments: Iterable[Assignment]) -> list[Candidate]:
+        return self.evaluate((describe(a), self.space.render(a)) for a in assignments)
 
     def confirm(self, current: Candidate, best: Candidate) -> Candidate:
         """Replay the two on ``confirm_seeds`` more seeds each: the best stays only if it still wins
         on all its seeds together (a search over many candidates favours a lucky draw)."""
         more = range(self.opts.seeds, self.opts.seeds + self.opts.confirm_seeds)
-        jobs = {(c.assignment, s): self.pool.submit(_evaluate, self.space.render(c.assignment),
-                                                    describe(c.assignment), s + 1)
+        jobs = {(c.label, s): self.pool.submit(_evaluate, c.text, c.label, s + 1)
                 for c in (current, best) for s in more}
         for c in (current, best):
-            c.runs += [jobs[(c.assignment, s)].result() for s in more]
+            c.runs += [jobs[(c.label, s)].result() for s in more]
         kept = best if self.better(best, current) else current
-        self.progress(f"confirmed on {len(best.runs)} seeds: {describe(best.assignment)} "
-                      f"{best.mean(self.key):.4f} s vs the current {current.mean(self.key):.4f} s: "
+        self.progress(f"confirmed on {len(best.runs)} seeds: {best.label} {best.mean(self.key):.4f} s vs the current "
+                      f"{current.mean(self.key):.4f} s: "
                       + ("kept" if kept is best else "not better: the current config stays"))
         return kept
 
@@ -321,21 +327,26 @@ class Search:
 
     def run(self) -> tuple[Candidate, Candidate]:
         """(current, best)."""
-        current = self.evaluate([self.space.current])[0]
+        current = self.assignments([self.space.current])[0]
         best = current
         if self.opts.search == "grid":
-            for c in self.evaluate(self.space.grid()):
+            for c in self.assignments(self.space.grid()):
                 if self.better(c, best):
                     best = c
         else:
+            best_assignment = self.space.current
             for _ in range(self.opts.rounds):
                 start = best
                 for axis in self.space.axes:
-                    for c in self.evaluate(self.space.neighbours(best.assignment, axis)):
+                    neighbours = self.space.neighbours(best_assignment, axis)
+                    for a, c in zip(neighbours, self.assignments(neighbours), strict=True):
                         if self.better(c, best):
-                            best = c
+                            best, best_assignment = c, a
                 if best is start:
                     break
+        for c in self.evaluate(self.others):
+            if self.better(c, best):
+                best = c
         if best is not current and self.opts.confirm_seeds:
             best = self.confirm(current, best)
         return current, best
@@ -344,12 +355,17 @@ class Search:
 def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_source: str = "<default config>",
          axes: Sequence[Axis] = (), opts: TuneOptions | None = None, engine: str = "h100-llama8b",
          servers: int | None = None, measured_speed: bool = True,
-         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         progress: Callable[[str], None] = lambda _m: None,
+         candidates: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Search from the current config (``config_text``) and compare the whole ``candidates``
+    configs ((name, text) each) too; write the report and the best config into ``out``."""
     opts = opts or TuneOptions()
     if opts.objective not in OBJECTIVES:
         raise TuneError(f"--objective {opts.objective!r}: one of {', '.join(OBJECTIVES)}")
     trace = load_trace(trace_path)
     space = ConfigSpace(config_text, config_source, list(axes))
+    for name, text in candidates:  # refused now, not after the search
+        check_replayable(parse_config(text, name))
     fleet = fleet_from_trace(trace, profile(engine), servers, measured_speed)
     for note in fleet.notes:
         progress(note)
@@ -360,11 +376,11 @@ def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_
     # (spawned, not forked: the caller may run an event loop and threads, which a fork would copy)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(str(trace_path), fleet, opts.replay)) as pool:
-        search = Search(space, opts, pool, progress)
+        search = Search(space, opts, pool, progress, candidates)
         current, best = search.run()
     out.mkdir(parents=True, exist_ok=True)
     key = OBJECTIVES[opts.objective]
-    best_text = space.render(best.assignment)
+    best_text = best.text
     header = (f"# epp tune: the best of {len(search.tried)} configs for {trace_path.name} "
               f"(objective TTFT {opts.objective}, predicted {best.mean(key):.4f} s vs {current.mean(key):.4f} s "
               f"for {config_source})\n")
@@ -442,11 +458,11 @@ def plot(out: Path, current: Candidate, best: Candidate, tried: list[Candidate],
     cdf.set_ylabel("fraction of requests")
     cdf.legend(loc="lower right")
     cdf.set_title("TTFT CDF (first seed)", fontsize=10)
-    fig.text(0.01, 0.01, f"current: {describe(current.assignment)}\nbest: {describe(best.assignment)}", fontsize=7)
+    fig.text(0.01, 0.01, f"current: {current.label}\nbest: {best.label}", fontsize=7)
     ranked = sorted(tried, key=lambda c: c.mean(key))
     bars.barh(range(len(ranked)), [c.mean(key) for c in ranked],
               color=["tab:green" if c is best else "tab:orange" if c is current else "tab:gray" for c in ranked])
-    bars.set_yticks(range(len(ranked)), [f"{describe(c.assignment)} ({len(c.runs)} seeds)" for c in ranked],
+    bars.set_yticks(range(len(ranked)), [f"{c.label} ({len(c.runs)} seeds)" for c in ranked],
                     fontsize=5)
     bars.invert_yaxis()
     bars.set_xlabel(f"{key} (s), mean over seeds")

@@ -162,6 +162,17 @@ def test_a_small_search_writes_a_config_at_least_as_good_as_the_current_one(tmp_
     assert "| best | prefix-cache-scorer.weight=3 |" in (out / "tune.md").read_text()
 
 
+def test_a_whole_candidate_config_is_compared_and_can_win(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", n=120, rate=40)
+    start = _weights(2, 2, 0)
+    result = tune(trace, tmp_path / "out", start, "start.yaml", [parse_axis("queue-scorer.weight=2")],
+                  TuneOptions(seeds=1, workers=1, rounds=1), candidates=[("default.yaml", DEFAULT_CONFIG)])
+    assert result["best"]["config"] == "default.yaml" and result["best"]["seeds"] == 5  # confirmed on 4 more
+    assert (tmp_path / "out" / "best-config.yaml").read_text().endswith(DEFAULT_CONFIG)
+    with pytest.raises(ReplayError, match="cannot be replayed"):
+        tune(trace, tmp_path / "o2", candidates=[("p.yaml", precise_config("sim", "tcp://127.0.0.1:5557"))])
+
+
 FLOW = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
