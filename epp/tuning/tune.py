@@ -173,7 +173,7 @@ def _num(w: float) -> int | float:
 
 
 def describe(a: Assignment) -> str:
-    return ", ".join(f"{k}={v}" for k, v in a)
+    return ", ".join(f"{k}={'(unset)' if v is None else v}" for k, v in a)
 
 
 # -- the engines ---------------------------------------------------------------------------------------
