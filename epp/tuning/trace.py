@@ -66,6 +66,17 @@ class RecordedTrace:
     def seconds(self) -> float:
         return self.requests[-1].t if self.requests else 0.0
 
+    def first_seen_share(self) -> float:
+        """The share of requests most of whose prompt blocks no earlier request carried: cold
+        wherever they go (compulsory misses), whatever the routing."""
+        seen: set[str] = set()
+        cold = 0
+        for r in self.requests:
+            if r.blocks and sum(b in seen for b in r.blocks) * 2 < len(r.blocks):
+                cold += 1
+            seen.update(r.blocks)
+        return cold / len(self.requests) if self.requests else 0.0
+
     def tokens_per_block(self) -> int:
         """Prompt tokens per 64-character block (the live tokenizer's ratio, median over requests)."""
         ratios = [r.prompt_tokens / r.prompt_chars for r in self.requests if r.prompt_chars >= BLOCK_CHARS

@@ -369,6 +369,9 @@ def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_
     fleet = fleet_from_trace(trace, profile(engine), servers, measured_speed)
     for note in fleet.notes:
         progress(note)
+    warnings = knee_warnings(opts.objective, trace.first_seen_share())
+    for w in warnings:
+        progress(f"warning: {w}")
     workers = opts.workers or max(1, min(len(os.sched_getaffinity(0)), 8))
     started = time.monotonic()
     progress(f"{len(trace.requests)} requests over {trace.seconds:.0f} s on {len(fleet.engines)} engines; "
@@ -392,7 +395,8 @@ def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_
                  "axes": [[a.label, list(a.values)] for a in space.axes],
                  "engine": engine, "engines": [_engine_row(a, p) for a, p in zip(fleet.addresses, fleet.engines,
                                                                                   strict=True)],
-                 "speed": {a: _speed_row(s) for a, s in fleet.speeds.items()}, "notes": fleet.notes,
+                 "speed": {a: _speed_row(s) for a, s in fleet.speeds.items()}, "notes": fleet.notes + warnings,
+                 "first_seen_share": round(trace.first_seen_share(), 4),
                  "wall_s": round(time.monotonic() - started, 1), "replays": len(search.tried) * opts.seeds},
         "current": current.row(key), "best": best.row(key),
         "tried": sorted((c.row(key) for c in search.tried.values()), key=lambda r: (r["lost"], r["objective"])),
@@ -401,6 +405,22 @@ def tune(trace_path: Path, out: Path, config_text: str = DEFAULT_CONFIG, config_
     (out / "tune.md").write_text(markdown(result))
     plot(out, current, best, list(search.tried.values()), key)
     return result
+
+
+KNEE = 0.04  # an objective percentile this close to the compulsory-miss share sits on the CDF's knee
+PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+
+
+def knee_warnings(objective: str, first_seen: float) -> list[str]:
+    """A percentile near the trace's share of compulsory misses measures which requests are cold,
+    not how fast the warm ones are: one more or one fewer cold request moves it a lot."""
+    q = PERCENTILES.get(objective)
+    if q is None or abs((1 - q) - first_seen) >= KNEE:
+        return []
+    return [f"TTFT {objective} sits at the trace's compulsory misses ({first_seen:.1%} of its requests carry a "
+            f"prompt no earlier one did): a config that makes one more or one fewer request cold moves it a lot, "
+            f"and that does not carry over to other traffic. Record a longer trace (the share falls as prompts "
+            f"repeat) or tune another objective."]
 
 
 def _engine_row(address: str, p: EngineParams) -> dict[str, Any]:

@@ -205,3 +205,13 @@ def test_flow_control_holds_requests_in_virtual_time_and_serves_them_all(tmp_pat
     assert summary["queued_p90_s"] > 0.05  # held in epp (virtual seconds), then dispatched as pods freed up
     again = run_replay(FLOW, "flow", Workload.from_trace(trace), engines).summary()
     assert again["queued_p90_s"] == summary["queued_p90_s"]  # the waiting room runs on the virtual clock too
+
+
+def test_a_percentile_at_the_compulsory_misses_is_flagged(tmp_path: Path) -> None:
+    from epp.tuning.tune import knee_warnings
+
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", n=120, rate=40))
+    share = trace.first_seen_share()
+    assert 0.05 < share < 0.2  # 12 system prompts over ~120 requests (+ the first of each group)
+    assert knee_warnings("p90", 0.08) and "compulsory misses (8.0%" in knee_warnings("p90", 0.08)[0]
+    assert not knee_warnings("p90", 0.03) and not knee_warnings("p99", 0.08) and not knee_warnings("mean", 0.1)
