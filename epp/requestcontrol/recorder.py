@@ -3,7 +3,8 @@
 A record says what a replay needs and no more: when the request arrived, its model and API, the
 chained hashes of its prompt's 64-character blocks (which prompts share which prefix, without the
 text), its size, what it asked for (stream, max_tokens) and what it got (tokens, cached tokens,
-status, time to first byte, duration). The prompt itself only when the operator started epp with
+status, time to first byte, duration), its priority and its flow (the fairness id, hashed). The
+prompt itself only when the operator started epp with
 ``--record-prompts`` and the recording asks for it. Records go to the open recordings only: with
 none open the recorder costs one attribute check per request.
 """
@@ -20,6 +21,7 @@ import xxhash
 
 from epp.observability.events import end
 from epp.request import InferenceRequest
+from epp.requestcontrol.headers import FAIRNESS_ID, header
 
 BLOCK_CHARS = 64  # 16 tokens at the approximate index's 4 characters per token
 MAX_BLOCKS = 512  # 32K characters; the rest of a longer prompt is its length only
@@ -33,6 +35,12 @@ def block_hashes(model: str, prompt: str) -> list[str]:
     n = min(len(data) // BLOCK_CHARS, MAX_BLOCKS)
     return [f"{xxhash.xxh3_64_intdigest(data[:end], seed) >> 16:012x}"
             for end in range(BLOCK_CHARS, n * BLOCK_CHARS + 1, BLOCK_CHARS)]
+
+
+def flow_label(fairness_id: str) -> str | None:
+    """The request's flow (its fairness id or tenant) as a hash: which requests share a flow,
+    without the tenant's name."""
+    return f"{xxhash.xxh3_64_intdigest(fairness_id.encode()) >> 16:012x}" if fairness_id else None
 
 
 @dataclass(slots=True)
@@ -89,7 +97,8 @@ class Recorder:
             "prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
             "cached_tokens": outcome.cached_tokens, "status": outcome.status, "endpoint": outcome.endpoint,
             "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 2),
-            "duration_ms": round(outcome.duration_s * 1000, 2)}
+            "duration_ms": round(outcome.duration_s * 1000, 2), "priority": request.priority,
+            "flow": flow_label(request.tenant or header(request.headers, FAIRNESS_ID))}
         plain = b"data: " + orjson.dumps(record) + b"\n\n"
         with_prompt = None
         for r in self.recordings:

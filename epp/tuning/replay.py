@@ -31,7 +31,9 @@ from epp.observability.flowmetrics import FlowMetrics
 from epp.observability.metrics import PickerMetrics
 from epp.requestcontrol.admission import SheddableAdmission
 from epp.requestcontrol.director import Director
+from epp.requestcontrol.headers import FAIRNESS_ID, OBJECTIVE
 from epp.requestcontrol.pending import Pending
+from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.refused import Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
 from epp.scheduling.contract import DrawsRandomly, ReadsClock, declares
@@ -67,6 +69,7 @@ class ReplayResult:
     ttft_s: list[float] = field(default_factory=list)  # arrival (as the trace has it) -> first token
     e2e_s: list[float] = field(default_factory=list)
     queued_s: list[float] = field(default_factory=list)  # held by flow control
+    ttft_by_priority: dict[int, list[float]] = field(default_factory=dict)
     refused: Counter[int] = field(default_factory=Counter)  # HTTP status -> requests
     failed: int = 0  # an engine could not serve the request (a prompt that never fits)
     per_endpoint: list[int] = field(default_factory=list)
@@ -87,6 +90,7 @@ class ReplayResult:
                 "load_imbalance": round(max(served) / mean, 2) if mean else 0.0, "per_endpoint": served,
                 "refused": dict(self.refused), "failed": self.failed,
                 "queued_p90_s": _pct(self.queued_s, 90) if self.queued_s else 0.0,
+                "ttft_p90_by_priority_s": {p: _pct(xs, 90) for p, xs in sorted(self.ttft_by_priority.items())},
                 "virtual_s": round(self.virtual_s, 2), "wall_s": round(self.wall_s, 2)}
 
 
@@ -95,6 +99,11 @@ def _pct(xs: list[float], p: float) -> float | None:
         return None
     s = sorted(xs)
     return round(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))], 4)
+
+
+def objective_name(priority: int) -> str:
+    """The InferenceObjective a replay gives requests of ``priority`` (the trace has the number)."""
+    return f"priority-{priority}"
 
 
 def check_replayable(cfg: PickerConfig) -> None:
@@ -110,6 +119,8 @@ class Workload:
     """A trace made ready to replay: per request its arrival, body, prompt ids and output length."""
 
     arrivals: tuple[float, ...]
+    headers: tuple[dict[str, str], ...]  # the objective (priority) and fairness id each was recorded with
+    priorities: tuple[int, ...]
     bodies: tuple[bytes, ...]
     prompt_ids: tuple[list[int], ...]
     output_tokens: tuple[int, ...]
@@ -120,8 +131,14 @@ class Workload:
     def from_trace(cls, trace: RecordedTrace) -> Workload:
         maker = PromptMaker(trace.tokens_per_block())
         tok = SimTokenizer()
-        bodies, ids, outs = [], [], []
+        bodies, ids, outs, headers = [], [], [], []
         for i, r in enumerate(trace.requests):
+            h = {"content-type": "application/json", "x-request-id": f"replay-{i}"}
+            if r.priority:
+                h[OBJECTIVE] = objective_name(r.priority)
+            if r.flow:
+                h[FAIRNESS_ID] = r.flow
+            headers.append(h)
             text = maker.prompt(r, i)
             out = r.completion_tokens or r.max_tokens or 16
             body: dict[str, Any] = {"model": r.model, "prompt": text, "max_tokens": out, "stream": r.stream}
@@ -130,7 +147,8 @@ class Workload:
             bodies.append(orjson.dumps(body))
             ids.append(tok.encode(text))
             outs.append(max(1, out))
-        return cls(tuple(r.t for r in trace.requests), tuple(bodies), tuple(ids), tuple(outs),
+        return cls(tuple(r.t for r in trace.requests), tuple(headers), tuple(r.priority for r in trace.requests),
+                   tuple(bodies), tuple(ids), tuple(outs),
                    tuple(r.stream for r in trace.requests), tuple(sorted({r.model for r in trace.requests})))
 
 
@@ -161,6 +179,7 @@ async def replay(config_text: str, name: str, work: Workload, engines: list[Engi
     director = Director(store, built.scheduler, metrics, admission=SheddableAdmission(rt.detector),
                         rng=random.Random(opts.seed), clock=clock)
     director.admitters, director.preparers = rt.admitters, rt.preparers
+    director.policies = RequestPolicies(objectives={objective_name(p): p for p in set(work.priorities) if p})
     director.set_flow_control(rt.flow, FlowMetrics(metrics.registry, "default"))
     addrs = addresses or [f"10.0.0.{i + 1}:8000" for i in range(len(engines))]
     fleet = {a: Engine(p, seed=i, clock=clock) for i, (a, p) in enumerate(zip(addrs, engines, strict=True))}
@@ -182,8 +201,7 @@ async def replay(config_text: str, name: str, work: Workload, engines: list[Engi
 
     async def one(i: int) -> None:
         arrived = clock()
-        given = RequestInput({"content-type": "application/json", "x-request-id": f"replay-{i}"},
-                             "/v1/completions", work.bodies[i])
+        given = RequestInput(work.headers[i], "/v1/completions", work.bodies[i])
         decided: asyncio.Future[Routed | Refused] = loop.create_future()
 
         def ready(outcome: Routed | Refused) -> None:
@@ -241,6 +259,7 @@ async def _serve(routed: Routed, engine: Engine, i: int, arrived: float, work: W
         routed.finish()
         return
     result.ttft_s.append(clock() - arrived)
+    result.ttft_by_priority.setdefault(work.priorities[i], []).append(result.ttft_s[-1])
     stream = work.streams[i]
     if stream:
         routed.response_body(b'data: {"choices":[{"index":0,"text":"x"}]}\n\n', False)

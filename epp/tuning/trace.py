@@ -54,6 +54,8 @@ class TracedRequest:
     duration_s: float
     status: int
     endpoint: str
+    priority: int = 0  # the objective's priority (flow control's band)
+    flow: str | None = None  # the fairness flow, hashed (None: the default flow)
 
 
 @dataclass(slots=True)
@@ -120,7 +122,8 @@ def load_trace(path: Path) -> RecordedTrace:
             rec["prompt_tokens"], rec["completion_tokens"], _opt_int(rec.get("max_tokens")),
             rec.get("stream") is True, _opt_int(rec.get("cached_tokens")),
             float(ttft) / 1000 if isinstance(ttft, (int, float)) else None, float(rec["duration_ms"]) / 1000,
-            rec["status"], str(rec.get("endpoint") or "")))
+            rec["status"], str(rec.get("endpoint") or ""), _opt_int(rec.get("priority")) or 0,
+            str(rec["flow"]) if isinstance(rec.get("flow"), str) and rec["flow"] else None))
     if not requests:
         raise TraceError(f"{path}: the trace holds no request")
     requests.sort(key=lambda r: r.t)

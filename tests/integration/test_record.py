@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from epp.requestcontrol.recorder import block_hashes
+from epp.requestcontrol.recorder import block_hashes, flow_label
 from epp.stack.local import in_process_stack
 from epp.tuning.record import RecordError, record_trace
 
@@ -50,10 +50,17 @@ async def test_the_trace_holds_hashes_and_counts_not_prompts(tmp_path: Path) -> 
         assert r["model"] == "sim-model" and r["status"] == 200 and r["completion_tokens"] == 3
         assert r["prompt_tokens"] > 0 and r["max_tokens"] == 3 and r["endpoint"] in stack.addresses
         assert "prompt" not in r
+        assert r["priority"] == 0 and r["flow"] is None  # no objective, no fairness id: the default flow
         # The shared system prompt shows as a shared leading run of block hashes.
         a, b = records[0]["blocks"], records[1]["blocks"]
         shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y) if a != b else len(a)
         assert shared >= 10  # (the prompts differ only in their last, partial block)
+
+
+def test_flows_are_recorded_as_hashes_not_tenant_names() -> None:
+    one, again, other = flow_label("acme-corp"), flow_label("acme-corp"), flow_label("globex")
+    assert one == again != other and len(one or "") == 12 and "acme" not in (one or "")
+    assert flow_label("") is None
 
 
 def test_block_hashes_follow_the_prefix() -> None:

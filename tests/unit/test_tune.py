@@ -22,17 +22,19 @@ SMALL = WorkloadParams(groups=12, prefix_tokens=1200, question_tokens=20, output
 
 
 def write_trace(path: Path, n: int = 120, rate: float = 30.0, servers: int = 4, seed: int = 1,
-                params: WorkloadParams = SMALL) -> Path:
+                params: WorkloadParams = SMALL, critical_every: int = 0) -> Path:
     """A trace in epp record's format for a bench workload (hashes of the prompts, no text)."""
     lines = [{"pool": [{"address": f"10.1.0.{i}:8000", "labels": {}, "block_size": 16, "num_gpu_blocks": 400,
                         "models": ["m"]} for i in range(servers)]}]
-    for s in build("zipf", n, rate, seed, params).sessions:
+    for k, s in enumerate(build("zipf", n, rate, seed, params).sessions):
         prompt = s.system + s.questions[0]
+        critical = critical_every and k % critical_every == 0
         lines.append({"t": round(s.start_s, 4), "model": "m", "target_model": "m", "api": "completions",
                       "path": "/v1/completions", "stream": True, "max_tokens": s.max_tokens,
                       "prompt_chars": len(prompt), "blocks": block_hashes("m", prompt),
                       "prompt_tokens": len(prompt) // 5, "completion_tokens": s.max_tokens, "cached_tokens": None,
-                      "status": 200, "endpoint": "", "ttft_ms": None, "duration_ms": 100.0})
+                      "status": 200, "endpoint": "", "ttft_ms": None, "duration_ms": 100.0,
+                      "priority": 10 if critical else 0, "flow": "a1b2c3d4e5f6" if critical else None})
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
 
@@ -215,3 +217,12 @@ def test_a_percentile_at_the_compulsory_misses_is_flagged(tmp_path: Path) -> Non
     assert 0.05 < share < 0.2  # 12 system prompts over ~120 requests (+ the first of each group)
     assert knee_warnings("p90", 0.08) and "compulsory misses (8.0%" in knee_warnings("p90", 0.08)[0]
     assert not knee_warnings("p90", 0.03) and not knee_warnings("p99", 0.08) and not knee_warnings("mean", 0.1)
+
+
+def test_recorded_priorities_keep_their_order_in_a_flow_controlled_replay(tmp_path: Path) -> None:
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", n=120, rate=300, critical_every=4))
+    assert {r.priority for r in trace.requests} == {0, 10} and trace.requests[0].flow == "a1b2c3d4e5f6"
+    engines = [profile("h100-llama8b").with_overrides(num_gpu_blocks=400)] * 4
+    summary = run_replay(FLOW, "flow", Workload.from_trace(trace), engines).summary()
+    by = summary["ttft_p90_by_priority_s"]
+    assert set(by) == {0, 10} and by[10] < by[0] / 2  # the critical band dispatches first while pods are full
