@@ -39,7 +39,7 @@ from epp.requestcontrol.parsing import from_fields, mutated_body, route_path
 from epp.requestcontrol.pending import Pending, Preparing
 from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.ratelimits import RateLimits, Slot
-from epp.requestcontrol.recorder import Recorder
+from epp.requestcontrol.recorder import Outcome, Recorder
 from epp.requestcontrol.refused import NO_ENDPOINTS, SATURATED, Refused
 from epp.requestcontrol.routed import SLOT, RequestInput, ResponseAccess, Routed
 from epp.requestcontrol.shadow import ShadowEvaluation
@@ -399,6 +399,12 @@ class Director:
         if isinstance(slot, Slot):
             slot.release()
         self._meter_refusal(request.request_id, request.prepared.get(API_KEY), refusal.status, labels.model)
+        recorder = self.recorder
+        if recorder is not None and recorder.active:  # refused requests were offered load too (a replay sends them)
+            body = request.body
+            recorder.finished(request, Outcome(refusal.status, "", 0, 0, None, None,
+                                               time.perf_counter() - (request.arrived or time.perf_counter()),
+                                               body is not None and body.get("stream") is True))
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from epp.requestcontrol.recorder import block_hashes, flow_label
-from epp.stack.local import in_process_stack
+from epp.stack.local import in_process_stack, wait_until
 from epp.tuning.record import RecordError, record_trace
 
 from .conftest import chat_body, post
@@ -86,3 +86,27 @@ async def test_prompts_only_where_epp_allows_them(tmp_path: Path) -> None:
         await recording
         record = orjson.loads((tmp_path / "p.jsonl").read_bytes().splitlines()[1])
         assert "swordfish" in record["prompt"]
+
+
+async def test_a_request_flow_control_refused_is_recorded_as_offered_load(tmp_path: Path) -> None:
+    from .test_flow_control import Timed, _running, flow_config, slow
+
+    async with in_process_stack(servers=1, config_text=flow_config("  defaultRequestTTL: 200ms")) as stack, \
+            aiohttp.ClientSession() as s:
+        assert stack.picker is not None
+        url = f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}"
+        ready = asyncio.Event()
+        out = tmp_path / "trace.jsonl"
+        recording = asyncio.create_task(record_trace(url, out, seconds=20, requests=2, ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        await slow(stack, 50)
+        t = Timed(s, stack.url)
+        busy = asyncio.create_task(t.send("busy", max_tokens=20))  # holds the only slot ~1 s
+        await wait_until(lambda: _running(stack), 5, "the pod busy")
+        await t.send("late")  # waits its 200 ms budget, then 429
+        await busy
+        await recording
+        records = [orjson.loads(line) for line in out.read_bytes().splitlines()[1:]]
+        assert sorted(r["status"] for r in records) == [200, 429]
+        refused = next(r for r in records if r["status"] == 429)
+        assert refused["endpoint"] == "" and refused["completion_tokens"] == 0 and refused["blocks"] is not None
