@@ -20,6 +20,7 @@ from epp.config import parse_config
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
+from epp.scheduling.contract import ReadsClock, declares
 from epp.scheduling.types import Completion, Usage
 
 _PROFILE = """
@@ -94,7 +95,8 @@ class _Clock:
 def _per_pick(scheduler: Any, pools: list[Snapshot], requests: list[InferenceRequest]) -> tuple[float, float]:
     """(pick path, response path) CPU us per request."""
     for p in scheduler.profile.producers:
-        p.clock = _Clock()
+        if declares(p, ReadsClock):
+            p.use_clock(_Clock())
     gc.collect()
     clock = time.process_time
     picking = responding = 0.0
@@ -111,7 +113,8 @@ def _per_pick(scheduler: Any, pools: list[Snapshot], requests: list[InferenceReq
     return picking / len(requests) * 1e6, responding / len(requests) * 1e6
 
 
-def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128), picks: int = 2000, rounds: int = 3) -> list[CostRow]:
+def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128, 1000), picks: int = 2000, rounds: int = 3
+                    ) -> list[CostRow]:
     rows: list[CostRow] = []
     for n in sizes:
         now = time.monotonic()

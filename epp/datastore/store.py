@@ -22,8 +22,8 @@ class Snapshot:
 
     def fresh(self) -> tuple[EndpointState, ...]:
         """The endpoints whose metrics are fresh (what the scheduler chooses from, when any is)."""
-        now, staleness = self.now, self.staleness
-        return tuple(e for e in self.endpoints if e.fresh(now, staleness))
+        oldest = self.now - self.staleness  # (EndpointState.fresh, inlined: this runs per pick over the pool)
+        return tuple(e for e in self.endpoints if e.signals is not None and e.error is None and e.scraped_at >= oldest)
 
 
 class Datastore:
@@ -33,7 +33,7 @@ class Datastore:
         self.staleness = staleness
         self._clock = clock
         self._states: dict[str, EndpointState] = {}
-        self._tuple: tuple[EndpointState, ...] = ()
+        self._tuple: tuple[EndpointState, ...] | None = ()  # None: rebuilt at the next read
         self.inflight: dict[str, int] = {}
         self.recent_picks: dict[str, int] = {}
         self.total_picks: dict[str, int] = {}
@@ -63,7 +63,7 @@ class Datastore:
                     self._states[a] = replace(state, labels=new, name=name)
                     relabelled = True
         if relabelled and not added and not removed:
-            self._tuple = tuple(self._states.values())
+            self._tuple = None
         if not added and not removed:
             return
         for a in removed:
@@ -78,7 +78,7 @@ class Datastore:
             self.inflight.setdefault(a, 0)
             self.recent_picks.setdefault(a, 0)
             self.total_picks.setdefault(a, 0)
-        self._tuple = tuple(self._states.values())
+        self._tuple = None
         for listener in self._listeners:
             listener(added, removed)
 
@@ -94,7 +94,7 @@ class Datastore:
         if state is None:
             return
         self._states[address] = replace(state, signals=signals, scraped_at=self._clock(), error=None)
-        self._tuple = tuple(self._states.values())
+        self._tuple = None
         # Picks made after the scrape started are not in its numbers yet.
         self.recent_picks[address] = self.total_picks.get(address, 0) - picks_at_start
 
@@ -104,14 +104,14 @@ class Datastore:
         if state is None or state.attributes == values:
             return
         self._states[address] = replace(state, attributes=dict(values))
-        self._tuple = tuple(self._states.values())
+        self._tuple = None
 
     def record_scrape_error(self, address: str, error: str) -> None:
         state = self._states.get(address)
         if state is None:
             return
         self._states[address] = replace(state, error=error)
-        self._tuple = tuple(self._states.values())
+        self._tuple = None
 
     # -- picks -----------------------------------------------------------------------------------------
     def acquire(self, address: str, tokens: int = 0) -> None:
@@ -143,10 +143,18 @@ class Datastore:
         """The model names the endpoints' metrics report."""
         return {m for st in self._states.values() if st.signals is not None for m in st.signals.models}
 
+    def _endpoints(self) -> tuple[EndpointState, ...]:
+        """The endpoints as a tuple, rebuilt only when read after a change: a scrape replaces one
+        endpoint's state, and rebuilding on every scrape would cost O(pool) per scrape."""
+        t = self._tuple
+        if t is None:
+            t = self._tuple = tuple(self._states.values())
+        return t
+
     def snapshot(self) -> Snapshot:
-        return Snapshot(self._tuple, self.inflight, self.recent_picks, self._clock(), self.staleness,
+        return Snapshot(self._endpoints(), self.inflight, self.recent_picks, self._clock(), self.staleness,
                         self.inflight_tokens)
 
     def fresh_count(self) -> int:
         now = self._clock()
-        return sum(1 for s in self._tuple if s.fresh(now, self.staleness))
+        return sum(1 for s in self._endpoints() if s.fresh(now, self.staleness))

@@ -179,8 +179,7 @@ class Scheduler:
                 timer("Scorer", scorer.type_name, scorer.name, time.perf_counter() - t0)
             raw.append(scores)
             if weight:
-                for i in range(n):
-                    totals[i] += weight * scores[i]
+                totals = [t + weight * x for t, x in zip(totals, scores, strict=True)]
         chosen = self.profile.picker.pick(candidates, totals)
         if not chosen:
             raise SchedulingError(503, "picker chose no endpoint")

@@ -74,7 +74,8 @@ class QueueScorer(_NoParams, Scorer):
               cycle: CycleState) -> list[float]:
         recent, inflight = snapshot.recent_picks, snapshot.inflight
         return _minmax_low_is_good([
-            (c.signals.waiting if c.signals else 0.0) + min(recent.get(c.address, 0), inflight.get(c.address, 0))
+            (c.signals.waiting if c.signals else 0.0)
+            + (min(r, inflight.get(c.address, 0)) if (r := recent.get(c.address)) else 0)
             for c in candidates
         ])
 
@@ -181,7 +182,7 @@ class KVCacheUtilizationScorer(_NoParams, Scorer):
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        return [max(0.0, 1.0 - c.signals.kv_usage) if c.signals else 0.0 for c in candidates]
+        return [(1.0 - u if (u := c.signals.kv_usage) < 1.0 else 0.0) if c.signals else 0.0 for c in candidates]
 
 
 class RunningRequestsScorer(_NoParams, Scorer):
@@ -341,6 +342,12 @@ class MaxScorePicker(_Picker, Picker):
     type_name: ClassVar[str] = "max-score-picker"
 
     def pick(self, candidates: list[EndpointState], totals: list[float]) -> list[int]:
+        if self.max_endpoints == 1:  # (the common case: one pass, a draw only among ties)
+            if not totals:
+                return []
+            floor = max(totals) - 1e-9
+            ties = [i for i, t in enumerate(totals) if t >= floor]
+            return [ties[0] if len(ties) == 1 else self.rng.choice(ties)]
         rnd = self.rng.random
         order = sorted(range(len(candidates)), key=lambda i: (-round(totals[i], 9), rnd()))
         return order[: self.max_endpoints]

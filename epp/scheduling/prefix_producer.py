@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from epp.datastore.endpoint import EndpointState
+from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.request import InferenceRequest
 from epp.scheduling.contract import ExportsMetrics, ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
@@ -136,6 +136,7 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, E
         self.limits = limits
         self.hits = HitStats()
         self.index = self._index(max(limits.block_tokens, limits.min_block_tokens))
+        self._sized: dict[str, EngineSignals] = {}  # the signals each endpoint's capacity was set from
         self._match: Slot[PrefixMatch] = Slot(f"{self.name}/match")
         self._recorded: Slot[bool] = Slot(f"{self.name}/recorded")
 
@@ -169,15 +170,17 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, E
             log.info("%s: prefix blocks of %d tokens from now on (was %d): the index starts over", self.name,
                      size, index.block_tokens)
             index = self.index = self._index(size)
+            self._sized.clear()
         if self.limits.auto_tune:
             # The pod's KV cache in the index's blocks: its GPU blocks of its own block size, in
             # blocks of the index's (at least 64 tokens). The reference sizes the index in the
             # pod's GPU blocks whatever the index's block size, which with 16-token pods believes
             # 4x what the pod holds (and routes to prefixes it evicted long ago).
-            caps = index.capacities
+            caps, sized = index.capacities, self._sized
             for c in candidates:
                 s = c.signals
-                if s is not None and s.num_gpu_blocks:
+                if s is not None and s.num_gpu_blocks and sized.get(c.address) is not s:
+                    sized[c.address] = s  # (a scrape replaces the signals: sized again only then)
                     n = max(1, s.num_gpu_blocks * (s.block_size or size) // size)
                     if caps.get(c.address) != n:
                         caps[c.address] = min(n, BLOCKS_PER_SERVER_LIMIT)
@@ -200,6 +203,7 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, E
     def on_endpoint_removed(self, endpoint: str) -> None:
         self.index.forget(endpoint)
         self.index.capacities.pop(endpoint, None)
+        self._sized.pop(endpoint, None)
 
     def prefix_index_size(self) -> int:
         return self.index.size()
