@@ -377,6 +377,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sm = bsub.add_parser("sim", help="simulator: round robin vs prefix-affine TTFT at a load; or --scale N")
     _fleet_load_args(sm, "results/sim", requests=1800, capacity_seconds=20.0)
     sm.add_argument("--scale", type=int, help="instead: N fast servers in one process; RSS and CPU")
+    pb = bsub.add_parser("pool", help="one epp in front of a large simulated pool: scrape CPU, pick latency, "
+                                      "prefix-index memory")
+    pb.add_argument("--out", default="results/pool")
+    pb.add_argument("--servers", type=int, default=1000)
+    pb.add_argument("--refresh-metrics-interval", type=float, default=0.05, help="seconds (default 0.05)")
+    pb.add_argument("--seconds", type=float, default=10.0, help="the scraping window")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
     tb.add_argument("--out", default="results/tune")
@@ -522,6 +528,13 @@ def run_bench(args: argparse.Namespace) -> int:
         _run(bench_routing_effect(out, preset=args.profile, servers=args.servers, load=args.load,
                                   requests=args.requests, capacity_seconds=args.capacity_seconds, wl=wl))
         print((out / "sim-routing.md").read_text())
+        return 0
+    if args.bench_command == "pool":
+        from epp.bench.poolbench import bench_pool
+
+        out = Path(args.out)
+        _run(bench_pool(out, args.servers, args.refresh_metrics_interval, args.seconds))
+        print((out / "pool.md").read_text())
         return 0
     if args.bench_command == "tune":
         from epp.bench.tunebench import TuneBenchOptions, bench_tune
