@@ -356,10 +356,10 @@ def queue_cost() -> list[dict[str, Any]]:
     """Microseconds per enqueue + dispatch pair with ``queued`` requests already waiting."""
     from epp.datastore.endpoint import EndpointState, EngineSignals
     from epp.datastore.store import Snapshot
+    from epp.flowcontrol.contract import QueuedRequest
     from epp.flowcontrol.controller import BandSpec, FlowController, FlowSettings
     from epp.flowcontrol.detectors import UtilizationDetector
     from epp.flowcontrol.policies import FCFSOrdering, GlobalStrictFairness, RoundRobinFairness, StaticUsageLimit
-    from epp.flowcontrol.queues import QueuedRequest
     from epp.scheduling.params import Params
 
     def p(cls: Any) -> Any:

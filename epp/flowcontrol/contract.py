@@ -11,8 +11,9 @@ from the ``flowControl`` section (the reference's types and parameters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
@@ -20,8 +21,47 @@ from epp.request import InferenceRequest
 from epp.scheduling.contract import Plugin
 from epp.scheduling.types import CycleState
 
-if TYPE_CHECKING:
-    from epp.flowcontrol.queues import Band, QueuedRequest
+
+@dataclass(eq=False, slots=True)
+class QueuedRequest:
+    """One request in the waiting room. ``payload`` is the caller's (the director's pending pick)."""
+
+    flow_id: str
+    priority: int
+    size: int  # bytes (the request body), counted against the byte caps
+    received: float  # monotonic time the request arrived (slo-deadline ordering counts from it)
+    payload: Any = None
+    slo_ttft: float | None = None  # seconds, from the request's TTFT SLO header
+    cost: int = 0  # prompt tokens to compute where most is cached, at arrival (when an ordering reads it)
+    enqueued: float = 0.0
+    ttl: float = 0.0  # the queue-wait budget at enqueue (0: none); EDF orders by enqueued + ttl
+    key: tuple[float, float] = (0.0, 0.0)
+    seq: int = 0
+    queued: bool = False
+
+
+class FlowHead(Protocol):
+    """One flow of a band, as a fairness policy sees it."""
+
+    flow_id: str
+
+    def peek(self) -> QueuedRequest | None: ...
+
+
+class BandView(Protocol):
+    """A priority band, as a fairness policy sees it (epp.flowcontrol.queues.Band)."""
+
+    def first(self) -> QueuedRequest | None:
+        """The request with the smallest key over all flows (bands their policy orders as one queue)."""
+        ...
+
+    def in_turn(self) -> Iterable[FlowHead]:
+        """The flows with work, in turn order (the longest waiting for a turn first)."""
+        ...
+
+    def rotate(self, flow_id: str) -> None:
+        """``flow_id`` had its turn: it goes last."""
+        ...
 
 
 class SaturationDetector(Plugin, Protocol):
@@ -51,13 +91,13 @@ class FairnessPolicy(Plugin, Protocol):
     """Chooses the flow of ``band`` to dispatch from and returns its head (None when every flow
     is empty). ``state`` is the band's own, made by ``new_state`` when the band is. A policy
     with ``orders_band`` sees the band as one queue (``band.first()``); the others choose among
-    ``band.active`` and take the chosen flow's ``peek()``."""
+    ``band.in_turn()`` and take the chosen flow's ``peek()``."""
 
     orders_band: ClassVar[bool] = False
 
     def new_state(self) -> Any: ...
 
-    def pick(self, band: Band, state: Any) -> QueuedRequest | None: ...
+    def pick(self, band: BandView, state: Any) -> QueuedRequest | None: ...
 
 
 class ObservesFlows(Protocol):

@@ -28,8 +28,14 @@ from enum import Enum
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.contract import FairnessPolicy, OrderingPolicy, SaturationDetector, UsageLimitPolicy
-from epp.flowcontrol.queues import Band, BandConfig, QueuedRequest, Queues
+from epp.flowcontrol.contract import (
+    FairnessPolicy,
+    OrderingPolicy,
+    QueuedRequest,
+    SaturationDetector,
+    UsageLimitPolicy,
+)
+from epp.flowcontrol.queues import Band, BandConfig, Queues
 
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
 DEFAULT_BAND_MAX_REQUESTS = 5000

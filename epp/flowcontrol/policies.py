@@ -22,9 +22,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from epp.flowcontrol.contract import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
+from epp.flowcontrol.contract import BandView, FairnessPolicy, OrderingPolicy, QueuedRequest, UsageLimitPolicy
 from epp.flowcontrol.programs import ProgramAwareFairness
-from epp.flowcontrol.queues import Band, QueuedRequest
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
 
@@ -82,7 +81,7 @@ class GlobalStrictFairness(_NoParams, FairnessPolicy):
     def new_state(self) -> Any:
         return None
 
-    def pick(self, band: Band, state: Any) -> QueuedRequest | None:
+    def pick(self, band: BandView, state: Any) -> QueuedRequest | None:
         return band.first()
 
 
@@ -92,10 +91,10 @@ class RoundRobinFairness(_NoParams, FairnessPolicy):
     def new_state(self) -> Any:
         return None
 
-    def pick(self, band: Band, state: Any) -> QueuedRequest | None:
-        # ``band.active`` holds the flows with work in turn order: serve the first, then it goes last.
-        for flow_id, q in band.active.items():
-            band.active.move_to_end(flow_id)
+    def pick(self, band: BandView, state: Any) -> QueuedRequest | None:
+        # The flows with work come in turn order: serve the first, then it goes last.
+        for q in band.in_turn():
+            band.rotate(q.flow_id)
             return q.peek()
         return None
 

@@ -22,8 +22,7 @@ from typing import Any, ClassVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from epp.flowcontrol.contract import FairnessPolicy, ObservesFlows
-from epp.flowcontrol.queues import Band, QueuedRequest
+from epp.flowcontrol.contract import BandView, FairnessPolicy, ObservesFlows, QueuedRequest
 from epp.scheduling.contract import ExportsMetrics, ReadsClock
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
@@ -78,10 +77,10 @@ class ProgramAwareFairness(FairnessPolicy, ObservesFlows, ExportsMetrics, ReadsC
         p.anchor = now
         return p.service
 
-    def pick(self, band: Band, state: Any) -> QueuedRequest | None:
+    def pick(self, band: BandView, state: Any) -> QueuedRequest | None:
         now = self.clock()
         self._sweep(now)
-        heads = [(q.flow_id, head) for q in band.active.values() if (head := q.peek()) is not None]
+        heads = [(q.flow_id, head) for q in band.in_turn() if (head := q.peek()) is not None]
         if not heads:
             return None
         services = [self._service(self._program(fid), now) for fid, _ in heads]

@@ -15,28 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from epp.flowcontrol.contract import QueuedRequest
+
 if TYPE_CHECKING:
     from epp.flowcontrol.contract import FairnessPolicy, OrderingPolicy
 
 DEFAULT_FLOW = ""  # requests without a fairness id
-
-
-@dataclass(eq=False, slots=True)
-class QueuedRequest:
-    """One request in the waiting room. ``payload`` is the caller's (the director's pending pick)."""
-
-    flow_id: str
-    priority: int
-    size: int  # bytes (the request body), counted against the byte caps
-    received: float  # monotonic time the request arrived (slo-deadline ordering counts from it)
-    payload: Any = None
-    slo_ttft: float | None = None  # seconds, from the request's TTFT SLO header
-    cost: int = 0  # prompt tokens to compute where most is cached, at arrival (when an ordering reads it)
-    enqueued: float = 0.0
-    ttl: float = 0.0  # the queue-wait budget at enqueue (0: none); EDF orders by enqueued + ttl
-    key: tuple[float, float] = (0.0, 0.0)
-    seq: int = 0
-    queued: bool = False
 
 
 @dataclass(slots=True)
@@ -134,6 +118,14 @@ class Band:
     def first(self) -> QueuedRequest | None:
         """The request whose key is smallest over all the band's flows (ordered bands only)."""
         return self.heap.top() if self.heap is not None else None
+
+    def in_turn(self) -> Iterator[FlowQueue]:
+        """The flows with work, oldest turn first."""
+        return iter(self.active.values())
+
+    def rotate(self, flow_id: str) -> None:
+        if flow_id in self.active:
+            self.active.move_to_end(flow_id)
 
     def newest(self) -> QueuedRequest | None:
         """The most recently enqueued request (the first evicted when room is needed)."""

@@ -20,9 +20,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 from epp.datastore.store import Datastore, Snapshot
-from epp.flowcontrol.contract import ObservesFlows
+from epp.flowcontrol.contract import ObservesFlows, QueuedRequest
 from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
-from epp.flowcontrol.queues import QueuedRequest
 from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
 from epp.requestcontrol.headers import SLO_TTFT_MS, header
 from epp.requestcontrol.pending import Pending

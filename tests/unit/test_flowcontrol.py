@@ -8,6 +8,7 @@ import pytest
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.datastore.store import Snapshot
+from epp.flowcontrol.contract import QueuedRequest
 from epp.flowcontrol.controller import BandSpec, FlowController, FlowSettings, Outcome
 from epp.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
 from epp.flowcontrol.policies import (
@@ -21,7 +22,6 @@ from epp.flowcontrol.policies import (
     SoftReflectiveCeiling,
     StaticUsageLimit,
 )
-from epp.flowcontrol.queues import QueuedRequest
 from epp.request import InferenceRequest
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError, CycleState
