@@ -58,10 +58,10 @@ class ProgramAwareFairness(FairnessPolicy, ObservesFlows, ExportsMetrics, ReadsC
         self.programs: dict[str, Program] = {}
         self._swept = clock()
 
-
     def use_clock(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._swept = clock()
+
     def new_state(self) -> Any:
         return None  # the programs are the plugin's, across bands (one instance, as the reference)
 

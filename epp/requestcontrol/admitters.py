@@ -44,9 +44,6 @@ class ProbabilisticAdmitter(Admitter, DrawsRandomly):
                 raise ConfigError(f"{params.path}.{key}", f"must be > 0, got {value:g}")
         self.rng = random.Random()
 
-    def reseed(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
     def saturation(self, snapshot: Snapshot) -> float:
         total = 0.0
         for e in snapshot.endpoints:

@@ -13,6 +13,7 @@ loop, before the plugin serves. Plugins never do I/O on the pick path.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -272,10 +273,14 @@ class ReadsClock(Protocol):
 
 
 class DrawsRandomly(Protocol):
-    """Draws from a random source of its own (ties, exploration): ``reseed`` makes the draws
-    repeat, so a replay compares configs on the same draws (``epp tune``)."""
+    """Draws from a random source of its own, ``rng`` (ties, exploration): ``reseed`` makes the
+    draws repeat, so a replay compares configs on the same draws (``epp tune``). A plugin that
+    subclasses it keeps this ``reseed``."""
 
-    def reseed(self, seed: int) -> None: ...
+    rng: random.Random
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
 
 class SubscribesKVEvents(Protocol):

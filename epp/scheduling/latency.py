@@ -509,9 +509,6 @@ class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsRandomly):
         params.done()
         self.rng = rng or random.Random()
 
-    def reseed(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
     def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
                cycle: CycleState) -> list[EndpointState]:
         predictions = self._predictions(cycle)
@@ -546,9 +543,6 @@ class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _Read
         self.own_index = False
         self.prefix: PrefixProducer | None = None
         self.rng = rng or random.Random()
-
-    def reseed(self, seed: int) -> None:
-        self.rng = random.Random(seed)
 
     @property
     def uses_latency(self) -> bool:

@@ -332,9 +332,6 @@ class _Picker(DrawsRandomly):
         params.done()
         self.rng = rng or random.Random()
 
-    def reseed(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
 
 class MaxScorePicker(_Picker, Picker):
     """Highest total wins; ties broken at random. ``maxNumOfEndpoints`` > 1 adds fallbacks in order."""
