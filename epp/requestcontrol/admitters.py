@@ -23,13 +23,13 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.requestcontrol.admission import Admitter
 from epp.requestcontrol.refused import SATURATED, Refused
-from epp.scheduling.contract import DrawsRandomly, UsesLatencyProducer
+from epp.scheduling.contract import DrawsFromRng, UsesLatencyProducer
 from epp.scheduling.latency import TPOT_SLO_HEADERS, TTFT_SLO_HEADERS, PredictedLatencyProducer, slo_seconds
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError, CycleState
 
 
-class ProbabilisticAdmitter(Admitter, DrawsRandomly):
+class ProbabilisticAdmitter(Admitter, DrawsFromRng):
     type_name: ClassVar[str] = "probabilistic-admitter"
 
     def __init__(self, name: str, params: Params) -> None:

@@ -273,9 +273,14 @@ class ReadsClock(Protocol):
 
 
 class DrawsRandomly(Protocol):
-    """Draws from a random source of its own, ``rng`` (ties, exploration): ``reseed`` makes the
-    draws repeat, so a replay compares configs on the same draws (``epp tune``). A plugin that
-    subclasses it keeps this ``reseed``."""
+    """Draws from a random source of its own (ties, exploration): ``reseed`` makes the draws
+    repeat, so a replay compares configs on the same draws (``epp tune``)."""
+
+    def reseed(self, seed: int) -> None: ...
+
+
+class DrawsFromRng(DrawsRandomly):
+    """``DrawsRandomly`` for a plugin whose draws all come from ``self.rng``."""
 
     rng: random.Random
 

@@ -42,7 +42,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import (
     DataProducer,
-    DrawsRandomly,
+    DrawsFromRng,
     ExportsMetrics,
     Filter,
     ForgetsEndpoints,
@@ -499,7 +499,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         return out
 
 
-class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsRandomly):
+class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsFromRng):
     type_name: ClassVar[str] = "slo-headroom-tier-filter"
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
@@ -524,7 +524,7 @@ class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsRandomly):
         return negative if self.rng.random() < self.epsilon else positive
 
 
-class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions, DrawsRandomly):
+class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions, DrawsFromRng):
     type_name: ClassVar[str] = "prefix-cache-affinity-filter"
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:

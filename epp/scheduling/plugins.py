@@ -15,7 +15,7 @@ from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.burst import BurstPrefixProducer
 from epp.scheduling.context_length import ContextLengthAware
 from epp.scheduling.contract import (
-    DrawsRandomly,
+    DrawsFromRng,
     ForgetsEndpoints,
     HoldsPrefixIndex,
     ObservesPicks,
@@ -323,7 +323,7 @@ class NoHitLRUScorer(Scorer, ObservesPicks, UsesPrefixProducer):
                 lru.popitem(last=False)
 
 
-class _Picker(DrawsRandomly):
+class _Picker(DrawsFromRng):
     """Pickers share ``maxNumOfEndpoints`` (primary + fallbacks) and a random source."""
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:
