@@ -834,7 +834,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from epp.config import DEFAULT_CONFIG
     from epp.tuning.replay import ReplayError, ReplayOptions
     from epp.tuning.trace import TraceError
-    from epp.tuning.tune import TuneError, TuneOptions, parse_axis, tune
+    from epp.tuning.tune import OBJECTIVES, TuneError, TuneOptions, parse_axis, tune
 
     try:
         if args.config:
@@ -860,7 +860,7 @@ def run_tune(args: argparse.Namespace) -> int:
     except (TuneError, TraceError, ReplayError, ValueError) as e:
         print(f"epp tune: {e}", file=sys.stderr)
         return 2
-    key = {"p50": "ttft_p50_s", "p90": "ttft_p90_s", "p99": "ttft_p99_s", "mean": "ttft_mean_s"}[args.objective]
+    key = OBJECTIVES[args.objective]
     cur, best = result["current"], result["best"]
     print(f"current: {cur['config']}: TTFT p50 {cur['ttft_p50_s']} s, p90 {cur['ttft_p90_s']} s, "
           f"p99 {cur['ttft_p99_s']} s, hit rate {cur['prefix_hit_rate']}, imbalance {cur['load_imbalance']}")

@@ -35,6 +35,8 @@ from epp.stack.local import free_ports
 from epp.tuning.record import record_trace
 from epp.tuning.tune import TuneOptions, tune
 
+KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate", "load_imbalance")  # reported per run
+
 
 @dataclass
 class TuneBenchOptions:
@@ -100,7 +102,6 @@ async def bench_tune(out: Path, opts: TuneBenchOptions) -> dict[str, Any]:
         capacity_basis=opts.capacity_basis, max_seconds=opts.max_seconds, params=opts.params,
         epp_configs={"tuned": out / "tune" / "best-config.yaml"}, progress=False))
     rows = {r["contender"]: r for r in fresh["rows"]}
-    keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate", "load_imbalance")
     result = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": opts.preset, "servers": opts.servers,
                  "workload": opts.workload, "load": opts.load, "requests": opts.requests,
@@ -108,9 +109,9 @@ async def bench_tune(out: Path, opts: TuneBenchOptions) -> dict[str, Any]:
                  "record_seed": opts.record_seed, "fresh_seed": opts.fresh_seed,
                  "objective": opts.tune.objective, "wall_s": round(time.monotonic() - started, 1)},
         "tuned_config": tuned["best"]["config"], "current_config": tuned["current"]["config"],
-        "predicted": {"default": {k: tuned["current"][k] for k in keys}, "tuned": {k: tuned["best"][k] for k in keys}},
-        "recorded_run": {k: recorded[k] for k in keys},
-        "fresh": {name: {k: rows[c][k] for k in keys} for name, c in (("default", "epp"), ("tuned", "epp-tuned"))
+        "predicted": {"default": {k: tuned["current"][k] for k in KEYS}, "tuned": {k: tuned["best"][k] for k in KEYS}},
+        "recorded_run": {k: recorded[k] for k in KEYS},
+        "fresh": {name: {k: rows[c][k] for k in KEYS} for name, c in (("default", "epp"), ("tuned", "epp-tuned"))
                   if c in rows},
         "unavailable": fresh["unavailable"], "tune_meta": tuned["meta"],
     }
@@ -125,18 +126,17 @@ def _say(message: str) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
-    keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate", "load_imbalance")
     lines = [f"# epp bench tune: {m['workload']} at {m['load']}x ({m['capacity_basis']} capacity "
              f"{m['capacity_rps']} req/s), {m['servers']} x {m['preset']}, {m['requests']} requests", "",
              f"Tuned for TTFT {m['objective']} on the trace recorded from the default config (seed "
              f"{m['record_seed']}): **{result['tuned_config']}** (default: {result['current_config']}). "
              f"Validated on a fresh trace (seed {m['fresh_seed']}), both configs live through Envoy.", "",
-             "| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+             "| | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     rows = [("recorded run (default, live)", result["recorded_run"]),
             ("tuner's prediction: default", result["predicted"]["default"]),
             ("tuner's prediction: tuned", result["predicted"]["tuned"])]
     rows += [(f"fresh trace, live: {name}", r) for name, r in result["fresh"].items()]
-    lines += [f"| {label} | " + " | ".join(str(r[k]) for k in keys) + " |" for label, r in rows]
+    lines += [f"| {label} | " + " | ".join(str(r[k]) for k in KEYS) + " |" for label, r in rows]
     fresh = result["fresh"]
     if "default" in fresh and "tuned" in fresh:
         ratios = {k: round(fresh["tuned"][k] / fresh["default"][k], 3) if fresh["default"][k] else None

@@ -401,9 +401,8 @@ class Director:
         self._meter_refusal(request.request_id, request.prepared.get(API_KEY), refusal.status, labels.model)
         recorder = self.recorder
         if recorder is not None and recorder.active:  # refused requests were offered load too (a replay sends them)
-            body = request.body
-            recorder.finished(request, Outcome(refusal.status, "", 0, 0, None, None,
-                                               time.perf_counter() - (request.arrived or time.perf_counter()),
+            body, now = request.body, time.perf_counter()
+            recorder.finished(request, Outcome(refusal.status, "", 0, 0, None, None, now - (request.arrived or now),
                                                body is not None and body.get("stream") is True))
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal

@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import yaml
 
 from epp.config import DEFAULT_CONFIG, parse_config
 from epp.sim.profiles import EngineParams, profile
-from epp.tuning.replay import ReplayOptions, Workload, check_replayable, run_replay
+from epp.tuning.replay import ReplayError, ReplayOptions, Workload, check_replayable, run_replay
 from epp.tuning.trace import RecordedTrace, SpeedFit, load_trace, measure_speed
 
 OBJECTIVES = {"p50": "ttft_p50_s", "p90": "ttft_p90_s", "p99": "ttft_p99_s", "mean": "ttft_mean_s"}
@@ -251,6 +251,16 @@ def _evaluate(text: str, name: str, seed: int) -> dict[str, Any]:
     return r.summary() | {"ttft_all_s": sorted(round(x, 4) for x in r.ttft_s)}
 
 
+def _result(job: Future[dict[str, Any]], label: str) -> dict[str, Any]:
+    """A replay's summary; a replay that failed (a plugin's error) is a TuneError naming the config."""
+    try:
+        return job.result()
+    except (TuneError, ReplayError):
+        raise
+    except Exception as e:
+        raise TuneError(f"the replay of {label} failed: {type(e).__name__}: {e}") from None
+
+
 @dataclass(slots=True)
 class TuneOptions:
     objective: str = "p90"
@@ -298,7 +308,8 @@ class Search:
         jobs = {(label, s): self.pool.submit(_evaluate, text, label, s + 1)
                 for label, text in todo for s in range(self.opts.seeds)}
         for label, text in todo:
-            c = self.tried[label] = Candidate(label, text, [jobs[(label, s)].result() for s in range(self.opts.seeds)])
+            c = self.tried[label] = Candidate(label, text, [_result(jobs[(label, s)], label)
+                                                            for s in range(self.opts.seeds)])
             self.progress(f"{label}: {self.opts.objective} {c.mean(self.key):.4f} s"
                           + (f", {c.lost():g} lost" if c.lost() else ""))
         return [self.tried[label] for label, _ in configs]
@@ -313,7 +324,7 @@ class Search:
         jobs = {(c.label, s): self.pool.submit(_evaluate, c.text, c.label, s + 1)
                 for c in (current, best) for s in more}
         for c in (current, best):
-            c.runs += [jobs[(c.label, s)].result() for s in more]
+            c.runs += [_result(jobs[(c.label, s)], c.label) for s in more]
         kept = best if self.better(best, current) else current
         self.progress(f"confirmed on {len(best.runs)} seeds: {best.label} {best.mean(self.key):.4f} s vs the current "
                       f"{current.mean(self.key):.4f} s: "

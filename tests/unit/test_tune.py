@@ -226,3 +226,14 @@ def test_recorded_priorities_keep_their_order_in_a_flow_controlled_replay(tmp_pa
     summary = run_replay(FLOW, "flow", Workload.from_trace(trace), engines).summary()
     by = summary["ttft_p90_by_priority_s"]
     assert set(by) == {0, 10} and by[10] < by[0] / 2  # the critical band dispatches first while pods are full
+
+
+def test_a_replay_that_fails_is_a_clear_error_naming_the_config() -> None:
+    from concurrent.futures import Future
+
+    from epp.tuning.tune import _result
+
+    job: Future[dict[str, object]] = Future()
+    job.set_exception(RuntimeError("a plugin broke"))
+    with pytest.raises(TuneError, match="the replay of prefix-cache-scorer.weight=3 failed: RuntimeError: a plugin"):
+        _result(job, "prefix-cache-scorer.weight=3")
