@@ -235,5 +235,5 @@ def test_a_replay_that_fails_is_a_clear_error_naming_the_config() -> None:
 
     job: Future[dict[str, object]] = Future()
     job.set_exception(RuntimeError("a plugin broke"))
-    with pytest.raises(TuneError, match="the replay of prefix-cache-scorer.weight=3 failed: RuntimeError: a plugin"):
+    with pytest.raises(TuneError, match=r"the replay of prefix-cache-scorer\.weight=3 failed: RuntimeError: a plugin"):
         _result(job, "prefix-cache-scorer.weight=3")
