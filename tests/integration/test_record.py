@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from epp.requestcontrol.recorder import block_hashes, flow_label
-from epp.stack.local import in_process_stack, wait_until
-from epp.tuning.record import RecordError, record_trace
+from epp.stack.local import Stack, in_process_stack, wait_until
+from epp.tuning.record import RecordError, RecordSummary, record_trace
 
 from .conftest import chat_body, post
 
@@ -28,14 +28,20 @@ async def _send(stack_url: str, n: int) -> None:
             assert status == 200
 
 
+async def start_recording(stack: Stack, out: Path, requests: int) -> asyncio.Task[RecordSummary]:
+    """``epp record`` of ``requests`` requests from the stack's epp into ``out``, once it is on."""
+    assert stack.picker is not None
+    url = f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}"
+    ready = asyncio.Event()
+    recording = asyncio.create_task(record_trace(url, out, seconds=20, requests=requests, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    return recording
+
+
 async def test_the_trace_holds_hashes_and_counts_not_prompts(tmp_path: Path) -> None:
     async with in_process_stack(servers=2) as stack:
-        assert stack.picker is not None
-        url = f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}"
-        ready = asyncio.Event()
         out = tmp_path / "trace.jsonl"
-        recording = asyncio.create_task(record_trace(url, out, seconds=20, requests=5, ready=ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        recording = await start_recording(stack, out, requests=5)
         await _send(stack.url, 5)
         summary = await recording
         assert summary.records == 5
@@ -93,12 +99,8 @@ async def test_a_request_flow_control_refused_is_recorded_as_offered_load(tmp_pa
 
     async with in_process_stack(servers=1, config_text=flow_config("  defaultRequestTTL: 200ms")) as stack, \
             aiohttp.ClientSession() as s:
-        assert stack.picker is not None
-        url = f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}"
-        ready = asyncio.Event()
         out = tmp_path / "trace.jsonl"
-        recording = asyncio.create_task(record_trace(url, out, seconds=20, requests=2, ready=ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        recording = await start_recording(stack, out, requests=2)
         await slow(stack, 50)
         t = Timed(s, stack.url)
         busy = asyncio.create_task(t.send("busy", max_tokens=20))  # holds the only slot ~1 s

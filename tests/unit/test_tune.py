@@ -17,6 +17,7 @@ from epp.sim.tokenizer import SimTokenizer
 from epp.tuning.replay import ReplayError, ReplayOptions, Workload, run_replay
 from epp.tuning.trace import PromptMaker, TracedRequest, TraceError, load_trace, measure_speed
 from epp.tuning.tune import ConfigSpace, TuneError, TuneOptions, parse_axis, tune
+from tests.integration.test_flow_control import flow_config
 
 SMALL = WorkloadParams(groups=12, prefix_tokens=1200, question_tokens=20, output_tokens=12)
 
@@ -175,27 +176,7 @@ def test_a_whole_candidate_config_is_compared_and_can_win(tmp_path: Path) -> Non
         tune(trace, tmp_path / "o2", candidates=[("p.yaml", precise_config("sim", "tcp://127.0.0.1:5557"))])
 
 
-FLOW = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: concurrency-detector
-  parameters: {maxConcurrency: 2}
-- type: program-aware-fairness
-- type: queue-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: concurrency-detector
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-flowControl:
-  saturationDetector: {pluginRef: concurrency-detector}
-  defaultPriorityBand: {fairnessPolicyRef: program-aware-fairness}
-  defaultRequestTTL: 30s
-"""
+FLOW = flow_config("  defaultRequestTTL: 30s", max_concurrency=2, fairness="program-aware-fairness")
 
 
 def test_flow_control_holds_requests_in_virtual_time_and_serves_them_all(tmp_path: Path) -> None:
