@@ -381,7 +381,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                       "prefix-index memory")
     pb.add_argument("--out", default="results/pool")
     pb.add_argument("--servers", type=int, default=1000)
-    pb.add_argument("--refresh-metrics-interval", type=float, default=0.05, help="seconds (default 0.05)")
+    pb.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
+                    help="how often epp scrapes each pod, as for epp serve (default 50ms)")
     pb.add_argument("--seconds", type=float, default=10.0, help="the scraping window")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
@@ -824,8 +825,9 @@ def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--speed", default="measured", choices=("measured", "preset"),
                    help="the engines' speed: measured from the trace's responses (default) or the preset's")
     p.add_argument("--servers", type=int, help="engines to replay on (default: the recorded pool's endpoints)")
-    p.add_argument("--refresh-metrics-interval", type=float, default=0.05,
-                   help="how often the replay feeds the engines' metrics to the picker (s, default 0.05)")
+    p.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
+                   help="how often the replay feeds the engines' metrics to the picker, as epp serve's flag "
+                        "(default 50ms)")
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -205,3 +205,12 @@ def test_tune_refuses_bad_input_clearly_and_tunes_a_small_trace(tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert "best:    prefix-cache-scorer.weight=3" in r.stdout and (out / "best-config.yaml").is_file()
     assert "60 requests over" in r.stderr  # progress goes to stderr
+
+
+def test_tune_and_bench_pool_read_the_refresh_interval_as_serve_does() -> None:
+    args = build_parser().parse_args(["tune", "--trace", "t.jsonl", "--refresh-metrics-interval", "100ms"])
+    assert args.refresh_metrics_interval == pytest.approx(0.1)
+    args = build_parser().parse_args(["bench", "pool", "--refresh-metrics-interval", "2s"])
+    assert args.refresh_metrics_interval == 2.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--trace", "t.jsonl", "--refresh-metrics-interval", "0.05"])
