@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-vllm fuzz lint bench-overhead bench-gateway nginx chromium dashboard-screenshot clean
+.PHONY: venv demo test test-vllm fuzz lint bench-overhead bench-gateway nginx chromium redis dashboard-screenshot clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,15 @@ nginx:
 		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1)) || \
 		echo "warning: nginx could not be installed; the gateway-vs-nginx benchmark is skipped"
 
+# Redis (Debian's package; Valkey's valkey-server is used instead when present) for the
+# active-active replicas' tests and benchmarks: the store they share state through.
+redis:
+	@command -v valkey-server >/dev/null 2>&1 || command -v redis-server >/dev/null 2>&1 || \
+		test -x /usr/bin/redis-server || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1)) || \
+		echo "warning: redis-server could not be installed; the active-active tests are skipped"
+
 # Chromium (Debian's package) for the dashboard's browser test and the README's screenshot.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || \
@@ -49,7 +58,7 @@ dashboard-screenshot: venv chromium
 	EPP_DASHBOARD_SCREENSHOT=$(abspath epp/observability/dashboard.png) $(BIN)/python -m pytest -q \
 		-p no:cacheprovider tests/integration/test_dashboard.py -k renders
 
-test: lint nginx chromium
+test: lint nginx chromium redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The fuzz tests at ten times the default suite's case counts (>= 100,000 protocol cases).

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Coroutine, Sequence
@@ -150,6 +151,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bool_flag(p, "--ha-enable-leader-election", False,
               "run several replicas: only the Lease holder reports ready (Kubernetes discovery only)")
     p.add_argument("--ha-lease-name", help="the Lease's name (default: epp-<pool name>)")
+    active = p.add_argument_group("active-active replicas (every replica ready, picker state shared)")
+    active.add_argument("--shared-state-url", default=os.environ.get("EPP_SHARED_STATE_URL"), metavar="URL",
+                        help="Valkey or Redis to share in-flight load, the approximate prefix index and flow "
+                             "control's usage through: redis://[:password@]host:port[/db], rediss:// with TLS "
+                             "(default: $EPP_SHARED_STATE_URL; none: each replica alone)")
+    active.add_argument("--shared-state-key", metavar="KEY",
+                        help="the keys' prefix in the store (default: epp:<pool namespace>/<pool name>)")
+    active.add_argument("--shared-state-interval", type=parse_duration, default=0.05, metavar="DURATION",
+                        help="how often each replica publishes and reads (50ms)")
+    active.add_argument("--shared-state-staleness", type=parse_duration, default=1.0, metavar="DURATION",
+                        help="a replica whose load has not moved for this long is dropped, and with the store "
+                             "unreachable a replica routes alone after it (1s)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the gRPC and metrics servers")
     bool_flag(p, "--dashboard", True, "the live dashboard at /dashboard on the metrics port (off unless /metrics "
@@ -223,6 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.ha_enable_leader_election and kube is None:
             raise ValueError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or "
                              "--endpoint-selector), not --endpoints / --endpoints-file")
+        shared = shared_state_options(args, kube)
         if not endpoints and not args.endpoints_file and kube is None and discovered is None:
             raise ValueError("give the model servers: --pool-name NAME (Kubernetes InferencePool), "
                              "--endpoint-selector LABELS --endpoint-target-ports PORTS (Kubernetes pods), "
@@ -252,13 +266,34 @@ def run_serve(args: argparse.Namespace) -> int:
         max_scrape_bytes=args.max_scrape_bytes, max_scrape_series=args.max_scrape_series,
         metrics_label_values=args.metrics_label_values, pick_api_max_outstanding=args.pick_api_max_outstanding,
         pick_api_token_file=args.pick_api_token_file, metrics_token_file=args.metrics_token_file,
-        metrics_token_review=args.metrics_endpoint_auth and not args.metrics_token_file)
+        metrics_token_review=args.metrics_endpoint_auth and not args.metrics_token_file, shared_state=shared)
     try:
         _run(serve_forever(opts))
     except ValueError as e:  # a token file that cannot be read
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def shared_state_options(args: argparse.Namespace, kube: Any) -> Any:
+    """Active-active options from the flags (None without --shared-state-url)."""
+    from epp.server.sharedstate import SharedStateOptions
+
+    if not args.shared_state_url:
+        return None
+    if args.ha_enable_leader_election:
+        raise ValueError("--shared-state-url (active-active: every replica serves) and --ha-enable-leader-election "
+                         "(passive: only the Lease holder serves) exclude each other: give one")
+    url = args.shared_state_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("--shared-state-url: expected redis://, rediss:// or unix://, got "
+                         f"{url.partition('@')[2] or url!r}")
+    if args.shared_state_interval <= 0 or args.shared_state_staleness < 2 * args.shared_state_interval:
+        raise ValueError("--shared-state-interval must be > 0 and --shared-state-staleness at least twice it")
+    pool = args.pool_name or "default"
+    namespace = getattr(kube, "namespace", None) or args.pool_namespace or os.environ.get("POD_NAMESPACE", "default")
+    return SharedStateOptions(url, args.shared_state_key or f"epp:{namespace}/{pool}", args.shared_state_interval,
+                              args.shared_state_staleness)
 
 
 def kubernetes_options(args: argparse.Namespace) -> Any:

@@ -1,4 +1,9 @@
-"""The datastore: the endpoint set, each endpoint's latest signals, and epp's own in-flight picks."""
+"""The datastore: the endpoint set, each endpoint's latest signals, and epp's own in-flight picks.
+
+With active-active replicas the counters the scheduler reads (``inflight``, ``recent_picks``,
+``inflight_tokens``) are this replica's own (``own_*``) plus the other replicas' latest (set by
+``set_peer_load``); alone they are the same dicts.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
+from epp.datastore.peers import PeerTotals
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +40,12 @@ class Datastore:
         self._clock = clock
         self._states: dict[str, EndpointState] = {}
         self._tuple: tuple[EndpointState, ...] | None = ()  # None: rebuilt at the next read
-        self.inflight: dict[str, int] = {}
-        self.recent_picks: dict[str, int] = {}
+        self.own_inflight: dict[str, int] = {}
+        self.own_recent: dict[str, int] = {}
+        self.own_tokens: dict[str, int] = {}
+        self.inflight, self.recent_picks, self.inflight_tokens = self.own_inflight, self.own_recent, self.own_tokens
         self.total_picks: dict[str, int] = {}
-        self.inflight_tokens: dict[str, int] = {}
+        self._peers: PeerTotals | None = None
         self._listeners: list[Callable[[set[str], set[str]], None]] = []
 
     # -- endpoint set ---------------------------------------------------------------------------
@@ -68,16 +76,17 @@ class Datastore:
             return
         for a in removed:
             del self._states[a]
-            self.inflight.pop(a, None)
-            self.recent_picks.pop(a, None)
-            self.total_picks.pop(a, None)
-            self.inflight_tokens.pop(a, None)
+            for counts in (self.own_inflight, self.own_recent, self.own_tokens, self.total_picks, self.inflight,
+                           self.recent_picks, self.inflight_tokens):
+                counts.pop(a, None)
         for a in added:
             self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {},
                                             name=names.get(a, "") if names is not None else "")
-            self.inflight.setdefault(a, 0)
-            self.recent_picks.setdefault(a, 0)
+            self.own_inflight.setdefault(a, 0)
+            self.own_recent.setdefault(a, 0)
             self.total_picks.setdefault(a, 0)
+            if self._peers is not None:
+                self._merge(a)
         self._tuple = None
         for listener in self._listeners:
             listener(added, removed)
@@ -96,7 +105,9 @@ class Datastore:
         self._states[address] = replace(state, signals=signals, scraped_at=self._clock(), error=None)
         self._tuple = None
         # Picks made after the scrape started are not in its numbers yet.
-        self.recent_picks[address] = self.total_picks.get(address, 0) - picks_at_start
+        self.own_recent[address] = self.total_picks.get(address, 0) - picks_at_start
+        if self._peers is not None:
+            self._merge(address)
 
     def record_attributes(self, address: str, values: Mapping[str, float]) -> None:
         """An attribute source's latest values for ``address`` (they replace its earlier ones)."""
@@ -117,26 +128,58 @@ class Datastore:
     def acquire(self, address: str, tokens: int = 0) -> None:
         """One more request in flight on ``address``, with ``tokens`` prompt tokens to prefill."""
         if address in self._states:
-            self.inflight[address] = self.inflight.get(address, 0) + 1
-            self.recent_picks[address] = self.recent_picks.get(address, 0) + 1
+            self.own_inflight[address] = self.own_inflight.get(address, 0) + 1
+            self.own_recent[address] = self.own_recent.get(address, 0) + 1
             self.total_picks[address] = self.total_picks.get(address, 0) + 1
             if tokens:
-                self.inflight_tokens[address] = self.inflight_tokens.get(address, 0) + tokens
+                self.own_tokens[address] = self.own_tokens.get(address, 0) + tokens
+            if self._peers is not None:
+                self._merge(address)
 
     def prefilled(self, address: str, tokens: int) -> None:
         """``tokens`` acquired on ``address`` are prefilled (the response started, or ended)."""
-        n = self.inflight_tokens.get(address)
+        n = self.own_tokens.get(address)
         if n is not None and tokens:
             left = n - tokens
             if left > 0:
-                self.inflight_tokens[address] = left
+                self.own_tokens[address] = left
             else:
-                del self.inflight_tokens[address]
+                del self.own_tokens[address]
+            if self._peers is not None:
+                self._merge(address)
 
     def release(self, address: str) -> None:
-        n = self.inflight.get(address)
+        n = self.own_inflight.get(address)
         if n:
-            self.inflight[address] = n - 1
+            self.own_inflight[address] = n - 1
+            if self._peers is not None:
+                self._merge(address)
+
+    # -- other replicas ----------------------------------------------------------------------------------
+    def set_peer_load(self, peers: PeerTotals | None) -> None:
+        """The other replicas' load (None: there is none, or it is no longer known): the counters
+        the scheduler reads become this replica's own plus theirs."""
+        if peers is None or not peers.replicas:
+            self._peers = None
+            self.inflight, self.recent_picks, self.inflight_tokens = \
+                self.own_inflight, self.own_recent, self.own_tokens
+            return
+        if self._peers is None:
+            self.inflight, self.recent_picks, self.inflight_tokens = {}, {}, {}
+        self._peers = peers
+        for a in self._states:
+            self._merge(a)
+
+    def _merge(self, a: str) -> None:
+        p = self._peers
+        assert p is not None
+        self.inflight[a] = self.own_inflight.get(a, 0) + p.inflight.get(a, 0)
+        self.recent_picks[a] = self.own_recent.get(a, 0) + p.recent.get(a, 0)
+        tokens = self.own_tokens.get(a, 0) + p.tokens.get(a, 0)
+        if tokens > 0:
+            self.inflight_tokens[a] = tokens
+        else:
+            self.inflight_tokens.pop(a, None)
 
     # -- reading -----------------------------------------------------------------------------------------
     def served_models(self) -> set[str]:

@@ -8,7 +8,9 @@ returns. Semantics are the reference's (pkg/epp/flowcontrol):
   1 GB and 5,000). A request over a cap is rejected at once (RejectedCapacity, or
   RejectedNoEndpoints while the pool is empty). epp adds displacement: when the pool cap is what
   is full, queued sheddable requests (priority < 0) of lower bands are evicted, lowest band and
-  newest first, to make room for a higher-priority one.
+  newest first, to make room for a higher-priority one. With active-active replicas the pool caps
+  count what waits in the others' rooms too (``elsewhere``, as last published); band caps are
+  per replica.
 - Dispatch: bands in priority order; the usage-limit policy gives each band a ceiling and the
   first band whose ceiling the saturation reaches stops dispatch (head-of-line blocking, so a
   lower band never overtakes a gated higher one). Within a band the fairness policy picks the
@@ -132,6 +134,8 @@ class FlowController:
         self._ceilings: list[float] = []
         self._last: tuple[tuple[str, float], ...] = ()
         self._effective = 1.0
+        # Requests and bytes waiting in other active-active replicas' rooms: the pool caps count them.
+        self.elsewhere: tuple[int, int] = (0, 0)
 
     def reconfigure(self, settings: FlowSettings) -> None:
         """New caps and policies for new requests; queued ones keep their place and keys."""
@@ -151,8 +155,9 @@ class FlowController:
 
     def _fits_pool(self, size: int) -> bool:
         s, t = self.settings, self.queues.totals
-        over_bytes = s.max_bytes and t.nbytes + size > s.max_bytes
-        return not (over_bytes or (s.max_requests and t.count + 1 > s.max_requests))
+        count, nbytes = self.elsewhere
+        over_bytes = s.max_bytes and t.nbytes + nbytes + size > s.max_bytes
+        return not (over_bytes or (s.max_requests and t.count + count + 1 > s.max_requests))
 
     def enqueue(self, item: QueuedRequest, now: float) -> tuple[Outcome | None, list[QueuedRequest]]:
         """Queue ``item``: (None, evicted) when queued, where ``evicted`` were displaced to make

@@ -259,6 +259,17 @@ class HoldsPrefixIndex(Protocol):
     def prefix_index_size(self) -> int: ...
 
 
+class SharesPrefixIndex(Protocol):
+    """An approximate prefix index that active-active replicas share: ``take_prefix_records``
+    gives what was recorded since its last call (its block size, then (endpoint, block hashes)
+    pairs; the first call starts the journal), ``add_peer_prefix_records`` records what another
+    replica's same plugin recorded (ignored when the block sizes differ)."""
+
+    def take_prefix_records(self) -> tuple[int, list[tuple[str, list[int]]]]: ...
+
+    def add_peer_prefix_records(self, block_tokens: int, records: Iterable[tuple[str, list[int]]]) -> None: ...
+
+
 class ExportsMetrics(Protocol):
     """Metric families of its own, collected at scrape time on the event loop."""
 
@@ -304,6 +315,7 @@ HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ForgetsEndpoints, ("on_endpoint_removed",)),
     (LoadsResources, ("load",)),
     (HoldsPrefixIndex, ("prefix_index_size",)),
+    (SharesPrefixIndex, ("take_prefix_records", "add_peer_prefix_records")),
     (UsesPrefixProducer, ("bind_producer",)),
     (UsesLatencyProducer, ("bind_latency_producer",)),
     (AlsoFilters, ("filter",)),

@@ -49,6 +49,9 @@ def leading_matches(hashes: Sequence[int], holders_of: Callable[[int], Set[str] 
     return result
 
 
+JOURNAL_LIMIT = 100_000  # records kept for the next take (more is a store that stopped reading)
+
+
 class PrefixIndex:
     """Block hash -> endpoints holding it, with one LRU per endpoint."""
 
@@ -60,6 +63,8 @@ class PrefixIndex:
         self.capacities: dict[str, int] = {}  # per endpoint, where it differs (its own GPU blocks)
         self._holders: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
+        # What was recorded since the journal was last taken (None: nobody takes it), bounded.
+        self.journal: list[tuple[str, list[int]]] | None = None
 
     def hashes(self, model: str, prompt: str) -> list[int]:
         """Chained hashes of the prompt's full blocks (at most ``max_blocks``)."""
@@ -80,6 +85,13 @@ class PrefixIndex:
         return {a: n * per_block for a, n in matches.items()}
 
     def record(self, address: str, hashes: list[int]) -> None:
+        journal = self.journal
+        if journal is not None and len(journal) < JOURNAL_LIMIT:
+            journal.append((address, hashes))
+        self.record_peer(address, hashes)
+
+    def record_peer(self, address: str, hashes: list[int]) -> None:
+        """Record what another replica recorded (not journalled again)."""
         lru = self._lru.get(address)
         if lru is None:
             lru = self._lru[address] = OrderedDict()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +26,13 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
 from epp.request import InferenceRequest
-from epp.scheduling.contract import ExportsMetrics, ForgetsEndpoints, HoldsPrefixIndex, PrefixProducer
+from epp.scheduling.contract import (
+    ExportsMetrics,
+    ForgetsEndpoints,
+    HoldsPrefixIndex,
+    PrefixProducer,
+    SharesPrefixIndex,
+)
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.types import MATCHED_TOKENS, CycleState, PrefixMatch, Slot
@@ -90,7 +96,7 @@ class HitStats:
                 yield fam
 
 
-class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, ExportsMetrics):
+class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, SharesPrefixIndex, ExportsMetrics):
     type_name: ClassVar[str] = "approx-prefix-cache-producer"
     produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
 
@@ -169,7 +175,9 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, E
         if size != index.block_tokens:
             log.info("%s: prefix blocks of %d tokens from now on (was %d): the index starts over", self.name,
                      size, index.block_tokens)
+            journal = index.journal
             index = self.index = self._index(size)
+            index.journal = None if journal is None else []  # (what the old index journalled is of no use now)
             self._sized.clear()
         if self.limits.auto_tune:
             # The pod's KV cache in the index's blocks: its GPU blocks of its own block size, in
@@ -207,6 +215,17 @@ class ApproxPrefixProducer(PrefixProducer, ForgetsEndpoints, HoldsPrefixIndex, E
 
     def prefix_index_size(self) -> int:
         return self.index.size()
+
+    def take_prefix_records(self) -> tuple[int, list[tuple[str, list[int]]]]:
+        index = self.index
+        records, index.journal = index.journal or [], []
+        return index.block_tokens, records
+
+    def add_peer_prefix_records(self, block_tokens: int, records: Iterable[tuple[str, list[int]]]) -> None:
+        index = self.index
+        if block_tokens == index.block_tokens:
+            for endpoint, hashes in records:
+                index.record_peer(endpoint, hashes)
 
     def metric_families(self, pool: str) -> Iterator[Metric]:
         """The reference's prefix indexer series (its size per plugin, the hit histograms)."""

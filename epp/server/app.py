@@ -3,7 +3,8 @@
 datastore (epp.datastore) <- pool sources (endpoints, policies) and signal collection
 (scrapes, KV events); config -> scheduler, held by the director (epp.requestcontrol), which the
 serving part's protocol adapters (ext_proc, the Pick API) call; with leader election (HA) only
-the Lease holder is ready; readiness reports it all.
+the Lease holder is ready; with a shared-state store (active-active) every replica is, and each
+counts the others' load and prefix records; readiness reports it all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from epp.config import Built, PickerConfig, build, config_watcher, load_shadow_config
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
+from epp.flowcontrol.controller import FlowController
 from epp.observability.dashboard import Dashboard, PoolParts
 from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
 from epp.observability.metrics import PickerMetrics, PluginCollector
@@ -49,6 +51,7 @@ from epp.tasks import cancel_and_wait
 if TYPE_CHECKING:  # kubernetes_asyncio takes ~0.5 s to import: only when discovery is used
     from epp.datastore.kubernetes import KubernetesOptions
     from epp.leader import LeaderElector
+    from epp.server.sharedstate import SharedState, SharedStateOptions
 
 log = logging.getLogger("epp")
 
@@ -100,6 +103,7 @@ class ServeOptions:
     shadow_sample_rate: float = 1.0  # the fraction of requests they schedule
     record: bool = True  # GET /record on the metrics port: finished requests as trace records (epp record)
     record_prompts: bool = False  # --record-prompts: a recording may ask for the prompt text too
+    shared_state: SharedStateOptions | None = None  # --shared-state-url: active-active replicas
 
 
 class PickerServer:
@@ -196,6 +200,12 @@ class PickerServer:
             self.director.recorder = Recorder(opts.record_prompts)
             self.metrics_endpoint.pages.append(RecordEndpoint(self.director.recorder,
                                                               self.metrics_endpoint.refusal, self.store).routes)
+        self.shared: SharedState | None = None  # active-active: the others' load and prefix records
+        if opts.shared_state is not None:
+            from epp.server.sharedstate import SharedState
+
+            self.shared = SharedState(opts.shared_state, self.store, self._plugins, self._flow_controller,
+                                      self.metrics.registry)
         self.config_watcher: WatchedFile[Built] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.bound_ports: dict[str, int] = {}
@@ -210,6 +220,10 @@ class PickerServer:
     def _flow_gauges(self) -> FlowGauges:
         room = self.director.waiting
         return room.gauges(self.opts.pool_name) if room is not None else FlowGauges()
+
+    def _flow_controller(self) -> FlowController | None:
+        room = self.director.waiting
+        return room.controller if room is not None else None
 
     def _plugins(self) -> list[Any]:
         tokens = self.director.tokens
@@ -266,6 +280,8 @@ class PickerServer:
                                          retry_period=kube.retry_period)
             self.elector.start()
         await self.signals.start()
+        if self.shared is not None:
+            self.shared.start()
         if self.models is not None:
             self.models.start()
         if o.config_file:
@@ -296,6 +312,8 @@ class PickerServer:
         await self.grpc.stop(grace)
         await self.readiness.stop(grace)
         await self.signals.stop()
+        if self.shared is not None:
+            await self.shared.stop()
         if self.models is not None:
             await self.models.stop()
         if self.director.metering is not None:
