@@ -441,7 +441,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--requests", type=int, default=1200, help="requests per run")
     ro.add_argument("--workload", default="mix", help="mix, zipf, hot, multiturn, long or bursty")
     ro.add_argument("--contenders", default=",".join(("envoy-round-robin", "envoy-least-request", "epp",
-                                                      "vllm-router", "sglang-router")))
+                                                      "vllm-router", "sglang-router")),
+                    help="also: epp-active-active (two replicas sharing state through a real Redis) and "
+                    "epp-active-active-unshared (the same two without the store)")
+    ro.add_argument("--kill-replica-at", type=float, metavar="SECONDS",
+                    help="SIGKILL one active-active replica this far into each of their runs; the row gains "
+                    "failures before/after and the recovery time")
     ro.add_argument("--epp-config", action="append", default=[], metavar="NAME=PATH",
                     help="also run epp with this EndpointPickerConfig, as contender epp-NAME (repeatable)")
     ro.add_argument("--baseline-src", metavar="DIR", help="contenders named epp...-baseline run the epp of this "
@@ -610,7 +615,7 @@ def run_bench(args: argparse.Namespace) -> int:
             preset=args.profile, servers=args.servers, loads=loads, requests=args.requests, workload=args.workload,
             seed=args.seed, contenders=contenders, capacity_seconds=args.capacity_seconds,
             capacity_rps=args.capacity_rps, capacity_basis=args.capacity_basis, max_seconds=args.max_seconds,
-            late_limit_ms=args.late_limit_ms,
+            late_limit_ms=args.late_limit_ms, kill_replica_at=args.kill_replica_at,
             trace_file=Path(args.trace) if args.trace else None,
             params=WorkloadParams(groups=args.groups, prefix_tokens=args.prefix_tokens,
                                   output_tokens=args.output_tokens),

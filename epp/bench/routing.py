@@ -43,8 +43,13 @@ from epp.bench.workloads import Session, Trace, WorkloadParams, build
 from epp.sim.fleet import Fleet
 from epp.sim.profiles import fleet_params
 from epp.stack.local import EnvoyProc, free_ports, spawn, start_envoy, wait_until
+from epp.stack.replicas import RedisProc, redis_binary, start_envoy_for
 
 CONTENDERS = ("envoy-round-robin", "envoy-least-request", "epp", "vllm-router", "sglang-router")
+# Two epp replicas behind one Envoy, sharing picker state through a real Redis (active-active), and
+# the same two without the store (the control: each routes knowing only its own picks).
+REPLICA_CONTENDERS = {"epp-active-active": True, "epp-active-active-unshared": False}
+REPLICAS = 2
 PEERS = {"vllm-router": ("vllm-router==0.1.17", "vllm-router"), "sglang-router": ("sglang-router==0.3.2", "smg")}
 _TEXT = re.compile(rb'"content":\s*"[^"]')
 COLD_TOKENS = 1024  # a request whose server computed more prompt tokens than this counts as "cold"
@@ -77,16 +82,24 @@ class Running:
     procs: list[subprocess.Popen[bytes]]
     envoy: EnvoyProc | None = None
     metrics_url: str | None = None  # epp's /metrics (the latency model's error is read from it)
+    replicas: list[subprocess.Popen[bytes]] = field(default_factory=list)  # active-active pickers
+    store: RedisProc | None = None  # their shared-state store
 
     def cpu(self) -> float:
-        total = 0.0
-        for p in self.procs:
+        return sum(self.cpu_parts().values())
+
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds so far of each process: Envoy, the store, each replica (or the router)."""
+        parts: dict[str, float] = {}
+        for i, p in enumerate(self.procs):
+            name = f"replica-{self.replicas.index(p)}" if p in self.replicas else \
+                "store" if self.store is not None and p is self.store.proc else "router" if i == 0 else f"router-{i}"
             with contextlib.suppress(OSError, ValueError):
-                total += cpu_seconds(p.pid)
+                parts[name] = cpu_seconds(p.pid)
         if self.envoy is not None:
             with contextlib.suppress(OSError, ValueError):
-                total += cpu_seconds(self.envoy.proc.pid)
-        return total
+                parts["envoy"] = cpu_seconds(self.envoy.proc.pid)
+        return parts
 
     def isolate(self, cores: set[int] | None, niceness: int = 10) -> None:
         """Run the router on its own core(s) (``cores``) at a lower priority, every thread of it.
@@ -165,6 +178,36 @@ async def epp_behind_envoy(addresses: list[str], workdir: Path, extra: tuple[str
     return Running(envoy.url, [epp], envoy, f"http://127.0.0.1:{metrics}/metrics")
 
 
+async def epp_replicas_behind_envoy(addresses: list[str], workdir: Path, replicas: int, shared: bool,
+                                    extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Running:
+    """``replicas`` epp processes (sharing state through a real Redis when ``shared``) and one
+    FULL_DUPLEX Envoy with all of them in its ext_proc cluster. The store's CPU counts as the
+    router's."""
+    procs: list[subprocess.Popen[bytes]] = []
+    pickers: list[subprocess.Popen[bytes]] = []
+    redis = RedisProc(None, free_ports(1)[0], workdir)
+    try:
+        if shared:
+            await redis.start()
+            assert redis.proc is not None
+            procs.append(redis.proc)
+        ports: list[tuple[int, int]] = []
+        for i in range(replicas):
+            grpc, health, metrics = free_ports(3)
+            where = workdir / f"replica-{i}"
+            where.mkdir(parents=True, exist_ok=True)
+            share = ("--shared-state-url", redis.url, "--shared-state-key", "epp:bench/routing") if shared else ()
+            pickers.append(await start_epp(addresses, grpc, health, metrics, where, (*extra, *share), env=env))
+            ports.append((grpc, health))
+        procs += pickers
+        envoy = await start_envoy_for("epp-full-duplex", workdir, ports)
+    except Exception:
+        for p in procs + pickers:
+            stop(p)
+        raise
+    return Running(envoy.url, procs, envoy, replicas=pickers, store=redis if shared else None)
+
+
 async def start_contender(name: str, addresses: list[str], workdir: Path, venvs: Path,
                           epp_configs: dict[str, Path] | None = None,
                           baseline_src: Path | None = None) -> Running | str:
@@ -181,6 +224,10 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
         policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
         envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
         return Running(envoy.url, [], envoy)
+    if name in REPLICA_CONTENDERS:
+        if REPLICA_CONTENDERS[name] and redis_binary() is None:
+            return "no valkey-server or redis-server (make redis installs Debian's redis-server)"
+        return await epp_replicas_behind_envoy(addresses, workdir, REPLICAS, REPLICA_CONTENDERS[name], env=env)
     if name == "epp" or name.startswith("epp-"):
         grpc, health, metrics = free_ports(3)
         extra: tuple[str, ...] = ()
@@ -291,8 +338,10 @@ Samples = list[list[float]]  # [t, outstanding on server 0, server 1, ...]
 
 
 async def drive(url: str, trace: Trace, fleet: Fleet, max_seconds: float,
-                on_progress: Callable[[int], None] | None = None) -> tuple[list[RequestResult], float, Samples]:
-    """Replay ``trace`` against ``url``; (results, elapsed, per-server outstanding samples)."""
+                on_progress: Callable[[int], None] | None = None,
+                at: tuple[float, Callable[[], None]] | None = None) -> tuple[list[RequestResult], float, Samples]:
+    """Replay ``trace`` against ``url``; (results, elapsed, per-server outstanding samples).
+    ``at``: (seconds into the run, what to do then), e.g. kill a replica."""
     model = fleet.servers[0].params.names()[0]
     results: list[RequestResult] = []
     samples: list[list[float]] = []
@@ -305,8 +354,13 @@ async def drive(url: str, trace: Trace, fleet: Fleet, max_seconds: float,
                 on_progress(len(results))
             await asyncio.sleep(0.5)
 
+    async def event(delay: float, action: Callable[[], None]) -> None:
+        await asyncio.sleep(delay)
+        action()
+
     t0 = time.monotonic()
     sampler = asyncio.create_task(sample())
+    happening = asyncio.create_task(event(*at)) if at is not None else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=max(60.0, max_seconds))) as s:
         tasks = []
@@ -321,9 +375,12 @@ async def drive(url: str, trace: Trace, fleet: Fleet, max_seconds: float,
         for t in pending:
             t.cancel()
     elapsed = time.monotonic() - t0
-    sampler.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sampler
+    background: list[asyncio.Task[None] | None] = [sampler, happening]
+    for bg in background:
+        if bg is not None:
+            bg.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bg
     return results, elapsed, samples
 
 
@@ -369,12 +426,43 @@ async def capacity(preset: str, servers: int, workload: str, params: WorkloadPar
         await fleet.stop()
 
 
+KILL_WINDOW_S = 0.5  # after a kill, requests are grouped by when they were sent, in windows this long
+KILL_SETTLED = 1.5   # a window has recovered when it has no failure and a TTFT p90 within this of before
+
+
+def after_kill(results: list[RequestResult], kill_s: float, span_s: float = 6.0) -> dict[str, Any]:
+    """What killing a replica ``kill_s`` into the run cost: failures among the requests sent
+    before it (some were held by the killed replica) and after it (Envoy should have sent those
+    to the survivor), the TTFT p90 per window after it against the p90 before it, and the
+    recovery time: the end of the last window within ``span_s`` that failed a request or had a
+    p90 above KILL_SETTLED times the one before."""
+    before = [r.ttft_s for r in results if r.sent_s < kill_s and r.status == 200 and r.ttft_s is not None]
+    p90_before = _pct(before, 90)
+    windows: list[dict[str, Any]] = []
+    recovered_at = 0.0
+    for i in range(int(span_s / KILL_WINDOW_S)):
+        lo = kill_s + i * KILL_WINDOW_S
+        sent = [r for r in results if lo <= r.sent_s < lo + KILL_WINDOW_S]
+        ttft = [r.ttft_s for r in sent if r.status == 200 and r.ttft_s is not None]
+        failed = sum(r.status != 200 for r in sent)
+        p90 = _pct(ttft, 90) if ttft else None
+        windows.append({"from_s": round(lo - kill_s, 2), "sent": len(sent), "failed": failed,
+                        "ttft_p90_s": round(p90, 4) if p90 is not None else None})
+        if failed or (p90 is not None and p90 > KILL_SETTLED * p90_before):
+            recovered_at = (i + 1) * KILL_WINDOW_S
+    failed_after = [r for r in results if r.sent_s >= kill_s and r.status != 200]
+    return {"at_s": kill_s, "failed_sent_before": sum(r.status != 200 for r in results if r.sent_s < kill_s),
+            "failed_sent_after": len(failed_after), "sent_after": sum(r.sent_s >= kill_s for r in results),
+            "ttft_p90_before_s": round(p90_before, 4), "recovery_s": recovered_at, "windows": windows}
+
+
 def summarize(name: str, load: float, results: list[RequestResult], elapsed: float, fleet: Fleet,
               cpu: float) -> dict[str, Any]:
     ok = [r for r in results if r.status == 200]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     itl = [x for r in ok for x in r.itl_s]
+    fleet_ttft = [x for srv in fleet.servers for x in srv.engine.stats.ttft_s]
     hits = sum(srv.engine.stats.prefix_hits for srv in fleet.servers)
     queries = sum(srv.engine.stats.prefix_queries for srv in fleet.servers)
     per_server = [sum(srv.engine.stats.finished.values()) for srv in fleet.servers]
@@ -386,7 +474,11 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "req_per_s": round(len(ok) / elapsed, 2),
         "output_tok_per_s": round(sum(r.output_tokens for r in ok) / elapsed, 1),
         "ttft_p50_s": round(_pct(ttft, 50), 4), "ttft_p90_s": round(_pct(ttft, 90), 4),
-        "ttft_p99_s": round(_pct(ttft, 99), 4), "itl_p50_ms": round(1000 * _pct(itl, 50), 2),
+        "ttft_p99_s": round(_pct(ttft, 99), 4),
+        # The same from the fleet's side (arrival at the pod to its first token): what the routing
+        # decision cost; the difference to the client's is the router's (and the client's) own delay.
+        "fleet_ttft_p50_s": round(_pct(fleet_ttft, 50), 4), "fleet_ttft_p90_s": round(_pct(fleet_ttft, 90), 4),
+        "itl_p50_ms": round(1000 * _pct(itl, 50), 2),
         "itl_p90_ms": round(1000 * _pct(itl, 90), 2), "e2e_p50_s": round(_pct(e2e, 50), 3),
         "e2e_p90_s": round(_pct(e2e, 90), 3), "prefix_hit_rate": round(hits / queries, 3) if queries else 0.0,
         "per_server_requests": per_server,
@@ -430,6 +522,7 @@ class RoutingOptions:
     epp_configs: dict[str, Path] = field(default_factory=dict)  # contender "epp-NAME" runs with config NAME
     baseline_src: Path | None = None  # contenders "epp...-baseline" run the epp of this checkout
     trace_file: Path | None = None  # replay this trace (rate from the file) instead of building one
+    kill_replica_at: float | None = None  # seconds into each active-active run: SIGKILL one replica
     progress: bool = True
 
 
@@ -517,10 +610,22 @@ async def _run_one(name: str, load: float, trace: Trace, opts: RoutingOptions, o
             return running
         try:
             running.isolate(router_cores)
-            cpu0 = running.cpu()
+            cpu0 = running.cpu_parts()
+            kill = None
+            if opts.kill_replica_at is not None and running.replicas:
+                kill = (opts.kill_replica_at, running.replicas[0].kill)
             results, elapsed, samples = await drive(running.url, trace, fleet, opts.max_seconds,
-                                                    lambda n: progress.update(task, n))
-            row = summarize(name, load, results, elapsed, fleet, running.cpu() - cpu0)
+                                                    lambda n: progress.update(task, n), at=kill)
+            cpu1 = running.cpu_parts()
+            row = summarize(name, load, results, elapsed, fleet, sum(cpu1.values()) - sum(cpu0.values()))
+            if len(cpu1) > 1 and results:
+                row["router_cpu_us_per_req_by_process"] = {
+                    k: round(1e6 * (v - cpu0.get(k, 0.0)) / len(results), 1) for k, v in cpu1.items()}
+            if kill is not None:
+                row["replica_killed"] = after_kill(results, kill[0])
+            if running.store is not None:
+                used = await running.store.used_memory()
+                row["store_used_mb"] = round(used / 2**20, 1) if used is not None else None
             if running.metrics_url is not None:
                 row["latency_ttft_error_p50"] = await latency_error_median(running.metrics_url)
             (work / "requests.json").write_text(json.dumps([asdict(r) for r in results]))
@@ -579,13 +684,30 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Where the tail comes from: requests whose server computed more than "
               f"{COLD_TOKENS} prompt tokens (cold), the others' TTFT p90 (warm), and TTFT p90 by request kind. "
               "Share of requests carrying a system prompt seen for the first time (no router can find it cached), "
-              "by load: " + ", ".join(f"{k}: {v}" for k, v in m.get("first_seen_share", {}).items()) + ".", "",
-              "| contender | load | cold share | warm TTFT p90 s | " + " | ".join(f"{k} p90 s" for k in kinds) + " |",
-              "|---|---|---|---|" + "---|" * len(kinds)]
+              "by load: " + ", ".join(f"{k}: {v}" for k, v in m.get("first_seen_share", {}).items()) + ". "
+              "Fleet TTFT: from the request's arrival at its pod to the first token (what the routing decision "
+              "cost, without the router's own delay).", "",
+              "| contender | load | cold share | warm TTFT p90 s | fleet TTFT p50 s | fleet TTFT p90 s | "
+              + " | ".join(f"{k} p90 s" for k in kinds) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(kinds)]
     for r in result["rows"]:
         by_kind = r.get("ttft_p90_by_kind_s", {})
-        cells = [r["contender"], r["load"], r.get("cold_share", "-"), r.get("ttft_p90_warm_s", "-")]
+        cells = [r["contender"], r["load"], r.get("cold_share", "-"), r.get("ttft_p90_warm_s", "-"),
+                 r.get("fleet_ttft_p50_s", "-"), r.get("fleet_ttft_p90_s", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells + [by_kind.get(k, "-") for k in kinds]) + " |")
+    killed = [r for r in result["rows"] if "replica_killed" in r]
+    if killed:
+        lines += ["", "One replica SIGKILLed under load: failed requests among those sent before the kill (some held "
+                  "by the killed replica) and after it, and the recovery time (the end of the last "
+                  f"{KILL_WINDOW_S} s window after the kill with a failure or a TTFT p90 above {KILL_SETTLED}x the "
+                  "one before).", "",
+                  "| contender | load | killed at s | failed (sent before) | failed (sent after) / sent after "
+                  "| TTFT p90 before s | recovery s |", "|---|---|---|---|---|---|---|"]
+        for r in killed:
+            k = r["replica_killed"]
+            lines.append(f"| {r['contender']} | {r['load']} | {k['at_s']} | {k['failed_sent_before']} "
+                         f"| {k['failed_sent_after']} / {k['sent_after']} | {k['ttft_p90_before_s']} "
+                         f"| {k['recovery_s']} |")
     for name, why in result["unavailable"].items():
         lines.append(f"\n{name}: not available ({why})")
     return "\n".join(lines) + "\n"

@@ -65,6 +65,9 @@ class SimRequest:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
+TTFT_KEPT = 100_000
+
+
 @dataclass(slots=True)
 class StepStats:
     """Counters the metrics endpoint reads."""
@@ -80,6 +83,9 @@ class StepStats:
     remote_prefills: int = 0  # requests whose prompt a prefiller computed (P/D), blocks received here
     imported_blocks: int = 0
     late_s: float = 0.0  # summed lateness of timed steps behind the modelled clock (host contention)
+    # The engine's own TTFT of recent requests (arrival here to first token): a benchmark tells
+    # what routing decided (queue + prefill on the chosen pod) from the router's own delay.
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_KEPT))
     finished: dict[str, int] = field(
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0})
 
@@ -341,6 +347,7 @@ class Engine:
         self.stats.generation_tokens += 1
         if req.first_token_at is None:
             req.first_token_at = now
+            self.stats.ttft_s.append(now - req.arrival)
             self._observe("ttft", now - req.arrival)
         elif req.last_token_at is not None:
             self._observe("itl", now - req.last_token_at)

@@ -62,6 +62,23 @@ class RedisProc:
                                      stdout=log, stderr=subprocess.STDOUT)
         await wait_until(self.ping, timeout, "redis-server answering")
 
+    async def used_memory(self) -> int | None:
+        """The server's used_memory in bytes (INFO memory); None when it does not answer."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return None
+        try:
+            writer.write(b"INFO memory\r\n")
+            size = int((await asyncio.wait_for(reader.readline(), 1.0))[1:])
+            text = (await asyncio.wait_for(reader.readexactly(size + 2), 1.0)).decode()
+            found = [line for line in text.splitlines() if line.startswith("used_memory:")]
+            return int(found[0].split(":")[1]) if found else None
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return None
+        finally:
+            writer.close()
+
     async def ping(self) -> bool:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -135,7 +152,8 @@ async def replica_stack(*, replicas: int = 2, servers: int = 4, params: EnginePa
                 await picker.start()
                 pickers.append(picker)
             await wait_until(lambda: _all_fresh(pickers), 10, "fresh metrics in every replica")
-            envoy = await start_envoy_for(template, workdir, pickers)
+            envoy = await start_envoy_for(template, workdir,
+                                          [(p.bound_ports["grpc"], p.bound_ports["health"]) for p in pickers])
             yield ReplicaStack(fleet, pickers, envoy, redis, workdir)
         finally:
             if envoy is not None:
@@ -152,17 +170,18 @@ async def _all_fresh(pickers: Sequence[PickerServer]) -> bool:
     return all(p.store.fresh_count() == len(p.store.addresses()) > 0 for p in pickers)
 
 
-async def start_envoy_for(template: str, workdir: Path, pickers: Sequence[PickerServer],
+async def start_envoy_for(template: str, workdir: Path, replicas: Sequence[tuple[int, int]],
                           timeout: float = 20.0) -> EnvoyProc:
+    """Envoy (``template``) with every replica, (gRPC port, health port), in its ext_proc cluster;
+    returned once it has sent a stream to each."""
     listen, admin = free_ports(2)
-    replicas = [(p.bound_ports["grpc"], p.bound_ports["health"]) for p in pickers]
     cfg = envoy_mod.render(template, listen_port=listen, admin_port=admin, replicas=replicas)
     path = envoy_mod.write(cfg, workdir / f"envoy-replicas-{listen}.yaml")
     log = workdir / f"envoy-{listen}.log"
     ep = EnvoyProc(envoy_mod.start(path, log), listen, admin, path, log)
     try:
         await wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready", "LIVE"), timeout, "Envoy ready")
-        await wait_until(lambda: healthy_replicas(ep, len(pickers)), timeout, "Envoy sending to every replica")
+        await wait_until(lambda: healthy_replicas(ep, len(replicas)), timeout, "Envoy sending to every replica")
     except TimeoutError:
         ep.stop()
         raise

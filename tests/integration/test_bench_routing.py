@@ -51,3 +51,27 @@ async def test_a_run_whose_fleet_ran_late_is_repeated_once(tmp_path: Path) -> No
     [row] = result["rows"]
     assert row["runs"] == 2 and row["errors"] == 0 and result["meta"]["capacity_given"]
     assert "Run twice because the simulated GPUs ran late" in (tmp_path / "routing.md").read_text()
+
+
+@pytest.mark.timeout(300)
+async def test_active_active_contenders_run_and_a_killed_replica_fails_nothing_sent_after(tmp_path: Path) -> None:
+    """Two replicas sharing through a real Redis, and the two without it, complete a trace; the
+    shared one has a replica SIGKILLed mid-run: nothing sent after the kill fails."""
+    from epp.stack.replicas import redis_binary
+
+    if redis_binary() is None:
+        pytest.fail("no redis-server: `make redis` installs it (part of `make test`)")
+    opts = RoutingOptions(preset="fast", servers=2, loads=(0.5,), requests=60, capacity_rps=20.0,
+                          contenders=("epp-active-active", "epp-active-active-unshared"), kill_replica_at=2.0,
+                          max_seconds=30.0, params=WorkloadParams(groups=4, prefix_tokens=200, output_tokens=8,
+                                                                 turns=2, think_s=0.05), progress=False)
+    result = await bench_routing(tmp_path, opts, venvs=ROOT / ".venv-peers")
+    ran = {r["contender"]: r for r in result["rows"]}
+    assert set(ran) == {"epp-active-active", "epp-active-active-unshared"}, result["unavailable"]
+    shared = ran["epp-active-active"]
+    assert shared["store_used_mb"] > 0 and "store_used_mb" not in ran["epp-active-active-unshared"]
+    killed = shared["replica_killed"]
+    assert killed["sent_after"] > 10 and killed["failed_sent_after"] == 0, killed
+    assert shared["errors"] == killed["failed_sent_before"]  # only what the killed replica held
+    assert "One replica SIGKILLed under load" in (tmp_path / "routing.md").read_text()
+    assert all(r["fleet_ttft_p90_s"] > 0 for r in result["rows"])
