@@ -164,3 +164,59 @@ def test_the_api_keys_example_mounts_a_secret_epp_reads() -> None:
     assert args.api_keys_file == f"{mount['mountPath']}/keys.yaml" and mount["readOnly"]
     volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_the_active_active_example_shares_state_through_its_own_valkey(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/active-active: every replica serves (no leader election, no Lease rule), the
+    replicas reach the example's Valkey with the password both read from one Secret, one
+    replica at a time may be disrupted, replicas spread over nodes, only epp reaches the store."""
+    import base64
+    import re
+    from urllib.parse import urlsplit
+
+    from epp.cli import shared_state_options
+
+    docs = render("examples/active-active")
+    check(docs)
+    dep = one(docs, "Deployment", "epp")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    secret = one(docs, "Secret")
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    ref = env["VALKEY_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "password"}
+    # The kubelet expands $(VAR) from the variables defined before it.
+    names = list(env)
+    assert names.index("VALKEY_PASSWORD") < names.index("EPP_SHARED_STATE_URL")
+    url = re.sub(r"\$\(VALKEY_PASSWORD\)", password, env["EPP_SHARED_STATE_URL"]["value"])
+    monkeypatch.setenv("EPP_SHARED_STATE_URL", url)
+    monkeypatch.setenv("POD_NAMESPACE", "llm")
+    args = build_parser().parse_args(container["args"])
+    kube = kubernetes_options(args)
+    assert kube is not None and not kube.leader_election
+    shared = shared_state_options(args, kube)
+    assert shared is not None and shared.key == "epp:llm/vllm-pool"
+    where = urlsplit(shared.url)
+    assert where.password == password and dep["spec"]["replicas"] >= 2
+    store_svc = one(docs, "Service", where.hostname)
+    assert where.port in [p["port"] for p in store_svc["spec"]["ports"]]
+    store = one(docs, "StatefulSet", "epp-valkey")
+    store_pod = store["spec"]["template"]
+    assert store_svc["spec"]["selector"].items() <= store_pod["metadata"]["labels"].items()
+    valkey = store_pod["spec"]["containers"][0]
+    assert valkey["args"][valkey["args"].index("--requirepass") + 1] == "$(VALKEY_PASSWORD)"
+    assert valkey["env"][0]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert valkey["args"][valkey["args"].index("--save") + 1] == ""  # soft state: nothing persisted
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget", "epp")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["maxUnavailable"] < dep["spec"]["replicas"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    policy = one(docs, "NetworkPolicy", "epp-valkey")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= store_pod["metadata"]["labels"].items()
+    peers = policy["ingress"][0]["from"]
+    assert [p["podSelector"]["matchLabels"] for p in peers] == [{"app": "epp"}]
+    role = one(docs, "Role", "epp")
+    assert not any("coordination.k8s.io" in r["apiGroups"] for r in role["rules"])
