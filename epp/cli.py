@@ -177,6 +177,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
               "holds block hashes and token counts only)")
     bool_flag(p, "--decision-headers", False,
               "add x-epp-endpoint and x-epp-reason to responses (debugging; off by default)")
+    bool_flag(p, "--allow-mode-override", False,
+              "the gateway's ext_proc filter sets allow_mode_override: true (and a request_body_mode other than "
+              "FULL_DUPLEX_STREAMED): epp then asks it not to send a response's body when nothing in epp reads it "
+              "(no usage, first-bytes timing, flow control, metering or recording), sparing a round trip per chunk")
     bool_flag(p, "--emit-endpoint-scores", False,
               "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
     bool_flag(p, "--disable-endpoint-subset-filter", False,
@@ -255,7 +259,8 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        kubernetes=kube, objectives_file=args.objectives_file, api_keys_file=args.api_keys_file,
+        allow_mode_override=args.allow_mode_override, kubernetes=kube, objectives_file=args.objectives_file,
+        api_keys_file=args.api_keys_file,
         drain_timeout=args.drain_timeout,
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
                       max_buffered=args.grpc_max_buffered_bytes, max_send=args.grpc_max_send_msg_size),
@@ -402,6 +407,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--max-seconds", type=float, default=20.0, help="time cap per run")
     o.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median run is reported")
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
+    o.add_argument("--body-skips", action="store_true", help="also measure a gateway that streams the response "
+                   "to the picker (request BUFFERED), without and with allow_mode_override + --allow-mode-override")
     o.add_argument("--stream-tokens", type=int, default=64,
                    help="also measure gateway mode with SSE streams of this many tokens, one per chunk "
                         "(concurrency 16; 0: not)")
@@ -529,7 +536,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
                             rounds=args.rounds, buffered=args.buffered, profile_with=prof,
-                            stream_tokens=args.stream_tokens,
+                            stream_tokens=args.stream_tokens, body_skips=args.body_skips,
                             baseline_src=Path(args.baseline_src) if args.baseline_src else None,
                             profile_concurrency=args.profile or 16))
         print((out / "overhead.md").read_text())

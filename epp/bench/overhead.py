@@ -77,13 +77,15 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
                          rounds: int = 2, buffered: bool = False, baseline_src: Path | None = None,
                          profile_with: str | None = None, profile_concurrency: int = 16,
-                         stream_tokens: int = 64) -> list[Row]:
+                         stream_tokens: int = 64, body_skips: bool = False) -> list[Row]:
     """``baseline_src``: a checkout of another epp version (with its generated epp/v1), run as one
-    more contender in the same rounds, so a change is measured side by side with its baseline."""
+    more contender in the same rounds, so a change is measured side by side with its baseline.
+    ``body_skips``: two more, a gateway that buffers the request and streams the response to the
+    picker, and the same allowing mode overrides with an epp that asks to skip unread bodies."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
-        ports = free_ports(servers + 6)
+        ports = free_ports(servers + 9)
         sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers : servers + 3]
         endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
         procs: list[subprocess.Popen[bytes]] = []
@@ -104,7 +106,7 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 envoys.append(bf)
                 contenders.append(("envoy + epp (buffered)", bf, epp))
             if baseline_src is not None:
-                b_grpc, b_health, b_metrics = ports[servers + 3 :]
+                b_grpc, b_health, b_metrics = ports[servers + 3 : servers + 6]
                 bdir = work / "baseline"
                 bdir.mkdir()
                 env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
@@ -113,6 +115,22 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 be = await start_envoy("epp-full-duplex", work, epp_port=b_grpc)
                 envoys.append(be)
                 contenders.append(("envoy + epp baseline (full duplex)", be, baseline))
+            if body_skips:
+                streamed_response = {"processing_mode": {"request_body_mode": "BUFFERED",
+                                                         "response_body_mode": "STREAMED"}}
+                sr = await start_envoy("epp-buffered", work, epp_port=grpc_port, ext_proc=streamed_response)
+                envoys.append(sr)
+                contenders.append(("envoy + epp (response streamed)", sr, epp))
+                s_grpc, s_health, s_metrics = ports[servers + 6 :]
+                sdir = work / "skips"
+                sdir.mkdir()
+                skipper = await start_epp(endpoints, s_grpc, s_health, s_metrics, sdir,
+                                          ("--allow-mode-override=true",))
+                procs.append(skipper)
+                sk = await start_envoy("epp-buffered", work, epp_port=s_grpc,
+                                       ext_proc={**streamed_response, "allow_mode_override": True})
+                envoys.append(sk)
+                contenders.append(("envoy + epp (response streamed, body skipped)", sk, skipper))
             body = request_body()
             for _, envoy, _ in contenders:  # warm up connections and code paths
                 await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,

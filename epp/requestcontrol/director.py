@@ -332,6 +332,10 @@ class Director:
             routed.reader = UsageReader(strip=inject)
         if given.body is not None:
             routed.forward_body = mutated_body(request, inject)
+        recorder = self.recorder
+        routed.watch_response = (routed.reader is not None or scheduler.watches_first_bytes or bool(routed.shadows)
+                                 or self.waiting is not None or self.metering is not None
+                                 or (recorder is not None and recorder.active))
         return routed
 
     def _authenticate(self, given: RequestInput) -> ApiKey | None:

@@ -80,7 +80,7 @@ class Routed:
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
                  "queued", "reader", "request", "scheduler", "served", "shadows", "status", "streamed", "tokens",
-                 "wants_chunks")
+                 "wants_chunks", "watch_response")
 
     def __init__(self, director: Ledger, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -106,6 +106,9 @@ class Routed:
         # Whether a response chunk that is not the last one matters (before the first bytes, or
         # while usage is read): a front end may skip ``response_body`` for the others.
         self.wants_chunks = True
+        # Whether anything in epp reads the response body (its first bytes, usage, the series):
+        # when not, a front end may ask the gateway not to send it (the end still finishes it).
+        self.watch_response = True
         # The response series (sizes, TTFT, inter-chunk latency, epp's time on the response).
         self._first_at: float | None = None
         self._last_chunk_at = 0.0

@@ -165,6 +165,13 @@ class ObservesPrefill(Protocol):
     def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None: ...
 
 
+class ReadsPendingPrefill(Protocol):
+    """Reads the prompt tokens epp sent each pod that it has not seen the pod prefill yet
+    (``snapshot.inflight_tokens``). They drop when a response's first bytes arrive, so while a
+    profile holds such a plugin every response is watched: epp never asks the gateway to skip
+    response bodies (--allow-mode-override)."""
+
+
 class ObservesUsage(Protocol):
     """The response reported ``cached_tokens`` prompt tokens served from ``endpoint``'s cache.
 
@@ -310,6 +317,7 @@ class SubscribesKVEvents(Protocol):
 HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = (
     (ObservesPicks, ("on_pick",)),
     (ObservesPrefill, ("on_prefill_done",)),
+    (ReadsPendingPrefill, ()),
     (ObservesUsage, ("usage_wanted", "usage_injected", "on_usage")),
     (ObservesCompletion, ("on_complete",)),
     (ForgetsEndpoints, ("on_endpoint_removed",)),

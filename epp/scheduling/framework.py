@@ -29,6 +29,7 @@ from epp.scheduling.contract import (
     ObservesUsage,
     Picker,
     PrefixProducer,
+    ReadsPendingPrefill,
     Scorer,
     ShapesDestination,
     WritesResponseHeaders,
@@ -104,6 +105,9 @@ class Scheduler:
     _shape: ShapesDestination | None = field(init=False, default=None)
     wants_usage: bool = field(init=False, default=False)
     inject_usage: bool = field(init=False, default=False)
+    # Some plugin learns from the responses' first bytes (the pod prefilled the prompt): the
+    # front end must see them, not ask the gateway to skip the response body.
+    watches_first_bytes: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.profile.scorers = producer_order(self.profile.scorers)
@@ -119,10 +123,12 @@ class Scheduler:
         # back out).
         self.wants_usage = bool(self._on_usage or self._on_complete)
         self.inject_usage = bool(self._on_complete) or any(p.usage_injected() for p in self._on_usage)
+        self.watches_first_bytes = bool(self._on_prefill) or any(declares(p, ReadsPendingPrefill) for p in plugins)
         self._shape: ShapesDestination | None = self.handler if declares(self.handler, ShapesDestination) else None
         if self.prefill is not None:
             self.wants_usage = self.wants_usage or self.prefill.wants_usage
             self.inject_usage = self.inject_usage or self.prefill.inject_usage
+            self.watches_first_bytes = True  # the prefill pod is done with a request at its first bytes
 
     def plugins(self) -> list[Any]:
         """Every plugin of every stage (each instance once)."""

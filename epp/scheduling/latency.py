@@ -51,6 +51,7 @@ from epp.scheduling.contract import (
     ObservesPrefill,
     PrefixProducer,
     ReadsClock,
+    ReadsPendingPrefill,
     Scorer,
     UsesLatencyProducer,
     UsesPrefixProducer,
@@ -524,7 +525,8 @@ class SLOHeadroomTierFilter(Filter, _ReadsPredictions, DrawsFromRng):
         return negative if self.rng.random() < self.epsilon else positive
 
 
-class PrefixCacheAffinityFilter(Filter, ObservesPicks, UsesPrefixProducer, _ReadsPredictions, DrawsFromRng):
+class PrefixCacheAffinityFilter(Filter, ObservesPicks, ReadsPendingPrefill, UsesPrefixProducer, _ReadsPredictions,
+                                DrawsFromRng):
     type_name: ClassVar[str] = "prefix-cache-affinity-filter"
 
     def __init__(self, name: str, params: Params, rng: random.Random | None = None) -> None:

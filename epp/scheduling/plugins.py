@@ -22,6 +22,7 @@ from epp.scheduling.contract import (
     Picker,
     PrefixProducer,
     ProfileHandler,
+    ReadsPendingPrefill,
     Scorer,
     ShapesDestination,
     UsesPrefixProducer,
@@ -126,7 +127,7 @@ class ActiveRequestScorer(Scorer):
         return [1.0 if n <= self.idle else (top - n) / top * self.max_busy for n in counts]
 
 
-class TokenLoadScorer(Scorer):
+class TokenLoadScorer(Scorer, ReadsPendingPrefill):
     """The reference's token-load-scorer: 1 - min(1, tokens / queueThresholdTokens), where tokens
     are the prompt tokens epp has sent the pod and it has not prefilled yet, plus this request's
     own uncached part there (its prompt less the prefix a prefix scorer matched on the pod)."""

@@ -34,7 +34,7 @@ from epp.requestcontrol.recorder import Recorder
 from epp.requestcontrol.shadow import ShadowEvaluation
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
-from epp.server.extproc import ExtProcStream
+from epp.server.extproc import ExtProcStream, ResponseBodySkips
 from epp.server.pickapi import PickAPI
 from epp.server.readiness import Readiness
 from epp.server.recording import RecordEndpoint
@@ -75,6 +75,7 @@ class ServeOptions:
     pool_name: str = "default"
     config_poll_interval: float = 0.5
     decision_headers: bool = False
+    allow_mode_override: bool = False  # the gateway's ext_proc filter honours mode_override: skip unread bodies
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
     api_keys_file: str | None = None  # --api-keys-file: API keys, their tenants and tiers (watched)
@@ -159,6 +160,7 @@ class PickerServer:
             self.models = ModelCatalog(self.store)
             self.director.models = self.models.listing
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
+        self.body_skips = ResponseBodySkips(self.metrics.registry) if opts.allow_mode_override else None
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
         discovered = self.built.config.discovery()  # dataLayer.discovery (file-discovery), when given
@@ -231,7 +233,8 @@ class PickerServer:
 
     def _new_stream(self) -> ExtProcStream:
         o = self.opts
-        return ExtProcStream(self.director, o.decision_headers, o.limits.max_message, o.emit_endpoint_scores)
+        return ExtProcStream(self.director, o.decision_headers, o.limits.max_message, o.emit_endpoint_scores,
+                             self.body_skips)
 
     def _set_keys(self, keys: KeyTable) -> None:
         self.director.keys = keys

@@ -15,11 +15,21 @@ Body modes, read from the first message's ``protocol_config`` (FULL_DUPLEX_STREA
 - STREAMED / NONE, and requests without a body: pick from headers in the HeadersResponse.
 Errors become an ImmediateResponse with an OpenAI-style JSON body. A request's in-flight count
 ends at the response's end_of_stream, its trailers, or the stream's end, whichever comes first.
+
+Skipping response bodies (``ResponseBodySkips``, --allow-mode-override): when the gateway's filter
+sets ``allow_mode_override``, its request body mode is not FULL_DUPLEX_STREAMED and its response
+body is sent (STREAMED, BUFFERED, BUFFERED_PARTIAL), and nothing in epp reads a response's body
+(``Routed.watch_response``), the response headers answer also carries a ``mode_override`` with
+the response body and trailers off: Envoy then sends none of its chunks and ends the stream when
+the response ends, which finishes the request. (Envoy 1.40 ignores overrides while either body
+mode is FULL_DUPLEX_STREAMED: epp does not ask then.) A gateway that sends the body anyway is
+logged once and counted.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -27,6 +37,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter
 
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.pending import Pending
@@ -53,6 +64,7 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Body modes this state machine implements. Any other value (GRPC = 5 in newer Envoys, or a
 # value not yet defined) is served as STREAMED: pick from the headers, pass the body through.
 KNOWN_MODES = frozenset((NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX))
+SKIPPABLE = frozenset((STREAMED, BUFFERED, BUFFERED_PARTIAL))  # response body modes an override can turn off
 
 
 def _ser(resp: pb.ProcessingResponse) -> bytes:
@@ -67,6 +79,34 @@ CONTINUE_REQUEST_BODY = _ser(pb.ProcessingResponse(request_body=pb.BodyResponse(
 CONTINUE_RESPONSE_BODY = _ser(pb.ProcessingResponse(response_body=pb.BodyResponse()))
 CONTINUE_REQUEST_TRAILERS = _ser(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
 CONTINUE_RESPONSE_TRAILERS = _ser(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+
+
+log = logging.getLogger("epp.extproc")
+
+# The override a response headers answer carries to skip the rest of the response: body and
+# trailers off (the header phases it names are over by then).
+SKIP_RESPONSE_BODY = _ser(pb.ProcessingResponse(mode_override=processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)))
+
+
+class ResponseBodySkips:
+    """The process's asks to skip response bodies (one per server, shared by its streams)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.counter = Counter("epp_response_body_skips_total", "Responses whose body epp asked the gateway not "
+                               "to send (--allow-mode-override), and those it sent anyway (ignored).", ["outcome"],
+                               registry=registry)
+        self.asked, self._ignored = self.counter.labels("asked"), self.counter.labels("ignored")
+        self.warned = False
+
+    def ignored(self) -> None:
+        self._ignored.inc()
+        if not self.warned:
+            self.warned = True
+            log.warning("the gateway sent a response body epp asked it to skip: its ext_proc filter needs "
+                        "allow_mode_override: true and a request_body_mode other than FULL_DUPLEX_STREAMED "
+                        "(Envoy ignores overrides then); epp keeps reading bodies it is sent")
 
 
 def _varint(n: int) -> bytes:
@@ -235,12 +275,14 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_held",
-                 "_picked", "_req_mode", "_resp_mode", "_subset", "_waiting", "decision_headers", "emit", "emit_scores",
-                 "max_body", "pick")
+                 "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting", "decision_headers", "emit",
+                 "emit_scores", "max_body", "pick", "skips")
 
     def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
-                 emit_scores: bool = False) -> None:
+                 emit_scores: bool = False, skips: ResponseBodySkips | None = None) -> None:
         self._director = director
+        self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
+        self._skipping = False  # asked to skip this response's body
         self.decision_headers = decision_headers
         self.emit_scores = emit_scores
         self._subset: tuple[str, ...] | None = None
@@ -322,11 +364,21 @@ class ExtProcStream:
                     pick.finish()
             headers = pick.response_headers(self.decision_headers) if pick is not None else ()
             remove = (SERVED_KEY,) if served_header else ()  # the gateway's own note: not for the client
-            if headers:
-                return [headers_response(headers, remove)]
-            return [CONTINUE_REMOVING_SERVED if remove else CONTINUE_RESPONSE_HEADERS]
+            answer = headers_response(headers, remove) if headers else \
+                CONTINUE_REMOVING_SERVED if remove else CONTINUE_RESPONSE_HEADERS
+            skips = self.skips
+            if (skips is not None and pick is not None and not pick.watch_response and not pick.done
+                    and self._resp_mode in SKIPPABLE and self._req_mode != FULL_DUPLEX):
+                self._skipping = True
+                skips.asked.inc()
+                answer += SKIP_RESPONSE_BODY  # (two serialized messages concatenated parse as their merge)
+            return [answer]
         if kind == "response_body":
             body = msg.response_body
+            if self._skipping:  # the gateway did not honour the override
+                self._skipping = False
+                if self.skips is not None:
+                    self.skips.ignored()
             eos = body.end_of_stream
             pick = self.pick
             data = pick.response_body(body.body, eos) if pick is not None and (eos or pick.wants_chunks) else body.body

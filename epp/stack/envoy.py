@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ TEMPLATES = ("epp-full-duplex", "epp-buffered", "round-robin")
 
 def render(template: str, *, listen_port: int, admin_port: int, epp_port: int = 0,
            endpoints: Sequence[str] = (), lb_policy: str = "ROUND_ROBIN", epp_tls: bool = False,
-           replicas: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
+           replicas: Sequence[tuple[int, int]] = (), ext_proc: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The bootstrap as a dict, placeholders filled. ``replicas``: several pickers, (gRPC port,
-    health port) each, in the ``epp`` cluster, which then checks their gRPC health."""
+    health port) each, in the ``epp`` cluster, which then checks their gRPC health. ``ext_proc``:
+    fields set on the ext_proc filter (``processing_mode`` merged field by field)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; one of {TEMPLATES}")
     text = (envoy_dir() / f"{template}.yaml").read_text()
@@ -35,6 +36,10 @@ def render(template: str, *, listen_port: int, admin_port: int, epp_port: int = 
                                                          "port_value": int(e.rpartition(":")[2])}}}}
             for e in endpoints
         ]
+    for f in _ext_proc_filters(cfg):
+        typed = f["typed_config"]
+        for key, value in (ext_proc or {}).items():
+            typed[key] = {**typed.get(key, {}), **value} if key == "processing_mode" else value
     if replicas and "epp" in clusters:
         replicas_cluster(clusters["epp"], replicas)
         for f in _ext_proc_filters(cfg):

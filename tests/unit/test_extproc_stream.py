@@ -256,3 +256,96 @@ def test_headers_response_is_the_protobuf_encoding() -> None:
         expected = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation))).SerializeToString()
         assert headers_response(headers, remove) == expected, headers
+
+
+def _response_headers() -> pb.ProcessingRequest:
+    h = pb.HttpHeaders()
+    h.headers.headers.add(key=":status", raw_value=b"200")
+    return pb.ProcessingRequest(response_headers=h)
+
+
+def _skip_asked(director: Director, req_mode: int, resp_mode: int, allowed: bool = True) -> bool:
+    """Whether the response headers answer asks Envoy to skip the body (checked as Envoy reads it)."""
+    from prometheus_client import CollectorRegistry
+
+    from epp.server.extproc import ResponseBodySkips
+
+    registry = CollectorRegistry()
+    skips = ResponseBodySkips(registry) if allowed else None
+    s = ExtProcStream(director, skips=skips)
+    s.on_message(headers(req_mode, resp_mode=resp_mode))
+    if req_mode != STREAMED:
+        s.on_message(body(BODY, True))
+    [answer] = parse(s.on_message(_response_headers()))
+    assert answer.HasField("response_headers")  # the headers answer itself is intact
+    if not answer.HasField("mode_override"):
+        return False
+    mode = answer.mode_override
+    assert (mode.response_body_mode, mode.response_trailer_mode) == (0, 2)  # NONE, SKIP
+    assert registry.get_sample_value("epp_response_body_skips_total", {"outcome": "asked"}) == 1
+    return True
+
+
+def test_the_body_skip_is_asked_only_when_allowed_honoured_and_unread() -> None:
+    plain = service()
+    assert _skip_asked(plain, BUFFERED, STREAMED)
+    assert _skip_asked(plain, STREAMED, BUFFERED)
+    assert not _skip_asked(plain, BUFFERED, STREAMED, allowed=False)  # the gateway does not allow it
+    assert not _skip_asked(plain, BUFFERED, 0)  # no body is sent anyway
+    assert not _skip_asked(plain, FULL_DUPLEX, STREAMED)  # Envoy ignores overrides in FULL_DUPLEX_STREAMED
+    assert not _skip_asked(plain, FULL_DUPLEX, FULL_DUPLEX)  # epp reads (and must echo) the body
+    # A plugin that reads pending prefill tokens needs each response's first bytes.
+    from epp.config import parse_config
+
+    cfg = parse_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-load-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: token-load-scorer
+  - pluginRef: max-score-picker
+""", "config")
+    scheduler, _ = cfg.build()
+    assert scheduler.watches_first_bytes and not plain.scheduler.watches_first_bytes
+    tokens = Director(plain.store, scheduler, plain.metrics)
+    assert not _skip_asked(tokens, BUFFERED, STREAMED)
+
+
+def test_a_gateway_that_ignores_the_skip_is_counted_and_the_body_still_served() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from epp.server.extproc import ResponseBodySkips
+
+    ps = service()
+    registry = CollectorRegistry()
+    skips = ResponseBodySkips(registry)
+    s = ExtProcStream(ps, skips=skips)
+    s.on_message(headers(BUFFERED, resp_mode=STREAMED))
+    s.on_message(body(BODY, True))
+    assert parse(s.on_message(_response_headers()))[0].HasField("mode_override")
+    for last in (False, False, True):
+        out = parse(s.on_message(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: x\n\n",
+                                                                                 end_of_stream=last))))
+        assert out[0].response_body == pb.BodyResponse()
+    assert skips.warned  # (logged once per process)
+    assert registry.get_sample_value("epp_response_body_skips_total", {"outcome": "ignored"}) == 1  # once per stream
+    assert sum(ps.store.inflight.values()) == 0  # ended by the body's end, as without the ask
+
+
+def test_a_skipped_body_ends_with_the_stream() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from epp.server.extproc import ResponseBodySkips
+
+    ps = service()
+    s = ExtProcStream(ps, skips=ResponseBodySkips(CollectorRegistry()))
+    s.on_message(headers(BUFFERED, resp_mode=STREAMED))
+    s.on_message(body(BODY, True))
+    s.on_message(_response_headers())
+    assert sum(ps.store.inflight.values()) == 1  # still in flight while the response streams
+    s.close()  # Envoy ends the ext_proc stream when the response ends
+    assert sum(ps.store.inflight.values()) == 0
