@@ -115,6 +115,7 @@ class SharedState:
         self._seq = 0
         self._last_id: bytes | None = None  # the prefix stream read so far (None: not warmed yet)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._bad_peers: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -122,10 +123,10 @@ class SharedState:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
+        self._stopping = True  # (the loop ends by itself too, should a cancellation get lost in a call)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=self.opts.interval + 2 * self.opts.timeout)
         # Peers drop this replica at once rather than after `staleness` (the store may be gone).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.hdel(self.load_key, self.me), self.opts.timeout)
@@ -133,10 +134,13 @@ class SharedState:
 
     async def run(self) -> None:
         interval = self.opts.interval
-        while True:
+        while not self._stopping:
             started = self.clock()
             try:
-                await asyncio.wait_for(self.sync(), self.opts.timeout)
+                # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # comes as the call completes, and the loop would never end)
+                async with asyncio.timeout(self.opts.timeout):
+                    await self.sync()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure of the store is an outage, not a crash
