@@ -10,10 +10,10 @@ import dataclasses
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -24,6 +24,8 @@ from epp.sim.fleet import Fleet
 from epp.sim.profiles import EngineParams, profile
 from epp.stack import envoy as envoy_mod
 from epp.stack.local import EnvoyProc, free_ports, http_ok, wait_until
+
+T = TypeVar("T")
 
 
 def redis_binary() -> str | None:
@@ -64,31 +66,31 @@ class RedisProc:
 
     async def used_memory(self) -> int | None:
         """The server's used_memory in bytes (INFO memory); None when it does not answer."""
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return None
-        try:
-            writer.write(b"INFO memory\r\n")
+        async def read(reader: asyncio.StreamReader) -> int | None:
             size = int((await asyncio.wait_for(reader.readline(), 1.0))[1:])
             text = (await asyncio.wait_for(reader.readexactly(size + 2), 1.0)).decode()
             found = [line for line in text.splitlines() if line.startswith("used_memory:")]
             return int(found[0].split(":")[1]) if found else None
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-            return None
-        finally:
-            writer.close()
+
+        return await self._ask(b"INFO memory", read)
 
     async def ping(self) -> bool:
+        async def read(reader: asyncio.StreamReader) -> bool:
+            return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+
+        return await self._ask(b"PING", read) or False
+
+    async def _ask(self, command: bytes, read: Callable[[asyncio.StreamReader], Awaitable[T]]) -> T | None:
+        """One inline command on a new connection and ``read``'s answer; None when the server does not answer."""
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
-            return False
+            return None
         try:
-            writer.write(b"PING\r\n")
-            return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
-        except (OSError, TimeoutError):
-            return False
+            writer.write(command + b"\r\n")
+            return await read(reader)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return None
         finally:
             writer.close()
 

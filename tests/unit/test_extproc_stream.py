@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from prometheus_client import CollectorRegistry
 
-from epp.config import load_config
+from epp.config import load_config, parse_config
 from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
 from epp.requestcontrol.director import Director
-from epp.server.extproc import ExtProcStream, _streamed
+from epp.server.extproc import ExtProcStream, ResponseBodySkips, _streamed
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
 FULL_DUPLEX, BUFFERED, STREAMED = 4, 2, 1
@@ -266,10 +267,6 @@ def _response_headers() -> pb.ProcessingRequest:
 
 def _skip_asked(director: Director, req_mode: int, resp_mode: int, allowed: bool = True) -> bool:
     """Whether the response headers answer asks Envoy to skip the body (checked as Envoy reads it)."""
-    from prometheus_client import CollectorRegistry
-
-    from epp.server.extproc import ResponseBodySkips
-
     registry = CollectorRegistry()
     skips = ResponseBodySkips(registry) if allowed else None
     s = ExtProcStream(director, skips=skips)
@@ -295,8 +292,6 @@ def test_the_body_skip_is_asked_only_when_allowed_honoured_and_unread() -> None:
     assert not _skip_asked(plain, FULL_DUPLEX, STREAMED)  # Envoy ignores overrides in FULL_DUPLEX_STREAMED
     assert not _skip_asked(plain, FULL_DUPLEX, FULL_DUPLEX)  # epp reads (and must echo) the body
     # A plugin that reads pending prefill tokens needs each response's first bytes.
-    from epp.config import parse_config
-
     cfg = parse_config("""
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -316,10 +311,6 @@ schedulingProfiles:
 
 
 def test_a_gateway_that_ignores_the_skip_is_counted_and_the_body_still_served() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from epp.server.extproc import ResponseBodySkips
-
     ps = service()
     registry = CollectorRegistry()
     skips = ResponseBodySkips(registry)
@@ -337,10 +328,6 @@ def test_a_gateway_that_ignores_the_skip_is_counted_and_the_body_still_served() 
 
 
 def test_a_skipped_body_ends_with_the_stream() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from epp.server.extproc import ResponseBodySkips
-
     ps = service()
     s = ExtProcStream(ps, skips=ResponseBodySkips(CollectorRegistry()))
     s.on_message(headers(BUFFERED, resp_mode=STREAMED))
