@@ -203,6 +203,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ref.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
                    help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
+    p.add_argument("--workers", type=_workers, default=0, metavar="N",
+                   help="protocol worker processes serving the gRPC port (SO_REUSEPORT), every pick made by this "
+                        "process's one routing state; 'auto': the cores available (capped at 64); 0 (default): "
+                        "this process serves the port itself")
     bool_flag(p, "--metrics-endpoint-auth", False, "require a bearer token on /metrics: the one in "
               "--metrics-token-file, else (with Kubernetes discovery) any the API server authorizes to get /metrics")
     p.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
@@ -259,7 +263,8 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        allow_mode_override=args.allow_mode_override, kubernetes=kube, objectives_file=args.objectives_file,
+        allow_mode_override=args.allow_mode_override, workers=args.workers, kubernetes=kube,
+        objectives_file=args.objectives_file,
         api_keys_file=args.api_keys_file,
         drain_timeout=args.drain_timeout,
         limits=Limits(max_message=args.grpc_max_recv_msg_size, max_header_block=args.grpc_max_header_list_size,
@@ -278,6 +283,20 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _workers(text: str) -> int:
+    from epp.server.workers import MAX_WORKERS, default_workers
+
+    if text == "auto":
+        return default_workers()
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}") from None
+    if not 0 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WORKERS} workers, got {n}")
+    return n
 
 
 def shared_state_options(args: argparse.Namespace, kube: Any) -> Any:

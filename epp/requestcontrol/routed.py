@@ -162,7 +162,11 @@ class Routed:
     def response_headers(self, explain: bool) -> tuple[tuple[str, str], ...]:
         """The headers epp sets on the response: the plugins' (a session token), the API key's
         rate limits and, with ``explain``, the decision headers."""
-        own = tuple(self.scheduler.response_headers(self.decision, self.endpoint))
+        return self.response_headers_for(self.endpoint, explain)
+
+    def response_headers_for(self, endpoint: str, explain: bool) -> tuple[tuple[str, str], ...]:
+        """``response_headers`` as they would be if ``endpoint`` served the request."""
+        own = tuple(self.scheduler.response_headers(self.decision, endpoint))
         key = self.request.prepared.get(API_KEY)
         if isinstance(key, ApiKey) and (key.rpm is not None or key.tpm is not None):
             own += self._director.rate_limits.headers(key)  # (concurrency is not a rate: no headers)
@@ -211,6 +215,28 @@ class Routed:
         if eos:
             self.finish()
         return data
+
+    def ended_elsewhere(self, usage: Usage | None, streamed: bool, response_bytes: int | None,
+                        gaps: list[float], processing: float) -> None:
+        """The response ended in a worker process, which read it: what ``response_body`` would have
+        learnt (its usage, whether it streamed, its size, the gaps between its chunks), then the end."""
+        if self.done:
+            return
+        self.streamed = self.streamed or streamed
+        self._response_bytes = response_bytes
+        self._processing += processing
+        if gaps and self._streaming():
+            itl = self._director.metrics.child(self._director.metrics.llmd_itl, *self._labels)
+            for gap in gaps:
+                itl.observe(gap)
+        if usage is not None:
+            reader = UsageReader(strip=False)
+            reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens = (
+                usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            self.reader = reader
+            if usage.cached_tokens is not None:
+                self.usage(usage.cached_tokens)
+        self.finish()
 
     def usage(self, cached_tokens: int) -> None:
         """The response reported how many prompt tokens the pod served from its cache."""

@@ -10,7 +10,9 @@ counts the others' load and prefix records; readiness reports it all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,8 @@ from epp.server.recording import RecordEndpoint
 from epp.server.serving import GrpcServing, MetricsEndpoint
 from epp.server.signals import SignalCollection
 from epp.server.sources import PoolSources
-from epp.server.tls import TLSPolicy
+from epp.server.tls import TLSPolicy, self_signed
+from epp.server.workers import WorkerConfig, WorkerPool
 from epp.signals.httpget import MAX_BODY
 from epp.signals.kvevents import KVEventManager
 from epp.signals.models import ModelCatalog
@@ -76,6 +79,7 @@ class ServeOptions:
     config_poll_interval: float = 0.5
     decision_headers: bool = False
     allow_mode_override: bool = False  # the gateway's ext_proc filter honours mode_override: skip unread bodies
+    workers: int = 0  # protocol worker processes on the gRPC port (0: this process serves it)
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
     api_keys_file: str | None = None  # --api-keys-file: API keys, their tenants and tiers (watched)
@@ -161,6 +165,8 @@ class PickerServer:
             self.director.models = self.models.listing
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.body_skips = ResponseBodySkips(self.metrics.registry) if opts.allow_mode_override else None
+        self.workers: WorkerPool | None = None  # --workers: the processes serving the gRPC port
+        self._cert_dir: tempfile.TemporaryDirectory[str] | None = None
         self.director.set_flow_control(rt.flow, self.flow_metrics)
         self.metrics.loop_collectors.append(FlowCollector(opts.pool_name, self._flow_gauges))
         discovered = self.built.config.discovery()  # dataLayer.discovery (file-discovery), when given
@@ -177,7 +183,7 @@ class PickerServer:
                                                             self.signals.kv_events.totals))
         self.store.on_change(self._endpoints_changed)
         self.pick_api = PickAPI(self.director, max_outstanding=opts.pick_api_max_outstanding, token=pick_token)
-        self.grpc = GrpcServing(self._new_stream, self.pick_api, opts.limits)
+        self.grpc = GrpcServing(self._new_stream, self.pick_api.h2_services(), opts.limits)
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
         # With flow control on, epp is ready without endpoints: requests wait for one (scale from zero).
         self.readiness = Readiness(lambda: self.store.fresh_count() > 0 or self.director.flow_control,
@@ -292,8 +298,13 @@ class PickerServer:
             self._watch = asyncio.create_task(self.config_watcher.run())
         if self.keys_watcher is not None:
             self._keys_task = asyncio.create_task(self.keys_watcher.run())
-        self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path, o.tls,
-                                                         o.cert_reload)
+        if o.workers:
+            self.workers = self._worker_pool()
+            await self.workers.start()
+            self.bound_ports["grpc"] = o.grpc_port
+        else:
+            self.bound_ports["grpc"] = await self.grpc.start(o.host, o.grpc_port, o.secure_serving, o.cert_path,
+                                                             o.tls, o.cert_reload)
         self.bound_ports["health"] = await self.readiness.start(o.host, o.grpc_health_port)
         if o.metrics_token_review and discovery is not None:  # the API server answers who may read /metrics
             self.metrics_endpoint.auth = KubernetesReviews(discovery.api)
@@ -306,13 +317,44 @@ class PickerServer:
         """Report NOT_SERVING at once, then keep serving (new streams included) until the gateway
         has gone quiet or ``timeout``: in-flight responses finish, late requests still get picks."""
         self.readiness.drain()
-        await self.grpc.drain(timeout)
+        if self.workers is not None:
+            await self.workers.drain(timeout)
+        else:
+            await self.grpc.drain(timeout)
+
+    def _worker_pool(self) -> WorkerPool:
+        o = self.opts
+        if not o.grpc_port:
+            raise ValueError("--workers needs a fixed --grpc-port (the workers share it)")
+        cert_path = o.cert_path
+        if o.secure_serving and not cert_path:  # one self-signed certificate for all the workers
+            self._cert_dir = tempfile.TemporaryDirectory(prefix="epp-cert-")
+            key, crt = self_signed()
+            for name, pem in (("tls.key", key), ("tls.crt", crt)):
+                path = Path(self._cert_dir.name) / name
+                path.write_bytes(pem)
+                path.chmod(0o600)
+            cert_path = self._cert_dir.name
+        tls = o.tls or TLSPolicy()
+        cfg = WorkerConfig(link="", host=o.host, port=o.grpc_port, secure=o.secure_serving, cert_path=cert_path,
+                           cert_reload=o.cert_reload, tls_min_version=tls.min_version,
+                           tls_cipher_suites=list(tls.cipher_suites), limits=dataclasses.asdict(o.limits),
+                           decision_headers=o.decision_headers, emit_scores=o.emit_endpoint_scores,
+                           allow_mode_override=o.allow_mode_override, drain_timeout=o.drain_timeout,
+                           log_level=logging.getLogger().getEffectiveLevel())
+        return WorkerPool(o.workers, cfg, self.director, self.pick_api.h2_services(), self.body_skips,
+                          self.metrics.registry)
 
     async def stop(self, grace: float = 1.0) -> None:
         await cancel_and_wait([self._watch, self._keys_task])
         if self.director.waiting is not None:  # what still waits is told 503 now, not cut off
             self.director.waiting.close()
-        await self.grpc.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)
+        else:
+            await self.grpc.stop(grace)
+        if self._cert_dir is not None:
+            self._cert_dir.cleanup()
         await self.readiness.stop(grace)
         await self.signals.stop()
         if self.shared is not None:

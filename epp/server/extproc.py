@@ -32,6 +32,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -39,10 +40,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter
 
-from epp.requestcontrol.director import Director
+from epp.requestcontrol.frontend import PickService, RoutedSide
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
-from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -90,6 +91,14 @@ SKIP_RESPONSE_BODY = _ser(pb.ProcessingResponse(mode_override=processing_mode_pb
     response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)))
 
 
+class BodySkips(Protocol):
+    """Where a stream reports that it asked to skip a response body, and that the gateway sent it anyway."""
+
+    def ask(self) -> None: ...
+
+    def ignored(self) -> None: ...
+
+
 class ResponseBodySkips:
     """The process's asks to skip response bodies (one per server, shared by its streams)."""
 
@@ -99,6 +108,9 @@ class ResponseBodySkips:
                                registry=registry)
         self.asked, self._ignored = self.counter.labels("asked"), self.counter.labels("ignored")
         self.warned = False
+
+    def ask(self) -> None:
+        self.asked.inc()
 
     def ignored(self) -> None:
         self._ignored.inc()
@@ -278,8 +290,8 @@ class ExtProcStream:
                  "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting", "decision_headers", "emit",
                  "emit_scores", "max_body", "pick", "skips")
 
-    def __init__(self, director: Director, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
-                 emit_scores: bool = False, skips: ResponseBodySkips | None = None) -> None:
+    def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
+                 emit_scores: bool = False, skips: BodySkips | None = None) -> None:
         self._director = director
         self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
         self._skipping = False  # asked to skip this response's body
@@ -289,7 +301,7 @@ class ExtProcStream:
         self.max_body = max_body
         self._body_size = 0
         self._headers_seen = False
-        self.pick: Routed | None = None
+        self.pick: RoutedSide | None = None
         self._req_mode = FULL_DUPLEX
         self._resp_mode = NONE
         self._headers: dict[str, str] = {}
@@ -370,7 +382,7 @@ class ExtProcStream:
             if (skips is not None and pick is not None and not pick.watch_response and not pick.done
                     and self._resp_mode in SKIPPABLE and self._req_mode != FULL_DUPLEX):
                 self._skipping = True
-                skips.asked.inc()
+                skips.ask()
                 answer += SKIP_RESPONSE_BODY  # (two serialized messages concatenated parse as their merge)
             return [answer]
         if kind == "response_body":
@@ -424,7 +436,7 @@ class ExtProcStream:
         self.pick = out
         return answer()
 
-    def _ready(self, result: Routed | Refused) -> None:
+    def _ready(self, result: RoutedSide | Refused) -> None:
         """Flow control dispatched (or refused) the held request: send what was held back."""
         self._waiting = None
         answer, held = self._after_pick, self._held or []
@@ -449,7 +461,7 @@ class ExtProcStream:
         """Pick; the answer is the BodyResponse (BUFFERED mode)."""
         return self._decide(body, lambda: [self._pick_response("request_body", self._routed().forward_body)])
 
-    def _routed(self) -> Routed:
+    def _routed(self) -> RoutedSide:
         assert self.pick is not None
         return self.pick
 

@@ -714,10 +714,12 @@ class H2GrpcServer:
         self._conns: set[H2Connection] = set()
         self._idle = asyncio.Event()
 
-    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None, reuse_port: bool = False) -> int:
+        """Listen; ``reuse_port``: several processes on one port (the kernel spreads connections)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: self._new_conn(), host, port, ssl=tls, reuse_address=True, backlog=1024)
+            lambda: self._new_conn(), host, port, ssl=tls, reuse_address=True, reuse_port=reuse_port or None,
+            backlog=1024)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 

@@ -20,7 +20,6 @@ from epp.server import h2grpc
 from epp.server.auth import ALLOWED, FORBIDDEN, UNAUTHENTICATED, UNAVAILABLE, Authorizer
 from epp.server.extproc import StreamFactory
 from epp.server.extproc import h2_services as extproc_services
-from epp.server.pickapi import PickAPI
 from epp.server.tls import TLSPolicy, load_cert_dir, self_signed
 from epp.tasks import cancel_and_wait
 
@@ -34,13 +33,15 @@ class GrpcServing:
     certificate in ``cert_path`` is re-read when its files change (new handshakes use it; a bad
     pair is logged and the old one kept)."""
 
-    def __init__(self, new_stream: StreamFactory, pick_api: PickAPI, limits: h2grpc.Limits) -> None:
-        self.server = h2grpc.H2GrpcServer({**extproc_services(new_stream), **pick_api.h2_services()}, limits)
+    def __init__(self, new_stream: StreamFactory, unary: dict[str, h2grpc.HandlerFactory],
+                 limits: h2grpc.Limits) -> None:
+        """``unary``: the epp.v1 Pick API's methods (the API itself, or a worker's relay of it)."""
+        self.server = h2grpc.H2GrpcServer({**extproc_services(new_stream), **unary}, limits)
         self._reload: asyncio.Task[None] | None = None
         self.cert_reloads = 0
 
     async def start(self, host: str, port: int, secure: bool, cert_path: str | None, tls: TLSPolicy | None = None,
-                    cert_reload: bool = False, reload_interval: float = 1.0) -> int:
+                    cert_reload: bool = False, reload_interval: float = 1.0, reuse_port: bool = False) -> int:
         ctx = None
         if secure:
             key, crt = load_cert_dir(cert_path) if cert_path else self_signed()
@@ -48,7 +49,7 @@ class GrpcServing:
             (tls or TLSPolicy()).apply(ctx)
             if cert_reload and cert_path:
                 self._reload = asyncio.create_task(self._watch_cert(ctx, cert_path, reload_interval))
-        return await self.server.start(host, port, ctx)
+        return await self.server.start(host, port, ctx, reuse_port)
 
     async def _watch_cert(self, ctx: ssl.SSLContext, cert_path: str, interval: float) -> None:
         last = _digest(cert_path)

@@ -18,10 +18,12 @@ TEMPLATES = ("epp-full-duplex", "epp-buffered", "round-robin")
 
 def render(template: str, *, listen_port: int, admin_port: int, epp_port: int = 0,
            endpoints: Sequence[str] = (), lb_policy: str = "ROUND_ROBIN", epp_tls: bool = False,
-           replicas: Sequence[tuple[int, int]] = (), ext_proc: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           replicas: Sequence[tuple[int, int]] = (), ext_proc: Mapping[str, Any] | None = None,
+           epp_cluster: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The bootstrap as a dict, placeholders filled. ``replicas``: several pickers, (gRPC port,
     health port) each, in the ``epp`` cluster, which then checks their gRPC health. ``ext_proc``:
-    fields set on the ext_proc filter (``processing_mode`` merged field by field)."""
+    fields set on the ext_proc filter (``processing_mode`` merged field by field); ``epp_cluster``:
+    fields set on the ``epp`` cluster."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; one of {TEMPLATES}")
     text = (envoy_dir() / f"{template}.yaml").read_text()
@@ -40,6 +42,8 @@ def render(template: str, *, listen_port: int, admin_port: int, epp_port: int = 
         typed = f["typed_config"]
         for key, value in (ext_proc or {}).items():
             typed[key] = {**typed.get(key, {}), **value} if key == "processing_mode" else value
+    if epp_cluster and "epp" in clusters:
+        clusters["epp"].update(epp_cluster)
     if replicas and "epp" in clusters:
         replicas_cluster(clusters["epp"], replicas)
         for f in _ext_proc_filters(cfg):

@@ -98,10 +98,12 @@ class EnvoyProc:
 
 async def start_envoy(template: str, workdir: Path, *, epp_port: int = 0, endpoints: Sequence[str] = (),
                       lb_policy: str = "ROUND_ROBIN", epp_tls: bool = False, concurrency: int = 1,
-                      timeout: float = 20.0, ext_proc: dict[str, Any] | None = None) -> EnvoyProc:
+                      timeout: float = 20.0, ext_proc: dict[str, Any] | None = None,
+                      epp_cluster: dict[str, Any] | None = None) -> EnvoyProc:
     listen, admin = free_ports(2)
     cfg = envoy_mod.render(template, listen_port=listen, admin_port=admin, epp_port=epp_port,
-                           endpoints=endpoints, lb_policy=lb_policy, epp_tls=epp_tls, ext_proc=ext_proc)
+                           endpoints=endpoints, lb_policy=lb_policy, epp_tls=epp_tls, ext_proc=ext_proc,
+                           epp_cluster=epp_cluster)
     path = envoy_mod.write(cfg, workdir / f"envoy-{template}-{listen}.yaml")
     log = workdir / f"envoy-{listen}.log"
     proc = envoy_mod.start(path, log, concurrency=concurrency)
@@ -150,7 +152,8 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
                            objectives_text: str | None = None,
                            serve: dict[str, Any] | None = None, data_parallel: int = 1,
                            labels: Sequence[dict[str, str]] | None = None,
-                           ext_proc: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
+                           ext_proc: dict[str, Any] | None = None,
+                           epp_cluster: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
     """Fleet + epp in this event loop, a real Envoy child process in front. With ``kubernetes``
     (KubernetesOptions), epp discovers the endpoints instead of being given the fleet's."""
     tmp = None
@@ -195,7 +198,7 @@ async def in_process_stack(*, servers: int = 4, params: EngineParams | Sequence[
         if wait_ready:
             await wait_until(lambda: _ready(picker), 10, "fresh metrics in epp")
         envoy = await start_envoy(template, workdir, epp_port=picker.bound_ports["grpc"], epp_tls=secure,
-                                  ext_proc=ext_proc)
+                                  ext_proc=ext_proc, epp_cluster=epp_cluster)
         stack = Stack(fleet, picker, envoy, workdir, config_path)
         if objectives is not None:
             stack.extras["objectives_file"] = objectives

@@ -41,7 +41,7 @@ def serving() -> GrpcServing:
     store = Datastore()
     scheduler, _ = load_config(None).build()
     director = Director(store, scheduler, PickerMetrics(store))
-    return GrpcServing(lambda: ExtProcStream(director), PickAPI(director), h2grpc.Limits())
+    return GrpcServing(lambda: ExtProcStream(director), PickAPI(director).h2_services(), h2grpc.Limits())
 
 
 async def test_the_certificate_is_reloaded_when_its_files_change(tmp_path: Path) -> None:

@@ -1,0 +1,484 @@
+"""The link between protocol workers (``--workers N``) and the process that holds the routing state.
+
+Workers terminate the gateway's HTTP/2 connections and run the ext_proc state machine; every
+decision is made by the one director in the state process, so N workers route exactly as one
+process would. Each worker keeps one Unix-socket connection to the state process; messages are
+msgpack arrays, several per write (flushed once per event-loop turn):
+
+worker -> state                                   state -> worker
+  ["p", rid, headers, path, body, subset, access]   ["r", rid, pick]          a committed pick
+  ["c", rid]              cancel a held request      ["n", rid, status, message, refused
+  ["s", rid, served]      the endpoint that served     param, dropped, headers]
+  ["f", rid]              the response's first bytes ["U", rid, status, message, payload]
+  ["e", rid, status, usage, streamed, bytes, gaps]  the end, read     a relayed unary answer
+  ["x", rid, status]      the stream ended (no body seen)
+  ["k", 0, outcome]       a response body skip asked / ignored (--allow-mode-override)
+  ["h", 0, index, pid]    the worker says who it is (first message)
+  ["u", rid, path, headers, peer, message]  a unary call (the epp.v1 Pick API) relayed
+  ["ur", rid]             that call's client went away
+
+Response bodies stay in the worker (echoed there, usage read there); the state process hears
+only the events that change routing state. When a worker's link drops, the state process ends
+everything that worker held (in-flight counts released, held requests cancelled)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgpack
+
+from epp.requestcontrol.frontend import Ready, RoutedSide
+from epp.requestcontrol.pending import Pending
+from epp.requestcontrol.refused import Refused
+from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
+from epp.requestcontrol.usage import UsageReader
+from epp.scheduling.types import Usage
+from epp.server import h2grpc
+from epp.server.extproc import BodySkips
+
+log = logging.getLogger("epp.workers")
+
+ACCESS = (ResponseAccess.NONE, ResponseAccess.READ, ResponseAccess.INJECT)
+MAX_GAPS = 4096  # inter-chunk gaps a worker reports per response (the ITL series), at most
+
+
+class _Link(asyncio.Protocol):
+    """Framing shared by both ends: msgpack arrays in, batched writes out."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 30)
+        self._out: list[bytes] = []
+        self._flush_soon = False
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        for message in self._unpacker:
+            try:
+                self.on_message(message)
+            except Exception:  # one bad message must not end the link
+                log.exception("worker link: message %r failed", message[:2] if isinstance(message, list) else "?")
+
+    def send(self, message: list[Any]) -> None:
+        self._out.append(self._pack(message))
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def on_message(self, message: Any) -> None:
+        raise NotImplementedError
+
+
+# -- the state process's end ---------------------------------------------------------------------
+UnaryFactory = Callable[[h2grpc.Responder, dict[str, str]], h2grpc.RpcHandler]
+
+
+class _RelayedResponder:
+    """A unary handler's responder in the state process: its answer goes back over the link."""
+
+    __slots__ = ("_link", "_peer", "_rid", "payload")
+
+    def __init__(self, link: StateEnd, rid: int, peer: str) -> None:
+        self._link, self._rid, self._peer = link, rid, peer
+        self.payload = b""
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def send(self, message: bytes) -> None:
+        self.payload = message
+
+    def finish(self, status: int = h2grpc.OK, message: str = "") -> None:
+        self._link.unary.pop(self._rid, None)
+        self._link.send(["U", self._rid, status, message, self.payload])
+
+    def flush(self) -> None:
+        pass
+
+
+class StateEnd(_Link):
+    """One worker's link, in the state process: its requests go to the director."""
+
+    def __init__(self, director: Any, services: dict[str, UnaryFactory], on_lost: Callable[[StateEnd], None],
+                 skips: BodySkips | None = None) -> None:
+        super().__init__()
+        self.director = director
+        self.skips = skips
+        self.services = services
+        self.on_lost = on_lost
+        self.routed: dict[int, Routed] = {}
+        self.pending: dict[int, Pending] = {}
+        self.unary: dict[int, h2grpc.RpcHandler] = {}
+        self.index = -1  # the worker's, once it said hello
+        self.pid = 0
+        self.requests = 0  # picks asked through this link
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The worker died (or stopped): nothing it held stays counted."""
+        for p in list(self.pending.values()):
+            p.cancel()
+        for r in list(self.routed.values()):
+            r.finish()
+        for u in list(self.unary.values()):
+            u.on_reset()
+        self.pending.clear()
+        self.routed.clear()
+        self.unary.clear()
+        self.transport = None
+        self.on_lost(self)
+
+    def on_message(self, m: Any) -> None:
+        kind, rid = m[0], m[1]
+        if kind == "p":
+            self.requests += 1
+            self._submit(rid, m)
+        elif kind == "s":
+            routed = self.routed.get(rid)
+            if routed is not None:
+                routed.served_by(m[2])
+        elif kind == "f":
+            routed = self.routed.get(rid)
+            if routed is not None:
+                routed.first_bytes()
+        elif kind == "e":
+            routed = self.routed.pop(rid, None)
+            if routed is not None:
+                routed.status = m[2]
+                usage = Usage(*m[3]) if m[3] is not None else None
+                routed.ended_elsewhere(usage, m[4], m[5], m[6], 0.0)
+        elif kind == "x":
+            routed = self.routed.pop(rid, None)
+            if routed is not None:
+                routed.status = m[2]
+                routed.finish()
+            held = self.pending.pop(rid, None)
+            if held is not None:
+                held.cancel()
+        elif kind == "c":
+            held = self.pending.pop(rid, None)
+            if held is not None:
+                held.cancel()
+        elif kind == "u":
+            self._unary(rid, m[2], m[3], m[4], m[5])
+        elif kind == "ur":
+            handler = self.unary.pop(rid, None)
+            if handler is not None:
+                handler.on_reset()
+        elif kind == "k" and self.skips is not None:
+            self.skips.ask() if m[2] == "asked" else self.skips.ignored()
+        elif kind == "h":
+            self.index, self.pid = m[2], m[3]
+
+    def _submit(self, rid: int, m: Any) -> None:
+        given = RequestInput(m[2], m[3], m[4], subset=tuple(m[5]) if m[5] is not None else None)
+
+        def ready(result: RoutedSide | Refused) -> None:
+            self.pending.pop(rid, None)
+            if isinstance(result, Refused):
+                self._refused(rid, result)
+            elif self.transport is None:  # the worker is gone: nothing to hand it to
+                result.finish()
+            else:
+                assert isinstance(result, Routed)
+                self._routed(rid, result)
+
+        try:
+            out = self.director.submit(given, ACCESS[m[6]], ready)
+        except Refused as e:
+            self._refused(rid, e)
+            return
+        if isinstance(out, Pending):
+            self.pending[rid] = out
+            if out.result is not None:
+                ready(out.result)
+            return
+        self._routed(rid, out)
+
+    def _routed(self, rid: int, r: Routed) -> None:
+        self.routed[rid] = r
+        self.send(["r", rid, pick_fields(r)])
+
+    def _refused(self, rid: int, e: Refused) -> None:
+        self.send(["n", rid, e.status, e.message, e.param, e.dropped, [list(h) for h in e.headers]])
+
+    def _unary(self, rid: int, path: str, headers: dict[str, str], peer: str, message: bytes) -> None:
+        factory = self.services.get(path)
+        if factory is None:
+            self.send(["U", rid, h2grpc.UNIMPLEMENTED, f"unknown method {path}", b""])
+            return
+        handler = factory(_RelayedResponder(self, rid, peer), headers)
+        self.unary[rid] = handler
+        handler.on_message(message)
+        handler.on_end()
+
+
+def pick_fields(r: Routed) -> list[Any]:
+    """What a worker needs of a committed pick to answer the gateway and read the response: the
+    destination and request mutations, the response headers for each endpoint that may serve
+    (the primary, the fallbacks) with and without the decision headers, and what to read."""
+    d = r.decision
+    endpoints = list(d.endpoints)
+    headers = {e: [list(h) for h in r.response_headers_for(e, False)] for e in endpoints}
+    explained = {e: [list(h) for h in r.response_headers_for(e, True)] for e in endpoints}
+    reader = 0 if r.reader is None else 2 if r.reader.strip else 1
+    return [r.header_value, [list(h) for h in r.request_headers], list(r.removed_headers), r.forward_body,
+            r.endpoint_scores(), headers, explained, endpoints, list(d.destinations or ()), reader,
+            r.watch_response, r._streaming()]
+
+
+# -- a worker's end --------------------------------------------------------------------------------
+class RemoteRouted:
+    """A pick made in the state process, as a worker's ext_proc stream uses it (RoutedSide)."""
+
+    __slots__ = (
+        "_by_endpoint",
+        "_bytes",
+        "_destinations",
+        "_endpoints",
+        "_explained",
+        "_first",
+        "_gaps",
+        "_header_value",
+        "_last",
+        "_link",
+        "_removed",
+        "_request_headers",
+        "_rid",
+        "_scores",
+        "_streaming",
+        "done",
+        "endpoint",
+        "forward_body",
+        "prefilled",
+        "reader",
+        "status",
+        "streamed",
+        "wants_chunks",
+        "watch_response",
+    )
+
+    def __init__(self, link: WorkerEnd, rid: int, f: list[Any]) -> None:
+        self._link, self._rid = link, rid
+        (self._header_value, request_headers, removed, self.forward_body, self._scores, self._by_endpoint,
+         self._explained, self._endpoints, self._destinations, reader, self.watch_response, self._streaming) = f
+        self._request_headers = tuple(tuple(h) for h in request_headers)
+        self._removed = tuple(removed)
+        self.reader = UsageReader(strip=reader == 2) if reader else None
+        self.endpoint = self._endpoints[0]
+        self.status = 0
+        self.done = False
+        self.prefilled = False
+        self.streamed = False
+        self.wants_chunks = True
+        self._bytes: int | None = None
+        self._gaps: list[float] = []
+        self._last = 0.0
+        self._first = 0.0
+
+    @property
+    def header_value(self) -> str:
+        return str(self._header_value)
+
+    @property
+    def request_headers(self) -> tuple[tuple[str, str], ...]:
+        return self._request_headers
+
+    @property
+    def removed_headers(self) -> tuple[str, ...]:
+        return self._removed
+
+    def endpoint_scores(self) -> dict[str, float]:
+        return dict(self._scores)
+
+    def response_headers(self, explain: bool) -> tuple[tuple[str, str], ...]:
+        table = self._explained if explain else self._by_endpoint
+        return tuple(tuple(h) for h in table.get(self.endpoint, ()))
+
+    def served_by(self, endpoint: str) -> None:
+        if self._destinations and endpoint in self._destinations:
+            endpoint = self._endpoints[self._destinations.index(endpoint)]
+        if endpoint in self._endpoints:
+            self.endpoint = endpoint
+        self._link.send(["s", self._rid, endpoint])
+
+    def response_body(self, data: bytes, eos: bool) -> bytes:
+        now = asyncio.get_running_loop().time()
+        self._bytes = (self._bytes or 0) + len(data)
+        if data:
+            if not self.prefilled:
+                self.prefilled = True
+                self.streamed = not eos
+                self.wants_chunks = self.reader is not None
+                self._link.send(["f", self._rid])
+            elif self.streamed and self._last and self._streaming and len(self._gaps) < MAX_GAPS:
+                self._gaps.append(now - self._last)
+            self._last = now
+        if self.reader is not None:
+            data = self.reader.feed(data, eos)
+        if eos:
+            self.finish()
+        return data
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._link.routed.pop(self._rid, None)
+        r = self.reader
+        usage = [r.prompt_tokens, r.cached_tokens, r.completion_tokens] if r is not None and r.completion_tokens \
+            else None
+        if self._bytes is None and usage is None:
+            self._link.send(["x", self._rid, self.status])  # no body seen here: the state side ends it as is
+        else:
+            self._link.send(["e", self._rid, self.status, usage, self.streamed, self._bytes, self._gaps])
+
+
+class RemotePending(Pending):
+    """A request sent to the state process, its pick not back yet."""
+
+    __slots__ = ("_link", "_rid")
+
+    def __init__(self, link: WorkerEnd, rid: int) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # the request lives in the state process
+        self._link, self._rid = link, rid
+
+    def cancel(self) -> None:
+        if self._link.waiting.pop(self._rid, None) is not None:
+            self._link.send(["c", self._rid])
+
+
+class WorkerEnd(_Link):
+    """A worker's link to the state process: the PickService its ext_proc streams use."""
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_lost = on_lost
+        self._next = 0
+        self.waiting: dict[int, RemotePending] = {}
+        self.routed: dict[int, RemoteRouted] = {}
+        self.calls: dict[int, Callable[[int, str, bytes], None]] = {}
+
+    def rid(self) -> int:
+        self._next += 1
+        return self._next
+
+    def submit(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE,
+               ready: Ready | None = None) -> RoutedSide | Pending:
+        if self.transport is None or self.transport.is_closing():
+            raise Refused(503, "the picker's state process is not reachable from this worker")
+        rid = self.rid()
+        held = RemotePending(self, rid)
+        held.ready = ready
+        self.waiting[rid] = held
+        subset = list(given.subset) if given.subset is not None else None
+        self.send(["p", rid, dict(given.headers), given.path, given.body, subset, ACCESS.index(access)])
+        return held
+
+    def call(self, path: str, headers: dict[str, str], peer: str, message: bytes,
+             answer: Callable[[int, str, bytes], None]) -> int:
+        rid = self.rid()
+        self.calls[rid] = answer
+        self.send(["u", rid, path, headers, peer, message])
+        return rid
+
+    def forget_call(self, rid: int) -> None:
+        if self.calls.pop(rid, None) is not None:
+            self.send(["ur", rid])
+
+    def on_message(self, m: Any) -> None:
+        kind, rid = m[0], m[1]
+        if kind == "U":
+            answer = self.calls.pop(rid, None)
+            if answer is not None:
+                answer(m[2], m[3], m[4])
+            return
+        held = self.waiting.pop(rid, None)
+        if held is None:
+            if kind == "r":  # cancelled meanwhile: the pick ends at once
+                self.send(["x", rid, 0])
+            return
+        if kind == "r":
+            routed = RemoteRouted(self, rid, m[2])
+            self.routed[rid] = routed
+            held.deliver(routed)  # type: ignore[arg-type]
+        elif kind == "n":
+            held.deliver(Refused(m[2], m[3], m[4], dropped=m[5], headers=tuple((k, v) for k, v in m[6])))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        refused = Refused(503, "the picker's state process went away")
+        for held in list(self.waiting.values()):
+            held.deliver(refused)
+        self.waiting.clear()
+        for answer in list(self.calls.values()):
+            answer(h2grpc.UNAVAILABLE, "the picker's state process went away", b"")
+        self.calls.clear()
+        self.on_lost()
+
+
+class RelayedSkips:
+    """A worker's response body skips, counted (and warned about) in the state process."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: WorkerEnd) -> None:
+        self._link = link
+
+    def ask(self) -> None:
+        self._link.send(["k", 0, "asked"])
+
+    def ignored(self) -> None:
+        self._link.send(["k", 0, "ignored"])
+
+
+class RelayedUnary:
+    """A unary call (the epp.v1 Pick API) in a worker: relayed to the state process."""
+
+    __slots__ = ("_extra", "_headers", "_link", "_message", "_path", "_rid", "responder")
+
+    def __init__(self, link: WorkerEnd, path: str, responder: h2grpc.Responder, headers: dict[str, str]) -> None:
+        self._link, self._path, self.responder, self._headers = link, path, responder, headers
+        self._message: bytes | None = None
+        self._extra = False
+        self._rid = 0
+
+    def on_message(self, message: bytes) -> None:
+        if self._message is None:
+            self._message = message
+        else:
+            self._extra = True
+
+    def on_end(self) -> None:
+        if self._extra:
+            self.responder.finish(h2grpc.INVALID_ARGUMENT, "a unary call takes one message")
+            return
+        if self._link.transport is None:
+            self.responder.finish(h2grpc.UNAVAILABLE, "the picker's state process is not reachable from this worker")
+            return
+        wanted = {k: v for k, v in self._headers.items() if k in ("authorization", "grpc-timeout")}
+        self._rid = self._link.call(self._path, wanted, self.responder.peer, self._message or b"", self._answer)
+
+    def _answer(self, status: int, message: str, payload: bytes) -> None:
+        self._rid = 0
+        if payload:
+            self.responder.send(payload)
+        self.responder.finish(status, message)
+        self.responder.flush()
+
+    def on_reset(self) -> None:
+        if self._rid:
+            self._link.forget_call(self._rid)
