@@ -187,7 +187,7 @@ class PickerServer:
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
         # With flow control on, epp is ready without endpoints: requests wait for one (scale from zero).
         self.readiness = Readiness(lambda: self.store.fresh_count() > 0 or self.director.flow_control,
-                                   lambda: self.elector is None or self.elector.is_leader, self.sources.synced)
+                                   self._serving, self.sources.synced)
         self.metrics_endpoint = MetricsEndpoint(self.metrics, TokenFileAuthorizer(metrics_token)
                                                 if metrics_token is not None else None)
         if opts.shadow_configs:  # read and built now: a bad candidate stops epp at start
@@ -321,6 +321,12 @@ class PickerServer:
             await self.workers.drain(timeout)
         else:
             await self.grpc.drain(timeout)
+
+    def _serving(self) -> bool:
+        """This process serves picks: it holds the Lease (when elected) and, with --workers, at
+        least one worker is linked to it."""
+        leading = self.elector is None or self.elector.is_leader
+        return leading and (self.workers is None or bool(self.workers.links))
 
     def _worker_pool(self) -> WorkerPool:
         o = self.opts

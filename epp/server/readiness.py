@@ -21,10 +21,10 @@ POOL_SERVICE = "inference-extension"
 
 
 class Readiness:
-    def __init__(self, has_fresh_endpoint: Callable[[], bool], is_leader: Callable[[], bool],
+    def __init__(self, has_fresh_endpoint: Callable[[], bool], serves_picks: Callable[[], bool],
                  pool_synced: Callable[[], bool] = lambda: True, interval: float = 0.25) -> None:
         self.has_fresh_endpoint = has_fresh_endpoint
-        self.is_leader = is_leader
+        self.serves_picks = serves_picks  # holds the Lease (when elected), has linked workers (--workers)
         self.pool_synced = pool_synced
         self.interval = interval
         self.health = HealthState()
@@ -42,7 +42,7 @@ class Readiness:
         return bound
 
     def update(self) -> None:
-        serving = not self.draining and self.is_leader()
+        serving = not self.draining and self.serves_picks()
         status = SERVING if serving and self.has_fresh_endpoint() else NOT_SERVING
         for svc in READINESS_SERVICES:
             self.health.set(svc, status)
