@@ -445,6 +445,15 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pb.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
                     help="how often epp scrapes each pod, as for epp serve (default 50ms)")
     pb.add_argument("--seconds", type=float, default=10.0, help="the scraping window")
+    wb = bsub.add_parser("workers", help="picks/s at saturation with --workers 0, 1, 2 (a cheap ext_proc load "
+                                         "generator, no gateway); CPU per pick of the state process and the workers")
+    wb.add_argument("--out", default="results/workers")
+    wb.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
+    wb.add_argument("--rounds", type=int, default=3)
+    wb.add_argument("--seconds", type=float, default=8.0, help="each round's load (default 8)")
+    wb.add_argument("--connections", type=int, default=16)
+    wb.add_argument("--streams", type=int, default=8, help="streams open per connection (default 8)")
+    wb.add_argument("--client-nice", type=int, default=0, help="run the load generator at this nice level")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
     tb.add_argument("--out", default="results/tune")
@@ -602,6 +611,19 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _run(bench_pool(out, args.servers, args.refresh_metrics_interval, args.seconds))
         print((out / "pool.md").read_text())
+        return 0
+    if args.bench_command == "workers":
+        from epp.bench.workersbench import bench_workers
+
+        out = Path(args.out)
+        try:
+            counts = tuple(int(w) for w in args.workers.split(","))
+        except ValueError:
+            print(f"epp bench workers: --workers: expected numbers like 0,1,2, got {args.workers!r}", file=sys.stderr)
+            return 2
+        _run(bench_workers(out, workers=counts, rounds=args.rounds, seconds=args.seconds,
+                           connections=args.connections, streams=args.streams, client_nice=args.client_nice))
+        print((out / "workers.md").read_text())
         return 0
     if args.bench_command == "tune":
         from epp.bench.tunebench import TuneBenchOptions, bench_tune

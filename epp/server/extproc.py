@@ -407,6 +407,11 @@ class ExtProcStream:
             return [CONTINUE_RESPONSE_TRAILERS]
         return []
 
+    @property
+    def holding(self) -> bool:
+        """A pick is held (flow control, or another process deciding): its answer is still to come."""
+        return self._waiting is not None
+
     def close(self) -> None:
         """The stream ended (normally, reset, or the connection dropped)."""
         if self.pick is not None:
@@ -510,18 +515,23 @@ StreamFactory = Callable[[], ExtProcStream]
 class H2ExtProc:
     """Adapts ExtProcStream to the HTTP/2 server's handler interface."""
 
-    __slots__ = ("responder", "stream")
+    __slots__ = ("ending", "responder", "stream")
 
     def __init__(self, responder: h2grpc.Responder, stream: ExtProcStream) -> None:
         self.responder = responder
         self.stream = stream
+        self.ending = False  # the gateway half-closed while the pick was held
         stream.emit = self._emit
 
     def _emit(self, answers: list[bytes]) -> None:
-        """Answers produced outside this stream's read (a pick flow control released)."""
+        """Answers produced outside this stream's read (a pick flow control or the state process
+        released)."""
         send = self.responder.send
         for out in answers:
             send(out)
+        if self.ending:
+            self.stream.close()
+            self.responder.finish()
         self.responder.flush()
 
     def on_message(self, message: bytes) -> None:
@@ -542,6 +552,10 @@ class H2ExtProc:
             send(out)
 
     def on_end(self) -> None:
+        """The gateway half-closed: a pick still held is answered first, then the stream ends."""
+        if self.stream.holding:
+            self.ending = True
+            return
         self.stream.close()
         self.responder.finish()
 

@@ -11,7 +11,10 @@ from epp.datastore.endpoint import EngineSignals
 from epp.datastore.store import Datastore
 from epp.observability.metrics import PickerMetrics
 from epp.requestcontrol.director import Director
-from epp.server.extproc import ExtProcStream, ResponseBodySkips, _streamed
+from epp.requestcontrol.frontend import Ready, RoutedSide
+from epp.requestcontrol.pending import Pending
+from epp.requestcontrol.routed import RequestInput, ResponseAccess
+from epp.server.extproc import ExtProcStream, H2ExtProc, ResponseBodySkips, _streamed
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
 FULL_DUPLEX, BUFFERED, STREAMED = 4, 2, 1
@@ -336,3 +339,76 @@ def test_a_skipped_body_ends_with_the_stream() -> None:
     assert sum(ps.store.inflight.values()) == 1  # still in flight while the response streams
     s.close()  # Envoy ends the ext_proc stream when the response ends
     assert sum(ps.store.inflight.values()) == 0
+
+
+class _Holding:
+    """A pick service that holds every request until told (as flow control or the state process
+    of ``--workers`` does), then asks the real director."""
+
+    class Held(Pending):
+        __slots__ = ("cancelled",)
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+        self.held: list[tuple[_Holding.Held, RequestInput, ResponseAccess]] = []
+
+    def submit(self, given: RequestInput, access: ResponseAccess = ResponseAccess.NONE,
+               ready: Ready | None = None) -> RoutedSide | Pending:
+        p = _Holding.Held(None)  # type: ignore[arg-type]
+        p.ready, p.cancelled = ready, False  # type: ignore[assignment]
+        self.held.append((p, given, access))
+        return p
+
+    def release(self) -> None:
+        p, given, access = self.held.pop(0)
+        out = self.director.submit(given, access)
+        assert not isinstance(out, Pending)
+        p.deliver(out)  # type: ignore[arg-type]
+
+
+class _Recorder:
+    peer = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.finished: list[int] = []
+        self.flushes = 0
+
+    def send(self, message: bytes) -> None:
+        self.sent.append(message)
+
+    def finish(self, status: int = 0, message: str = "") -> None:
+        self.finished.append(status)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_a_half_close_while_the_pick_is_held_answers_first_then_ends() -> None:
+    director = service()
+    holding = _Holding(director)
+    responder = _Recorder()
+    handler = H2ExtProc(responder, ExtProcStream(holding))
+    handler.on_message(headers(BUFFERED, resp_mode=0).SerializeToString())
+    handler.on_message(body(BODY, True).SerializeToString())
+    handler.on_end()  # the client half-closes before the pick is back
+    assert responder.finished == [] and len(responder.sent) == 1  # only the headers' CONTINUE so far
+    holding.release()
+    (answer,) = parse(responder.sent[1:])
+    assert dest(answer, "request_body") in director.store.inflight
+    assert responder.finished == [0]
+    assert sum(director.store.inflight.values()) == 0  # the stream ended: the pick released
+
+
+def test_a_reset_while_the_pick_is_held_cancels_it() -> None:
+    holding = _Holding(service())
+    responder = _Recorder()
+    handler = H2ExtProc(responder, ExtProcStream(holding))
+    handler.on_message(headers(BUFFERED, resp_mode=0).SerializeToString())
+    handler.on_message(body(BODY, True).SerializeToString())
+    handler.on_end()
+    handler.on_reset()
+    assert holding.held[0][0].cancelled and responder.finished == []

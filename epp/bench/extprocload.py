@@ -1,0 +1,187 @@
+"""A cheap ext_proc load generator: picks/s at saturation without a gateway in the way.
+
+Each stream is what Envoy sends in BUFFERED mode with response processing off: the request
+headers and the whole body, then the end of the stream. The frames are built once (HPACK
+literals, no dynamic table) and only the stream id changes, so the client spends a few
+microseconds per pick and the picker is what saturates. A stream counts as picked when the
+picker's answer names a destination; anything else (an immediate response, a reset) is an error.
+
+``python -m epp.bench.extprocload HOST PORT CONNECTIONS STREAMS SECONDS`` prints a JSON line:
+picks, errors, seconds, and the client's own CPU seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import struct
+import sys
+import time
+from typing import cast
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from epp.bench.loadgen import request_body
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+PICKED = b"x-gateway-destination-endpoint"
+BIG_WINDOW = 2**31 - 1 - 65535
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", sid) + payload
+
+
+def _literal(name: str, value: str) -> bytes:
+    """An HPACK literal header field without indexing, new name (lengths < 127)."""
+    n, v = name.encode(), value.encode()
+    return b"\x00" + bytes((len(n),)) + n + bytes((len(v),)) + v
+
+
+def _grpc(message: pb.ProcessingRequest) -> bytes:
+    data: bytes = message.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(data)) + data
+
+
+def stream_frames(authority: str, body: bytes) -> tuple[bytes, bytes]:
+    """One stream's HEADERS block and DATA payload (the two ext_proc messages, then its end)."""
+    block = b"".join(_literal(k, v) for k, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+        (":authority", authority), ("content-type", "application/grpc"), ("te", "trailers")))
+    headers = base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in (
+            (":method", "POST"), (":path", "/v1/completions"), (":authority", "gateway"),
+            ("content-type", "application/json"), ("content-length", str(len(body))))])
+    first = pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(headers=headers),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=modes.ProcessingMode.BUFFERED,
+                                                 response_body_mode=modes.ProcessingMode.NONE))
+    second = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+    return block, _grpc(first) + _grpc(second)
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/2 connection keeping ``streams`` ext_proc streams open, one new as each ends."""
+
+    def __init__(self, block: bytes, payload: bytes, streams: int, until: float, done: asyncio.Future[None]) -> None:
+        self.block, self.payload, self.streams, self.until, self.done = block, payload, streams, until, done
+        self.transport: asyncio.Transport | None = None
+        self.next_sid = 1
+        self.open: dict[int, bool] = {}  # stream id -> its answer named a destination
+        self.buf = bytearray()
+        self.picks = self.errors = 0
+        self.window = 65535  # what the server lets this connection send
+        self.unacked = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        settings = struct.pack(">HI", 0x4, 2**31 - 1) + struct.pack(">HI", 0x3, 1000)
+        t.write(PREFACE + _frame(SETTINGS, 0, 0, settings)
+                             + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", BIG_WINDOW)))
+        self._start(self.streams)
+
+    def _start(self, n: int) -> None:
+        assert self.transport is not None
+        out = []
+        size = len(self.payload)
+        while n > 0 and self.window >= size and time.monotonic() < self.until:
+            sid = self.next_sid
+            self.next_sid += 2
+            self.open[sid] = False
+            self.window -= size
+            out.append(_frame(HEADERS, END_HEADERS, sid, self.block))
+            out.append(_frame(DATA, END_STREAM, sid, self.payload))
+            n -= 1
+        if out:
+            self.transport.write(b"".join(out))
+        elif not self.open and not self.done.done():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        ended = 0
+        pos = 0
+        while len(buf) - pos >= 9:
+            length = int.from_bytes(buf[pos:pos + 3], "big")
+            if len(buf) - pos < 9 + length:
+                break
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            payload = buf[pos + 9:pos + 9 + length]
+            pos += 9 + length
+            if kind == DATA:
+                self.unacked += length
+                if PICKED in payload and sid in self.open:
+                    self.open[sid] = True
+            elif kind == SETTINGS and not flags & ACK:
+                assert self.transport is not None
+                self.transport.write(_frame(SETTINGS, ACK, 0, b""))
+            elif kind == WINDOW_UPDATE and sid == 0:
+                self.window += int.from_bytes(payload, "big") & 0x7FFFFFFF
+            elif kind == PING and not flags & ACK:
+                assert self.transport is not None
+                self.transport.write(_frame(PING, ACK, 0, bytes(payload)))
+            elif kind == RST_STREAM and sid in self.open:
+                del self.open[sid]
+                self.errors += 1
+                ended += 1
+            elif kind == GOAWAY:
+                self.errors += len(self.open)
+                self.open.clear()
+            if kind in (HEADERS, DATA) and flags & END_STREAM and sid in self.open:
+                if self.open.pop(sid):
+                    self.picks += 1
+                else:
+                    self.errors += 1
+                ended += 1
+        del buf[:pos]
+        if self.unacked > 1 << 20 and self.transport is not None:
+            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.unacked = 0
+        if ended or not self.open:
+            self._start(ended)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.errors += len(self.open)
+        self.open.clear()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def run(host: str, port: int, connections: int, streams: int, seconds: float) -> dict[str, float]:
+    block, payload = stream_frames(f"{host}:{port}", request_body())
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    until = start + seconds
+    conns = []
+    for _ in range(connections):
+        done: asyncio.Future[None] = loop.create_future()
+        _, proto = await loop.create_connection(lambda d=done: _Connection(block, payload, streams, until, d),  # type: ignore[misc]
+                                                host, port)
+        conns.append(proto)
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in conns)), seconds + 30)
+    elapsed = time.monotonic() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"picks": sum(c.picks for c in conns), "errors": sum(c.errors for c in conns), "seconds": elapsed,
+            "client_cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def main(argv: list[str]) -> int:
+    host, port, connections, streams, seconds = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
+    try:
+        import uvloop
+
+        result = uvloop.run(run(host, port, connections, streams, seconds))
+    except ImportError:
+        result = asyncio.run(run(host, port, connections, streams, seconds))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,121 @@
+"""``epp bench workers``: picks/s at saturation with 0 (one process), 1 and 2 protocol workers.
+
+epp (``epp serve --workers N``, its own processes) in front of 4 fast simulated pods; the load is
+``epp.bench.extprocload`` (what Envoy sends in BUFFERED mode, frames built once: a few us of CPU
+per pick, so epp is what saturates; no Envoy in the way). Each configuration runs ``rounds``
+times in alternating order; the table has the median round. Per process: the CPU of the serving
+process (the routing state) and of the workers, per pick, and the client's share of the cores,
+so the floor is visible: the one process that decides cannot go faster than its own CPU per
+pick allows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.stack.local import free_ports
+
+
+@dataclass
+class Round:
+    workers: int
+    picks: int
+    errors: int
+    seconds: float
+    picks_per_s: float
+    state_cpu_us_per_pick: float
+    workers_cpu_us_per_pick: float
+    client_cores: float
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+async def _one(workers: int, endpoints: list[str], workdir: Path, connections: int, streams: int,
+               seconds: float, client_nice: int) -> Round:
+    grpc, health, metrics = free_ports(3)
+    epp = await start_epp(endpoints, grpc, health, metrics, workdir,
+                          extra=("--workers", str(workers), "--dashboard=false"))
+    try:
+        kids = _children(epp.pid) if workers else []
+        state0, kids0 = cpu_seconds(epp.pid), sum(cpu_seconds(k) for k in kids)
+        cmd = [sys.executable, "-m", "epp.bench.extprocload", "127.0.0.1", str(grpc), str(connections),
+               str(streams), str(seconds)]
+        if client_nice:
+            cmd = ["nice", "-n", str(client_nice), *cmd]
+        done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=seconds + 60)
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
+        state1, kids1 = cpu_seconds(epp.pid), sum(cpu_seconds(k) for k in kids)
+    finally:
+        stop(epp)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    n = max(r["picks"], 1)
+    return Round(workers, r["picks"], r["errors"], round(r["seconds"], 2), round(r["picks"] / r["seconds"], 1),
+                 round((state1 - state0) / n * 1e6, 1), round((kids1 - kids0) / n * 1e6, 1),
+                 round(r["client_cpu_s"] / r["seconds"], 3))
+
+
+async def bench_workers(out: Path, *, workers: tuple[int, ...] = (0, 1, 2), rounds: int = 3,
+                        seconds: float = 8.0, connections: int = 16, streams: int = 8,
+                        client_nice: int = 0) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "logs"
+    work.mkdir(exist_ok=True)
+    ports = free_ports(4)
+    sim = await start_sim(ports, work)
+    all_rounds: list[Round] = []
+    try:
+        for i in range(rounds):
+            order = workers if i % 2 == 0 else tuple(reversed(workers))
+            for w in order:
+                all_rounds.append(await _one(w, [f"127.0.0.1:{p}" for p in ports], work, connections, streams,
+                                             seconds, client_nice))
+    finally:
+        stop(sim)
+    rows = []
+    for w in workers:
+        mine = sorted((r for r in all_rounds if r.workers == w), key=lambda r: r.picks_per_s)
+        rows.append(mine[len(mine) // 2])
+    base = next((r.picks_per_s for r in rows if r.workers == 0), None)
+    result = {
+        "meta": {"cpus": len(os.sched_getaffinity(0)), "rounds": rounds, "seconds": seconds,
+                 "connections": connections, "streams_per_connection": streams, "client_nice": client_nice,
+                 "pods": 4, "load": "epp.bench.extprocload: BUFFERED request headers + 2.4 KB body, no response"},
+        "rows": [{**asdict(r), "vs_one_process": round(r.picks_per_s / base, 2) if base else None} for r in rows],
+        "rounds": [asdict(r) for r in all_rounds],
+        "spread": {str(w): [min(r.picks_per_s for r in all_rounds if r.workers == w),
+                            max(r.picks_per_s for r in all_rounds if r.workers == w)] for w in workers},
+    }
+    (out / "workers.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "workers.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    lines = [f"# epp bench workers ({m['cpus']} cores, {m['pods']} fast simulated pods, median of {m['rounds']} "
+             f"rounds of {m['seconds']:g} s)", "",
+             f"Load: {m['load']}; {m['connections']} connections x {m['streams_per_connection']} streams open; "
+             f"the client at nice {m['client_nice']} in its own process.", "",
+             "| workers | picks/s | vs one process | errors | state CPU us/pick | workers CPU us/pick | "
+             "client cores |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['workers'] or '0 (one process)'} | {r['picks_per_s']:,.0f} | {r['vs_one_process']} | "
+                     f"{r['errors']} | {r['state_cpu_us_per_pick']} | {r['workers_cpu_us_per_pick']} | "
+                     f"{r['client_cores']} |")
+    spread = ", ".join(f"{w}: {lo:,.0f}-{hi:,.0f}" for w, (lo, hi) in result["spread"].items())
+    lines += ["", f"picks/s across rounds (min-max) by workers: {spread}.", ""]
+    return "\n".join(lines)
