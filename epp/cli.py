@@ -454,6 +454,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     wb.add_argument("--connections", type=int, default=16)
     wb.add_argument("--streams", type=int, default=8, help="streams open per connection (default 8)")
     wb.add_argument("--client-nice", type=int, default=0, help="run the load generator at this nice level")
+    wb.add_argument("--tokens", default="0,64", help="comma-separated: 0 = request only (BUFFERED), N = gateway-mode "
+                                                   "streams of N SSE chunks (default 0,64)")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
     tb.add_argument("--out", default="results/tune")
@@ -618,11 +620,14 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         try:
             counts = tuple(int(w) for w in args.workers.split(","))
+            tokens = tuple(int(t) for t in args.tokens.split(","))
         except ValueError:
-            print(f"epp bench workers: --workers: expected numbers like 0,1,2, got {args.workers!r}", file=sys.stderr)
+            print(f"epp bench workers: --workers/--tokens: expected numbers like 0,1,2, got {args.workers!r} / "
+                  f"{args.tokens!r}", file=sys.stderr)
             return 2
         _run(bench_workers(out, workers=counts, rounds=args.rounds, seconds=args.seconds,
-                           connections=args.connections, streams=args.streams, client_nice=args.client_nice))
+                           connections=args.connections, streams=args.streams, client_nice=args.client_nice,
+                           tokens=tokens))
         print((out / "workers.md").read_text())
         return 0
     if args.bench_command == "tune":

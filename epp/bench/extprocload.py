@@ -6,7 +6,10 @@ literals, no dynamic table) and only the stream id changes, so the client spends
 microseconds per pick and the picker is what saturates. A stream counts as picked when the
 picker's answer names a destination; anything else (an immediate response, a reset) is an error.
 
-``python -m epp.bench.extprocload HOST PORT CONNECTIONS STREAMS SECONDS`` prints a JSON line:
+With TOKENS, each stream is gateway mode instead (FULL_DUPLEX_STREAMED both ways): once the pick's
+answer is in, the pod's response follows through the picker, its headers and TOKENS SSE chunks.
+
+``python -m epp.bench.extprocload HOST PORT CONNECTIONS STREAMS SECONDS [TOKENS]`` prints a JSON line:
 picks, errors, seconds, and the client's own CPU seconds."""
 
 from __future__ import annotations
@@ -47,8 +50,24 @@ def _grpc(message: pb.ProcessingRequest) -> bytes:
     return b"\x00" + struct.pack(">I", len(data)) + data
 
 
-def stream_frames(authority: str, body: bytes) -> tuple[bytes, bytes]:
-    """One stream's HEADERS block and DATA payload (the two ext_proc messages, then its end)."""
+def response_payload(tokens: int) -> bytes:
+    """The response side Envoy sends in FULL_DUPLEX_STREAMED gateway mode for an SSE stream of
+    ``tokens`` events, one per chunk: its headers, each chunk, the last one with the usage."""
+    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in (
+        (":status", "200"), ("content-type", "text/event-stream"))])
+    out = [_grpc(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)))]
+    event = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" tok"}]}\n\n'
+    for _ in range(tokens):
+        out.append(_grpc(pb.ProcessingRequest(response_body=pb.HttpBody(body=event))))
+    last = (b'data: {"id":"cmpl-1","choices":[],"usage":{"prompt_tokens":600,"completion_tokens":%d,'
+            b'"total_tokens":%d}}\n\ndata: [DONE]\n\n' % (tokens, tokens + 600))
+    out.append(_grpc(pb.ProcessingRequest(response_body=pb.HttpBody(body=last, end_of_stream=True))))
+    return b"".join(out)
+
+
+def stream_frames(authority: str, body: bytes, tokens: int = 0) -> tuple[bytes, bytes]:
+    """One stream's HEADERS block and its request DATA payload (the two ext_proc messages; with
+    ``tokens``, in FULL_DUPLEX_STREAMED mode, else BUFFERED without response processing)."""
     block = b"".join(_literal(k, v) for k, v in (
         (":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
         (":authority", authority), ("content-type", "application/grpc"), ("te", "trailers")))
@@ -58,8 +77,9 @@ def stream_frames(authority: str, body: bytes) -> tuple[bytes, bytes]:
             ("content-type", "application/json"), ("content-length", str(len(body))))])
     first = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(headers=headers),
-        protocol_config=pb.ProtocolConfiguration(request_body_mode=modes.ProcessingMode.BUFFERED,
-                                                 response_body_mode=modes.ProcessingMode.NONE))
+        protocol_config=pb.ProtocolConfiguration(
+            request_body_mode=modes.ProcessingMode.FULL_DUPLEX_STREAMED if tokens else modes.ProcessingMode.BUFFERED,
+            response_body_mode=modes.ProcessingMode.FULL_DUPLEX_STREAMED if tokens else modes.ProcessingMode.NONE))
     second = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
     return block, _grpc(first) + _grpc(second)
 
@@ -67,8 +87,10 @@ def stream_frames(authority: str, body: bytes) -> tuple[bytes, bytes]:
 class _Connection(asyncio.Protocol):
     """One HTTP/2 connection keeping ``streams`` ext_proc streams open, one new as each ends."""
 
-    def __init__(self, block: bytes, payload: bytes, streams: int, until: float, done: asyncio.Future[None]) -> None:
+    def __init__(self, block: bytes, payload: bytes, streams: int, until: float, done: asyncio.Future[None],
+                 response: bytes = b"") -> None:
         self.block, self.payload, self.streams, self.until, self.done = block, payload, streams, until, done
+        self.response = response  # sent once the pick's answer is in (gateway mode); b"": the stream ends
         self.transport: asyncio.Transport | None = None
         self.next_sid = 1
         self.open: dict[int, bool] = {}  # stream id -> its answer named a destination
@@ -87,14 +109,14 @@ class _Connection(asyncio.Protocol):
     def _start(self, n: int) -> None:
         assert self.transport is not None
         out = []
-        size = len(self.payload)
+        size = len(self.payload) + len(self.response)
         while n > 0 and self.window >= size and time.monotonic() < self.until:
             sid = self.next_sid
             self.next_sid += 2
             self.open[sid] = False
-            self.window -= size
+            self.window -= len(self.payload)
             out.append(_frame(HEADERS, END_HEADERS, sid, self.block))
-            out.append(_frame(DATA, END_STREAM, sid, self.payload))
+            out.append(_frame(DATA, 0 if self.response else END_STREAM, sid, self.payload))
             n -= 1
         if out:
             self.transport.write(b"".join(out))
@@ -116,8 +138,10 @@ class _Connection(asyncio.Protocol):
             pos += 9 + length
             if kind == DATA:
                 self.unacked += length
-                if PICKED in payload and sid in self.open:
+                if sid in self.open and not self.open[sid] and PICKED in payload:
                     self.open[sid] = True
+                    if self.response:
+                        self._respond(sid)
             elif kind == SETTINGS and not flags & ACK:
                 assert self.transport is not None
                 self.transport.write(_frame(SETTINGS, ACK, 0, b""))
@@ -146,6 +170,12 @@ class _Connection(asyncio.Protocol):
         if ended or not self.open:
             self._start(ended)
 
+    def _respond(self, sid: int) -> None:
+        """The pick is in: the pod's response goes through the picker (its headers, every chunk)."""
+        assert self.transport is not None
+        self.window -= len(self.response)  # (the window was checked for both halves at the start)
+        self.transport.write(_frame(DATA, END_STREAM, sid, self.response))
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.errors += len(self.open)
         self.open.clear()
@@ -153,16 +183,20 @@ class _Connection(asyncio.Protocol):
             self.done.set_result(None)
 
 
-async def run(host: str, port: int, connections: int, streams: int, seconds: float) -> dict[str, float]:
-    block, payload = stream_frames(f"{host}:{port}", request_body())
+async def run(host: str, port: int, connections: int, streams: int, seconds: float,
+              tokens: int = 0) -> dict[str, float]:
+    block, payload = stream_frames(f"{host}:{port}", request_body(), tokens)
+    response = response_payload(tokens) if tokens else b""
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     until = start + seconds
     conns = []
     for _ in range(connections):
         done: asyncio.Future[None] = loop.create_future()
-        _, proto = await loop.create_connection(lambda d=done: _Connection(block, payload, streams, until, d),  # type: ignore[misc]
-                                                host, port)
+        def connection(d: asyncio.Future[None] = done) -> _Connection:
+            return _Connection(block, payload, streams, until, d, response)
+
+        _, proto = await loop.create_connection(connection, host, port)
         conns.append(proto)
     await asyncio.wait_for(asyncio.gather(*(c.done for c in conns)), seconds + 30)
     elapsed = time.monotonic() - start
@@ -173,12 +207,13 @@ async def run(host: str, port: int, connections: int, streams: int, seconds: flo
 
 def main(argv: list[str]) -> int:
     host, port, connections, streams, seconds = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
+    tokens = int(argv[5]) if len(argv) > 5 else 0
     try:
         import uvloop
 
-        result = uvloop.run(run(host, port, connections, streams, seconds))
+        result = uvloop.run(run(host, port, connections, streams, seconds, tokens))
     except ImportError:
-        result = asyncio.run(run(host, port, connections, streams, seconds))
+        result = asyncio.run(run(host, port, connections, streams, seconds, tokens))
     print(json.dumps(result))
     return 0
 

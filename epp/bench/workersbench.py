@@ -26,6 +26,7 @@ from epp.stack.local import free_ports
 @dataclass
 class Round:
     workers: int
+    tokens: int  # 0: request only (BUFFERED, no response); else gateway-mode streams of this many chunks
     picks: int
     errors: int
     seconds: float
@@ -43,7 +44,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-async def _one(workers: int, endpoints: list[str], workdir: Path, connections: int, streams: int,
+async def _one(workers: int, tokens: int, endpoints: list[str], workdir: Path, connections: int, streams: int,
                seconds: float, client_nice: int) -> Round:
     grpc, health, metrics = free_ports(3)
     epp = await start_epp(endpoints, grpc, health, metrics, workdir,
@@ -52,7 +53,7 @@ async def _one(workers: int, endpoints: list[str], workdir: Path, connections: i
         kids = _children(epp.pid) if workers else []
         state0, kids0 = cpu_seconds(epp.pid), sum(cpu_seconds(k) for k in kids)
         cmd = [sys.executable, "-m", "epp.bench.extprocload", "127.0.0.1", str(grpc), str(connections),
-               str(streams), str(seconds)]
+               str(streams), str(seconds), str(tokens)]
         if client_nice:
             cmd = ["nice", "-n", str(client_nice), *cmd]
         done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -63,14 +64,14 @@ async def _one(workers: int, endpoints: list[str], workdir: Path, connections: i
         stop(epp)
     r = json.loads(done.stdout.strip().splitlines()[-1])
     n = max(r["picks"], 1)
-    return Round(workers, r["picks"], r["errors"], round(r["seconds"], 2), round(r["picks"] / r["seconds"], 1),
+    return Round(workers, tokens, r["picks"], r["errors"], round(r["seconds"], 2), round(r["picks"] / r["seconds"], 1),
                  round((state1 - state0) / n * 1e6, 1), round((kids1 - kids0) / n * 1e6, 1),
                  round(r["client_cpu_s"] / r["seconds"], 3))
 
 
 async def bench_workers(out: Path, *, workers: tuple[int, ...] = (0, 1, 2), rounds: int = 3,
                         seconds: float = 8.0, connections: int = 16, streams: int = 8,
-                        client_nice: int = 0) -> dict[str, Any]:
+                        client_nice: int = 0, tokens: tuple[int, ...] = (0, 64)) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "logs"
     work.mkdir(exist_ok=True)
@@ -79,25 +80,29 @@ async def bench_workers(out: Path, *, workers: tuple[int, ...] = (0, 1, 2), roun
     all_rounds: list[Round] = []
     try:
         for i in range(rounds):
-            order = workers if i % 2 == 0 else tuple(reversed(workers))
-            for w in order:
-                all_rounds.append(await _one(w, [f"127.0.0.1:{p}" for p in ports], work, connections, streams,
-                                             seconds, client_nice))
+            for t in tokens:
+                order = workers if i % 2 == 0 else tuple(reversed(workers))
+                for w in order:
+                    all_rounds.append(await _one(w, t, [f"127.0.0.1:{p}" for p in ports], work, connections,
+                                                 streams, seconds, client_nice))
     finally:
         stop(sim)
     rows = []
-    for w in workers:
-        mine = sorted((r for r in all_rounds if r.workers == w), key=lambda r: r.picks_per_s)
-        rows.append(mine[len(mine) // 2])
-    base = next((r.picks_per_s for r in rows if r.workers == 0), None)
+    for t in tokens:
+        base = None
+        for w in workers:
+            mine = sorted((r for r in all_rounds if r.workers == w and r.tokens == t), key=lambda r: r.picks_per_s)
+            row = mine[len(mine) // 2]
+            base = row.picks_per_s if w == 0 else base
+            rows.append({**asdict(row), "vs_one_process": round(row.picks_per_s / base, 2) if base else None,
+                         "range": [mine[0].picks_per_s, mine[-1].picks_per_s]})
     result = {
         "meta": {"cpus": len(os.sched_getaffinity(0)), "rounds": rounds, "seconds": seconds,
                  "connections": connections, "streams_per_connection": streams, "client_nice": client_nice,
-                 "pods": 4, "load": "epp.bench.extprocload: BUFFERED request headers + 2.4 KB body, no response"},
-        "rows": [{**asdict(r), "vs_one_process": round(r.picks_per_s / base, 2) if base else None} for r in rows],
+                 "pods": 4, "load": "epp.bench.extprocload: a 2.4 KB completion request; tokens 0: BUFFERED, no "
+                                    "response processing; tokens N: FULL_DUPLEX_STREAMED both ways, N SSE chunks"},
+        "rows": rows,
         "rounds": [asdict(r) for r in all_rounds],
-        "spread": {str(w): [min(r.picks_per_s for r in all_rounds if r.workers == w),
-                            max(r.picks_per_s for r in all_rounds if r.workers == w)] for w in workers},
     }
     (out / "workers.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "workers.md").write_text(markdown(result))
@@ -110,12 +115,13 @@ def markdown(result: dict[str, Any]) -> str:
              f"rounds of {m['seconds']:g} s)", "",
              f"Load: {m['load']}; {m['connections']} connections x {m['streams_per_connection']} streams open; "
              f"the client at nice {m['client_nice']} in its own process.", "",
-             "| workers | picks/s | vs one process | errors | state CPU us/pick | workers CPU us/pick | "
-             "client cores |", "|---|---|---|---|---|---|---|"]
+             "| request | workers | picks/s | vs one process | min-max | errors | state CPU us/pick | "
+             "workers CPU us/pick | client cores |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['workers'] or '0 (one process)'} | {r['picks_per_s']:,.0f} | {r['vs_one_process']} | "
-                     f"{r['errors']} | {r['state_cpu_us_per_pick']} | {r['workers_cpu_us_per_pick']} | "
-                     f"{r['client_cores']} |")
-    spread = ", ".join(f"{w}: {lo:,.0f}-{hi:,.0f}" for w, (lo, hi) in result["spread"].items())
-    lines += ["", f"picks/s across rounds (min-max) by workers: {spread}.", ""]
+        kind = f"{r['tokens']}-token stream" if r["tokens"] else "request only"
+        lo, hi = r["range"]
+        lines.append(f"| {kind} | {r['workers'] or '0 (one process)'} | {r['picks_per_s']:,.0f} | "
+                     f"{r['vs_one_process']} | {lo:,.0f}-{hi:,.0f} | {r['errors']} | {r['state_cpu_us_per_pick']} | "
+                     f"{r['workers_cpu_us_per_pick']} | {r['client_cores']} |")
+    lines.append("")
     return "\n".join(lines)

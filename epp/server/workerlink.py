@@ -114,9 +114,11 @@ class StateEnd(_Link):
     """One worker's link, in the state process: its requests go to the director."""
 
     def __init__(self, director: Any, services: dict[str, UnaryFactory], on_lost: Callable[[StateEnd], None],
-                 skips: BodySkips | None = None) -> None:
+                 skips: BodySkips | None = None, explain: bool = False, scores: bool = False) -> None:
+        """``explain``, ``scores``: the workers emit decision headers / endpoint scores."""
         super().__init__()
         self.director = director
+        self.explain, self.scores = explain, scores
         self.skips = skips
         self.services = services
         self.on_lost = on_lost
@@ -210,7 +212,7 @@ class StateEnd(_Link):
 
     def _routed(self, rid: int, r: Routed) -> None:
         self.routed[rid] = r
-        self.send(["r", rid, pick_fields(r)])
+        self.send(["r", rid, pick_fields(r, self.explain, self.scores)])
 
     def _refused(self, rid: int, e: Refused) -> None:
         self.send(["n", rid, e.status, e.message, e.param, e.dropped, [list(h) for h in e.headers]])
@@ -226,18 +228,18 @@ class StateEnd(_Link):
         handler.on_end()
 
 
-def pick_fields(r: Routed) -> list[Any]:
+def pick_fields(r: Routed, explain: bool, scores: bool) -> list[Any]:
     """What a worker needs of a committed pick to answer the gateway and read the response: the
     destination and request mutations, the response headers for each endpoint that may serve
-    (the primary, the fallbacks) with and without the decision headers, and what to read."""
+    (the primary, the fallbacks), the decision headers and scores when the worker emits them,
+    and what to read."""
     d = r.decision
     endpoints = list(d.endpoints)
     headers = {e: [list(h) for h in r.response_headers_for(e, False)] for e in endpoints}
-    explained = {e: [list(h) for h in r.response_headers_for(e, True)] for e in endpoints}
     reader = 0 if r.reader is None else 2 if r.reader.strip else 1
     return [r.header_value, [list(h) for h in r.request_headers], list(r.removed_headers), r.forward_body,
-            r.endpoint_scores(), headers, explained, endpoints, list(d.destinations or ()), reader,
-            r.watch_response, r._streaming()]
+            r.endpoint_scores() if scores else {}, headers, [list(h) for h in r.explain()] if explain else [],
+            endpoints, list(d.destinations or ()), reader, r.watch_response, r._streaming()]
 
 
 # -- a worker's end --------------------------------------------------------------------------------
@@ -305,8 +307,8 @@ class RemoteRouted:
         return dict(self._scores)
 
     def response_headers(self, explain: bool) -> tuple[tuple[str, str], ...]:
-        table = self._explained if explain else self._by_endpoint
-        return tuple(tuple(h) for h in table.get(self.endpoint, ()))
+        own = self._by_endpoint.get(self.endpoint, [])
+        return tuple(tuple(h) for h in (own + self._explained if explain else own))
 
     def served_by(self, endpoint: str) -> None:
         if self._destinations and endpoint in self._destinations:

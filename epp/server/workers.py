@@ -117,7 +117,8 @@ class WorkerPool:
             await asyncio.sleep(0.02)
 
     def _new_link(self) -> StateEnd:
-        link = StateEnd(self.director, self.unary, self._lost, self.skips)
+        link = StateEnd(self.director, self.unary, self._lost, self.skips, self.config.decision_headers,
+                        self.config.emit_scores)
         self.links.add(link)
         self.running.set(len(self.links))
         for w in self.workers:

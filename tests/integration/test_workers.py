@@ -164,3 +164,11 @@ def test_workers_need_a_fixed_port() -> None:
     picker = PickerServer(ServeOptions(config=load_config(None), endpoints=("127.0.0.1:1",), grpc_port=0, workers=2))
     with pytest.raises(ValueError, match="fixed --grpc-port"):
         asyncio.run(picker.start())
+
+
+async def test_decision_headers_come_from_the_worker_as_from_one_process() -> None:
+    async with workers_stack(decision_headers=True) as stack, aiohttp.ClientSession() as s:
+        status, headers, data = await post(s, f"{stack.url}/v1/completions", completion_body("explain this"))
+        assert status == 200, data
+        assert headers["x-epp-endpoint"] == headers["x-sim-server"]
+        assert headers["x-epp-reason"] and float(headers["x-epp-queue-ms"]) >= 0
