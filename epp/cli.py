@@ -203,10 +203,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ref.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--drain-timeout", type=parse_duration, default=30.0, metavar="DURATION",
                    help="on SIGTERM: report NOT_SERVING, keep serving until quiet, at most this long (30s)")
-    p.add_argument("--workers", type=_workers, default=0, metavar="N",
+    p.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                    help="protocol worker processes serving the gRPC port (SO_REUSEPORT), every pick made by this "
-                        "process's one routing state; 'auto': the cores available (capped at 64); 0 (default): "
-                        "this process serves the port itself")
+                        "process's one routing state; 0: this process serves the port itself; 'auto' (default): "
+                        "one per available core (CPU affinity and the cgroup's CPU limit), at most 8, none on one "
+                        "core or with --grpc-port 0")
     bool_flag(p, "--metrics-endpoint-auth", False, "require a bearer token on /metrics: the one in "
               "--metrics-token-file, else (with Kubernetes discovery) any the API server authorizes to get /metrics")
     p.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
@@ -263,7 +264,7 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        allow_mode_override=args.allow_mode_override, workers=args.workers, kubernetes=kube,
+        allow_mode_override=args.allow_mode_override, workers=_worker_count(args), kubernetes=kube,
         objectives_file=args.objectives_file,
         api_keys_file=args.api_keys_file,
         drain_timeout=args.drain_timeout,
@@ -283,6 +284,16 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _worker_count(args: argparse.Namespace) -> int:
+    """--workers as given; by default one per core, none when the port is picked at random (the
+    workers must share a fixed one)."""
+    from epp.server.workers import default_workers
+
+    if args.workers is not None:
+        return int(args.workers)
+    return default_workers() if args.grpc_port else 0
 
 
 def _workers(text: str) -> int:

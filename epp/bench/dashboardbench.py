@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.bench.procs import start_epp, start_sim, stop, tree_cpu_seconds
 from epp.stack.local import free_ports
 
 
@@ -49,13 +49,13 @@ async def bench_dashboard(out: Path, *, servers: int = 8, seconds: float = 10.0)
             for viewers in (0, 1, 8, 0):
                 events: list[int] = []
                 await asyncio.sleep(1.0)  # the previous round's pages are closed
-                c0, t0 = cpu_seconds(epp.pid), time.monotonic()
+                c0, t0 = tree_cpu_seconds(epp.pid), time.monotonic()
                 tasks = [asyncio.create_task(_viewer(url, events, t0 + seconds)) for _ in range(viewers)]
                 await asyncio.sleep(seconds)
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                cpu = cpu_seconds(epp.pid) - c0
+                cpu = tree_cpu_seconds(epp.pid) - c0
                 elapsed = time.monotonic() - t0
                 rows.append({"viewers": viewers, "seconds": round(elapsed, 1), "epp_cpu_ms_per_s": round(
                     cpu / elapsed * 1000, 2), "events": len(events),

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from epp.bench.loadgen import request_body, run_load
-from epp.bench.procs import cpu_seconds, start_sim, stop
+from epp.bench.procs import cpu_seconds, start_sim, stop, tree_cpu_seconds
 from epp.stack.local import epp_command, free_ports, spawn, wait_until
 
 KEY = "sk-bench-0123456789abcdef"
@@ -89,18 +89,6 @@ class GatewayRow:
     picker_cpu_us_per_req: float | None  # of which the picker (epp gateway only)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
-def _tree_cpu(pid: int) -> float:
-    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in _children(pid))
-
-
 def nginx_binary() -> str:
     for cand in (shutil.which("nginx"), "/usr/sbin/nginx"):
         if cand and Path(cand).exists():
@@ -153,11 +141,11 @@ async def start_gateway(work: Path, name: str, endpoints: list[str], keys: bool)
 
 async def _measure(name: str, proc: subprocess.Popen[bytes], port: int, picker: bool, body: bytes, conc: int,
                    requests: int, max_seconds: float, tokens: int, headers: dict[str, str]) -> GatewayRow:
-    cpu0, own0 = _tree_cpu(proc.pid), cpu_seconds(proc.pid)
+    cpu0, own0 = tree_cpu_seconds(proc.pid), cpu_seconds(proc.pid)
     res = await run_load("127.0.0.1", port, "/v1/completions", body, concurrency=conc, requests=requests,
                          max_seconds=max_seconds, headers=headers)
     n = max(len(res.latencies), 1)
-    total = (_tree_cpu(proc.pid) - cpu0) / n * 1e6
+    total = (tree_cpu_seconds(proc.pid) - cpu0) / n * 1e6
     own = (cpu_seconds(proc.pid) - own0) / n * 1e6
     return GatewayRow(name, conc, tokens, len(res.latencies), res.errors, round(res.rps, 1),
                       round(res.percentile(50) * 1e3, 3), round(res.percentile(99) * 1e3, 3), round(total, 1),

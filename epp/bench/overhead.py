@@ -25,7 +25,7 @@ from typing import Any
 
 from epp.bench.gatewaybench import front_door_cost, front_door_instructions, front_door_parts, shadow_cost
 from epp.bench.loadgen import request_body, run_load
-from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop, tree_cpu_seconds
 from epp.bench.schedcost import markdown as cost_markdown
 from epp.bench.schedcost import scheduling_cost
 from epp.stack.local import EnvoyProc, free_ports, start_envoy
@@ -48,12 +48,12 @@ class Row:
 
 async def _measure(name: str, envoy: EnvoyProc, epp: subprocess.Popen[bytes] | None, body: bytes, concurrency: int,
                    requests: int, max_seconds: float) -> Row:
-    epp_cpu0 = cpu_seconds(epp.pid) if epp else 0.0
+    epp_cpu0 = tree_cpu_seconds(epp.pid) if epp else 0.0
     env_cpu0 = cpu_seconds(envoy.proc.pid)
     res = await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=concurrency,
                          requests=requests, max_seconds=max_seconds)
     n = max(len(res.latencies), 1)
-    picker = (cpu_seconds(epp.pid) - epp_cpu0) / n * 1e6 if epp else None
+    picker = (tree_cpu_seconds(epp.pid) - epp_cpu0) / n * 1e6 if epp else None
     env = (cpu_seconds(envoy.proc.pid) - env_cpu0) / n * 1e6
     return Row(name, concurrency, len(res.latencies), res.errors, round(res.rps, 1),
                round(res.percentile(50) * 1e3, 3), round(res.percentile(99) * 1e3, 3), None,

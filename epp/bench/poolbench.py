@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.bench.procs import cpu_seconds, stop
+from epp.bench.procs import stop, tree_cpu_seconds
 from epp.bench.schedcost import PROFILES, _pool, _requests
 from epp.config import parse_config
 from epp.scheduling.prefix_index import PrefixIndex
@@ -58,9 +58,9 @@ async def scraping(out: Path, servers: int, interval: float, seconds: float) -> 
                 return await _scrapes(s, url) >= servers  # every pod scraped once
 
             await wait_until(up, 60, "epp scraping every pod")
-            n0, c0, t0 = await _scrapes(s, url), cpu_seconds(proc.pid), time.monotonic()
+            n0, c0, t0 = await _scrapes(s, url), tree_cpu_seconds(proc.pid), time.monotonic()
             await asyncio.sleep(seconds)
-            n1, c1, t1 = await _scrapes(s, url), cpu_seconds(proc.pid), time.monotonic()
+            n1, c1, t1 = await _scrapes(s, url), tree_cpu_seconds(proc.pid), time.monotonic()
     finally:
         stop(proc)
         await fleet.stop()

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from epp.bench.procs import cpu_seconds, start_epp, stop
+from epp.bench.procs import cpu_seconds, start_epp, stop, tree_cpu_seconds
 from epp.bench.simbench import _pct
 from epp.bench.workloads import Session, Trace, WorkloadParams, build
 from epp.sim.fleet import Fleet
@@ -95,7 +95,7 @@ class Running:
             name = f"replica-{self.replicas.index(p)}" if p in self.replicas else \
                 "store" if self.store is not None and p is self.store.proc else "router" if i == 0 else f"router-{i}"
             with contextlib.suppress(OSError, ValueError):
-                parts[name] = cpu_seconds(p.pid)
+                parts[name] = tree_cpu_seconds(p.pid)
         if self.envoy is not None:
             with contextlib.suppress(OSError, ValueError):
                 parts["envoy"] = cpu_seconds(self.envoy.proc.pid)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop
+from epp.bench.procs import children, cpu_seconds, start_epp, start_sim, stop
 from epp.stack.local import free_ports
 
 
@@ -50,7 +50,7 @@ async def _one(workers: int, tokens: int, endpoints: list[str], workdir: Path, c
     epp = await start_epp(endpoints, grpc, health, metrics, workdir,
                           extra=("--workers", str(workers), "--dashboard=false"))
     try:
-        kids = _children(epp.pid) if workers else []
+        kids = children(epp.pid) if workers else []
         state0, kids0 = cpu_seconds(epp.pid), sum(cpu_seconds(k) for k in kids)
         cmd = [sys.executable, "-m", "epp.bench.extprocload", "127.0.0.1", str(grpc), str(connections),
                str(streams), str(seconds), str(tokens)]
