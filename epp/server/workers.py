@@ -244,9 +244,15 @@ async def serve_worker(cfg: WorkerConfig) -> None:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     await stopping.wait()
-    if not lost.is_set():  # asked to stop: let the gateway's streams finish first
-        await grpc.drain(cfg.drain_timeout)
-    await grpc.stop(1.0)
+    if not lost.is_set():  # asked to stop: let the gateway's streams finish first, unless the state goes
+        draining = asyncio.ensure_future(grpc.drain(cfg.drain_timeout))
+        gone = asyncio.ensure_future(lost.wait())
+        await asyncio.wait({draining, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (draining, gone):
+            task.cancel()
+    # Without the state process nothing here can be answered but 503: leave at once, so the
+    # gateway's next connections reach a process that can pick (a restarted epp's workers).
+    await grpc.stop(0.0 if lost.is_set() else 1.0)
 
 
 def _die_with_parent() -> None:

@@ -265,3 +265,28 @@ async def test_kill_9_and_restart_measures_the_error_window(tmp_path: Path) -> N
                               "error_window_s": round(window, 2), "restart_to_ready_s": round(restarted - killed, 2),
                               "error_statuses": sorted({st for _, st in log if st != 200})}
     print(json.dumps(report))
+
+
+async def test_the_workers_leave_with_a_killed_epp_and_the_next_one_serves(tmp_path: Path) -> None:
+    async with fleet_of(2) as fleet:
+        addrs = [s.address for s in fleet.servers]
+        ports = free_ports(3)
+        async with epp_process(tmp_path, addrs, "--workers", "2", ports=ports) as (proc, _):
+            workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert len(workers) == 2
+            proc.kill()
+            proc.wait(10)
+
+            async def gone() -> bool:
+                return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+            await wait_until(gone, 5, "the workers of the killed epp gone")
+        async with epp_process(tmp_path, addrs, "--workers", "2", ports=ports):
+            envoy = await start_envoy("epp-full-duplex", tmp_path, epp_port=ports[0])
+            try:
+                async with aiohttp.ClientSession() as s:
+                    for i in range(10):
+                        async with s.post(f"{envoy.url}/v1/completions", data=completion_body(f"n{i}")) as r:
+                            assert r.status == 200, await r.text()
+            finally:
+                envoy.stop()
