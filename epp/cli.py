@@ -490,8 +490,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ro.add_argument("--workload", default="mix", help="mix, zipf, hot, multiturn, long or bursty")
     ro.add_argument("--contenders", default=",".join(("envoy-round-robin", "envoy-least-request", "epp",
                                                       "vllm-router", "sglang-router")),
-                    help="also: epp-active-active (two replicas sharing state through a real Redis) and "
-                    "epp-active-active-unshared (the same two without the store)")
+                    help="also: epp-active-active (two replicas sharing state through a real Redis), "
+                    "epp-active-active-unshared (the same two without the store), epp-one-process (--workers 0) "
+                    "and epp-workers-2 (--workers 2, Envoy cycling its ext_proc connections)")
     ro.add_argument("--kill-replica-at", type=float, metavar="SECONDS",
                     help="SIGKILL one active-active replica this far into each of their runs; the row gains "
                     "failures before/after and the recovery time")

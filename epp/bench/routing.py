@@ -49,6 +49,15 @@ CONTENDERS = ("envoy-round-robin", "envoy-least-request", "epp", "vllm-router", 
 # Two epp replicas behind one Envoy, sharing picker state through a real Redis (active-active), and
 # the same two without the store (the control: each routes knowing only its own picks).
 REPLICA_CONTENDERS = {"epp-active-active": True, "epp-active-active-unshared": False}
+WORKER_CONTENDERS = {"epp-one-process": 0, "epp-workers-2": 2}  # epp with --workers N
+# With workers, Envoy opens a new ext_proc connection every 50 streams, so the kernel spreads the
+# streams over the workers (one long-lived connection would land on one of them).
+CYCLED_CONNECTIONS: dict[str, Any] = {"typed_extension_protocol_options": {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"max_requests_per_connection": 50},
+        "explicit_http_config": {"http2_protocol_options": {"initial_stream_window_size": 16777216,
+                                                            "initial_connection_window_size": 67108864}}}}}
 REPLICAS = 2
 PEERS = {"vllm-router": ("vllm-router==0.1.17", "vllm-router"), "sglang-router": ("sglang-router==0.3.2", "smg")}
 _TEXT = re.compile(rb'"content":\s*"[^"]')
@@ -165,13 +174,15 @@ def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
 
 async def epp_behind_envoy(addresses: list[str], workdir: Path, extra: tuple[str, ...] = (),
                            env: dict[str, str] | None = None, endpoints_file: Path | None = None,
-                           grpc: tuple[int, int, int] | None = None) -> Running:
-    """epp (``extra`` arguments) and a FULL_DUPLEX Envoy in front of it."""
+                           grpc: tuple[int, int, int] | None = None,
+                           epp_cluster: dict[str, Any] | None = None) -> Running:
+    """epp (``extra`` arguments) and a FULL_DUPLEX Envoy in front of it (``epp_cluster``: fields
+    set on its ext_proc cluster)."""
     grpc_port, health, metrics = grpc or tuple(free_ports(3))
     epp = await start_epp(addresses, grpc_port, health, metrics, workdir, extra, env=env,
                           endpoints_file=endpoints_file)
     try:
-        envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc_port)
+        envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc_port, epp_cluster=epp_cluster)
     except Exception:
         stop(epp)
         raise
@@ -197,7 +208,8 @@ async def epp_replicas_behind_envoy(addresses: list[str], workdir: Path, replica
             where = workdir / f"replica-{i}"
             where.mkdir(parents=True, exist_ok=True)
             share = ("--shared-state-url", redis.url, "--shared-state-key", "epp:bench/routing") if shared else ()
-            pickers.append(await start_epp(addresses, grpc, health, metrics, where, (*extra, *share), env=env))
+            pickers.append(await start_epp(addresses, grpc, health, metrics, where, ("--workers", "0", *extra, *share),
+                                           env=env))
             ports.append((grpc, health))
         procs += pickers
         envoy = await start_envoy_for("epp-full-duplex", workdir, ports)
@@ -228,6 +240,10 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
         if REPLICA_CONTENDERS[name] and redis_binary() is None:
             return "no valkey-server or redis-server (make redis installs Debian's redis-server)"
         return await epp_replicas_behind_envoy(addresses, workdir, REPLICAS, REPLICA_CONTENDERS[name], env=env)
+    if name in WORKER_CONTENDERS:
+        workers = WORKER_CONTENDERS[name]
+        return await epp_behind_envoy(addresses, workdir, ("--workers", str(workers)), env,
+                                      epp_cluster=CYCLED_CONNECTIONS if workers else None)
     if name == "epp" or name.startswith("epp-"):
         grpc, health, metrics = free_ports(3)
         extra: tuple[str, ...] = ()
