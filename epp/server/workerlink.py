@@ -5,17 +5,21 @@ decision is made by the one director in the state process, so N workers route ex
 process would. Each worker keeps one Unix-socket connection to the state process; messages are
 msgpack arrays, several per write (flushed once per event-loop turn):
 
-worker -> state                                   state -> worker
-  ["p", rid, headers, path, body, subset, access]   ["r", rid, pick]          a committed pick
-  ["c", rid]              cancel a held request      ["n", rid, status, message, refused
-  ["s", rid, served]      the endpoint that served     param, dropped, headers]
-  ["f", rid]              the response's first bytes ["U", rid, status, message, payload]
-  ["e", rid, status, usage, streamed, bytes, gaps]  the end, read     a relayed unary answer
+worker -> state
+  ["h", 0, index, pid]    the worker says who it is (first message)
+  ["p", rid, headers, path, body, subset, access]  a request to pick for
+  ["c", rid]              cancel a held request (its client went away)
+  ["s", rid, served]      the endpoint that served
+  ["f", rid]              the response's first bytes
+  ["e", rid, status, usage, streamed, bytes, gaps, spent]  the end, as the worker read it
   ["x", rid, status]      the stream ended (no body seen)
   ["k", 0, outcome]       a response body skip asked / ignored (--allow-mode-override)
-  ["h", 0, index, pid]    the worker says who it is (first message)
   ["u", rid, path, headers, peer, message]  a unary call (the epp.v1 Pick API) relayed
   ["ur", rid]             that call's client went away
+state -> worker
+  ["r", rid, pick]        a committed pick (``pick_fields``)
+  ["n", rid, status, message, param, dropped, headers]  refused
+  ["U", rid, status, message, payload]  a relayed unary answer
 
 Response bodies stay in the worker (echoed there, usage read there); the state process hears
 only the events that change routing state. When a worker's link drops, the state process ends
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -161,7 +166,7 @@ class StateEnd(_Link):
             if routed is not None:
                 routed.status = m[2]
                 usage = Usage(*m[3]) if m[3] is not None else None
-                routed.ended_elsewhere(usage, m[4], m[5], m[6], 0.0)
+                routed.ended_elsewhere(usage, m[4], m[5], m[6], m[7])
         elif kind == "x":
             routed = self.routed.pop(rid, None)
             if routed is not None:
@@ -261,6 +266,7 @@ class RemoteRouted:
         "_request_headers",
         "_rid",
         "_scores",
+        "_spent",
         "_streaming",
         "done",
         "endpoint",
@@ -290,6 +296,7 @@ class RemoteRouted:
         self._gaps: list[float] = []
         self._last = 0.0
         self._first = 0.0
+        self._spent = 0.0  # seconds this worker spent on the response body (epp's processing time)
 
     @property
     def header_value(self) -> str:
@@ -318,7 +325,7 @@ class RemoteRouted:
         self._link.send(["s", self._rid, endpoint])
 
     def response_body(self, data: bytes, eos: bool) -> bytes:
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()
         self._bytes = (self._bytes or 0) + len(data)
         if data:
             if not self.prefilled:
@@ -331,6 +338,7 @@ class RemoteRouted:
             self._last = now
         if self.reader is not None:
             data = self.reader.feed(data, eos)
+        self._spent += time.perf_counter() - now
         if eos:
             self.finish()
         return data
@@ -346,7 +354,7 @@ class RemoteRouted:
         if self._bytes is None and usage is None:
             self._link.send(["x", self._rid, self.status])  # no body seen here: the state side ends it as is
         else:
-            self._link.send(["e", self._rid, self.status, usage, self.streamed, self._bytes, self._gaps])
+            self._link.send(["e", self._rid, self.status, usage, self.streamed, self._bytes, self._gaps, self._spent])
 
 
 class RemotePending(Pending):

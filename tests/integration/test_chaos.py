@@ -18,6 +18,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epp.bench.procs import children
 from epp.config import load_config
 from epp.server.app import PickerServer, ServeOptions
 from epp.sim.fleet import Fleet
@@ -267,18 +268,22 @@ async def test_kill_9_and_restart_measures_the_error_window(tmp_path: Path) -> N
     print(json.dumps(report))
 
 
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 async def test_the_workers_leave_with_a_killed_epp_and_the_next_one_serves(tmp_path: Path) -> None:
     async with fleet_of(2) as fleet:
         addrs = [s.address for s in fleet.servers]
         ports = free_ports(3)
         async with epp_process(tmp_path, addrs, "--workers", "2", ports=ports) as (proc, _):
-            workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            workers = children(proc.pid)
             assert len(workers) == 2
             proc.kill()
             proc.wait(10)
 
             async def gone() -> bool:
-                return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+                return not any(_alive(pid) for pid in workers)
 
             await wait_until(gone, 5, "the workers of the killed epp gone")
         async with epp_process(tmp_path, addrs, "--workers", "2", ports=ports):

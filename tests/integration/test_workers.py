@@ -172,3 +172,26 @@ async def test_decision_headers_come_from_the_worker_as_from_one_process() -> No
         assert status == 200, data
         assert headers["x-epp-endpoint"] == headers["x-sim-server"]
         assert headers["x-epp-reason"] and float(headers["x-epp-queue-ms"]) >= 0
+
+
+async def test_a_stream_through_a_worker_is_measured_in_the_one_state() -> None:
+    async with workers_stack() as stack, aiohttp.ClientSession() as s:
+        body = completion_body("stream me", max_tokens=16, stream=True)
+        status, _, data = await post(s, f"{stack.url}/v1/completions", body)
+        assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
+        metrics = stack.picker.metrics
+
+        def total(hist: Any) -> float:
+            return sum(m.value for fam in hist.collect() for m in fam.samples if m.name.endswith("_sum"))
+
+        def count(hist: Any) -> float:
+            return sum(m.value for fam in hist.collect() for m in fam.samples if m.name.endswith("_count"))
+
+        async def ended() -> bool:  # (the worker tells the end after it forwarded the last chunk)
+            return count(metrics.response_processing) == 1
+
+        await wait_until(ended, 5, "the worker's end of the stream in the state process")
+        assert count(metrics.llmd_itl) >= 10  # the gaps between the chunks, read in the worker
+        assert count(metrics.response_processing) == 1 and total(metrics.response_processing) > 0
+        assert count(metrics.llmd_ttft) == 1 and count(metrics.llmd_response_sizes) == 1
+        assert total(metrics.llmd_response_sizes) == len(data)
