@@ -4,8 +4,8 @@ Contenders, all in front of the same fast simulated fleet: Envoy alone (round ro
 epp (FULL_DUPLEX_STREAMED, the gateway mode; BUFFERED optionally). Each runs at concurrency 1
 and 16 with the same 2.4 KB completion request, and (``stream_tokens``, 64) at concurrency 16
 with the same request streamed: an SSE event per token, so every response chunk crosses the
-picker, as gateways configure it. Picker CPU per request comes from the epp
-process's own CPU time (/proc), over the requests of that run. Then, in process, what the default
+picker, as gateways configure it. Picker CPU per request comes from the CPU time of the epp
+process and its workers (/proc), over the requests of that run. Then, in process, what the default
 profile and predicted-latency scoring cost per pick for 8, 32 and 128 candidates
 (``epp.bench.schedcost``).
 """
