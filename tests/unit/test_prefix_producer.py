@@ -195,3 +195,16 @@ def test_no_hit_lru_parameters_are_the_references() -> None:
         parse_config(NO_HIT.replace("lruSize: 2", "prefixMatchInfoProducerName: x"))
     s, _ = parse_config(NO_HIT.replace("lruSize: 2", "prefixPluginName: prefix-cache-scorer")).build()
     assert s.profile.scorers[1][0].size == 1024  # the deprecated name is accepted, with a warning
+
+
+def test_block_hashes_name_the_whole_prefix() -> None:
+    from epp.scheduling.prefix_index import PrefixIndex
+
+    index = PrefixIndex(block_size_tokens=4, max_blocks=8)  # 16 characters per block
+    a = index.hashes("m", "x" * 16 + "y" * 16 + "z" * 16 + "tail")
+    b = index.hashes("m", "x" * 16 + "y" * 16 + "w" * 16)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]  # shared blocks, then apart
+    c = index.hashes("m", "q" * 16 + "y" * 16 + "z" * 16)
+    assert not set(a) & set(c)  # a block's hash depends on every block before it
+    assert not set(a) & set(index.hashes("other-model", "x" * 16 + "y" * 16 + "z" * 16))
+    assert len(index.hashes("m", "x" * 16 * 20)) == 8 and index.hashes("m", "short") == []
