@@ -22,6 +22,7 @@ import sys
 import time
 from typing import cast
 
+import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -208,12 +209,7 @@ async def run(host: str, port: int, connections: int, streams: int, seconds: flo
 def main(argv: list[str]) -> int:
     host, port, connections, streams, seconds = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
     tokens = int(argv[5]) if len(argv) > 5 else 0
-    try:
-        import uvloop
-
-        result = uvloop.run(run(host, port, connections, streams, seconds, tokens))
-    except ImportError:
-        result = asyncio.run(run(host, port, connections, streams, seconds, tokens))
+    result = uvloop.run(run(host, port, connections, streams, seconds, tokens))
     print(json.dumps(result))
     return 0
 

@@ -36,14 +36,6 @@ class Round:
     client_cores: float
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 async def _one(workers: int, tokens: int, endpoints: list[str], workdir: Path, connections: int, streams: int,
                seconds: float, client_nice: int) -> Round:
     grpc, health, metrics = free_ports(3)

@@ -201,7 +201,7 @@ class Routed:
             if not self.prefilled:
                 self.first_bytes()
                 self.streamed = not eos
-            elif self.streamed and self._last_chunk_at and self._streaming():
+            elif self.streamed and self._last_chunk_at and self.streaming():
                 if self._itl is None:
                     self._itl = self._director.metrics.child(self._director.metrics.llmd_itl, *self._labels)
                 self._itl.observe(t0 - self._last_chunk_at)
@@ -225,7 +225,7 @@ class Routed:
         self.streamed = self.streamed or streamed
         self._response_bytes = response_bytes
         self._processing += processing
-        if gaps and self._streaming():
+        if gaps and self.streaming():
             itl = self._director.metrics.child(self._director.metrics.llmd_itl, *self._labels)
             for gap in gaps:
                 itl.observe(gap)
@@ -274,7 +274,8 @@ class Routed:
                                     reader.completion_tokens if reader else 0)
 
 
-    def _streaming(self) -> bool:
+    def streaming(self) -> bool:
+        """The client asked for a stream (else: the response came in more than one chunk)."""
         body = self.request.body
         return body.get("stream") is True if body is not None else self.streamed
 
@@ -283,7 +284,7 @@ class Routed:
         now = time.perf_counter()
         arrived = self.request.arrived or self._started
         first = self._first_at
-        facts = ResponseFacts(now - arrived, self._streaming(), self.request.body_bytes, self._response_bytes,
+        facts = ResponseFacts(now - arrived, self.streaming(), self.request.body_bytes, self._response_bytes,
                               (first - arrived) if first is not None else None,
                               processing=self._processing if self._response_bytes is not None else None)
         if reader is not None:
@@ -300,10 +301,10 @@ class Routed:
         if recorder is not None and recorder.active:
             recorder.finished(self.request, Outcome(self.status, self.served or self.endpoint, facts.prompt_tokens,
                                                     facts.completion_tokens, facts.cached_tokens, facts.ttft,
-                                                    facts.e2e, self._streaming()))
+                                                    facts.e2e, self.streaming()))
         metering = self._director.metering
         if metering is not None:
             metering.record(UsageRecord(
                 self.request.request_id, self.request.tenant, key.key_id if isinstance(key, ApiKey) else "",
                 self._labels.model, self.served or self.endpoint, self.status, facts.prompt_tokens,
-                facts.completion_tokens, facts.cached_tokens or 0, facts.ttft, facts.e2e, self._streaming()))
+                facts.completion_tokens, facts.cached_tokens or 0, facts.ttft, facts.e2e, self.streaming()))

@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import msgpack
 
+from epp.requestcontrol.director import Director
 from epp.requestcontrol.frontend import Ready, RoutedSide
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import Refused
@@ -118,7 +119,7 @@ class _RelayedResponder:
 class StateEnd(_Link):
     """One worker's link, in the state process: its requests go to the director."""
 
-    def __init__(self, director: Any, services: dict[str, UnaryFactory], on_lost: Callable[[StateEnd], None],
+    def __init__(self, director: Director, services: dict[str, UnaryFactory], on_lost: Callable[[StateEnd], None],
                  skips: BodySkips | None = None, explain: bool = False, scores: bool = False) -> None:
         """``explain``, ``scores``: the workers emit decision headers / endpoint scores."""
         super().__init__()
@@ -133,6 +134,9 @@ class StateEnd(_Link):
         self.index = -1  # the worker's, once it said hello
         self.pid = 0
         self.requests = 0  # picks asked through this link
+        self._handlers: dict[str, Callable[[int, Any], None]] = {
+            "p": self._pick, "s": self._served, "f": self._first_bytes, "e": self._ended, "x": self._stream_ended,
+            "c": self._cancel, "u": self._unary_call, "ur": self._unary_gone, "k": self._skip, "h": self._hello}
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The worker died (or stopped): nothing it held stays counted."""
@@ -149,46 +153,57 @@ class StateEnd(_Link):
         self.on_lost(self)
 
     def on_message(self, m: Any) -> None:
-        kind, rid = m[0], m[1]
-        if kind == "p":
-            self.requests += 1
-            self._submit(rid, m)
-        elif kind == "s":
-            routed = self.routed.get(rid)
-            if routed is not None:
-                routed.served_by(m[2])
-        elif kind == "f":
-            routed = self.routed.get(rid)
-            if routed is not None:
-                routed.first_bytes()
-        elif kind == "e":
-            routed = self.routed.pop(rid, None)
-            if routed is not None:
-                routed.status = m[2]
-                usage = Usage(*m[3]) if m[3] is not None else None
-                routed.ended_elsewhere(usage, m[4], m[5], m[6], m[7])
-        elif kind == "x":
-            routed = self.routed.pop(rid, None)
-            if routed is not None:
-                routed.status = m[2]
-                routed.finish()
-            held = self.pending.pop(rid, None)
-            if held is not None:
-                held.cancel()
-        elif kind == "c":
-            held = self.pending.pop(rid, None)
-            if held is not None:
-                held.cancel()
-        elif kind == "u":
-            self._unary(rid, m[2], m[3], m[4], m[5])
-        elif kind == "ur":
-            handler = self.unary.pop(rid, None)
-            if handler is not None:
-                handler.on_reset()
-        elif kind == "k" and self.skips is not None:
+        handler = self._handlers.get(m[0])
+        if handler is not None:
+            handler(m[1], m)
+
+    def _pick(self, rid: int, m: Any) -> None:
+        self.requests += 1
+        self._submit(rid, m)
+
+    def _served(self, rid: int, m: Any) -> None:
+        routed = self.routed.get(rid)
+        if routed is not None:
+            routed.served_by(m[2])
+
+    def _first_bytes(self, rid: int, m: Any) -> None:
+        routed = self.routed.get(rid)
+        if routed is not None:
+            routed.first_bytes()
+
+    def _ended(self, rid: int, m: Any) -> None:
+        routed = self.routed.pop(rid, None)
+        if routed is not None:
+            routed.status = m[2]
+            usage = Usage(*m[3]) if m[3] is not None else None
+            routed.ended_elsewhere(usage, m[4], m[5], m[6], m[7])
+
+    def _stream_ended(self, rid: int, m: Any) -> None:
+        routed = self.routed.pop(rid, None)
+        if routed is not None:
+            routed.status = m[2]
+            routed.finish()
+        self._cancel(rid, m)
+
+    def _cancel(self, rid: int, m: Any) -> None:
+        held = self.pending.pop(rid, None)
+        if held is not None:
+            held.cancel()
+
+    def _unary_call(self, rid: int, m: Any) -> None:
+        self._unary(rid, m[2], m[3], m[4], m[5])
+
+    def _unary_gone(self, rid: int, m: Any) -> None:
+        handler = self.unary.pop(rid, None)
+        if handler is not None:
+            handler.on_reset()
+
+    def _skip(self, rid: int, m: Any) -> None:
+        if self.skips is not None:
             self.skips.ask() if m[2] == "asked" else self.skips.ignored()
-        elif kind == "h":
-            self.index, self.pid = m[2], m[3]
+
+    def _hello(self, rid: int, m: Any) -> None:
+        self.index, self.pid = m[2], m[3]
 
     def _submit(self, rid: int, m: Any) -> None:
         given = RequestInput(m[2], m[3], m[4], subset=tuple(m[5]) if m[5] is not None else None)
@@ -244,7 +259,7 @@ def pick_fields(r: Routed, explain: bool, scores: bool) -> list[Any]:
     reader = 0 if r.reader is None else 2 if r.reader.strip else 1
     return [r.header_value, [list(h) for h in r.request_headers], list(r.removed_headers), r.forward_body,
             r.endpoint_scores() if scores else {}, headers, [list(h) for h in r.explain()] if explain else [],
-            endpoints, list(d.destinations or ()), reader, r.watch_response, r._streaming()]
+            endpoints, list(d.destinations or ()), reader, r.watch_response, r.streaming()]
 
 
 # -- a worker's end --------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from epp.requestcontrol.director import Director
 from epp.server import h2grpc
 from epp.server.extproc import BodySkips, ExtProcStream
 from epp.server.pickapi import PICK_PATH, RELEASE_PATH, STARTED_PATH
@@ -100,7 +101,7 @@ class WorkerPool:
     """The serving process's side: starts the workers, links them to the director, restarts the
     ones that die."""
 
-    def __init__(self, count: int, config: WorkerConfig, director: Any, unary: dict[str, UnaryFactory],
+    def __init__(self, count: int, config: WorkerConfig, director: Director, unary: dict[str, UnaryFactory],
                  skips: BodySkips | None, registry: CollectorRegistry | None) -> None:
         self.count = count
         self.config = config
@@ -270,11 +271,7 @@ def main(argv: list[str]) -> int:
     cfg = WorkerConfig(**json.loads(argv[0]))
     configure(cfg.log_level)
     try:
-        import uvloop
-
         uvloop.run(serve_worker(cfg))
-    except ImportError:
-        asyncio.run(serve_worker(cfg))
     except OSError as e:
         log.error("worker %d cannot serve on %s:%d: %s", cfg.index, cfg.host, cfg.port, e)
         return 1
