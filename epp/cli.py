@@ -283,6 +283,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # a token file that cannot be read
         print(f"epp serve: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a port taken, an address this host does not have
+        print(f"epp serve: cannot serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

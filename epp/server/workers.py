@@ -127,14 +127,16 @@ class WorkerPool:
         self._server = await loop.create_unix_server(self._new_link, path)
         for w in self.workers:
             self._spawn(w)
-        self._watch = asyncio.create_task(self._supervise())
         deadline = loop.time() + timeout
         while len(self.links) < self.count:
-            if loop.time() > deadline:
+            failed = [w for w in self.workers if w.proc is not None and w.proc.poll() is not None]
+            if failed or loop.time() > deadline:
                 await self.stop()
-                raise RuntimeError(f"{len(self.links)} of {self.count} workers started within {timeout:g}s; "
-                                   "see their log lines above")
+                why = (f"worker {failed[0].index} exited (code {failed[0].proc.returncode}) before serving"  # type: ignore[union-attr]
+                       if failed else f"{len(self.links)} of {self.count} workers started within {timeout:g}s")
+                raise OSError(f"{why} on {self.config.host}:{self.config.port}; see the log lines above")
             await asyncio.sleep(0.02)
+        self._watch = asyncio.create_task(self._supervise())  # from now on, a worker that dies is restarted
 
     def _new_link(self) -> StateEnd:
         link = StateEnd(self.director, self.unary, self._lost, self.skips, self.config.decision_headers,
@@ -228,8 +230,6 @@ async def serve_worker(cfg: WorkerConfig) -> None:
         stopping.set()
 
     link = WorkerEnd(on_lost)
-    await loop.create_unix_connection(lambda: link, cfg.link)
-    link.send(["h", 0, cfg.index, os.getpid()])
     skips = RelayedSkips(link) if cfg.allow_mode_override else None
 
     def new_stream() -> ExtProcStream:
@@ -242,6 +242,9 @@ async def serve_worker(cfg: WorkerConfig) -> None:
     grpc = GrpcServing(new_stream, unary, h2grpc.Limits(**cfg.limits))
     await grpc.start(cfg.host, cfg.port, cfg.secure, cfg.cert_path,
                      TLSPolicy(cfg.tls_min_version, tuple(cfg.tls_cipher_suites)), cfg.cert_reload, reuse_port=True)
+    # Linked only once it serves the port: a worker that cannot bind never counts as started.
+    await loop.create_unix_connection(lambda: link, cfg.link)
+    link.send(["h", 0, cfg.index, os.getpid()])
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     await stopping.wait()

@@ -214,3 +214,21 @@ def test_tune_and_bench_pool_read_the_refresh_interval_as_serve_does() -> None:
     assert args.refresh_metrics_interval == 2.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune", "--trace", "t.jsonl", "--refresh-metrics-interval", "0.05"])
+
+
+def test_a_taken_grpc_port_is_a_one_line_error_with_and_without_workers() -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        for workers in ("0", "1"):
+            r = epp("serve", "--endpoints", "127.0.0.1:1", "--secure-serving=false", "--host", "127.0.0.1",
+                    "--grpc-port", str(port), "--grpc-health-port", str(free_port()), "--metrics-port",
+                    str(free_port()), "--workers", workers)
+            assert r.returncode == 1, r.stderr
+            assert "cannot serve" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        holder.close()
