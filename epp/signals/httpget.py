@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import cast
 
 
@@ -22,42 +23,62 @@ MAX_BODY = 4 * 1024 * 1024  # bytes of one /metrics response (vLLM's is ~55 KB)
 MAX_HEAD = 64 * 1024  # bytes of the status line and headers
 
 
+Result = tuple[int, bytes] | Exception  # (status, body), or why there is none
+OnResponse = Callable[[Result], None]
+
+
 class _Conn(asyncio.Protocol):
+    """One kept-alive connection; at most one request outstanding, answered through a callback."""
+
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.pending: OnResponse | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
+    def send(self, request: bytes, on_response: OnResponse) -> None:
+        assert self.transport is not None and self.pending is None
+        self.pending = on_response
+        self.buf.clear()
+        self.transport.write(request)
+
+    def _answer(self, result: Result) -> None:
+        on_response, self.pending = self.pending, None
+        if on_response is not None:
+            on_response(result)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(HTTPGetError(f"connection closed: {exc}" if exc else "connection closed"))
+        self._answer(HTTPGetError(f"connection closed: {exc}" if exc else "connection closed"))
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf and self.pending is not None:
+            whole = _whole_response(data, self.max_body)
+            if whole is not None:  # the common case: one read, one plain response, nothing copied twice
+                self._answer(whole)
+                return
         self.buf += data
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if self.pending is None:
             if len(self.buf) > self.max_body + MAX_HEAD:  # bytes nobody asked for
-                self._fail(None, HTTPGetError("unsolicited data"))
+                self.fail(HTTPGetError("unsolicited data"))
             return
         try:
             result = self._parse()
         except (HTTPGetError, ValueError) as e:  # a malformed response: this scrape fails, quietly
-            self._fail(waiter, e if isinstance(e, HTTPGetError) else HTTPGetError(f"malformed response: {e}"))
+            self.fail(e if isinstance(e, HTTPGetError) else HTTPGetError(f"malformed response: {e}"))
             return
         if result is not None:
-            waiter.set_result(result)
+            self._answer(result)
 
-    def _fail(self, waiter: asyncio.Future[tuple[int, bytes]] | None, error: HTTPGetError) -> None:
+    def fail(self, error: Exception) -> None:
+        """Give up on this connection: the outstanding request (if any) gets ``error``."""
         self.buf.clear()
         self.closed = True
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        self._answer(error)
         if self.transport is not None:
             self.transport.abort()
 
@@ -125,6 +146,28 @@ class _Conn(asyncio.Protocol):
         return status, body_bytes
 
 
+def _whole_response(data: bytes, max_body: int) -> tuple[int, bytes] | None:
+    """(status, body) when ``data`` is exactly one final response with a Content-Length and no
+    Transfer-Encoding; None for anything else (the general parser then reads it, or refuses it)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[:end].lower()
+    if not head.startswith(b"http/1.") or b"\r\ntransfer-encoding:" in head:
+        return None
+    status = head[9:12]
+    if not (status.isdigit() and head[12:13] in (b" ", b"\r", b"") and head[8:9] == b" ") or status[:1] == b"1":
+        return None
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0 or head.find(b"\r\ncontent-length:", at + 1) >= 0:
+        return None
+    eol = head.find(b"\r\n", at + 2)
+    value = head[at + 17 : eol if eol >= 0 else len(head)].strip()
+    if not value.isdigit() or int(value) > max_body or end + 4 + int(value) != len(data):
+        return None
+    return int(status), data[end + 4 :]
+
+
 class KeepAliveGetter:
     """GETs one URL path on one host:port over a reused connection."""
 
@@ -139,42 +182,64 @@ class KeepAliveGetter:
         self.request = f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\n\r\n".encode()
         self._conn: _Conn | None = None
 
-    async def get(self, timeout: float) -> tuple[int, bytes]:
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    async def connect(self, timeout: float) -> None:
+        """Open the connection (a no-op when it is open); HTTPGetError when it cannot be."""
+        if self.connected:
+            return
         loop = asyncio.get_running_loop()
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as the connect completes, and a scrape loop must stop when told to.
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _Conn(self.max_body), self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None)
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            raise HTTPGetError(f"connect: {e or type(e).__name__}") from None
+        self._conn = proto
+
+    def send(self, on_response: OnResponse) -> None:
+        """Write the request on the open connection; ``on_response`` gets the result, once (on a
+        failure the connection is closed: a half-read response would poison the next one)."""
         conn = self._conn
-        if conn is None or conn.closed:
-            try:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-                # arrives as the connect completes, and a scrape loop must stop when told to.
-                async with asyncio.timeout(timeout):
-                    _, proto = await loop.create_connection(
-                        lambda: _Conn(self.max_body), self.host, self.port, ssl=self.tls,
-                        server_hostname=self.host if self.tls is not None else None)
-            except (OSError, TimeoutError, ssl.SSLError) as e:
-                raise HTTPGetError(f"connect: {e or type(e).__name__}") from None
-            conn = self._conn = proto
-        assert conn.transport is not None
+        assert conn is not None and not conn.closed, "connect first"
+        conn.send(self.request, on_response)  # a failed connection has closed itself
+
+    def abandon(self, error: Exception) -> None:
+        """The outstanding request will not be waited for (a timeout): it ends with ``error``."""
+        if self._conn is not None:
+            self._conn.fail(error)
+
+    async def get(self, timeout: float) -> tuple[int, bytes]:
+        await self.connect(timeout)
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        conn.waiter = fut
-        conn.buf.clear()
-        conn.transport.write(self.request)
-        timer = loop.call_later(timeout, _expire, fut, timeout)
+
+        def settle(result: Result) -> None:
+            if fut.done():
+                return
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        self.send(settle)
+        timer = loop.call_later(timeout, self.abandon, TimeoutError(f"no response within {timeout:g}s"))
         try:
             return await fut
         except BaseException:
-            self.close()  # a half-read response would poison the next one
+            self.close()
             raise
         finally:
             timer.cancel()
-            conn.waiter = None
 
     def close(self) -> None:
-        if self._conn is not None and self._conn.transport is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None:
+            conn.pending = None
             with contextlib.suppress(Exception):
-                self._conn.transport.close()
-        self._conn = None
-
-
-def _expire(fut: asyncio.Future[tuple[int, bytes]], timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError(f"no response within {timeout:g}s"))
+                conn.transport.close()

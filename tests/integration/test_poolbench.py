@@ -13,4 +13,7 @@ async def test_the_pool_bench_measures_scraping_picking_and_memory(tmp_path: Pat
     assert r["memory"]["index_size"] == r["memory"]["blocks_recorded"] > 19_000  # nothing evicted
     s = r["scraping"]
     assert s["scrapes_wanted_per_s"] == 400 and s["scrapes_per_s"] > 100 and s["cpu_us_per_scrape"] > 0
-    assert "| pick (default profile" in (tmp_path / "pool.md").read_text()
+    f = r["scraping_full_rate"]
+    assert f["scrapes_per_s"] > 100 and f["exposition_bytes"] > 1000 and f["cpu_us_per_scrape"] > 0
+    report = (tmp_path / "pool.md").read_text()
+    assert "| pick (default profile" in report and "full rate (a fast-preset pod's" in report

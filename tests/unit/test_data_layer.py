@@ -152,11 +152,9 @@ async def scrape(text: str, address: str, labels: dict[str, str] | None = None) 
     store = Datastore()
     store.set_endpoints([address], {address: labels or {}})
     scraper = Scraper(store, extractor.engine_mapping(), target=source.scrape_target())
-    await scraper.scrape_once(address)
+    await scraper.scrape_once(address)  # on a connection of its own, closed after
     state = store.get(address)
     assert state is not None
-    for g in scraper._getters.values():
-        g.close()
     return state.signals, state.error
 
 

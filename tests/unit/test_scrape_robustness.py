@@ -14,7 +14,7 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Datastore
 from epp.signals.mappings import VLLM, single_engine
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
-from epp.signals.scraper import Scraper
+from epp.signals.scraper import Scraper, ScrapeTarget
 
 
 def exposition(waiting: str = "1", running: str = "2", kv: str = "0.5", model: str = "m") -> str:
@@ -185,17 +185,102 @@ async def test_a_large_exposition_is_parsed_off_the_loop_and_read_right(store: D
     assert state.error is None and state.signals is not None and state.signals.waiting == 7
 
 
-async def test_a_scrape_loop_ends_even_if_its_cancel_is_lost(store: Datastore) -> None:
-    """Python 3.11's wait_for can swallow a cancel; the loop also checks it is still wanted."""
-    server, address = await serve(lambda n: GOOD)
+async def serve_counting(reply: Callable[[int], bytes | None]) -> tuple[asyncio.Server, str, list[int]]:
+    """A pod answering request n with ``reply(n)`` (None: never answers that one); the list counts
+    [connections, requests]."""
+    seen = [0, 0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen[0] += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                n = seen[1]
+                seen[1] += 1
+                answer = reply(n)
+                if answer is not None:
+                    writer.write(answer)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_cycle_scrapes_on_its_interval_over_one_connection(store: Datastore) -> None:
+    server, address, seen = await serve_counting(lambda n: http(exposition(waiting=str(n)).encode()))
     store.set_endpoints([address])
     scraper = Scraper(store, single_engine("vllm"), interval=0.01)
     await scraper.start()
     try:
-        task = scraper._tasks[address]
-        del scraper._tasks[address]  # as if removed, with the cancel lost on the way
-        await asyncio.wait_for(task, 2)
-        assert task.done() and not task.cancelled()
+        await until(lambda: seen[1] >= 10)
+        state = store.get(address)
+        assert state is not None and state.signals is not None and state.signals.waiting >= 8
     finally:
         await scraper.stop()
         server.close()
+    assert seen[0] == 1  # kept alive
+
+
+async def test_a_pod_that_stops_answering_times_out_and_the_cycle_goes_on(store: Datastore) -> None:
+    server, address, seen = await serve_counting(lambda n: None if n == 1 else GOOD)
+    store.set_endpoints([address])
+    errors: list[str] = []
+    scraper = Scraper(store, single_engine("vllm"), interval=0.01, timeout=0.2,
+                      on_error=lambda a, kind: errors.append(kind))
+    await scraper.start()
+    try:
+        await until(lambda: errors == ["TimeoutError"])
+        await until(lambda: (s := store.get(address)) is not None and s.error is None and seen[1] >= 4)
+    finally:
+        await scraper.stop()
+        server.close()
+    assert seen[0] == 2  # the connection with the unanswered request was dropped, a new one opened
+
+
+async def test_a_removed_pod_is_not_scraped_again_and_stop_leaves_nothing_behind(store: Datastore) -> None:
+    server, address, seen = await serve_counting(lambda n: GOOD)
+    store.set_endpoints([address])
+    scraper = Scraper(store, single_engine("vllm"), interval=0.01)
+    await scraper.start()
+    try:
+        await until(lambda: seen[1] >= 3)
+        store.set_endpoints([])
+        after = seen[1]
+        await asyncio.sleep(0.1)
+        assert seen[1] <= after + 1  # at most the one already on the wire
+        store.set_endpoints([address])
+        await until(lambda: seen[1] >= after + 3)  # back: a new cycle
+    finally:
+        await scraper.stop()
+    stopped = seen[1]
+    await asyncio.sleep(0.1)
+    server.close()
+    assert seen[1] == stopped
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape")]
+
+
+async def test_a_reload_that_moves_the_metrics_port_keeps_the_cycle(store: Datastore) -> None:
+    first, address, seen_first = await serve_counting(lambda n: GOOD if n == 0 else None)  # stalls after one
+    second, other, seen_second = await serve_counting(lambda n: GOOD)
+    store.set_endpoints([address])
+    scraper = Scraper(store, single_engine("vllm"), interval=0.01, timeout=5.0)
+    await scraper.start()
+    try:
+        await until(lambda: seen_first[1] >= 2)  # the second request hangs
+        scraper.reconfigure(single_engine("vllm"), ScrapeTarget(port=int(other.rpartition(":")[2])), 0.01)
+        await until(lambda: seen_second[1] >= 3)  # went on at once, not after the 5 s timeout
+    finally:
+        await scraper.stop()
+        first.close()
+        second.close()
