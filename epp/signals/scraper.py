@@ -87,7 +87,10 @@ class _Ticks:
         while keys and keys[0] <= now:
             for cycle in self._due.pop(heapq.heappop(keys)):
                 if cycle.live:
-                    self.fire(cycle)
+                    try:
+                        self.fire(cycle)
+                    except Exception:  # one endpoint's trouble must not stop the others due with it
+                        log.exception("scrape of %s could not start", cycle.address)
         if keys:
             self._arm(loop, keys[0])
 
@@ -217,15 +220,23 @@ class Scraper:
     def _send(self, cycle: _Cycle) -> None:
         cycle.picks_at_start = self.store.total_picks.get(cycle.address, 0)
         cycle.sent_at = time.monotonic()
-        cycle.getter.send(cycle.answered)
+        try:
+            cycle.getter.send(cycle.answered)
+        except Exception as e:  # the write failed at once: this scrape fails, the cycle goes on
+            cycle.sent_at = None
+            cycle.getter.close()
+            self._failed(cycle.address, e)
+            self._next(cycle)
 
     def _answered(self, cycle: _Cycle, result: Result) -> None:
         cycle.sent_at = None
         if not cycle.live:
             return
         if isinstance(result, Exception) or len(result[1]) <= INLINE_PARSE_BYTES:
-            self._record(cycle.address, result, cycle.picks_at_start, cycle.memo)
-            self._next(cycle)
+            try:
+                self._record(cycle.address, result, cycle.picks_at_start, cycle.memo)
+            finally:  # whatever recording does, the endpoint stays scraped
+                self._next(cycle)
         else:  # a large exposition is read in a thread: routing gets the loop between its steps
             cycle.task = asyncio.get_running_loop().create_task(self._record_large(cycle, result))
 

@@ -14,7 +14,8 @@ from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Datastore
 from epp.signals.mappings import VLLM, single_engine
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
-from epp.signals.scraper import Scraper, ScrapeTarget
+from epp.signals.httpget import KeepAliveGetter
+from epp.signals.scraper import Scraper, ScrapeTarget, _Cycle, _Ticks
 
 
 def exposition(waiting: str = "1", running: str = "2", kv: str = "0.5", model: str = "m") -> str:
@@ -284,3 +285,25 @@ async def test_a_reload_that_moves_the_metrics_port_keeps_the_cycle(store: Datas
         await scraper.stop()
         first.close()
         second.close()
+
+
+async def test_cycles_due_in_one_tick_fire_together_and_one_failing_stops_no_other() -> None:
+    fired: list[str] = []
+
+    def fire(cycle: _Cycle) -> None:
+        fired.append(cycle.address)
+        if cycle.address == "b:1":
+            raise RuntimeError("boom")
+
+    ticks = _Ticks(asyncio.get_running_loop(), fire, tick=0.01)
+    cycles = [_Cycle(a, KeepAliveGetter(a, "/metrics"), lambda c, r: None) for a in ("a:1", "b:1", "c:1")]
+    gone = _Cycle("d:1", KeepAliveGetter("d:1", "/metrics"), lambda c, r: None)
+    gone.live = False
+    for c in [*cycles, gone]:
+        ticks.after(0.001, c)
+    late = _Cycle("e:1", KeepAliveGetter("e:1", "/metrics"), lambda c, r: None)
+    ticks.after(0.2, late)
+    await until(lambda: len(fired) == 3)
+    assert fired == ["a:1", "b:1", "c:1"]  # d was removed meanwhile; e is not due yet
+    await until(lambda: fired[-1] == "e:1")
+    ticks.close()
