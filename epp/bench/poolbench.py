@@ -169,5 +169,6 @@ def markdown(r: dict[str, Any]) -> str:
         f"{s['scrapes_wanted_per_s']} wanted, epp {s['epp_cores']} cores, {s['cpu_us_per_scrape']} us per scrape: "
         f"{s['cores_for_full_rate']} cores at the full rate (simulated fleet) |",
         f"| scraping every {f['interval_s'] * 1000:.0f} ms, full rate (a fast-preset pod's "
-        f"{f['exposition_bytes']:,}-byte exposition from canned servers) | {f['scrapes_per_s']} scrapes/s of {f['scrapes_wanted_per_s']} wanted, "
-        f"epp {f['epp_cores']} cores, {f['cpu_us_per_scrape']} us per scrape |", ""])
+        f"{f['exposition_bytes']:,}-byte exposition from canned servers) | {f['scrapes_per_s']} scrapes/s of "
+        f"{f['scrapes_wanted_per_s']} wanted, epp {f['epp_cores']} cores, {f['cpu_us_per_scrape']} us per scrape |",
+        ""])

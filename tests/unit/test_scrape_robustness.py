@@ -12,9 +12,9 @@ import pytest
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Datastore
+from epp.signals.httpget import KeepAliveGetter
 from epp.signals.mappings import VLLM, single_engine
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
-from epp.signals.httpget import KeepAliveGetter
 from epp.signals.scraper import Scraper, ScrapeTarget, _Cycle, _Ticks
 
 
