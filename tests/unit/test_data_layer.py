@@ -3,6 +3,7 @@ core-metrics-extractor (engines, per-pod engine label, engine configs), against 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -243,3 +244,24 @@ def test_the_references_dp_sample_loads_and_routes_ranks_through_the_primary_por
                    Snapshot(ranks, {}, {}, 1.0, 2.0))
     assert d.primary.startswith("10.0.0.7:80") and d.targets == ("10.0.0.7:8000",)
     assert d.request_headers == (("x-data-parallel-host-port", d.primary),)
+
+
+async def test_the_running_scrape_cycle_reads_https_on_the_sources_port(servers: dict[str, object]) -> None:
+    """The timed cycle (not only a one-off scrape) connects with TLS to the data source's port and path."""
+    built = build(parse_config(config(f"{{scheme: https, path: /custom, port: {servers['secure']}}}")))
+    source, extractor = built.data_layer()
+    assert source is not None and extractor is not None
+    address = f"127.0.0.1:{servers['other']}"
+    store = Datastore()
+    store.set_endpoints([address], {address: {"llm-d.ai/engine-type": "sglang"}})
+    scraper = Scraper(store, extractor.engine_mapping(), interval=0.02, target=source.scrape_target())
+    await scraper.start()
+    try:
+        for _ in range(200):
+            state = store.get(address)
+            if state is not None and state.signals is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert state is not None and state.error is None and state.signals is not None and state.signals.waiting == 7
+    finally:
+        await scraper.stop()
