@@ -102,6 +102,16 @@ class _Ticks:
         self._keys.clear()
 
 
+def _body(result: Result) -> bytes:
+    """The exposition of a scrape's result; raises what made it fail (a poll error)."""
+    if isinstance(result, Exception):
+        raise result
+    status, body = result
+    if status != 200:
+        raise BadStatus(f"HTTP {status}")
+    return body
+
+
 class _Cycle:
     """One endpoint's scrape cycle: tick -> request -> response -> recorded -> tick, driven by
     callbacks (no task and no future per scrape)."""
@@ -237,13 +247,15 @@ class Scraper:
                 self._record(cycle.address, result, cycle.picks_at_start, cycle.memo)
             finally:  # whatever recording does, the endpoint stays scraped
                 self._next(cycle)
-        else:  # a large exposition is read in a thread: routing gets the loop between its steps
+        else:
             cycle.task = asyncio.get_running_loop().create_task(self._record_large(cycle, result))
 
-    async def _record_large(self, cycle: _Cycle, result: tuple[int, bytes]) -> None:
-        await self._record_async(cycle.address, result, cycle.picks_at_start, cycle.memo)
-        cycle.task = None
-        self._next(cycle)
+    async def _record_large(self, cycle: _Cycle, result: Result) -> None:
+        try:
+            await self._record_async(cycle.address, result, cycle.picks_at_start, cycle.memo)
+        finally:
+            cycle.task = None
+            self._next(cycle)
 
     def _next(self, cycle: _Cycle) -> None:
         if not (cycle.live and self._started):
@@ -280,16 +292,14 @@ class Scraper:
 
     async def _record_async(self, address: str, result: Result, picks_at_start: int,
                             memo: LayoutMemo | None = None) -> None:
+        """As _record, with a large exposition read in a thread (routing gets the loop meanwhile)."""
         if isinstance(result, Exception) or len(result[1]) <= INLINE_PARSE_BYTES:
             self._record(address, result, picks_at_start, memo)
             return
         names = self._names(address)
         try:
             t0 = time.perf_counter()
-            status, body = result
-            if status != 200:
-                raise BadStatus(f"HTTP {status}")
-            signals = await asyncio.to_thread(self._parse, body, names, memo)
+            signals = await asyncio.to_thread(self._parse, _body(result), names, memo)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
         except Exception as e:
@@ -303,13 +313,8 @@ class Scraper:
 
     def _record(self, address: str, result: Result, picks_at_start: int, memo: LayoutMemo | None = None) -> None:
         try:
-            if isinstance(result, Exception):
-                raise result
-            status, body = result
-            if status != 200:
-                raise BadStatus(f"HTTP {status}")
             t0 = time.perf_counter()
-            signals = self._parse(body, self._names(address), memo)
+            signals = self._parse(_body(result), self._names(address), memo)
             if self.on_scrape is not None:
                 self.on_scrape(time.perf_counter() - t0)
         except Exception as e:  # whatever a pod sends, the pod fails this scrape and nothing else

@@ -52,26 +52,8 @@ Reply = Callable[[int], bytes]  # scrape number -> raw bytes to send
 
 
 async def serve(reply: Reply) -> tuple[asyncio.Server, str]:
-    count = 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal count
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head:
-                    return
-                writer.write(reply(count))
-                count += 1
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"127.0.0.1:{port}"
+    server, address, _ = await serve_counting(reply)
+    return server, address
 
 
 def http(body: bytes, head: bytes = b"HTTP/1.1 200 OK\r\n") -> bytes:
