@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -65,12 +66,13 @@ from epp.scheduling.latency_model import (
     ttft_features,
 )
 from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
-from epp.scheduling.types import MATCHED_TOKENS, Completion, ConfigError, CycleState, Slot, prompt_tokens
+from epp.scheduling.types import MATCHED_TOKENS, Completion, ConfigError, CycleState, PrefixMatch, Slot, prompt_tokens
 
 log = logging.getLogger("epp.latency")
 
 TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
+LOCALITY_MARGIN = 0.2
 DEFAULT_OUTPUT_TOKENS = 256.0  # the expected output length before any response reported one
 ENCODER_CACHE = "multimodal encoder-cache features: epp routes text"
 
@@ -87,7 +89,12 @@ class LatencyPrediction(NamedTuple):
     # The TTFT this request's own prefill would add to the requests arriving at the pod meanwhile
     # (epp's own: the pod's recent arrival rate x its prefill time squared / 2).
     interference: float = 0.0
-    own_prefill: float = 0.0  # seconds of prefill this request's uncached part costs the pod
+    # Seconds of prefill this request's uncached part costs the pod (with a locality horizon,
+    # shared among the requests expected to reuse the prefix it caches there).
+    own_prefill: float = 0.0
+    # The seconds of TTFT the next requests for this prompt's cached prefix would save if it were
+    # cached here too (epp's own: a pod that does not hold it yet; 0 on the pods that do).
+    locality: float = 0.0
 
     @property
     def meets_slo(self) -> bool:
@@ -161,6 +168,9 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.interference_wanted = False  # a reader weighs interference (set when it binds)
         self.running_slos = RunningSLOs()
         self._tpot_slo: Slot[float] = Slot(f"{name}/tpot-slo")
+        self.locality_horizon = 0.0  # a reader weighs locality over this many seconds (set when it binds)
+        self.prefix_rates = PrefixRates()
+        self._prefix_key: Slot[int] = Slot(f"{name}/prefix-key")
 
 
     def use_clock(self, clock: Callable[[], float]) -> None:
@@ -171,8 +181,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
     # -- predictions ---------------------------------------------------------------------------
     def produce(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
                 cycle: CycleState) -> None:
-        if self.prefix is not None:
-            self.prefix.match(request, candidates, cycle)
+        match = self.prefix.match(request, candidates, cycle) if self.prefix is not None else None
         matched = cycle.get(MATCHED_TOKENS) or {}
         prompt = float(prompt_tokens(cycle, request.prompt))
         headers = request.headers
@@ -215,6 +224,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             own_s = own * per_token
             predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
                                                rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s)
+        if self.locality_horizon and match is not None and match.blocks:
+            self._locality(match, matched, prompt, candidates, predictions, inputs, now, cycle)
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -222,6 +233,42 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         cycle.put(self._streams, bool(body is not None and body.get("stream") is True))
         if self.publish and self.errors.trusted:
             cycle.put(self._published, predictions)
+
+    def _locality(self, match: PrefixMatch, matched: Mapping[str, int], prompt: float,
+                  candidates: list[EndpointState], predictions: dict[str, LatencyPrediction],
+                  inputs: dict[str, tuple[int, float, float]], now: float, cycle: CycleState) -> None:
+        """Share each candidate's ``own_prefill`` among the requests expected for this prompt's
+        cached prefix, and fill in each non-holder's ``locality``: the requests for that prefix
+        seen over the last horizon (as many are expected over the next), times the TTFT each would
+        save on that pod rather than on the best pod holding the prefix: both at the candidates'
+        mean batch and without a queue (queues and batches move with routing; a pod's speed stays),
+        counting only what is more than ``LOCALITY_MARGIN`` faster (two pods alike are predicted a
+        few percent apart: that is no reason to compute the prefix twice)."""
+        deepest = max(match.blocks.values())
+        if deepest <= 0:
+            return
+        key = match.hashes[deepest - 1]
+        cycle.put(self._prefix_key, key)
+        future = self.prefix_rates.count(key, now, self.locality_horizon)
+        if future < 1.0:
+            return
+        # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
+        # (prefillWorkWeight then weighs what is left; a rarely seen prefix pays all of it).
+        for a, p in predictions.items():
+            if p.own_prefill:
+                predictions[a] = p._replace(own_prefill=p.own_prefill / (1.0 + future))
+        best = max(matched.values())
+        rest = max(0.0, prompt - best)
+        coefficients = self.model.coefficients
+        batch = sum(inputs[c.address][1] for c in candidates) / len(candidates)
+        warm = {c.address: predict(coefficients(c.address), rest, batch, 0.0)[0] for c in candidates}
+        held = [warm[a] for a in warm if matched.get(a, 0) >= best]
+        if not held:
+            return
+        bar = min(held) * (1.0 - LOCALITY_MARGIN)
+        for a, w in warm.items():
+            if w < bar and matched.get(a, 0) < best:
+                predictions[a] = predictions[a]._replace(locality=future * (bar - w))
 
     def predictions(self, cycle: CycleState) -> dict[str, LatencyPrediction] | None:
         """This cycle's predictions, None when there are none to act on (not trusted, or off)."""
@@ -245,6 +292,9 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         slo = cycle.get(self._tpot_slo)
         if slo:
             self.running_slos.add(endpoint, slo)
+        key = cycle.get(self._prefix_key)
+        if key is not None and now is not None:
+            self.prefix_rates.add(key, now, self.locality_horizon)
         inputs = (cycle.get(self._inputs) or {}).get(endpoint)
         chosen = (cycle.get(self._all) or {}).get(endpoint)
         if inputs is None or chosen is None:
@@ -356,6 +406,32 @@ class ArrivalRates:
         self._state.pop(pod, None)
 
 
+class PrefixRates:
+    """How many requests each cached prefix (the hash of its deepest block) had recently: a count
+    decaying with the horizon as its time constant; the least recently seen are dropped past
+    ``limit`` prefixes."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self._counts: OrderedDict[int, tuple[float, float]] = OrderedDict()  # key -> (decayed count, at)
+
+    def add(self, key: int, now: float, horizon: float) -> None:
+        counts = self._counts
+        counts[key] = (self.count(key, now, horizon) + 1.0, now)
+        counts.move_to_end(key)
+        if len(counts) > self.limit:
+            counts.popitem(last=False)
+
+    def count(self, key: int, now: float, horizon: float) -> float:
+        entry = self._counts.get(key)
+        if entry is None:
+            return 0.0
+        return entry[0] * math.exp(-max(0.0, now - entry[1]) / horizon)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
 class RunningSLOs:
     """The TPOT SLOs of the requests in flight on each pod (seconds -> how many)."""
 
@@ -415,6 +491,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.prefix_weight = params.float("compositePrefixWeight", 1.0, minimum=0.0)
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
         self.work = params.float("prefillWorkWeight", 0.0, minimum=0.0)
+        self.horizon = params.duration("localityHorizon", 1.0) if "localityHorizon" in params.names() else 0.0
         self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
@@ -424,6 +501,8 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         super().bind_latency_producer(producer)
         if self.interference:
             producer.interference_wanted = True  # it computes the pods' arrival rates for us
+        if self.horizon:
+            producer.locality_horizon = max(producer.locality_horizon, self.horizon)
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
@@ -459,11 +538,12 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         total = self.ttft_weight + self.tpot_weight
         alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
         ttft = [abs(preds[i].ttft_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
-        if force_least and (self.interference or self.work):
+        if force_least and (self.interference or self.work or self.horizon):
             # A deficit: the delay its prefill brings the pod's next arrivals, and the GPU time it
-            # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it.
+            # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it;
+            # what caching the prompt's prefix there too would save its next requests comes off.
             w, k = self.interference, self.work
-            ttft = [t + w * p.interference + k * p.own_prefill if (p := preds[i]) is not None else t
+            ttft = [t + w * p.interference + k * p.own_prefill - p.locality if (p := preds[i]) is not None else t
                     for t, i in zip(ttft, idx, strict=True)]
         tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
         t_lo, p_lo = min(ttft), min(tpot)

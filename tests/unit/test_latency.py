@@ -3,6 +3,7 @@ latency scorer and filters, as pure functions of a snapshot and a stream of obse
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from epp.scheduling.latency import (
     LatencyScorer,
     PredictedLatencyProducer,
     PrefixCacheAffinityFilter,
+    PrefixRates,
     SLOHeadroomTierFilter,
 )
 from epp.scheduling.latency_model import PRIOR_TTFT, TRAINED, ErrorTracker, LatencyModel, ttft_features
@@ -448,6 +450,7 @@ def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None
     assert [type(p).__name__ for p in s.profile.producers] == ["PredictedLatencyProducer"]
     scorer_ = s.profile.scorers[0][0]
     assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming
+    assert scorer_.work == 0.25 and scorer_.horizon == 30.0 and s.profile.producers[0].locality_horizon == 30.0
 
 
 def test_prefill_work_weight_prefers_waiting_for_a_cached_prefix_to_recomputing_it_elsewhere() -> None:
@@ -470,3 +473,92 @@ def test_the_composite_fallback_scores_the_prefix_as_a_share_of_this_prompt() ->
     cycle.put(MATCHED_TOKENS, {"a": 100})
     out = s.score(req("x" * 800), Snapshot(eps, {}, {}, NOW, 2.0), list(eps), cycle)  # 200 tokens, half cached on a
     assert out == [0.5, 0.0]
+
+
+# -- locality: what caching a popular prefix on a faster pod saves its next requests ---------------
+def scorer_params(params: str) -> str:
+    return CONFIG.replace("- type: latency-scorer", f"- type: latency-scorer\n  parameters: {{{params}}}")
+
+
+LOCALITY = scorer_params("preferIdle: false, localityHorizon: 30s")
+SYSTEM = "you are a helpful assistant who answers in full sentences. " * 100  # ~1,500 tokens, cached
+
+
+def trained(text: str) -> tuple[Any, PredictedLatencyProducer]:
+    s, producer = built(text)
+    rng = random.Random(7)
+    _simulate(producer.model, "fast", 1.0, 300, rng)
+    _simulate(producer.model, "slow", 2.5, 300, rng)
+    return s, producer
+
+
+def place_on_slow(s: Any, times: int) -> None:
+    """Requests for SYSTEM while only the slow pod serves: the prefix is cached there alone."""
+    for i in range(times):
+        d = s.schedule(req(SYSTEM + f"question {i}?"), snap("slow"))
+        s.committed(d)
+
+
+def test_prefix_rates_decay_over_the_horizon_and_drop_the_least_recently_seen() -> None:
+    rates = PrefixRates(limit=2)
+    rates.add(1, 0.0, 10.0)
+    rates.add(1, 0.0, 10.0)
+    assert rates.count(1, 0.0, 10.0) == 2.0
+    assert abs(rates.count(1, 10.0, 10.0) - 2.0 / math.e) < 1e-9
+    rates.add(2, 1.0, 10.0)
+    rates.add(1, 2.0, 10.0)  # 1 is the most recently seen now
+    rates.add(3, 3.0, 10.0)
+    assert len(rates) == 2 and rates.count(2, 3.0, 10.0) == 0.0 and rates.count(1, 3.0, 10.0) > 1.0
+
+
+def test_a_popular_prefix_on_a_slow_pod_is_computed_again_on_a_fast_one() -> None:
+    s, _ = trained(LOCALITY)
+    place_on_slow(s, 2)  # one request since it was cached: a recompute would not pay for itself
+    both = snap("fast", "slow")
+    assert s.schedule(req(SYSTEM + "and now?"), both).primary == "slow"
+    place_on_slow(s, 40)  # 41 requests over the horizon: as many are expected to save ~15 ms each
+    assert s.schedule(req(SYSTEM + "and now?"), both).primary == "fast"
+
+
+def test_without_a_locality_horizon_the_slow_holder_keeps_the_prefix() -> None:
+    s, _ = trained(scorer_params("preferIdle: false"))
+    place_on_slow(s, 42)
+    assert s.schedule(req(SYSTEM + "and now?"), snap("fast", "slow")).primary == "slow"
+
+
+def test_pods_alike_are_not_worth_a_second_copy_of_a_prefix() -> None:
+    s, producer = built(LOCALITY)
+    rng = random.Random(3)
+    for pod in ("a", "b"):
+        _simulate(producer.model, pod, 1.0, 300, rng)
+    for i in range(40):
+        s.committed(s.schedule(req(SYSTEM + f"question {i}?"), snap("a")))
+    cycle = CycleState()
+    pool = snap("a", "b")
+    producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
+    predictions = producer.predictions(cycle)
+    assert predictions is not None and all(p.locality == 0.0 for p in predictions.values())
+
+
+def test_the_locality_horizon_is_a_positive_duration() -> None:
+    with pytest.raises(ConfigError, match="localityHorizon"):
+        parse_config(scorer_params("localityHorizon: -5"))
+    assert LatencyScorer("l", Params({}, "p")).horizon == 0.0
+    assert LatencyScorer("l", Params({"localityHorizon": "1m"}, "p")).horizon == 60.0
+
+
+def test_the_gpu_time_of_a_copy_is_shared_by_the_requests_expected_to_reuse_it() -> None:
+    s, producer = trained(scorer_params("preferIdle: false, localityHorizon: 30s, prefillWorkWeight: 1"))
+    place_on_slow(s, 2)
+    pool = snap("fast", "slow")
+
+    def own_prefill() -> float:
+        cycle = CycleState()
+        producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
+        predictions = producer.predictions(cycle)
+        assert predictions is not None
+        return predictions["fast"].own_prefill
+
+    rare = own_prefill()
+    place_on_slow(s, 40)
+    assert 0 < own_prefill() < rare / 20
