@@ -470,6 +470,18 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     wb.add_argument("--client-nice", type=int, default=0, help="run the load generator at this nice level")
     wb.add_argument("--tokens", default="0,64", help="comma-separated: 0 = request only (BUFFERED), N = gateway-mode "
                                                    "streams of N SSE chunks (default 0,64)")
+    sw = bsub.add_parser("seeds", help="routing configs side by side over many seeds of one workload, replayed in "
+                                       "virtual time: each config's spread of TTFT p90 and its bad seeds")
+    sw.add_argument("--out", default="results/seeds")
+    sw.add_argument("--config", action="append", default=[], metavar="NAME=PATH", required=True,
+                    help="an EndpointPickerConfig to replay (repeatable)")
+    sw.add_argument("--workload", default="zipf", help="mix, zipf, hot, multiturn (first turns), long or bursty")
+    sw.add_argument("--rate", type=float, required=True, help="requests/s")
+    sw.add_argument("--requests", type=int, default=3000)
+    sw.add_argument("--fleet", default="h100-llama8b", help="a simulator preset or a mixed fleet "
+                                                            "(h100-llama8b*4,slow-llama8b*4)")
+    sw.add_argument("--servers", type=int, default=8, help="servers of a single preset")
+    sw.add_argument("--seeds", type=int, default=12, help="seeds 1..N")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
     tb.add_argument("--out", default="results/tune")
@@ -628,6 +640,25 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _run(bench_pool(out, args.servers, args.refresh_metrics_interval, args.seconds))
         print((out / "pool.md").read_text())
+        return 0
+    if args.bench_command == "seeds":
+        from epp.bench.seedsweep import Sweep, sweep_seeds
+
+        replayed: dict[str, str] = {}
+        for spec in args.config:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                print(f"epp bench seeds: --config: expected NAME=PATH, got {spec!r}", file=sys.stderr)
+                return 2
+            try:
+                replayed[name] = Path(path).read_text()
+            except OSError as e:
+                print(f"epp bench seeds: --config {name}: {e}", file=sys.stderr)
+                return 2
+        out = Path(args.out)
+        sweep_seeds(replayed, Sweep(args.workload, args.rate, args.requests, args.fleet, args.servers),
+                    list(range(1, args.seeds + 1)), out)
+        print((out / "seeds.md").read_text())
         return 0
     if args.bench_command == "workers":
         from epp.bench.workersbench import bench_workers
