@@ -32,7 +32,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -58,7 +58,9 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.latency_model import (
+    BATCH_UNIT,
     ERROR_BUCKETS,
+    TOKEN_UNIT,
     ErrorTracker,
     LatencyModel,
     predict,
@@ -191,13 +193,20 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         if own_tpot_slo:
             cycle.put(self._tpot_slo, own_tpot_slo)
         streaming = self.streaming
-        out_tokens = 0.0 if streaming else self._expected_output(request)
+        tail = 0.0 if streaming else max(0.0, self._expected_output(request) - 1)  # tokens after the first
         pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
         rate, wants = self.arrivals.rate, self.interference_wanted
         coefficients = self.model.coefficients
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
+        future = self._future_requests(match, now, cycle) if self.locality_horizon and match is not None else 0.0
+        # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
+        # (prefillWorkWeight then weighs what is left; a rarely seen prefix pays all of it).
+        share = 1.0 / (1.0 + future)
         predictions: dict[str, LatencyPrediction] = {}
         inputs: dict[str, tuple[int, float, float]] = {}
+        ttft_coefficients: list[Sequence[float]] = []
+        batches = 0.0
+        new_prediction = tuple.__new__
         for c in candidates:
             a = c.address
             ahead = pending.get(a, 0)
@@ -206,9 +215,14 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
                 own = 0.0
             dispatched = inflight.get(a, 0)
             s = c.signals
-            batch = dispatched if s is None else max(dispatched, s.running + s.waiting)
-            ttft, tpot, per_token = predict(coefficients(a), ahead + own, batch, ahead)
+            batch: float = dispatched
+            if s is not None and s.running + s.waiting > dispatched:
+                batch = s.running + s.waiting
+            coefs = coefficients(a)
+            ttft, tpot, per_token = predict(coefs, ahead + own, batch, ahead)
             inputs[a] = (ahead, batch, own)
+            if future:
+                ttft_coefficients.append(coefs[0])
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
             elif tpot_slo:
@@ -220,12 +234,16 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
                 tpot_room = -tpot
             # Without streaming the TTFT SLO is held against the whole response, as the reference's
             # non-streaming mode trains its TTFT model on end-to-end times.
-            latency = ttft if streaming else ttft + tpot * max(0.0, out_tokens - 1)
+            latency = ttft if streaming else ttft + tpot * tail
             own_s = own * per_token
-            predictions[a] = LatencyPrediction(ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
-                                               rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s)
-        if self.locality_horizon and match is not None and match.blocks:
-            self._locality(match, matched, prompt, candidates, predictions, inputs, now, cycle)
+            # (tuple.__new__: the named tuple's own constructor costs twice as much, per candidate)
+            predictions[a] = new_prediction(LatencyPrediction, (
+                ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
+                rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s * share, 0.0))
+            batches += batch
+        if future:
+            self._locality(future, matched, prompt, candidates, ttft_coefficients, predictions,
+                           batches / len(candidates))
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -234,40 +252,39 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         if self.publish and self.errors.trusted:
             cycle.put(self._published, predictions)
 
-    def _locality(self, match: PrefixMatch, matched: Mapping[str, int], prompt: float,
-                  candidates: list[EndpointState], predictions: dict[str, LatencyPrediction],
-                  inputs: dict[str, tuple[int, float, float]], now: float, cycle: CycleState) -> None:
-        """Share each candidate's ``own_prefill`` among the requests expected for this prompt's
-        cached prefix, and fill in each non-holder's ``locality``: the requests for that prefix
-        seen over the last horizon (as many are expected over the next), times the TTFT each would
-        save on that pod rather than on the best pod holding the prefix: both at the candidates'
-        mean batch and without a queue (queues and batches move with routing; a pod's speed stays),
-        counting only what is more than ``LOCALITY_MARGIN`` faster (two pods alike are predicted a
-        few percent apart: that is no reason to compute the prefix twice)."""
+    def _future_requests(self, match: PrefixMatch, now: float, cycle: CycleState) -> float:
+        """The requests this prompt's cached prefix (the hash of its deepest block cached
+        anywhere) had over the last horizon: as many are expected over the next (0 below one)."""
+        if not match.blocks:
+            return 0.0
         deepest = max(match.blocks.values())
         if deepest <= 0:
-            return
+            return 0.0
         key = match.hashes[deepest - 1]
         cycle.put(self._prefix_key, key)
         future = self.prefix_rates.count(key, now, self.locality_horizon)
-        if future < 1.0:
-            return
-        # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
-        # (prefillWorkWeight then weighs what is left; a rarely seen prefix pays all of it).
-        for a, p in predictions.items():
-            if p.own_prefill:
-                predictions[a] = p._replace(own_prefill=p.own_prefill / (1.0 + future))
+        return future if future >= 1.0 else 0.0
+
+    @staticmethod
+    def _locality(future: float, matched: Mapping[str, int], prompt: float, candidates: list[EndpointState],
+                  ttft_coefficients: list[Sequence[float]], predictions: dict[str, LatencyPrediction],
+                  batch: float) -> None:
+        """Fill in each non-holder's ``locality``: the ``future`` requests for the prefix times
+        the TTFT each would save on that pod rather than on the best pod holding it, both at the
+        candidates' mean ``batch`` and without a queue (queues and batches move with routing; a pod's
+        speed stays), counting only what is more than ``LOCALITY_MARGIN`` faster (two pods alike
+        are predicted a few percent apart: that is no reason to compute the prefix twice)."""
         best = max(matched.values())
-        rest = max(0.0, prompt - best)
-        coefficients = self.model.coefficients
-        batch = sum(inputs[c.address][1] for c in candidates) / len(candidates)
-        warm = {c.address: predict(coefficients(c.address), rest, batch, 0.0)[0] for c in candidates}
-        held = [warm[a] for a in warm if matched.get(a, 0) >= best]
+        tk = max(0.0, prompt - best) / TOKEN_UNIT
+        bk = batch / BATCH_UNIT
+        warm = [t[0] + tk * (t[1] + t[3] * bk) + t[2] * bk for t in ttft_coefficients]
+        held = [w for c, w in zip(candidates, warm, strict=True) if matched.get(c.address, 0) >= best]
         if not held:
             return
         bar = min(held) * (1.0 - LOCALITY_MARGIN)
-        for a, w in warm.items():
-            if w < bar and matched.get(a, 0) < best:
+        for c, w in zip(candidates, warm, strict=True):
+            if w < bar and matched.get(c.address, 0) < best:
+                a = c.address
                 predictions[a] = predictions[a]._replace(locality=future * (bar - w))
 
     def predictions(self, cycle: CycleState) -> dict[str, LatencyPrediction] | None:
@@ -537,14 +554,15 @@ class LatencyScorer(Scorer, _ReadsPredictions):
                 force_least: bool) -> None:
         total = self.ttft_weight + self.tpot_weight
         alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
-        ttft = [abs(preds[i].ttft_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
         if force_least and (self.interference or self.work or self.horizon):
             # A deficit: the delay its prefill brings the pod's next arrivals, and the GPU time it
             # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it;
             # what caching the prompt's prefix there too would save its next requests comes off.
             w, k = self.interference, self.work
-            ttft = [t + w * p.interference + k * p.own_prefill - p.locality if (p := preds[i]) is not None else t
-                    for t, i in zip(ttft, idx, strict=True)]
+            ttft = [abs(p.ttft_headroom) + w * p.interference + k * p.own_prefill - p.locality
+                    if (p := preds[i]) is not None else 0.0 for i in idx]
+        else:
+            ttft = [abs(p.ttft_headroom) if (p := preds[i]) is not None else 0.0 for i in idx]
         tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
         t_lo, p_lo = min(ttft), min(tpot)
         t_range, p_range = max(ttft) - t_lo, max(tpot) - p_lo
