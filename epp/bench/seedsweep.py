@@ -7,14 +7,13 @@ director, scheduler and plugins against simulated engines (``epp.tuning.replay``
 virtual clock, ~5 s per 3,000 requests), and reports each config's spread: mean and median of
 the per-seed TTFT p90, the seeds whose p90 is over twice the sweep's median ("bad"), p99, mean
 TTFT and hit rate. The traces are the routing bench's (``epp.bench.workloads``), each session's
-first turn only (a multi-turn chat's next turns depend on its answers). Worker processes get
-PYTHONHASHSEED 0, so a sweep repeats exactly.
+first turn only (a multi-turn chat's next turns depend on its answers). A sweep repeats
+exactly (the replay is deterministic per seed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -69,7 +68,6 @@ def sweep_seeds(configs: dict[str, str], sweep: Sweep, seeds: list[int], out: Pa
                 processes: int = 2) -> dict[str, Any]:
     """Replay every config (name -> YAML text) on every seed; write seeds.json and seeds.md."""
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["PYTHONHASHSEED"] = "0"  # the spawned workers' (set ordering inside the replay)
     runs: list[dict[str, Any]] = []
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         jobs = [pool.submit(_one, name, text, sweep, seed) for seed in seeds for name, text in configs.items()]

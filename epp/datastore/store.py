@@ -57,7 +57,8 @@ class Datastore:
                       names: Mapping[str, str] | None = None) -> None:
         """The endpoint set, and each endpoint's labels and name (its pod's, with discovery)."""
         wanted = dict.fromkeys(addresses)
-        added = {a for a in wanted if a not in self._states}
+        arriving = [a for a in wanted if a not in self._states]  # in the order given: the candidates' order
+        added = set(arriving)
         removed = {a for a in self._states if a not in wanted}
         relabelled = False
         if labels is not None or names is not None:
@@ -79,7 +80,7 @@ class Datastore:
             for counts in (self.own_inflight, self.own_recent, self.own_tokens, self.total_picks, self.inflight,
                            self.recent_picks, self.inflight_tokens):
                 counts.pop(a, None)
-        for a in added:
+        for a in arriving:
             self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {},
                                             name=names.get(a, "") if names is not None else "")
             self.own_inflight.setdefault(a, 0)
