@@ -77,7 +77,7 @@ class MetricsDataSource(DataSource, LoadsResources):
         self.client_key = params.text("clientKeyPath")
         if bool(self.client_cert) != bool(self.client_key):
             raise ConfigError(f"{params.path}.clientCertPath", "clientCertPath and clientKeyPath go together")
-        self.interval = params.duration("interval", 0.0) if "interval" in params.names() else None
+        self.interval = params.optional_duration("interval")
         params.done()
         if self.scheme == "http" and (self.ca or self.client_cert):
             raise ConfigError(f"{params.path}.scheme", "caCertPath and client certificates need scheme: https")
@@ -164,7 +164,7 @@ class DcgmDataSource(AttributeSource, LoadsResources):
         if params.bool("useNodeAddress", False):
             raise ConfigError(f"{params.path}.useNodeAddress", "not supported by epp (it knows the pods' addresses, "
                                                                "not their nodes'; reach the exporter at the pod IP)")
-        self.interval = params.duration("interval", 0.0) if "interval" in params.names() else None
+        self.interval = params.optional_duration("interval")
         params.done()
         self._tls: ssl.SSLContext | None = None
 

@@ -58,9 +58,7 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.latency_model import (
-    BATCH_UNIT,
     ERROR_BUCKETS,
-    TOKEN_UNIT,
     ErrorTracker,
     LatencyModel,
     predict,
@@ -204,7 +202,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         share = 1.0 / (1.0 + future)
         predictions: dict[str, LatencyPrediction] = {}
         inputs: dict[str, tuple[int, float, float]] = {}
-        ttft_coefficients: list[Sequence[float]] = []
+        candidate_coefficients: list[tuple[Sequence[float], Sequence[float]]] = []
         batches = 0.0
         new_prediction = tuple.__new__
         for c in candidates:
@@ -222,7 +220,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             ttft, tpot, per_token = predict(coefs, ahead + own, batch, ahead)
             inputs[a] = (ahead, batch, own)
             if future:
-                ttft_coefficients.append(coefs[0])
+                candidate_coefficients.append(coefs)
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
             elif tpot_slo:
@@ -242,7 +240,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
                 rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s * share, 0.0))
             batches += batch
         if future:
-            self._locality(future, matched, prompt, candidates, ttft_coefficients, predictions,
+            self._locality(future, matched, prompt, candidates, candidate_coefficients, predictions,
                            batches / len(candidates))
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
@@ -267,17 +265,16 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
 
     @staticmethod
     def _locality(future: float, matched: Mapping[str, int], prompt: float, candidates: list[EndpointState],
-                  ttft_coefficients: list[Sequence[float]], predictions: dict[str, LatencyPrediction],
-                  batch: float) -> None:
+                  coefficients: list[tuple[Sequence[float], Sequence[float]]],
+                  predictions: dict[str, LatencyPrediction], batch: float) -> None:
         """Fill in each non-holder's ``locality``: the ``future`` requests for the prefix times
         the TTFT each would save on that pod rather than on the best pod holding it, both at the
         candidates' mean ``batch`` and without a queue (queues and batches move with routing; a pod's
         speed stays), counting only what is more than ``LOCALITY_MARGIN`` faster (two pods alike
         are predicted a few percent apart: that is no reason to compute the prefix twice)."""
         best = max(matched.values())
-        tk = max(0.0, prompt - best) / TOKEN_UNIT
-        bk = batch / BATCH_UNIT
-        warm = [t[0] + tk * (t[1] + t[3] * bk) + t[2] * bk for t in ttft_coefficients]
+        rest = max(0.0, prompt - best)
+        warm = [predict(c, rest, batch, 0.0)[0] for c in coefficients]
         held = [w for c, w in zip(candidates, warm, strict=True) if matched.get(c.address, 0) >= best]
         if not held:
             return
@@ -508,7 +505,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.prefix_weight = params.float("compositePrefixWeight", 1.0, minimum=0.0)
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
         self.work = params.float("prefillWorkWeight", 0.0, minimum=0.0)
-        self.horizon = params.duration("localityHorizon", 1.0) if "localityHorizon" in params.names() else 0.0
+        self.horizon = params.optional_duration("localityHorizon") or 0.0
         self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None

@@ -101,6 +101,10 @@ class Params:
             raise ConfigError(f"{self._path}.{key}", f"expected a positive duration like '5s', got {show(v)}")
         return float(v)
 
+    def optional_duration(self, key: builtins.str) -> builtins.float | None:
+        """A duration as ``duration`` reads it, or None when the key is absent (no default: off)."""
+        return self.duration(key, 0.0) if key in self._raw else None
+
     def value(self, key: builtins.str, default: Any = None) -> Any:
         """A value of any type, checked by the caller."""
         return self._raw.pop(key, default)
