@@ -482,6 +482,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                                             "(h100-llama8b*4,slow-llama8b*4)")
     sw.add_argument("--servers", type=int, default=8, help="servers of a single preset")
     sw.add_argument("--seeds", type=int, default=12, help="seeds 1..N")
+    sw.add_argument("--path-ms", type=float, default=0.0,
+                    help="a live gateway's path per request, half each way (the routing bench's is ~12 ms)")
     tb = bsub.add_parser("tune", help="validate epp tune: record the default config live, tune on the trace, then "
                                       "the default vs the tuned config on a fresh trace of the same workload")
     tb.add_argument("--out", default="results/tune")
@@ -656,8 +658,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 print(f"epp bench seeds: --config {name}: {e}", file=sys.stderr)
                 return 2
         out = Path(args.out)
-        sweep_seeds(replayed, Sweep(args.workload, args.rate, args.requests, args.fleet, args.servers),
-                    list(range(1, args.seeds + 1)), out)
+        if args.path_ms < 0:
+            print("epp bench seeds: --path-ms must be >= 0", file=sys.stderr)
+            return 2
+        sweep = Sweep(args.workload, args.rate, args.requests, args.fleet, args.servers, args.path_ms / 1000)
+        sweep_seeds(replayed, sweep, list(range(1, args.seeds + 1)), out)
         print((out / "seeds.md").read_text())
         return 0
     if args.bench_command == "workers":

@@ -37,6 +37,7 @@ class Sweep:
     requests: int
     fleet: str  # a preset, or a mixed fleet ("h100-llama8b*4,slow-llama8b*4")
     servers: int = 8
+    path_s: float = 0.0  # the gateway's path, per request (ReplayOptions.path_s)
 
 
 def first_turns(workload: str, requests: int, rate: float, seed: int) -> Workload:
@@ -60,7 +61,8 @@ def first_turns(workload: str, requests: int, rate: float, seed: int) -> Workloa
 
 def _one(name: str, text: str, sweep: Sweep, seed: int) -> dict[str, Any]:
     work = first_turns(sweep.workload, sweep.requests, sweep.rate, seed)
-    result = run_replay(text, name, work, fleet_params(sweep.fleet, sweep.servers), ReplayOptions(seed=seed))
+    options = ReplayOptions(seed=seed, path_s=sweep.path_s)
+    result = run_replay(text, name, work, fleet_params(sweep.fleet, sweep.servers), options)
     return {"config": name, "seed": seed, **result.summary()}
 
 
@@ -84,7 +86,8 @@ def sweep_seeds(configs: dict[str, str], sweep: Sweep, seeds: list[int], out: Pa
                      "ttft_mean_s": round(statistics.fmean(r["ttft_mean_s"] for r in mine), 4),
                      "hit_rate": round(statistics.fmean(r["prefix_hit_rate"] for r in mine), 4)})
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "workload": sweep.workload, "rate": sweep.rate,
-              "requests": sweep.requests, "fleet": sweep.fleet, "seeds": seeds, "bad_over_s": round(2 * median_all, 4),
+              "requests": sweep.requests, "fleet": sweep.fleet, "path_s": sweep.path_s, "seeds": seeds,
+              "bad_over_s": round(2 * median_all, 4),
               "rows": rows, "runs": runs}
     (out / "seeds.json").write_text(json.dumps(result, indent=1))
     (out / "seeds.md").write_text(markdown(result))
@@ -93,7 +96,8 @@ def sweep_seeds(configs: dict[str, str], sweep: Sweep, seeds: list[int], out: Pa
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# epp bench seeds ({r['date']}): {r['workload']} at {r['rate']} req/s, {r['requests']} requests, "
-             f"{r['fleet']}, seeds {r['seeds'][0]}-{r['seeds'][-1]} (virtual time, first turns)", "",
+             f"{r['fleet']}, seeds {r['seeds'][0]}-{r['seeds'][-1]} (virtual time, first turns"
+             f"{', path %g ms' % (r['path_s'] * 1000) if r.get('path_s') else ''})", "",
              "| config | seeds | TTFT p90 mean s | p90 median s | p90 worst s | bad seeds (p90 > "
              f"{r['bad_over_s']} s) | p99 mean s | TTFT mean s | hit rate |", "|---|---|---|---|---|---|---|---|---|"]
     for w in r["rows"]:

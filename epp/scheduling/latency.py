@@ -506,6 +506,7 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
         self.work = params.float("prefillWorkWeight", 0.0, minimum=0.0)
         self.horizon = params.optional_duration("localityHorizon") or 0.0
+        self.trade_limit = params.float("tpotTradeLimit", 0.0, minimum=0.0)
         self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
         self.prefix_producer_name = params.text("prefixMatchInfoProducerName") or None
@@ -563,13 +564,17 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
         t_lo, p_lo = min(ttft), min(tpot)
         t_range, p_range = max(ttft) - t_lo, max(tpot) - p_lo
+        if force_least and self.trade_limit and beta > 0 and t_lo > EPS:
+            # A better TPOT may buy at most trade_limit x the best TTFT: past that, a pod's TTFT
+            # rank is its worst, however wide the candidates' spread.
+            t_range = min(t_range, t_lo * self.trade_limit * alpha / beta)
         if t_range <= EPS < p_range:
             alpha, beta = 0.0, 1.0
         elif p_range <= EPS < t_range:
             alpha, beta = 1.0, 0.0
         most = self.most and not force_least
         for k, i in enumerate(idx):
-            n_ttft = (ttft[k] - t_lo) / t_range if t_range > EPS else 0.5
+            n_ttft = min(1.0, (ttft[k] - t_lo) / t_range) if t_range > EPS else 0.5
             n_tpot = (tpot[k] - p_lo) / p_range if p_range > EPS else 0.5
             combined = alpha * n_ttft + beta * n_tpot
             w = int(combined * W_MAX) + 1 if most else int((1.0 - combined) * W_MAX) + 1

@@ -61,6 +61,7 @@ class ReplayOptions:
     refresh_s: float = 0.05  # how often the datastore is fed the engines' numbers (a scrape)
     staleness_s: float = 2.0
     seed: int = 1
+    path_s: float = 0.0  # a live gateway's path: half on the way to the pod, half on the first token's way back
 
 
 @dataclass(slots=True)
@@ -221,7 +222,7 @@ async def replay(config_text: str, name: str, work: Workload, engines: list[Engi
                 result.refused[got.status] += 1
                 return
             out = got
-        await _serve(out, fleet[out.decision.primary], i, arrived, work, result, clock)
+        await _serve(out, fleet[out.decision.primary], i, arrived, work, result, clock, opts.path_s / 2)
 
     scrape()
     feeder = loop.create_task(scraping())
@@ -246,13 +247,18 @@ async def replay(config_text: str, name: str, work: Workload, engines: list[Engi
 
 
 async def _serve(routed: Routed, engine: Engine, i: int, arrived: float, work: Workload, result: ReplayResult,
-                 clock: Any) -> None:
-    """The engine serves the request; its response goes back through ``routed`` as the wire would."""
+                 clock: Any, half_path: float = 0.0) -> None:
+    """The engine serves the request; its response goes back through ``routed`` as the wire would
+    (``half_path`` seconds each way: to the pod, and the first token's way back)."""
     routed.status = 200
     result.queued_s.append(routed.queued)
     ids = work.prompt_ids[i]
+    if half_path:
+        await asyncio.sleep(half_path)
     sim = engine.submit(ids, work.output_tokens[i], ignore_eos=True)
     first = await sim.queue.get()
+    if half_path:
+        await asyncio.sleep(half_path)
     if first is None:
         result.failed += 1
         routed.status = 500

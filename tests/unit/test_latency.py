@@ -451,6 +451,30 @@ def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None
     scorer_ = s.profile.scorers[0][0]
     assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming
     assert scorer_.work == 0.25 and scorer_.horizon == 30.0 and s.profile.producers[0].locality_horizon == 30.0
+    assert scorer_.trade_limit == 0.25
+
+
+def streamed(ttft: float, tpot: float) -> LatencyPrediction:
+    """A prediction as the producer makes it for a stream without SLOs: both headrooms negative."""
+    return LatencyPrediction(ttft, tpot, -ttft, -tpot, 1)
+
+
+def test_a_tpot_trade_limit_bounds_the_ttft_a_better_tpot_may_buy() -> None:
+    pool = snap("slow-holder", "fast-cold", "slow-cold")
+    preds = {"slow-holder": streamed(0.04, 0.02), "fast-cold": streamed(0.13, 0.008),
+             "slow-cold": streamed(0.6, 0.02)}
+    plain = scores(scorer(preds, preferIdle=False), pool)
+    assert plain[1] > plain[0]  # ranked against the slowest candidate, 90 ms more TTFT look cheap
+    bounded = scores(scorer(preds, preferIdle=False, tpotTradeLimit=0.25), pool)
+    assert bounded[0] > bounded[1] > bounded[2] == 0.01  # past the limit its TTFT ranks as the worst
+    near = {**preds, "fast-cold": streamed(0.045, 0.008)}  # 12.5% more TTFT for less than half the TPOT
+    within = scores(scorer(near, preferIdle=False, tpotTradeLimit=0.25), pool)
+    assert within[1] > within[0]
+
+
+def test_the_tpot_trade_limit_is_not_negative() -> None:
+    with pytest.raises(ConfigError, match="tpotTradeLimit"):
+        LatencyScorer("latency-scorer", Params({"tpotTradeLimit": -1}, "p"))
 
 
 def test_prefill_work_weight_prefers_waiting_for_a_cached_prefix_to_recomputing_it_elsewhere() -> None:

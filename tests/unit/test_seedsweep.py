@@ -30,3 +30,13 @@ def test_a_sweep_reports_every_config_and_repeats_exactly(tmp_path: Path) -> Non
     saved = json.loads((tmp_path / "a" / "seeds.json").read_text())
     assert saved["rows"] == first["rows"]
     assert "| recommended | 2 |" in (tmp_path / "a" / "seeds.md").read_text()
+
+
+def test_a_gateways_path_delays_each_first_token_by_the_path(tmp_path: Path) -> None:
+    configs = {"default": DEFAULT_CONFIG}
+    plain = sweep_seeds(configs, Sweep("zipf", 10.0, 40, "h100-llama8b", servers=4), [1], tmp_path / "a", processes=1)
+    pathed = sweep_seeds(configs, Sweep("zipf", 10.0, 40, "h100-llama8b", servers=4, path_s=0.02), [1],
+                         tmp_path / "b", processes=1)
+    added = pathed["runs"][0]["ttft_p50_s"] - plain["runs"][0]["ttft_p50_s"]
+    assert 0.015 <= added <= 0.03  # the way to the pod and the first token's way back
+    assert pathed["path_s"] == 0.02 and "path 20 ms" in (tmp_path / "b" / "seeds.md").read_text()
