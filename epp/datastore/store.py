@@ -26,6 +26,19 @@ class Snapshot:
     staleness: float
     inflight_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens not yet prefilled
 
+    def queued(self, e: EndpointState) -> float:
+        """Requests waiting on ``e``: the last scrape's queue plus epp's picks it could not show,
+        those made since it, or, when more of epp's requests are in flight there than it showed
+        running and waiting, the difference (picked before the scrape, not at the engine yet)."""
+        a = e.address
+        inflight = self.inflight.get(a, 0)
+        s = e.signals
+        if s is None:
+            return float(min(self.recent_picks.get(a, 0), inflight))
+        unseen = inflight - s.running - s.waiting
+        recent = min(self.recent_picks.get(a, 0), inflight)
+        return s.waiting + (recent if recent >= unseen else unseen)
+
     def fresh(self) -> tuple[EndpointState, ...]:
         """The endpoints whose metrics are fresh (what the scheduler chooses from, when any is)."""
         oldest = self.now - self.staleness  # (EndpointState.fresh, inlined: this runs per pick over the pool)

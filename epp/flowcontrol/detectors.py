@@ -45,9 +45,7 @@ class UtilizationDetector(SaturationDetector):
         self._pre: list[tuple[str, float, float, float, float]] = []
 
     def _waiting(self, e: EndpointState, snapshot: Snapshot) -> float:
-        assert e.signals is not None
-        a = e.address
-        return e.signals.waiting + min(snapshot.recent_picks.get(a, 0), snapshot.inflight.get(a, 0))
+        return snapshot.queued(e)
 
     def _fresh(self, e: EndpointState, now: float) -> bool:
         return e.signals is not None and e.error is None and now - e.scraped_at <= self.staleness

@@ -65,20 +65,16 @@ class _NoParams:
 
 
 class QueueScorer(_NoParams, Scorer):
-    """Shorter queue scores higher: min-max over candidates of waiting requests plus the picks epp
-    made since the last scrape that are still in flight (the scrape could not see them), so a
-    burst between scrapes spreads instead of piling onto one pod."""
+    """Shorter queue scores higher: min-max over candidates of ``Snapshot.queued`` (waiting requests
+    plus epp's picks the last scrape could not show), so a burst between scrapes spreads instead
+    of piling onto one pod."""
 
     type_name: ClassVar[str] = "queue-scorer"
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        recent, inflight = snapshot.recent_picks, snapshot.inflight
-        return _minmax_low_is_good([
-            (c.signals.waiting if c.signals else 0.0)
-            + (min(r, inflight.get(c.address, 0)) if (r := recent.get(c.address)) else 0)
-            for c in candidates
-        ])
+        queued = snapshot.queued
+        return _minmax_low_is_good([queued(c) for c in candidates])
 
 
 class LoadAwareScorer(Scorer):

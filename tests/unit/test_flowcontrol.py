@@ -224,9 +224,12 @@ def test_utilization_detector_is_the_references_roofline_plus_epps_own_recent_pi
     snap = Snapshot(eps, {}, {}, NOW, 2.0)
     assert d.saturation(snap, eps) == pytest.approx((1.0 + 0.5 + 1.0) / 3)  # c is stale: fail-closed
     assert d.stale_count(snap, eps) == 1
-    # Picks since b's scrape that are still in flight count as waiting there.
+    # Picks since b's scrape that are still in flight count as waiting there, and so do in-flight
+    # picks its scrape did not show running or waiting (Snapshot.queued).
     busy = Snapshot(eps, {"b": 4}, {"b": 3}, NOW, 2.0)
-    assert d.endpoint_score(eps[1], busy) == pytest.approx(3 / 5)
+    assert d.endpoint_score(eps[1], busy) == pytest.approx(4 / 5)
+    shown = (eps[0], EndpointState("b", EngineSignals(running=4, kv_usage=0.4), scraped_at=NOW), eps[2])
+    assert d.endpoint_score(shown[1], Snapshot(shown, {"b": 4}, {"b": 3}, NOW, 2.0)) == pytest.approx(3 / 5)
     kept = d.filter(InferenceRequest("r", "/v1/completions"), snap, list(eps), CycleState())
     assert [e.address for e in kept] == ["b"]
     with pytest.raises(ConfigError, match="kvCacheUtilThreshold"):
