@@ -32,11 +32,11 @@ class Snapshot:
         running and waiting, the difference (picked before the scrape, not at the engine yet)."""
         a = e.address
         inflight = self.inflight.get(a, 0)
+        recent = min(self.recent_picks.get(a, 0), inflight)
         s = e.signals
         if s is None:
-            return float(min(self.recent_picks.get(a, 0), inflight))
+            return float(recent)
         unseen = inflight - s.running - s.waiting
-        recent = min(self.recent_picks.get(a, 0), inflight)
         return s.waiting + (recent if recent >= unseen else unseen)
 
     def fresh(self) -> tuple[EndpointState, ...]:

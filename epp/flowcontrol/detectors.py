@@ -44,9 +44,6 @@ class UtilizationDetector(SaturationDetector):
         self._for: Sequence[EndpointState] | None = None
         self._pre: list[tuple[str, float, float, float, float]] = []
 
-    def _waiting(self, e: EndpointState, snapshot: Snapshot) -> float:
-        return snapshot.queued(e)
-
     def _fresh(self, e: EndpointState, now: float) -> bool:
         return e.signals is not None and e.error is None and now - e.scraped_at <= self.staleness
 
@@ -54,7 +51,7 @@ class UtilizationDetector(SaturationDetector):
         if not self._fresh(e, snapshot.now):
             return 1.0
         assert e.signals is not None
-        return max(self._waiting(e, snapshot) / self.queue_depth, e.signals.kv_usage / self.kv_cache_util)
+        return max(snapshot.queued(e) / self.queue_depth, e.signals.kv_usage / self.kv_cache_util)
 
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
         if not endpoints:
@@ -87,7 +84,7 @@ class UtilizationDetector(SaturationDetector):
         kv_limit = self.kv_cache_util * (1.0 + self.headroom)
         now = snapshot.now
         kept = [e for e in candidates if self._fresh(e, now) and e.signals is not None
-                and self._waiting(e, snapshot) < q_limit and e.signals.kv_usage < kv_limit]
+                and snapshot.queued(e) < q_limit and e.signals.kv_usage < kv_limit]
         return kept or candidates
 
 
