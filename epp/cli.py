@@ -703,7 +703,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 print(f"epp bench routing: --epp-config expects NAME=PATH to a file, got {item!r}", file=sys.stderr)
                 return 2
             configs[name] = Path(path)
-        contenders = tuple(c for c in args.contenders.split(",") if c) + tuple(f"epp-{n}" for n in configs)
+        # (each --epp-config NAME is the contender epp-NAME; named in --contenders too, it runs once)
+        named = (*(c for c in args.contenders.split(",") if c), *(f"epp-{n}" for n in configs))
+        contenders = tuple(dict.fromkeys(named))
         bad = [c for c in contenders if c not in CONTENDERS and not c.startswith("epp-")]
         if bad or args.workload not in WORKLOADS:
             print(f"epp bench routing: unknown contender(s) {bad} (known: {', '.join(CONTENDERS)}) or workload "

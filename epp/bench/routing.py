@@ -40,6 +40,7 @@ import orjson
 from epp.bench.procs import cpu_seconds, start_epp, stop, tree_cpu_seconds
 from epp.bench.simbench import _pct
 from epp.bench.workloads import Session, Trace, WorkloadParams, build
+from epp.scheduling.latency_model import bucket_median
 from epp.sim.fleet import Fleet
 from epp.sim.profiles import fleet_params
 from epp.stack.local import EnvoyProc, free_ports, spawn, start_envoy, wait_until
@@ -660,21 +661,9 @@ async def latency_error_median(url: str) -> float | None:
             text = await r.text()
     except aiohttp.ClientError:
         return None
-    buckets: list[tuple[float, float]] = []
-    for m in re.finditer(r'^epp_latency_prediction_ttft_error_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$', text, re.M):
-        buckets.append((float(m.group(1)), float(m.group(2))))
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    half = buckets[-1][1] / 2
-    lo_bound, lo_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= half:
-            if bound == float("inf"):
-                return lo_bound
-            share = (half - lo_count) / (count - lo_count) if count > lo_count else 0.0
-            return round(lo_bound + share * (bound - lo_bound), 3)
-        lo_bound, lo_count = bound, count
-    return None
+    buckets = [(float(m.group(1)), float(m.group(2))) for m in re.finditer(
+        r'^epp_latency_prediction_ttft_error_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$', text, re.M)]
+    return bucket_median(buckets)
 
 
 def markdown(result: dict[str, Any]) -> str:

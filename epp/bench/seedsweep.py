@@ -84,7 +84,9 @@ def sweep_seeds(configs: dict[str, str], sweep: Sweep, seeds: list[int], out: Pa
                      "bad_seeds": sum(p > 2 * median_all for p in p90s),
                      "p99_mean_s": round(statistics.fmean(r["ttft_p99_s"] for r in mine), 4),
                      "ttft_mean_s": round(statistics.fmean(r["ttft_mean_s"] for r in mine), 4),
-                     "hit_rate": round(statistics.fmean(r["prefix_hit_rate"] for r in mine), 4)})
+                     "hit_rate": round(statistics.fmean(r["prefix_hit_rate"] for r in mine), 4),
+                     "latency_error_p50_worst": max((e for r in mine if (e := r.get("latency_error_p50")) is not None),
+                                                    default=None)})
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "workload": sweep.workload, "rate": sweep.rate,
               "requests": sweep.requests, "fleet": sweep.fleet, "path_s": sweep.path_s, "seeds": seeds,
               "bad_over_s": round(2 * median_all, 4),
@@ -94,13 +96,19 @@ def sweep_seeds(configs: dict[str, str], sweep: Sweep, seeds: list[int], out: Pa
     return result
 
 
+def _or_dash(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# epp bench seeds ({r['date']}): {r['workload']} at {r['rate']} req/s, {r['requests']} requests, "
              f"{r['fleet']}, seeds {r['seeds'][0]}-{r['seeds'][-1]} (virtual time, first turns"
              f"{', path %g ms' % (r['path_s'] * 1000) if r.get('path_s') else ''})", "",
              "| config | seeds | TTFT p90 mean s | p90 median s | p90 worst s | bad seeds (p90 > "
-             f"{r['bad_over_s']} s) | p99 mean s | TTFT mean s | hit rate |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{r['bad_over_s']} s) | p99 mean s | TTFT mean s | hit rate | model error p50 (worst seed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["rows"]:
         lines.append(f"| {w['config']} | {w['seeds']} | {w['p90_mean_s']} | {w['p90_median_s']} | {w['p90_worst_s']} "
-                     f"| {w['bad_seeds']} | {w['p99_mean_s']} | {w['ttft_mean_s']} | {w['hit_rate']} |")
+                     f"| {w['bad_seeds']} | {w['p99_mean_s']} | {w['ttft_mean_s']} | {w['hit_rate']} "
+                     f"| {_or_dash(w.get('latency_error_p50_worst'))} |")
     return "\n".join(lines) + "\n"

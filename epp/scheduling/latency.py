@@ -58,7 +58,6 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.latency_model import (
-    ERROR_BUCKETS,
     ErrorTracker,
     LatencyModel,
     predict,
@@ -74,6 +73,7 @@ TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 LOCALITY_MARGIN = 0.2
 DEFAULT_OUTPUT_TOKENS = 256.0  # the expected output length before any response reported one
+POD_MODELS = ("own", "speed")  # each pod its own coefficients; or one shared shape x each pod's speed
 ENCODER_CACHE = "multimodal encoder-cache features: epp routes text"
 
 
@@ -95,6 +95,9 @@ class LatencyPrediction(NamedTuple):
     # The seconds of TTFT the next requests for this prompt's cached prefix would save if it were
     # cached here too (epp's own: a pod that does not hold it yet; 0 on the pods that do).
     locality: float = 0.0
+    # The prompt tokens the pod computes before this request's first token (its pending prefill
+    # and this request's uncached part), in thousands.
+    backlog: float = 0.0
 
     @property
     def meets_slo(self) -> bool:
@@ -151,10 +154,11 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             raise ConfigError(f"{params.path}.useEncoderCacheFeatures", f"not supported by epp ({ENCODER_CACHE})")
         params.refuse("encoderCacheMatchInfoProducerName", ENCODER_CACHE)
         max_error = params.float("maxPredictionError", 0.5, minimum=0.01)
+        pod_model = params.text("podModel", "own", choices=POD_MODELS)
         params.done()
         self.own_index = False
         self.prefix: PrefixProducer | None = None
-        self.model = LatencyModel()
+        self.model = LatencyModel(shared=pod_model == "speed")
         self.errors = ErrorTracker(max_error=max_error, recover_error=min(0.35, max_error * 0.7))
         self.mean_output = DEFAULT_OUTPUT_TOKENS
         self.clock: Callable[[], float] = time.monotonic
@@ -194,7 +198,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         tail = 0.0 if streaming else max(0.0, self._expected_output(request) - 1)  # tokens after the first
         pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
         rate, wants = self.arrivals.rate, self.interference_wanted
-        coefficients = self.model.coefficients
+        coefficients, speeds = self.model.coefficients, self.model.speed_coefficients
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         future = self._future_requests(match, now, cycle) if self.locality_horizon and match is not None else 0.0
         # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
@@ -220,7 +224,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             ttft, tpot, per_token = predict(coefs, ahead + own, batch, ahead)
             inputs[a] = (ahead, batch, own)
             if future:
-                candidate_coefficients.append(coefs)
+                candidate_coefficients.append(speeds(a))
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
             elif tpot_slo:
@@ -237,7 +241,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             # (tuple.__new__: the named tuple's own constructor costs twice as much, per candidate)
             predictions[a] = new_prediction(LatencyPrediction, (
                 ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
-                rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s * share, 0.0))
+                rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s * share, 0.0,
+                (ahead + own) / 1000.0))
             batches += batch
         if future:
             self._locality(future, matched, prompt, candidates, candidate_coefficients, predictions,
@@ -381,21 +386,27 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         hist = HistogramMetricFamily("epp_latency_prediction_ttft_error",
                                      "|predicted - observed| / observed TTFT of each response the model learned from.",
                                      labels=labels)
-        running, cumulative = 0, []
-        for bound, n in zip((*ERROR_BUCKETS, math.inf), self.errors.buckets, strict=True):
-            running += n
-            cumulative.append((str(bound) if bound != math.inf else "+Inf", float(running)))
+        cumulative = [(str(bound) if bound != math.inf else "+Inf", count) for bound, count in self.errors.cumulative()]
         hist.add_metric(values, cumulative, self.errors.error_sum)
         yield hist
         coef = GaugeMetricFamily("epp_latency_model_coefficient",
                                  "Each pod's learned latency coefficients (seconds per feature unit).",
                                  labels=["name", "plugin", "endpoint", "quantity", "feature"])
-        for pod, fits in self.model.pods.items():
-            for quantity, fit, features in (("ttft", fits.ttft, ("step", "ktokens", "batch16", "cross")),
-                                            ("tpot", fits.tpot, ("step", "batch16", "pending_ktokens"))):
-                for feature, v in zip(features, fit.theta, strict=True):
+        for pod in self.model.known_pods():
+            ttft, tpot = self.model.coefficients(pod)
+            for quantity, theta, features in (("ttft", ttft, ("step", "ktokens", "batch16", "cross")),
+                                              ("tpot", tpot, ("step", "batch16", "pending_ktokens"))):
+                for feature, v in zip(features, theta, strict=True):
                     coef.add_metric([pool, self.name, pod, quantity, feature], v)
         yield coef
+        speed = GaugeMetricFamily("epp_latency_model_speed_factor",
+                                  "Each pod's latency on the same work as the pool's shared fit (1: the pool's "
+                                  "typical pod; 2.5: 2.5 times slower).",
+                                  labels=["name", "plugin", "endpoint", "quantity"])
+        for pod, (ttft_factor, tpot_factor) in self.model.speed_factors().items():
+            speed.add_metric([pool, self.name, pod, "ttft"], ttft_factor)
+            speed.add_metric([pool, self.name, pod, "tpot"], tpot_factor)
+        yield speed
 
 
 class ArrivalRates:
@@ -506,6 +517,8 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         self.interference = params.float("interferenceWeight", 0.0, minimum=0.0)
         self.work = params.float("prefillWorkWeight", 0.0, minimum=0.0)
         self.horizon = params.optional_duration("localityHorizon") or 0.0
+        self.locality_weight = params.float("localityWeight", 1.0, minimum=0.0)
+        self.backlog_risk = params.float("backlogRisk", 0.0, minimum=0.0)
         self.trade_limit = params.float("tpotTradeLimit", 0.0, minimum=0.0)
         self.prefer_idle = params.bool("preferIdle", True)
         self.latency_producer_name = params.text("latencyPredictionInfoProducerName") or None
@@ -552,12 +565,15 @@ class LatencyScorer(Scorer, _ReadsPredictions):
                 force_least: bool) -> None:
         total = self.ttft_weight + self.tpot_weight
         alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
-        if force_least and (self.interference or self.work or self.horizon):
+        if force_least and (self.interference or self.work or self.horizon or self.backlog_risk):
             # A deficit: the delay its prefill brings the pod's next arrivals, and the GPU time it
             # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it;
-            # what caching the prompt's prefix there too would save its next requests comes off.
-            w, k = self.interference, self.work
-            ttft = [abs(p.ttft_headroom) + w * p.interference + k * p.own_prefill - p.locality
+            # so does a share of the TTFT per 1,000 tokens the pod computes first (a backlog
+            # grows after the pick); what caching the prompt's prefix there too would save its
+            # next requests comes off.
+            w, k, c, r = self.interference, self.work, self.locality_weight, self.backlog_risk
+            ttft = [abs(p.ttft_headroom) + w * p.interference + k * p.own_prefill - c * p.locality
+                    + r * p.ttft * p.backlog
                     if (p := preds[i]) is not None else 0.0 for i in idx]
         else:
             ttft = [abs(p.ttft_headroom) if (p := preds[i]) is not None else 0.0 for i in idx]

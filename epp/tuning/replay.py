@@ -37,6 +37,7 @@ from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.refused import Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess, Routed
 from epp.scheduling.contract import DrawsRandomly, ReadsClock, declares
+from epp.scheduling.latency import PredictedLatencyProducer
 from epp.sim.engine import Engine
 from epp.sim.profiles import EngineParams
 from epp.sim.tokenizer import SimTokenizer
@@ -78,6 +79,7 @@ class ReplayResult:
     prefix_queries: int = 0
     virtual_s: float = 0.0
     wall_s: float = 0.0
+    latency_error_p50: float | None = None  # the latency model's median TTFT error, when the config has one
 
     def summary(self) -> dict[str, Any]:
         served = self.per_endpoint
@@ -92,6 +94,7 @@ class ReplayResult:
                 "refused": dict(self.refused), "failed": self.failed,
                 "queued_p90_s": _pct(self.queued_s, 90) if self.queued_s else 0.0,
                 "ttft_p90_by_priority_s": {p: _pct(xs, 90) for p, xs in sorted(self.ttft_by_priority.items())},
+                "latency_error_p50": self.latency_error_p50,
                 "virtual_s": round(self.virtual_s, 2), "wall_s": round(self.wall_s, 2)}
 
 
@@ -243,6 +246,8 @@ async def replay(config_text: str, name: str, work: Workload, engines: list[Engi
     result.prefix_hits = sum(e.stats.prefix_hits for e in fleet.values())
     result.prefix_queries = sum(e.stats.prefix_queries for e in fleet.values())
     result.wall_s = time.perf_counter() - wall0
+    models = [p.errors.overall_median() for p in built.instances.values() if isinstance(p, PredictedLatencyProducer)]
+    result.latency_error_p50 = models[0] if models else None
     return result
 
 

@@ -65,5 +65,8 @@ async def test_epp_learns_which_pod_is_slow_and_routes_to_the_fast_one(stream: b
         step = {a: metric(page, "epp_latency_model_coefficient", endpoint=a, quantity="ttft", feature="step")[0]
                 for a in (fast, slow)}
         assert step[slow] > 3 * step[fast]
+        factor = {a: metric(page, "epp_latency_model_speed_factor", endpoint=a, quantity="ttft")[0]
+                  for a in (fast, slow)}
+        assert factor[slow] > 3 * factor[fast]
         assert metric(page, "epp_latency_prediction_active") == [1.0]
         assert re.search(r'epp_latency_prediction_ttft_error_count\{[^}]*\} 40\.0', page)

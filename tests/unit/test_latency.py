@@ -22,7 +22,7 @@ from epp.scheduling.latency import (
     PrefixRates,
     SLOHeadroomTierFilter,
 )
-from epp.scheduling.latency_model import PRIOR_TTFT, TRAINED, ErrorTracker, LatencyModel, ttft_features
+from epp.scheduling.latency_model import PRIOR_TTFT, TRAINED, ErrorTracker, Fit, LatencyModel, ttft_features
 from epp.scheduling.params import Params
 from epp.scheduling.types import Completion, ConfigError, CycleState, Usage
 
@@ -89,6 +89,94 @@ def test_a_pod_that_slows_down_is_relearned() -> None:
     _simulate(model, "p", 1.0, 300, rng)
     late = _simulate(model, "p", 3.0, 300, rng)
     assert sum(late[-100:]) / 100 < 0.15
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fits_stay_on_the_observations_when_a_step_would_drive_a_coefficient_negative(shared: bool) -> None:
+    # Pairs of responses per pod with correlated features: clamping an unconstrained step at 0
+    # once moved this first pod's own fit away from what it observed (its error grew to 400%).
+    model, rng = LatencyModel(shared=shared), random.Random(1)
+    errors: dict[str, list[float]] = {p: [] for p in ("a", "b", "c", "d")}
+    for _ in range(150):
+        for pod, slowdown in (("a", 1.0), ("b", 1.0), ("c", 2.5), ("d", 2.5)):
+            errors[pod] += _simulate(model, pod, slowdown, 2, rng)
+    assert all(sum(e[-100:]) / 100 < 0.1 for e in errors.values())
+    for pod in errors:
+        assert all(v >= 0 for v in model.coefficients(pod)[0])
+    x = ttft_features(6000, 8)
+    assert model.predict_ttft("a", x) == pytest.approx(model.predict_ttft("b", x), rel=0.1)
+
+
+def test_a_pod_whose_batch_stays_put_keeps_a_sane_fit() -> None:
+    # A pod always 30-40 requests deep cannot tell its step from its batch term; clamped steps
+    # once ran its fit to a 53 s step. Its idle prediction may be off, not absurd.
+    model, rng = LatencyModel(), random.Random(3)
+    for _ in range(300):
+        tokens, batch = rng.uniform(0, 4000), rng.randint(30, 40)
+        y = (0.0105 + 0.00004 * tokens + 0.0001 * batch * (1 + tokens / 8192)) * rng.uniform(0.9, 1.1)
+        model.observe_ttft("busy", ttft_features(tokens, batch), y)
+    assert 0.004 < model.predict_ttft("busy", ttft_features(100, 16)) < 0.05
+    assert model.predict_ttft("busy", ttft_features(2000, 35)) == pytest.approx(0.0105 + 0.08 + 0.0035 * 1.25, rel=0.15)
+
+
+def test_a_projected_step_holds_the_coefficient_at_zero_and_moves_towards_the_observation() -> None:
+    fit = Fit.starting_at((0.01, 0.0, 0.05, 0.0))
+    for _ in range(3):
+        fit.update((1.0, 1.0, 0.0, 0.0), 0.05, 0.99)  # batch-free observations: 40 ms per 1k tokens
+    x = (1.0, 2.0, 1.0, 2.0)
+    before = fit.predict(x)
+    fit.update(x, 0.05, 0.99)  # then one far below the prediction, with the batch term in it
+    assert min(fit.theta) >= 0 and 0.05 <= fit.predict(x) < before
+
+
+def test_shared_mode_learns_one_shape_and_each_pods_speed() -> None:
+    model, rng = LatencyModel(shared=True), random.Random(4)
+    errors: dict[str, list[float]] = {p: [] for p in ("a", "b", "c", "d")}
+    for _ in range(150):  # the pods' responses interleave, as they do in a pool
+        for pod, slowdown in (("a", 1.0), ("b", 1.0), ("c", 2.5), ("d", 2.5)):
+            errors[pod] += _simulate(model, pod, slowdown, 2, rng)
+    assert all(sum(e[-100:]) / 100 < 0.15 for e in errors.values())
+    x = ttft_features(6000, 8)
+    fast, slow = model.predict_ttft("a", x), model.predict_ttft("c", x)
+    assert slow / fast == pytest.approx(2.5, rel=0.15)
+    # Pods alike are predicted alike: each pod's coefficients are its factor x one shared fit.
+    assert model.predict_ttft("b", x) == pytest.approx(fast, rel=0.05)
+    ratios = {a / b for a, b in zip(model.coefficients("a")[0], model.coefficients("c")[0], strict=True) if b}
+    assert max(ratios) - min(ratios) < 1e-9
+    # A new pod starts at the pool's typical speed (the factors' geometric mean is kept at 1).
+    assert model.trained("new") == 0
+    assert fast < model.predict_ttft("new", x) < slow
+    assert model.predict_ttft("new", x) == pytest.approx((fast * slow) ** 0.5, rel=0.1)
+    assert sorted(model.known_pods()) == ["a", "b", "c", "d"]
+    model.forget_pod("c")
+    assert model.trained("c") == 0 and "c" not in model.known_pods()
+
+
+def test_shared_mode_relearns_a_pod_that_slows_down_without_moving_the_others() -> None:
+    model, rng = LatencyModel(shared=True), random.Random(5)
+    for _ in range(150):
+        for pod in ("a", "b", "c"):
+            _simulate(model, pod, 1.0, 2, rng)
+    x = ttft_features(4000, 8)
+    before = model.predict_ttft("a", x)
+    late: list[float] = []
+    for _ in range(150):
+        for pod, slowdown in (("a", 1.0), ("b", 1.0), ("c", 3.0)):
+            errs = _simulate(model, pod, slowdown, 2, rng)
+            if pod == "c":
+                late += errs
+    assert sum(late[-100:]) / 100 < 0.15
+    assert model.predict_ttft("c", x) / model.predict_ttft("a", x) == pytest.approx(3.0, rel=0.2)
+    assert model.predict_ttft("a", x) == pytest.approx(before, rel=0.3)
+
+
+def test_pod_model_is_a_producer_parameter_and_refuses_other_values() -> None:
+    _, producer = built(CONFIG.replace("{streamingMode: true}", "{streamingMode: true, podModel: speed}"))
+    assert producer.model.shared
+    _, producer = built()
+    assert not producer.model.shared
+    with pytest.raises(ConfigError, match="podModel"):
+        built(CONFIG.replace("{streamingMode: true}", "{streamingMode: true, podModel: fast}"))
 
 
 def test_the_error_tracker_falls_back_and_recovers_with_messages() -> None:
@@ -451,7 +539,7 @@ def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None
     scorer_ = s.profile.scorers[0][0]
     assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming
     assert scorer_.work == 0.25 and scorer_.horizon == 30.0 and s.profile.producers[0].locality_horizon == 30.0
-    assert scorer_.trade_limit == 0.25
+    assert scorer_.trade_limit == 0.25 and scorer_.locality_weight == 1 and scorer_.backlog_risk == 0
 
 
 def streamed(ttft: float, tpot: float) -> LatencyPrediction:
@@ -470,6 +558,19 @@ def test_a_tpot_trade_limit_bounds_the_ttft_a_better_tpot_may_buy() -> None:
     near = {**preds, "fast-cold": streamed(0.045, 0.008)}  # 12.5% more TTFT for less than half the TPOT
     within = scores(scorer(near, preferIdle=False, tpotTradeLimit=0.25), pool)
     assert within[1] > within[0]
+
+
+def test_backlog_risk_prefers_a_short_queue_to_a_slightly_faster_long_one() -> None:
+    pool = snap("behind-4k", "behind-none")
+    long_queue = LatencyPrediction(0.100, 0.01, -0.100, -0.01, 3, backlog=4.0)
+    short_queue = LatencyPrediction(0.120, 0.01, -0.120, -0.01, 1, backlog=0.5)
+    preds = {"behind-4k": long_queue, "behind-none": short_queue}
+    plain = scores(scorer(preds, preferIdle=False), pool)
+    assert plain[0] > plain[1]  # 20 ms sooner as predicted
+    risky = scores(scorer(preds, preferIdle=False, backlogRisk=0.15), pool)
+    assert risky[1] > risky[0]  # 0.100 x 1.6 against 0.120 x 1.075
+    with pytest.raises(ConfigError, match="backlogRisk"):
+        LatencyScorer("latency-scorer", Params({"backlogRisk": -0.1}, "p"))
 
 
 def test_the_tpot_trade_limit_is_not_negative() -> None:
@@ -544,6 +645,17 @@ def test_a_popular_prefix_on_a_slow_pod_is_computed_again_on_a_fast_one() -> Non
     assert s.schedule(req(SYSTEM + "and now?"), both).primary == "fast"
 
 
+def test_a_locality_weight_copies_a_prefix_after_fewer_requests() -> None:
+    picks = {}
+    for weight in (1, 4):
+        s, _ = trained(scorer_params(f"preferIdle: false, localityHorizon: 30s, localityWeight: {weight}"))
+        place_on_slow(s, 4)
+        picks[weight] = s.schedule(req(SYSTEM + "and now?"), snap("fast", "slow")).primary
+    assert picks == {1: "slow", 4: "fast"}
+    with pytest.raises(ConfigError, match="localityWeight"):
+        parse_config(scorer_params("localityWeight: -1"))
+
+
 def test_without_a_locality_horizon_the_slow_holder_keeps_the_prefix() -> None:
     s, _ = trained(scorer_params("preferIdle: false"))
     place_on_slow(s, 42)
@@ -562,6 +674,30 @@ def test_pods_alike_are_not_worth_a_second_copy_of_a_prefix() -> None:
     producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
     predictions = producer.predictions(cycle)
     assert predictions is not None and all(p.locality == 0.0 for p in predictions.values())
+
+
+def test_a_copy_is_judged_by_the_pods_speed_factors_not_by_their_own_fits() -> None:
+    # Two alike pods, one always busy: its own fit cannot tell its step from its batch term and
+    # predicts it well over 20% faster when idle; on the shared fit the two are alike.
+    s, producer = built(LOCALITY)
+    rng = random.Random(3)
+    model = producer.model
+    for _ in range(300):
+        for pod, depth in (("busy", (30, 40)), ("quiet", (0, 2))):
+            tokens, batch = rng.uniform(0, 4000), rng.randint(*depth)
+            y = (0.0105 + 0.00004 * tokens + 0.0001 * batch * (1 + tokens / 8192)) * rng.uniform(0.9, 1.1)
+            model.observe_ttft(pod, ttft_features(tokens, batch), y)
+    idle = ttft_features(100, 16)
+    assert model.predict_ttft("busy", idle) < 0.8 * model.predict_ttft("quiet", idle)
+    busy_factor, quiet_factor = model.speed_factors()["busy"][0], model.speed_factors()["quiet"][0]
+    assert busy_factor == pytest.approx(quiet_factor, rel=0.2)
+    for i in range(40):
+        s.committed(s.schedule(req(SYSTEM + f"question {i}?"), snap("quiet")))
+    cycle = CycleState()
+    pool = snap("busy", "quiet")
+    producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
+    predictions = producer.predictions(cycle)
+    assert predictions is not None and predictions["busy"].locality == 0.0
 
 
 def test_the_locality_horizon_is_a_positive_duration() -> None:
