@@ -539,7 +539,7 @@ def test_the_recommended_profile_loads_and_routes_by_predicted_latency() -> None
     scorer_ = s.profile.scorers[0][0]
     assert isinstance(scorer_, LatencyScorer) and not scorer_.prefer_idle and s.profile.producers[0].streaming
     assert scorer_.work == 0.25 and scorer_.horizon == 30.0 and s.profile.producers[0].locality_horizon == 30.0
-    assert scorer_.trade_limit == 0.25 and scorer_.locality_weight == 1 and scorer_.backlog_risk == 0
+    assert scorer_.trade_limit == 0.25 and scorer_.locality_weight == 4 and scorer_.backlog_risk == 0.3
 
 
 def streamed(ttft: float, tpot: float) -> LatencyPrediction:
