@@ -85,10 +85,10 @@ class Fit:
         denom = forget + sum(map(operator.mul, x, px))
         if denom <= 1e-12:
             return
-        theta = self.theta
-        step = [t + p * (y - self.predict(x)) / denom for t, p in zip(theta, px, strict=True)]
+        err = y - self.predict(x)
+        step = [t + p * err / denom for t, p in zip(self.theta, px, strict=True)]
         if min(step) < 0:
-            step = self._projected(x, y, forget)
+            step = self._projected(x, y, forget, [i for i, v in enumerate(step) if v >= 0])
         self.theta = step
         # P = (P - P x x'P / denom) / forget; bounded (its trace) so that it cannot wind up while
         # a feature stays constant, scaled as a whole so that it stays positive definite.
@@ -103,27 +103,22 @@ class Fit:
         self.cov = cov
         self.n += 1
 
-
-    def _projected(self, x: Vector, y: float, forget: float) -> list[float]:
-        """The update with the coefficients it would drive negative held at 0 and the others
-        fitted without them (clamping the unconstrained step instead moves the prediction away
-        from the observation whenever two features are correlated, and the fit runs off)."""
+    def _projected(self, x: Vector, y: float, forget: float, free: list[int]) -> list[float]:
+        """The update with the coefficients it would drive negative held at 0 and the ``free``
+        others fitted without them (clamping the unconstrained step instead moves the prediction
+        away from the observation whenever two features are correlated, and the fit runs off)."""
         theta, cov, k = self.theta, self.cov, len(self.theta)
-        free = list(range(k))
-        for _ in range(k):
+        while free:
             px = [sum(cov[i][j] * x[j] for j in free) for i in free]
             denom = forget + sum(x[i] * p for i, p in zip(free, px, strict=True))
             err = y - sum(theta[i] * x[i] for i in free)
             step = [0.0] * k
             for i, p in zip(free, px, strict=True):
                 step[i] = theta[i] + p * err / denom
-            negative = [i for i in free if step[i] < 0]
-            if not negative:
+            if all(step[i] >= 0 for i in free):
                 return step
             free = [i for i in free if step[i] >= 0]
-            if not free:
-                break
-        return [max(0.0, v) for v in theta]
+        return list(theta)  # every coefficient would go negative: the fit keeps where it was
 
 
 @dataclass(slots=True)

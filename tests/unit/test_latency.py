@@ -662,18 +662,24 @@ def test_without_a_locality_horizon_the_slow_holder_keeps_the_prefix() -> None:
     assert s.schedule(req(SYSTEM + "and now?"), snap("fast", "slow")).primary == "slow"
 
 
+def locality_after_40_on(s: Any, producer: PredictedLatencyProducer, holder: str, other: str) -> dict[str, float]:
+    """Each pod's locality credit for SYSTEM once 40 requests for it went to ``holder`` alone."""
+    for i in range(40):
+        s.committed(s.schedule(req(SYSTEM + f"question {i}?"), snap(holder)))
+    cycle = CycleState()
+    pool = snap(holder, other)
+    producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
+    predictions = producer.predictions(cycle)
+    assert predictions is not None
+    return {a: p.locality for a, p in predictions.items()}
+
+
 def test_pods_alike_are_not_worth_a_second_copy_of_a_prefix() -> None:
     s, producer = built(LOCALITY)
     rng = random.Random(3)
     for pod in ("a", "b"):
         _simulate(producer.model, pod, 1.0, 300, rng)
-    for i in range(40):
-        s.committed(s.schedule(req(SYSTEM + f"question {i}?"), snap("a")))
-    cycle = CycleState()
-    pool = snap("a", "b")
-    producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
-    predictions = producer.predictions(cycle)
-    assert predictions is not None and all(p.locality == 0.0 for p in predictions.values())
+    assert set(locality_after_40_on(s, producer, "a", "b").values()) == {0.0}
 
 
 def test_a_copy_is_judged_by_the_pods_speed_factors_not_by_their_own_fits() -> None:
@@ -691,13 +697,7 @@ def test_a_copy_is_judged_by_the_pods_speed_factors_not_by_their_own_fits() -> N
     assert model.predict_ttft("busy", idle) < 0.8 * model.predict_ttft("quiet", idle)
     busy_factor, quiet_factor = model.speed_factors()["busy"][0], model.speed_factors()["quiet"][0]
     assert busy_factor == pytest.approx(quiet_factor, rel=0.2)
-    for i in range(40):
-        s.committed(s.schedule(req(SYSTEM + f"question {i}?"), snap("quiet")))
-    cycle = CycleState()
-    pool = snap("busy", "quiet")
-    producer.produce(req(SYSTEM + "and now?"), pool, list(pool.endpoints), cycle)
-    predictions = producer.predictions(cycle)
-    assert predictions is not None and predictions["busy"].locality == 0.0
+    assert locality_after_40_on(s, producer, "quiet", "busy")["busy"] == 0.0
 
 
 def test_the_locality_horizon_is_a_positive_duration() -> None:
