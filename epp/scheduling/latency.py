@@ -198,7 +198,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         tail = 0.0 if streaming else max(0.0, self._expected_output(request) - 1)  # tokens after the first
         pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
         rate, wants = self.arrivals.rate, self.interference_wanted
-        coefficients, speeds = self.model.coefficients, self.model.speed_coefficients
+        coefficients, ttft_factor = self.model.coefficients, self.model.ttft_factor
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         future = self._future_requests(match, now, cycle) if self.locality_horizon and match is not None else 0.0
         # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
@@ -206,7 +206,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         share = 1.0 / (1.0 + future)
         predictions: dict[str, LatencyPrediction] = {}
         inputs: dict[str, tuple[int, float, float]] = {}
-        candidate_coefficients: list[tuple[Sequence[float], Sequence[float]]] = []
+        factors: list[float] = []
         batches = 0.0
         new_prediction = tuple.__new__
         for c in candidates:
@@ -224,7 +224,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             ttft, tpot, per_token = predict(coefs, ahead + own, batch, ahead)
             inputs[a] = (ahead, batch, own)
             if future:
-                candidate_coefficients.append(speeds(a))
+                factors.append(ttft_factor(a))
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
                 tpot_room = 0.0
             elif tpot_slo:
@@ -245,8 +245,8 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
                 (ahead + own) / 1000.0))
             batches += batch
         if future:
-            self._locality(future, matched, prompt, candidates, candidate_coefficients, predictions,
-                           batches / len(candidates))
+            self._locality(future, matched, prompt, candidates, factors, predictions,
+                           (self.model.pool_ttft.theta, self.model.pool_tpot.theta), batches / len(candidates))
         cycle.put(self._all, predictions)
         cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
@@ -270,16 +270,18 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
 
     @staticmethod
     def _locality(future: float, matched: Mapping[str, int], prompt: float, candidates: list[EndpointState],
-                  coefficients: list[tuple[Sequence[float], Sequence[float]]],
-                  predictions: dict[str, LatencyPrediction], batch: float) -> None:
+                  factors: list[float], predictions: dict[str, LatencyPrediction],
+                  shared: tuple[Sequence[float], Sequence[float]], batch: float) -> None:
         """Fill in each non-holder's ``locality``: the ``future`` requests for the prefix times
         the TTFT each would save on that pod rather than on the best pod holding it, both at the
         candidates' mean ``batch`` and without a queue (queues and batches move with routing; a pod's
         speed stays), counting only what is more than ``LOCALITY_MARGIN`` faster (two pods alike
-        are predicted a few percent apart: that is no reason to compute the prefix twice)."""
+        are predicted a few percent apart: that is no reason to compute the prefix twice). Pods are
+        compared on the ``shared`` fit's TTFT times each one's speed ``factors``."""
         best = max(matched.values())
         rest = max(0.0, prompt - best)
-        warm = [predict(c, rest, batch, 0.0)[0] for c in coefficients]
+        pooled = predict(shared, rest, batch, 0.0)[0]
+        warm = [f * pooled for f in factors]
         held = [w for c, w in zip(candidates, warm, strict=True) if matched.get(c.address, 0) >= best]
         if not held:
             return

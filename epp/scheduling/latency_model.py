@@ -189,8 +189,9 @@ class LatencyModel:
                 fits.tpot.theta if fits.tpot.n else self._mean("tpot"))
 
     def speed_coefficients(self, pod: str) -> tuple[Vector, Vector]:
-        """The pod's speed factors x the shared fit (kept in both modes): how fast the pod is on
-        the same work as every other pod, the comparison a copy of a prefix is decided on."""
+        """The pod's speed factors x the shared fit (the factors are kept in both modes): how fast
+        the pod is on the same work as every other pod. Built once per pod until the next
+        observation; ``podModel: speed`` predicts with it."""
         scaled = self._scaled.get(pod)
         if scaled is None:
             speeds = self.speeds.get(pod)
@@ -198,6 +199,12 @@ class LatencyModel:
             scaled = self._scaled[pod] = (tuple(st * v for v in self.pool_ttft.theta),
                                           tuple(sp * v for v in self.pool_tpot.theta))
         return scaled
+
+    def ttft_factor(self, pod: str) -> float:
+        """How many times the shared fit's TTFT the pod takes (1.0 before it has observed): a
+        pod's ``speed_coefficients`` are this factor x ``pool_ttft``, without building them."""
+        speeds = self.speeds.get(pod)
+        return speeds.ttft.factor if speeds is not None else 1.0
 
     def predict_ttft(self, pod: str, x: Vector) -> float:
         value: float = sum(map(operator.mul, self.coefficients(pod)[0], x))

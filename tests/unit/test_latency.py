@@ -22,7 +22,15 @@ from epp.scheduling.latency import (
     PrefixRates,
     SLOHeadroomTierFilter,
 )
-from epp.scheduling.latency_model import PRIOR_TTFT, TRAINED, ErrorTracker, Fit, LatencyModel, ttft_features
+from epp.scheduling.latency_model import (
+    PRIOR_TTFT,
+    TRAINED,
+    ErrorTracker,
+    Fit,
+    LatencyModel,
+    predict,
+    ttft_features,
+)
 from epp.scheduling.params import Params
 from epp.scheduling.types import Completion, ConfigError, CycleState, Usage
 
@@ -722,3 +730,16 @@ def test_the_gpu_time_of_a_copy_is_shared_by_the_requests_expected_to_reuse_it()
     rare = own_prefill()
     place_on_slow(s, 40)
     assert 0 < own_prefill() < rare / 20
+
+
+def test_a_pods_ttft_factor_times_the_shared_fit_is_its_speed_coefficients_prediction() -> None:
+    model = LatencyModel()
+    rng = random.Random(5)
+    _simulate(model, "fast", 1.0, 200, rng)
+    _simulate(model, "slow", 2.5, 200, rng)
+    for pod in ("fast", "slow", "new"):
+        shared = predict((model.pool_ttft.theta, model.pool_tpot.theta), 1500, 12, 0)[0]
+        assert model.ttft_factor(pod) * shared == pytest.approx(
+            predict(model.speed_coefficients(pod), 1500, 12, 0)[0], rel=1e-9)
+    assert model.ttft_factor("new") == 1.0
+    assert model.ttft_factor("slow") > 2.0 * model.ttft_factor("fast")
