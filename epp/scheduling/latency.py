@@ -539,34 +539,39 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         predictions = self._predictions(cycle)
         if not predictions:
             return self._composite(request, candidates, cycle)
-        preds = [predictions.get(c.address) for c in candidates]
+        get = predictions.get
+        preds = [get(c.address) for c in candidates]
         scores = [0.0] * len(candidates)
-        positive = [i for i, p in enumerate(preds) if p is None or (p.ttft_headroom >= 0 and p.tpot_headroom >= 0)]
+        # One pass sorts the candidates by which SLOs they miss (an unpredicted one meets both).
+        positive: list[int] = []
+        tpot_only: list[int] = []
+        ttft_only: list[int] = []
+        both: list[int] = []
+        idle: list[int] = []
+        for i, p in enumerate(preds):
+            if p is None:
+                positive.append(i)
+                continue
+            t_neg, p_neg = p.ttft_headroom < 0, p.tpot_headroom < 0
+            (both if t_neg and p_neg else ttft_only if t_neg else tpot_only if p_neg else positive).append(i)
+            if p.dispatched == 0:
+                idle.append(i)
         if positive:
             self._bucket(positive, preds, scores, force_least=False)
             return scores
         # Every candidate misses an SLO: idle pods first, then the least severe deficit.
-        idle = [i for i, p in enumerate(preds) if p is not None and p.dispatched == 0] if self.prefer_idle else []
-        if idle:
+        if idle and self.prefer_idle:
             self._bucket(idle, preds, scores, force_least=True)
             return scores
-        tpot_only: list[int] = []
-        ttft_only: list[int] = []
-        both: list[int] = []
-        for i, p in enumerate(preds):
-            assert p is not None
-            t_neg, p_neg = p.ttft_headroom < 0, p.tpot_headroom < 0
-            (both if t_neg and p_neg else ttft_only if t_neg else tpot_only).append(i)
-        for bucket in (tpot_only, ttft_only, both):
-            if bucket:
-                self._bucket(bucket, preds, scores, force_least=True)
-                break
+        self._bucket(tpot_only or ttft_only or both, preds, scores, force_least=True)
         return scores
 
     def _bucket(self, idx: list[int], preds: list[LatencyPrediction | None], scores: list[float],
                 force_least: bool) -> None:
         total = self.ttft_weight + self.tpot_weight
         alpha, beta = (self.ttft_weight / total, self.tpot_weight / total) if total > 0 else (1.0, 0.0)
+        ttft: list[float] = []
+        tpot: list[float] = []
         if force_least and (self.interference or self.work or self.horizon or self.backlog_risk):
             # A deficit: the delay its prefill brings the pod's next arrivals, and the GPU time it
             # takes there (what recomputing a prompt cached elsewhere costs everyone), add to it;
@@ -574,12 +579,20 @@ class LatencyScorer(Scorer, _ReadsPredictions):
             # grows after the pick); what caching the prompt's prefix there too would save its
             # next requests comes off.
             w, k, c, r = self.interference, self.work, self.locality_weight, self.backlog_risk
-            ttft = [abs(p.ttft_headroom) + w * p.interference + k * p.own_prefill - c * p.locality
-                    + r * p.ttft * p.backlog
-                    if (p := preds[i]) is not None else 0.0 for i in idx]
+            for i in idx:
+                p = preds[i]
+                if p is None:
+                    ttft.append(0.0)
+                    tpot.append(0.0)
+                else:
+                    ttft.append(abs(p.ttft_headroom) + w * p.interference + k * p.own_prefill - c * p.locality
+                                + r * p.ttft * p.backlog)
+                    tpot.append(abs(p.tpot_headroom))
         else:
-            ttft = [abs(p.ttft_headroom) if (p := preds[i]) is not None else 0.0 for i in idx]
-        tpot = [abs(preds[i].tpot_headroom) if preds[i] is not None else 0.0 for i in idx]  # type: ignore[union-attr]
+            for i in idx:
+                p = preds[i]
+                ttft.append(abs(p.ttft_headroom) if p is not None else 0.0)
+                tpot.append(abs(p.tpot_headroom) if p is not None else 0.0)
         t_lo, p_lo = min(ttft), min(tpot)
         t_range, p_range = max(ttft) - t_lo, max(tpot) - p_lo
         if force_least and self.trade_limit and beta > 0 and t_lo > EPS:
@@ -591,12 +604,19 @@ class LatencyScorer(Scorer, _ReadsPredictions):
         elif p_range <= EPS < t_range:
             alpha, beta = 1.0, 0.0
         most = self.most and not force_least
+        # Each candidate's blend of its two ranks in [0, 1] (0.5 for a quantity all share), as the
+        # reference's 1..101 steps, capped at 1.
+        t_scale = alpha / t_range if t_range > EPS else 0.0
+        t_flat = 0.0 if t_range > EPS else alpha * 0.5
+        p_scale = beta / p_range if p_range > EPS else 0.0
+        p_flat = 0.0 if p_range > EPS else beta * 0.5
         for k, i in enumerate(idx):
-            n_ttft = min(1.0, (ttft[k] - t_lo) / t_range) if t_range > EPS else 0.5
-            n_tpot = (tpot[k] - p_lo) / p_range if p_range > EPS else 0.5
-            combined = alpha * n_ttft + beta * n_tpot
+            n_ttft = (ttft[k] - t_lo) * t_scale if t_scale else t_flat
+            if n_ttft > alpha:
+                n_ttft = alpha
+            combined = n_ttft + ((tpot[k] - p_lo) * p_scale if p_scale else p_flat)
             w = int(combined * W_MAX) + 1 if most else int((1.0 - combined) * W_MAX) + 1
-            scores[i] = min(1.0, w / W_MAX)  # the reference's 1..101 steps, capped at 1
+            scores[i] = 1.0 if w >= W_MAX else w / W_MAX
 
     def _composite(self, request: InferenceRequest, candidates: list[EndpointState],
                    cycle: CycleState) -> list[float]:
