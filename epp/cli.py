@@ -181,6 +181,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
               "the gateway's ext_proc filter sets allow_mode_override: true (and a request_body_mode other than "
               "FULL_DUPLEX_STREAMED): epp then asks it not to send a response's body when nothing in epp reads it "
               "(no usage, first-bytes timing, flow control, metering or recording), sparing a round trip per chunk")
+    bool_flag(p, "--observed-responses", False,
+              "the gateway reads responses through a second ext_proc filter in observability_mode "
+              "(envoy/epp-observed.yaml): picks are answered as usual, response chunks reach epp without waiting "
+              "for it (needs --workers 0; streams teach the latency model only when their client asks for usage)")
     bool_flag(p, "--emit-endpoint-scores", False,
               "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
     bool_flag(p, "--disable-endpoint-subset-filter", False,
@@ -264,7 +268,8 @@ def run_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
-        allow_mode_override=args.allow_mode_override, workers=_worker_count(args), kubernetes=kube,
+        allow_mode_override=args.allow_mode_override, observed_responses=args.observed_responses,
+        workers=_worker_count(args), kubernetes=kube,
         objectives_file=args.objectives_file,
         api_keys_file=args.api_keys_file,
         drain_timeout=args.drain_timeout,
@@ -291,11 +296,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _worker_count(args: argparse.Namespace) -> int:
     """--workers as given; by default one per core, none when the port is picked at random (the
-    workers must share a fixed one)."""
+    workers must share a fixed one) or with --observed-responses."""
     from epp.server.workers import default_workers
 
     if args.workers is not None:
         return int(args.workers)
+    if args.observed_responses:  # the pick and its observer stream must reach one process
+        return 0
     return default_workers() if args.grpc_port else 0
 
 

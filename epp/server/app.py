@@ -37,6 +37,7 @@ from epp.requestcontrol.shadow import ShadowEvaluation
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
 from epp.server.extproc import ExtProcStream, ResponseBodySkips
+from epp.server.observed import ObservedPicks
 from epp.server.pickapi import PickAPI
 from epp.server.readiness import Readiness
 from epp.server.recording import RecordEndpoint
@@ -79,6 +80,7 @@ class ServeOptions:
     config_poll_interval: float = 0.5
     decision_headers: bool = False
     allow_mode_override: bool = False  # the gateway's ext_proc filter honours mode_override: skip unread bodies
+    observed_responses: bool = False  # an observer ext_proc filter reads responses (envoy/epp-observed.yaml)
     workers: int = 0  # protocol worker processes on the gRPC port (0: this process serves it)
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
@@ -165,6 +167,11 @@ class PickerServer:
             self.director.models = self.models.listing
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.body_skips = ResponseBodySkips(self.metrics.registry) if opts.allow_mode_override else None
+        if opts.observed_responses and opts.workers:
+            raise ValueError("--observed-responses needs --workers 0: a pick and the observer stream that reads "
+                             "its response must reach the same process")
+        self.observed = ObservedPicks(self.metrics.registry) if opts.observed_responses else None
+        self._sweeper: asyncio.Task[None] | None = None
         self.workers: WorkerPool | None = None  # --workers: the processes serving the gRPC port
         self._cert_dir: tempfile.TemporaryDirectory[str] | None = None
         self.director.set_flow_control(rt.flow, self.flow_metrics)
@@ -240,7 +247,7 @@ class PickerServer:
     def _new_stream(self) -> ExtProcStream:
         o = self.opts
         return ExtProcStream(self.director, o.decision_headers, o.limits.max_message, o.emit_endpoint_scores,
-                             self.body_skips)
+                             self.body_skips, self.observed)
 
     def _set_keys(self, keys: KeyTable) -> None:
         self.director.keys = keys
@@ -298,6 +305,8 @@ class PickerServer:
             self._watch = asyncio.create_task(self.config_watcher.run())
         if self.keys_watcher is not None:
             self._keys_task = asyncio.create_task(self.keys_watcher.run())
+        if self.observed is not None:
+            self._sweeper = asyncio.create_task(self._sweep_observed(self.observed))
         if o.workers:
             self.workers = self._worker_pool()
             await self.workers.start()
@@ -321,6 +330,13 @@ class PickerServer:
             await self.workers.drain(timeout)
         else:
             await self.grpc.drain(timeout)
+
+    @staticmethod
+    async def _sweep_observed(observed: ObservedPicks) -> None:
+        """Finish the picks no observer stream claimed, also while no request comes."""
+        while True:
+            await asyncio.sleep(1.0)
+            observed.sweep()
 
     def _serving(self) -> bool:
         """This process serves picks: it holds the Lease (when elected) and, with --workers, at
@@ -352,7 +368,7 @@ class PickerServer:
                           self.metrics.registry)
 
     async def stop(self, grace: float = 1.0) -> None:
-        await cancel_and_wait([self._watch, self._keys_task])
+        await cancel_and_wait([self._watch, self._keys_task, self._sweeper])
         if self.director.waiting is not None:  # what still waits is told 503 now, not cut off
             self.director.waiting.close()
         if self.workers is not None:

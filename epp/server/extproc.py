@@ -45,6 +45,7 @@ from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
+from epp.server.observed import PICK_TOKEN_HEADER, ObservedPicks
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
@@ -286,13 +287,19 @@ class ExtProcStream:
     """One ext_proc stream. ``on_message`` returns the serialized responses to send, in order;
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
-    __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_headers", "_headers_seen", "_held",
-                 "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting", "decision_headers", "emit",
-                 "emit_scores", "max_body", "pick", "skips")
+    __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
+                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting",
+                 "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
-                 emit_scores: bool = False, skips: BodySkips | None = None) -> None:
+                 emit_scores: bool = False, skips: BodySkips | None = None,
+                 observed: ObservedPicks | None = None) -> None:
         self._director = director
+        # --observed-responses: an observer stream reads the response (epp.server.observed); this
+        # stream, when it picks, hands its pick over, and when it observes, feeds one.
+        self.observed = observed
+        self._handed_over = False
+        self._observer = False
         self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
         self._skipping = False  # asked to skip this response's body
         self.decision_headers = decision_headers
@@ -316,6 +323,9 @@ class ExtProcStream:
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
+        if msg.observability_mode:
+            self._observe(kind, msg)  # (the gateway waits for no answer)
+            return []
         if kind == "request_headers":
             if self._headers_seen or self._picked:  # a second pick would leak the first one's in-flight count
                 raise OutOfOrder("request_headers after the request already started")
@@ -415,7 +425,8 @@ class ExtProcStream:
     def close(self) -> None:
         """The stream ended (normally, reset, or the connection dropped)."""
         if self.pick is not None:
-            self.pick.finish()
+            if not self._handed_over:  # (a pick handed over ends with its observer stream)
+                self.pick.finish()
         elif self._waiting is not None:
             self._waiting.cancel()  # the client went away while flow control held the request
             self._waiting = None
@@ -426,7 +437,9 @@ class ExtProcStream:
         when flow control holds the request, [] now and the same later through ``emit``."""
         headers = self._headers
         access = ResponseAccess.NONE
-        if self._resp_mode == FULL_DUPLEX:  # epp sees the response body, and forwards the request
+        if self.observed is not None:  # read off the data path: nothing can be cut out of the stream
+            access = ResponseAccess.READ
+        elif self._resp_mode == FULL_DUPLEX:  # epp sees the response body, and forwards the request
             access = ResponseAccess.INJECT if self._req_mode == FULL_DUPLEX else ResponseAccess.READ  # body itself
         try:
             out = self._director.submit(RequestInput(headers, headers.get(":path", ""), body, subset=self._subset),
@@ -473,7 +486,11 @@ class ExtProcStream:
     def _pick_response(self, phase: str, new_body: bytes | None = None) -> bytes:
         assert self.pick is not None
         value = self.pick.header_value
-        common = _pick_mutation(value, self._request_id(), self.pick.request_headers, self.pick.removed_headers)
+        extra = self.pick.request_headers
+        if self.observed is not None and not self._handed_over:
+            self._handed_over = True
+            extra = (*extra, (PICK_TOKEN_HEADER, self.observed.register(self.pick)))
+        common = _pick_mutation(value, self._request_id(), extra, self.pick.removed_headers)
         if new_body is not None:  # BUFFERED: the whole body replaced, its length with it
             common.body_mutation.body = new_body
             opt = common.header_mutation.set_headers.add()
@@ -485,6 +502,30 @@ class ExtProcStream:
         else:
             resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
         return _with_metadata(resp, value, self.pick.endpoint_scores() if self.emit_scores else None)
+
+    def _observe(self, kind: str | None, msg: pb.ProcessingRequest) -> None:
+        """A message of an observer stream (Envoy's observability_mode): the response of the pick
+        whose token its request headers carry."""
+        if kind == "request_headers":
+            if self._observer or self.observed is None:
+                return
+            self._observer = True
+            token = next((h.raw_value.decode() or h.value for h in msg.request_headers.headers.headers
+                          if h.key == PICK_TOKEN_HEADER), "")
+            self.pick = self.observed.claim(token) if token else None
+            return
+        pick = self.pick
+        if pick is None or not self._observer or pick.done:
+            return
+        if kind == "response_body":
+            body = msg.response_body
+            if body.end_of_stream or pick.wants_chunks:
+                pick.response_body(body.body, body.end_of_stream)
+        elif kind == "response_headers":
+            if msg.response_headers.end_of_stream:
+                pick.finish()
+        elif kind == "response_trailers":
+            pick.finish()
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True

@@ -13,7 +13,7 @@ from epp.gateway.envoyproc import envoy_binary, envoy_dir, start, validate
 
 __all__ = ["TEMPLATES", "envoy_binary", "envoy_dir", "render", "start", "validate", "write"]
 
-TEMPLATES = ("epp-full-duplex", "epp-buffered", "round-robin")
+TEMPLATES = ("epp-full-duplex", "epp-buffered", "epp-observed", "round-robin")
 
 
 def render(template: str, *, listen_port: int, admin_port: int, epp_port: int = 0,

@@ -1,0 +1,134 @@
+"""--observed-responses through a real Envoy (envoy/epp-observed.yaml): the pick filter answers the
+request, an observer filter in observability_mode brings epp the response; the client gets the pod's
+stream untouched, epp's in-flight count ends with the response (not with the pick stream), the
+latency model learns from what the observer saw, and a gateway without the observer is noticed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from epp.sim.profiles import profile
+from epp.stack.local import Stack, in_process_stack, wait_until
+
+CONFIG = (Path(__file__).resolve().parents[1] / "fixtures" / "latency-config.yaml").read_text()
+OBSERVED = {"observed_responses": True}
+TOKENS = 40
+PARAMS = profile("h100-llama8b")
+
+
+def sample(stack: Stack, name: str, **labels: str) -> float:
+    assert stack.picker is not None
+    value = stack.picker.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def inflight(stack: Stack) -> int:
+    assert stack.picker is not None
+    return sum(stack.picker.store.inflight.values())
+
+
+async def stream_through(stack: Stack, s: aiohttp.ClientSession, usage: bool = True, tokens: int = TOKENS
+                         ) -> tuple[int, bytes, int]:
+    """One streamed chat request: status, body as the client got it, and epp's in-flight count
+    halfway through the stream."""
+    model = stack.fleet.servers[0].params.names()[0]
+    req = {"model": model, "messages": [{"role": "user", "content": "tell me a story"}],
+           "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    if usage:
+        req["stream_options"] = {"include_usage": True}
+    mid = -1
+    async with s.post(f"{stack.url}/v1/chat/completions", data=orjson.dumps(req),
+                      headers={"content-type": "application/json"}) as r:
+        buf = b""
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            if mid < 0 and buf.count(b"data: ") >= tokens // 2:
+                mid = inflight(stack)
+        return r.status, buf, mid
+
+
+async def released(stack: Stack) -> None:
+    async def zero() -> bool:
+        return inflight(stack) == 0
+    await wait_until(zero, 5, "the request's in-flight count released")
+
+
+@pytest.mark.timeout(120)
+async def test_streams_pass_untouched_and_end_their_in_flight_count_with_the_response() -> None:
+    async with in_process_stack(servers=2, params=PARAMS, template="epp-observed", serve=OBSERVED) as stack, \
+            aiohttp.ClientSession() as s:
+        for usage in (True, False):
+            status, body, mid = await stream_through(stack, s, usage)
+            assert status == 200
+            events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+            assert events[-1] == b"data: [DONE]"
+            assert len([e for e in events if b'"content"' in e]) >= TOKENS - 1
+            # Only what the client asked for: epp cannot cut usage out of an observed stream, so it asks none.
+            assert (b'"usage"' in body) is usage
+            assert mid == 1  # the pick stream ended long before: the observer's end of stream ends the request
+            await released(stack)
+        assert sample(stack, "epp_observed_picks_total", outcome="attached") == 2
+        assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 0
+
+
+@pytest.mark.timeout(120)
+async def test_the_latency_model_learns_from_observed_responses() -> None:
+    async with in_process_stack(servers=2, params=PARAMS, template="epp-observed", config_text=CONFIG,
+                                serve=OBSERVED) as stack, aiohttp.ClientSession() as s:
+        for _ in range(6):
+            status, _body, _mid = await stream_through(stack, s, usage=True, tokens=8)
+            assert status == 200
+        await released(stack)
+        # Every stream reported its first token and its usage off the data path.
+        assert stack.picker is not None
+        async with s.get(f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics") as r:
+            page = await r.text()
+        samples = [line for line in page.splitlines() if line.startswith("epp_latency_prediction_samples_total")]
+        assert samples and float(samples[0].rsplit(" ", 1)[1]) == 6.0, samples
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_leaves_mid_stream_ends_the_request() -> None:
+    async with in_process_stack(servers=1, params=PARAMS, template="epp-observed", serve=OBSERVED) as stack:
+        model = stack.fleet.servers[0].params.names()[0]
+        req = orjson.dumps({"model": model, "prompt": "go on", "max_tokens": 2000, "ignore_eos": True, "stream": True})
+        async with aiohttp.ClientSession() as s, s.post(f"{stack.url}/v1/completions", data=req,
+                                                        headers={"content-type": "application/json"}) as r:
+            async for _chunk in r.content.iter_any():
+                if inflight(stack) == 1:
+                    break
+        await released(stack)
+        assert sample(stack, "epp_observed_picks_total", outcome="attached") == 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_flight(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The pick filter alone (the full-duplex bootstrap without response bodies): no observer claims the picks.
+    no_observer = {"processing_mode": {"response_body_mode": "NONE", "response_trailer_mode": "SKIP"}}
+    async with in_process_stack(servers=1, params=PARAMS, template="epp-full-duplex", ext_proc=no_observer,
+                                serve=OBSERVED) as stack, aiohttp.ClientSession() as s:
+        assert stack.picker is not None and stack.picker.observed is not None
+        stack.picker.observed.attach_timeout = 0.5
+        status, _body, _mid = await stream_through(stack, s, tokens=4)
+        assert status == 200
+        await wait_until(lambda: asyncio.sleep(0, inflight(stack) == 0), 5, "the unclaimed pick finished")
+        assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 1
+        assert "no observer stream claimed a pick" in caplog.text
+
+
+def test_observed_responses_take_no_worker_processes() -> None:
+    from epp.cli import _worker_count, build_parser
+    from epp.config import load_config
+    from epp.server.app import PickerServer, ServeOptions
+
+    args = build_parser().parse_args(["serve", "--observed-responses", "--grpc-port", "9002", "--endpoints", "a:1"])
+    assert _worker_count(args) == 0  # by default: a pick and its observer stream reach one process
+    with pytest.raises(ValueError, match="--observed-responses needs --workers 0"):
+        PickerServer(ServeOptions(config=load_config(None), endpoints=("127.0.0.1:1",), observed_responses=True,
+                                  workers=2))
