@@ -449,6 +449,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--buffered", action="store_true", help="also measure BUFFERED mode")
     o.add_argument("--body-skips", action="store_true", help="also measure a gateway that streams the response "
                    "to the picker (request BUFFERED), without and with allow_mode_override + --allow-mode-override")
+    o.add_argument("--observed", action="store_true", help="also measure one epp process (--workers 0) in full "
+                   "duplex and with the response read by an observer filter (--observed-responses)")
     o.add_argument("--stream-tokens", type=int, default=64,
                    help="also measure gateway mode with SSE streams of this many tokens, one per chunk "
                         "(concurrency 16; 0: not)")
@@ -602,7 +604,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _run(bench_overhead(out, servers=args.servers, requests=args.requests, max_seconds=args.max_seconds,
                             rounds=args.rounds, buffered=args.buffered, profile_with=prof,
-                            stream_tokens=args.stream_tokens, body_skips=args.body_skips,
+                            stream_tokens=args.stream_tokens, body_skips=args.body_skips, observed=args.observed,
                             baseline_src=Path(args.baseline_src) if args.baseline_src else None,
                             profile_concurrency=args.profile or 16))
         print((out / "overhead.md").read_text())

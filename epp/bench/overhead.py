@@ -77,15 +77,17 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, max_seconds: float = 20.0,
                          rounds: int = 2, buffered: bool = False, baseline_src: Path | None = None,
                          profile_with: str | None = None, profile_concurrency: int = 16,
-                         stream_tokens: int = 64, body_skips: bool = False) -> list[Row]:
+                         stream_tokens: int = 64, body_skips: bool = False, observed: bool = False) -> list[Row]:
     """``baseline_src``: a checkout of another epp version (with its generated epp/v1), run as one
     more contender in the same rounds, so a change is measured side by side with its baseline.
     ``body_skips``: two more, a gateway that buffers the request and streams the response to the
-    picker, and the same allowing mode overrides with an epp that asks to skip unread bodies."""
+    picker, and the same allowing mode overrides with an epp that asks to skip unread bodies.
+    ``observed``: two more, one process each (--workers 0): full duplex, and the response read by an
+    observer filter (envoy/epp-observed.yaml, --observed-responses)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
-        ports = free_ports(servers + 9)
+        ports = free_ports(servers + 15)
         sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers : servers + 3]
         endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
         procs: list[subprocess.Popen[bytes]] = []
@@ -121,7 +123,7 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 sr = await start_envoy("epp-buffered", work, epp_port=grpc_port, ext_proc=streamed_response)
                 envoys.append(sr)
                 contenders.append(("envoy + epp (response streamed)", sr, epp))
-                s_grpc, s_health, s_metrics = ports[servers + 6 :]
+                s_grpc, s_health, s_metrics = ports[servers + 6 : servers + 9]
                 sdir = work / "skips"
                 sdir.mkdir()
                 skipper = await start_epp(endpoints, s_grpc, s_health, s_metrics, sdir,
@@ -131,6 +133,19 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                                        ext_proc={**streamed_response, "allow_mode_override": True})
                 envoys.append(sk)
                 contenders.append(("envoy + epp (response streamed, body skipped)", sk, skipper))
+            if observed:
+                for k, (name, template, flags) in enumerate((
+                        ("envoy + epp (full duplex, one process)", "epp-full-duplex", ("--workers", "0")),
+                        ("envoy + epp (observed responses, one process)", "epp-observed",
+                         ("--workers", "0", "--observed-responses")))):
+                    o_grpc, o_health, o_metrics = ports[servers + 9 + 3 * k : servers + 12 + 3 * k]
+                    odir = work / f"one-process-{k}"
+                    odir.mkdir()
+                    one = await start_epp(endpoints, o_grpc, o_health, o_metrics, odir, flags)
+                    procs.append(one)
+                    oe = await start_envoy(template, work, epp_port=o_grpc)
+                    envoys.append(oe)
+                    contenders.append((name, oe, one))
             body = request_body()
             for _, envoy, _ in contenders:  # warm up connections and code paths
                 await run_load("127.0.0.1", envoy.listen_port, "/v1/completions", body, concurrency=4, requests=300,

@@ -288,8 +288,8 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
-                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting",
-                 "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
+                 "_held", "_observed_end", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset",
+                 "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
@@ -300,6 +300,7 @@ class ExtProcStream:
         self.observed = observed
         self._handed_over = False
         self._observer = False
+        self._observed_end = False
         self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
         self._skipping = False  # asked to skip this response's body
         self.decision_headers = decision_headers
@@ -515,17 +516,29 @@ class ExtProcStream:
             self.pick = self.observed.claim(token) if token else None
             return
         pick = self.pick
-        if pick is None or not self._observer or pick.done:
+        if pick is None or not self._observer:
             return
         if kind == "response_body":
             body = msg.response_body
-            if body.end_of_stream or pick.wants_chunks:
-                pick.response_body(body.body, body.end_of_stream)
+            if body.end_of_stream:
+                self._observed_end = True
+                if not pick.done:
+                    pick.response_body(body.body, True)
+            elif pick.wants_chunks and not pick.done:
+                pick.response_body(body.body, False)
         elif kind == "response_headers":
             if msg.response_headers.end_of_stream:
+                self._observed_end = True
                 pick.finish()
         elif kind == "response_trailers":
+            self._observed_end = True
             pick.finish()
+
+    @property
+    def observed_end(self) -> bool:
+        """An observer stream saw its response end: epp ends the stream (Envoy would hold it open
+        for its deferred_close_timeout, a stream on epp's cluster per finished request)."""
+        return self._observed_end
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True
@@ -591,6 +604,8 @@ class H2ExtProc:
         send = self.responder.send
         for out in answers:
             send(out)
+        if self.stream.observed_end:
+            self.responder.finish()
 
     def on_end(self) -> None:
         """The gateway half-closed: a pick still held is answered first, then the stream ends."""

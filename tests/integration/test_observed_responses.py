@@ -74,6 +74,13 @@ async def test_streams_pass_untouched_and_end_their_in_flight_count_with_the_res
             await released(stack)
         assert sample(stack, "epp_observed_picks_total", outcome="attached") == 2
         assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 0
+        # epp ended the observer streams with their responses: Envoy would hold them for 5 s.
+        assert stack.picker is not None
+        picker = stack.picker
+
+        async def no_streams() -> bool:
+            return picker.grpc.server.open_streams() == 0
+        await wait_until(no_streams, 2, "the observer streams ended")
 
 
 @pytest.mark.timeout(120)
