@@ -176,14 +176,14 @@ def peer_command(name: str, venvs: Path) -> tuple[list[str] | None, str]:
 async def epp_behind_envoy(addresses: list[str], workdir: Path, extra: tuple[str, ...] = (),
                            env: dict[str, str] | None = None, endpoints_file: Path | None = None,
                            grpc: tuple[int, int, int] | None = None,
-                           epp_cluster: dict[str, Any] | None = None) -> Running:
-    """epp (``extra`` arguments) and a FULL_DUPLEX Envoy in front of it (``epp_cluster``: fields
-    set on its ext_proc cluster)."""
+                           epp_cluster: dict[str, Any] | None = None, template: str = "epp-full-duplex") -> Running:
+    """epp (``extra`` arguments) and Envoy in front of it (``template``: a FULL_DUPLEX one by default;
+    ``epp_cluster``: fields set on its ext_proc cluster)."""
     grpc_port, health, metrics = grpc or tuple(free_ports(3))
     epp = await start_epp(addresses, grpc_port, health, metrics, workdir, extra, env=env,
                           endpoints_file=endpoints_file)
     try:
-        envoy = await start_envoy("epp-full-duplex", workdir, epp_port=grpc_port, epp_cluster=epp_cluster)
+        envoy = await start_envoy(template, workdir, epp_port=grpc_port, epp_cluster=epp_cluster)
     except Exception:
         stop(epp)
         raise
@@ -226,13 +226,23 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
                           baseline_src: Path | None = None) -> Running | str:
     """Start ``name`` in front of ``addresses``; a string says why it is not available. ``epp-X``
     is epp with the config file ``epp_configs[X]``; ``<epp contender>-baseline`` the same epp
-    contender run from the checkout ``baseline_src`` (a change measured against its baseline)."""
+    contender run from the checkout ``baseline_src`` (a change measured against its baseline);
+    ``<epp contender>-one-process`` with --workers 0, and ``<epp contender>-observed`` also with its
+    responses read by an observer filter (envoy/epp-observed.yaml, --observed-responses)."""
     env = None
     if name.endswith("-baseline") and name.startswith("epp"):
         if baseline_src is None:
             return f"no baseline checkout given for {name} (--baseline-src DIR)"
         env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
         name = name.removesuffix("-baseline")
+    template = "epp-full-duplex"
+    mode: tuple[str, ...] = ()
+    if name.startswith("epp") and name.endswith(("-observed", "-one-process")):
+        if name.endswith("-observed"):
+            template, mode = "epp-observed", ("--workers", "0", "--observed-responses")
+        else:
+            mode = ("--workers", "0")
+        name = name.removesuffix("-observed").removesuffix("-one-process")
     if name in ("envoy-round-robin", "envoy-least-request"):
         policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
         envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
@@ -253,7 +263,8 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
             if config is None:
                 return f"no config file given for {name} (--epp-config {name[4:]}=PATH)"
             extra = ("--config-file", str(config))
-        return await epp_behind_envoy(addresses, workdir, extra, env, grpc=(grpc, health, metrics))
+        return await epp_behind_envoy(addresses, workdir, (*extra, *mode), env, grpc=(grpc, health, metrics),
+                                      template=template)
     cmd, why = await asyncio.to_thread(peer_command, name, venvs)
     if cmd is None:
         return why
