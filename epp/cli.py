@@ -182,9 +182,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
               "FULL_DUPLEX_STREAMED): epp then asks it not to send a response's body when nothing in epp reads it "
               "(no usage, first-bytes timing, flow control, metering or recording), sparing a round trip per chunk")
     bool_flag(p, "--observed-responses", False,
-              "the gateway reads responses through a second ext_proc filter in observability_mode "
-              "(envoy/epp-observed.yaml): picks are answered as usual, response chunks reach epp without waiting "
-              "for it (needs --workers 0; streams teach the latency model only when their client asks for usage)")
+              "the gateway reads responses through ext_proc filters in observability_mode "
+              "(envoy/epp-observed.yaml): picks are answered as usual; epp takes each response's first bytes and "
+              "its end off the data path, and reads a sample of streams to their end for their usage (needs "
+              "--workers 0)")
+    p.add_argument("--observed-usage-sample", type=_fraction, default=0.1, metavar="FRACTION",
+                   help="with --observed-responses: the share of streams read to their end, for their usage (the "
+                        "latency model's TPOT, cache-hit feedback, inter-token latency); streams whose usage "
+                        "metering, token limits or fairness need are always read (default 0.1)")
     bool_flag(p, "--emit-endpoint-scores", False,
               "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
     bool_flag(p, "--disable-endpoint-subset-filter", False,
@@ -269,6 +274,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_staleness_threshold=args.metrics_staleness_threshold, scrape_timeout=args.scrape_timeout,
         engine=args.engine, pool_name=args.pool_name or "default", decision_headers=args.decision_headers,
         allow_mode_override=args.allow_mode_override, observed_responses=args.observed_responses,
+        observed_usage_sample=args.observed_usage_sample,
         workers=_worker_count(args), kubernetes=kube,
         objectives_file=args.objectives_file,
         api_keys_file=args.api_keys_file,
@@ -304,6 +310,16 @@ def _worker_count(args: argparse.Namespace) -> int:
     if args.observed_responses:  # the pick and its observer stream must reach one process
         return 0
     return default_workers() if args.grpc_port else 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {value}")
+    return value
 
 
 def _workers(text: str) -> int:

@@ -326,6 +326,7 @@ class Director:
             key = request.prepared.get(API_KEY)
             # Tokens per minute and metering need the usage, streams included.
             metered = self.metering is not None or (isinstance(key, ApiKey) and key.tpm is not None)
+            routed.usage_required = bool(read_usage or metered or routed.shadows)
             if scheduler.wants_usage or read_usage or metered or routed.shadows:
                 inject = (access is ResponseAccess.INJECT and (scheduler.inject_usage or metered)
                           and wants_injection(request))

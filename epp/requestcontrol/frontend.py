@@ -24,6 +24,7 @@ class RoutedSide(Protocol):
     watch_response: bool  # something reads the response body (else the gateway may skip it)
     forward_body: bytes | None  # the request body to send, when epp changed it
     reader: UsageReader | None
+    usage_required: bool  # every response's usage matters (metering, token limits, fairness, shadows)
 
     @property
     def header_value(self) -> str: ...

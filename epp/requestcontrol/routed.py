@@ -80,7 +80,7 @@ class Routed:
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
                  "queued", "reader", "request", "scheduler", "served", "shadows", "status", "streamed", "tokens",
-                 "wants_chunks", "watch_response")
+                 "usage_required", "wants_chunks", "watch_response")
 
     def __init__(self, director: Ledger, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -92,6 +92,7 @@ class Routed:
         self._started = started
         self.forward_body: bytes | None = None  # the request body to send, when epp changed it
         self.reader: UsageReader | None = None  # reads (and maybe strips) usage from the response body
+        self.usage_required = False  # the usage of this very response matters, not only a sample's
         self.endpoint = decision.primary  # where the in-flight count is kept (the served one, once known)
         self.done = False
         self.prefilled = False

@@ -37,7 +37,7 @@ from epp.requestcontrol.shadow import ShadowEvaluation
 from epp.server import h2grpc
 from epp.server.auth import KubernetesReviews, TokenFile, TokenFileAuthorizer
 from epp.server.extproc import ExtProcStream, ResponseBodySkips
-from epp.server.observed import ObservedPicks
+from epp.server.observed import USAGE_SAMPLE, ObservedPicks
 from epp.server.pickapi import PickAPI
 from epp.server.readiness import Readiness
 from epp.server.recording import RecordEndpoint
@@ -80,7 +80,8 @@ class ServeOptions:
     config_poll_interval: float = 0.5
     decision_headers: bool = False
     allow_mode_override: bool = False  # the gateway's ext_proc filter honours mode_override: skip unread bodies
-    observed_responses: bool = False  # an observer ext_proc filter reads responses (envoy/epp-observed.yaml)
+    observed_responses: bool = False  # observer ext_proc filters read responses (envoy/epp-observed.yaml)
+    observed_usage_sample: float = USAGE_SAMPLE  # the share of observed streams read to their end
     workers: int = 0  # protocol worker processes on the gRPC port (0: this process serves it)
     kubernetes: KubernetesOptions | None = None
     objectives_file: str | None = None  # InferenceObjective / InferenceModelRewrite documents
@@ -170,7 +171,8 @@ class PickerServer:
         if opts.observed_responses and opts.workers:
             raise ValueError("--observed-responses needs --workers 0: a pick and the observer stream that reads "
                              "its response must reach the same process")
-        self.observed = ObservedPicks(self.metrics.registry) if opts.observed_responses else None
+        self.observed = ObservedPicks(self.metrics.registry, usage_sample=opts.observed_usage_sample) \
+            if opts.observed_responses else None
         self._sweeper: asyncio.Task[None] | None = None
         self.workers: WorkerPool | None = None  # --workers: the processes serving the gRPC port
         self._cert_dir: tempfile.TemporaryDirectory[str] | None = None

@@ -45,7 +45,7 @@ from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
-from epp.server.observed import PICK_TOKEN_HEADER, ObservedPicks
+from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ROLES, ObservedPicks
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
@@ -288,8 +288,9 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
-                 "_held", "_observed_end", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset",
-                 "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
+                 "_held", "_observed_end", "_observer", "_picked", "_reading", "_req_mode", "_resp_mode", "_skipping",
+                 "_subset", "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed",
+                 "observer_role", "pick", "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
@@ -301,6 +302,8 @@ class ExtProcStream:
         self._handed_over = False
         self._observer = False
         self._observed_end = False
+        self._reading = False  # an observer reads on past the first bytes
+        self.observer_role = ALL  # which part of the response an observer stream reads (its gRPC metadata)
         self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
         self._skipping = False  # asked to skip this response's body
         self.decision_headers = decision_headers
@@ -426,7 +429,9 @@ class ExtProcStream:
     def close(self) -> None:
         """The stream ended (normally, reset, or the connection dropped)."""
         if self.pick is not None:
-            if not self._handed_over:  # (a pick handed over ends with its observer stream)
+            # A pick handed over ends with its observers; a first observer that stopped reading
+            # leaves the end to the end observer.
+            if not self._handed_over and not (self._observer and self.observer_role == FIRST and not self._reading):
                 self.pick.finish()
         elif self._waiting is not None:
             self._waiting.cancel()  # the client went away while flow control held the request
@@ -506,17 +511,17 @@ class ExtProcStream:
 
     def _observe(self, kind: str | None, msg: pb.ProcessingRequest) -> None:
         """A message of an observer stream (Envoy's observability_mode): the response of the pick
-        whose token its request headers carry."""
+        whose token its request headers carry, read as its ``observer_role`` says."""
         if kind == "request_headers":
             if self._observer or self.observed is None:
                 return
             self._observer = True
             token = next((h.raw_value.decode() or h.value for h in msg.request_headers.headers.headers
                           if h.key == PICK_TOKEN_HEADER), "")
-            self.pick = self.observed.claim(token) if token else None
+            self.pick = self.observed.claim(token, self.observer_role) if token else None
             return
         pick = self.pick
-        if pick is None or not self._observer:
+        if pick is None or not self._observer or self.observer_role == END:
             return
         if kind == "response_body":
             body = msg.response_body
@@ -524,8 +529,12 @@ class ExtProcStream:
                 self._observed_end = True
                 if not pick.done:
                     pick.response_body(body.body, True)
-            elif pick.wants_chunks and not pick.done:
+            elif not pick.done and (pick.wants_chunks or not self._reading):
                 pick.response_body(body.body, False)
+                if not self._reading and body.body:  # the first bytes: read on, or end the stream here
+                    self._reading = self.observer_role == ALL or (
+                        self.observed is not None and self.observed.read_to_end(pick))
+                    self._observed_end = not self._reading
         elif kind == "response_headers":
             if msg.response_headers.end_of_stream:
                 self._observed_end = True
@@ -536,8 +545,9 @@ class ExtProcStream:
 
     @property
     def observed_end(self) -> bool:
-        """An observer stream saw its response end: epp ends the stream (Envoy would hold it open
-        for its deferred_close_timeout, a stream on epp's cluster per finished request)."""
+        """An observer stream has seen what it reads (the response's end, or a first observer's
+        first bytes): epp ends the stream, so Envoy sends no more of it and does not hold it open
+        for its deferred_close_timeout."""
         return self._observed_end
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
@@ -620,4 +630,10 @@ class H2ExtProc:
 
 
 def h2_services(new_stream: StreamFactory) -> dict[str, h2grpc.HandlerFactory]:
-    return {METHOD_PATH: lambda responder, _headers: H2ExtProc(responder, new_stream())}
+    def handler(responder: h2grpc.Responder, headers: dict[str, str]) -> H2ExtProc:
+        stream = new_stream()
+        role = headers.get(ROLE_HEADER)
+        if role in ROLES:  # an observer filter's gRPC metadata (--observed-responses)
+            stream.observer_role = role
+        return H2ExtProc(responder, stream)
+    return {METHOD_PATH: handler}

@@ -1,21 +1,28 @@
 """Observed responses (--observed-responses): the response read off the data path.
 
 In gateway mode with FULL_DUPLEX_STREAMED response bodies every chunk of every stream waits for
-epp's answer before it goes on to the client. With ``envoy/epp-observed.yaml`` the gateway runs
-two ext_proc filters on epp's cluster instead:
+epp's answer before it goes on to the client, and costs Envoy and epp a message each way. With
+``envoy/epp-observed.yaml`` the gateway runs three ext_proc filters on epp's cluster instead:
 
 - the pick filter: request headers and body (the pick, as before) and the response headers
   (epp's response headers, the status); no response body;
-- an observer filter in Envoy's ``observability_mode``: Envoy sends it the request headers (with
-  the pick filter's mutations) and every response body chunk as they pass, and waits for nothing.
+- the ``first`` observer (Envoy's ``observability_mode``: Envoy sends and waits for nothing): the
+  request headers (with the pick's token) and the response body as it passes. epp takes its
+  first bytes (the prefill is done), then ends the stream, so Envoy sends no more of it, unless
+  the response's usage must be read (metering, token limits, fairness, shadow configs) or the
+  stream is one of the sampled ones (``usage_sample``, for the latency model's TPOT and the
+  caches' hit feedback): those it reads to the end;
+- the ``end`` observer: the request headers only, and ``deferred_close_timeout: 0s``, so Envoy
+  ends its stream when the request ends: that ends the request's in-flight count.
 
-The pick's answer carries a token in ``PICK_TOKEN_HEADER``; the observer stream's request headers
-bring it back, and the observer stream then feeds that pick's response events (first bytes,
-usage, the end). ``ObservedPicks`` holds the picks between the two: a pick no observer claims
-within ``attach_timeout`` (a gateway without the observer filter) is finished then, logged once
-and counted, so nothing stays in flight. Consequences: epp cannot cut the usage it asks for out
-of a stream, so it asks for none (a stream teaches the latency model only when its client asks
-for usage); and both streams must reach the same process (--workers 0).
+Each observer filter names its role in the gRPC metadata ``ROLE_HEADER``; one without it reads
+every chunk and ends the request at the response's end (``all``). The pick's answer carries a
+token in ``PICK_TOKEN_HEADER``; the observers' request headers bring it back. ``ObservedPicks``
+holds the picks until their observers claim them: a pick whose end no observer claims within
+``attach_timeout`` (a gateway without the observer filters) is finished then, logged once and
+counted, so nothing stays in flight. epp cannot change an observed response, so it asks a
+stream for no usage it would have to cut out: a stream reports usage only when its client asks.
+A pick and its observers must reach the same process (--workers 0).
 """
 
 from __future__ import annotations
@@ -31,56 +38,87 @@ from prometheus_client import CollectorRegistry, Counter
 from epp.requestcontrol.frontend import RoutedSide
 
 PICK_TOKEN_HEADER = "x-epp-observed-pick"
-ATTACH_TIMEOUT_S = 5.0  # the observer's request headers follow the pick by milliseconds
+ROLE_HEADER = "x-epp-observer"  # the gRPC metadata an observer filter sets: first | end
+ALL, FIRST, END = "all", "first", "end"
+ROLES = (ALL, FIRST, END)
+ATTACH_TIMEOUT_S = 5.0  # the observers' request headers follow the pick by milliseconds
+USAGE_SAMPLE = 0.1  # the share of streams read to their end for their usage
 
 log = logging.getLogger("epp.observed")
 
 
 class ObservedPicks:
-    """Picks waiting for their observer stream, by token (one per server, shared by its streams)."""
+    """Picks waiting for their observer streams, by token (one per server, shared by its streams)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, attach_timeout: float = ATTACH_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 usage_sample: float = USAGE_SAMPLE, clock: Callable[[], float] = time.monotonic) -> None:
         self.attach_timeout = attach_timeout
         self.clock = clock
-        self._waiting: OrderedDict[str, tuple[float, RoutedSide]] = OrderedDict()
-        self.counter = Counter("epp_observed_picks_total", "Picks whose response an observer stream read "
-                               "(--observed-responses): attached, or unclaimed (finished without their response "
-                               "after the attach timeout).", ["outcome"], registry=registry)
+        self.every = max(1, round(1.0 / usage_sample)) if usage_sample > 0 else 0  # read 1 in N to the end
+        self._streams = 0
+        # token -> (deadline, pick, the roles still to claim it), in deadline order
+        self._waiting: OrderedDict[str, tuple[float, RoutedSide, set[str]]] = OrderedDict()
+        self.counter = Counter("epp_observed_picks_total", "Picks whose response observer streams read "
+                               "(--observed-responses): attached, or unclaimed (finished without their response's "
+                               "end after the attach timeout).", ["outcome"], registry=registry)
         self._attached, self._unclaimed = self.counter.labels("attached"), self.counter.labels("unclaimed")
         self.warned = False
 
     def register(self, pick: RoutedSide) -> str:
-        """A new token for ``pick``, which now waits for its observer."""
+        """A new token for ``pick``, which now waits for its observers."""
         self.sweep()
         token = secrets.token_hex(8)
-        self._waiting[token] = (self.clock() + self.attach_timeout, pick)
+        self._waiting[token] = (self.clock() + self.attach_timeout, pick, {FIRST, END})
         return token
 
-    def claim(self, token: str) -> RoutedSide | None:
-        """The pick of ``token`` for its observer stream (None: unknown, or already finished)."""
-        entry = self._waiting.pop(token, None)
-        self.sweep()
-        if entry is None:
+    def claim(self, token: str, role: str) -> RoutedSide | None:
+        """The pick of ``token`` for an observer stream of ``role`` (None: unknown, or no longer
+        waiting for that role)."""
+        entry = self._waiting.get(token)
+        if entry is None or (role != ALL and role not in entry[2]):
+            self.sweep()
             return None
-        self._attached.inc()
-        return entry[1]
+        _deadline, pick, roles = entry
+        if len(roles) == 2:  # the pick's first observer
+            self._attached.inc()
+        if role == ALL:
+            roles.clear()
+        else:
+            roles.discard(role)
+        if not roles:
+            del self._waiting[token]
+        self.sweep()
+        return pick
+
+    def read_to_end(self, pick: RoutedSide) -> bool:
+        """Whether a ``first`` observer reads this stream past its first bytes: when its usage is
+        needed, and for one stream in ``every`` (the sample that teaches what usage tells)."""
+        if pick.usage_required:
+            return True
+        if not self.every or pick.reader is None:
+            return False
+        self._streams += 1
+        return self._streams % self.every == 0
 
     def sweep(self) -> None:
-        """Finish the picks no observer claimed in time (they are registered in deadline order)."""
+        """Finish the picks whose end no observer claimed in time (they are registered in deadline
+        order)."""
         now = self.clock()
         waiting = self._waiting
         while waiting:
-            token, (deadline, pick) = next(iter(waiting.items()))
+            token, (deadline, pick, roles) = next(iter(waiting.items()))
             if deadline > now:
                 return
             del waiting[token]
+            if END not in roles:  # (its end observer finishes it)
+                continue
             self._unclaimed.inc()
             if not self.warned:
                 self.warned = True
-                log.warning("no observer stream claimed a pick within %.0fs: with --observed-responses the "
-                            "gateway needs the observer ext_proc filter (envoy/epp-observed.yaml); epp finishes "
-                            "such picks without their response", self.attach_timeout)
+                log.warning("no observer stream claimed the end of a pick within %gs: with "
+                            "--observed-responses the gateway needs the observer ext_proc filters "
+                            "(envoy/epp-observed.yaml); epp finishes such picks without their response",
+                            self.attach_timeout)
             pick.finish()
 
     def __len__(self) -> int:

@@ -290,6 +290,7 @@ class RemoteRouted:
         "reader",
         "status",
         "streamed",
+        "usage_required",
         "wants_chunks",
         "watch_response",
     )
@@ -301,6 +302,7 @@ class RemoteRouted:
         self._request_headers = tuple(tuple(h) for h in request_headers)
         self._removed = tuple(removed)
         self.reader = UsageReader(strip=reader == 2) if reader else None
+        self.usage_required = True  # (a worker reads every response it is sent)
         self.endpoint = self._endpoints[0]
         self.status = 0
         self.done = False

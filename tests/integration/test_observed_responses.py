@@ -1,7 +1,8 @@
 """--observed-responses through a real Envoy (envoy/epp-observed.yaml): the pick filter answers the
-request, an observer filter in observability_mode brings epp the response; the client gets the pod's
-stream untouched, epp's in-flight count ends with the response (not with the pick stream), the
-latency model learns from what the observer saw, and a gateway without the observer is noticed."""
+request, observer filters in observability_mode bring epp the response's first bytes and its end;
+the client gets the pod's stream untouched, epp's in-flight count ends with the response (not with
+the pick stream), a sample of streams is read to its end for the latency model, the others not past
+their first bytes, and a gateway without the observers is noticed."""
 
 from __future__ import annotations
 
@@ -84,19 +85,25 @@ async def test_streams_pass_untouched_and_end_their_in_flight_count_with_the_res
 
 
 @pytest.mark.timeout(120)
-async def test_the_latency_model_learns_from_observed_responses() -> None:
+@pytest.mark.parametrize(("sample", "read"), [(1.0, 6), (0.5, 3), (0.0, 0)])
+async def test_the_latency_model_learns_from_the_sampled_streams_read_to_their_end(sample: float, read: int) -> None:
     async with in_process_stack(servers=2, params=PARAMS, template="epp-observed", config_text=CONFIG,
-                                serve=OBSERVED) as stack, aiohttp.ClientSession() as s:
+                                serve={**OBSERVED, "observed_usage_sample": sample}) as stack, \
+            aiohttp.ClientSession() as s:
         for _ in range(6):
             status, _body, _mid = await stream_through(stack, s, usage=True, tokens=8)
             assert status == 200
-        await released(stack)
-        # Every stream reported its first token and its usage off the data path.
+            await released(stack)
         assert stack.picker is not None
         async with s.get(f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics") as r:
             page = await r.text()
+        # The sampled streams reported their usage; the others ended at their first bytes (no chunk
+        # gap measured), and every one released its in-flight count at its end.
         samples = [line for line in page.splitlines() if line.startswith("epp_latency_prediction_samples_total")]
-        assert samples and float(samples[0].rsplit(" ", 1)[1]) == 6.0, samples
+        assert float(samples[0].rsplit(" ", 1)[1]) == read if samples else read == 0, samples
+        itl = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                  if line.startswith("llm_d_epp_request_streaming_itl_seconds_count"))
+        assert (itl > 0) == (read > 0)
 
 
 @pytest.mark.timeout(120)
@@ -126,7 +133,7 @@ async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_fl
         assert status == 200
         await wait_until(lambda: asyncio.sleep(0, inflight(stack) == 0), 5, "the unclaimed pick finished")
         assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 1
-        assert "no observer stream claimed a pick" in caplog.text
+        assert "no observer stream claimed the end of a pick" in caplog.text
 
 
 def test_observed_responses_take_no_worker_processes() -> None:
