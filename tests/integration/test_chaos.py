@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.bench.procs import children
@@ -266,6 +267,31 @@ async def test_kill_9_and_restart_measures_the_error_window(tmp_path: Path) -> N
                               "error_window_s": round(window, 2), "restart_to_ready_s": round(restarted - killed, 2),
                               "error_statuses": sorted({st for _, st in log if st != 200})}
     print(json.dumps(report))
+
+
+@pytest.mark.parametrize(("template", "flags", "survive"), [("epp-full-duplex", (), False),
+                                                          ("epp-observed", ("--observed-responses",), True)])
+async def test_kill_9_mid_stream_cuts_full_duplex_streams_and_spares_observed_ones(
+        tmp_path: Path, template: str, flags: tuple[str, ...], survive: bool) -> None:
+    async with fleet_of(2, step_latency=0.03) as fleet:
+        addrs = [s.address for s in fleet.servers]
+        async with epp_process(tmp_path, addrs, *flags) as (proc, ports):
+            envoy = await start_envoy(template, tmp_path, epp_port=ports[0])
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                    started = [asyncio.Event() for _ in range(4)]
+                    streams = [asyncio.ensure_future(_stream(s, envoy.url, f"long {i}", 40, started[i]))
+                               for i in range(4)]
+                    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 20)
+                    proc.kill()  # ~1.2 s of each stream still to come
+                    results = await asyncio.gather(*streams, return_exceptions=True)
+            finally:
+                envoy.stop()
+    whole = [not isinstance(r, BaseException) and r[0] == 200 and r[1].rstrip().endswith(b"data: [DONE]")
+             for r in results]
+    # Full duplex: every chunk waits for epp's answer, so its death cuts them (FailClose). Observed:
+    # the pick filter is done with the stream, and the observers fail open.
+    assert whole == [survive] * 4, results
 
 
 def _alive(pid: int) -> bool:
