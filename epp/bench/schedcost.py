@@ -113,7 +113,7 @@ def _per_pick(scheduler: Any, pools: list[Snapshot], requests: list[InferenceReq
     return picking / len(requests) * 1e6, responding / len(requests) * 1e6
 
 
-def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128, 1000), picks: int = 2000, rounds: int = 3
+def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128, 1000), picks: int = 2000, rounds: int = 5
                     ) -> list[CostRow]:
     rows: list[CostRow] = []
     for n in sizes:
@@ -121,12 +121,17 @@ def scheduling_cost(sizes: tuple[int, ...] = (8, 32, 128, 1000), picks: int = 20
         pool = [_pool(n, now, shift) for shift in range(7)]
         count = max(200, picks * 8 // n)
         requests = _requests(count)
-        by_profile: dict[str, tuple[float, float]] = {}
-        for name, text in PROFILES.items():
-            scheduler, _ = parse_config(text).build()
+        schedulers = {name: parse_config(text).build()[0] for name, text in PROFILES.items()}
+        for scheduler in schedulers.values():
             _per_pick(scheduler, pool, requests[: count // 4])  # warm the prefix index and the model
-            runs = [_per_pick(scheduler, pool, requests) for _ in range(rounds)]
-            by_profile[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        # Rounds interleaved over the profiles, so that a machine slowing down for a while weighs on
+        # each profile alike (the differences are what this measures).
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in schedulers}
+        for _ in range(rounds):
+            for name, scheduler in schedulers.items():
+                runs[name].append(_per_pick(scheduler, pool, requests))
+        by_profile = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+                      for name, rs in runs.items()}
         base = by_profile["default"]
         for name, (pick, response) in by_profile.items():
             own = name == "default"
