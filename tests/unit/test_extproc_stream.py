@@ -15,9 +15,10 @@ from epp.requestcontrol.frontend import Ready, RoutedSide
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server.extproc import ExtProcStream, H2ExtProc, ResponseBodySkips, _streamed
+from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ObservedPicks
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
-FULL_DUPLEX, BUFFERED, STREAMED = 4, 2, 1
+FULL_DUPLEX, BUFFERED, STREAMED, NONE_MODE = 4, 2, 1, 0
 
 
 def service(n: int = 2) -> Director:
@@ -412,3 +413,62 @@ def test_a_reset_while_the_pick_is_held_cancels_it() -> None:
     handler.on_end()
     handler.on_reset()
     assert holding.held[0][0].cancelled and responder.finished == []
+
+
+# -- observed responses (--observed-responses): the pick hands over, the observers read ----------------
+def _observed_pick(ps: Director, observed: ObservedPicks) -> tuple[ExtProcStream, str]:
+    """A full-duplex pick with an observer registry: the stream and the token its answer carries."""
+    pick = ExtProcStream(ps, observed=observed)
+    pick.on_message(headers(FULL_DUPLEX, resp_mode=NONE_MODE))
+    out = parse(pick.on_message(body(BODY, True)))
+    values = {o.header.key: o.header.raw_value.decode()
+              for o in out[0].request_headers.response.header_mutation.set_headers}
+    return pick, values[PICK_TOKEN_HEADER]
+
+
+def _observer(ps: Director, observed: ObservedPicks, role: str, token: str) -> ExtProcStream:
+    s = ExtProcStream(ps, observed=observed)
+    s.observer_role = role
+    msg = pb.ProcessingRequest(request_headers=pb.HttpHeaders(), observability_mode=True)
+    msg.request_headers.headers.headers.add(key=PICK_TOKEN_HEADER, raw_value=token.encode())
+    assert s.on_message(msg) == []
+    return s
+
+
+def _chunk(data: bytes, eos: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos), observability_mode=True)
+
+
+def test_a_handed_over_pick_outlives_its_stream_and_ends_with_the_end_observer() -> None:
+    ps, observed = service(), ObservedPicks(None, usage_sample=0.0)
+    pick, token = _observed_pick(ps, observed)
+    pick.close()  # the gateway is done with the pick filter at the response headers
+    assert sum(ps.store.inflight.values()) == 1
+    first, end = _observer(ps, observed, FIRST, token), _observer(ps, observed, END, token)
+    assert first.on_message(_chunk(b"data: 1\n\n")) == []
+    assert first.observed_end  # its first bytes read: epp ends that stream, Envoy sends no more
+    first.close()
+    assert sum(ps.store.inflight.values()) == 1  # the end is the end observer's to tell
+    end.close()
+    assert sum(ps.store.inflight.values()) == 0
+    assert len(observed) == 0
+
+
+def test_an_observer_reading_everything_ends_the_request_at_the_last_chunk() -> None:
+    ps, observed = service(), ObservedPicks(None)
+    pick, token = _observed_pick(ps, observed)
+    pick.close()
+    every = _observer(ps, observed, ALL, token)
+    for i in range(3):
+        every.on_message(_chunk(b"data: %d\n\n" % i))
+        assert not every.observed_end
+    every.on_message(_chunk(b"data: [DONE]\n\n", eos=True))
+    assert every.observed_end and sum(ps.store.inflight.values()) == 0
+
+
+def test_observer_messages_get_no_answer_and_a_stray_token_claims_nothing() -> None:
+    ps, observed = service(), ObservedPicks(None)
+    stray = _observer(ps, observed, FIRST, "not-a-token")
+    assert stray.on_message(_chunk(b"data: 1\n\n", eos=True)) == []
+    stray.close()
+    assert sum(ps.store.inflight.values()) == 0
