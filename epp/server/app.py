@@ -192,7 +192,7 @@ class PickerServer:
                                                             self.signals.kv_events.totals))
         self.store.on_change(self._endpoints_changed)
         self.pick_api = PickAPI(self.director, max_outstanding=opts.pick_api_max_outstanding, token=pick_token)
-        self.grpc = GrpcServing(self._new_stream, self.pick_api.h2_services(), opts.limits)
+        self.grpc = GrpcServing(self._new_stream, self.pick_api.h2_services(), opts.limits, self.observed)
         self.elector: LeaderElector | None = None  # high availability: serve only while holding the Lease
         # With flow control on, epp is ready without endpoints: requests wait for one (scale from zero).
         self.readiness = Readiness(lambda: self.store.fresh_count() > 0 or self.director.flow_control,

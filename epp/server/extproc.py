@@ -45,7 +45,7 @@ from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
-from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ROLES, ObservedPicks
+from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ObservedPicks, ObserverStream
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
@@ -288,22 +288,19 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
-                 "_held", "_observed_end", "_observer", "_picked", "_reading", "_req_mode", "_resp_mode", "_skipping",
-                 "_subset", "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed",
-                 "observer_role", "pick", "skips")
+                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting",
+                 "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
                  observed: ObservedPicks | None = None) -> None:
         self._director = director
-        # --observed-responses: an observer stream reads the response (epp.server.observed); this
-        # stream, when it picks, hands its pick over, and when it observes, feeds one.
+        # --observed-responses: observer streams read the response (epp.server.observed); this
+        # stream hands its pick over to them. (An observer filter that names no role in its
+        # metadata comes here too: ``_observer`` reads every chunk then.)
         self.observed = observed
         self._handed_over = False
-        self._observer = False
-        self._observed_end = False
-        self._reading = False  # an observer reads on past the first bytes
-        self.observer_role = ALL  # which part of the response an observer stream reads (its gRPC metadata)
+        self._observer: ObserverStream | None = None
         self.skips = skips  # set: the gateway allows mode overrides (skip bodies nothing reads)
         self._skipping = False  # asked to skip this response's body
         self.decision_headers = decision_headers
@@ -327,9 +324,12 @@ class ExtProcStream:
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         kind = msg.WhichOneof("request")
-        if msg.observability_mode:
-            self._observe(kind, msg)  # (the gateway waits for no answer)
-            return []
+        if msg.observability_mode:  # (the gateway waits for no answer)
+            if self._observer is None:
+                if self.observed is None:
+                    return []
+                self._observer = ObserverStream(self.observed, ALL)
+            return self._observer.on_message(msg)
         if kind == "request_headers":
             if self._headers_seen or self._picked:  # a second pick would leak the first one's in-flight count
                 raise OutOfOrder("request_headers after the request already started")
@@ -428,10 +428,10 @@ class ExtProcStream:
 
     def close(self) -> None:
         """The stream ended (normally, reset, or the connection dropped)."""
-        if self.pick is not None:
-            # A pick handed over ends with its observers; a first observer that stopped reading
-            # leaves the end to the end observer.
-            if not self._handed_over and not (self._observer and self.observer_role == FIRST and not self._reading):
+        if self._observer is not None:
+            self._observer.close()
+        elif self.pick is not None:
+            if not self._handed_over:  # (a pick handed over ends with its observers)
                 self.pick.finish()
         elif self._waiting is not None:
             self._waiting.cancel()  # the client went away while flow control held the request
@@ -509,46 +509,10 @@ class ExtProcStream:
             resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
         return _with_metadata(resp, value, self.pick.endpoint_scores() if self.emit_scores else None)
 
-    def _observe(self, kind: str | None, msg: pb.ProcessingRequest) -> None:
-        """A message of an observer stream (Envoy's observability_mode): the response of the pick
-        whose token its request headers carry, read as its ``observer_role`` says."""
-        if kind == "request_headers":
-            if self._observer or self.observed is None:
-                return
-            self._observer = True
-            token = next((h.raw_value.decode() or h.value for h in msg.request_headers.headers.headers
-                          if h.key == PICK_TOKEN_HEADER), "")
-            self.pick = self.observed.claim(token, self.observer_role) if token else None
-            return
-        pick = self.pick
-        if pick is None or not self._observer or self.observer_role == END:
-            return
-        if kind == "response_body":
-            body = msg.response_body
-            if body.end_of_stream:
-                self._observed_end = True
-                if not pick.done:
-                    pick.response_body(body.body, True)
-            elif not pick.done and (pick.wants_chunks or not self._reading):
-                pick.response_body(body.body, False)
-                if not self._reading and body.body:  # the first bytes: read on, or end the stream here
-                    self._reading = self.observer_role == ALL or (
-                        self.observed is not None and self.observed.read_to_end(pick))
-                    self._observed_end = not self._reading
-        elif kind == "response_headers":
-            if msg.response_headers.end_of_stream:
-                self._observed_end = True
-                pick.finish()
-        elif kind == "response_trailers":
-            self._observed_end = True
-            pick.finish()
-
     @property
-    def observed_end(self) -> bool:
-        """An observer stream has seen what it reads (the response's end, or a first observer's
-        first bytes): epp ends the stream, so Envoy sends no more of it and does not hold it open
-        for its deferred_close_timeout."""
-        return self._observed_end
+    def ended(self) -> bool:
+        """epp may end the stream now (an observer's, whose reading is done)."""
+        return self._observer is not None and self._observer.ended
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True
@@ -577,11 +541,13 @@ StreamFactory = Callable[[], ExtProcStream]
 
 
 class H2ExtProc:
-    """Adapts ExtProcStream to the HTTP/2 server's handler interface."""
+    """Adapts ExtProcStream (or an ObserverStream) to the HTTP/2 server's handler interface. When
+    the stream says it has ``ended`` (an observer's reading is done), epp ends it: Envoy then
+    sends no more of it, and does not hold it open for its deferred_close_timeout."""
 
     __slots__ = ("ending", "responder", "stream")
 
-    def __init__(self, responder: h2grpc.Responder, stream: ExtProcStream) -> None:
+    def __init__(self, responder: h2grpc.Responder, stream: ExtProcStream | ObserverStream) -> None:
         self.responder = responder
         self.stream = stream
         self.ending = False  # the gateway half-closed while the pick was held
@@ -614,7 +580,7 @@ class H2ExtProc:
         send = self.responder.send
         for out in answers:
             send(out)
-        if self.stream.observed_end:
+        if self.stream.ended:
             self.responder.finish()
 
     def on_end(self) -> None:
@@ -629,11 +595,13 @@ class H2ExtProc:
         self.stream.close()
 
 
-def h2_services(new_stream: StreamFactory) -> dict[str, h2grpc.HandlerFactory]:
+def h2_services(new_stream: StreamFactory, observed: ObservedPicks | None = None
+                ) -> dict[str, h2grpc.HandlerFactory]:
+    """The Process method; with ``observed``, a stream whose gRPC metadata names an observer role
+    (--observed-responses) is an ObserverStream."""
     def handler(responder: h2grpc.Responder, headers: dict[str, str]) -> H2ExtProc:
-        stream = new_stream()
-        role = headers.get(ROLE_HEADER)
-        if role in ROLES:  # an observer filter's gRPC metadata (--observed-responses)
-            stream.observer_role = role
-        return H2ExtProc(responder, stream)
+        role = headers.get(ROLE_HEADER) if observed is not None else None
+        if observed is not None and role in (FIRST, END, ALL):
+            return H2ExtProc(responder, ObserverStream(observed, role))
+        return H2ExtProc(responder, new_stream())
     return {METHOD_PATH: handler}

@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter
 
 from epp.requestcontrol.frontend import RoutedSide
@@ -123,3 +124,60 @@ class ObservedPicks:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+
+class ObserverStream:
+    """One observer ext_proc stream (Envoy's observability_mode), sans I/O: the response of the pick
+    whose token its request headers carry, read as its ``role`` says. Envoy waits for no answer,
+    so ``on_message`` returns none; ``ended`` says epp may end the stream (what it reads is read)."""
+
+    __slots__ = ("_claimed", "_observed", "_reading", "emit", "ended", "pick", "role")
+
+    def __init__(self, observed: ObservedPicks, role: str = ALL) -> None:
+        self._observed = observed
+        self.role = role
+        self.pick: RoutedSide | None = None
+        self._claimed = False
+        self._reading = False  # past the first bytes
+        self.ended = False
+        self.emit: Callable[[list[bytes]], None] | None = None  # (the adapter's; nothing is sent later)
+
+    holding = False  # nothing is ever held: the adapter may end the stream when the gateway does
+
+    def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            if not self._claimed:
+                self._claimed = True
+                token = next((h.raw_value.decode() or h.value for h in msg.request_headers.headers.headers
+                              if h.key == PICK_TOKEN_HEADER), "")
+                self.pick = self._observed.claim(token, self.role) if token else None
+            return []
+        pick = self.pick
+        if pick is None or self.role == END:
+            return []
+        if kind == "response_body":
+            body = msg.response_body
+            if body.end_of_stream:
+                self.ended = True
+                if not pick.done:
+                    pick.response_body(body.body, True)
+            elif not pick.done and (pick.wants_chunks or not self._reading):
+                pick.response_body(body.body, False)
+                if not self._reading and body.body:  # the first bytes: read on, or end the stream here
+                    self._reading = self.role == ALL or self._observed.read_to_end(pick)
+                    self.ended = not self._reading
+        elif kind == "response_headers":
+            if msg.response_headers.end_of_stream:
+                self.ended = True
+                pick.finish()
+        elif kind == "response_trailers":
+            self.ended = True
+            pick.finish()
+        return []
+
+    def close(self) -> None:
+        """The stream ended: the end of the request for an ``end`` observer, and for one that was
+        reading; a ``first`` observer that stopped at the first bytes leaves it to the end observer."""
+        if self.pick is not None and not (self.role == FIRST and not self._reading):
+            self.pick.finish()

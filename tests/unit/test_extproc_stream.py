@@ -15,7 +15,7 @@ from epp.requestcontrol.frontend import Ready, RoutedSide
 from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server.extproc import ExtProcStream, H2ExtProc, ResponseBodySkips, _streamed
-from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ObservedPicks
+from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ObservedPicks, ObserverStream
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello world " * 10})
 FULL_DUPLEX, BUFFERED, STREAMED, NONE_MODE = 4, 2, 1, 0
@@ -426,9 +426,11 @@ def _observed_pick(ps: Director, observed: ObservedPicks) -> tuple[ExtProcStream
     return pick, values[PICK_TOKEN_HEADER]
 
 
-def _observer(ps: Director, observed: ObservedPicks, role: str, token: str) -> ExtProcStream:
-    s = ExtProcStream(ps, observed=observed)
-    s.observer_role = role
+def _observer(ps: Director, observed: ObservedPicks, role: str, token: str) -> ExtProcStream | ObserverStream:
+    """An observer stream of ``role`` (named in its gRPC metadata), or one that names none (``all``:
+    the pick stream's class takes it)."""
+    s: ExtProcStream | ObserverStream = ObserverStream(observed, role) if role != ALL else \
+        ExtProcStream(ps, observed=observed)
     msg = pb.ProcessingRequest(request_headers=pb.HttpHeaders(), observability_mode=True)
     msg.request_headers.headers.headers.add(key=PICK_TOKEN_HEADER, raw_value=token.encode())
     assert s.on_message(msg) == []
@@ -446,7 +448,7 @@ def test_a_handed_over_pick_outlives_its_stream_and_ends_with_the_end_observer()
     assert sum(ps.store.inflight.values()) == 1
     first, end = _observer(ps, observed, FIRST, token), _observer(ps, observed, END, token)
     assert first.on_message(_chunk(b"data: 1\n\n")) == []
-    assert first.observed_end  # its first bytes read: epp ends that stream, Envoy sends no more
+    assert first.ended  # its first bytes read: epp ends that stream, Envoy sends no more
     first.close()
     assert sum(ps.store.inflight.values()) == 1  # the end is the end observer's to tell
     end.close()
@@ -461,9 +463,9 @@ def test_an_observer_reading_everything_ends_the_request_at_the_last_chunk() -> 
     every = _observer(ps, observed, ALL, token)
     for i in range(3):
         every.on_message(_chunk(b"data: %d\n\n" % i))
-        assert not every.observed_end
+        assert not every.ended
     every.on_message(_chunk(b"data: [DONE]\n\n", eos=True))
-    assert every.observed_end and sum(ps.store.inflight.values()) == 0
+    assert every.ended and sum(ps.store.inflight.values()) == 0
 
 
 def test_observer_messages_get_no_answer_and_a_stray_token_claims_nothing() -> None:
