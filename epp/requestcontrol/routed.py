@@ -252,7 +252,7 @@ class Routed:
             reader = self.reader
             usage = None if reader is None or not reader.completion_tokens else Usage(
                 reader.prompt_tokens, reader.cached_tokens, reader.completion_tokens)
-            completion = Completion(usage, self.streamed)
+            completion = Completion(usage, self.streamed, self.status in (0, 200))
             self.scheduler.completed(self.decision, completion)
             if self.shadows:
                 for p in self.shadows:

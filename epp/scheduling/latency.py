@@ -60,6 +60,7 @@ from epp.scheduling.contract import (
 from epp.scheduling.latency_model import (
     ErrorTracker,
     LatencyModel,
+    Vector,
     predict,
     tpot_features,
     ttft_features,
@@ -335,12 +336,20 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             self.running_slos.remove(endpoint, slo)
         pick = cycle.pop(self._pick)
         usage = completion.usage
-        if pick is None or usage is None or not pick.first:
+        if pick is None or not pick.first:
             return
         now = self.clock()
         if now - pick.sent > self.context_ttl:
             return
         pod, model = pick.pod, self.model
+        if usage is None:
+            # A stream whose usage epp did not read (observed responses read most only to their
+            # first bytes): its TTFT still teaches the TTFT fit, on epp's own count of the prompt
+            # tokens the pod had to compute; the TPOT fit needs the token count.
+            if completion.ok and completion.streamed and pick.streamed:
+                x_ttft = ttft_features(pick.ahead + pick.uncached, pick.batch)
+                self._learn_ttft(pod, x_ttft, pick.first - pick.sent)
+            return
         own = pick.uncached
         if usage.cached_tokens is not None and usage.prompt_tokens:
             own = max(0.0, usage.prompt_tokens - usage.cached_tokens)  # what the pod actually computed
@@ -354,11 +363,14 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
                 model.observe_tpot(pod, x_tpot, (now - pick.first) / (n - 1))
         else:
             ttft = max(0.0005, (now - pick.sent) - model.predict_tpot(pod, x_tpot) * max(0, n - 1))
-        predicted = model.predict_ttft(pod, x_ttft)
-        message = self.errors.add(predicted, ttft)
+        self._learn_ttft(pod, x_ttft, ttft)
+
+    def _learn_ttft(self, pod: str, x_ttft: Vector, ttft: float) -> None:
+        """One observed TTFT: the closed loop's error (against what the fit predicted), then the fit."""
+        message = self.errors.add(self.model.predict_ttft(pod, x_ttft), ttft)
         if message:
             log.warning("%s: %s", self.name, message)
-        model.observe_ttft(pod, x_ttft, ttft)
+        self.model.observe_ttft(pod, x_ttft, ttft)
 
     def on_endpoint_removed(self, endpoint: str) -> None:
         self.model.forget_pod(endpoint)

@@ -87,11 +87,13 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """How a response ended: its usage (None when epp could not read it), and whether its body
-    came in pieces, the first before the end (a stream epp saw stream; not a buffered body)."""
+    """How a response ended: its usage (None when epp could not read it), whether its body
+    came in pieces, the first before the end (a stream epp saw stream; not a buffered body), and
+    whether its status was a success (200, or none known)."""
 
     usage: Usage | None
     streamed: bool
+    ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)

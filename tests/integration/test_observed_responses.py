@@ -1,8 +1,8 @@
 """--observed-responses through a real Envoy (envoy/epp-observed.yaml): the pick filter answers the
 request, observer filters in observability_mode bring epp the response's first bytes and its end;
 the client gets the pod's stream untouched, epp's in-flight count ends with the response (not with
-the pick stream), a sample of streams is read to its end for the latency model, the others not past
-their first bytes, and a gateway without the observers is noticed."""
+the pick stream), every stream's first bytes and a sample of streams read to their end teach the
+latency model, the others not read past their first bytes, and a gateway without the observers is noticed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
+from epp.scheduling.latency import PredictedLatencyProducer
 from epp.sim.profiles import profile
 from epp.stack.local import Stack, in_process_stack, wait_until
 
@@ -97,10 +98,14 @@ async def test_the_latency_model_learns_from_the_sampled_streams_read_to_their_e
         assert stack.picker is not None
         async with s.get(f"http://127.0.0.1:{stack.picker.bound_ports['metrics']}/metrics") as r:
             page = await r.text()
-        # The sampled streams reported their usage; the others ended at their first bytes (no chunk
-        # gap measured), and every one released its in-flight count at its end.
+        # Every stream's first bytes taught the TTFT fit; the sampled ones also reported their usage
+        # (the TPOT fit needs the token count), the others ended at their first bytes (no chunk gap
+        # measured), and every one released its in-flight count at its end.
         samples = [line for line in page.splitlines() if line.startswith("epp_latency_prediction_samples_total")]
-        assert float(samples[0].rsplit(" ", 1)[1]) == read if samples else read == 0, samples
+        assert samples and float(samples[0].rsplit(" ", 1)[1]) == 6.0, samples
+        producer = next(p for p in stack.picker.director.scheduler.plugins()
+                        if isinstance(p, PredictedLatencyProducer))
+        assert sum(f.tpot.n for f in producer.model.pods.values()) == read
         itl = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
                   if line.startswith("llm_d_epp_request_streaming_itl_seconds_count"))
         assert (itl > 0) == (read > 0)

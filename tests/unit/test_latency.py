@@ -259,13 +259,34 @@ def test_a_response_without_usage_or_past_context_ttl_teaches_nothing() -> None:
     d = s.schedule(req("x " * 100), pool)
     s.committed(d)
     s.prefill_done(d)
-    s.completed(d, Completion(None, True))  # failed, or its usage could not be read
+    s.completed(d, Completion(None, True, ok=False))  # failed
+    d = s.schedule(req("z " * 100), pool)
+    s.committed(d)
+    s.prefill_done(d)
+    s.completed(d, Completion(None, False))  # a whole body without usage: no TTFT to tell apart
     d = s.schedule(req("y " * 100), pool)
     s.committed(d)
     clock.t += 11
     s.prefill_done(d)
     s.completed(d, Completion(Usage(50, 0, 4), True))
     assert producer.model.trained("a") == 0
+
+
+def test_a_stream_read_to_its_first_bytes_only_teaches_the_ttft_fit_alone() -> None:
+    s, producer = built()
+    clock = Clock()
+    producer.clock = clock
+    pool = snap("a")
+    for i in range(5):
+        d = s.schedule(req(f"question {i} " * 50), pool)
+        s.committed(d)
+        clock.t += 0.05
+        s.prefill_done(d)
+        clock.t += 1.0
+        s.completed(d, Completion(None, True))  # observed responses: usage read from a sample only
+    fits = producer.model.pods["a"]
+    assert (fits.ttft.n, fits.tpot.n) == (5, 0)
+    assert producer.errors.cumulative()  # the closed loop counts them too
 
 
 def test_large_errors_stop_publishing_and_the_scorer_falls_back_to_its_composite() -> None:
