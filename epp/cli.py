@@ -184,8 +184,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bool_flag(p, "--observed-responses", False,
               "the gateway reads responses through ext_proc filters in observability_mode "
               "(envoy/epp-observed.yaml): picks are answered as usual; epp takes each response's first bytes and "
-              "its end off the data path, and reads a sample of streams to their end for their usage (needs "
-              "--workers 0)")
+              "its end off the data path, and reads a sample of streams to their end for their usage")
     p.add_argument("--observed-usage-sample", type=_fraction, default=0.1, metavar="FRACTION",
                    help="with --observed-responses: the share of streams read to their end, for their usage (the "
                         "latency model's TPOT, cache-hit feedback, inter-token latency); streams whose usage "
@@ -302,13 +301,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _worker_count(args: argparse.Namespace) -> int:
     """--workers as given; by default one per core, none when the port is picked at random (the
-    workers must share a fixed one) or with --observed-responses."""
+    workers must share a fixed one)."""
     from epp.server.workers import default_workers
 
     if args.workers is not None:
         return int(args.workers)
-    if args.observed_responses:  # the pick and its observer stream must reach one process
-        return 0
     return default_workers() if args.grpc_port else 0
 
 
@@ -466,7 +463,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     o.add_argument("--body-skips", action="store_true", help="also measure a gateway that streams the response "
                    "to the picker (request BUFFERED), without and with allow_mode_override + --allow-mode-override")
     o.add_argument("--observed", action="store_true", help="also measure one epp process (--workers 0) in full "
-                   "duplex and with the response read by an observer filter (--observed-responses)")
+                   "duplex and with the response read by observer filters (--observed-responses), and observed "
+                   "with the default workers")
     o.add_argument("--stream-tokens", type=int, default=64,
                    help="also measure gateway mode with SSE streams of this many tokens, one per chunk "
                         "(concurrency 16; 0: not)")

@@ -82,12 +82,13 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
     more contender in the same rounds, so a change is measured side by side with its baseline.
     ``body_skips``: two more, a gateway that buffers the request and streams the response to the
     picker, and the same allowing mode overrides with an epp that asks to skip unread bodies.
-    ``observed``: two more, one process each (--workers 0): full duplex, and the response read by an
-    observer filter (envoy/epp-observed.yaml, --observed-responses)."""
+    ``observed``: three more: one process each (--workers 0) in full duplex and with the response
+    read by observer filters (envoy/epp-observed.yaml, --observed-responses), and observed with the
+    default workers."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="epp-bench-") as tmp:
         work = Path(tmp)
-        ports = free_ports(servers + 15)
+        ports = free_ports(servers + 18)
         sim_ports, (grpc_port, health_port, metrics_port) = ports[:servers], ports[servers : servers + 3]
         endpoints = [f"127.0.0.1:{p}" for p in sim_ports]
         procs: list[subprocess.Popen[bytes]] = []
@@ -137,7 +138,8 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 for k, (name, template, flags) in enumerate((
                         ("envoy + epp (full duplex, one process)", "epp-full-duplex", ("--workers", "0")),
                         ("envoy + epp (observed responses, one process)", "epp-observed",
-                         ("--workers", "0", "--observed-responses")))):
+                         ("--workers", "0", "--observed-responses")),
+                        ("envoy + epp (observed responses)", "epp-observed", ("--observed-responses",)))):
                     o_grpc, o_health, o_metrics = ports[servers + 9 + 3 * k : servers + 12 + 3 * k]
                     odir = work / f"one-process-{k}"
                     odir.mkdir()

@@ -227,8 +227,10 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
     """Start ``name`` in front of ``addresses``; a string says why it is not available. ``epp-X``
     is epp with the config file ``epp_configs[X]``; ``<epp contender>-baseline`` the same epp
     contender run from the checkout ``baseline_src`` (a change measured against its baseline);
-    ``<epp contender>-one-process`` with --workers 0, and ``<epp contender>-observed`` also with its
-    responses read by an observer filter (envoy/epp-observed.yaml, --observed-responses)."""
+    ``<epp contender>-one-process`` with --workers 0, ``<epp contender>-workers-2`` with 2 workers
+    (Envoy cycling its ext_proc connections), and ``<epp contender>-observed`` with its responses
+    read by observer filters (envoy/epp-observed.yaml, --observed-responses; one process unless
+    ``-workers-2`` comes before it)."""
     env = None
     if name.endswith("-baseline") and name.startswith("epp"):
         if baseline_src is None:
@@ -237,12 +239,18 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
         name = name.removesuffix("-baseline")
     template = "epp-full-duplex"
     mode: tuple[str, ...] = ()
-    if name.startswith("epp") and name.endswith(("-observed", "-one-process")):
+    cluster: dict[str, Any] | None = None
+    if name.startswith("epp") and name not in WORKER_CONTENDERS:
         if name.endswith("-observed"):
-            template, mode = "epp-observed", ("--workers", "0", "--observed-responses")
-        else:
-            mode = ("--workers", "0")
-        name = name.removesuffix("-observed").removesuffix("-one-process")
+            template, mode = "epp-observed", ("--observed-responses",)
+            name = name.removesuffix("-observed")
+        workers: int | None = None
+        for suffix, count in (("-one-process", 0), ("-workers-2", 2)):
+            if name.endswith(suffix):
+                name, workers = name.removesuffix(suffix), count
+        if workers is not None or mode:
+            mode = ("--workers", str(workers or 0), *mode)
+            cluster = CYCLED_CONNECTIONS if workers else None
     if name in ("envoy-round-robin", "envoy-least-request"):
         policy = "ROUND_ROBIN" if name == "envoy-round-robin" else "LEAST_REQUEST"
         envoy = await start_envoy("round-robin", workdir, endpoints=addresses, lb_policy=policy)
@@ -264,7 +272,7 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
                 return f"no config file given for {name} (--epp-config {name[4:]}=PATH)"
             extra = ("--config-file", str(config))
         return await epp_behind_envoy(addresses, workdir, (*extra, *mode), env, grpc=(grpc, health, metrics),
-                                      template=template)
+                                      template=template, epp_cluster=cluster)
     cmd, why = await asyncio.to_thread(peer_command, name, venvs)
     if cmd is None:
         return why

@@ -45,6 +45,11 @@ class RoutedSide(Protocol):
 
     def finish(self) -> None: ...
 
+    def hand_over(self) -> None:
+        """This stream is done with the pick but the request goes on: observer streams read its
+        response and end it (--observed-responses). Nothing ends here."""
+        ...
+
 
 Ready = Callable[[RoutedSide | Refused], None]
 

@@ -245,6 +245,9 @@ class Routed:
         for p in self.shadows:
             p.candidate.scheduler.usage(p.decision, cached_tokens)
 
+    def hand_over(self) -> None:
+        """(In process, the observer streams hold this same pick: nothing to pass on.)"""
+
     def finish(self) -> None:
         if not self.done:
             self.done = True

@@ -168,9 +168,6 @@ class PickerServer:
             self.director.models = self.models.listing
         self.flow_metrics = FlowMetrics(self.metrics.registry, opts.pool_name)
         self.body_skips = ResponseBodySkips(self.metrics.registry) if opts.allow_mode_override else None
-        if opts.observed_responses and opts.workers:
-            raise ValueError("--observed-responses needs --workers 0: a pick and the observer stream that reads "
-                             "its response must reach the same process")
         self.observed = ObservedPicks(self.metrics.registry, usage_sample=opts.observed_usage_sample) \
             if opts.observed_responses else None
         self._sweeper: asyncio.Task[None] | None = None
@@ -365,9 +362,9 @@ class PickerServer:
                            tls_cipher_suites=list(tls.cipher_suites), limits=dataclasses.asdict(o.limits),
                            decision_headers=o.decision_headers, emit_scores=o.emit_endpoint_scores,
                            allow_mode_override=o.allow_mode_override, drain_timeout=o.drain_timeout,
-                           log_level=logging.getLogger().getEffectiveLevel())
+                           log_level=logging.getLogger().getEffectiveLevel(), observed=self.observed is not None)
         return WorkerPool(o.workers, cfg, self.director, self.pick_api.h2_services(), self.body_skips,
-                          self.metrics.registry)
+                          self.metrics.registry, self.observed)
 
     async def stop(self, grace: float = 1.0) -> None:
         await cancel_and_wait([self._watch, self._keys_task, self._sweeper])

@@ -45,7 +45,7 @@ from epp.requestcontrol.pending import Pending
 from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
-from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ObservedPicks, ObserverStream
+from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ObserverRegistry, ObserverStream
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE}/Process"
@@ -293,7 +293,7 @@ class ExtProcStream:
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
-                 observed: ObservedPicks | None = None) -> None:
+                 observed: ObserverRegistry | None = None) -> None:
         self._director = director
         # --observed-responses: observer streams read the response (epp.server.observed); this
         # stream hands its pick over to them. (An observer filter that names no role in its
@@ -431,7 +431,9 @@ class ExtProcStream:
         if self._observer is not None:
             self._observer.close()
         elif self.pick is not None:
-            if not self._handed_over:  # (a pick handed over ends with its observers)
+            if self._handed_over:  # its observers end it
+                self.pick.hand_over()
+            else:
                 self.pick.finish()
         elif self._waiting is not None:
             self._waiting.cancel()  # the client went away while flow control held the request
@@ -595,7 +597,7 @@ class H2ExtProc:
         self.stream.close()
 
 
-def h2_services(new_stream: StreamFactory, observed: ObservedPicks | None = None
+def h2_services(new_stream: StreamFactory, observed: ObserverRegistry | None = None
                 ) -> dict[str, h2grpc.HandlerFactory]:
     """The Process method; with ``observed``, a stream whose gRPC metadata names an observer role
     (--observed-responses) is an ObserverStream."""

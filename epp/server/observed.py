@@ -20,18 +20,23 @@ every chunk and ends the request at the response's end (``all``). The pick's ans
 token in ``PICK_TOKEN_HEADER``; the observers' request headers bring it back. ``ObservedPicks``
 holds the picks until their observers claim them: a pick whose end no observer claims within
 ``attach_timeout`` (a gateway without the observer filters) is finished then, logged once and
-counted, so nothing stays in flight. epp cannot change an observed response, so it asks a
-stream for no usage it would have to cut out: a stream reports usage only when its client asks.
-A pick and its observers must reach the same process (--workers 0).
+counted, so nothing stays in flight. Whether a ``first`` observer reads on past the first bytes
+is decided when the pick is registered and travels in its token. epp cannot change an observed
+response, so it asks a stream for no usage it would have to cut out: a stream reports usage only
+when its client asks. With --workers the registry lives in the serving process and a worker's
+observer streams claim through its link (``epp.server.workerlink``): a pick and its observers may
+reach different workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter
@@ -43,9 +48,43 @@ ROLE_HEADER = "x-epp-observer"  # the gRPC metadata an observer filter sets: fir
 ALL, FIRST, END = "all", "first", "end"
 ROLES = (ALL, FIRST, END)
 ATTACH_TIMEOUT_S = 5.0  # the observers' request headers follow the pick by milliseconds
+END_GRACE_S = 1.0  # an end observer waits this long for the first observer that reads to the end
 USAGE_SAMPLE = 0.1  # the share of streams read to their end for their usage
+READ_ON, FIRST_ONLY = "r", "f"  # a token's last character: its first observer reads to the end, or not
 
 log = logging.getLogger("epp.observed")
+
+
+class Claim(NamedTuple):
+    """What an observer stream's token gives it: the pick, and whether a ``first`` observer reads
+    its response to the end (its usage is needed, or it is in the sample)."""
+
+    pick: RoutedSide
+    read_to_end: bool
+
+
+class ObserverRegistry(Protocol):
+    """Where a pick stream hands its pick over and observer streams claim it (in process:
+    ``ObservedPicks``; in a worker: its link to the serving process's)."""
+
+    def register(self, pick: RoutedSide) -> str:
+        """The token the pick's answer carries to its observers."""
+        ...
+
+    def claim(self, token: str, role: str) -> Claim | None:
+        """The pick of ``token`` for an observer stream of ``role`` (None: unknown, or no longer
+        waiting for that role)."""
+        ...
+
+    def end(self, pick: RoutedSide, read_to_end: bool) -> None:
+        """An ``end`` observer's stream closed: the request is over. When a ``first`` observer reads
+        the pick's response to the end, its last chunk (the usage) may still be on its way on
+        another connection: it ends the pick, or this does after ``END_GRACE_S``."""
+        ...
+
+
+def reads_to_end(token: str) -> bool:
+    return token.endswith(READ_ON)
 
 
 class ObservedPicks:
@@ -57,8 +96,11 @@ class ObservedPicks:
         self.clock = clock
         self.every = max(1, round(1.0 / usage_sample)) if usage_sample > 0 else 0  # read 1 in N to the end
         self._streams = 0
+        self._prefix = secrets.token_hex(4)  # (a token per pick from a counter: no random draw each)
+        self._serial = itertools.count(1)
         # token -> (deadline, pick, the roles still to claim it), in deadline order
         self._waiting: OrderedDict[str, tuple[float, RoutedSide, set[str]]] = OrderedDict()
+        self._ending: deque[tuple[float, RoutedSide]] = deque()  # ended, waiting for their reader's last chunk
         self.counter = Counter("epp_observed_picks_total", "Picks whose response observer streams read "
                                "(--observed-responses): attached, or unclaimed (finished without their response's "
                                "end after the attach timeout).", ["outcome"], registry=registry)
@@ -66,15 +108,14 @@ class ObservedPicks:
         self.warned = False
 
     def register(self, pick: RoutedSide) -> str:
-        """A new token for ``pick``, which now waits for its observers."""
+        """A new token for ``pick``, which now waits for its observers. (Unique is enough: the
+        pick filter sets the header, so a client cannot bring its own.)"""
         self.sweep()
-        token = secrets.token_hex(8)
+        token = f"{self._prefix}{next(self._serial):x}{READ_ON if self._read_to_end(pick) else FIRST_ONLY}"
         self._waiting[token] = (self.clock() + self.attach_timeout, pick, {FIRST, END})
         return token
 
-    def claim(self, token: str, role: str) -> RoutedSide | None:
-        """The pick of ``token`` for an observer stream of ``role`` (None: unknown, or no longer
-        waiting for that role)."""
+    def claim(self, token: str, role: str) -> Claim | None:
         entry = self._waiting.get(token)
         if entry is None or (role != ALL and role not in entry[2]):
             self.sweep()
@@ -89,10 +130,16 @@ class ObservedPicks:
         if not roles:
             del self._waiting[token]
         self.sweep()
-        return pick
+        return Claim(pick, reads_to_end(token))
 
-    def read_to_end(self, pick: RoutedSide) -> bool:
-        """Whether a ``first`` observer reads this stream past its first bytes: when its usage is
+    def end(self, pick: RoutedSide, read_to_end: bool) -> None:
+        if read_to_end and not pick.done:
+            self._ending.append((self.clock() + END_GRACE_S, pick))
+        else:
+            pick.finish()
+
+    def _read_to_end(self, pick: RoutedSide) -> bool:
+        """Whether the pick's ``first`` observer reads past the first bytes: when its usage is
         needed, and for one stream in ``every`` (the sample that teaches what usage tells)."""
         if pick.usage_required:
             return True
@@ -103,8 +150,13 @@ class ObservedPicks:
 
     def sweep(self) -> None:
         """Finish the picks whose end no observer claimed in time (they are registered in deadline
-        order)."""
+        order), and the ended ones whose reader did not bring their last chunk within the grace."""
         now = self.clock()
+        ending = self._ending
+        while ending and ending[0][0] <= now:
+            pick = ending.popleft()[1]
+            if not pick.done:
+                pick.finish()
         waiting = self._waiting
         while waiting:
             token, (deadline, pick, roles) = next(iter(waiting.items()))
@@ -131,13 +183,14 @@ class ObserverStream:
     whose token its request headers carry, read as its ``role`` says. Envoy waits for no answer,
     so ``on_message`` returns none; ``ended`` says epp may end the stream (what it reads is read)."""
 
-    __slots__ = ("_claimed", "_observed", "_reading", "emit", "ended", "pick", "role")
+    __slots__ = ("_claimed", "_observed", "_read_on", "_reading", "emit", "ended", "pick", "role")
 
-    def __init__(self, observed: ObservedPicks, role: str = ALL) -> None:
+    def __init__(self, observed: ObserverRegistry, role: str = ALL) -> None:
         self._observed = observed
         self.role = role
         self.pick: RoutedSide | None = None
         self._claimed = False
+        self._read_on = False  # a ``first`` observer reads past the first bytes (the pick's token says)
         self._reading = False  # past the first bytes
         self.ended = False
         self.emit: Callable[[list[bytes]], None] | None = None  # (the adapter's; nothing is sent later)
@@ -151,7 +204,9 @@ class ObserverStream:
                 self._claimed = True
                 token = next((h.raw_value.decode() or h.value for h in msg.request_headers.headers.headers
                               if h.key == PICK_TOKEN_HEADER), "")
-                self.pick = self._observed.claim(token, self.role) if token else None
+                claim = self._observed.claim(token, self.role) if token else None
+                if claim is not None:
+                    self.pick, self._read_on = claim
             return []
         pick = self.pick
         if pick is None or self.role == END:
@@ -165,7 +220,7 @@ class ObserverStream:
             elif not pick.done and (pick.wants_chunks or not self._reading):
                 pick.response_body(body.body, False)
                 if not self._reading and body.body:  # the first bytes: read on, or end the stream here
-                    self._reading = self.role == ALL or self._observed.read_to_end(pick)
+                    self._reading = self.role == ALL or self._read_on
                     self.ended = not self._reading
         elif kind == "response_headers":
             if msg.response_headers.end_of_stream:
@@ -179,5 +234,11 @@ class ObserverStream:
     def close(self) -> None:
         """The stream ended: the end of the request for an ``end`` observer, and for one that was
         reading; a ``first`` observer that stopped at the first bytes leaves it to the end observer."""
-        if self.pick is not None and not (self.role == FIRST and not self._reading):
+        if self.pick is None:
+            return
+        if self.role == FIRST and not self._reading:
+            self.pick.hand_over()
+        elif self.role == END:
+            self._observed.end(self.pick, self._read_on)
+        else:
             self.pick.finish()

@@ -20,7 +20,7 @@ from epp.server import h2grpc
 from epp.server.auth import ALLOWED, FORBIDDEN, UNAUTHENTICATED, UNAVAILABLE, Authorizer
 from epp.server.extproc import StreamFactory
 from epp.server.extproc import h2_services as extproc_services
-from epp.server.observed import ObservedPicks
+from epp.server.observed import ObserverRegistry
 from epp.server.tls import TLSPolicy, load_cert_dir, self_signed
 from epp.tasks import cancel_and_wait
 
@@ -35,7 +35,7 @@ class GrpcServing:
     pair is logged and the old one kept)."""
 
     def __init__(self, new_stream: StreamFactory, unary: dict[str, h2grpc.HandlerFactory],
-                 limits: h2grpc.Limits, observed: ObservedPicks | None = None) -> None:
+                 limits: h2grpc.Limits, observed: ObserverRegistry | None = None) -> None:
         """``unary``: the epp.v1 Pick API's methods (the API itself, or a worker's relay of it);
         ``observed``: the picks observer streams read (--observed-responses)."""
         self.server = h2grpc.H2GrpcServer({**extproc_services(new_stream, observed), **unary}, limits)

@@ -10,9 +10,11 @@ worker -> state
   ["p", rid, headers, path, body, subset, access]  a request to pick for
   ["c", rid]              cancel a held request (its client went away)
   ["s", rid, served]      the endpoint that served
-  ["f", rid]              the response's first bytes
+  ["f", rid, streamed]    the response's first bytes (streamed: more chunks to come)
   ["e", rid, status, usage, streamed, bytes, gaps, spent]  the end, as the worker read it
   ["x", rid, status]      the stream ended (no body seen)
+  ["y", rid, status]      the stream is done with the pick, its observers end it (--observed-responses)
+  ["o", rid, token, role] an observer stream claims the pick of ``token`` (its events follow as rid's)
   ["k", 0, outcome]       a response body skip asked / ignored (--allow-mode-override)
   ["u", rid, path, headers, peer, message]  a unary call (the epp.v1 Pick API) relayed
   ["ur", rid]             that call's client went away
@@ -23,7 +25,12 @@ state -> worker
 
 Response bodies stay in the worker (echoed there, usage read there); the state process hears
 only the events that change routing state. When a worker's link drops, the state process ends
-everything that worker held (in-flight counts released, held requests cancelled)."""
+everything that worker held (in-flight counts released, held requests cancelled).
+
+With --observed-responses the serving process registers each pick for its observers (the token
+goes to the worker with the pick); an observer stream, on whichever worker its connection
+reached, claims it with ``o`` under a new rid of its link, and its first bytes and end follow as
+that rid's ``f`` / ``e`` / ``x``: the link is ordered, so nothing waits for an answer."""
 
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from epp.requestcontrol.usage import UsageReader
 from epp.scheduling.types import Usage
 from epp.server import h2grpc
 from epp.server.extproc import BodySkips
+from epp.server.observed import END, Claim, ObservedPicks, reads_to_end
 
 log = logging.getLogger("epp.workers")
 
@@ -120,10 +128,13 @@ class StateEnd(_Link):
     """One worker's link, in the state process: its requests go to the director."""
 
     def __init__(self, director: Director, services: dict[str, UnaryFactory], on_lost: Callable[[StateEnd], None],
-                 skips: BodySkips | None = None, explain: bool = False, scores: bool = False) -> None:
-        """``explain``, ``scores``: the workers emit decision headers / endpoint scores."""
+                 skips: BodySkips | None = None, explain: bool = False, scores: bool = False,
+                 observed: ObservedPicks | None = None) -> None:
+        """``explain``, ``scores``: the workers emit decision headers / endpoint scores; ``observed``:
+        the picks' observer streams read their responses (--observed-responses)."""
         super().__init__()
         self.director = director
+        self.observed = observed
         self.explain, self.scores = explain, scores
         self.skips = skips
         self.services = services
@@ -134,9 +145,12 @@ class StateEnd(_Link):
         self.index = -1  # the worker's, once it said hello
         self.pid = 0
         self.requests = 0  # picks asked through this link
+        self.claims = 0  # observer streams that found their pick through this link (--observed-responses)
+        self._ends_a_read: dict[int, bool] = {}  # end observers: does the pick's first observer read to the end
         self._handlers: dict[str, Callable[[int, Any], None]] = {
             "p": self._pick, "s": self._served, "f": self._first_bytes, "e": self._ended, "x": self._stream_ended,
-            "c": self._cancel, "u": self._unary_call, "ur": self._unary_gone, "k": self._skip, "h": self._hello}
+            "c": self._cancel, "u": self._unary_call, "ur": self._unary_gone, "k": self._skip, "h": self._hello,
+            "y": self._handed_over, "o": self._observer_claim}
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The worker died (or stopped): nothing it held stays counted."""
@@ -148,6 +162,7 @@ class StateEnd(_Link):
             u.on_reset()
         self.pending.clear()
         self.routed.clear()
+        self._ends_a_read.clear()
         self.unary.clear()
         self.transport = None
         self.on_lost(self)
@@ -170,20 +185,41 @@ class StateEnd(_Link):
         routed = self.routed.get(rid)
         if routed is not None:
             routed.first_bytes()
+            routed.streamed = routed.streamed or m[2]  # (a first observer that stops here tells no end)
 
     def _ended(self, rid: int, m: Any) -> None:
         routed = self.routed.pop(rid, None)
         if routed is not None:
-            routed.status = m[2]
+            if m[2]:  # (an observer stream does not see the status: the pick stream told it)
+                routed.status = m[2]
             usage = Usage(*m[3]) if m[3] is not None else None
             routed.ended_elsewhere(usage, m[4], m[5], m[6], m[7])
 
     def _stream_ended(self, rid: int, m: Any) -> None:
         routed = self.routed.pop(rid, None)
         if routed is not None:
-            routed.status = m[2]
-            routed.finish()
+            if m[2]:
+                routed.status = m[2]
+            if self.observed is not None and rid in self._ends_a_read:
+                # An end observer's close: a first observer reading to the end may bring the last
+                # chunk (the usage) a moment later through another worker's link.
+                self.observed.end(routed, self._ends_a_read.pop(rid))
+            else:
+                routed.finish()
         self._cancel(rid, m)
+
+    def _handed_over(self, rid: int, m: Any) -> None:
+        routed = self.routed.pop(rid, None)
+        if routed is not None and m[2]:
+            routed.status = m[2]
+
+    def _observer_claim(self, rid: int, m: Any) -> None:
+        claim = self.observed.claim(m[2], m[3]) if self.observed is not None else None
+        if claim is not None and isinstance(claim.pick, Routed):
+            self.claims += 1
+            self.routed[rid] = claim.pick
+            if m[3] == END:
+                self._ends_a_read[rid] = claim.read_to_end
 
     def _cancel(self, rid: int, m: Any) -> None:
         held = self.pending.pop(rid, None)
@@ -232,7 +268,9 @@ class StateEnd(_Link):
 
     def _routed(self, rid: int, r: Routed) -> None:
         self.routed[rid] = r
-        self.send(["r", rid, pick_fields(r, self.explain, self.scores)])
+        fields = pick_fields(r, self.explain, self.scores)
+        fields.append(self.observed.register(r) if self.observed is not None else "")
+        self.send(["r", rid, fields])
 
     def _refused(self, rid: int, e: Refused) -> None:
         self.send(["n", rid, e.status, e.message, e.param, e.dropped, [list(h) for h in e.headers]])
@@ -290,6 +328,7 @@ class RemoteRouted:
         "reader",
         "status",
         "streamed",
+        "token",
         "usage_required",
         "wants_chunks",
         "watch_response",
@@ -298,7 +337,8 @@ class RemoteRouted:
     def __init__(self, link: WorkerEnd, rid: int, f: list[Any]) -> None:
         self._link, self._rid = link, rid
         (self._header_value, request_headers, removed, self.forward_body, self._scores, self._by_endpoint,
-         self._explained, self._endpoints, self._destinations, reader, self.watch_response, self._streaming) = f
+         self._explained, self._endpoints, self._destinations, reader, self.watch_response, self._streaming,
+         self.token) = f
         self._request_headers = tuple(tuple(h) for h in request_headers)
         self._removed = tuple(removed)
         self.reader = UsageReader(strip=reader == 2) if reader else None
@@ -349,7 +389,7 @@ class RemoteRouted:
                 self.prefilled = True
                 self.streamed = not eos
                 self.wants_chunks = self.reader is not None
-                self._link.send(["f", self._rid])
+                self._link.send(["f", self._rid, self.streamed])
             elif self.streamed and self._last and self._streaming and len(self._gaps) < MAX_GAPS:
                 self._gaps.append(now - self._last)
             self._last = now
@@ -359,6 +399,18 @@ class RemoteRouted:
         if eos:
             self.finish()
         return data
+
+    @classmethod
+    def observing(cls, link: WorkerEnd, rid: int, read_to_end: bool) -> RemoteRouted:
+        """An observer stream's side of a pick the state process holds (its claim sent as ``rid``):
+        no destination of its own, the usage read when it reads to the end."""
+        return cls(link, rid, ["", [], [], None, {}, {}, [], [""], [], 1 if read_to_end else 0, True, True, ""])
+
+    def hand_over(self) -> None:
+        if not self.done:
+            self.done = True
+            self._link.routed.pop(self._rid, None)
+            self._link.send(["y", self._rid, self.status])
 
     def finish(self) -> None:
         if self.done:
@@ -455,6 +507,35 @@ class WorkerEnd(_Link):
             answer(h2grpc.UNAVAILABLE, "the picker's state process went away", b"")
         self.calls.clear()
         self.on_lost()
+
+
+class RelayedObservers:
+    """A worker's ObserverRegistry: picks are registered in the serving process (the token comes
+    with the pick), and claimed there through the link."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: WorkerEnd) -> None:
+        self._link = link
+
+    def register(self, pick: RoutedSide) -> str:
+        if not isinstance(pick, RemoteRouted) or not pick.token:
+            raise RuntimeError("the serving process registered no observers for this pick (--observed-responses "
+                               "is set in the worker only)")
+        return str(pick.token)
+
+    def end(self, pick: RoutedSide, read_to_end: bool) -> None:
+        pick.finish()  # (the serving process waits for the reader, if one reads to the end)
+
+    def claim(self, token: str, role: str) -> Claim | None:
+        link = self._link
+        if link.transport is None or link.transport.is_closing():
+            return None
+        rid = link.rid()
+        link.send(["o", rid, token, role])
+        side = RemoteRouted.observing(link, rid, reads_to_end(token))
+        link.routed[rid] = side
+        return Claim(side, reads_to_end(token))
 
 
 class RelayedSkips:

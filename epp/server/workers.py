@@ -33,10 +33,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from epp.requestcontrol.director import Director
 from epp.server import h2grpc
 from epp.server.extproc import BodySkips, ExtProcStream
+from epp.server.observed import ObservedPicks
 from epp.server.pickapi import PICK_PATH, RELEASE_PATH, STARTED_PATH
 from epp.server.serving import GrpcServing
 from epp.server.tls import TLSPolicy
-from epp.server.workerlink import RelayedSkips, RelayedUnary, StateEnd, UnaryFactory, WorkerEnd
+from epp.server.workerlink import RelayedObservers, RelayedSkips, RelayedUnary, StateEnd, UnaryFactory, WorkerEnd
 
 log = logging.getLogger("epp.workers")
 
@@ -87,6 +88,7 @@ class WorkerConfig:
     drain_timeout: float
     log_level: int = logging.INFO
     index: int = 0
+    observed: bool = False  # --observed-responses: observer streams read the responses
 
 
 @dataclass
@@ -102,8 +104,10 @@ class WorkerPool:
     ones that die."""
 
     def __init__(self, count: int, config: WorkerConfig, director: Director, unary: dict[str, UnaryFactory],
-                 skips: BodySkips | None, registry: CollectorRegistry | None) -> None:
+                 skips: BodySkips | None, registry: CollectorRegistry | None,
+                 observed: ObservedPicks | None = None) -> None:
         self.count = count
+        self.observed = observed
         self.config = config
         self.director = director
         self.unary = unary
@@ -140,7 +144,7 @@ class WorkerPool:
 
     def _new_link(self) -> StateEnd:
         link = StateEnd(self.director, self.unary, self._lost, self.skips, self.config.decision_headers,
-                        self.config.emit_scores)
+                        self.config.emit_scores, self.observed)
         self.links.add(link)
         self.running.set(len(self.links))
         for w in self.workers:
@@ -231,15 +235,16 @@ async def serve_worker(cfg: WorkerConfig) -> None:
 
     link = WorkerEnd(on_lost)
     skips = RelayedSkips(link) if cfg.allow_mode_override else None
+    observed = RelayedObservers(link) if cfg.observed else None
 
     def new_stream() -> ExtProcStream:
-        return ExtProcStream(link, cfg.decision_headers, cfg.limits["max_message"], cfg.emit_scores, skips)
+        return ExtProcStream(link, cfg.decision_headers, cfg.limits["max_message"], cfg.emit_scores, skips, observed)
 
     def relay(path: str) -> h2grpc.HandlerFactory:
         return lambda responder, headers: RelayedUnary(link, path, responder, headers)
 
     unary = {p: relay(p) for p in (PICK_PATH, STARTED_PATH, RELEASE_PATH)}
-    grpc = GrpcServing(new_stream, unary, h2grpc.Limits(**cfg.limits))
+    grpc = GrpcServing(new_stream, unary, h2grpc.Limits(**cfg.limits), observed)
     await grpc.start(cfg.host, cfg.port, cfg.secure, cfg.cert_path,
                      TLSPolicy(cfg.tls_min_version, tuple(cfg.tls_cipher_suites)), cfg.cert_reload, reuse_port=True)
     # Linked only once it serves the port: a worker that cannot bind never counts as started.

@@ -269,8 +269,10 @@ async def test_kill_9_and_restart_measures_the_error_window(tmp_path: Path) -> N
     print(json.dumps(report))
 
 
-@pytest.mark.parametrize(("template", "flags", "survive"), [("epp-full-duplex", (), False),
-                                                          ("epp-observed", ("--observed-responses",), True)])
+@pytest.mark.parametrize(("template", "flags", "survive"), [
+    ("epp-full-duplex", (), False),
+    ("epp-observed", ("--observed-responses", "--workers", "0"), True),
+    ("epp-observed", ("--observed-responses", "--workers", "2"), True)])
 async def test_kill_9_mid_stream_cuts_full_duplex_streams_and_spares_observed_ones(
         tmp_path: Path, template: str, flags: tuple[str, ...], survive: bool) -> None:
     async with fleet_of(2, step_latency=0.03) as fleet:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -23,7 +24,7 @@ TOKENS = 40
 PARAMS = profile("h100-llama8b")
 
 
-def sample(stack: Stack, name: str, **labels: str) -> float:
+def sample_value(stack: Stack, name: str, **labels: str) -> float:
     assert stack.picker is not None
     value = stack.picker.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -74,8 +75,8 @@ async def test_streams_pass_untouched_and_end_their_in_flight_count_with_the_res
             assert (b'"usage"' in body) is usage
             assert mid == 1  # the pick stream ended long before: the observer's end of stream ends the request
             await released(stack)
-        assert sample(stack, "epp_observed_picks_total", outcome="attached") == 2
-        assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 0
+        assert sample_value(stack, "epp_observed_picks_total", outcome="attached") == 2
+        assert sample_value(stack, "epp_observed_picks_total", outcome="unclaimed") == 0
         # epp ended the observer streams with their responses: Envoy would hold them for 5 s.
         assert stack.picker is not None
         picker = stack.picker
@@ -122,7 +123,7 @@ async def test_a_client_that_leaves_mid_stream_ends_the_request() -> None:
                 if inflight(stack) == 1:
                     break
         await released(stack)
-        assert sample(stack, "epp_observed_picks_total", outcome="attached") == 1
+        assert sample_value(stack, "epp_observed_picks_total", outcome="attached") == 1
 
 
 @pytest.mark.timeout(120)
@@ -137,17 +138,58 @@ async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_fl
         status, _body, _mid = await stream_through(stack, s, tokens=4)
         assert status == 200
         await wait_until(lambda: asyncio.sleep(0, inflight(stack) == 0), 5, "the unclaimed pick finished")
-        assert sample(stack, "epp_observed_picks_total", outcome="unclaimed") == 1
+        assert sample_value(stack, "epp_observed_picks_total", outcome="unclaimed") == 1
         assert "no observer stream claimed the end of a pick" in caplog.text
 
 
-def test_observed_responses_take_no_worker_processes() -> None:
+# One ext_proc stream per Envoy connection: the kernel spreads a request's pick stream and its two
+# observer streams over the workers (SO_REUSEPORT hashes each connection), so most requests have
+# their observers on another worker than their pick.
+ONE_STREAM_PER_CONNECTION: dict[str, Any] = {"typed_extension_protocol_options": {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"max_requests_per_connection": 1},
+        "explicit_http_config": {"http2_protocol_options": {}}}}}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sample", [1.0, 0.0])
+async def test_observers_on_any_worker_find_their_pick_in_the_one_state(sample: float) -> None:
+    """Two workers: each observer stream claims its pick in the serving process through its own
+    worker's link; the first bytes, the usage (read to the end when sampled) and the end reach
+    the one state whichever worker read them, and nothing is left held anywhere."""
+    requests = 12
+    async with in_process_stack(servers=2, params=PARAMS, template="epp-observed", config_text=CONFIG,
+                                epp_cluster=ONE_STREAM_PER_CONNECTION,
+                                serve={**OBSERVED, "workers": 2, "observed_usage_sample": sample}) as stack, \
+            aiohttp.ClientSession() as s:
+        picker = stack.picker
+        assert picker is not None and picker.workers is not None
+        links = picker.workers.links
+        assert len(links) == 2
+        for _ in range(requests):
+            status, body, mid = await stream_through(stack, s, usage=True, tokens=8)
+            assert status == 200
+            assert body.endswith(b"data: [DONE]\n\n") and b'"usage"' in body
+            assert mid == 1  # held by its observers, not by the pick stream (which ended at the headers)
+            await released(stack)
+        assert sample_value(stack, "epp_observed_picks_total", outcome="attached") == requests
+        assert sample_value(stack, "epp_observed_picks_total", outcome="unclaimed") == 0
+        assert sum(link.claims for link in links) == 2 * requests  # a first and an end observer each
+        assert all(link.requests > 0 and link.claims > 0 for link in links)  # both workers picked and observed
+
+        async def nothing_held() -> bool:  # (the pick streams' and first observers' last words may trail the end)
+            return not any(link.routed or link.pending for link in links)
+        await wait_until(nothing_held, 2, "nothing held for the streams that ended")
+        producer = next(p for p in picker.director.scheduler.plugins() if isinstance(p, PredictedLatencyProducer))
+        # Every stream's first bytes taught the TTFT fit; the TPOT fit needs the usage of those read to the end.
+        assert producer.errors.samples == requests
+        assert sum(f.tpot.n for f in producer.model.pods.values()) == (requests if sample else 0)
+
+
+def test_observed_responses_keep_the_default_worker_processes() -> None:
     from epp.cli import _worker_count, build_parser
-    from epp.config import load_config
-    from epp.server.app import PickerServer, ServeOptions
+    from epp.server.workers import default_workers
 
     args = build_parser().parse_args(["serve", "--observed-responses", "--grpc-port", "9002", "--endpoints", "a:1"])
-    assert _worker_count(args) == 0  # by default: a pick and its observer stream reach one process
-    with pytest.raises(ValueError, match="--observed-responses needs --workers 0"):
-        PickerServer(ServeOptions(config=load_config(None), endpoints=("127.0.0.1:1",), observed_responses=True,
-                                  workers=2))
+    assert _worker_count(args) == default_workers()

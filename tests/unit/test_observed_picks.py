@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epp.requestcontrol.usage import UsageReader
-from epp.server.observed import ALL, END, FIRST, ObservedPicks
+from epp.server.observed import ALL, END, END_GRACE_S, FIRST, ObservedPicks, reads_to_end
 
 
 @dataclass
@@ -14,9 +14,17 @@ class Pick:
     usage_required: bool = False
     reader: UsageReader | None = None
     finished: int = 0
+    handed_over: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finished > 0
 
     def finish(self) -> None:
         self.finished += 1
+
+    def hand_over(self) -> None:
+        self.handed_over += 1
 
 
 class Clock:
@@ -36,10 +44,12 @@ def test_each_role_claims_a_pick_once_and_the_entry_goes_with_the_last() -> None
     observed, _ = picks()
     pick = Pick()
     token = observed.register(pick)
-    assert observed.claim(token, FIRST) is pick
+    claim = observed.claim(token, FIRST)
+    assert claim is not None and claim.pick is pick
     assert observed.claim(token, FIRST) is None  # a second first observer gets nothing
     assert len(observed) == 1
-    assert observed.claim(token, END) is pick
+    claim = observed.claim(token, END)
+    assert claim is not None and claim.pick is pick
     assert len(observed) == 0
     assert observed.claim(token, END) is None
     assert observed.claim("unknown", ALL) is None
@@ -57,8 +67,10 @@ def test_a_pick_whose_end_nobody_claims_is_finished_after_the_timeout_once() -> 
     lost, ended = Pick(), Pick()
     lost_token = observed.register(lost)
     ended_token = observed.register(ended)
-    assert observed.claim(lost_token, FIRST) is lost  # its first bytes seen, but no end observer
-    assert observed.claim(ended_token, END) is ended  # its end observer finishes it itself
+    first = observed.claim(lost_token, FIRST)  # its first bytes seen, but no end observer
+    end = observed.claim(ended_token, END)  # its end observer finishes it itself
+    assert first is not None and first.pick is lost
+    assert end is not None and end.pick is ended
     clock.t = 4.9
     observed.sweep()
     assert lost.finished == 0
@@ -71,10 +83,45 @@ def test_a_pick_whose_end_nobody_claims_is_finished_after_the_timeout_once() -> 
 
 
 def test_streams_are_read_to_their_end_when_their_usage_is_needed_or_sampled() -> None:
+    """Decided when the pick is registered: its token says so to whichever process its observer
+    stream reaches."""
     observed, _ = picks(sample=0.25)
+
+    def reads(pick: Pick) -> bool:
+        token = observed.register(pick)
+        claim = observed.claim(token, FIRST)
+        assert claim is not None
+        assert reads_to_end(token) == claim.read_to_end
+        return claim.read_to_end
+
     reading = Pick(reader=UsageReader(strip=False))
-    assert [observed.read_to_end(reading) for _ in range(8)] == [False, False, False, True] * 2
-    assert observed.read_to_end(Pick(usage_required=True))
-    assert not observed.read_to_end(Pick())  # nothing reads its usage
+    assert [reads(reading) for _ in range(8)] == [False, False, False, True] * 2
+    assert reads(Pick(usage_required=True))
+    assert not reads(Pick())  # nothing reads its usage
     none, _ = picks(sample=0.0)
-    assert not any(none.read_to_end(reading) for _ in range(10))
+    assert not any(none.claim(none.register(reading), FIRST).read_to_end for _ in range(10))  # type: ignore[union-attr]
+
+
+def test_tokens_are_unique_per_registry_and_differ_between_registries() -> None:
+    a, _ = picks()
+    b, _ = picks()
+    tokens = [a.register(Pick()) for _ in range(1000)] + [b.register(Pick()) for _ in range(1000)]
+    assert len(set(tokens)) == 2000
+
+
+def test_an_end_waits_a_grace_for_the_observer_reading_to_the_end() -> None:
+    """The end observer's close can come before the first observer's last chunk (another
+    connection, another worker): a pick read to the end is ended by its reader, or after the grace."""
+    observed, clock = picks()
+    read, late, plain = Pick(), Pick(), Pick()
+    observed.end(plain, read_to_end=False)
+    assert plain.finished == 1  # nobody reads on: the end is the end
+    observed.end(read, read_to_end=True)
+    observed.end(late, read_to_end=True)
+    assert (read.finished, late.finished) == (0, 0)
+    read.finish()  # its reader's last chunk came
+    clock.t = END_GRACE_S + 0.01
+    observed.sweep()
+    assert (read.finished, late.finished) == (1, 1)  # the late one ended by the grace, once
+    observed.sweep()
+    assert late.finished == 1
