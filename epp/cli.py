@@ -493,6 +493,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     wb.add_argument("--client-nice", type=int, default=0, help="run the load generator at this nice level")
     wb.add_argument("--tokens", default="0,64", help="comma-separated: 0 = request only (BUFFERED), N = gateway-mode "
                                                    "streams of N SSE chunks (default 0,64)")
+    wb.add_argument("--observed", action="store_true",
+                    help="also each stream count as epp-observed.yaml's three streams per request, epp serving "
+                         "--observed-responses (N: the response's chunks, read past the first only for the sample)")
     sw = bsub.add_parser("seeds", help="routing configs side by side over many seeds of one workload, replayed in "
                                        "virtual time: each config's spread of TTFT p90 and its bad seeds")
     sw.add_argument("--out", default="results/seeds")
@@ -701,7 +704,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         _run(bench_workers(out, workers=counts, rounds=args.rounds, seconds=args.seconds,
                            connections=args.connections, streams=args.streams, client_nice=args.client_nice,
-                           tokens=tokens))
+                           tokens=tokens, observed=args.observed))
         print((out / "workers.md").read_text())
         return 0
     if args.bench_command == "tune":

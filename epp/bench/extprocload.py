@@ -9,8 +9,16 @@ picker's answer names a destination; anything else (an immediate response, a res
 With TOKENS, each stream is gateway mode instead (FULL_DUPLEX_STREAMED both ways): once the pick's
 answer is in, the pod's response follows through the picker, its headers and TOKENS SSE chunks.
 
-``python -m epp.bench.extprocload HOST PORT CONNECTIONS STREAMS SECONDS [TOKENS]`` prints a JSON line:
-picks, errors, seconds, and the client's own CPU seconds."""
+With ``observed`` (``epp serve --observed-responses``), each request is the three streams of
+envoy/epp-observed.yaml: the pick (request headers and body in FULL_DUPLEX_STREAMED, then the
+response headers), the ``first`` observer (the request headers with the pick's token, then the
+response's first chunk; the rest of the TOKENS chunks only when the picker reads on, which a
+PING after the first chunk tells: its answer comes after the picker's end of the stream, if it
+ended it) and the ``end`` observer (the request headers, ended with the response). A request
+counts when all three streams ended and the pick named a destination.
+
+``python -m epp.bench.extprocload HOST PORT CONNECTIONS STREAMS SECONDS [TOKENS [observed]]`` prints a
+JSON line: picks, errors, seconds, and the client's own CPU seconds."""
 
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import resource
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import uvloop
@@ -184,17 +193,224 @@ class _Connection(asyncio.Protocol):
             self.done.set_result(None)
 
 
+TOKEN_HEADER = b"x-epp-observed-pick"
+
+
+@dataclass
+class _Request:
+    """One request's three streams, as they go."""
+
+    streams: int = 3  # still open
+    picked: bool = False
+    failed: bool = False
+    token: str = ""
+
+
+def _observed(message: pb.ProcessingRequest) -> bytes:
+    message.observability_mode = True
+    return _grpc(message)
+
+
+class _ObservedConnection(asyncio.Protocol):
+    """One HTTP/2 connection keeping ``requests`` requests open, each as epp-observed.yaml's three
+    ext_proc streams (the pick, the first observer, the end observer)."""
+
+    def __init__(self, authority: str, body: bytes, tokens: int, requests: int, until: float,
+                 done: asyncio.Future[None]) -> None:
+        self.requests, self.until, self.done = requests, until, done
+        base = [(":method", "POST"), (":scheme", "http"),
+                (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"), (":authority", authority),
+                ("content-type", "application/grpc"), ("te", "trailers")]
+        self.blocks = {role: b"".join(_literal(k, v) for k, v in base + ([("x-epp-observer", role)] if role else []))
+                       for role in ("", "first", "end")}
+        self.request_headers = [(":method", "POST"), (":path", "/v1/completions"), (":authority", "gateway"),
+                                ("content-type", "application/json")]
+        headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                              for k, v in self.request_headers])
+        first = pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=headers),
+            protocol_config=pb.ProtocolConfiguration(request_body_mode=modes.ProcessingMode.FULL_DUPLEX_STREAMED,
+                                                     response_body_mode=modes.ProcessingMode.NONE))
+        self.pick_payload = _grpc(first) + _grpc(pb.ProcessingRequest(request_body=pb.HttpBody(body=body,
+                                                                                               end_of_stream=True)))
+        status = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])
+        self.response_headers = _grpc(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=status)))
+        event = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" tok"}]}\n\n'
+        self.first_chunk = _observed(pb.ProcessingRequest(response_body=pb.HttpBody(body=event)))
+        last = (b'data: {"id":"cmpl-1","choices":[],"usage":{"prompt_tokens":600,"completion_tokens":%d,'
+                b'"total_tokens":%d}}\n\ndata: [DONE]\n\n' % (tokens, tokens + 600))
+        self.rest = self.first_chunk * max(0, tokens - 1) + _observed(
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=last, end_of_stream=True)))
+        self.transport: asyncio.Transport | None = None
+        self.next_sid = 1
+        self.buf = bytearray()
+        self.picks = self.errors = 0
+        self.open = 0  # requests in flight
+        self.role: dict[int, tuple[str, int]] = {}  # stream id -> (role, the request's pick stream id)
+        self.state: dict[int, _Request] = {}  # pick stream id -> the request's progress
+        self.pings: dict[int, int] = {}  # first observer stream id (a PING's payload) -> its request
+        self.unacked = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        settings = struct.pack(">HI", 0x4, 2**31 - 1) + struct.pack(">HI", 0x3, 1000)
+        t.write(PREFACE + _frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", BIG_WINDOW)))
+        self._start(self.requests)
+
+    def _sid(self, role: str, request: int) -> int:
+        sid = self.next_sid
+        self.next_sid += 2
+        self.role[sid] = (role, request or sid)
+        return sid
+
+    def _start(self, n: int) -> None:
+        assert self.transport is not None
+        out = []
+        while n > 0 and time.monotonic() < self.until:
+            sid = self._sid("pick", 0)
+            self.state[sid] = _Request()
+            self.open += 1
+            out.append(_frame(HEADERS, END_HEADERS, sid, self.blocks[""]))
+            out.append(_frame(DATA, 0, sid, self.pick_payload))
+            n -= 1
+        if out:
+            self.transport.write(b"".join(out))
+        elif not self.open and not self.done.done():
+            self.transport.close()
+
+    def _observer_headers(self, token: str) -> bytes:
+        headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                              for k, v in (*self.request_headers, (TOKEN_HEADER.decode(), token))])
+        return _observed(pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=headers)))
+
+    def _picked(self, request: int, payload: bytes) -> None:
+        """The pick's answer: the response headers go to the pick stream, the first observer opens."""
+        assert self.transport is not None
+        st = self.state[request]
+        token = ""
+        for message in _messages(payload):
+            answer = pb.ProcessingResponse.FromString(message)
+            for h in answer.request_headers.response.header_mutation.set_headers:
+                if h.header.key == TOKEN_HEADER.decode():
+                    token = (h.header.raw_value or h.header.value.encode()).decode()
+        if not token:
+            return
+        st.picked, st.token = True, token
+        first = self._sid("first", request)
+        self.pings[first] = request
+        self.transport.write(_frame(DATA, END_STREAM, request, self.response_headers)
+                             + _frame(HEADERS, END_HEADERS, first, self.blocks["first"])
+                             + _frame(DATA, 0, first, self._observer_headers(token) + self.first_chunk)
+                             + _frame(PING, 0, 0, struct.pack(">Q", first)))
+
+    def _pinged(self, first: int) -> None:
+        """The picker has read the first chunk: the rest of the response if it reads on, then the end."""
+        assert self.transport is not None
+        request = self.pings.pop(first, 0)
+        st = self.state.get(request)
+        if st is None:
+            return
+        out = []
+        if first in self.role:  # not ended by the picker: it reads to the end
+            out.append(_frame(DATA, END_STREAM, first, self.rest))
+        end = self._sid("end", request)
+        out.append(_frame(HEADERS, END_HEADERS, end, self.blocks["end"]))
+        out.append(_frame(DATA, END_STREAM, end, self._observer_headers(st.token)))
+        self.transport.write(b"".join(out))
+
+    def _ended(self, sid: int, ok: bool) -> int:
+        role, request = self.role.pop(sid, ("", 0))
+        st = self.state.get(request)
+        if st is None:
+            return 0
+        if not ok:
+            st.failed = True
+        if role == "pick" and not st.picked:
+            st.streams = 1  # refused: no observers follow
+        st.streams -= 1
+        if st.streams > 0:
+            return 0
+        del self.state[request]
+        self.open -= 1
+        if st.failed or not st.picked:
+            self.errors += 1
+        else:
+            self.picks += 1
+        return 1
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        ended = 0
+        pos = 0
+        while len(buf) - pos >= 9:
+            length = int.from_bytes(buf[pos:pos + 3], "big")
+            if len(buf) - pos < 9 + length:
+                break
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            payload = bytes(buf[pos + 9:pos + 9 + length])
+            pos += 9 + length
+            if kind == DATA:
+                self.unacked += length
+                role, request = self.role.get(sid, ("", 0))
+                if role == "pick" and not self.state[request].picked and PICKED in payload:
+                    self._picked(request, payload)
+            elif kind == PING and flags & ACK:
+                first = struct.unpack(">Q", payload)[0]
+                self._pinged(first)
+            elif kind == SETTINGS and not flags & ACK:
+                assert self.transport is not None
+                self.transport.write(_frame(SETTINGS, ACK, 0, b""))
+            elif kind == PING and not flags & ACK:
+                assert self.transport is not None
+                self.transport.write(_frame(PING, ACK, 0, payload))
+            elif kind == RST_STREAM and sid in self.role:
+                ended += self._ended(sid, False)
+            elif kind == GOAWAY:
+                self.errors += self.open
+                self.state.clear()
+                self.open = 0
+            if kind == HEADERS and flags & END_STREAM and sid in self.role:
+                ended += self._ended(sid, True)
+        del buf[:pos]
+        if self.unacked > 1 << 20 and self.transport is not None:
+            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.unacked = 0
+        if ended or not self.open:
+            self._start(ended)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.errors += self.open
+        self.state.clear()
+        self.open = 0
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _messages(payload: bytes) -> list[bytes]:
+    """The gRPC messages in one DATA payload (the picker writes whole messages)."""
+    out, pos = [], 0
+    while len(payload) - pos >= 5:
+        n = int.from_bytes(payload[pos + 1:pos + 5], "big")
+        out.append(payload[pos + 5:pos + 5 + n])
+        pos += 5 + n
+    return out
+
+
 async def run(host: str, port: int, connections: int, streams: int, seconds: float,
-              tokens: int = 0) -> dict[str, float]:
+              tokens: int = 0, observed: bool = False) -> dict[str, float]:
     block, payload = stream_frames(f"{host}:{port}", request_body(), tokens)
     response = response_payload(tokens) if tokens else b""
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     until = start + seconds
-    conns = []
+    conns: list[_Connection | _ObservedConnection] = []
     for _ in range(connections):
         done: asyncio.Future[None] = loop.create_future()
-        def connection(d: asyncio.Future[None] = done) -> _Connection:
+        def connection(d: asyncio.Future[None] = done) -> _Connection | _ObservedConnection:
+            if observed:
+                return _ObservedConnection(f"{host}:{port}", request_body(), max(tokens, 1), streams, until, d)
             return _Connection(block, payload, streams, until, d, response)
 
         _, proto = await loop.create_connection(connection, host, port)
@@ -209,7 +425,8 @@ async def run(host: str, port: int, connections: int, streams: int, seconds: flo
 def main(argv: list[str]) -> int:
     host, port, connections, streams, seconds = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
     tokens = int(argv[5]) if len(argv) > 5 else 0
-    result = uvloop.run(run(host, port, connections, streams, seconds, tokens))
+    observed = len(argv) > 6 and argv[6] == "observed"
+    result = uvloop.run(run(host, port, connections, streams, seconds, tokens, observed))
     print(json.dumps(result))
     return 0
 

@@ -27,6 +27,7 @@ from epp.stack.local import free_ports
 class Round:
     workers: int
     tokens: int  # 0: request only (BUFFERED, no response); else gateway-mode streams of this many chunks
+    observed: bool  # each request as epp-observed.yaml's three streams (--observed-responses)
     picks: int
     errors: int
     seconds: float
@@ -37,15 +38,16 @@ class Round:
 
 
 async def _one(workers: int, tokens: int, endpoints: list[str], workdir: Path, connections: int, streams: int,
-               seconds: float, client_nice: int) -> Round:
+               seconds: float, client_nice: int, observed: bool = False) -> Round:
     grpc, health, metrics = free_ports(3)
     epp = await start_epp(endpoints, grpc, health, metrics, workdir,
-                          extra=("--workers", str(workers), "--dashboard=false"))
+                          extra=("--workers", str(workers), "--dashboard=false",
+                                 *(("--observed-responses",) if observed else ())))
     try:
         kids = children(epp.pid) if workers else []
         state0, kids0 = cpu_seconds(epp.pid), sum(cpu_seconds(k) for k in kids)
         cmd = [sys.executable, "-m", "epp.bench.extprocload", "127.0.0.1", str(grpc), str(connections),
-               str(streams), str(seconds), str(tokens)]
+               str(streams), str(seconds), str(tokens), *(("observed",) if observed else ())]
         if client_nice:
             cmd = ["nice", "-n", str(client_nice), *cmd]
         done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -56,34 +58,39 @@ async def _one(workers: int, tokens: int, endpoints: list[str], workdir: Path, c
         stop(epp)
     r = json.loads(done.stdout.strip().splitlines()[-1])
     n = max(r["picks"], 1)
-    return Round(workers, tokens, r["picks"], r["errors"], round(r["seconds"], 2), round(r["picks"] / r["seconds"], 1),
+    return Round(workers, tokens, observed, r["picks"], r["errors"], round(r["seconds"], 2),
+                 round(r["picks"] / r["seconds"], 1),
                  round((state1 - state0) / n * 1e6, 1), round((kids1 - kids0) / n * 1e6, 1),
                  round(r["client_cpu_s"] / r["seconds"], 3))
 
 
 async def bench_workers(out: Path, *, workers: tuple[int, ...] = (0, 1, 2), rounds: int = 3,
                         seconds: float = 8.0, connections: int = 16, streams: int = 8,
-                        client_nice: int = 0, tokens: tuple[int, ...] = (0, 64)) -> dict[str, Any]:
+                        client_nice: int = 0, tokens: tuple[int, ...] = (0, 64), observed: bool = False
+                        ) -> dict[str, Any]:
+    """``observed``: each token count also as epp-observed.yaml's three streams per request."""
     out.mkdir(parents=True, exist_ok=True)
     work = out / "logs"
     work.mkdir(exist_ok=True)
     ports = free_ports(4)
     sim = await start_sim(ports, work)
     all_rounds: list[Round] = []
+    kinds = [(t, False) for t in tokens] + ([(max(t, 1), True) for t in tokens] if observed else [])
     try:
         for i in range(rounds):
-            for t in tokens:
+            for t, seen in kinds:
                 order = workers if i % 2 == 0 else tuple(reversed(workers))
                 for w in order:
                     all_rounds.append(await _one(w, t, [f"127.0.0.1:{p}" for p in ports], work, connections,
-                                                 streams, seconds, client_nice))
+                                                 streams, seconds, client_nice, seen))
     finally:
         stop(sim)
     rows = []
-    for t in tokens:
+    for t, seen in kinds:
         base = None
         for w in workers:
-            mine = sorted((r for r in all_rounds if r.workers == w and r.tokens == t), key=lambda r: r.picks_per_s)
+            mine = sorted((r for r in all_rounds if r.workers == w and r.tokens == t and r.observed == seen),
+                          key=lambda r: r.picks_per_s)
             row = mine[len(mine) // 2]
             base = row.picks_per_s if w == 0 else base
             rows.append({**asdict(row), "vs_one_process": round(row.picks_per_s / base, 2) if base else None,
@@ -92,7 +99,10 @@ async def bench_workers(out: Path, *, workers: tuple[int, ...] = (0, 1, 2), roun
         "meta": {"cpus": len(os.sched_getaffinity(0)), "rounds": rounds, "seconds": seconds,
                  "connections": connections, "streams_per_connection": streams, "client_nice": client_nice,
                  "pods": 4, "load": "epp.bench.extprocload: a 2.4 KB completion request; tokens 0: BUFFERED, no "
-                                    "response processing; tokens N: FULL_DUPLEX_STREAMED both ways, N SSE chunks"},
+                                    "response processing; tokens N: FULL_DUPLEX_STREAMED both ways, N SSE chunks; "
+                                    "observed: epp-observed.yaml's three streams per request (the pick in "
+                                    "FULL_DUPLEX_STREAMED with the response headers, the first observer with the "
+                                    "first chunk and the rest only when read on, the end observer)"},
         "rows": rows,
         "rounds": [asdict(r) for r in all_rounds],
     }
@@ -111,6 +121,8 @@ def markdown(result: dict[str, Any]) -> str:
              "workers CPU us/pick | client cores |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         kind = f"{r['tokens']}-token stream" if r["tokens"] else "request only"
+        if r.get("observed"):
+            kind += ", observed"
         lo, hi = r["range"]
         lines.append(f"| {kind} | {r['workers'] or '0 (one process)'} | {r['picks_per_s']:,.0f} | "
                      f"{r['vs_one_process']} | {lo:,.0f}-{hi:,.0f} | {r['errors']} | {r['state_cpu_us_per_pick']} | "
