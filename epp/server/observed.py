@@ -164,6 +164,10 @@ class ObservedPicks:
                 return
             del waiting[token]
             if END not in roles:  # (its end observer finishes it)
+                if FIRST in roles and not pick.done:
+                    # A first observer in a worker claims at the first bytes: a slow prefill's come
+                    # later than the timeout. Kept while the pick is in flight (in deadline order).
+                    waiting[token] = (now + self.attach_timeout, pick, roles)
                 continue
             self._unclaimed.inc()
             if not self.warned:

@@ -13,8 +13,9 @@ worker -> state
   ["f", rid, streamed]    the response's first bytes (streamed: more chunks to come)
   ["e", rid, status, usage, streamed, bytes, gaps, spent]  the end, as the worker read it
   ["x", rid, status]      the stream ended (no body seen)
-  ["y", rid, status]      the stream is done with the pick, its observers end it (--observed-responses)
+  ["y", rid, status, served]  the stream is done with the pick, its observers end it (--observed-responses)
   ["o", rid, token, role] an observer stream claims the pick of ``token`` (its events follow as rid's)
+  ["F", 0, token, streamed]  a first observer that stops at the first bytes: the claim and its first bytes
   ["k", 0, outcome]       a response body skip asked / ignored (--allow-mode-override)
   ["u", rid, path, headers, peer, message]  a unary call (the epp.v1 Pick API) relayed
   ["ur", rid]             that call's client went away
@@ -30,7 +31,9 @@ everything that worker held (in-flight counts released, held requests cancelled)
 With --observed-responses the serving process registers each pick for its observers (the token
 goes to the worker with the pick); an observer stream, on whichever worker its connection
 reached, claims it with ``o`` under a new rid of its link, and its first bytes and end follow as
-that rid's ``f`` / ``e`` / ``x``: the link is ordered, so nothing waits for an answer."""
+that rid's ``f`` / ``e`` / ``x``: the link is ordered, so nothing waits for an answer. A first
+observer that stops at the first bytes (its token says so) needs nothing before them: one ``F``.
+The pick stream that handed its pick over tells the endpoint that served with its ``y``."""
 
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from epp.requestcontrol.usage import UsageReader
 from epp.scheduling.types import Usage
 from epp.server import h2grpc
 from epp.server.extproc import BodySkips
-from epp.server.observed import END, Claim, ObservedPicks, reads_to_end
+from epp.server.observed import END, FIRST, Claim, ObservedPicks, reads_to_end
 
 log = logging.getLogger("epp.workers")
 
@@ -150,7 +153,7 @@ class StateEnd(_Link):
         self._handlers: dict[str, Callable[[int, Any], None]] = {
             "p": self._pick, "s": self._served, "f": self._first_bytes, "e": self._ended, "x": self._stream_ended,
             "c": self._cancel, "u": self._unary_call, "ur": self._unary_gone, "k": self._skip, "h": self._hello,
-            "y": self._handed_over, "o": self._observer_claim}
+            "y": self._handed_over, "o": self._observer_claim, "F": self._first_observed}
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The worker died (or stopped): nothing it held stays counted."""
@@ -210,8 +213,18 @@ class StateEnd(_Link):
 
     def _handed_over(self, rid: int, m: Any) -> None:
         routed = self.routed.pop(rid, None)
-        if routed is not None and m[2]:
-            routed.status = m[2]
+        if routed is not None:
+            if m[2]:
+                routed.status = m[2]
+            if m[3]:
+                routed.served_by(m[3])
+
+    def _first_observed(self, rid: int, m: Any) -> None:
+        claim = self.observed.claim(m[2], FIRST) if self.observed is not None else None
+        if claim is not None and isinstance(claim.pick, Routed):
+            self.claims += 1
+            claim.pick.first_bytes()
+            claim.pick.streamed = claim.pick.streamed or m[3]
 
     def _observer_claim(self, rid: int, m: Any) -> None:
         claim = self.observed.claim(m[2], m[3]) if self.observed is not None else None
@@ -319,6 +332,7 @@ class RemoteRouted:
         "_request_headers",
         "_rid",
         "_scores",
+        "_served",
         "_spent",
         "_streaming",
         "done",
@@ -354,6 +368,7 @@ class RemoteRouted:
         self._last = 0.0
         self._first = 0.0
         self._spent = 0.0  # seconds this worker spent on the response body (epp's processing time)
+        self._served = ""  # the endpoint that served, not told yet
 
     @property
     def header_value(self) -> str:
@@ -379,6 +394,9 @@ class RemoteRouted:
             endpoint = self._endpoints[self._destinations.index(endpoint)]
         if endpoint in self._endpoints:
             self.endpoint = endpoint
+        if self.token:  # handed over to its observers: told with the hand-over (or the end)
+            self._served = endpoint
+            return
         self._link.send(["s", self._rid, endpoint])
 
     def response_body(self, data: bytes, eos: bool) -> bytes:
@@ -410,13 +428,15 @@ class RemoteRouted:
         if not self.done:
             self.done = True
             self._link.routed.pop(self._rid, None)
-            self._link.send(["y", self._rid, self.status])
+            self._link.send(["y", self._rid, self.status, self._served])
 
     def finish(self) -> None:
         if self.done:
             return
         self.done = True
         self._link.routed.pop(self._rid, None)
+        if self._served:
+            self._link.send(["s", self._rid, self._served])
         r = self.reader
         usage = [r.prompt_tokens, r.cached_tokens, r.completion_tokens] if r is not None and r.completion_tokens \
             else None
@@ -531,11 +551,39 @@ class RelayedObservers:
         link = self._link
         if link.transport is None or link.transport.is_closing():
             return None
+        if role == FIRST and not reads_to_end(token):
+            return Claim(_FirstBytes(link, token), False)
         rid = link.rid()
         link.send(["o", rid, token, role])
         side = RemoteRouted.observing(link, rid, reads_to_end(token))
         link.routed[rid] = side
         return Claim(side, reads_to_end(token))
+
+
+class _FirstBytes(RemoteRouted):
+    """A first observer's side that stops at the first bytes: it claims and tells them in one
+    ``F`` (nothing is needed of the pick before them); a stream that ends before them tells nothing
+    (the end observer ends the pick)."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, link: WorkerEnd, token: str) -> None:
+        super().__init__(link, 0, ["", [], [], None, {}, {}, [], [""], [], 0, True, True, ""])
+        self._token = token
+
+    def response_body(self, data: bytes, eos: bool) -> bytes:
+        if data and not self.done:
+            self.done = True
+            self.prefilled = True
+            self.wants_chunks = False
+            self._link.send(["F", 0, self._token, not eos])
+        return data
+
+    def hand_over(self) -> None:
+        self.done = True
+
+    def finish(self) -> None:
+        self.done = True
 
 
 class RelayedSkips:

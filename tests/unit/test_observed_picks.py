@@ -78,8 +78,12 @@ def test_a_pick_whose_end_nobody_claims_is_finished_after_the_timeout_once() -> 
     observed.sweep()
     observed.sweep()
     assert (lost.finished, ended.finished) == (1, 0)
-    assert len(observed) == 0
+    assert len(observed) == 1  # the ended one's first observer may still claim it, while it is in flight
     assert observed.claim(lost_token, END) is None  # too late: already finished
+    ended.finish()
+    clock.t = 10.2
+    observed.sweep()
+    assert len(observed) == 0
 
 
 def test_streams_are_read_to_their_end_when_their_usage_is_needed_or_sampled() -> None:
@@ -125,3 +129,21 @@ def test_an_end_waits_a_grace_for_the_observer_reading_to_the_end() -> None:
     assert (read.finished, late.finished) == (1, 1)  # the late one ended by the grace, once
     observed.sweep()
     assert late.finished == 1
+
+
+def test_a_first_observer_may_claim_after_the_timeout_while_its_pick_is_in_flight() -> None:
+    """A worker's first observer that stops at the first bytes claims only then (a slow prefill can
+    take longer than the attach timeout); once the pick has ended, its entry goes."""
+    observed, clock = picks()
+    slow, ended = Pick(), Pick()
+    slow_token, ended_token = observed.register(slow), observed.register(ended)
+    for token in (slow_token, ended_token):
+        assert observed.claim(token, END) is not None
+    ended.finish()
+    clock.t = 12.0
+    observed.sweep()
+    assert len(observed) == 1  # the slow one's first bytes are still to come; the ended one is gone
+    claim = observed.claim(slow_token, FIRST)
+    assert claim is not None and claim.pick is slow
+    assert len(observed) == 0 and slow.finished == 0
+    assert observed.claim(ended_token, FIRST) is None
