@@ -7,6 +7,8 @@ latency model, the others not read past their first bytes, and a gateway without
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +195,34 @@ def test_observed_responses_keep_the_default_worker_processes() -> None:
 
     args = build_parser().parse_args(["serve", "--observed-responses", "--grpc-port", "9002", "--endpoints", "a:1"])
     assert _worker_count(args) == default_workers()
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_worker_holding_observers_cuts_no_stream_and_leaves_nothing_counted() -> None:
+    """Observed streams do not depend on epp once routed: a worker killed while it holds observer
+    streams cuts none of them (the observers fail open); what it held is finished in the one
+    state, and the worker is replaced."""
+    async with in_process_stack(servers=2, params=PARAMS, template="epp-observed",
+                                epp_cluster=ONE_STREAM_PER_CONNECTION,
+                                serve={**OBSERVED, "workers": 2}) as stack, aiohttp.ClientSession() as s:
+        picker = stack.picker
+        assert picker is not None and picker.workers is not None
+        workers = picker.workers
+        streams = [asyncio.create_task(stream_through(stack, s, usage=False, tokens=400)) for _ in range(4)]
+
+        async def observing() -> bool:  # four requests in flight, their pick streams done with them
+            return inflight(stack) == 4 and sum(len(link.routed) for link in workers.links) == 4
+
+        await wait_until(observing, 10, "the end observers of four requests in flight")
+        victim = next(link for link in workers.links if link.routed)  # it holds end observers
+        os.kill(victim.pid, signal.SIGKILL)
+        results = await asyncio.gather(*streams)
+        for status, body, _mid in results:
+            assert status == 200 and body.endswith(b"data: [DONE]\n\n")  # every stream whole
+        await released(stack)
+
+        async def replaced() -> bool:
+            return len(workers.links) == 2 and victim.pid not in workers.pids()
+
+        await wait_until(replaced, 10, "the worker started again and linked")
+        assert not any(link.routed or link.pending for link in workers.links)
