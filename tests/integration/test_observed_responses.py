@@ -129,12 +129,13 @@ async def test_a_client_that_leaves_mid_stream_ends_the_request() -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
 async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_flight(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, workers: int) -> None:
     # The pick filter alone (the full-duplex bootstrap without response bodies): no observer claims the picks.
     no_observer = {"processing_mode": {"response_body_mode": "NONE", "response_trailer_mode": "SKIP"}}
     async with in_process_stack(servers=1, params=PARAMS, template="epp-full-duplex", ext_proc=no_observer,
-                                serve=OBSERVED) as stack, aiohttp.ClientSession() as s:
+                                serve={**OBSERVED, "workers": workers}) as stack, aiohttp.ClientSession() as s:
         assert stack.picker is not None and stack.picker.observed is not None
         stack.picker.observed.attach_timeout = 0.5
         status, _body, _mid = await stream_through(stack, s, tokens=4)
@@ -142,6 +143,8 @@ async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_fl
         await wait_until(lambda: asyncio.sleep(0, inflight(stack) == 0), 5, "the unclaimed pick finished")
         assert sample_value(stack, "epp_observed_picks_total", outcome="unclaimed") == 1
         assert "no observer stream claimed the end of a pick" in caplog.text
+        if stack.picker.workers is not None:  # the pick stream handed it over: nothing held on its link
+            assert not any(link.routed for link in stack.picker.workers.links)
 
 
 # One ext_proc stream per Envoy connection: the kernel spreads a request's pick stream and its two
