@@ -94,27 +94,81 @@ def stream_frames(authority: str, body: bytes, tokens: int = 0) -> tuple[bytes, 
     return block, _grpc(first) + _grpc(second)
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/2 connection keeping ``streams`` ext_proc streams open, one new as each ends."""
+class _Client(asyncio.Protocol):
+    """What both load shapes share: the preface, frames split out of each read, the picker's
+    SETTINGS and PINGs answered, its connection window given back; ``_frame_in`` handles the rest
+    of each frame and says how many streams (or requests) it ended, ``_start`` opens that many new."""
 
-    def __init__(self, block: bytes, payload: bytes, streams: int, until: float, done: asyncio.Future[None],
-                 response: bytes = b"") -> None:
-        self.block, self.payload, self.streams, self.until, self.done = block, payload, streams, until, done
-        self.response = response  # sent once the pick's answer is in (gateway mode); b"": the stream ends
+    def __init__(self, at_once: int, until: float, done: asyncio.Future[None]) -> None:
+        self.at_once, self.until, self.done = at_once, until, done
         self.transport: asyncio.Transport | None = None
         self.next_sid = 1
-        self.open: dict[int, bool] = {}  # stream id -> its answer named a destination
         self.buf = bytearray()
         self.picks = self.errors = 0
-        self.window = 65535  # what the server lets this connection send
         self.unacked = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
         settings = struct.pack(">HI", 0x4, 2**31 - 1) + struct.pack(">HI", 0x3, 1000)
-        t.write(PREFACE + _frame(SETTINGS, 0, 0, settings)
-                             + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", BIG_WINDOW)))
-        self._start(self.streams)
+        t.write(PREFACE + _frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", BIG_WINDOW)))
+        self._start(self.at_once)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        ended = 0
+        pos = 0
+        while len(buf) - pos >= 9:
+            length = int.from_bytes(buf[pos:pos + 3], "big")
+            if len(buf) - pos < 9 + length:
+                break
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            payload = bytes(buf[pos + 9:pos + 9 + length])
+            pos += 9 + length
+            if kind == DATA:
+                self.unacked += length
+            if kind in (SETTINGS, PING) and not flags & ACK:
+                assert self.transport is not None
+                self.transport.write(_frame(kind, ACK, 0, b"" if kind == SETTINGS else payload))
+            else:
+                ended += self._frame_in(kind, flags, sid, payload)
+        del buf[:pos]
+        if self.unacked > 1 << 20 and self.transport is not None:
+            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.unacked = 0
+        if ended or not self._in_flight():
+            self._start(ended)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.errors += self._in_flight()
+        self._drop_all()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _start(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _frame_in(self, kind: int, flags: int, sid: int, payload: bytes) -> int:
+        raise NotImplementedError
+
+    def _in_flight(self) -> int:
+        raise NotImplementedError
+
+    def _drop_all(self) -> None:
+        raise NotImplementedError
+
+
+class _Connection(_Client):
+    """One HTTP/2 connection keeping ``streams`` ext_proc streams open, one new as each ends."""
+
+    def __init__(self, block: bytes, payload: bytes, streams: int, until: float, done: asyncio.Future[None],
+                 response: bytes = b"") -> None:
+        super().__init__(streams, until, done)
+        self.block, self.payload = block, payload
+        self.response = response  # sent once the pick's answer is in (gateway mode); b"": the stream ends
+        self.open: dict[int, bool] = {}  # stream id -> its answer named a destination
+        self.window = 65535  # what the server lets this connection send
 
     def _start(self, n: int) -> None:
         assert self.transport is not None
@@ -133,52 +187,35 @@ class _Connection(asyncio.Protocol):
         elif not self.open and not self.done.done():
             self.transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+    def _frame_in(self, kind: int, flags: int, sid: int, payload: bytes) -> int:
         ended = 0
-        pos = 0
-        while len(buf) - pos >= 9:
-            length = int.from_bytes(buf[pos:pos + 3], "big")
-            if len(buf) - pos < 9 + length:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-            payload = buf[pos + 9:pos + 9 + length]
-            pos += 9 + length
-            if kind == DATA:
-                self.unacked += length
-                if sid in self.open and not self.open[sid] and PICKED in payload:
-                    self.open[sid] = True
-                    if self.response:
-                        self._respond(sid)
-            elif kind == SETTINGS and not flags & ACK:
-                assert self.transport is not None
-                self.transport.write(_frame(SETTINGS, ACK, 0, b""))
-            elif kind == WINDOW_UPDATE and sid == 0:
-                self.window += int.from_bytes(payload, "big") & 0x7FFFFFFF
-            elif kind == PING and not flags & ACK:
-                assert self.transport is not None
-                self.transport.write(_frame(PING, ACK, 0, bytes(payload)))
-            elif kind == RST_STREAM and sid in self.open:
-                del self.open[sid]
+        if kind == DATA:
+            if sid in self.open and not self.open[sid] and PICKED in payload:
+                self.open[sid] = True
+                if self.response:
+                    self._respond(sid)
+        elif kind == WINDOW_UPDATE and sid == 0:
+            self.window += int.from_bytes(payload, "big") & 0x7FFFFFFF
+        elif kind == RST_STREAM and sid in self.open:
+            del self.open[sid]
+            self.errors += 1
+            ended += 1
+        elif kind == GOAWAY:
+            self.errors += len(self.open)
+            self.open.clear()
+        if kind in (HEADERS, DATA) and flags & END_STREAM and sid in self.open:
+            if self.open.pop(sid):
+                self.picks += 1
+            else:
                 self.errors += 1
-                ended += 1
-            elif kind == GOAWAY:
-                self.errors += len(self.open)
-                self.open.clear()
-            if kind in (HEADERS, DATA) and flags & END_STREAM and sid in self.open:
-                if self.open.pop(sid):
-                    self.picks += 1
-                else:
-                    self.errors += 1
-                ended += 1
-        del buf[:pos]
-        if self.unacked > 1 << 20 and self.transport is not None:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
-            self.unacked = 0
-        if ended or not self.open:
-            self._start(ended)
+            ended += 1
+        return ended
+
+    def _in_flight(self) -> int:
+        return len(self.open)
+
+    def _drop_all(self) -> None:
+        self.open.clear()
 
     def _respond(self, sid: int) -> None:
         """The pick is in: the pod's response goes through the picker (its headers, every chunk)."""
@@ -186,11 +223,6 @@ class _Connection(asyncio.Protocol):
         self.window -= len(self.response)  # (the window was checked for both halves at the start)
         self.transport.write(_frame(DATA, END_STREAM, sid, self.response))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.errors += len(self.open)
-        self.open.clear()
-        if not self.done.done():
-            self.done.set_result(None)
 
 
 TOKEN_HEADER = b"x-epp-observed-pick"
@@ -211,13 +243,13 @@ def _observed(message: pb.ProcessingRequest) -> bytes:
     return _grpc(message)
 
 
-class _ObservedConnection(asyncio.Protocol):
+class _ObservedConnection(_Client):
     """One HTTP/2 connection keeping ``requests`` requests open, each as epp-observed.yaml's three
     ext_proc streams (the pick, the first observer, the end observer)."""
 
     def __init__(self, authority: str, body: bytes, tokens: int, requests: int, until: float,
                  done: asyncio.Future[None]) -> None:
-        self.requests, self.until, self.done = requests, until, done
+        super().__init__(requests, until, done)
         base = [(":method", "POST"), (":scheme", "http"),
                 (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"), (":authority", authority),
                 ("content-type", "application/grpc"), ("te", "trailers")]
@@ -241,21 +273,10 @@ class _ObservedConnection(asyncio.Protocol):
                 b'"total_tokens":%d}}\n\ndata: [DONE]\n\n' % (tokens, tokens + 600))
         self.rest = self.first_chunk * max(0, tokens - 1) + _observed(
             pb.ProcessingRequest(response_body=pb.HttpBody(body=last, end_of_stream=True)))
-        self.transport: asyncio.Transport | None = None
-        self.next_sid = 1
-        self.buf = bytearray()
-        self.picks = self.errors = 0
         self.open = 0  # requests in flight
         self.role: dict[int, tuple[str, int]] = {}  # stream id -> (role, the request's pick stream id)
         self.state: dict[int, _Request] = {}  # pick stream id -> the request's progress
         self.pings: dict[int, int] = {}  # first observer stream id (a PING's payload) -> its request
-        self.unacked = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)
-        settings = struct.pack(">HI", 0x4, 2**31 - 1) + struct.pack(">HI", 0x3, 1000)
-        t.write(PREFACE + _frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", BIG_WINDOW)))
-        self._start(self.requests)
 
     def _sid(self, role: str, request: int) -> int:
         sid = self.next_sid
@@ -338,54 +359,29 @@ class _ObservedConnection(asyncio.Protocol):
             self.picks += 1
         return 1
 
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+    def _frame_in(self, kind: int, flags: int, sid: int, payload: bytes) -> int:
         ended = 0
-        pos = 0
-        while len(buf) - pos >= 9:
-            length = int.from_bytes(buf[pos:pos + 3], "big")
-            if len(buf) - pos < 9 + length:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-            payload = bytes(buf[pos + 9:pos + 9 + length])
-            pos += 9 + length
-            if kind == DATA:
-                self.unacked += length
-                role, request = self.role.get(sid, ("", 0))
-                if role == "pick" and not self.state[request].picked and PICKED in payload:
-                    self._picked(request, payload)
-            elif kind == PING and flags & ACK:
-                first = struct.unpack(">Q", payload)[0]
-                self._pinged(first)
-            elif kind == SETTINGS and not flags & ACK:
-                assert self.transport is not None
-                self.transport.write(_frame(SETTINGS, ACK, 0, b""))
-            elif kind == PING and not flags & ACK:
-                assert self.transport is not None
-                self.transport.write(_frame(PING, ACK, 0, payload))
-            elif kind == RST_STREAM and sid in self.role:
-                ended += self._ended(sid, False)
-            elif kind == GOAWAY:
-                self.errors += self.open
-                self.state.clear()
-                self.open = 0
-            if kind == HEADERS and flags & END_STREAM and sid in self.role:
-                ended += self._ended(sid, True)
-        del buf[:pos]
-        if self.unacked > 1 << 20 and self.transport is not None:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
-            self.unacked = 0
-        if ended or not self.open:
-            self._start(ended)
+        if kind == DATA:
+            role, request = self.role.get(sid, ("", 0))
+            if role == "pick" and not self.state[request].picked and PICKED in payload:
+                self._picked(request, payload)
+        elif kind == PING:  # (an ACK: the picker has read up to a first chunk)
+            self._pinged(struct.unpack(">Q", payload)[0])
+        elif kind == RST_STREAM and sid in self.role:
+            ended += self._ended(sid, False)
+        elif kind == GOAWAY:
+            self.errors += self.open
+            self._drop_all()
+        if kind == HEADERS and flags & END_STREAM and sid in self.role:
+            ended += self._ended(sid, True)
+        return ended
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.errors += self.open
+    def _in_flight(self) -> int:
+        return self.open
+
+    def _drop_all(self) -> None:
         self.state.clear()
         self.open = 0
-        if not self.done.done():
-            self.done.set_result(None)
 
 
 def _messages(payload: bytes) -> list[bytes]:

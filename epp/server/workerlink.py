@@ -219,20 +219,26 @@ class StateEnd(_Link):
             if m[3]:
                 routed.served_by(m[3])
 
+    def _claim(self, token: str, role: str) -> tuple[Routed, bool] | None:
+        claim = self.observed.claim(token, role) if self.observed is not None else None
+        if claim is None or not isinstance(claim.pick, Routed):
+            return None
+        self.claims += 1
+        return claim.pick, claim.read_to_end
+
     def _first_observed(self, rid: int, m: Any) -> None:
-        claim = self.observed.claim(m[2], FIRST) if self.observed is not None else None
-        if claim is not None and isinstance(claim.pick, Routed):
-            self.claims += 1
-            claim.pick.first_bytes()
-            claim.pick.streamed = claim.pick.streamed or m[3]
+        claimed = self._claim(m[2], FIRST)
+        if claimed is not None:
+            routed = claimed[0]
+            routed.first_bytes()
+            routed.streamed = routed.streamed or m[3]
 
     def _observer_claim(self, rid: int, m: Any) -> None:
-        claim = self.observed.claim(m[2], m[3]) if self.observed is not None else None
-        if claim is not None and isinstance(claim.pick, Routed):
-            self.claims += 1
-            self.routed[rid] = claim.pick
+        claimed = self._claim(m[2], m[3])
+        if claimed is not None:
+            self.routed[rid] = claimed[0]
             if m[3] == END:
-                self._ends_a_read[rid] = claim.read_to_end
+                self._ends_a_read[rid] = claimed[1]
 
     def _cancel(self, rid: int, m: Any) -> None:
         held = self.pending.pop(rid, None)
@@ -311,6 +317,11 @@ def pick_fields(r: Routed, explain: bool, scores: bool) -> list[Any]:
     return [r.header_value, [list(h) for h in r.request_headers], list(r.removed_headers), r.forward_body,
             r.endpoint_scores() if scores else {}, headers, [list(h) for h in r.explain()] if explain else [],
             endpoints, list(d.destinations or ()), reader, r.watch_response, r.streaming()]
+
+
+def _observer_fields(read_to_end: bool) -> list[Any]:
+    """``pick_fields`` for an observer stream's side: no destination, the usage read when it reads to the end."""
+    return ["", [], [], None, {}, {}, [], [""], [], 1 if read_to_end else 0, True, True, ""]
 
 
 # -- a worker's end --------------------------------------------------------------------------------
@@ -422,7 +433,7 @@ class RemoteRouted:
     def observing(cls, link: WorkerEnd, rid: int, read_to_end: bool) -> RemoteRouted:
         """An observer stream's side of a pick the state process holds (its claim sent as ``rid``):
         no destination of its own, the usage read when it reads to the end."""
-        return cls(link, rid, ["", [], [], None, {}, {}, [], [""], [], 1 if read_to_end else 0, True, True, ""])
+        return cls(link, rid, _observer_fields(read_to_end))
 
     def hand_over(self) -> None:
         if not self.done:
@@ -568,7 +579,7 @@ class _FirstBytes(RemoteRouted):
     __slots__ = ("_token",)
 
     def __init__(self, link: WorkerEnd, token: str) -> None:
-        super().__init__(link, 0, ["", [], [], None, {}, {}, [], [""], [], 0, True, True, ""])
+        super().__init__(link, 0, _observer_fields(False))
         self._token = token
 
     def response_body(self, data: bytes, eos: bool) -> bytes:

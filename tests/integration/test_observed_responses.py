@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -19,6 +18,8 @@ import pytest
 from epp.scheduling.latency import PredictedLatencyProducer
 from epp.sim.profiles import profile
 from epp.stack.local import Stack, in_process_stack, wait_until
+
+from .conftest import ONE_STREAM_PER_CONNECTION
 
 CONFIG = (Path(__file__).resolve().parents[1] / "fixtures" / "latency-config.yaml").read_text()
 OBSERVED = {"observed_responses": True}
@@ -147,14 +148,6 @@ async def test_a_gateway_without_the_observer_is_noticed_and_nothing_stays_in_fl
             assert not any(link.routed for link in stack.picker.workers.links)
 
 
-# One ext_proc stream per Envoy connection: the kernel spreads a request's pick stream and its two
-# observer streams over the workers (SO_REUSEPORT hashes each connection), so most requests have
-# their observers on another worker than their pick.
-ONE_STREAM_PER_CONNECTION: dict[str, Any] = {"typed_extension_protocol_options": {
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "common_http_protocol_options": {"max_requests_per_connection": 1},
-        "explicit_http_config": {"http2_protocol_options": {}}}}}
 
 
 @pytest.mark.timeout(120)

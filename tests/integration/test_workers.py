@@ -18,15 +18,7 @@ from epp.sim.profiles import profile
 from epp.stack.local import Stack, in_process_stack, wait_until
 from epp.v1 import picker_pb2, picker_pb2_grpc
 
-from .conftest import completion_body, post
-
-# Envoy keeps one HTTP/2 connection per thread to the ext_proc cluster; one stream per connection
-# makes the kernel spread the streams over the workers (SO_REUSEPORT hashes each new connection).
-ONE_STREAM_PER_CONNECTION: dict[str, Any] = {"typed_extension_protocol_options": {
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "common_http_protocol_options": {"max_requests_per_connection": 1},
-        "explicit_http_config": {"http2_protocol_options": {}}}}}
+from .conftest import ONE_STREAM_PER_CONNECTION, completion_body, post
 
 
 def pool(stack: Stack) -> WorkerPool:
