@@ -47,6 +47,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 DATA_PARALLEL_HEADER = "x-data-parallel-host-port"  # the rank a pod's primary port hands a request to
 PREFILLER_HEADER = "x-prefiller-host-port"  # P/D: the pod that computes the prompt for this decode pod
+NOT_YET = -1  # a stream's next token is not made yet (token ids are not negative)
 
 
 def error_response(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
@@ -344,8 +345,11 @@ class SimServer:
             if chat:  # as vLLM: the role chunk goes with the first output, after the prefill
                 await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                          "finish_reason": None}]))
+            finish: str | None = None
             while pending is not None:
-                nxt = await req.queue.get()
+                # Each token goes out as soon as it is made, as vLLM streams: a request that ends
+                # with this token had its end queued in the same step, so it is known now.
+                nxt = req.queue.get_nowait() if not req.queue.empty() else NOT_YET
                 finish = req.finish_reason if nxt is None else None
                 text = decode(pending)
                 if chat:
@@ -355,7 +359,11 @@ class SimServer:
                 if finish is not None:
                     c["stop_reason"] = None
                 await resp.write(chunk([c]))
-                pending = nxt
+                pending = await req.queue.get() if nxt == NOT_YET else nxt
+            if finish is None and req.finish_reason is not None:  # ended after its last token (an abort)
+                end: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": req.finish_reason,
+                                       "stop_reason": None}
+                await resp.write(chunk([{**end, "delta": {}} if chat else {**end, "text": ""}]))
             if self.crashed and request.transport is not None:
                 request.transport.abort()
                 return resp

@@ -79,6 +79,24 @@ async def test_streaming_chat_chunks_usage_and_done(sim: tuple[SimServer, aiohtt
     assert '"usage"' not in raw
 
 
+async def test_stream_sends_each_token_when_made() -> None:
+    """The first token is on the wire before the next is computed (no chunk waits a decode step to
+    learn whether it is the last), and the last one carries the finish reason."""
+    server = SimServer(free_port(), profile("fast").with_overrides(decode_base_s=2.0))
+    await server.start()
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as s, s.post(f"http://{server.address}/v1/completions", json=body) as r:
+            first = orjson.loads((await r.content.readuntil(b"\n\n"))[6:])
+            made = server.engine.stats.generation_tokens
+            rest = [e[6:] for e in (await r.read()).split(b"\n\n") if e]
+    finally:
+        await server.stop()
+    assert first["choices"][0]["text"] and first["choices"][0]["finish_reason"] is None
+    assert made == 1  # read while the second token's 2 s decode step was still running
+    assert orjson.loads(rest[0])["choices"][0]["finish_reason"] == "length" and rest[-1] == b"[DONE]"
+
+
 async def test_errors_in_vllm_shape(sim: tuple[SimServer, aiohttp.ClientSession, str]) -> None:
     _, s, base = sim
     async with s.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",
