@@ -77,6 +77,9 @@ class RequestResult:
     cached_tokens: int = 0
     prompt_tokens: int = 0
     dropped: str = ""  # the x-llm-d-request-dropped-reason of a refusal
+    key: str = ""  # the last message's content: finds the request in the simulated pod's timings
+    start: float = 0.0  # when it was sent (monotonic)
+    legs_s: tuple[float, ...] = ()  # its TTFT's legs (SPLIT), when the pod's timings had it
 
     @property
     def cold(self) -> bool:
@@ -306,16 +309,18 @@ def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> by
 
 async def _turn(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
                 kind: str, t0: float, headers: dict[str, str] | None = None) -> tuple[RequestResult, str]:
-    return await stream_chat(s, url, chat_body(model, messages, max_tokens), kind, t0, headers)
+    return await stream_chat(s, url, chat_body(model, messages, max_tokens), kind, t0, headers,
+                             messages[-1]["content"])
 
 
 async def stream_chat(s: aiohttp.ClientSession, url: str, body: bytes, kind: str = "",
-                      t0: float = 0.0, headers: dict[str, str] | None = None) -> tuple[RequestResult, str]:
+                      t0: float = 0.0, headers: dict[str, str] | None = None, key: str = ""
+                      ) -> tuple[RequestResult, str]:
     """POST ``body`` to ``url``/v1/chat/completions and read the stream: TTFT (first chunk with
     text), inter-token gaps, e2e, usage; plus the generated text. Status 599 when the connection
     fails."""
     start = time.monotonic()
-    res = RequestResult(kind, start - t0, 0)
+    res = RequestResult(kind, start - t0, 0, key=key, start=start)
     text: list[str] = []
     last = None
     try:
@@ -492,6 +497,37 @@ def after_kill(results: list[RequestResult], kill_s: float, span_s: float = 6.0)
             "ttft_p90_before_s": round(p90_before, 4), "recovery_s": recovered_at, "windows": windows}
 
 
+SPLIT = ("to_pod", "pod_http", "pod", "back")  # the legs of a TTFT, in the order they happen
+
+
+def ttft_split(results: list[RequestResult], fleet: Fleet) -> dict[str, Any]:
+    """Where each streamed request's TTFT went, from the simulated pods' own timings (same clock,
+    same process): to its pod (the client, the router, the connection), in the pod's HTTP handler
+    (the body read, the tokenizer), at the engine (queue and prefill: the routing decision), and
+    the first token's way back. p50 / p90 of each leg in ms, and the legs' means over the requests
+    around the TTFT p90 (its 87.5th to 92.5th percentile): what makes the tail. Sets each matched
+    result's ``legs_s``."""
+    at_pod = {key: (arrived, engine, first) for srv in fleet.servers for key, arrived, engine, first in srv.timings}
+    legs: list[tuple[float, tuple[float, float, float, float]]] = []
+    for r in results:
+        found = at_pod.get(r.key) if r.status == 200 and r.ttft_s is not None else None
+        if found is None or r.ttft_s is None:
+            continue
+        arrived, engine, first = found
+        r.legs_s = (arrived - r.start, engine - arrived, first - engine, r.start + r.ttft_s - first)
+        legs.append((r.ttft_s, r.legs_s))
+    if not legs:
+        return {}
+    legs.sort()
+    band = [x for _, x in legs[int(0.875 * len(legs)):int(0.925 * len(legs)) + 1]]
+    out: dict[str, Any] = {"matched": len(legs)}
+    for i, name in enumerate(SPLIT):
+        values = [x[i] for _, x in legs]
+        out[name] = [round(1000 * _pct(values, 50), 2), round(1000 * _pct(values, 90), 2),
+                     round(1000 * sum(x[i] for x in band) / len(band), 2)]
+    return out
+
+
 def summarize(name: str, load: float, results: list[RequestResult], elapsed: float, fleet: Fleet,
               cpu: float) -> dict[str, Any]:
     ok = [r for r in results if r.status == 200]
@@ -535,6 +571,7 @@ def summarize(name: str, load: float, results: list[RequestResult], elapsed: flo
         "cold_share": round(sum(r.cold for r in ok) / len(ok), 3) if ok else 0.0,
         "ttft_p90_warm_s": round(_pct([r.ttft_s for r in ok if not r.cold and r.ttft_s is not None], 90), 4),
         "ttft_all_s": sorted(round(x, 4) for x in ttft),
+        "ttft_split_ms": ttft_split(results, fleet),
     }
 
 
@@ -719,6 +756,19 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [r["contender"], r["load"], r.get("cold_share", "-"), r.get("ttft_p90_warm_s", "-"),
                  r.get("fleet_ttft_p50_s", "-"), r.get("fleet_ttft_p90_s", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells + [by_kind.get(k, "-") for k in kinds]) + " |")
+    split = [r for r in result["rows"] if r.get("ttft_split_ms")]
+    if split:
+        lines += ["", "Where each TTFT goes, from the simulated pods' own clock (ms: p50 / p90 of each leg, then its "
+                  "mean over the requests around the TTFT p90, its 87.5th-92.5th percentile): to the pod (client, "
+                  "router, connection), the pod's HTTP handler (body read, tokenizer), the engine (queue and "
+                  "prefill: what routing decided) and the first token's way back.", "",
+                  "| contender | load | matched | " + " | ".join(SPLIT) + " | around p90: "
+                  + " + ".join(SPLIT) + " |", "|---|---|---|" + "---|" * (len(SPLIT) + 1)]
+        for r in split:
+            sp = r["ttft_split_ms"]
+            lines.append(f"| {r['contender']} | {r['load']} | {sp['matched']} | "
+                         + " | ".join(f"{sp[k][0]} / {sp[k][1]}" for k in SPLIT) + " | "
+                         + " + ".join(str(sp[k][2]) for k in SPLIT) + " |")
     killed = [r for r in result["rows"] if "replica_killed" in r]
     if killed:
         lines += ["", "One replica SIGKILLed under load: failed requests among those sent before the kill (some held "

@@ -56,6 +56,18 @@ def error_response(status: int, message: str, err_type: str, param: str | None =
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def _timing_key(data: dict[str, Any], chat: bool) -> str:
+    """What names a request in ``SimServer.timings``: its last message's content, or the end of
+    its prompt."""
+    if chat:
+        messages = data.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        content = last.get("content") if isinstance(last, dict) else None
+        return content if isinstance(content, str) else ""
+    prompt = data.get("prompt")
+    return prompt[-200:] if isinstance(prompt, str) else ""
+
+
 class SimServer:
     """A simulated vLLM server bound to one port."""
 
@@ -70,6 +82,10 @@ class SimServer:
         self.kv_events = kv_events.for_server(port, index) if kv_events else None
         self._zmq_ctx = zmq_ctx
         self.request_log: deque[dict[str, Any]] = deque(maxlen=request_log_size)
+        # Each streamed request's (key, arrival at the HTTP handler, at the engine, first token),
+        # monotonic: a benchmark in this process splits its clients' TTFT with them (the key is the
+        # last message's content, or the prompt's last 200 characters).
+        self.timings: deque[tuple[str, float, float, float]] = deque(maxlen=100_000)
         self.metrics_mode = "ok"
         self.extra_latency_s = 0.0
         self.draining = False
@@ -174,6 +190,7 @@ class SimServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(("/admin", "/metrics", "/health")):
+            request["arrived"] = time.monotonic()
             body = await request.read()
             self.request_log.append({
                 "ts": time.time(),
@@ -268,7 +285,8 @@ class SimServer:
             if data.get("stream"):
                 opts = data.get("stream_options") or {}
                 include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-                return await self._stream(request, req, chat, rid, created, model, include_usage)
+                return await self._stream(request, req, chat, rid, created, model, include_usage,
+                                          _timing_key(data, chat))
             return await self._complete(req, chat, rid, created, model)
         finally:
             if req.finish_reason is None:
@@ -327,7 +345,7 @@ class SimServer:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _stream(self, request: web.Request, req: SimRequest, chat: bool, rid: str, created: int, model: str,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, key: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self._stream_headers())
         await resp.prepare(request)
         try:
@@ -342,6 +360,8 @@ class SimServer:
 
             decode = self.engine.tokenizer.decode_one
             pending = await req.queue.get()
+            if req.first_token_at is not None:
+                self.timings.append((key, request.get("arrived", req.arrival), req.arrival, req.first_token_at))
             if chat:  # as vLLM: the role chunk goes with the first output, after the prefill
                 await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                          "finish_reason": None}]))

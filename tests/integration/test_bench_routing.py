@@ -31,12 +31,17 @@ async def test_every_contender_completes_a_small_trace(tmp_path: Path) -> None:
         assert row["requests"] >= 24 and row["errors"] == 0, row
         assert sum(row["per_server_requests"]) >= 24 and row["ttft_p90_s"] > 0
         assert 0 <= row["cold_share"] <= 1 and row["ttft_p90_warm_s"] >= 0
-        assert len(json.loads((tmp_path / "logs" / f"{name}-0.5" / "requests.json").read_text())) == row["requests"]
+        logged = json.loads((tmp_path / "logs" / f"{name}-0.5" / "requests.json").read_text())
+        assert len(logged) == row["requests"]
+        # Every request is found in its pod's timings, and its legs happen in order on one clock.
+        assert row["ttft_split_ms"]["matched"] == row["requests"]
+        assert all(len(r["legs_s"]) == 4 and min(r["legs_s"]) >= 0 for r in logged)
     for f in ("routing.json", "routing.md", "ttft_cdf.png", "throughput_vs_load.png", "server_load.png"):
         assert (tmp_path / f).stat().st_size > 0
     meta = json.loads((tmp_path / "routing.json").read_text())["meta"]
     assert meta["workload"] == "mix" and 0 < meta["first_seen_share"]["0.5"] < 1
     assert "Where the tail comes from" in (tmp_path / "routing.md").read_text()
+    assert "Where each TTFT goes" in (tmp_path / "routing.md").read_text()
     assert (tmp_path / "trace-mix-0.5.json").stat().st_size > 0
 
 
