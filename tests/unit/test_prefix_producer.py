@@ -208,3 +208,35 @@ def test_block_hashes_name_the_whole_prefix() -> None:
     assert not set(a) & set(c)  # a block's hash depends on every block before it
     assert not set(a) & set(index.hashes("other-model", "x" * 16 + "y" * 16 + "z" * 16))
     assert len(index.hashes("m", "x" * 16 * 20)) == 8 and index.hashes("m", "short") == []
+
+
+def test_eviction_takes_a_prefix_deepest_blocks_first() -> None:
+    from epp.scheduling.prefix_index import PrefixIndex
+
+    index = PrefixIndex(block_size_tokens=4, max_blocks=8, lru_capacity=5)
+    old = index.hashes("m", "a" * 16 * 4)
+    index.record("p", old)
+    index.record("p", index.hashes("m", "b" * 16 * 3))  # 7 blocks for 5 places: two go
+    assert index.size() == 5
+    # the old prompt's last two blocks went, so its first two still match (its first block
+    # evicted would have made it match nothing)
+    assert index.match_lengths(old) == {"p": 2}
+
+
+def test_the_bisected_match_agrees_with_a_block_by_block_scan() -> None:
+    import random
+
+    from epp.scheduling.prefix_index import PrefixIndex, leading_matches
+
+    rng = random.Random(7)
+    index = PrefixIndex(block_size_tokens=1, max_blocks=12, lru_capacity=40)  # 4 characters per block
+    # prompts that share prefixes of every length, over pods with small LRUs
+    prompts = ["".join(rng.choice("ab") for _ in range(4 * rng.randint(1, 12))) for _ in range(60)]
+    for _ in range(600):
+        pod = rng.choice("pqrs")
+        if rng.random() < 0.02:
+            index.forget(pod)
+        index.capacities[pod] = rng.choice((40, 40, 25))  # a pod's KV cache can shrink (autoTune)
+        hashes = index.hashes("m", rng.choice(prompts))
+        assert index.match_lengths(hashes) == leading_matches(hashes, index._holders.get)
+        index.record(pod, hashes)
