@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from epp.observability.activity import Activity
+from epp.observability.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 from epp.scheduling.contract import ExportsMetrics, HoldsPrefixIndex, declares
 
 if TYPE_CHECKING:
@@ -239,65 +240,71 @@ class PickerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         # Legacy names (the Inference Extension's) and the reference's llm_d_epp_* names, side by
-        # side with the reference's labels, as the reference emits them.
+        # side with the reference's labels, as the reference emits them. The series updated per
+        # request or per chunk are loop-owned (no lock per update; see loopmetrics).
         full = ["model_name", "target_model_name", "fairness_id", "priority"]
         # The llm_d_epp_* request series are updated per request; their legacy names
         # (inference_objective_*) are summed from them at scrape time (LegacyRequestSeries), so
         # a request costs one update per series, not two.
-        self.llmd_requests = Counter("llm_d_epp_request", "Total number of processed requests.", full, registry=r)
-        self.llmd_errors = Counter("llm_d_epp_request_error", "Total number of request errors.", [*full, "error_code"],
-                                   registry=r)
-        self.llmd_duration = Histogram("llm_d_epp_request_duration_seconds",
-                                       "End-to-end request latency distribution in seconds.", full,
-                                       buckets=REQUEST_BUCKETS, registry=r)
-        self.llmd_running = Gauge("llm_d_epp_request_running", "Current number of active running requests.", full,
-                                  registry=r)
+        self.llmd_requests = LoopCounter("llm_d_epp_request", "Total number of processed requests.", full, registry=r)
+        self.llmd_errors = LoopCounter("llm_d_epp_request_error", "Total number of request errors.",
+                                       [*full, "error_code"],
+                                       registry=r)
+        self.llmd_duration = LoopHistogram("llm_d_epp_request_duration_seconds",
+                                           "End-to-end request latency distribution in seconds.", full,
+                                           buckets=REQUEST_BUCKETS, registry=r)
+        self.llmd_running = LoopGauge("llm_d_epp_request_running", "Current number of active running requests.", full,
+                                      registry=r)
         # What the responses tell (sizes, tokens, TTFT, time per output token), per request.
-        self.llmd_request_sizes = Histogram("llm_d_epp_request_size_bytes",
-                                            "Incoming request body size distribution in bytes.", full,
-                                            buckets=SIZE_BUCKETS, registry=r)
-        self.llmd_response_sizes = Histogram("llm_d_epp_response_size_bytes",
-                                             "Outgoing response body size distribution in bytes.", full,
-                                             buckets=RESPONSE_SIZE_BUCKETS, registry=r)
-        self.llmd_input_tokens = Histogram("llm_d_epp_request_input_tokens",
-                                           "Input token count distribution per request.", full,
-                                           buckets=TOKEN_BUCKETS, registry=r)
-        self.llmd_output_tokens = Histogram("llm_d_epp_request_output_tokens",
-                                            "Output token count distribution per request.", full,
-                                            buckets=OUTPUT_TOKEN_BUCKETS, registry=r)
-        self.llmd_cached_tokens = Histogram("llm_d_epp_request_cached_tokens",
-                                            "Distribution of prompt tokens read from cache per request, as reported "
-                                            "by the model server in the response.", full, buckets=TOKEN_BUCKETS,
-                                            registry=r)
-        self.llmd_ntpot = Histogram("llm_d_epp_request_ntpot_seconds",
-                                    "Normalized time per output token in seconds (end-to-end latency divided by "
-                                    "output token count).", full, buckets=NTPOT_BUCKETS, registry=r)
-        self.llmd_ttft = Histogram("llm_d_epp_request_ttft_seconds",
-                                   "Time to first token in seconds, measured from request received to first response "
-                                   "byte. For non-streaming requests, this equals total request duration.",
-                                   [*full, "streaming"], buckets=REQUEST_BUCKETS, registry=r)
-        self.llmd_tpot = Histogram("llm_d_epp_request_streaming_tpot_seconds",
-                                   "Average time per output token in seconds for streaming requests, computed as "
-                                   "(e2e - TTFT) / (output_tokens - 1).", full, buckets=TPOT_BUCKETS, registry=r)
-        self.llmd_itl = Histogram("llm_d_epp_request_streaming_itl_seconds",
-                                  "Inter-token latency in seconds for streaming requests, measured as the time "
-                                  "between consecutive response body chunks.", full, buckets=ITL_BUCKETS, registry=r)
+        self.llmd_request_sizes = LoopHistogram("llm_d_epp_request_size_bytes",
+                                                "Incoming request body size distribution in bytes.", full,
+                                                buckets=SIZE_BUCKETS, registry=r)
+        self.llmd_response_sizes = LoopHistogram("llm_d_epp_response_size_bytes",
+                                                 "Outgoing response body size distribution in bytes.", full,
+                                                 buckets=RESPONSE_SIZE_BUCKETS, registry=r)
+        self.llmd_input_tokens = LoopHistogram("llm_d_epp_request_input_tokens",
+                                               "Input token count distribution per request.", full,
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.llmd_output_tokens = LoopHistogram("llm_d_epp_request_output_tokens",
+                                                "Output token count distribution per request.", full,
+                                                buckets=OUTPUT_TOKEN_BUCKETS, registry=r)
+        self.llmd_cached_tokens = LoopHistogram("llm_d_epp_request_cached_tokens",
+                                                "Distribution of prompt tokens read from cache per request, as "
+                                                "reported by the model server in the response.", full,
+                                                buckets=TOKEN_BUCKETS, registry=r)
+        self.llmd_ntpot = LoopHistogram("llm_d_epp_request_ntpot_seconds",
+                                        "Normalized time per output token in seconds (end-to-end latency divided by "
+                                        "output token count).", full, buckets=NTPOT_BUCKETS, registry=r)
+        self.llmd_ttft = LoopHistogram("llm_d_epp_request_ttft_seconds",
+                                       "Time to first token in seconds, measured from request received to first "
+                                       "response byte. For non-streaming requests, this equals total request "
+                                       "duration.",
+                                       [*full, "streaming"], buckets=REQUEST_BUCKETS, registry=r)
+        self.llmd_tpot = LoopHistogram("llm_d_epp_request_streaming_tpot_seconds",
+                                       "Average time per output token in seconds for streaming requests, computed as "
+                                       "(e2e - TTFT) / (output_tokens - 1).", full, buckets=TPOT_BUCKETS, registry=r)
+        self.llmd_itl = LoopHistogram("llm_d_epp_request_streaming_itl_seconds",
+                                      "Inter-token latency in seconds for streaming requests, measured as the time "
+                                      "between consecutive response body chunks.", full, buckets=ITL_BUCKETS,
+                                      registry=r)
         self.loop_collectors.append(LegacyRequestSeries(self))
         endpoint = ["endpoint_name", "namespace", "port"]
-        self.scheduler_attempts = Counter("inference_extension_scheduler_attempts",
-                                          "Total number of scheduling attempts.",
-                                          ["status", "target_model_name", "pod_name", "namespace", "port"], registry=r)
-        self.llmd_scheduler_attempts = Counter("llm_d_epp_scheduler_attempts", "Total number of scheduling attempts.",
-                                               ["status", "target_model_name", *endpoint], registry=r)
-        self.request_processing = Histogram("llm_d_epp_request_processing_duration_seconds",
-                                            "EPP request processing latency distribution in seconds, from request "
-                                            "receipt until the request body has been handled, including admission "
-                                            "control.", buckets=REQUEST_PROCESSING_BUCKETS, registry=r)
-        self.response_processing = Histogram("llm_d_epp_response_processing_duration_seconds",
-                                             "EPP response processing latency distribution in seconds: the sum of "
-                                             "per-chunk handler time for a streamed response, or the interval from "
-                                             "response headers to completion for a non-streaming response.",
-                                             buckets=RESPONSE_PROCESSING_BUCKETS, registry=r)
+        self.scheduler_attempts = LoopCounter("inference_extension_scheduler_attempts",
+                                              "Total number of scheduling attempts.",
+                                              ["status", "target_model_name", "pod_name", "namespace", "port"],
+                                              registry=r)
+        self.llmd_scheduler_attempts = LoopCounter("llm_d_epp_scheduler_attempts",
+                                                   "Total number of scheduling attempts.",
+                                                   ["status", "target_model_name", *endpoint], registry=r)
+        self.request_processing = LoopHistogram("llm_d_epp_request_processing_duration_seconds",
+                                                "EPP request processing latency distribution in seconds, from request "
+                                                "receipt until the request body has been handled, including admission "
+                                                "control.", buckets=REQUEST_PROCESSING_BUCKETS, registry=r)
+        self.response_processing = LoopHistogram("llm_d_epp_response_processing_duration_seconds",
+                                                 "EPP response processing latency distribution in seconds: the sum of "
+                                                 "per-chunk handler time for a streamed response, or the interval from "
+                                                 "response headers to completion for a non-streaming response.",
+                                                 buckets=RESPONSE_PROCESSING_BUCKETS, registry=r)
         info = ["commit", "build_ref"]
         for name in ("inference_extension_info", "llm_d_epp_info"):
             Gauge(name, "General information of the current build of Inference Extension.", info,
@@ -317,20 +324,20 @@ class PickerMetrics:
         self.legacy_extract_errors = Counter("llm_d_inference_scheduler_datalayer_extract_errors",
                                              "Extract errors per source/extractor type.",
                                              ["source_type", "extractor_type"], registry=r)
-        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
-                                       "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
-        self.llmd_scheduler_e2e = Histogram("llm_d_epp_scheduler_e2e_duration_seconds",
-                                            "End-to-end scheduling latency distribution in seconds.",
-                                            buckets=SCHEDULER_BUCKETS, registry=r)
+        self.scheduler_e2e = LoopHistogram("inference_extension_scheduler_e2e_duration_seconds",
+                                           "Scheduling latency per request.", buckets=LATENCY_BUCKETS, registry=r)
+        self.llmd_scheduler_e2e = LoopHistogram("llm_d_epp_scheduler_e2e_duration_seconds",
+                                                "End-to-end scheduling latency distribution in seconds.",
+                                                buckets=SCHEDULER_BUCKETS, registry=r)
         plugin = ["extension_point", "plugin_type", "plugin_name"]
-        self.plugin_duration = Histogram("inference_extension_plugin_duration_seconds",
-                                         "Latency of each plugin per call.", plugin, buckets=LATENCY_BUCKETS,
-                                         registry=r)
-        self.llmd_plugin_duration = Histogram("llm_d_epp_plugin_duration_seconds",
-                                              "Plugin processing latency distribution in seconds for each extension "
-                                              "point, plugin type and plugin name.", plugin,
-                                              buckets=SCHEDULER_BUCKETS, registry=r)
-        self.picks = Counter("epp_picks", "Picks per endpoint.", ["endpoint"], registry=r)
+        self.plugin_duration = LoopHistogram("inference_extension_plugin_duration_seconds",
+                                             "Latency of each plugin per call.", plugin, buckets=LATENCY_BUCKETS,
+                                             registry=r)
+        self.llmd_plugin_duration = LoopHistogram("llm_d_epp_plugin_duration_seconds",
+                                                  "Plugin processing latency distribution in seconds for each "
+                                                  "extension point, plugin type and plugin name.", plugin,
+                                                  buckets=SCHEDULER_BUCKETS, registry=r)
+        self.picks = LoopCounter("epp_picks", "Picks per endpoint.", ["endpoint"], registry=r)
         self.scrape_errors = Counter("epp_metrics_scrape_errors", "Failed metric scrapes.", ["endpoint", "reason"],
                                      registry=r)
         self.scrape_parse = Histogram("epp_metrics_scrape_parse_seconds", "Time to parse one /metrics exposition.",
