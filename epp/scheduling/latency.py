@@ -58,6 +58,9 @@ from epp.scheduling.contract import (
     UsesPrefixProducer,
 )
 from epp.scheduling.latency_model import (
+    BATCH_UNIT,
+    MIN_SECONDS,
+    TOKEN_UNIT,
     ErrorTracker,
     LatencyModel,
     Vector,
@@ -221,8 +224,17 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             batch: float = dispatched
             if s is not None and s.running + s.waiting > dispatched:
                 batch = s.running + s.waiting
-            coefs = coefficients(a)
-            ttft, tpot, per_token = predict(coefs, ahead + own, batch, ahead)
+            # predict(coefficients(a), ahead + own, batch, ahead), inlined (a call per candidate)
+            t_coef, p_coef = coefficients(a)
+            bk = batch / BATCH_UNIT
+            slope = t_coef[1] + t_coef[3] * bk
+            ttft = t_coef[0] + (ahead + own) / TOKEN_UNIT * slope + t_coef[2] * bk
+            if ttft < MIN_SECONDS:
+                ttft = MIN_SECONDS
+            tpot = p_coef[0] + p_coef[1] * (batch + 1) / BATCH_UNIT + p_coef[2] * ahead / TOKEN_UNIT
+            if tpot < MIN_SECONDS:
+                tpot = MIN_SECONDS
+            per_token = slope / TOKEN_UNIT
             inputs[a] = (ahead, batch, own)
             if future:
                 factors.append(ttft_factor(a))
