@@ -27,17 +27,30 @@ class Snapshot:
     inflight_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens not yet prefilled
 
     def queued(self, e: EndpointState) -> float:
-        """Requests waiting on ``e``: the last scrape's queue plus epp's picks it could not show,
-        those made since it, or, when more of epp's requests are in flight there than it showed
-        running and waiting, the difference (picked before the scrape, not at the engine yet)."""
-        a = e.address
-        inflight = self.inflight.get(a, 0)
-        recent = min(self.recent_picks.get(a, 0), inflight)
-        s = e.signals
-        if s is None:
-            return float(recent)
-        unseen = inflight - s.running - s.waiting
-        return s.waiting + (recent if recent >= unseen else unseen)
+        """Requests waiting on ``e`` (see ``queued_each``)."""
+        return self.queued_each((e,))[0]
+
+    def queued_each(self, endpoints: Iterable[EndpointState]) -> list[float]:
+        """Requests waiting on each endpoint: the last scrape's queue plus epp's picks it could not
+        show, those made since it, or, when more of epp's requests are in flight there than it
+        showed running and waiting, the difference (picked before the scrape, not at the engine
+        yet). One pass over the candidates (a call per candidate was 40% of a 1,000-pod pick)."""
+        inflight_of, recent_of = self.inflight.get, self.recent_picks.get
+        out: list[float] = []
+        append = out.append
+        for e in endpoints:
+            a = e.address
+            inflight = inflight_of(a, 0)
+            recent = recent_of(a, 0)
+            if recent > inflight:
+                recent = inflight
+            s = e.signals
+            if s is None:
+                append(float(recent))
+                continue
+            unseen = inflight - s.running - s.waiting
+            append(s.waiting + (recent if recent >= unseen else unseen))
+        return out
 
     def fresh(self) -> tuple[EndpointState, ...]:
         """The endpoints whose metrics are fresh (what the scheduler chooses from, when any is)."""

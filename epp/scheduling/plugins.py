@@ -65,7 +65,7 @@ class _NoParams:
 
 
 class QueueScorer(_NoParams, Scorer):
-    """Shorter queue scores higher: min-max over candidates of ``Snapshot.queued`` (waiting requests
+    """Shorter queue scores higher: min-max over candidates of ``Snapshot.queued_each`` (waiting requests
     plus epp's picks the last scrape could not show), so a burst between scrapes spreads instead
     of piling onto one pod."""
 
@@ -73,8 +73,7 @@ class QueueScorer(_NoParams, Scorer):
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        queued = snapshot.queued
-        return _minmax_low_is_good([queued(c) for c in candidates])
+        return _minmax_low_is_good(snapshot.queued_each(candidates))
 
 
 class LoadAwareScorer(Scorer):

@@ -149,6 +149,18 @@ def test_auto_tune_sizes_each_pods_index_in_its_own_tokens() -> None:
     assert p.limits.min_block_tokens == 64 and p.index.capacities == {"a": 700, "b": 280}
 
 
+def test_auto_tune_sizes_a_large_pool_a_slice_per_pick() -> None:
+    from epp.scheduling.prefix_producer import SIZED_PER_PICK
+
+    p = ApproxPrefixProducer("p", Params({}, "p"))
+    pool = [ep(f"p{i}", block_size=16, blocks=400 + i) for i in range(3 * SIZED_PER_PICK + 5)]
+    p.match(req(LONG), pool, CycleState())
+    assert len(p.index.capacities) == SIZED_PER_PICK  # not a pass over the whole pool per pick
+    for _ in range(3):
+        p.match(req(LONG), pool, CycleState())
+    assert p.index.capacities == {f"p{i}": (400 + i) // 4 for i in range(len(pool))}  # all, within 4 picks
+
+
 def test_the_deprecated_block_size_maps_into_block_size_tokens() -> None:
     text = doc("- {type: approx-prefix-cache-producer, parameters: {blockSize: 128, autoTune: false}}\n"
                "- type: prefix-cache-scorer")
