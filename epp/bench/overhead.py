@@ -25,7 +25,7 @@ from typing import Any
 
 from epp.bench.gatewaybench import front_door_cost, front_door_instructions, front_door_parts, shadow_cost
 from epp.bench.loadgen import request_body, run_load
-from epp.bench.procs import cpu_seconds, start_epp, start_sim, stop, tree_cpu_seconds
+from epp.bench.procs import checkout_env, cpu_seconds, start_epp, start_sim, stop, tree_cpu_seconds
 from epp.bench.schedcost import markdown as cost_markdown
 from epp.bench.schedcost import scheduling_cost
 from epp.stack.local import EnvoyProc, free_ports, start_envoy
@@ -112,7 +112,7 @@ async def bench_overhead(out: Path, *, servers: int = 4, requests: int = 3000, m
                 b_grpc, b_health, b_metrics = ports[servers + 3 : servers + 6]
                 bdir = work / "baseline"
                 bdir.mkdir()
-                env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
+                env = checkout_env(baseline_src)
                 baseline = await start_epp(endpoints, b_grpc, b_health, b_metrics, bdir, env=env)
                 procs.append(baseline)
                 be = await start_envoy("epp-full-duplex", work, epp_port=b_grpc)
@@ -220,6 +220,4 @@ def _median_row(rows: list[Row]) -> Row:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 0

@@ -67,6 +67,14 @@ async def start_sim(ports: list[int], workdir: Path, profile: str = "fast",
     return proc
 
 
+def checkout_env(src: Path) -> dict[str, str]:
+    """The environment that runs the epp of the checkout ``src``: on PYTHONPATH, and with
+    PYTHONSAFEPATH so that ``python -m`` does not put its working directory first (run from
+    another checkout, it would import that one's epp instead, and a baseline would be the
+    code it is measured against)."""
+    return {**os.environ, "PYTHONPATH": str(src.resolve()), "PYTHONSAFEPATH": "1"}
+
+
 async def start_epp(endpoints: list[str], grpc_port: int, health_port: int, metrics_port: int, workdir: Path,
                     extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
                     endpoints_file: Path | None = None) -> subprocess.Popen[bytes]:

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from epp.bench.procs import cpu_seconds, start_epp, stop, tree_cpu_seconds
+from epp.bench.procs import checkout_env, cpu_seconds, start_epp, stop, tree_cpu_seconds
 from epp.bench.simbench import _pct
 from epp.bench.workloads import Session, Trace, WorkloadParams, build
 from epp.scheduling.latency_model import bucket_median
@@ -238,7 +238,7 @@ async def start_contender(name: str, addresses: list[str], workdir: Path, venvs:
     if name.endswith("-baseline") and name.startswith("epp"):
         if baseline_src is None:
             return f"no baseline checkout given for {name} (--baseline-src DIR)"
-        env = {**os.environ, "PYTHONPATH": str(baseline_src.resolve())}
+        env = checkout_env(baseline_src)
         name = name.removesuffix("-baseline")
     template = "epp-full-duplex"
     mode: tuple[str, ...] = ()
