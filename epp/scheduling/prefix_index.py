@@ -1,12 +1,12 @@
 """Approximate prefix-cache index: where epp sent which prompt prefixes.
 
 The prompt is cut into fixed-size character blocks (blockSizeTokens x 4 characters, the
-reference's estimate). Block i's key is the xxh3-64 of block i seeded with block i-1's key (the model name's hash
-first): a chained hash that names the whole prefix. After a pick, the chosen endpoint's LRU
-records the request's block hashes, deepest first, so the first block is the most recently used
-and eviction takes a prefix's deepest blocks first, as vLLM frees a request's blocks tail first.
-So what an endpoint holds of a prompt is always a leading run of its blocks, and its match is a
-binary search. Memory is bounded: ``lru_capacity`` hashes per endpoint.
+reference's estimate). Block i's key is the xxh3-64 of block i seeded with block i-1's key (the
+model name's hash first): a chained hash that names the whole prefix. After a pick, the chosen
+endpoint's LRU records the request's block hashes deepest first, so the first block is the most
+recently used and eviction takes a prefix's deepest blocks first, as vLLM frees a request's
+blocks tail first. What an endpoint holds of a prompt is then always a leading run of its
+blocks, and its match is a bisection. Memory is bounded: ``lru_capacity`` hashes per endpoint.
 """
 
 from __future__ import annotations
