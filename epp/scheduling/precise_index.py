@@ -9,10 +9,10 @@ BlockRemoved must not grow the index forever).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from typing import Any
 
-from epp.scheduling.prefix_index import leading_matches
+from epp.scheduling.prefix_index import Holders, add_holder, drop_holder, holders_of, leading_matches
 
 # Measured with tracemalloc over 100k single-holder uint64 blocks on CPython 3.11 (2026-11-23):
 # ~250 bytes per block (it was ~414 with a set per block).
@@ -25,7 +25,7 @@ class PreciseIndex:
 
     def __init__(self, max_blocks_per_pod: int = 1_000_000) -> None:
         self.max_blocks_per_pod = max_blocks_per_pod
-        self._holders: dict[int, str | set[str]] = {}
+        self._holders: Holders = {}
         self._pods: dict[str, OrderedDict[int, None]] = {}
 
     # -- events -------------------------------------------------------------------------------
@@ -49,14 +49,7 @@ class PreciseIndex:
                 blocks.move_to_end(h)
                 continue
             blocks[h] = None
-            holders = self._holders.get(h)
-            if holders is None:
-                self._holders[h] = pod
-            elif isinstance(holders, str):
-                if holders != pod:
-                    self._holders[h] = {holders, pod}
-            else:
-                holders.add(pod)
+            add_holder(self._holders, h, pod)
         while len(blocks) > self.max_blocks_per_pod:
             old, _ = blocks.popitem(last=False)
             self._drop(old, pod)
@@ -76,24 +69,10 @@ class PreciseIndex:
             self._drop(h, pod)
 
     def _drop(self, h: int, pod: str) -> None:
-        holders = self._holders.get(h)
-        if holders is None:
-            return
-        if isinstance(holders, str):
-            if holders == pod:
-                del self._holders[h]
-            return
-        holders.discard(pod)
-        if len(holders) == 1:
-            self._holders[h] = next(iter(holders))
-        elif not holders:
-            del self._holders[h]
+        drop_holder(self._holders, h, pod)
 
-    def _holders_of(self, h: int) -> set[str] | None:
-        holders = self._holders.get(h)
-        if holders is None or isinstance(holders, set):
-            return holders
-        return {holders}
+    def _holders_of(self, h: int) -> Set[str] | None:
+        return holders_of(self._holders, h)
 
     # -- queries --------------------------------------------------------------------------------
     def match_lengths(self, hashes: Sequence[int]) -> dict[str, int]:

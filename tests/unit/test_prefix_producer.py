@@ -250,5 +250,20 @@ def test_the_bisected_match_agrees_with_a_block_by_block_scan() -> None:
             index.forget(pod)
         index.capacities[pod] = rng.choice((40, 40, 25))  # a pod's KV cache can shrink (autoTune)
         hashes = index.hashes("m", rng.choice(prompts))
-        assert index.match_lengths(hashes) == leading_matches(hashes, index._holders.get)
+        assert index.match_lengths(hashes) == leading_matches(hashes, index.holders_of)
         index.record(pod, hashes)
+
+
+def test_a_block_with_one_holder_is_no_container_for_the_garbage_collector() -> None:
+    import gc
+
+    from epp.scheduling.prefix_index import PrefixIndex
+
+    index = PrefixIndex(block_size_tokens=1, max_blocks=8, lru_capacity=100)
+    a = index.hashes("m", "x" * 32)  # 8 blocks of 4 characters
+    index.record("p", a)
+    index.record("q", a[:2])
+    assert not gc.is_tracked(index._holders[a[5]])  # one holder: its name, not a set
+    assert index.holders_of(a[0]) == {"p", "q"}
+    index.forget("q")
+    assert not gc.is_tracked(index._holders[a[0]]) and index.match_lengths(a) == {"p": 8}
