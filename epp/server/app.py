@@ -24,6 +24,7 @@ from epp.filewatch import WatchedFile
 from epp.flowcontrol.controller import FlowController
 from epp.observability.dashboard import Dashboard, PoolParts
 from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
+from epp.observability.looplag import LoopLag
 from epp.observability.metrics import PickerMetrics, PluginCollector
 from epp.observability.tracing import Tracing
 from epp.requestcontrol.admission import SheddableAdmission
@@ -121,6 +122,7 @@ class PickerServer:
         self.opts = opts
         self.store = Datastore(staleness=opts.metrics_staleness_threshold)
         self.metrics = PickerMetrics(self.store, opts.pool_name, opts.metrics_label_values)
+        self.loop_lag = LoopLag(self.metrics.registry)
         # Token files are read now, so a missing or empty one stops epp at start.
         pick_token = TokenFile(opts.pick_api_token_file) if opts.pick_api_token_file else None
         metrics_token = TokenFile(opts.metrics_token_file) if opts.metrics_token_file else None
@@ -285,6 +287,7 @@ class PickerServer:
 
     async def start(self) -> None:
         o = self.opts
+        self.loop_lag.start()
         await self.sources.start()
         kube, discovery = o.kubernetes, self.sources.discovery
         if kube is not None and kube.leader_election and discovery is not None:
@@ -367,6 +370,7 @@ class PickerServer:
                           self.metrics.registry, self.observed)
 
     async def stop(self, grace: float = 1.0) -> None:
+        self.loop_lag.stop()
         await cancel_and_wait([self._watch, self._keys_task, self._sweeper])
         if self.director.waiting is not None:  # what still waits is told 503 now, not cut off
             self.director.waiting.close()
