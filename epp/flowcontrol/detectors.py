@@ -83,8 +83,9 @@ class UtilizationDetector(SaturationDetector):
         q_limit = self.queue_depth * (1.0 + self.headroom)
         kv_limit = self.kv_cache_util * (1.0 + self.headroom)
         now = snapshot.now
-        kept = [e for e in candidates if self._fresh(e, now) and e.signals is not None
-                and snapshot.queued(e) < q_limit and e.signals.kv_usage < kv_limit]
+        kept = [e for e, queued in zip(candidates, snapshot.queued_each(candidates), strict=True)
+                if self._fresh(e, now) and e.signals is not None and queued < q_limit
+                and e.signals.kv_usage < kv_limit]
         return kept or candidates
 
 
