@@ -1,9 +1,12 @@
 """Scrapes every endpoint's /metrics on an interval over a kept-alive connection per endpoint.
 
-Each endpoint has its own cycle (interval with +-10 % jitter, per-scrape timeout), run by loop
-callbacks rather than a task. A failed or unparseable scrape marks the endpoint's signals as
-errored; the scheduler then avoids it while any fresh endpoint exists. Cycles start and stop as
-endpoints join and leave the datastore.
+Each endpoint has its own cycle (start to start one interval, per-scrape timeout), run by loop
+callbacks rather than a task. The cycles keep fixed phases on a grid of the interval: a small
+pool's endpoints are scraped together (one loop wake-up for all of them rather than one each,
+which halved the CPU an idle epp spends on 8 pods), a large pool's in groups spread over the
+interval, and a random offset per process keeps replicas from scraping a pod at the same moment.
+A failed or unparseable scrape marks the endpoint's signals as errored; the scheduler then avoids
+it while any fresh endpoint exists. Cycles start and stop as endpoints join and leave the datastore.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
+import itertools
 import logging
 import math
 import random
@@ -46,6 +50,20 @@ class ScrapeTarget:
 
 
 TICK = 0.005  # seconds: scrapes due within one tick start together
+BATCH = 8  # endpoints per phase of the grid: scraped together, their parses back to back (~0.4 ms)
+
+
+def phases(endpoints: int, interval: float, tick: float = TICK, batch: int = BATCH) -> int:
+    """How many phases a pool of ``endpoints`` is scraped in over one interval: enough that each
+    holds at most ``batch`` endpoints, and no more than the interval has ticks."""
+    most = max(1, int(interval / tick))
+    return max(1, min(most, math.ceil(endpoints / batch)))
+
+
+def next_phase_time(now: float, interval: float, phase: float, min_gap: float) -> float:
+    """The first time ``phase + k * interval`` (k an integer) at least ``min_gap`` after ``now``."""
+    k = math.ceil((now + min_gap - phase) / interval)
+    return phase + k * interval
 
 
 class _Ticks:
@@ -116,15 +134,16 @@ class _Cycle:
     """One endpoint's scrape cycle: tick -> request -> response -> recorded -> tick, driven by
     callbacks (no task and no future per scrape)."""
 
-    __slots__ = ("address", "answered", "getter", "live", "memo", "picks_at_start", "sent_at", "started_at", "task")
+    __slots__ = ("address", "answered", "getter", "live", "memo", "picks_at_start", "sent_at", "slot", "task")
 
-    def __init__(self, address: str, getter: KeepAliveGetter, answered: Callable[[_Cycle, Result], None]) -> None:
+    def __init__(self, address: str, getter: KeepAliveGetter, answered: Callable[[_Cycle, Result], None],
+                 slot: int = 0) -> None:
         self.address = address
         self.getter = getter  # replaced (the old one closed, so it never answers) when a reload moves the target
         self.answered: OnResponse = functools.partial(answered, self)
         self.task: asyncio.Task[None] | None = None  # connecting, or parsing a large body in a thread
         self.sent_at: float | None = None  # a request is outstanding since
-        self.started_at = 0.0
+        self.slot = slot  # its phase on the grid is slot modulo the pool's phase count
         self.picks_at_start = 0
         self.live = True
         self.memo = LayoutMemo()
@@ -154,7 +173,8 @@ class Scraper:
         self._sweeper: asyncio.Task[None] | None = None
         self._ticks: _Ticks | None = None
         self._started = False
-        self._rng = random.Random()
+        self._offset = random.random()  # this process's place on the grid, as a fraction of the interval
+        self._slots = itertools.count()
 
     def reconfigure(self, engines: EngineMapping, target: ScrapeTarget, interval: float) -> None:
         """New metric names, target or interval (a config reload): from the next scrape on."""
@@ -187,8 +207,9 @@ class Scraper:
             return
         for a in added:
             if a not in self._cycles:
-                cycle = self._cycles[a] = _Cycle(a, self._getter(a, self.target), self._answered)
-                self._schedule(self._rng.uniform(0, self.interval), cycle)
+                cycle = self._cycles[a] = _Cycle(a, self._getter(a, self.target), self._answered,
+                                                 next(self._slots))
+                self._schedule(0.0, cycle)
 
     async def stop(self) -> None:
         self._started = False
@@ -205,7 +226,6 @@ class Scraper:
     def _fire(self, cycle: _Cycle) -> None:
         if not (cycle.live and self._started):
             return
-        cycle.started_at = time.monotonic()
         if cycle.getter.connected:
             self._send(cycle)
         else:
@@ -260,12 +280,18 @@ class Scraper:
     def _next(self, cycle: _Cycle) -> None:
         if not (cycle.live and self._started):
             return
-        delay = self.interval * self._rng.uniform(0.9, 1.1) - (time.monotonic() - cycle.started_at)
-        self._schedule(max(delay, self.interval * 0.1), cycle)
+        self._schedule(self.interval * 0.1, cycle)
 
-    def _schedule(self, delay: float, cycle: _Cycle) -> None:
-        if self._ticks is not None:  # None until started
-            self._ticks.after(delay, cycle)
+    def _schedule(self, min_gap: float, cycle: _Cycle) -> None:
+        """At the cycle's next phase time at least ``min_gap`` from now."""
+        ticks = self._ticks
+        if ticks is None:  # None until started
+            return
+        interval = self.interval
+        count = phases(len(self._cycles), interval)
+        phase = (self._offset + (cycle.slot % count) / count) * interval
+        now = ticks.loop.time()
+        ticks.after(next_phase_time(now, interval, phase, min_gap) - now, cycle)
 
     async def _sweep(self) -> None:
         """Ends the requests that outlived the timeout (checked a tenth of it apart)."""

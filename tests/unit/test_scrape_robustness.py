@@ -15,7 +15,7 @@ from epp.datastore.store import Datastore
 from epp.signals.httpget import KeepAliveGetter
 from epp.signals.mappings import VLLM, single_engine
 from epp.signals.promtext import ParseError, TooLarge, ValueRejected, parse_signals
-from epp.signals.scraper import Scraper, ScrapeTarget, _Cycle, _Ticks
+from epp.signals.scraper import Scraper, ScrapeTarget, _Cycle, _Ticks, next_phase_time, phases
 
 
 def exposition(waiting: str = "1", running: str = "2", kv: str = "0.5", model: str = "m") -> str:
@@ -289,3 +289,45 @@ async def test_cycles_due_in_one_tick_fire_together_and_one_failing_stops_no_oth
     assert fired == ["a:1", "b:1", "c:1"]  # d was removed meanwhile; e is not due yet
     await until(lambda: fired[-1] == "e:1")
     ticks.close()
+
+
+async def test_a_small_pool_is_scraped_together_each_interval(store: Datastore) -> None:
+    loop = asyncio.get_running_loop()
+    servers, addresses, times = [], [], []
+    for _ in range(8):
+        arrivals: list[float] = []
+        server, address, _seen = await serve_counting(
+            lambda n, arrivals=arrivals: arrivals.append(loop.time()) or GOOD)  # type: ignore[func-returns-value]
+        servers.append(server)
+        addresses.append(address)
+        times.append(arrivals)
+    store.set_endpoints(addresses)
+    scraper = Scraper(store, single_engine("vllm"), interval=0.05)
+    await scraper.start()
+    try:
+        await until(lambda: all(len(t) >= 4 for t in times))
+    finally:
+        await scraper.stop()
+        for server in servers:
+            server.close()
+    for k in range(4):  # the k-th scrape of every pod went out in one batch (random phases spread them over 50 ms)
+        round_k = [t[k] for t in times]
+        assert max(round_k) - min(round_k) < 0.01, round_k
+    assert 0.03 < times[0][3] - times[0][2] < 0.08  # and a batch an interval after the one before
+
+
+def test_phases_hold_at_most_a_batch_and_no_more_than_the_interval_has_ticks() -> None:
+    assert [phases(n, 0.05) for n in (0, 1, 8, 9, 16, 17, 80, 1000)] == [1, 1, 1, 2, 2, 3, 10, 10]
+    assert phases(1000, 1.0) == 125  # 8 per phase when the interval has room for them
+    assert phases(5, 0.001) == 1
+
+
+@pytest.mark.parametrize("now,phase,gap,expected", [
+    (1.00, 0.01, 0.005, 1.01),   # this interval's phase is still ahead
+    (1.02, 0.01, 0.005, 1.06),   # passed: the next interval's
+    (1.005, 0.01, 0.005, 1.01),  # exactly the gap away
+    (1.008, 0.01, 0.005, 1.06),  # nearer than the gap: skipped
+    (1.00, 0.26, 0.0, 1.01),     # a phase past the interval is the same grid
+])
+def test_the_next_phase_time(now: float, phase: float, gap: float, expected: float) -> None:
+    assert next_phase_time(now, 0.05, phase, gap) == pytest.approx(expected)
