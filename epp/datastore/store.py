@@ -55,7 +55,8 @@ class Snapshot:
     def fresh(self) -> tuple[EndpointState, ...]:
         """The endpoints whose metrics are fresh (what the scheduler chooses from, when any is)."""
         oldest = self.now - self.staleness  # (EndpointState.fresh, inlined: this runs per pick over the pool)
-        return tuple(e for e in self.endpoints if e.signals is not None and e.error is None and e.scraped_at >= oldest)
+        return tuple([e for e in self.endpoints
+                      if e.signals is not None and e.error is None and e.scraped_at >= oldest])
 
 
 class Datastore:

@@ -86,6 +86,27 @@ def producer_order(scorers: list[tuple[Scorer, float]]) -> list[tuple[Scorer, fl
 PLUGIN_TIMING_SAMPLE = 8  # time the plugins of one cycle in this many (keeps the distribution, not the cost)
 
 
+def weighted_sum(scores: list[list[float]], weights: list[float], n: int) -> list[float]:
+    """Each candidate's total, sum of weight x score over the scorers, in one pass for up to three
+    weighted scorers (a pass per scorer was ~15% of a pick over 1,000 candidates)."""
+    pairs = [(w, s) for w, s in zip(weights, scores, strict=True) if w]
+    if not pairs:
+        return [0.0] * n
+    if len(pairs) == 1:
+        (w0, s0), = pairs
+        return [w0 * a for a in s0]
+    if len(pairs) == 2:
+        (w0, s0), (w1, s1) = pairs
+        return [w0 * a + w1 * b for a, b in zip(s0, s1, strict=True)]
+    if len(pairs) == 3:
+        (w0, s0), (w1, s1), (w2, s2) = pairs
+        return [w0 * a + w1 * b + w2 * c for a, b, c in zip(s0, s1, s2, strict=True)]
+    totals = [0.0] * n
+    for w, s in pairs:
+        totals = [t + w * x for t, x in zip(totals, s, strict=True)]
+    return totals
+
+
 @dataclass(slots=True)
 class Scheduler:
     profile: Profile
@@ -175,17 +196,16 @@ class Scheduler:
                 timer("Filter", f.type_name, f.name, time.perf_counter() - t0)
             if not candidates:
                 raise SchedulingError(503, f"no endpoint passed the filter {f.name!r}")
-        n = len(candidates)
-        totals = [0.0] * n
         raw: list[list[float]] = []
-        for scorer, weight in self.profile.scorers:
+        for scorer, _weight in self.profile.scorers:
             t0 = time.perf_counter() if timer else 0.0
             scores = scorer.score(request, snapshot, candidates, cycle)
             if timer:
                 timer("Scorer", scorer.type_name, scorer.name, time.perf_counter() - t0)
+            if len(scores) != len(candidates):
+                raise ValueError(f"scorer {scorer.name!r} gave {len(scores)} scores for {len(candidates)} candidates")
             raw.append(scores)
-            if weight:
-                totals = [t + weight * x for t, x in zip(totals, scores, strict=True)]
+        totals = weighted_sum(raw, [w for _s, w in self.profile.scorers], len(candidates))
         chosen = self.profile.picker.pick(candidates, totals)
         if not chosen:
             raise SchedulingError(503, "picker chose no endpoint")

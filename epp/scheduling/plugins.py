@@ -52,8 +52,8 @@ def _minmax_low_is_good(values: list[float]) -> list[float]:
     lo, hi = min(values), max(values)
     if hi <= lo:
         return [1.0] * len(values)
-    span = hi - lo
-    return [(hi - v) / span for v in values]
+    inverse = 1.0 / (hi - lo)
+    return [(hi - v) * inverse for v in values]
 
 
 class _NoParams:

@@ -174,6 +174,37 @@ def test_a_hot_prefix_spreads_once_its_holder_is_much_busier() -> None:
     assert spread_hot_prefixes([1.0, 0.0], snap, quiet, 4.0, 1.5) == [0.0, 0.0]
 
 
+def test_spreading_reads_only_what_can_change_the_outcome_and_matches_the_rule() -> None:
+    """The rule: a holder (score > 0) whose load is over min(load) x rel + abs loses its score, with
+    load = max(epp's in-flight there, running + waiting). Checked over random pools."""
+    import random
+
+    from epp.scheduling.balance import spread_hot_prefixes
+
+    rng = random.Random(7)
+    for _ in range(400):
+        n = rng.randint(2, 12)
+        eps = [ep(f"p{i}", running=rng.randint(0, 20), waiting=rng.randint(0, 5)) for i in range(n)]
+        inflight = {e.address: rng.randint(0, 25) for e in eps if rng.random() < 0.5}
+        snap = Snapshot(tuple(eps), inflight, {}, NOW, 2.0)
+        scores = [rng.choice((0.0, 0.0, 0.25, 1.0)) for _ in eps]
+        abs_t, rel_t = rng.choice((4.0, 10.0, 0.0)), rng.choice((1.0, 1.5, 3.0))
+        load = [max(inflight.get(e.address, 0), e.signals.running + e.signals.waiting) for e in eps]  # type: ignore[union-attr]
+        limit = min(load) * rel_t + abs_t
+        expected = [0.0 if s > 0 and load[i] > limit else s for i, s in enumerate(scores)]
+        assert spread_hot_prefixes(scores, snap, eps, abs_t, rel_t) == expected
+
+
+@pytest.mark.parametrize("weights", [(0.0,), (2.0,), (2.0, 0.0), (2.0, 3.0), (2.0, 2.0, 3.0),
+                                     (1.0, 0.5, 0.0, 2.0, 4.0)])
+def test_weighted_sum_is_each_candidates_sum_of_weight_times_score(weights: tuple[float, ...]) -> None:
+    from epp.scheduling.framework import weighted_sum
+
+    scores = [[0.1 * (i + k) for i in range(5)] for k in range(len(weights))]
+    expected = [sum(w * s[i] for w, s in zip(weights, scores, strict=True)) for i in range(5)]
+    assert weighted_sum(scores, list(weights), 5) == pytest.approx(expected)
+
+
 TOKEN_LOAD = """
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
