@@ -42,7 +42,7 @@ from epp.scheduling.precise_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.prefill_load import PrefillLoadScorer
 from epp.scheduling.prefix_producer import EARLY_2026, ApproxPrefixProducer
 from epp.scheduling.session_affinity import SessionAffinityScorer
-from epp.scheduling.types import MATCHED_TOKENS, ConfigError, CycleState, Slot, prompt_tokens
+from epp.scheduling.types import CANDIDATE_LOADS, MATCHED_TOKENS, ConfigError, CycleState, Slot, prompt_tokens
 
 log = logging.getLogger("epp.plugins")
 TOKEN_THRESHOLD = 4 * 1024 * 1024  # the reference's queueThresholdTokens default (128 requests of 32k)
@@ -70,10 +70,13 @@ class QueueScorer(_NoParams, Scorer):
     of piling onto one pod."""
 
     type_name: ClassVar[str] = "queue-scorer"
+    produces: ClassVar[tuple[Slot[Any], ...]] = (CANDIDATE_LOADS,)
 
     def score(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
               cycle: CycleState) -> list[float]:
-        return _minmax_low_is_good(snapshot.queued_each(candidates))
+        queued, loads = snapshot.queued_and_loads(candidates)
+        cycle.put(CANDIDATE_LOADS, loads)
+        return _minmax_low_is_good(queued)
 
 
 class LoadAwareScorer(Scorer):
@@ -206,6 +209,7 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
 
     type_name: ClassVar[str] = "prefix-cache-scorer"
     produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS,)
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (CANDIDATE_LOADS,)  # when a queue scorer runs: after it
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
@@ -243,12 +247,14 @@ class PrefixCacheScorer(Scorer, ObservesPicks, ForgetsEndpoints, HoldsPrefixInde
         if not total:
             return [0.0] * len(candidates)
         blocks, w = m.blocks, self.weight
-        ratios = [blocks.get(c.address, 0) / total for c in candidates]
+        held_of, per_block = blocks.get, 1.0 / total
+        ratios = [held_of(c.address, 0) * per_block for c in candidates]
         if w:
             size, scale = m.block_tokens, self.scale
             ratios = [(1 - w) * r + w * min(1.0, blocks.get(c.address, 0) * size / scale) ** 2
                       for r, c in zip(ratios, candidates, strict=True)]
-        return spread_hot_prefixes(ratios, snapshot, candidates, self.balance_abs, self.balance_rel)
+        return spread_hot_prefixes(ratios, snapshot, candidates, self.balance_abs, self.balance_rel,
+                                   cycle.get(CANDIDATE_LOADS))
 
     def on_pick(self, endpoint: str, cycle: CycleState) -> None:
         self._producer().record(endpoint, cycle)

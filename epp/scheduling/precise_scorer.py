@@ -38,7 +38,7 @@ from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLO
 from epp.scheduling.precise_index import PendingBlocks, PreciseIndex
 from epp.scheduling.precision import PrecisionTracker, closed_loop_families
 from epp.scheduling.prefix_index import ApproximatePrefix
-from epp.scheduling.types import MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, Slot
+from epp.scheduling.types import CANDIDATE_LOADS, MATCHED_TOKENS, PROMPT_TOKENS, ConfigError, CycleState, Slot
 from epp.signals.kvevents import BlockIndex, KVEventsSpec
 from epp.tokenization import PromptTokenizer, TokenizerError, load_tokenizer
 
@@ -64,6 +64,7 @@ class PrecisePrefixCacheScorer(Scorer, ObservesPicks, ObservesUsage, ForgetsEndp
                                HoldsPrefixIndex, ExportsMetrics, SubscribesKVEvents):
     type_name: ClassVar[str] = "precise-prefix-cache-scorer"
     produces: ClassVar[tuple[Slot[Any], ...]] = (MATCHED_TOKENS, PROMPT_TOKENS)
+    consumes: ClassVar[tuple[Slot[Any], ...]] = (CANDIDATE_LOADS,)  # when a queue scorer runs: after it
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
@@ -177,7 +178,7 @@ class PrecisePrefixCacheScorer(Scorer, ObservesPicks, ObservesUsage, ForgetsEndp
                 if not total:
                     return [0.0] * len(candidates)
                 return self.approx.spread([matched.get(c.address, 0) / total for c in candidates], snapshot,
-                                          candidates)
+                                          candidates, cycle)
         return self.approx.score(approx, snapshot, candidates, cycle)
 
     def on_pick(self, endpoint: str, cycle: CycleState) -> None:

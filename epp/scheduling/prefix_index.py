@@ -23,7 +23,7 @@ from epp.datastore.store import Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.balance import spread_hot_prefixes
 from epp.scheduling.params import BLOCK_SIZE_LIMIT, BLOCKS_PER_SERVER_LIMIT, BLOCKS_TO_MATCH_LIMIT, Params
-from epp.scheduling.types import CHARS_PER_TOKEN, MATCHED_TOKENS, CycleState
+from epp.scheduling.types import CANDIDATE_LOADS, CHARS_PER_TOKEN, MATCHED_TOKENS, CycleState
 
 
 def leading_matches(hashes: Sequence[int], holders_of: Callable[[int], Set[str] | None]) -> dict[str, int]:
@@ -234,8 +234,10 @@ class ApproximatePrefix:
             return [0.0] * len(candidates)
         matches = self.index.match_lengths(hashes)
         cycle.put(MATCHED_TOKENS, self.index.matched_tokens(matches))
-        total = len(hashes)
-        return self.spread([matches.get(c.address, 0) / total for c in candidates], snapshot, candidates)
+        held_of, per_block = matches.get, 1.0 / len(hashes)
+        return self.spread([held_of(c.address, 0) * per_block for c in candidates], snapshot, candidates, cycle)
 
-    def spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
-        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel)
+    def spread(self, scores: list[float], snapshot: Snapshot, candidates: list[EndpointState],
+               cycle: CycleState) -> list[float]:
+        return spread_hot_prefixes(scores, snapshot, candidates, self.balance_abs, self.balance_rel,
+                                   cycle.get(CANDIDATE_LOADS))

@@ -68,6 +68,9 @@ class CycleState:
 # Shared slots. Prefix scorers produce both; the prefill-load scorer consumes them.
 MATCHED_TOKENS: Slot[dict[str, int]] = Slot("prefix-matched-tokens")  # pod -> prompt tokens cached there
 PROMPT_TOKENS: Slot[int] = Slot("prompt-tokens")  # the prompt's exact token count, when tokenized
+# Per candidate, in the cycle's candidate order: max(epp's in-flight there, running + waiting). The
+# queue scorer produces it with the queues (one pass); the prefix scorers' hot-prefix spread reads it.
+CANDIDATE_LOADS: Slot[list[float]] = Slot("candidate-loads")
 CHARS_PER_TOKEN = 4  # the estimate of a prompt's tokens where it was not tokenized
 
 

@@ -193,6 +193,19 @@ def test_spreading_reads_only_what_can_change_the_outcome_and_matches_the_rule()
         limit = min(load) * rel_t + abs_t
         expected = [0.0 if s > 0 and load[i] > limit else s for i, s in enumerate(scores)]
         assert spread_hot_prefixes(scores, snap, eps, abs_t, rel_t) == expected
+        assert spread_hot_prefixes(scores, snap, eps, abs_t, rel_t, snap.queued_and_loads(eps)[1]) == expected
+
+
+def test_queues_and_loads_in_one_pass() -> None:
+    eps = [ep("a", waiting=2, running=3), ep("b", waiting=0, running=1), ep("c", waiting=1, running=0),
+           EndpointState("d")]
+    # a: 2 in flight, both seen (recent 1 <= unseen -3): queue 2 + 1; load max(2, 5)
+    # b: 4 in flight, 1 seen running: unseen 3 > recent 0: queue 0 + 3; load 4
+    # c: nothing in flight; d: never scraped, 2 picked since: queue 2, load 2
+    s = Snapshot(tuple(eps), {"a": 2, "b": 4, "d": 2}, {"a": 1, "d": 2}, NOW, 2.0)
+    queued, loads = s.queued_and_loads(eps)
+    assert queued == [3.0, 3.0, 1.0, 2.0] == s.queued_each(eps)
+    assert loads == [5.0, 4, 1.0, 2]
 
 
 @pytest.mark.parametrize("weights", [(0.0,), (2.0,), (2.0, 0.0), (2.0, 3.0), (2.0, 2.0, 3.0),
