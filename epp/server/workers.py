@@ -99,6 +99,37 @@ class _Worker:
     restart: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
+LINK_DIR_PREFIX = "epp-workers-"  # + the serving process's pid + "-": the directory of its link socket
+
+
+def sweep_link_dirs(tmp: Path) -> list[Path]:
+    """Remove the link directories that serving processes killed outright (no cleanup ran) left
+    in ``tmp``: this user's, named for a pid that no longer runs. Returns what was removed."""
+    removed = []
+    for d in tmp.glob(f"{LINK_DIR_PREFIX}*-*"):
+        pid = d.name[len(LINK_DIR_PREFIX):].partition("-")[0]
+        try:
+            if not pid.isdigit() or d.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+            for child in d.iterdir():
+                child.unlink()
+            d.rmdir()
+        except OSError:  # gone meanwhile, or not ours to remove: left as it is
+            continue
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class WorkerPool:
     """The serving process's side: starts the workers, links them to the director, restarts the
     ones that die."""
@@ -124,7 +155,8 @@ class WorkerPool:
                                 registry=registry)
 
     async def start(self, timeout: float = 30.0) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="epp-workers-")
+        sweep_link_dirs(Path(tempfile.gettempdir()))
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{LINK_DIR_PREFIX}{os.getpid()}-")
         path = str(Path(self._tmp.name) / "link.sock")
         self.config.link = path
         loop = asyncio.get_running_loop()
