@@ -185,10 +185,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
               "the gateway reads responses through ext_proc filters in observability_mode "
               "(envoy/epp-observed.yaml): picks are answered as usual; epp takes each response's first bytes and "
               "its end off the data path, and reads a sample of streams to their end for their usage")
-    p.add_argument("--observed-usage-sample", type=_fraction, default=0.1, metavar="FRACTION",
+    p.add_argument("--observed-usage-sample", type=_fraction, default=0.02, metavar="FRACTION",
                    help="with --observed-responses: the share of streams read to their end, for their usage (the "
                         "latency model's TPOT, cache-hit feedback, inter-token latency); streams whose usage "
-                        "metering, token limits or fairness need are always read (default 0.1)")
+                        "metering, token limits or fairness need are always read (default 0.02)")
     bool_flag(p, "--emit-endpoint-scores", False,
               "add each picked endpoint's score to the envoy.lb metadata (x-gateway-destination-endpoint-scores)")
     bool_flag(p, "--disable-endpoint-subset-filter", False,
