@@ -205,11 +205,10 @@ class Scraper:
                 cycle.end()
         if not self._started:
             return
-        for a in added:
-            if a not in self._cycles:
-                cycle = self._cycles[a] = _Cycle(a, self._getter(a, self.target), self._answered,
-                                                 next(self._slots))
-                self._schedule(0.0, cycle)
+        new = [self._cycles.setdefault(a, _Cycle(a, self._getter(a, self.target), self._answered, next(self._slots)))
+               for a in sorted(added) if a not in self._cycles]
+        for cycle in new:  # (once all are counted: the first round is spread over the pool's phases too)
+            self._schedule(0.0, cycle)
 
     async def stop(self) -> None:
         self._started = False

@@ -331,3 +331,18 @@ def test_phases_hold_at_most_a_batch_and_no_more_than_the_interval_has_ticks() -
 ])
 def test_the_next_phase_time(now: float, phase: float, gap: float, expected: float) -> None:
     assert next_phase_time(now, 0.05, phase, gap) == pytest.approx(expected)
+
+
+async def test_a_pools_first_round_is_spread_over_its_phases(store: Datastore) -> None:
+    loop = asyncio.get_running_loop()
+    scraper = Scraper(store, single_engine("vllm"), interval=10.0)  # (nothing fires during the test)
+    store.set_endpoints([f"127.0.0.1:{port}" for port in range(20000, 20040)])
+    await scraper.start()
+    try:
+        ticks = scraper._ticks
+        assert ticks is not None
+        due = sorted((key, len(cycles)) for key, cycles in ticks._due.items())
+        assert [n for _key, n in due] == [8] * 5  # 40 endpoints, 5 phases of 8 from the start
+        assert all(0 <= key * ticks.tick - loop.time() <= 10.0 + ticks.tick for key, _n in due)
+    finally:
+        await scraper.stop()
