@@ -11,33 +11,16 @@ needs. (sglang-router and vllm-router apply a similar balance threshold in cache
 
 from __future__ import annotations
 
-import math
-
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-
-
-def loads(snapshot: Snapshot, candidates: list[EndpointState]) -> list[float]:
-    inflight_of = snapshot.inflight.get
-    out: list[float] = []
-    append = out.append
-    for c in candidates:  # (no builtin call per candidate: max() and float() were half of this at 1,000)
-        s = c.signals
-        served = (s.running + s.waiting) if s is not None else 0.0
-        inflight = inflight_of(c.address, 0)
-        append(inflight if inflight > served else served)
-    return out
 
 
 def spread_hot_prefixes(scores: list[float], snapshot: Snapshot, candidates: list[EndpointState],
                         abs_threshold: float, rel_threshold: float,
                         candidate_loads: list[float] | None = None) -> list[float]:
     """``scores`` with the prefix score of overloaded holders set to 0 (disabled when abs < 0).
-    ``candidate_loads``: the candidates' loads when the cycle has them (the queue scorer's).
-
-    Else the pool's least load is read only as far as it decides something: not at all when no
-    holder is over ``abs`` (no limit is lower), and until a load low enough to drop every holder
-    over it turns up (an idle pod, in a large pool: the first few candidates rather than all)."""
+    ``candidate_loads``: the candidates' loads when the cycle has them (the queue scorer's); else
+    the pool's loads are read only when a holder is over ``abs`` (no limit is lower)."""
     if abs_threshold < 0 or len(candidates) < 2:
         return scores
     held = [i for i, s in enumerate(scores) if s > 0]
@@ -46,33 +29,14 @@ def spread_hot_prefixes(scores: list[float], snapshot: Snapshot, candidates: lis
     if candidate_loads is not None:
         held_loads = [candidate_loads[i] for i in held]
     else:
-        held_loads = loads(snapshot, [candidates[i] for i in held])
-    over = [load for load in held_loads if load > abs_threshold]
-    if not over:  # within any limit (loads are >= 0)
+        held_loads = snapshot.loads_each([candidates[i] for i in held])
+    if max(held_loads) <= abs_threshold:  # within any limit (loads are >= 0)
         return scores
-    least = min(candidate_loads) if candidate_loads is not None else \
-        _least_load(snapshot, candidates, rel_threshold, abs_threshold, min(over))
-    limit = least * rel_threshold + abs_threshold
+    if candidate_loads is None:
+        candidate_loads = snapshot.loads_each(candidates)
+    limit = min(candidate_loads) * rel_threshold + abs_threshold
     out = list(scores)
     for i, load in zip(held, held_loads, strict=True):
         if load > limit:
             out[i] = 0.0
     return out
-
-
-def _least_load(snapshot: Snapshot, candidates: list[EndpointState], rel: float, abs_: float,
-                lowest_over: float) -> float:
-    """The candidates' least load, or the first load low enough that its limit (load x rel + abs) is
-    under ``lowest_over``: every holder over ``abs`` is over the limit then, as over the true one."""
-    inflight_of = snapshot.inflight.get
-    least = math.inf
-    for c in candidates:
-        s = c.signals
-        served = (s.running + s.waiting) if s is not None else 0.0
-        inflight = inflight_of(c.address, 0)
-        load = inflight if inflight > served else served
-        if load < least:
-            least = load
-            if least * rel + abs_ < lowest_over:
-                break
-    return least

@@ -205,8 +205,10 @@ class Scraper:
                 cycle.end()
         if not self._started:
             return
-        new = [self._cycles.setdefault(a, _Cycle(a, self._getter(a, self.target), self._answered, next(self._slots)))
-               for a in sorted(added) if a not in self._cycles]
+        new = []
+        for a in sorted(added - self._cycles.keys()):
+            cycle = self._cycles[a] = _Cycle(a, self._getter(a, self.target), self._answered, next(self._slots))
+            new.append(cycle)
         for cycle in new:  # (once all are counted: the first round is spread over the pool's phases too)
             self._schedule(0.0, cycle)
 
