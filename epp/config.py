@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,6 @@ NOT_YET = {"data": "the data layer is configured by flags in epp (--engine, --en
 KIND = "EndpointPickerConfig"
 # The reference's plugin types epp knows and does not implement: refused by name, with the reason.
 NOT_SUPPORTED_TYPES = {
-    "sheddable-eviction-filter": "in-flight eviction (flowControl.enableEviction) is not implemented",
-    "priority-then-time-eviction-order-policy": "in-flight eviction (flowControl.enableEviction) is not implemented",
     "inflight-load-producer": "epp counts in-flight requests and tokens itself",
     "models-data-source": "no epp plugin reads the models it lists; the pods' metrics name their models",
     **dict.fromkeys(("pd-profile-handler", "prefill-header-handler", "disagg-headers-handler"),
@@ -774,10 +772,27 @@ def _flow_control(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], regist
                         "saturationDetector is ignored (add featureGates: [flowControl] to enable flow control)")
     if gate_on and plan is None:
         plan = flow_config.parse_flow_control({}, role_of, detector)
+    if plan is not None:
+        plan = replace(plan, eviction_refs=_eviction_refs(plugins, plan.eviction and gate_on))
     for ref in (detector, *(plan.refs() if plan is not None else ())):
         if ref not in plugins:
             _add_default(plugins, registry, ref, "flowControl", {})
     return detector, plan if gate_on else None
+
+
+def _eviction_refs(plugins: Mapping[str, PluginSpec], evicting: bool) -> tuple[str, str]:
+    """The eviction filter and ordering policies: the entry of each role, else the default type."""
+    out = []
+    for role, default in flow_config.EVICTION_ROLES:
+        named = [spec for spec in plugins.values() if spec.type.role == role]
+        if len(named) > 1:
+            raise ConfigError(f"{named[1].path}.type", f"a second {role} ({named[0].name!r} is one): in-flight "
+                                                       "eviction uses one")
+        if named and not evicting:
+            log.warning("%s: an %s is used only with flowControl.enableEviction: true (and the flowControl "
+                        "feature gate)", named[0].path, role)
+        out.append(named[0].name if named else default)
+    return out[0], out[1]
 
 
 _DEFAULT_TYPES = {cls.type_name: cls for cls in (*DETECTORS, *FLOW_POLICIES)}

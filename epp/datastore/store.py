@@ -75,8 +75,10 @@ class Snapshot:
 class Datastore:
     """Owns endpoints and counters; sources and the scraper write, the pick path reads."""
 
-    def __init__(self, staleness: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, staleness: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 refresh_interval: float = 0.05) -> None:
         self.staleness = staleness
+        self.refresh_interval = refresh_interval  # how often the pods' metrics are scraped
         self._clock = clock
         self._states: dict[str, EndpointState] = {}
         self._tuple: tuple[EndpointState, ...] | None = ()  # None: rebuilt at the next read

@@ -8,8 +8,8 @@ take ``priority``, ``maxBytes``, ``maxRequests`` (0 = 1G / 5,000), ``fairnessPol
 ``orderingPolicyRef``. ``usageLimitPolicyPluginRef`` and ``saturationDetector.pluginRef`` name
 plugins; a reference to a default type that no plugin entry defines (utilization-detector,
 static-usage-limit-policy, global-strict-fairness-policy, fcfs-ordering-policy) gets a default
-instance, as the reference's loader registers one. ``enableEviction: true`` (in-flight eviction)
-is refused: epp does not implement it.
+instance, as the reference's loader registers one. ``enableEviction: true`` turns on in-flight
+eviction of dispatched sheddable requests (epp.flowcontrol.eviction).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from epp.durations import parse_duration
 from epp.flowcontrol.controller import DEFAULT_TTL, BandSpec, FlowSettings
+from epp.flowcontrol.eviction import EvictionPolicies
 from epp.scheduling.params import show
 from epp.scheduling.types import ConfigError
 
@@ -29,6 +30,10 @@ DEFAULT_DETECTOR = "utilization-detector"
 DEFAULT_USAGE_LIMIT = "static-usage-limit-policy"
 DEFAULT_FAIRNESS = "global-strict-fairness-policy"
 DEFAULT_ORDERING = "fcfs-ordering-policy"
+DEFAULT_EVICTION_FILTER = "sheddable-eviction-filter"
+DEFAULT_EVICTION_ORDER = "priority-then-time-eviction-order-policy"
+EVICTION_ROLES = (("eviction filter policy", DEFAULT_EVICTION_FILTER),
+                  ("eviction ordering policy", DEFAULT_EVICTION_ORDER))
 # The roles the section's references must have.
 ROLE_OF_REF = {"fairnessPolicyRef": "fairness policy", "orderingPolicyRef": "ordering policy",
                "usageLimitPolicyPluginRef": "usage limit policy", "pluginRef": "saturation detector"}
@@ -101,9 +106,14 @@ class FlowPlan:
     bands: Mapping[int, BandPlan] = field(default_factory=dict)
     default_band: BandPlan = BandPlan()
     default_negative_band: BandPlan | None = None
+    eviction: bool = False
+    # The eviction policies' plugin names (an entry of each role, else the defaults).
+    eviction_refs: tuple[str, str] = (DEFAULT_EVICTION_FILTER, DEFAULT_EVICTION_ORDER)
 
     def refs(self) -> set[str]:
         out = {self.detector_ref, self.usage_limit_ref, DEFAULT_FAIRNESS, DEFAULT_ORDERING}
+        if self.eviction:
+            out.update(self.eviction_refs)
         for b in (*self.bands.values(), self.default_band, self.default_negative_band):
             if b is not None:
                 out.update(r for r in (b.fairness_ref, b.ordering_ref) if r)
@@ -117,7 +127,9 @@ class FlowPlan:
         return FlowSettings(instance(self.detector_ref), instance(self.usage_limit_ref), instance(DEFAULT_FAIRNESS),
                             instance(DEFAULT_ORDERING), self.default_ttl, self.no_endpoint_ttl, self.max_bytes,
                             self.max_requests, {p: band(b) for p, b in self.bands.items()}, band(self.default_band),
-                            band(self.default_negative_band) if self.default_negative_band else None)
+                            band(self.default_negative_band) if self.default_negative_band else None,
+                            EvictionPolicies(instance(self.eviction_refs[0]), instance(self.eviction_refs[1]))
+                            if self.eviction else None)
 
 
 def parse_flow_control(raw: Mapping[str, Any], role_of: Callable[[str], str | None], detector_ref: str) -> FlowPlan:
@@ -130,9 +142,6 @@ def parse_flow_control(raw: Mapping[str, Any], role_of: Callable[[str], str | No
     evict = raw.get("enableEviction", False)
     if not isinstance(evict, bool):
         raise ConfigError("flowControl.enableEviction", f"expected true or false, got {show(evict)}")
-    if evict:
-        raise ConfigError("flowControl.enableEviction", "not supported by epp (in-flight eviction of sheddable "
-                                                        "requests); queued sheddable requests are displaced instead")
 
     def ref(value: Any, path: str, key: str, default: str | None) -> str | None:
         if value is None or value == "":
@@ -183,13 +192,14 @@ def parse_flow_control(raw: Mapping[str, Any], role_of: Callable[[str], str | No
     return FlowPlan(detector_ref, usage, ttl, no_ep,
                     quantity(raw["maxBytes"], "flowControl.maxBytes") if raw.get("maxBytes") is not None else 0,
                     quantity(raw["maxRequests"], "flowControl.maxRequests") if raw.get("maxRequests") is not None
-                    else 0, bands, default_band, negative)
+                    else 0, bands, default_band, negative, evict)
 
 
 def _check_ref(name: str, path: str, role: str, role_of: Callable[[str], str | None]) -> None:
     found = role_of(name)
     if found is None:
-        if name in (DEFAULT_DETECTOR, DEFAULT_USAGE_LIMIT, DEFAULT_FAIRNESS, DEFAULT_ORDERING):
+        if name in (DEFAULT_DETECTOR, DEFAULT_USAGE_LIMIT, DEFAULT_FAIRNESS, DEFAULT_ORDERING, DEFAULT_EVICTION_FILTER,
+                    DEFAULT_EVICTION_ORDER):
             return  # a default instance is made
         raise ConfigError(path, f"no plugin named {show(name)} in plugins")
     if found != role:

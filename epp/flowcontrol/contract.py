@@ -117,10 +117,25 @@ class UsageLimitPolicy(Plugin, Protocol):
     def compute(self, saturation: float, priorities: Sequence[int], ceilings: list[float]) -> None: ...
 
 
+class EvictionFilterPolicy(Plugin, Protocol):
+    """In-flight eviction: whether a dispatched request of ``priority`` may be revoked."""
+
+    def accept(self, priority: int) -> bool: ...
+
+
+class EvictionOrderingPolicy(Plugin, Protocol):
+    """In-flight eviction: a dispatched request's place among the victims (smaller goes first)."""
+
+    def victim_key(self, priority: int, dispatched: float) -> tuple[float, float]: ...
+
+
 ROLES: tuple[tuple[type[Any], str], ...] = ((SaturationDetector, "saturation detector"),
                                             (FairnessPolicy, "fairness policy"), (OrderingPolicy, "ordering policy"),
-                                            (UsageLimitPolicy, "usage limit policy"))
+                                            (UsageLimitPolicy, "usage limit policy"),
+                                            (EvictionFilterPolicy, "eviction filter policy"),
+                                            (EvictionOrderingPolicy, "eviction ordering policy"))
 ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturation", "stale_count", "filter"),
                                                   FairnessPolicy: ("new_state", "pick"), OrderingPolicy: ("key",),
-                                                  UsageLimitPolicy: ("compute",)}
+                                                  UsageLimitPolicy: ("compute",), EvictionFilterPolicy: ("accept",),
+                                                  EvictionOrderingPolicy: ("victim_key",)}
 HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),)

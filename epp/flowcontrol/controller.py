@@ -18,6 +18,9 @@ returns. Semantics are the reference's (pkg/epp/flowcontrol):
 - Saturation is the detector's over the pool, taken per stage as the reference does
   (prefill = prefill and encode-prefill pods, decode = decode and unlabelled pods, both = pods
   that do both; the maximum of the stages gates).
+- In-flight eviction (``eviction``): when dispatch stops at a ceiling, ``eviction_demand`` says
+  whether a higher band's queued work would go if a dispatched sheddable request were revoked
+  (the waiting room tracks those and paces the revocations, epp.flowcontrol.eviction).
 - TTL: ``defaultRequestTTL`` while the pool has endpoints (EvictedTTL), ``noEndpointRequestTTL``
   while it has none (EvictedNoEndpoints); a regime change starts a fresh budget. 0 = no expiry.
 """
@@ -37,6 +40,7 @@ from epp.flowcontrol.contract import (
     SaturationDetector,
     UsageLimitPolicy,
 )
+from epp.flowcontrol.eviction import EvictionPolicies, demand
 from epp.flowcontrol.queues import Band, BandConfig, Queues
 
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
@@ -86,6 +90,7 @@ class FlowSettings:
     bands: Mapping[int, BandSpec] = field(default_factory=dict)
     default_band: BandSpec = BandSpec()
     default_negative_band: BandSpec | None = None
+    eviction: EvictionPolicies | None = None  # in-flight eviction (enableEviction), its victim policies
 
     def reads_prefill_estimate(self) -> bool:
         """Some band orders its requests by their estimated prefill (``QueuedRequest.cost``)."""
@@ -134,6 +139,7 @@ class FlowController:
         self._ceilings: list[float] = []
         self._last: tuple[tuple[str, float], ...] = ()
         self._effective = 1.0
+        self.blocked: int | None = None  # the band index the last ``next`` stopped at (its ceiling reached)
         # Requests and bytes waiting in other active-active replicas' rooms: the pool caps count them.
         self.elsewhere: tuple[int, int] = (0, 0)
 
@@ -217,6 +223,7 @@ class FlowController:
     def next(self, snapshot: Snapshot) -> QueuedRequest | None:
         """The request to dispatch now (taken out of the queues), or None: empty, or gated."""
         q = self.queues
+        self.blocked = None
         if not q.totals.count:
             return None
         saturation = self.saturation(snapshot)
@@ -227,6 +234,7 @@ class FlowController:
         self.settings.usage_limit.compute(saturation, priorities, ceilings)
         for i, p in enumerate(priorities):
             if saturation >= ceilings[i]:
+                self.blocked = i
                 return None
             band = q.bands[p]
             if not band.count:
@@ -237,6 +245,18 @@ class FlowController:
             q.remove(head)
             return head
         return None
+
+    def eviction_demand(self, victim_priority: int) -> tuple[int, float, float] | None:
+        """After ``next`` stopped at a ceiling: (the demand band's priority, its ceiling, the
+        saturation) when evicting a dispatched request of ``victim_priority`` would make room for
+        queued work of a higher band (epp.flowcontrol.eviction.demand)."""
+        if self.blocked is None:
+            return None
+        q = self.queues
+        priorities = q.priorities
+        j = demand(priorities, self._ceilings, self._effective, self.blocked, victim_priority,
+                   lambda p: q.bands[p].count > 0)
+        return None if j is None else (priorities[j], self._ceilings[j], self._effective)
 
     # -- expiry --------------------------------------------------------------------------------------
     def budget(self) -> tuple[float, Outcome]:

@@ -14,6 +14,9 @@ work, in turn), ``program-aware-fairness`` (least attained service: epp.flowcont
 Usage limits (per-band ceilings): ``static-usage-limit-policy`` (``threshold``, default 1.0),
 ``priority-holdback-policy`` (``minCeiling`` required, ``maxCeiling`` 1.0, ``domain`` rank or
 value, ``shape`` linear), ``soft-reflective-ceiling-policy`` (no parameters).
+In-flight eviction (no parameters; the defaults when no entry declares one):
+``sheddable-eviction-filter`` (priority < 0 may be revoked) and
+``priority-then-time-eviction-order-policy`` (lowest priority first, then the newest dispatch).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from epp.flowcontrol.contract import BandView, FairnessPolicy, OrderingPolicy, QueuedRequest, UsageLimitPolicy
+from epp.flowcontrol.contract import (
+    BandView,
+    EvictionFilterPolicy,
+    EvictionOrderingPolicy,
+    FairnessPolicy,
+    OrderingPolicy,
+    QueuedRequest,
+    UsageLimitPolicy,
+)
 from epp.flowcontrol.programs import ProgramAwareFairness
 from epp.scheduling.params import Params
 from epp.scheduling.types import ConfigError
@@ -182,6 +193,22 @@ class SoftReflectiveCeiling(UsageLimitPolicy):
                 ceilings[i] = 1.0 if open_now else 0.0
 
 
+# -- in-flight eviction --------------------------------------------------------------------------------
+class SheddableEvictionFilter(_NoParams, EvictionFilterPolicy):
+    type_name: ClassVar[str] = "sheddable-eviction-filter"
+
+    def accept(self, priority: int) -> bool:
+        return priority < 0
+
+
+class PriorityThenTimeEvictionOrder(_NoParams, EvictionOrderingPolicy):
+    type_name: ClassVar[str] = "priority-then-time-eviction-order-policy"
+
+    def victim_key(self, priority: int, dispatched: float) -> tuple[float, float]:
+        return float(priority), -dispatched
+
+
 FLOW_POLICIES: tuple[type[Any], ...] = (FCFSOrdering, EDFOrdering, SLODeadlineOrdering, GlobalStrictFairness,
                                         RoundRobinFairness, ProgramAwareFairness, StaticUsageLimit, PriorityHoldback,
-                                        SoftReflectiveCeiling, LeastPrefillOrdering)
+                                        SoftReflectiveCeiling, LeastPrefillOrdering, SheddableEvictionFilter,
+                                        PriorityThenTimeEvictionOrder)

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from epp.observability.metrics import Children
 
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CONFIRMATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CYCLE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 PREFIXES = ("llm_d_epp_", "inference_extension_")  # the current name first, then the deprecated one
 QueueKey = tuple[str, str, str, str]  # fairness id, priority, model, target model (bounded label values)
@@ -53,7 +54,34 @@ class FlowMetrics:
                                          registry=registry) for p in PREFIXES]
         self.requests = Counter("llm_d_epp_flow_control_requests", "Requests by their flow-control outcome.",
                                 ["outcome", "priority", "inference_pool"], registry=registry)
+        self.revocations_issued = Counter(
+            "llm_d_epp_flow_control_revocations_issued", "In-flight eviction revocations issued, by the demand "
+            "band's priority.", ["priority", "inference_pool"], registry=registry)
+        self.revocations = Counter(
+            "llm_d_epp_flow_control_revocations", "In-flight eviction revocations by outcome (confirmed, timed_out).",
+            ["outcome", "inference_pool"], registry=registry)
+        self.reclaim_target = Gauge("llm_d_epp_flow_control_reclaim_target",
+                                    "Last computed reclamation deficit, in saturation-gauge units.",
+                                    ["inference_pool"], registry=registry)
+        self.pending_reclaim = Gauge(
+            "llm_d_epp_flow_control_pending_reclaim",
+            "Sum of outstanding and cooling pending-reclaim debits, in saturation-gauge units.",
+            ["inference_pool"], registry=registry)
+        self.confirmation = Histogram("llm_d_epp_flow_control_revocation_confirmation_seconds",
+                                      "Time from revocation issue to confirmed stream termination.", ["inference_pool"],
+                                      buckets=CONFIRMATION_BUCKETS, registry=registry)
         self._child = Children()
+
+    def revoked(self, demand_priority: int, n: int, target: float, pending: float) -> None:
+        self._child(self.revocations_issued, str(demand_priority), self.pool).inc(n)
+        self._child(self.reclaim_target, self.pool).set(target)
+        self._child(self.pending_reclaim, self.pool).set(pending)
+
+    def revocation_ended(self, outcome: str, seconds: float | None, pending: float) -> None:
+        self._child(self.revocations, outcome, self.pool).inc()
+        if seconds is not None:
+            self._child(self.confirmation, self.pool).observe(seconds)
+        self._child(self.pending_reclaim, self.pool).set(pending)
 
     def ended(self, key: QueueKey, outcome: str, queued_seconds: float) -> None:
         fairness, priority, model, target = key

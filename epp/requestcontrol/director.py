@@ -424,11 +424,11 @@ class Director:
         if self.waiting is not None:
             self.waiting.pump()
 
-    def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None:
+    def finished(self, endpoint: str, labels: RequestLabels, started: float, routed: Routed) -> None:
         self.store.release(endpoint)
         self.metrics.request_finished(labels, time.perf_counter() - started)
         if self.waiting is not None:
-            self.waiting.pump()  # capacity freed
+            self.waiting.finished(routed)  # capacity freed
 
     def move(self, old: str, new: str) -> bool:
         """Move one in-flight request from ``old`` to ``new`` (False when ``new`` is not in the pool)."""

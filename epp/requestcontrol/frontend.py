@@ -25,6 +25,9 @@ class RoutedSide(Protocol):
     forward_body: bytes | None  # the request body to send, when epp changed it
     reader: UsageReader | None
     usage_required: bool  # every response's usage matters (metering, token limits, fairness, shadows)
+    # The front end's way to end the request while it runs (in-flight eviction), set by a front end
+    # that can: an ext_proc stream open through the response.
+    revoke: Callable[[], None] | None
 
     @property
     def header_value(self) -> str: ...

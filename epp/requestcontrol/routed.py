@@ -10,7 +10,7 @@ requests that hand out ``Routed`` do not either.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -49,7 +49,7 @@ class Ledger(Protocol):
 
     def prefill_stage_done(self, endpoint: str, tokens: int) -> None: ...
 
-    def finished(self, endpoint: str, labels: RequestLabels, started: float) -> None: ...
+    def finished(self, endpoint: str, labels: RequestLabels, started: float, routed: Routed) -> None: ...
 
 
 class ResponseAccess(Enum):
@@ -79,8 +79,8 @@ class Routed:
 
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
-                 "queued", "reader", "request", "scheduler", "served", "shadows", "status", "streamed", "tokens",
-                 "usage_required", "wants_chunks", "watch_response")
+                 "queued", "reader", "request", "revoke", "scheduler", "served", "shadows", "status", "streamed",
+                 "tokens", "usage_required", "wants_chunks", "watch_response")
 
     def __init__(self, director: Ledger, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -102,6 +102,9 @@ class Routed:
         self.queued = 0.0  # seconds flow control held the request
         self.flow: tuple[str, ObservesFlows] | None = None  # a fairness policy that hears how it ended
         self.served: str | None = None  # the endpoint the gateway says served it (after its retries)
+        # Set by a front end that can end this request while it runs (an ext_proc stream open
+        # through the response): in-flight eviction calls it; it answers 429 and ends the stream.
+        self.revoke: Callable[[], None] | None = None
         self.status = 0  # the response's HTTP status (0: none came)
         self.shadows: list[ShadowPick] = []  # the shadow configs' decisions for this request (sampled)
         # Whether a response chunk that is not the last one matters (before the first bytes, or
@@ -262,7 +265,7 @@ class Routed:
                     p.candidate.scheduler.completed(p.decision, completion)
                 if reader is not None and reader.cached_tokens is not None and reader.prompt_tokens:
                     ShadowEvaluation.reported(self.shadows, reader.prompt_tokens, reader.cached_tokens)
-            self._director.finished(self.endpoint, self._labels, self._started)
+            self._director.finished(self.endpoint, self._labels, self._started, self)
             slot = self.request.prepared.get(SLOT)
             if isinstance(slot, Slot):
                 slot.release()

@@ -8,6 +8,11 @@ through ``Waiting.ready``. Pumps run on arrivals, on every response's end, and o
 while anything waits (which also sees scrapes and expires budgets). Every queued request ends
 exactly once: dispatched, or refused with a status and the reference's drop reason, or removed
 because its client went away (then nothing is sent).
+
+With in-flight eviction on, the room also tracks what it dispatched until it ends (``finished``);
+when dispatch stops at a ceiling with higher-priority work queued, it revokes dispatched
+sheddable requests through their front ends (``Routed.revoke``: a 429 with the drop reason
+``evicted``), as many and as often as ``Reclamation`` allows.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from epp.datastore.store import Datastore, Snapshot
 from epp.flowcontrol.contract import ObservesFlows, QueuedRequest
 from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
+from epp.flowcontrol.eviction import InFlight, Reclamation, confirmation_grace
 from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
 from epp.requestcontrol.headers import SLO_TTFT_MS, header
 from epp.requestcontrol.pending import Pending
@@ -112,11 +118,31 @@ class WaitingRoom:
         self._pumping = False
         self._again = False
         self.queued: dict[QueueKey, list[int]] = {}  # -> [requests, bytes], for the queue gauges
+        # In-flight eviction: what was dispatched and has not ended, and the revocations' pacing.
+        self.inflight: InFlight[Routed] | None = None
+        self.reclamation: Reclamation[Routed] | None = None
+        self._evicting(settings)
 
     def reconfigure(self, settings: FlowSettings) -> None:
         self.controller.reconfigure(settings)
         self._estimates = self.estimate is not None and settings.reads_prefill_estimate()
+        self._evicting(settings)
         self.pump()
+
+    def _evicting(self, settings: FlowSettings) -> None:
+        """Eviction on or off (a reload); on, the grace follows the detector in use."""
+        policies = settings.eviction
+        if policies is None:
+            self.inflight = None
+            self.reclamation = None
+            return
+        grace = confirmation_grace(settings.detector.type_name, self.store.refresh_interval, self.store.staleness)
+        if self.inflight is None:
+            self.inflight = InFlight(policies)
+        self.inflight.policies = policies  # (for requests dispatched from now on)
+        if self.reclamation is None:
+            self.reclamation = Reclamation(grace)
+        self.reclamation.grace = grace
 
     # -- arrivals -----------------------------------------------------------------------------------
     def admit(self, w: Waiting) -> None:
@@ -177,6 +203,8 @@ class WaitingRoom:
                     # not the whole list: pods not scraped yet are no capacity.
                     item = controller.next(replace(store.snapshot(), endpoints=pool))
                     if item is None:
+                        if controller.blocked is not None and self.inflight is not None:
+                            self._reclaim()
                         break
                     self._left(item, Outcome.DISPATCHED)
                     w: Waiting = item.payload
@@ -195,6 +223,64 @@ class WaitingRoom:
                 again = self._again
         finally:
             self._pumping = False
+
+    def finished(self, routed: Routed) -> None:
+        """A dispatched request ended (served, failed, or revoked): capacity freed."""
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.untrack(routed)
+            rc = self.reclamation
+            if rc is not None and routed in rc.outstanding:
+                seconds = rc.confirm(routed, self.clock())
+                if self.metrics is not None:
+                    self.metrics.revocation_ended("confirmed", seconds, rc.pending)
+        self.pump()
+
+    def _reclaim(self) -> None:
+        """Dispatch stopped at a ceiling: revoke dispatched sheddable requests if that lets
+        queued higher-priority work go (epp.flowcontrol.eviction)."""
+        inflight, rc = self.inflight, self.reclamation
+        if inflight is None or rc is None:
+            return
+        now = self.clock()
+        gate = rc.gate_open(now)
+        if rc.timed_out:
+            for lost in rc.timed_out:
+                log.warning("revoked request %s did not end within %.0f s; treated as ended",
+                            lost.request.request_id or "-", rc.timeout)
+                if self.metrics is not None:
+                    self.metrics.revocation_ended("timed_out", None, rc.pending)
+            rc.timed_out.clear()
+        if not gate:
+            return
+        victim_priority = inflight.victim_priority()
+        if victim_priority is None:
+            return
+        found = self.controller.eviction_demand(victim_priority)
+        if found is None:
+            return
+        demand_priority, ceiling, saturation = found
+        n, credit = rc.size(saturation, ceiling, len(inflight), inflight.evictable)
+        issued = 0
+        while issued < n:
+            victim = inflight.pop_victim(demand_priority)
+            if victim is None:
+                break
+            revoke = victim.revoke
+            if victim.done or revoke is None:  # its front end cannot end it (the Pick API, observed mode)
+                if not victim.done:
+                    inflight.track(victim, victim.request.priority, now, evictable=False)
+                continue
+            rc.issued(victim, credit, now)
+            issued += 1
+            log.info("evicting request %s (priority %d) for queued priority %d work: saturation %.2f, ceiling %.2f",
+                     victim.request.request_id or "-", victim.request.priority, demand_priority, saturation, ceiling)
+            try:
+                revoke()
+            except Exception:  # epp's bug: logged; the confirmation timeout reopens the gate
+                log.exception("revoking request %s failed", victim.request.request_id or "-")
+        if issued and self.metrics is not None:
+            self.metrics.revoked(demand_priority, issued, rc.reclaim_target, rc.pending)
 
     def tick(self) -> None:
         """Expire what ran out of budget, then pump (the timer calls it while anything waits)."""
@@ -243,6 +329,9 @@ class WaitingRoom:
             self.metrics.ended(w.key, outcome.value, self.clock() - w.queued_at)
 
     def _resolve(self, w: Waiting, result: Routed | Refused) -> None:
+        inflight = self.inflight
+        if inflight is not None and not isinstance(result, Refused):
+            inflight.track(result, w.request.priority, self.clock())
         ready = w.ready
         if ready is None:
             w.result = result

@@ -120,7 +120,8 @@ class PickerServer:
 
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
-        self.store = Datastore(staleness=opts.metrics_staleness_threshold)
+        self.store = Datastore(staleness=opts.metrics_staleness_threshold,
+                               refresh_interval=opts.refresh_metrics_interval)
         self.metrics = PickerMetrics(self.store, opts.pool_name, opts.metrics_label_values)
         self.loop_lag = LoopLag(self.metrics.registry)
         # Token files are read now, so a missing or empty one stops epp at start.

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from epp.requestcontrol.frontend import PickService, RoutedSide
 from epp.requestcontrol.pending import Pending
-from epp.requestcontrol.refused import DROPPED_REASON_HEADER, Refused
+from epp.requestcontrol.refused import DROPPED_REASON_HEADER, EVICTED, Refused
 from epp.requestcontrol.routed import RequestInput, ResponseAccess
 from epp.server import h2grpc
 from epp.server.observed import ALL, END, FIRST, PICK_TOKEN_HEADER, ROLE_HEADER, ObserverRegistry, ObserverStream
@@ -288,8 +288,8 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
-                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_skipping", "_subset", "_waiting",
-                 "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
+                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_revoked", "_skipping", "_subset",
+                 "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
@@ -321,8 +321,11 @@ class ExtProcStream:
         self._held: list[bytes] | None = None
         self._waiting: Pending | None = None
         self.emit: Callable[[list[bytes]], None] | None = None
+        self._revoked = False  # flow control evicted the request: answered 429, the stream ends
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
+        if self._revoked:  # (messages the gateway sent before it saw the eviction's answer)
+            return []
         kind = msg.WhichOneof("request")
         if msg.observability_mode:  # (the gateway waits for no answer)
             if self._observer is None:
@@ -459,8 +462,26 @@ class ExtProcStream:
             self._after_pick = answer
             self._held = []
             return []
-        self.pick = out
+        self._take(out)
         return answer()
+
+    def _take(self, pick: RoutedSide) -> None:
+        self.pick = pick
+        if self.observed is None:  # (observed mode: this stream ends at the pick, its observers read on)
+            pick.revoke = self._revoke
+
+    def _revoke(self) -> None:
+        """In-flight eviction: answer 429 with the drop reason; the stream then ends (``ended``),
+        Envoy resets the request upstream, and the pick finishes with the stream."""
+        pick = self.pick
+        if pick is None or pick.done or self._revoked:
+            return
+        self._revoked = True
+        pick.status = 429
+        refusal = Refused(429, "flow control: evicted to make room for higher-priority requests; retry later",
+                          dropped=EVICTED)
+        if self.emit is not None:
+            self.emit([immediate(refusal.status, refusal.body(), refusal.dropped)])
 
     def _ready(self, result: RoutedSide | Refused) -> None:
         """Flow control dispatched (or refused) the held request: send what was held back."""
@@ -470,7 +491,7 @@ class ExtProcStream:
         if isinstance(result, Refused):
             out = [immediate(result.status, result.body(), result.dropped, result.headers)]
         else:
-            self.pick = result
+            self._take(result)
             out = answer() if answer is not None else []
             out.extend(held)
         if self.emit is not None:
@@ -513,8 +534,8 @@ class ExtProcStream:
 
     @property
     def ended(self) -> bool:
-        """epp may end the stream now (an observer's, whose reading is done)."""
-        return self._observer is not None and self._observer.ended
+        """epp may end the stream now (an observer's, whose reading is done; an evicted request's)."""
+        return self._revoked or (self._observer is not None and self._observer.ended)
 
     def _pick_full_duplex(self, eos: bool) -> list[bytes]:
         self._picked = True
@@ -561,7 +582,7 @@ class H2ExtProc:
         send = self.responder.send
         for out in answers:
             send(out)
-        if self.ending:
+        if self.ending or self.stream.ended:
             self.stream.close()
             self.responder.finish()
         self.responder.flush()

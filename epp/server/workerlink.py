@@ -23,6 +23,7 @@ state -> worker
   ["r", rid, pick]        a committed pick (``pick_fields``)
   ["n", rid, status, message, param, dropped, headers]  refused
   ["U", rid, status, message, payload]  a relayed unary answer
+  ["v", rid]              revoke the pick (in-flight eviction): the stream answers 429 and ends
 
 Response bodies stay in the worker (echoed there, usage read there); the state process hears
 only the events that change routing state. When a worker's link drops, the state process ends
@@ -287,6 +288,8 @@ class StateEnd(_Link):
 
     def _routed(self, rid: int, r: Routed) -> None:
         self.routed[rid] = r
+        if self.observed is None:  # (observed mode: the worker's pick stream ends at the pick)
+            r.revoke = lambda: self.send(["v", rid])
         fields = pick_fields(r, self.explain, self.scores)
         fields.append(self.observed.register(r) if self.observed is not None else "")
         self.send(["r", rid, fields])
@@ -351,6 +354,7 @@ class RemoteRouted:
         "forward_body",
         "prefilled",
         "reader",
+        "revoke",
         "status",
         "streamed",
         "token",
@@ -380,6 +384,7 @@ class RemoteRouted:
         self._first = 0.0
         self._spent = 0.0  # seconds this worker spent on the response body (epp's processing time)
         self._served = ""  # the endpoint that served, not told yet
+        self.revoke: Callable[[], None] | None = None  # the worker's stream's, when it can end the request
 
     @property
     def header_value(self) -> str:
@@ -515,6 +520,11 @@ class WorkerEnd(_Link):
             answer = self.calls.pop(rid, None)
             if answer is not None:
                 answer(m[2], m[3], m[4])
+            return
+        if kind == "v":
+            routed = self.routed.get(rid)
+            if routed is not None and routed.revoke is not None:
+                routed.revoke()
             return
         held = self.waiting.pop(rid, None)
         if held is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from epp.stack.local import Stack, in_process_stack, wait_until
 from epp.v1 import picker_pb2, picker_pb2_grpc
 
-from .conftest import completion_body, post
+from .conftest import ONE_STREAM_PER_CONNECTION, completion_body, post
 
 CRITICAL = """\
 apiVersion: llm-d.ai/v1alpha2
@@ -267,3 +268,64 @@ async def test_shutting_down_answers_what_still_waits_with_503() -> None:
         assert status == 503 and headers["x-llm-d-request-dropped-reason"] == "rejected-shutting-down"
         assert orjson.loads(data)["error"]["code"] == 503
         await busy
+
+
+SHEDDABLE = CRITICAL + """\
+---
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -1, poolRef: {name: default}}
+"""
+
+
+@pytest.mark.parametrize(("template", "stream", "workers"), [
+    ("epp-full-duplex", False, 0), ("epp-full-duplex", True, 0), ("epp-buffered", False, 0),
+    ("epp-buffered", True, 0), ("epp-full-duplex", True, 2)])
+async def test_a_running_sheddable_request_is_evicted_for_queued_critical_work(template: str, stream: bool,
+                                                                               workers: int) -> None:
+    cfg = flow_config("  enableEviction: true")
+    more: dict[str, Any] = {"serve": {"workers": workers}, "epp_cluster": ONE_STREAM_PER_CONNECTION} if workers else {}
+    async with in_process_stack(servers=1, template=template, config_text=cfg, objectives_text=SHEDDABLE,
+                                **more) as stack, aiohttp.ClientSession() as s:
+        await slow(stack, 50)
+        t = Timed(s, stack.url)
+        cut: list[bytes] = []
+
+        async def streamed_batch() -> None:  # the response had started: the client sees it cut short
+            body = completion_body("batch " * 20, max_tokens=60, stream=True)
+            async with s.post(f"{stack.url}/v1/completions", data=body, headers={
+                    "content-type": "application/json", "x-llm-d-inference-objective": "batch"}) as r:
+                assert r.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for chunk in r.content.iter_any():
+                        cut.append(chunk)
+
+        batch = asyncio.create_task(streamed_batch() if stream else t.send(
+            "batch", {"x-llm-d-inference-objective": "batch"}, max_tokens=60))  # ~3 s
+        await wait_until(lambda: _running(stack), 5, "the pod busy with the sheddable request")
+        if stream:
+            await asyncio.sleep(0.3)  # its first tokens are out: the eviction cuts a started stream
+        started = time.monotonic()
+        await t.send("crit", {"x-llm-d-inference-objective": "critical"}, max_tokens=2)
+        assert t.ends["crit"][1] == 200 and time.monotonic() - started < 2.0  # not behind the 3 s request
+        await asyncio.wait_for(batch, 5)
+        if stream:
+            assert cut and b"[DONE]" not in b"".join(cut)
+        else:
+            _, status, headers, data = t.ends["batch"]
+            assert status == 429 and headers["x-llm-d-request-dropped-reason"] == "evicted"
+            assert orjson.loads(data)["error"]["type"] == "RateLimitError"
+        engine = stack.fleet.servers[0].engine
+        await wait_until(lambda: _aborted(stack), 5, "the pod told to stop the evicted request")
+        assert engine.stats.finished["stop"] + engine.stats.finished["length"] == 1  # the critical one
+        assert stack.picker is not None
+        m = stack.picker.metrics
+        assert m.sample_value("llm_d_epp_flow_control_revocations_issued_total",
+                              {"priority": "10", "inference_pool": "default"}) == 1
+        assert m.sample_value("llm_d_epp_flow_control_revocations_total",
+                              {"outcome": "confirmed", "inference_pool": "default"}) == 1
+
+
+async def _aborted(stack: Stack) -> bool:
+    return stack.fleet.servers[0].engine.stats.finished["abort"] == 1

@@ -19,10 +19,6 @@ from .conftest import post
 REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "metrics.txt"
 NOT_EXPORTED = {
     "llm_d_epp_plugin_data_scope_violations_total",  # epp's plugins have no data scopes to violate
-    # flowControl.enableEviction (revoking in-flight requests) is refused in config:
-    "llm_d_epp_flow_control_revocations_issued_total", "llm_d_epp_flow_control_revocations_total",
-    "llm_d_epp_flow_control_reclaim_target", "llm_d_epp_flow_control_pending_reclaim",
-    "llm_d_epp_flow_control_revocation_confirmation_seconds",
 }
 CONFIG = """apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig

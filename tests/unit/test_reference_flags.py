@@ -151,8 +151,7 @@ def test_feature_gates_epp_honours_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("section", ["dataLayer: {peerDiscovery: {pluginRef: d}}", "data: {}",
-                                     "requestHandler: {parsers: [{pluginRef: vllmgrpc-parser}]}",
-                                     "featureGates: [flowControl]\nflowControl: {enableEviction: true}"])
+                                     "requestHandler: {parsers: [{pluginRef: vllmgrpc-parser}]}"])
 def test_sections_epp_cannot_honour_are_refused_not_ignored(section: str) -> None:
     with pytest.raises(ConfigError, match="not supported by epp"):
         parse_config(CURRENT + section + "\n")

@@ -200,8 +200,8 @@ def test_a_reload_keeps_queued_requests_and_turning_the_gate_off_releases_them()
 
 def test_ext_proc_holds_the_headers_answer_and_sends_it_when_the_request_dispatches() -> None:
     d, _, _ = setup(config())
-    for _ in range(2):
-        d.submit(req(), ready=Answers())
+    first = d.submit(req(), ready=Answers())
+    d.submit(req(), ready=Answers())
     stream = ExtProcStream(d)
     sent: list[list[bytes]] = []
     stream.emit = sent.append
@@ -213,8 +213,8 @@ def test_ext_proc_holds_the_headers_answer_and_sends_it_when_the_request_dispatc
     assert stream.on_message(pb.ProcessingRequest(request_trailers=pb.HttpTrailers())) == []  # held behind the pick
     room = d.waiting
     assert room is not None
-    first = next(iter(d.store.inflight))
-    d.finished(first, d.metrics.request_labels("", "", "", 0), 0.0)
+    assert isinstance(first, Routed)
+    first.finish()
     assert len(sent) == 1
     kinds = [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in sent[0]]
     assert kinds == ["request_headers", "request_body", "request_trailers"]

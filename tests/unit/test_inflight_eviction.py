@@ -1,0 +1,154 @@
+"""In-flight eviction in the request path: the director and the waiting room revoke dispatched
+sheddable requests through their front ends when critical work is blocked, one decision at a
+time (no sockets; the clock and the front ends are driven by the test)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from epp.config import build, parse_config
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.policies import RequestPolicies
+from epp.requestcontrol.routed import Routed
+from epp.requestcontrol.waiting import Waiting
+from epp.scheduling.types import ConfigError
+
+from .test_waiting_room import Answers, Clock, config, req, setup
+
+EVICTING = "  enableEviction: true"
+OBJECTIVES = [{"kind": "InferenceObjective", "metadata": {"name": "critical"}, "spec": {"priority": 10}},
+              {"kind": "InferenceObjective", "metadata": {"name": "batch"}, "spec": {"priority": -1}}]
+
+
+class FrontEnd:
+    """What an ext_proc stream does when its request is revoked: answers 429 and ends it."""
+
+    def __init__(self, hangs: bool = False) -> None:
+        self.revoked: list[Routed] = []
+        self.hangs = hangs
+
+    def attach(self, routed: Routed | Waiting) -> Routed:
+        assert isinstance(routed, Routed)
+        routed.revoke = lambda: self._revoke(routed)
+        return routed
+
+    def _revoke(self, routed: Routed) -> None:
+        self.revoked.append(routed)
+        if not self.hangs:
+            routed.status = 429
+            routed.finish()
+
+
+def evicting(text: str = EVICTING) -> tuple[Director, Clock]:
+    d, clock, _ = setup(config(text))
+    d.policies = RequestPolicies.build(OBJECTIVES, pool=None)
+    return d, clock
+
+
+def sample(d: Director, name: str, labels: dict[str, str]) -> float | None:
+    return d.metrics.sample_value(name, {**labels, "inference_pool": "pool"})
+
+
+def test_critical_work_revokes_the_newest_sheddable_one_decision_at_a_time() -> None:
+    d, clock = evicting()
+    fe = FrontEnd()
+    old = fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    clock.now += 1
+    new = fe.attach(d.submit(req(objective="batch"), ready=Answers()))  # the pool is full (2 x 1)
+    second = Answers()
+    first = d.submit(req(objective="critical"), ready=Answers())
+    assert fe.revoked == [new] and new.done and new.status == 429  # the newest dispatch goes first
+    assert isinstance(first, Routed) and first.endpoint == new.endpoint  # at once, into the capacity it freed
+    assert isinstance(d.submit(req(objective="critical"), ready=second), Waiting)
+    assert fe.revoked == [new] and second.got == []  # cooling: the next decision waits for the grace
+    clock.now += 0.02  # past the concurrency detector's 10 ms
+    assert d.waiting is not None
+    d.waiting.tick()
+    assert fe.revoked == [new, old] and len(second.got) == 1
+    third = Answers()
+    assert isinstance(d.submit(req(objective="critical"), ready=third), Waiting)
+    clock.now += 1
+    d.waiting.tick()
+    assert third.got == [] and len(fe.revoked) == 2  # nothing sheddable runs now: it waits its turn
+    assert sample(d, "llm_d_epp_flow_control_revocations_issued_total", {"priority": "10"}) == 2
+    assert sample(d, "llm_d_epp_flow_control_revocations_total", {"outcome": "confirmed"}) == 2
+    assert sample(d, "llm_d_epp_flow_control_revocation_confirmation_seconds_count", {}) == 2
+
+
+def test_sheddable_work_never_evicts_its_own_band_nor_standard_work_a_standard_request() -> None:
+    d, _ = evicting()
+    fe = FrontEnd()
+    fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    fe.attach(d.submit(req(), ready=Answers()))
+    assert isinstance(d.submit(req(objective="batch"), ready=Answers()), Waiting)
+    assert fe.revoked == []  # same band: no churn
+    assert isinstance(d.submit(req(), ready=Answers()), Routed)  # standard work (0) is above it
+    assert len(fe.revoked) == 1 and fe.revoked[0].request.priority == -1
+
+
+def test_a_request_its_front_end_cannot_end_is_never_chosen() -> None:
+    d, _ = evicting()
+    fe = FrontEnd()
+    for _ in range(2):
+        assert isinstance(d.submit(req(objective="batch"), ready=Answers()), Routed)  # the Pick API: no revoke
+    held = Answers()
+    assert isinstance(d.submit(req(objective="critical"), ready=held), Waiting)
+    assert held.got == [] and fe.revoked == []
+    assert d.waiting is not None and d.waiting.inflight is not None
+    assert (len(d.waiting.inflight), d.waiting.inflight.evictable) == (2, 0)  # still counted in flight
+
+
+def test_a_revocation_that_never_ends_holds_the_gate_until_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    d, clock = evicting()
+    fe = FrontEnd(hangs=True)
+    fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    assert isinstance(d.submit(req(objective="critical"), ready=Answers()), Waiting)
+    assert len(fe.revoked) == 1
+    assert d.waiting is not None
+    clock.now += 5
+    d.waiting.tick()
+    assert len(fe.revoked) == 1  # unconfirmed: no second decision on a gauge that has not moved
+    clock.now += 5.1
+    with caplog.at_level(logging.WARNING, "epp.flowcontrol"):
+        d.waiting.tick()
+    assert "did not end within 10 s" in caplog.text
+    assert sample(d, "llm_d_epp_flow_control_revocations_total", {"outcome": "timed_out"}) == 1
+    clock.now += 0.02
+    d.waiting.tick()
+    assert len(fe.revoked) == 2  # the gate reopened: the other one goes
+
+
+def test_off_by_default_and_a_reload_turns_it_on_for_requests_dispatched_after() -> None:
+    d, _ = evicting("")
+    fe = FrontEnd()
+    fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    assert d.waiting is not None and d.waiting.inflight is None
+    d.set_flow_control(build(parse_config(config(EVICTING))).runtime().flow)
+    fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    assert isinstance(d.submit(req(objective="critical"), ready=Answers()), Routed)
+    assert len(fe.revoked) == 1 and d.waiting.inflight is not None and len(d.waiting.inflight) == 1
+
+
+def test_enable_eviction_config() -> None:
+    assert parse_config(config(EVICTING)).flow is not None
+    with pytest.raises(ConfigError, match=r"flowControl.enableEviction: expected true or false"):
+        parse_config(config("  enableEviction: yes-please"))
+    two = config(EVICTING).replace("plugins:\n", "plugins:\n- type: sheddable-eviction-filter\n"
+                                                 "- {type: sheddable-eviction-filter, name: other}\n", 1)
+    with pytest.raises(ConfigError, match=r"plugins\[1\]\.type: a second eviction filter policy"):
+        parse_config(two)
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.parameters"):
+        parse_config(config(EVICTING).replace("plugins:\n", "plugins:\n- type: priority-then-time-eviction-order-"
+                                                             "policy\n  parameters: {x: 1}\n", 1))
+
+
+def test_a_declared_eviction_policy_is_the_one_used_and_unused_ones_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    text = config(EVICTING).replace("plugins:\n", "plugins:\n- {type: sheddable-eviction-filter, name: mine}\n", 1)
+    settings = build(parse_config(text)).runtime().flow
+    assert settings is not None and settings.eviction is not None and settings.eviction.filter.name == "mine"
+    with caplog.at_level(logging.WARNING, "epp.config"):
+        parse_config(config().replace("plugins:\n", "plugins:\n- type: sheddable-eviction-filter\n", 1))
+    assert "used only with flowControl.enableEviction: true" in caplog.text
