@@ -564,7 +564,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ov.add_argument("--profile", default="a100-llama8b", help="simulator preset")
     ov.add_argument("--servers", type=int, default=4)
     ov.add_argument("--requests", type=int, default=800, help="requests per run")
-    ov.add_argument("--scenarios", default="overload,priority,fairness,scale-from-zero,queue")
+    ov.add_argument("--scenarios", default="overload,priority,fairness,scale-from-zero,queue",
+                    help="comma-separated; also: eviction (in-flight eviction of sheddable work, on request)")
     ov.add_argument("--ttl", default="400ms", help="flowControl.defaultRequestTTL of the flow-control runs")
     ov.add_argument("--no-peers", action="store_true", help="skip vllm-router and sglang-router")
     ov.add_argument("--detector", default="concurrency",

@@ -47,13 +47,20 @@ from epp.sim.fleet import Fleet
 from epp.sim.profiles import profile
 from epp.stack.local import free_ports
 
-SCENARIOS = ("overload", "priority", "fairness", "scale-from-zero", "queue")
+SCENARIOS = ("overload", "priority", "fairness", "scale-from-zero", "queue", "eviction")
+DEFAULT_SCENARIOS = SCENARIOS[:5]  # (eviction: on request)
 PEERS = ("vllm-router", "sglang-router")
 CRITICAL_OBJECTIVE = """\
 apiVersion: llm-d.ai/v1alpha2
 kind: InferenceObjective
 metadata: {name: critical}
 spec: {priority: 10, poolRef: {name: default}}
+"""
+SHEDDABLE_OBJECTIVE = CRITICAL_OBJECTIVE + """---
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -1, poolRef: {name: default}}
 """
 
 
@@ -71,7 +78,7 @@ DETECTORS = {
 
 def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_endpoint_ttl: str = "30s",
                 detector: str = "concurrency", holdback: float | None = None,
-                ordering: str = "least-prefill-ordering-policy") -> str:
+                ordering: str = "least-prefill-ordering-policy", evict: bool = False) -> str:
     """The default profile with flow control on: the detector (also a filter of the profile), a
     queue budget ``ttl``, the bands' ``ordering``; with ``holdback``, the priority-holdback usage
     limit (lower bands gated from that saturation, the top band at 1.0)."""
@@ -102,7 +109,8 @@ flowControl:
   defaultRequestTTL: {ttl}
   noEndpointRequestTTL: {no_endpoint_ttl}
   defaultPriorityBand: {{fairnessPolicyRef: {fairness}, orderingPolicyRef: {ordering}}}
-{"  usageLimitPolicyPluginRef: priority-holdback-policy" + chr(10) if holdback else ""}"""
+{"  usageLimitPolicyPluginRef: priority-holdback-policy" + chr(10) if holdback else ""}\
+{"  enableEviction: true" + chr(10) if evict else ""}"""
 
 
 @dataclass
@@ -113,7 +121,7 @@ class OverloadOptions:
     servers: int = 4
     requests: int = 800
     seed: int = 1
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     peers: bool = True
     ttl: str = "400ms"  # the queue budget: under the TTFT SLO, so a request served is served in time
     slo_ttft_s: float = 1.0
@@ -332,6 +340,32 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
                       fairness_a_tok_s=round(a_tok, 1), fairness_b_tok_s=round(b_tok, 1),
                       fairness_capacity_tok_s=round(cap_tok, 1),
                       fairness_a_share_of_rest=round(a_tok / (cap_tok - b_tok), 3) if cap_tok > b_tok else None)
+    if "eviction" in o.scenarios:
+        # In-flight eviction: 25% critical, the rest sheddable (priority -1), at 1.4x; flow control
+        # without holdback, so critical work finds the pods full of dispatched sheddable work.
+        trace = build(o.workload, o.requests, cap * 1.4, o.seed + 5, o.params)
+        critical = tag(trace, {"x-llm-d-inference-objective": "critical"}, 0.25, o.seed, "critical")
+        for s, c in zip(trace.sessions, critical, strict=True):
+            if not c:
+                s.headers = {**s.headers, "x-llm-d-inference-objective": "batch"}
+                s.kind = f"{s.kind}/batch"
+        kept = flow_config(o.ttl, detector=o.detector, ordering=o.ordering)
+        evicting = flow_config(o.ttl, detector=o.detector, ordering=o.ordering, evict=True)
+        kept_r, _ = await b.run("eviction", "epp-flow-control", trace, kept, SHEDDABLE_OBJECTIVE)
+        evict_r, _ = await b.run("eviction", "epp-flow-control-eviction", trace, evicting, SHEDDABLE_OBJECTIVE)
+        crit, batch = labelled("critical"), labelled("batch")
+
+        def served(rs: list[RequestResult], who: Any) -> int:
+            return sum(1 for r in rs if r.status == 200 and who(r))
+
+        checks.update(eviction_critical_p90_kept_s=_p90(kept_r, crit),
+                      eviction_critical_p90_on_s=_p90(evict_r, crit),
+                      eviction_critical_served_kept=served(kept_r, crit),
+                      eviction_critical_served_on=served(evict_r, crit),
+                      eviction_batch_served_kept=served(kept_r, batch),
+                      eviction_batch_served_on=served(evict_r, batch),
+                      eviction_evicted=sum(1 for r in evict_r if r.dropped == "evicted"),
+                      eviction_cut_streams=sum(1 for r in evict_r if r.status == 599 and batch(r)))
     if "scale-from-zero" in o.scenarios:
         rate = max(1.0, cap * 0.3)
         trace = build("zipf", int(rate * 12), rate, o.seed + 4, o.params)
