@@ -347,8 +347,8 @@ class SimServer:
     async def _stream(self, request: web.Request, req: SimRequest, chat: bool, rid: str, created: int, model: str,
                       include_usage: bool, key: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self._stream_headers())
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)  # (the client may be gone already: an evicted request)
             obj = "chat.completion.chunk" if chat else "text_completion"
 
             def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
