@@ -358,7 +358,9 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         def served(rs: list[RequestResult], who: Any) -> int:
             return sum(1 for r in rs if r.status == 200 and who(r))
 
-        checks.update(eviction_critical_p90_kept_s=_p90(kept_r, crit),
+        checks.update(eviction_critical_sent=sum(1 for r in kept_r if crit(r)),
+                      eviction_batch_sent=sum(1 for r in kept_r if batch(r)),
+                      eviction_critical_p90_kept_s=_p90(kept_r, crit),
                       eviction_critical_p90_on_s=_p90(evict_r, crit),
                       eviction_critical_served_kept=served(kept_r, crit),
                       eviction_critical_served_on=served(evict_r, crit),
