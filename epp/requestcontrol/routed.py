@@ -254,6 +254,7 @@ class Routed:
     def finish(self) -> None:
         if not self.done:
             self.done = True
+            self.revoke = None  # (the front end's: no cycle left for the collector)
             self.first_bytes()
             reader = self.reader
             usage = None if reader is None or not reader.completion_tokens else Usage(

@@ -450,6 +450,7 @@ class RemoteRouted:
         if self.done:
             return
         self.done = True
+        self.revoke = None  # (the stream's: no cycle left for the collector)
         self._link.routed.pop(self._rid, None)
         if self._served:
             self._link.send(["s", self._rid, self._served])

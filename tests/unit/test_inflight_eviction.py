@@ -60,6 +60,7 @@ def test_critical_work_revokes_the_newest_sheddable_one_decision_at_a_time() -> 
     second = Answers()
     first = d.submit(req(objective="critical"), ready=Answers())
     assert fe.revoked == [new] and new.done and new.status == 429  # the newest dispatch goes first
+    assert new.revoke is None  # dropped at the end: the front end and its pick hold no cycle
     assert isinstance(first, Routed) and first.endpoint == new.endpoint  # at once, into the capacity it freed
     assert isinstance(d.submit(req(objective="critical"), ready=second), Waiting)
     assert fe.revoked == [new] and second.got == []  # cooling: the next decision waits for the grace
