@@ -345,10 +345,8 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         # without holdback, so critical work finds the pods full of dispatched sheddable work.
         trace = build(o.workload, o.requests, cap * 1.4, o.seed + 5, o.params)
         critical = tag(trace, {"x-llm-d-inference-objective": "critical"}, 0.25, o.seed, "critical")
-        for s, c in zip(trace.sessions, critical, strict=True):
-            if not c:
-                s.headers = {**s.headers, "x-llm-d-inference-objective": "batch"}
-                s.kind = f"{s.kind}/batch"
+        rest = replace(trace, sessions=[s for s, c in zip(trace.sessions, critical, strict=True) if not c])
+        tag(rest, {"x-llm-d-inference-objective": "batch"}, 1.0, 0, "batch")  # (the same session objects)
         kept = flow_config(o.ttl, detector=o.detector, ordering=o.ordering)
         evicting = flow_config(o.ttl, detector=o.detector, ordering=o.ordering, evict=True)
         kept_r, _ = await b.run("eviction", "epp-flow-control", trace, kept, SHEDDABLE_OBJECTIVE)
