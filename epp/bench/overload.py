@@ -78,10 +78,11 @@ DETECTORS = {
 
 def flow_config(ttl: str, fairness: str = "global-strict-fairness-policy", no_endpoint_ttl: str = "30s",
                 detector: str = "concurrency", holdback: float | None = None,
-                ordering: str = "least-prefill-ordering-policy", evict: bool = False) -> str:
+                ordering: str = "least-prefill-ordering-policy", evict: str | None = None) -> str:
     """The default profile with flow control on: the detector (also a filter of the profile), a
     queue budget ``ttl``, the bands' ``ordering``; with ``holdback``, the priority-holdback usage
-    limit (lower bands gated from that saturation, the top band at 1.0)."""
+    limit (lower bands gated from that saturation, the top band at 1.0); with ``evict`` (an
+    eviction ordering policy type), in-flight eviction in that order."""
     kind, _, params = detector.partition(":")
     spec = DETECTORS[kind] if not params else f"- type: {kind}-detector\n  name: detector\n  parameters: {params}\n"
     return f"""\
@@ -95,6 +96,7 @@ plugins:
 - type: max-score-picker
 {spec}- type: {fairness}
 - type: {ordering}
+{f"- type: {evict}{chr(10)}" if evict else ""}\
 {f"- type: priority-holdback-policy{chr(10)}  parameters: {{minCeiling: {holdback}}}{chr(10)}" if holdback else ""}
 schedulingProfiles:
 - name: default
@@ -348,9 +350,14 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
         rest = replace(trace, sessions=[s for s, c in zip(trace.sessions, critical, strict=True) if not c])
         tag(rest, {"x-llm-d-inference-objective": "batch"}, 1.0, 0, "batch")  # (the same session objects)
         kept = flow_config(o.ttl, detector=o.detector, ordering=o.ordering)
-        evicting = flow_config(o.ttl, detector=o.detector, ordering=o.ordering, evict=True)
+        evicting = flow_config(o.ttl, detector=o.detector, ordering=o.ordering,
+                               evict="priority-then-time-eviction-order-policy")
+        progress = flow_config(o.ttl, detector=o.detector, ordering=o.ordering,
+                               evict="priority-then-progress-eviction-order-policy")
         kept_r, _ = await b.run("eviction", "epp-flow-control", trace, kept, SHEDDABLE_OBJECTIVE)
         evict_r, _ = await b.run("eviction", "epp-flow-control-eviction", trace, evicting, SHEDDABLE_OBJECTIVE)
+        progress_r, _ = await b.run("eviction", "epp-flow-control-eviction-progress", trace, progress,
+                                    SHEDDABLE_OBJECTIVE)
         crit, batch = labelled("critical"), labelled("batch")
 
         def served(rs: list[RequestResult], who: Any) -> int:
@@ -365,7 +372,12 @@ async def _bench(out: Path, o: OverloadOptions, router_cores: set[int] | None) -
                       eviction_batch_served_kept=served(kept_r, batch),
                       eviction_batch_served_on=served(evict_r, batch),
                       eviction_evicted=sum(1 for r in evict_r if r.dropped == "evicted"),
-                      eviction_cut_streams=sum(1 for r in evict_r if r.status == 599 and batch(r)))
+                      eviction_cut_streams=sum(1 for r in evict_r if r.status == 599 and batch(r)),
+                      eviction_progress_critical_p90_s=_p90(progress_r, crit),
+                      eviction_progress_critical_served=served(progress_r, crit),
+                      eviction_progress_batch_served=served(progress_r, batch),
+                      eviction_progress_evicted=sum(1 for r in progress_r if r.dropped == "evicted"),
+                      eviction_progress_cut_streams=sum(1 for r in progress_r if r.status == 599 and batch(r)))
     if "scale-from-zero" in o.scenarios:
         rate = max(1.0, cap * 0.3)
         trace = build("zipf", int(rate * 12), rate, o.seed + 4, o.params)

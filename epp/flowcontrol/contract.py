@@ -124,9 +124,11 @@ class EvictionFilterPolicy(Plugin, Protocol):
 
 
 class EvictionOrderingPolicy(Plugin, Protocol):
-    """In-flight eviction: a dispatched request's place among the victims (smaller goes first)."""
+    """In-flight eviction: a dispatched request's place among the victims (smaller goes first).
+    ``started``: its response's first bytes arrived (the pod computed its prompt; a stream has
+    begun); the key is asked again when that happens."""
 
-    def victim_key(self, priority: int, dispatched: float) -> tuple[float, float]: ...
+    def victim_key(self, priority: int, dispatched: float, started: bool) -> tuple[float, ...]: ...
 
 
 ROLES: tuple[tuple[type[Any], str], ...] = ((SaturationDetector, "saturation detector"),

@@ -6,7 +6,8 @@ controller/internal/reclamation.go). Sans-I/O: the waiting room tracks what it d
 - Victims: the dispatched requests the filter policy accepts, in the ordering policy's order (by
   default the reference's ``sheddable-eviction-filter`` and
   ``priority-then-time-eviction-order-policy``: priority < 0, lowest priority first, then the most
-  recently dispatched).
+  recently dispatched; epp's ``priority-then-progress-eviction-order-policy`` puts the requests
+  whose response has not started before those already streaming).
 - Trigger: the dispatch is blocked at band i and the gate is open; the first band j >= i whose
   priority is above the victim's, whose ceiling is > 0 and reached, and which has queued requests
   is the demand.
@@ -46,12 +47,15 @@ def confirmation_grace(detector_type: str, refresh_interval: float, staleness: f
 
 
 class _Tracked(Generic[K]):
-    __slots__ = ("evictable", "key", "priority")
+    __slots__ = ("dispatched", "evictable", "key", "priority", "started", "victim_key")
 
-    def __init__(self, key: K, priority: int, evictable: bool) -> None:
+    def __init__(self, key: K, priority: int, dispatched: float, evictable: bool, started: bool = False) -> None:
         self.key = key
         self.priority = priority
+        self.dispatched = dispatched
         self.evictable = evictable
+        self.started = started
+        self.victim_key: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +74,9 @@ class InFlight(Generic[K]):
     def __init__(self, policies: EvictionPolicies) -> None:
         self.policies = policies
         self._entries: dict[K, _Tracked[K]] = {}
-        # (victim key, seq, entry), smallest first; an entry that left stays until it comes up
-        # (evictable False).
-        self._heap: list[tuple[tuple[float, float], int, _Tracked[K]]] = []
+        # (victim key, seq, entry), smallest first; an entry that left (or moved: its response
+        # started) stays until it comes up (evictable False).
+        self._heap: list[tuple[tuple[float, ...], int, _Tracked[K]]] = []
         self._seq = itertools.count()
         self.evictable = 0
 
@@ -85,12 +89,31 @@ class InFlight(Generic[K]):
     def track(self, key: K, priority: int, dispatched: float, evictable: bool = True) -> None:
         """``evictable`` False: counted in flight, never a victim (its front end cannot end it)."""
         self.untrack(key)
-        p = self.policies
-        entry = _Tracked(key, priority, evictable and p.filter.accept(priority))
+        entry = _Tracked(key, priority, dispatched, evictable and self.policies.filter.accept(priority))
         self._entries[key] = entry
         if entry.evictable:
-            heapq.heappush(self._heap, (p.order.victim_key(priority, dispatched), next(self._seq), entry))
+            self._push(entry)
             self.evictable += 1
+
+    def started(self, key: K) -> None:
+        """``key``'s response started: its place among the victims is asked again (and moves if
+        the ordering policy reads it)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.started:
+            return
+        entry.started = True
+        if not entry.evictable:
+            return
+        if self.policies.order.victim_key(entry.priority, entry.dispatched, True) == entry.victim_key:
+            return
+        entry.evictable = False  # (the old heap entry is dropped when it comes up)
+        moved = _Tracked(key, entry.priority, entry.dispatched, True, started=True)
+        self._entries[key] = moved
+        self._push(moved)
+
+    def _push(self, entry: _Tracked[K]) -> None:
+        entry.victim_key = self.policies.order.victim_key(entry.priority, entry.dispatched, entry.started)
+        heapq.heappush(self._heap, (entry.victim_key, next(self._seq), entry))
 
     def untrack(self, key: K) -> None:
         entry = self._entries.pop(key, None)

@@ -204,11 +204,23 @@ class SheddableEvictionFilter(_NoParams, EvictionFilterPolicy):
 class PriorityThenTimeEvictionOrder(_NoParams, EvictionOrderingPolicy):
     type_name: ClassVar[str] = "priority-then-time-eviction-order-policy"
 
-    def victim_key(self, priority: int, dispatched: float) -> tuple[float, float]:
+    def victim_key(self, priority: int, dispatched: float, started: bool) -> tuple[float, ...]:
         return float(priority), -dispatched
+
+
+class PriorityThenProgressEvictionOrder(_NoParams, EvictionOrderingPolicy):
+    """epp's own: lowest priority first, then the requests whose response has not started (still
+    queued or in prefill at the pod: their client gets a clean 429 and nothing computed for them
+    is lost to a cut stream, and their prompt tokens are what a token-based detector counts),
+    then the most recently dispatched."""
+
+    type_name: ClassVar[str] = "priority-then-progress-eviction-order-policy"
+
+    def victim_key(self, priority: int, dispatched: float, started: bool) -> tuple[float, ...]:
+        return float(priority), float(started), -dispatched
 
 
 FLOW_POLICIES: tuple[type[Any], ...] = (FCFSOrdering, EDFOrdering, SLODeadlineOrdering, GlobalStrictFairness,
                                         RoundRobinFairness, ProgramAwareFairness, StaticUsageLimit, PriorityHoldback,
                                         SoftReflectiveCeiling, LeastPrefillOrdering, SheddableEvictionFilter,
-                                        PriorityThenTimeEvictionOrder)
+                                        PriorityThenTimeEvictionOrder, PriorityThenProgressEvictionOrder)

@@ -412,10 +412,14 @@ class Director:
         log.warning("request %s refused: %d %s", request.request_id or "-", refusal.status, refusal.message)
         return refusal
 
-    def prefilled(self, endpoint: str, tokens: int) -> None:
+    def prefilled(self, endpoint: str, tokens: int, routed: Routed) -> None:
+        """``routed``'s response started: the pod computed its prompt."""
         self.store.prefilled(endpoint, tokens)
-        if tokens and self.waiting is not None:
-            self.waiting.pump()  # the pod's prefill work ahead shrank
+        if self.waiting is not None:
+            if not routed.done:
+                self.waiting.started(routed)
+            if tokens:
+                self.waiting.pump()  # the pod's prefill work ahead shrank
 
     def prefill_stage_done(self, endpoint: str, tokens: int) -> None:
         """P/D: the prefill pod computed the prompt (the response started): it is free of it."""

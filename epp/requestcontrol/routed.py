@@ -45,7 +45,7 @@ class Ledger(Protocol):
 
     def move(self, old: str, new: str) -> bool: ...
 
-    def prefilled(self, endpoint: str, tokens: int) -> None: ...
+    def prefilled(self, endpoint: str, tokens: int, routed: Routed) -> None: ...
 
     def prefill_stage_done(self, endpoint: str, tokens: int) -> None: ...
 
@@ -185,7 +185,7 @@ class Routed:
             self.scheduler.prefill_done(self.decision)
             for p in self.shadows:
                 p.candidate.scheduler.prefill_done(p.decision)
-            self._director.prefilled(self.decision.primary, self.tokens)
+            self._director.prefilled(self.decision.primary, self.tokens, self)
             prefill = self.decision.prefill
             if prefill is not None:  # P/D: the prefill pod is done with this request
                 self._director.prefill_stage_done(prefill.primary, self.prefill_tokens)

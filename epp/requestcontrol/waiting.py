@@ -224,6 +224,11 @@ class WaitingRoom:
         finally:
             self._pumping = False
 
+    def started(self, routed: Routed) -> None:
+        """A dispatched request's response started (its place among eviction victims may move)."""
+        if self.inflight is not None:
+            self.inflight.started(routed)
+
     def finished(self, routed: Routed) -> None:
         """A dispatched request ended (served, failed, or revoked): capacity freed."""
         inflight = self.inflight

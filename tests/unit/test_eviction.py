@@ -15,7 +15,11 @@ from epp.flowcontrol.eviction import (
     confirmation_grace,
     demand,
 )
-from epp.flowcontrol.policies import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
+from epp.flowcontrol.policies import (
+    PriorityThenProgressEvictionOrder,
+    PriorityThenTimeEvictionOrder,
+    SheddableEvictionFilter,
+)
 from epp.scheduling.params import Params
 
 POLICIES = EvictionPolicies(SheddableEvictionFilter("f", Params({}, "f")),
@@ -53,6 +57,45 @@ def test_tracking_a_key_again_replaces_it() -> None:
     t.track("a", -1, 1.0)
     t.track("a", 0, 2.0)
     assert (len(t), t.evictable, t.victim_priority()) == (1, 0, None)
+
+
+PROGRESS = EvictionPolicies(SheddableEvictionFilter("f", Params({}, "f")),
+                            PriorityThenProgressEvictionOrder("o", Params({}, "o")))
+
+
+def test_progress_order_takes_requests_whose_response_has_not_started_first() -> None:
+    t: InFlight[str] = InFlight(PROGRESS)
+    for key, priority, at in [("a", -1, 1.0), ("b", -1, 2.0), ("c", -1, 3.0), ("d", -2, 4.0), ("crit", 10, 5.0)]:
+        t.track(key, priority, at)
+    t.started("c")  # the newest of priority -1 is streaming: it goes after the others of its priority
+    t.started("d")  # a lower priority still goes first, started or not
+    t.started("crit")  # (not evictable: nothing moves)
+    t.started("gone")  # (not tracked: ignored)
+    assert (len(t), t.evictable) == (5, 4)
+    order = []
+    while (v := t.pop_victim(below=0)) is not None:
+        order.append(v)
+    assert order == ["d", "b", "a", "c"]
+    assert (len(t), t.evictable) == (1, 0)
+
+
+def test_a_started_request_that_ends_is_no_victim_and_a_second_start_changes_nothing() -> None:
+    t: InFlight[str] = InFlight(PROGRESS)
+    t.track("a", -1, 1.0)
+    t.track("b", -1, 2.0)
+    t.started("b")
+    t.started("b")
+    t.untrack("b")
+    assert t.evictable == 1 and t.pop_victim(below=0) == "a" and t.pop_victim(below=0) is None
+
+
+def test_the_references_order_ignores_progress() -> None:
+    t: InFlight[str] = InFlight(POLICIES)
+    t.track("a", -1, 1.0)
+    t.track("b", -1, 2.0)
+    t.started("b")
+    assert [t.pop_victim(below=0), t.pop_victim(below=0)] == ["b", "a"]
+    assert len(t._heap) == 0  # (no entry was moved)
 
 
 HAS = {10: True, 5: False, 0: True}.__getitem__

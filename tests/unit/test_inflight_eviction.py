@@ -78,6 +78,23 @@ def test_critical_work_revokes_the_newest_sheddable_one_decision_at_a_time() -> 
     assert sample(d, "llm_d_epp_flow_control_revocation_confirmation_seconds_count", {}) == 2
 
 
+@pytest.mark.parametrize("order", ["priority-then-progress-eviction-order-policy", None])
+def test_the_progress_order_revokes_a_request_whose_response_has_not_started(order: str | None) -> None:
+    text = config(EVICTING)
+    if order is not None:
+        text = text.replace("plugins:\n", f"plugins:\n- type: {order}\n", 1)
+    d, clock, _ = setup(text)
+    d.policies = RequestPolicies.build(OBJECTIVES, pool=None)
+    fe = FrontEnd()
+    waiting = fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    clock.now += 1
+    streaming = fe.attach(d.submit(req(objective="batch"), ready=Answers()))
+    streaming.response_body(b"data: {}\n\n", False)  # its first bytes: the newest one is streaming
+    assert isinstance(d.submit(req(objective="critical"), ready=Answers()), Routed)
+    # epp's order spares the stream under way; the reference's takes the newest dispatch
+    assert fe.revoked == ([waiting] if order else [streaming])
+
+
 def test_sheddable_work_never_evicts_its_own_band_nor_standard_work_a_standard_request() -> None:
     d, _ = evicting()
     fe = FrontEnd()
