@@ -86,14 +86,16 @@ class InFlight(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def track(self, key: K, priority: int, dispatched: float, evictable: bool = True) -> None:
-        """``evictable`` False: counted in flight, never a victim (its front end cannot end it)."""
+    def track(self, key: K, priority: int, dispatched: float, evictable: bool = True) -> bool:
+        """``evictable`` False: counted in flight, never a victim (its front end cannot end it).
+        Returns whether it may be a victim."""
         self.untrack(key)
         entry = _Tracked(key, priority, dispatched, evictable and self.policies.filter.accept(priority))
         self._entries[key] = entry
         if entry.evictable:
             self._push(entry)
             self.evictable += 1
+        return entry.evictable
 
     def started(self, key: K) -> None:
         """``key``'s response started: its place among the victims is asked again (and moves if

@@ -28,6 +28,10 @@ class RoutedSide(Protocol):
     # The front end's way to end the request while it runs (in-flight eviction), set by a front end
     # that can: an ext_proc stream open through the response.
     revoke: Callable[[], None] | None
+    # Flow control may revoke this request while it runs (eviction on, its priority evictable): a
+    # front end that can keeps the response from the client until its first bytes, so that a
+    # revocation before them is a whole 429 rather than a 200 that breaks off.
+    revocable: bool
 
     @property
     def header_value(self) -> str: ...

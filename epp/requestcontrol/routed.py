@@ -79,8 +79,8 @@ class Routed:
 
     __slots__ = ("_director", "_first_at", "_itl", "_labels", "_last_chunk_at", "_processing", "_response_bytes",
                  "_started", "decision", "done", "endpoint", "flow", "forward_body", "prefill_tokens", "prefilled",
-                 "queued", "reader", "request", "revoke", "scheduler", "served", "shadows", "status", "streamed",
-                 "tokens", "usage_required", "wants_chunks", "watch_response")
+                 "queued", "reader", "request", "revocable", "revoke", "scheduler", "served", "shadows", "status",
+                 "streamed", "tokens", "usage_required", "wants_chunks", "watch_response")
 
     def __init__(self, director: Ledger, scheduler: Scheduler, request: InferenceRequest, decision: Decision,
                  labels: RequestLabels, started: float) -> None:
@@ -105,6 +105,7 @@ class Routed:
         # Set by a front end that can end this request while it runs (an ext_proc stream open
         # through the response): in-flight eviction calls it; it answers 429 and ends the stream.
         self.revoke: Callable[[], None] | None = None
+        self.revocable = False  # flow control tracks it as an eviction victim
         self.status = 0  # the response's HTTP status (0: none came)
         self.shadows: list[ShadowPick] = []  # the shadow configs' decisions for this request (sampled)
         # Whether a response chunk that is not the last one matters (before the first bytes, or

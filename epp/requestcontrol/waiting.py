@@ -336,7 +336,7 @@ class WaitingRoom:
     def _resolve(self, w: Waiting, result: Routed | Refused) -> None:
         inflight = self.inflight
         if inflight is not None and not isinstance(result, Refused):
-            inflight.track(result, w.request.priority, self.clock())
+            result.revocable = inflight.track(result, w.request.priority, self.clock())
         ready = w.ready
         if ready is None:
             w.result = result

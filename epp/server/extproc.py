@@ -288,8 +288,9 @@ class ExtProcStream:
     it raises OutOfOrder for a message that cannot come now (a second request_headers)."""
 
     __slots__ = ("_after_pick", "_body_size", "_chunks", "_director", "_handed_over", "_headers", "_headers_seen",
-                 "_held", "_observer", "_picked", "_req_mode", "_resp_mode", "_revoked", "_skipping", "_subset",
-                 "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick", "skips")
+                 "_held", "_held_response", "_observer", "_picked", "_req_mode", "_resp_mode", "_revoked", "_skipping",
+                 "_subset", "_waiting", "decision_headers", "emit", "emit_scores", "max_body", "observed", "pick",
+                 "skips")
 
     def __init__(self, director: PickService, decision_headers: bool = False, max_body: int = h2grpc.MAX_MESSAGE,
                  emit_scores: bool = False, skips: BodySkips | None = None,
@@ -322,6 +323,9 @@ class ExtProcStream:
         self._waiting: Pending | None = None
         self.emit: Callable[[list[bytes]], None] | None = None
         self._revoked = False  # flow control evicted the request: answered 429, the stream ends
+        # A revocable request's response headers answer, held until its first body bytes (the
+        # gateway keeps the response from the client until then: a revocation is a whole 429).
+        self._held_response: bytes | None = None
 
     def on_message(self, msg: pb.ProcessingRequest) -> list[bytes]:
         if self._revoked:  # (messages the gateway sent before it saw the eviction's answer)
@@ -401,6 +405,10 @@ class ExtProcStream:
                 self._skipping = True
                 skips.ask()
                 answer += SKIP_RESPONSE_BODY  # (two serialized messages concatenated parse as their merge)
+            if (pick is not None and pick.revocable and not pick.done and self._resp_mode == FULL_DUPLEX
+                    and self.observed is None):
+                self._held_response = answer
+                return []
             return [answer]
         if kind == "response_body":
             body = msg.response_body
@@ -412,11 +420,15 @@ class ExtProcStream:
             pick = self.pick
             data = pick.response_body(body.body, eos) if pick is not None and (eos or pick.wants_chunks) else body.body
             if self._resp_mode == FULL_DUPLEX:
+                out = []
+                if self._held_response is not None:
+                    out.append(self._held_response)
+                    self._held_response = None
                 if eos:
-                    return [_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS]
-                if data or pick is None or pick.reader is None:  # (only usage held back goes unanswered)
-                    return [_streamed("response", data, False)]
-                return []
+                    out.append(_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS)
+                elif data or pick is None or pick.reader is None:  # (only usage held back goes unanswered)
+                    out.append(_streamed("response", data, False))
+                return out
             return [CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
             if self.pick is not None:

@@ -319,12 +319,12 @@ def pick_fields(r: Routed, explain: bool, scores: bool) -> list[Any]:
     reader = 0 if r.reader is None else 2 if r.reader.strip else 1
     return [r.header_value, [list(h) for h in r.request_headers], list(r.removed_headers), r.forward_body,
             r.endpoint_scores() if scores else {}, headers, [list(h) for h in r.explain()] if explain else [],
-            endpoints, list(d.destinations or ()), reader, r.watch_response, r.streaming()]
+            endpoints, list(d.destinations or ()), reader, r.watch_response, r.streaming(), r.revocable]
 
 
 def _observer_fields(read_to_end: bool) -> list[Any]:
     """``pick_fields`` for an observer stream's side: no destination, the usage read when it reads to the end."""
-    return ["", [], [], None, {}, {}, [], [""], [], 1 if read_to_end else 0, True, True, ""]
+    return ["", [], [], None, {}, {}, [], [""], [], 1 if read_to_end else 0, True, True, False, ""]
 
 
 # -- a worker's end --------------------------------------------------------------------------------
@@ -354,6 +354,7 @@ class RemoteRouted:
         "forward_body",
         "prefilled",
         "reader",
+        "revocable",
         "revoke",
         "status",
         "streamed",
@@ -367,7 +368,7 @@ class RemoteRouted:
         self._link, self._rid = link, rid
         (self._header_value, request_headers, removed, self.forward_body, self._scores, self._by_endpoint,
          self._explained, self._endpoints, self._destinations, reader, self.watch_response, self._streaming,
-         self.token) = f
+         self.revocable, self.token) = f
         self._request_headers = tuple(tuple(h) for h in request_headers)
         self._removed = tuple(removed)
         self.reader = UsageReader(strip=reader == 2) if reader else None

@@ -327,3 +327,28 @@ async def test_a_running_sheddable_request_is_evicted_for_queued_critical_work(t
 
 async def _aborted(stack: Stack) -> bool:
     return stack.fleet.servers[0].engine.stats.finished["abort"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_sheddable_stream_revoked_before_its_first_token_gets_a_clean_429(workers: int) -> None:
+    progress = flow_config("  enableEviction: true").replace(
+        "plugins:\n", "plugins:\n- type: priority-then-progress-eviction-order-policy\n", 1)
+    more: dict[str, Any] = {"serve": {"workers": workers}, "epp_cluster": ONE_STREAM_PER_CONNECTION} if workers else {}
+    async with in_process_stack(servers=1, config_text=progress, objectives_text=SHEDDABLE,
+                                **more) as stack, aiohttp.ClientSession() as s:
+        await slow(stack, 1500)  # the pod's first step (the prompt) takes 1.5 s
+        t = Timed(s, stack.url)
+        batch = asyncio.create_task(t.send("batch", {"x-llm-d-inference-objective": "batch"}, max_tokens=20,
+                                           stream=True))
+        await wait_until(lambda: _running(stack), 5, "the pod computing the sheddable prompt")
+        crit = asyncio.create_task(t.send("crit", {"x-llm-d-inference-objective": "critical"}, max_tokens=2))
+        await asyncio.wait_for(batch, 5)
+        _, status, headers, data = t.ends["batch"]
+        # epp held the response's headers until its first body bytes (gateway mode): the client
+        # asked for a stream and gets a whole answer, a 429 it may retry, not a 200 that breaks off.
+        assert status == 429 and headers["x-llm-d-request-dropped-reason"] == "evicted"
+        assert orjson.loads(data)["error"]["type"] == "RateLimitError"
+        await slow(stack, 0)
+        await asyncio.wait_for(crit, 10)
+        assert t.ends["crit"][1] == 200
+        await wait_until(lambda: _aborted(stack), 5, "the pod told to stop the evicted request")

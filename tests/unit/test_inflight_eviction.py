@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.config import build, parse_config
 from epp.requestcontrol.director import Director
@@ -14,6 +15,7 @@ from epp.requestcontrol.policies import RequestPolicies
 from epp.requestcontrol.routed import Routed
 from epp.requestcontrol.waiting import Waiting
 from epp.scheduling.types import ConfigError
+from epp.server.extproc import ExtProcStream
 
 from .test_waiting_room import Answers, Clock, config, req, setup
 
@@ -170,3 +172,59 @@ def test_a_declared_eviction_policy_is_the_one_used_and_unused_ones_are_said(cap
     with caplog.at_level(logging.WARNING, "epp.config"):
         parse_config(config().replace("plugins:\n", "plugins:\n- type: sheddable-eviction-filter\n", 1))
     assert "used only with flowControl.enableEviction: true" in caplog.text
+
+
+def _stream_request(d: Director, objective: str) -> tuple[ExtProcStream, list[list[bytes]]]:
+    """An ext_proc stream in gateway mode (both bodies full duplex) that has sent its request."""
+    stream = ExtProcStream(d)
+    sent: list[list[bytes]] = []
+    stream.emit = sent.append
+    h = pb.HttpHeaders()
+    for k, v in ((":path", "/v1/completions"), ("content-type", "application/json"),
+                 ("x-llm-d-inference-objective", objective)):
+        h.headers.headers.add(key=k, raw_value=v.encode())
+    msg = pb.ProcessingRequest(request_headers=h)
+    msg.protocol_config.request_body_mode = msg.protocol_config.response_body_mode = 4  # FULL_DUPLEX_STREAMED
+    assert stream.on_message(msg) == []
+    body = b'{"model": "m", "prompt": "hi", "stream": true}'
+    out = stream.on_message(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
+    assert [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in out] == ["request_headers",
+                                                                                         "request_body"]
+    return stream, sent
+
+
+RESPONSE_HEADERS = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers={"headers": [
+    {"key": ":status", "raw_value": b"200"}]}))
+FIRST_CHUNK = pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: {}\n\n"))
+
+
+def test_a_revocable_streams_response_headers_wait_for_its_first_bytes() -> None:
+    d, _ = evicting()
+    batch, _ = _stream_request(d, "batch")
+    assert batch.pick is not None and batch.pick.revocable
+    assert batch.on_message(RESPONSE_HEADERS) == []  # held: the client sees nothing yet
+    out = batch.on_message(FIRST_CHUNK)
+    assert [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in out] == ["response_headers",
+                                                                                         "response_body"]
+    standard, _ = _stream_request(d, "")
+    assert standard.pick is not None and not standard.pick.revocable  # priority 0: never a victim
+    assert len(standard.on_message(RESPONSE_HEADERS)) == 1  # answered at once, as without eviction
+
+
+def test_a_stream_revoked_before_its_first_bytes_answers_a_whole_429() -> None:
+    d, clock = evicting()
+    first, _ = _stream_request(d, "batch")
+    clock.now += 1
+    second, sent = _stream_request(d, "batch")
+    assert second.on_message(RESPONSE_HEADERS) == []
+    critical = Answers()
+    assert isinstance(d.submit(req(objective="critical"), ready=critical), Waiting)  # the newest is revoked
+    (answer,) = sent[-1]
+    immediate = pb.ProcessingResponse.FromString(answer).immediate_response
+    assert immediate.status.code == 429
+    assert b'"RateLimitError"' in immediate.body
+    assert second.on_message(FIRST_CHUNK) == []  # (what the gateway sent before it saw the answer)
+    assert second.ended
+    second.close()  # (the transport ends an ended stream)
+    assert len(critical.got) == 1 and isinstance(critical.got[0], Routed)  # into the capacity it freed
+    assert first.pick is not None and not first.pick.done
