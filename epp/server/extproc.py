@@ -433,7 +433,8 @@ class ExtProcStream:
         if kind == "response_trailers":
             if self.pick is not None:
                 self.pick.finish()
-            return [CONTINUE_RESPONSE_TRAILERS]
+            held, self._held_response = self._held_response, None  # (trailers with no body before them)
+            return [held, CONTINUE_RESPONSE_TRAILERS] if held is not None else [CONTINUE_RESPONSE_TRAILERS]
         return []
 
     @property

@@ -206,6 +206,11 @@ def test_a_revocable_streams_response_headers_wait_for_its_first_bytes() -> None
     out = batch.on_message(FIRST_CHUNK)
     assert [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in out] == ["response_headers",
                                                                                          "response_body"]
+    bodiless, _ = _stream_request(d, "batch")
+    assert bodiless.on_message(RESPONSE_HEADERS) == []
+    out = bodiless.on_message(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
+    assert [pb.ProcessingResponse.FromString(m).WhichOneof("response") for m in out] == ["response_headers",
+                                                                                         "response_trailers"]
     standard, _ = _stream_request(d, "")
     assert standard.pick is not None and not standard.pick.revocable  # priority 0: never a victim
     assert len(standard.on_message(RESPONSE_HEADERS)) == 1  # answered at once, as without eviction
