@@ -25,6 +25,9 @@ class Snapshot:
     now: float
     staleness: float
     inflight_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens not yet prefilled
+    # When each endpoint's backlog of those tokens began computing, as far as epp knows: its first
+    # dispatch to an empty backlog, or the last first bytes that left some (this replica's own).
+    tokens_since: dict[str, float] = field(default_factory=dict)
 
     def queued(self, e: EndpointState) -> float:
         """Requests waiting on ``e`` (see ``queued_each``)."""
@@ -85,6 +88,7 @@ class Datastore:
         self.own_inflight: dict[str, int] = {}
         self.own_recent: dict[str, int] = {}
         self.own_tokens: dict[str, int] = {}
+        self.tokens_since: dict[str, float] = {}
         self.inflight, self.recent_picks, self.inflight_tokens = self.own_inflight, self.own_recent, self.own_tokens
         self.total_picks: dict[str, int] = {}
         self._peers: PeerTotals | None = None
@@ -122,6 +126,7 @@ class Datastore:
             for counts in (self.own_inflight, self.own_recent, self.own_tokens, self.total_picks, self.inflight,
                            self.recent_picks, self.inflight_tokens):
                 counts.pop(a, None)
+            self.tokens_since.pop(a, None)
         for a in arriving:
             self._states[a] = EndpointState(a, labels=dict(labels.get(a, {})) if labels is not None else {},
                                             name=names.get(a, "") if names is not None else "")
@@ -175,6 +180,8 @@ class Datastore:
             self.own_recent[address] = self.own_recent.get(address, 0) + 1
             self.total_picks[address] = self.total_picks.get(address, 0) + 1
             if tokens:
+                if not self.own_tokens.get(address):
+                    self.tokens_since[address] = self._clock()
                 self.own_tokens[address] = self.own_tokens.get(address, 0) + tokens
             if self._peers is not None:
                 self._merge(address)
@@ -186,8 +193,10 @@ class Datastore:
             left = n - tokens
             if left > 0:
                 self.own_tokens[address] = left
+                self.tokens_since[address] = self._clock()
             else:
                 del self.own_tokens[address]
+                self.tokens_since.pop(address, None)
             if self._peers is not None:
                 self._merge(address)
 
@@ -239,7 +248,7 @@ class Datastore:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self._endpoints(), self.inflight, self.recent_picks, self._clock(), self.staleness,
-                        self.inflight_tokens)
+                        self.inflight_tokens, self.tokens_since)
 
     def fresh_count(self) -> int:
         now = self._clock()

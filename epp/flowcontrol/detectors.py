@@ -13,6 +13,10 @@ dispatched on one stale reading.
 requests | tokens | hybrid, headroom 0) reads epp's own in-flight requests and prompt tokens per
 endpoint: saturation is in-flight / capacity over the pool (hybrid: the mean of each endpoint's
 max(requests ratio, tokens ratio)); as filter it keeps the endpoints under capacity * (1 + headroom).
+epp's own ``prefillLookahead`` (a duration, default 0: off; tokens and hybrid modes, with
+``prefillTokensPerSecond``) stops counting an endpoint's pending prompt tokens that long before
+its backlog is predicted to be computed (``tokens_since`` + tokens / prefillTokensPerSecond), so
+the next prompts reach the pod before its prefill ends instead of after its first bytes came back.
 """
 
 from __future__ import annotations
@@ -101,13 +105,29 @@ class ConcurrencyDetector(SaturationDetector):
         self.max_tokens = params.int("maxTokenConcurrency", 1_000_000, minimum=1, maximum=10**15)
         self.mode = params.text("concurrencyMode", "requests", choices=MODES) or "requests"
         self.headroom = params.float("headroom", 0.0, minimum=0.0)
+        self.lookahead = params.optional_duration("prefillLookahead") or 0.0
+        self.tokens_per_second = params.float("prefillTokensPerSecond", 0.0, minimum=0.0)
         params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
+        if self.lookahead > 0 and self.mode == "requests":
+            raise ConfigError(f"{params.path}.prefillLookahead",
+                              "counts prompt tokens: needs concurrencyMode tokens or hybrid")
+        if self.lookahead > 0 and not self.tokens_per_second:
+            raise ConfigError(f"{params.path}.prefillTokensPerSecond", "required with prefillLookahead (how fast "
+                              "a pod computes prompt tokens, as epp counts them)")
+
+    def _tokens(self, snapshot: Snapshot) -> dict[str, int]:
+        """Each endpoint's pending prompt tokens that count toward its limit now."""
+        tokens = snapshot.inflight_tokens
+        if not self.lookahead or not tokens:
+            return tokens
+        now, since, rate, ahead = snapshot.now, snapshot.tokens_since, self.tokens_per_second, self.lookahead
+        return {a: 0 if now >= since.get(a, now) + t / rate - ahead else t for a, t in tokens.items()}
 
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
         if not endpoints:
             return 1.0
-        inflight, tokens = snapshot.inflight, snapshot.inflight_tokens
+        inflight, tokens = snapshot.inflight, self._tokens(snapshot)
         if self.mode == "hybrid":
             return sum(max(inflight.get(e.address, 0) / self.max_concurrency,
                            tokens.get(e.address, 0) / self.max_tokens) for e in endpoints) / len(endpoints)
@@ -122,7 +142,7 @@ class ConcurrencyDetector(SaturationDetector):
                cycle: CycleState) -> list[EndpointState]:
         req_limit = int(self.max_concurrency * (1.0 + self.headroom))
         tok_limit = int(self.max_tokens * (1.0 + self.headroom))
-        inflight, tokens = snapshot.inflight, snapshot.inflight_tokens
+        inflight, tokens = snapshot.inflight, self._tokens(snapshot)
         mode = self.mode
         kept = []
         for e in candidates:

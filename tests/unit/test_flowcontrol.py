@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from epp.datastore.endpoint import EndpointState, EngineSignals
-from epp.datastore.store import Snapshot
+from epp.datastore.store import Datastore, Snapshot
 from epp.flowcontrol.contract import QueuedRequest
 from epp.flowcontrol.controller import BandSpec, FlowController, FlowSettings, Outcome
 from epp.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
@@ -250,6 +250,45 @@ def test_concurrency_detector_modes_and_filter() -> None:
     assert [e.address for e in kept] == ["b"]  # a has 3 in flight, the limit is 2 * 1.5
     with pytest.raises(ConfigError, match="concurrencyMode"):
         p(ConcurrencyDetector, concurrencyMode="bogus")
+
+
+def test_prefill_lookahead_stops_counting_a_backlog_shortly_before_it_is_computed() -> None:
+    eps = (ep("a"), ep("b"))
+    ahead = p(ConcurrencyDetector, maxTokenConcurrency=1000, concurrencyMode="hybrid", maxConcurrency=10,
+              prefillLookahead="50ms", prefillTokensPerSecond=10_000)
+
+    def kept(now: float) -> list[str]:
+        # a: 1,000 tokens since NOW (computed by NOW + 0.1 s); b: 2,000 since NOW (by NOW + 0.2 s)
+        snap = Snapshot(eps, {"a": 1, "b": 1}, {}, now, 2.0, {"a": 1000, "b": 2000}, {"a": NOW, "b": NOW})
+        return [e.address for e in ahead.filter(InferenceRequest("r", "/v1/completions"), snap, list(eps),
+                                                 CycleState())]
+
+    assert kept(NOW + 0.04) == []  # both full: 1,000 and 2,000 tokens against a limit of 1,000
+    assert kept(NOW + 0.05) == ["a"]  # a's backlog ends in 50 ms: its tokens no longer count
+    assert kept(NOW + 0.15) == ["a", "b"]
+    snap = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW + 0.05, 2.0, {"a": 1000, "b": 2000}, {"a": NOW, "b": NOW})
+    assert ahead.saturation(snap, eps) == pytest.approx((0.1 + 2.0) / 2)
+    off = p(ConcurrencyDetector, maxTokenConcurrency=1000, concurrencyMode="tokens")
+    assert off.saturation(snap, eps) == 1.5  # (without it, every pending token counts until the first bytes)
+    with pytest.raises(ConfigError, match="prefillTokensPerSecond: required"):
+        p(ConcurrencyDetector, concurrencyMode="hybrid", prefillLookahead="50ms")
+    with pytest.raises(ConfigError, match="prefillLookahead: counts prompt tokens"):
+        p(ConcurrencyDetector, prefillLookahead="50ms", prefillTokensPerSecond=10_000)
+
+
+def test_the_datastore_dates_each_endpoints_prompt_backlog() -> None:
+    clock = [10.0]
+    store = Datastore(clock=lambda: clock[0])
+    store.set_endpoints(["a"])
+    store.acquire("a", 300)
+    clock[0] = 10.5
+    store.acquire("a", 200)  # joins the backlog: its start stays
+    assert store.snapshot().tokens_since == {"a": 10.0}
+    clock[0] = 11.0
+    store.prefilled("a", 300)  # the first prompt is computed; the rest goes on from now
+    assert store.snapshot().tokens_since == {"a": 11.0}
+    store.prefilled("a", 200)
+    assert store.snapshot().tokens_since == {} and store.snapshot().inflight_tokens == {}
 
 
 def test_saturation_is_the_worse_of_the_prefill_and_decode_stages() -> None:
