@@ -140,4 +140,12 @@ ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturati
                                                   FairnessPolicy: ("new_state", "pick"), OrderingPolicy: ("key",),
                                                   UsageLimitPolicy: ("compute",), EvictionFilterPolicy: ("accept",),
                                                   EvictionOrderingPolicy: ("victim_key",)}
-HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),)
+class ChangesWithTime(Protocol):
+    """A hook of saturation detectors whose reading changes with time alone, no event needed
+    (``concurrency-detector`` with ``prefillLookahead``): the next moment it does, or None."""
+
+    def next_change(self, snapshot: Snapshot) -> float | None: ...
+
+
+HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),
+                                                       (ChangesWithTime, ("next_change",)))

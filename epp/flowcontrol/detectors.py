@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.contract import SaturationDetector
+from epp.flowcontrol.contract import ChangesWithTime, SaturationDetector
 from epp.request import InferenceRequest
 from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
 from epp.scheduling.types import ConfigError, CycleState
@@ -96,7 +96,7 @@ class UtilizationDetector(SaturationDetector):
 MODES = ("requests", "tokens", "hybrid")
 
 
-class ConcurrencyDetector(SaturationDetector):
+class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
     type_name: ClassVar[str] = "concurrency-detector"
 
     def __init__(self, name: str, params: Params) -> None:
@@ -115,6 +115,15 @@ class ConcurrencyDetector(SaturationDetector):
         if self.lookahead > 0 and not self.tokens_per_second:
             raise ConfigError(f"{params.path}.prefillTokensPerSecond", "required with prefillLookahead (how fast "
                               "a pod computes prompt tokens, as epp counts them)")
+
+    def next_change(self, snapshot: Snapshot) -> float | None:
+        """The next moment a pod's pending tokens stop counting (with ``prefillLookahead``)."""
+        if not self.lookahead:
+            return None
+        now, since, rate, ahead = snapshot.now, snapshot.tokens_since, self.tokens_per_second, self.lookahead
+        later = [t for t in (since.get(a, now) + n / rate - ahead for a, n in snapshot.inflight_tokens.items())
+                 if t > now]
+        return min(later) if later else None
 
     def _tokens(self, snapshot: Snapshot) -> dict[str, int]:
         """Each endpoint's pending prompt tokens that count toward its limit now."""

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 from epp.datastore.store import Datastore, Snapshot
-from epp.flowcontrol.contract import ObservesFlows, QueuedRequest
+from epp.flowcontrol.contract import ChangesWithTime, ObservesFlows, QueuedRequest
 from epp.flowcontrol.controller import FlowController, FlowSettings, Outcome
 from epp.flowcontrol.eviction import InFlight, Reclamation, confirmation_grace
 from epp.observability.flowmetrics import FlowGauges, FlowMetrics, QueueKey
@@ -115,6 +115,7 @@ class WaitingRoom:
         self.clock = clock
         self._timers = timers
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it fires (this room's clock)
         self._pumping = False
         self._again = False
         self.queued: dict[QueueKey, list[int]] = {}  # -> [requests, bytes], for the queue gauges
@@ -223,6 +224,8 @@ class WaitingRoom:
                 again = self._again
         finally:
             self._pumping = False
+        if declares(controller.settings.detector, ChangesWithTime):
+            self._arm()  # (the detector may free capacity before the next tick)
 
     def started(self, routed: Routed) -> None:
         """A dispatched request's response started (its place among eviction victims may move)."""
@@ -347,16 +350,32 @@ class WaitingRoom:
             log.exception("answering request %s failed", w.request.request_id or "-")
 
     def _arm(self) -> None:
-        if self._timer is not None or not self.controller.queues.totals.count:
+        """Keep a tick coming while anything waits: every TICK, sooner for the next expiry or the
+        moment the detector's reading changes by itself (an armed tick that would come later is
+        moved up)."""
+        if not self.controller.queues.totals.count:
             return
+        now = self.clock()
+        at = now + TICK
+        expiry = self.controller.next_expiry()
+        if expiry is not None:
+            at = min(at, expiry)
+        detector = self.controller.settings.detector
+        if declares(detector, ChangesWithTime):
+            snapshot = self.store.snapshot()
+            change = cast(ChangesWithTime, detector).next_change(snapshot)
+            if change is not None:
+                at = min(at, now + change - snapshot.now)  # (the datastore's clock, not this room's)
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+            self._timer = None
         timers = self._timers()
         if timers is None:
             return
-        delay = TICK
-        expiry = self.controller.next_expiry()
-        if expiry is not None:
-            delay = max(0.0, min(delay, expiry - self.clock()))
-        self._timer = timers.call_later(delay, self.tick)
+        self._timer_at = at
+        self._timer = timers.call_later(max(0.0, at - now), self.tick)
 
     def _disarm(self) -> None:
         if self._timer is not None:

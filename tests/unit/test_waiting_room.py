@@ -431,3 +431,43 @@ def test_pods_not_scraped_yet_are_no_capacity_while_a_scraped_one_exists() -> No
     assert d.waiting is not None
     d.waiting.tick()
     assert isinstance(answers.got[0], Routed) and answers.got[0].endpoint == ADDRS[1]
+
+
+class Timers:
+    """The event loop's call_later, recorded: (delay, callback) of each timer armed."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[float, Any]] = []
+        self.cancelled = 0
+
+    def call_later(self, delay: float, callback: Any) -> Any:
+        self.armed.append((delay, callback))
+        return self
+
+    def cancel(self) -> None:  # (the handle's)
+        self.cancelled += 1
+
+
+def test_a_detector_that_frees_capacity_with_time_is_met_by_a_tick_at_that_moment() -> None:
+    clock = [50.0]
+    store = Datastore(clock=lambda: clock[0])
+    store.set_endpoints(ADDRS[:1])
+    store.record_scrape(ADDRS[0], EngineSignals(), 0)
+    text = config(detector="concurrencyMode: hybrid, maxConcurrency: 10, maxTokenConcurrency: 10, "
+                           "prefillLookahead: 5ms, prefillTokensPerSecond: 60000")
+    built = build(parse_config(text))
+    d = Director(store, built.scheduler, PickerMetrics(store))
+    d.set_flow_control(built.runtime().flow)
+    room = d.waiting
+    assert room is not None
+    timers = Timers()
+    room._timers = lambda: timers  # (the event loop's, recorded)
+    first = d.submit(req(prompt="hello " * 400), ready=Answers())
+    assert isinstance(first, Routed) and store.snapshot().inflight_tokens  # its prompt fills the pod
+    later = Answers()
+    assert isinstance(d.submit(req(prompt="again " * 400), ready=later), Waiting)
+    delay, tick = timers.armed[-1]
+    assert 0 < delay < 0.02  # sooner than the regular tick: the backlog is computed in a few ms
+    clock[0] += delay  # the datastore's clock reaches the moment; the room's own clock may differ
+    tick()
+    assert len(later.got) == 1 and isinstance(later.got[0], Routed)  # sent before the first bytes came
