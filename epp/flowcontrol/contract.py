@@ -110,6 +110,13 @@ class ObservesFlows(Protocol):
     def on_completed(self, flow_id: str, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
+class ChangesWithTime(Protocol):
+    """A hook of saturation detectors whose reading changes with time alone, no event needed
+    (``concurrency-detector`` with ``prefillLookahead``): the next moment it does, or None."""
+
+    def next_change(self, snapshot: Snapshot) -> float | None: ...
+
+
 class UsageLimitPolicy(Plugin, Protocol):
     """Writes each band's ceiling into ``ceilings`` (``priorities`` highest first, ceilings
     non-increasing)."""
@@ -140,12 +147,5 @@ ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturati
                                                   FairnessPolicy: ("new_state", "pick"), OrderingPolicy: ("key",),
                                                   UsageLimitPolicy: ("compute",), EvictionFilterPolicy: ("accept",),
                                                   EvictionOrderingPolicy: ("victim_key",)}
-class ChangesWithTime(Protocol):
-    """A hook of saturation detectors whose reading changes with time alone, no event needed
-    (``concurrency-detector`` with ``prefillLookahead``): the next moment it does, or None."""
-
-    def next_change(self, snapshot: Snapshot) -> float | None: ...
-
-
 HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),
                                                        (ChangesWithTime, ("next_change",)))

@@ -112,6 +112,8 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
         if self.lookahead > 0 and self.mode == "requests":
             raise ConfigError(f"{params.path}.prefillLookahead",
                               "counts prompt tokens: needs concurrencyMode tokens or hybrid")
+        if self.tokens_per_second and not self.lookahead:
+            raise ConfigError(f"{params.path}.prefillTokensPerSecond", "only read with prefillLookahead")
         if self.lookahead > 0 and not self.tokens_per_second:
             raise ConfigError(f"{params.path}.prefillTokensPerSecond", "required with prefillLookahead (how fast "
                               "a pod computes prompt tokens, as epp counts them)")

@@ -210,8 +210,8 @@ class PriorityThenTimeEvictionOrder(_NoParams, EvictionOrderingPolicy):
 
 class PriorityThenProgressEvictionOrder(_NoParams, EvictionOrderingPolicy):
     """epp's own: lowest priority first, then the requests whose response has not started (still
-    queued or in prefill at the pod: their client gets a clean 429 and nothing computed for them
-    is lost to a cut stream, and their prompt tokens are what a token-based detector counts),
+    queued or in prefill at the pod: in gateway mode their client gets a whole 429, no stream the
+    client was reading is cut, and their prompt tokens are what a token-counting detector holds),
     then the most recently dispatched."""
 
     type_name: ClassVar[str] = "priority-then-progress-eviction-order-policy"

@@ -272,6 +272,8 @@ def test_prefill_lookahead_stops_counting_a_backlog_shortly_before_it_is_compute
     assert off.saturation(snap, eps) == 1.5  # (without it, every pending token counts until the first bytes)
     with pytest.raises(ConfigError, match="prefillTokensPerSecond: required"):
         p(ConcurrencyDetector, concurrencyMode="hybrid", prefillLookahead="50ms")
+    with pytest.raises(ConfigError, match="prefillTokensPerSecond: only read with prefillLookahead"):
+        p(ConcurrencyDetector, concurrencyMode="hybrid", prefillTokensPerSecond=10_000)
     with pytest.raises(ConfigError, match="prefillLookahead: counts prompt tokens"):
         p(ConcurrencyDetector, prefillLookahead="50ms", prefillTokensPerSecond=10_000)
 
