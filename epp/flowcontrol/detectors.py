@@ -118,13 +118,17 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
             raise ConfigError(f"{params.path}.prefillTokensPerSecond", "required with prefillLookahead (how fast "
                               "a pod computes prompt tokens, as epp counts them)")
 
+    def _released_at(self, snapshot: Snapshot) -> dict[str, float]:
+        """When each endpoint's pending tokens stop counting: ``prefillLookahead`` before its
+        backlog is predicted computed (tokens a peer replica holds date from now)."""
+        now, since, rate, ahead = snapshot.now, snapshot.tokens_since, self.tokens_per_second, self.lookahead
+        return {a: since.get(a, now) + n / rate - ahead for a, n in snapshot.inflight_tokens.items()}
+
     def next_change(self, snapshot: Snapshot) -> float | None:
         """The next moment a pod's pending tokens stop counting (with ``prefillLookahead``)."""
         if not self.lookahead:
             return None
-        now, since, rate, ahead = snapshot.now, snapshot.tokens_since, self.tokens_per_second, self.lookahead
-        later = [t for t in (since.get(a, now) + n / rate - ahead for a, n in snapshot.inflight_tokens.items())
-                 if t > now]
+        later = [t for t in self._released_at(snapshot).values() if t > snapshot.now]
         return min(later) if later else None
 
     def _tokens(self, snapshot: Snapshot) -> dict[str, int]:
@@ -132,8 +136,8 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
         tokens = snapshot.inflight_tokens
         if not self.lookahead or not tokens:
             return tokens
-        now, since, rate, ahead = snapshot.now, snapshot.tokens_since, self.tokens_per_second, self.lookahead
-        return {a: 0 if now >= since.get(a, now) + t / rate - ahead else t for a, t in tokens.items()}
+        now = snapshot.now
+        return {a: 0 if now >= at else tokens[a] for a, at in self._released_at(snapshot).items()}
 
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
         if not endpoints:

@@ -106,15 +106,18 @@ class InFlight(Generic[K]):
         entry.started = True
         if not entry.evictable:
             return
-        if self.policies.order.victim_key(entry.priority, entry.dispatched, True) == entry.victim_key:
+        victim_key = self.policies.order.victim_key(entry.priority, entry.dispatched, True)
+        if victim_key == entry.victim_key:
             return
         entry.evictable = False  # (the old heap entry is dropped when it comes up)
         moved = _Tracked(key, entry.priority, entry.dispatched, True, started=True)
         self._entries[key] = moved
-        self._push(moved)
+        self._push(moved, victim_key)
 
-    def _push(self, entry: _Tracked[K]) -> None:
-        entry.victim_key = self.policies.order.victim_key(entry.priority, entry.dispatched, entry.started)
+    def _push(self, entry: _Tracked[K], victim_key: tuple[float, ...] | None = None) -> None:
+        if victim_key is None:
+            victim_key = self.policies.order.victim_key(entry.priority, entry.dispatched, entry.started)
+        entry.victim_key = victim_key
         heapq.heappush(self._heap, (entry.victim_key, next(self._seq), entry))
 
     def untrack(self, key: K) -> None:

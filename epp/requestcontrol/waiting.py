@@ -74,6 +74,12 @@ class Timers(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
 
 
+def _timed(settings: FlowSettings) -> ChangesWithTime | None:
+    """The detector, when its reading changes with time alone."""
+    detector = settings.detector
+    return cast(ChangesWithTime, detector) if declares(detector, ChangesWithTime) else None
+
+
 def _running_loop() -> Timers | None:
     try:
         return asyncio.get_running_loop()
@@ -112,6 +118,7 @@ class WaitingRoom:
         self.metrics = metrics
         self.estimate = estimate  # the prompt tokens a request would compute (orderings that read it)
         self._estimates = estimate is not None and settings.reads_prefill_estimate()
+        self._timed = _timed(settings)
         self.clock = clock
         self._timers = timers
         self._timer: asyncio.TimerHandle | None = None
@@ -127,6 +134,7 @@ class WaitingRoom:
     def reconfigure(self, settings: FlowSettings) -> None:
         self.controller.reconfigure(settings)
         self._estimates = self.estimate is not None and settings.reads_prefill_estimate()
+        self._timed = _timed(settings)
         self._evicting(settings)
         self.pump()
 
@@ -224,7 +232,7 @@ class WaitingRoom:
                 again = self._again
         finally:
             self._pumping = False
-        if declares(controller.settings.detector, ChangesWithTime):
+        if self._timed is not None:
             self._arm()  # (the detector may free capacity before the next tick)
 
     def started(self, routed: Routed) -> None:
@@ -360,10 +368,9 @@ class WaitingRoom:
         expiry = self.controller.next_expiry()
         if expiry is not None:
             at = min(at, expiry)
-        detector = self.controller.settings.detector
-        if declares(detector, ChangesWithTime):
+        if self._timed is not None:
             snapshot = self.store.snapshot()
-            change = cast(ChangesWithTime, detector).next_change(snapshot)
+            change = self._timed.next_change(snapshot)
             if change is not None:
                 at = min(at, now + change - snapshot.now)  # (the datastore's clock, not this room's)
         if self._timer is not None:

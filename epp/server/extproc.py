@@ -420,14 +420,15 @@ class ExtProcStream:
             pick = self.pick
             data = pick.response_body(body.body, eos) if pick is not None and (eos or pick.wants_chunks) else body.body
             if self._resp_mode == FULL_DUPLEX:
-                out = []
-                if self._held_response is not None:
-                    out.append(self._held_response)
-                    self._held_response = None
                 if eos:
-                    out.append(_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS)
+                    out = [_streamed("response", data, True) if data else EMPTY_RESPONSE_EOS]
                 elif data or pick is None or pick.reader is None:  # (only usage held back goes unanswered)
-                    out.append(_streamed("response", data, False))
+                    out = [_streamed("response", data, False)]
+                else:
+                    out = []
+                if self._held_response is not None:  # (a revocable response's headers go first)
+                    out.insert(0, self._held_response)
+                    self._held_response = None
                 return out
             return [CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
