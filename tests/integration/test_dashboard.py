@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -61,7 +63,21 @@ def launch(binary: str, port: int, profile: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
                              f"--user-data-dir={profile}", "--window-size=1400,900", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Chromium and its helper processes (its own process group): terminated, then killed."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # (helpers that outlived the browser)
 
 
 @pytest.fixture
@@ -70,7 +86,9 @@ async def browser() -> AsyncIterator[Browser]:
     if binary is None:
         pytest.skip("Chromium is not installed (make chromium installs Debian's package)")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="epp-chromium-") as profile:
+    # (Chromium's helper processes may still write the profile as it goes: removed after they
+    # are all gone, and a file one of them left does not fail the test.)
+    with tempfile.TemporaryDirectory(prefix="epp-chromium-", ignore_cleanup_errors=True) as profile:
         proc = launch(binary, port, profile)
         try:
             async with aiohttp.ClientSession() as s:
@@ -86,11 +104,7 @@ async def browser() -> AsyncIterator[Browser]:
                 async with s.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=64 * 1024 * 1024) as ws:
                     yield Browser(ws)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def dashboard_url(stack: Stack) -> str:
