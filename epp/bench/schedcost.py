@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from epp.config import parse_config
-from epp.datastore.endpoint import EndpointState, EngineSignals
-from epp.datastore.store import Snapshot
+from epp.datastore.endpoint import EngineSignals
+from epp.datastore.store import Datastore, Snapshot
 from epp.request import InferenceRequest
 from epp.scheduling.contract import ReadsClock, declares
 from epp.scheduling.types import Completion, Usage
@@ -62,15 +62,19 @@ class CostRow:
 
 
 def _pool(n: int, now: float, shift: int = 0) -> Snapshot:
-    """``n`` endpoints with varied signals; ``shift`` rotates the load over them (each pick of a
-    run sees another rotation, so every endpoint gets picks, as on a live pool)."""
-    eps = tuple(EndpointState(f"10.0.{i // 250}.{i % 250}:8000",
-                              EngineSignals(waiting=float((i + shift) % 3), running=float(4 + (i + shift) % 7),
-                                            kv_usage=0.1 + ((i + shift) % 5) / 10, block_size=16,
-                                            num_gpu_blocks=28000), scraped_at=now)
-                for i in range(n))
-    return Snapshot(eps, {e.address: (i + shift) % 4 for i, e in enumerate(eps)}, {}, now, 2.0,
-                    {e.address: 200 * ((i + shift) % 3) for i, e in enumerate(eps)})
+    """``n`` endpoints with varied signals and epp's requests in flight on them, taken from a
+    datastore as the pick path takes it; ``shift`` rotates the load over them (each pick of a run
+    sees another rotation, so every endpoint gets picks, as on a live pool)."""
+    store = Datastore(staleness=2.0, clock=lambda: now)
+    addresses = [f"10.0.{i // 250}.{i % 250}:8000" for i in range(n)]
+    store.set_endpoints(addresses)
+    for i, a in enumerate(addresses):
+        for k in range((i + shift) % 4):
+            store.acquire(a, 200 * ((i + shift) % 3) if k == 0 else 0)
+        store.record_scrape(a, EngineSignals(waiting=float((i + shift) % 3), running=float(4 + (i + shift) % 7),
+                                             kv_usage=0.1 + ((i + shift) % 5) / 10, block_size=16,
+                                             num_gpu_blocks=28000), store.total_picks[a])
+    return store.snapshot()
 
 
 def _requests(n: int) -> list[InferenceRequest]:
