@@ -202,7 +202,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         tail = 0.0 if streaming else max(0.0, self._expected_output(request) - 1)  # tokens after the first
         pending, inflight, now = snapshot.inflight_tokens, snapshot.inflight, snapshot.now
         rate, wants = self.arrivals.rate, self.interference_wanted
-        coefficients, ttft_factor = self.model.coefficients, self.model.ttft_factor
+        coefficients, ttft_factor, known = self.model.coefficients, self.model.ttft_factor, self.model.known.get
         role_label, tightest, buffer = self.role_label, self.running_slos.tightest, self.buffer
         future = self._future_requests(match, now, cycle) if self.locality_horizon and match is not None else 0.0
         # A copy of a prefix that many requests will reuse is worth its GPU time: they share it
@@ -225,7 +225,7 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             if s is not None and s.running + s.waiting > dispatched:
                 batch = s.running + s.waiting
             # predict(coefficients(a), ahead + own, batch, ahead), inlined (a call per candidate)
-            t_coef, p_coef = coefficients(a)
+            t_coef, p_coef = known(a) or coefficients(a)
             bk = batch / BATCH_UNIT
             slope = t_coef[1] + t_coef[3] * bk
             ttft = t_coef[0] + (ahead + own) / TOKEN_UNIT * slope + t_coef[2] * bk

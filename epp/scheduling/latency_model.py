@@ -175,6 +175,10 @@ class LatencyModel:
     pool_tpot: Fit = field(default_factory=lambda: Fit.starting_at(PRIOR_TPOT))
     _means: dict[str, Vector] = field(default_factory=dict)  # the pool means, recomputed every few observations
     _scaled: dict[str, tuple[Vector, Vector]] = field(default_factory=dict)  # shared mode: factor x pool fit
+    # ``coefficients`` of each pod until it observes (own mode), and the pods whose entry is the
+    # pool's mean (dropped when the mean moves).
+    known: dict[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
+    _known_on_mean: set[str] = field(default_factory=set)
     _observed: int = 0
     _shared_observed: int = 0
 
@@ -184,9 +188,14 @@ class LatencyModel:
         own fit (the pool's mean while it has observed nothing)."""
         if self.shared:
             return self.speed_coefficients(pod)
-        fits = self.pods.get(pod) or self._fits(pod)
-        return (fits.ttft.theta if fits.ttft.n else self._mean("ttft"),
-                fits.tpot.theta if fits.tpot.n else self._mean("tpot"))
+        known = self.known.get(pod)
+        if known is None:
+            fits = self.pods.get(pod) or self._fits(pod)
+            known = self.known[pod] = (fits.ttft.theta if fits.ttft.n else self._mean("ttft"),
+                                       fits.tpot.theta if fits.tpot.n else self._mean("tpot"))
+            if not fits.ttft.n or not fits.tpot.n:
+                self._known_on_mean.add(pod)
+        return known
 
     def speed_coefficients(self, pod: str) -> tuple[Vector, Vector]:
         """The pod's speed factors x the shared fit (the factors are kept in both modes): how fast
@@ -243,17 +252,20 @@ class LatencyModel:
         self._observe_shared(pod, "ttft", x, seconds)
         if not self.shared:
             self._observe(self._fits(pod).ttft, "ttft", x, seconds)
+            self.known.pop(pod, None)
 
     def observe_tpot(self, pod: str, x: Vector, seconds: float) -> None:
         self._observe_shared(pod, "tpot", x, seconds)
         if not self.shared:
             self._observe(self._fits(pod).tpot, "tpot", x, seconds)
+            self.known.pop(pod, None)
 
     def forget_pod(self, pod: str) -> None:
         self.pods.pop(pod, None)
         self.speeds.pop(pod, None)
         self._scaled.pop(pod, None)
-        self._means.clear()
+        self.known.pop(pod, None)
+        self._forget_means()
 
     def _observe_shared(self, pod: str, which: str, x: Vector, seconds: float) -> None:
         speeds = self.speeds.get(pod)
@@ -305,7 +317,13 @@ class LatencyModel:
         fit.update(x, seconds, self.forget)
         self._observed += 1
         if self._observed % 32 == 0 or self._observed <= TRAINED * 4:
-            self._means.clear()
+            self._forget_means()
+
+    def _forget_means(self) -> None:
+        self._means.clear()
+        for pod in self._known_on_mean:
+            self.known.pop(pod, None)
+        self._known_on_mean.clear()
 
 
 ERROR_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)

@@ -29,6 +29,7 @@ from epp.scheduling.latency_model import (
     Fit,
     LatencyModel,
     predict,
+    tpot_features,
     ttft_features,
 )
 from epp.scheduling.params import Params
@@ -80,6 +81,25 @@ def test_each_pod_learns_its_own_speed_and_a_new_pod_starts_from_the_pool_mean()
     mean = model.pool_mean("ttft")
     assert model.pods["new"].ttft.theta == list(mean) if model.predict_ttft("new", x) else False
     assert model.predict_ttft("fast", x) < model.predict_ttft("new", x) < model.predict_ttft("slow", x)
+
+
+def test_the_coefficients_read_are_the_fits_current_ones_after_every_observation() -> None:
+    """(``coefficients`` keeps each pod's until it observes, and an untrained pod's until the pool
+    mean it reads moves.)"""
+    model, rng = LatencyModel(), random.Random(2)
+    for i in range(400):
+        pod = ("a", "b", "c")[i % 3]
+        x = ttft_features(rng.uniform(0, 8000), rng.randint(0, 40))
+        model.observe_ttft(pod, x, rng.uniform(0.01, 0.5))
+        model.observe_tpot(pod, tpot_features(rng.randint(0, 40), rng.uniform(0, 4000)), rng.uniform(0.005, 0.05))
+        for seen in ("a", "b", "c"):
+            fits = model.pods.get(seen)
+            if fits is not None and fits.ttft.n:
+                assert model.coefficients(seen) == (fits.ttft.theta, fits.tpot.theta)
+        # (the pool's mean as the model last computed it: it does so every few observations)
+        assert model.coefficients("new") == (model._mean("ttft"), model._mean("tpot"))
+    model.forget_pod("a")
+    assert model.coefficients("a") == (model._mean("ttft"), model._mean("tpot"))
 
 
 def test_an_untrained_pool_predicts_from_the_prior_and_never_below_half_a_millisecond() -> None:
