@@ -25,6 +25,7 @@ from epp.flowcontrol.controller import FlowSettings
 from epp.gateway import envoyproc as envoy_mod
 from epp.gateway.bootstrap import dump, eds_document, render, write_sds
 from epp.gateway.config import GatewayConfig
+from epp.gcpolicy import settle
 from epp.server.app import PickerServer, ServeOptions
 
 log = logging.getLogger("epp.gateway")
@@ -154,6 +155,7 @@ async def stop(gw: Gateway) -> None:
 async def run_forever(cfg: GatewayConfig, workdir: Path, opts: ServeOptions | None = None) -> None:
     """Serve until cancelled (SIGTERM); restart Envoy when it exits, at most five times a minute."""
     gw = await start(cfg, workdir, opts)
+    settle()
     ports = ", ".join(f"{'https' if x.tls else 'http'}://{x.address}:{x.port}" for x in cfg.listeners)
     log.info("epp gateway serving on %s (Envoy admin 127.0.0.1:%d, picker metrics :%d)", ports, cfg.admin_port,
              gw.picker.bound_ports.get("metrics", 0))

@@ -22,6 +22,7 @@ from epp.config import Built, PickerConfig, build, config_watcher, load_shadow_c
 from epp.datastore.store import Datastore
 from epp.filewatch import WatchedFile
 from epp.flowcontrol.controller import FlowController
+from epp.gcpolicy import settle
 from epp.observability.dashboard import Dashboard, PoolParts
 from epp.observability.flowmetrics import FlowCollector, FlowGauges, FlowMetrics
 from epp.observability.looplag import LoopLag
@@ -406,6 +407,7 @@ class PickerServer:
 async def serve_forever(opts: ServeOptions) -> None:
     server = PickerServer(opts)
     await server.start()
+    settle()  # what start-up built lives as long as the process: out of the collector's full passes
     try:
         await asyncio.Event().wait()
     finally:  # SIGTERM cancels the wait: drain, then stop (a second signal cuts the drain short)

@@ -30,6 +30,7 @@ from pathlib import Path
 import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from epp.gcpolicy import settle
 from epp.requestcontrol.director import Director
 from epp.server import h2grpc
 from epp.server.extproc import BodySkips, ExtProcStream
@@ -282,6 +283,7 @@ async def serve_worker(cfg: WorkerConfig) -> None:
     # Linked only once it serves the port: a worker that cannot bind never counts as started.
     await loop.create_unix_connection(lambda: link, cfg.link)
     link.send(["h", 0, cfg.index, os.getpid()])
+    settle()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     await stopping.wait()

@@ -323,3 +323,9 @@ async def test_the_workers_leave_with_a_killed_epp_and_the_next_one_serves(tmp_p
                             assert r.status == 200, await r.text()
             finally:
                 envoy.stop()
+            log = max(tmp_path.glob(f"epp-{ports[0]}-*.log"), key=lambda p: p.stat().st_mtime)  # noqa: ASYNC240
+
+            async def settled() -> bool:  # the serving process and each worker, once serving
+                return log.read_text().count("frozen out of the garbage collector") == 3
+
+            await wait_until(settled, 10, "the serving process and its two workers settled")
