@@ -63,6 +63,10 @@ class BandView(Protocol):
         """``flow_id`` had its turn: it goes last."""
         ...
 
+    def keep_turn(self, flow_id: str) -> None:
+        """What ``flow_id`` was picked for could not go: it is first in turn again."""
+        ...
+
 
 class SaturationDetector(Plugin, Protocol):
     """The pool's saturation from the endpoints' signals (and epp's own in-flight counts)."""
@@ -117,6 +121,18 @@ class ChangesWithTime(Protocol):
     def next_change(self, snapshot: Snapshot) -> float | None: ...
 
 
+class AdmitsByCost(Protocol):
+    """A hook of saturation detectors that hold a request whose own work fits nowhere yet
+    (``concurrency-detector`` with ``tokensMustFit``): whether one costing ``cost`` prompt
+    tokens (``QueuedRequest.cost``, where most of it is cached) fits on some endpoint now. While
+    it does not, its band waits (head of line), as at a ceiling."""
+
+    def gates(self) -> bool:
+        """Whether it holds any (its parameters may leave it off)."""
+
+    def fits(self, cost: int, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool: ...
+
+
 class UsageLimitPolicy(Plugin, Protocol):
     """Writes each band's ceiling into ``ceilings`` (``priorities`` highest first, ceilings
     non-increasing)."""
@@ -148,4 +164,5 @@ ROLE_METHODS: dict[type[Any], tuple[str, ...]] = {SaturationDetector: ("saturati
                                                   UsageLimitPolicy: ("compute",), EvictionFilterPolicy: ("accept",),
                                                   EvictionOrderingPolicy: ("victim_key",)}
 HOOKS: tuple[tuple[type[Any], tuple[str, ...]], ...] = ((ObservesFlows, ("on_dispatched", "on_completed")),
-                                                       (ChangesWithTime, ("next_change",)))
+                                                       (ChangesWithTime, ("next_change",)),
+                                                       (AdmitsByCost, ("gates", "fits")))

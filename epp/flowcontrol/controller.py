@@ -30,10 +30,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
 from epp.flowcontrol.contract import (
+    AdmitsByCost,
     FairnessPolicy,
     OrderingPolicy,
     QueuedRequest,
@@ -42,6 +44,7 @@ from epp.flowcontrol.contract import (
 )
 from epp.flowcontrol.eviction import EvictionPolicies, demand
 from epp.flowcontrol.queues import Band, BandConfig, Queues
+from epp.scheduling.contract import declares
 
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
 DEFAULT_BAND_MAX_REQUESTS = 5000
@@ -93,9 +96,16 @@ class FlowSettings:
     eviction: EvictionPolicies | None = None  # in-flight eviction (enableEviction), its victim policies
 
     def reads_prefill_estimate(self) -> bool:
-        """Some band orders its requests by their estimated prefill (``QueuedRequest.cost``)."""
+        """Some band orders its requests by their estimated prefill (``QueuedRequest.cost``), or
+        the detector admits by it."""
         specs = [self.default_band, *self.bands.values(), *filter(None, [self.default_negative_band])]
-        return any((s.ordering or self.ordering).reads_prefill_estimate for s in specs)
+        return (any((s.ordering or self.ordering).reads_prefill_estimate for s in specs)
+                or self.admits_by_cost() is not None)
+
+    def admits_by_cost(self) -> AdmitsByCost | None:
+        """The detector, when it holds requests whose own work fits nowhere yet."""
+        d = self.detector
+        return cast(AdmitsByCost, d) if declares(d, AdmitsByCost) and cast(AdmitsByCost, d).gates() else None
 
     def band_config(self, priority: int) -> BandConfig:
         spec = self.bands.get(priority)
@@ -142,10 +152,12 @@ class FlowController:
         self.blocked: int | None = None  # the band index the last ``next`` stopped at (its ceiling reached)
         # Requests and bytes waiting in other active-active replicas' rooms: the pool caps count them.
         self.elsewhere: tuple[int, int] = (0, 0)
+        self._gate = settings.admits_by_cost()
 
     def reconfigure(self, settings: FlowSettings) -> None:
         """New caps and policies for new requests; queued ones keep their place and keys."""
         self.settings = settings
+        self._gate = settings.admits_by_cost()
         for p, band in self.queues.bands.items():
             band.reconfigure(settings.band_config(p))
 
@@ -232,6 +244,7 @@ class FlowController:
         if len(ceilings) != len(priorities):
             ceilings = self._ceilings = [1.0] * len(priorities)
         self.settings.usage_limit.compute(saturation, priorities, ceilings)
+        gate = self._gate
         for i, p in enumerate(priorities):
             if saturation >= ceilings[i]:
                 self.blocked = i
@@ -242,6 +255,10 @@ class FlowController:
             head = band.config.fairness.pick(band, band.policy_state)
             if head is None:
                 continue
+            if gate is not None and not gate.fits(head.cost, snapshot, snapshot.endpoints):
+                band.keep_turn(head.flow_id)  # its own work fits on no endpoint yet: it waits, as
+                self.blocked = i  # at a ceiling, and keeps its turn
+                return None
             q.remove(head)
             return head
         return None

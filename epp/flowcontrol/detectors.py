@@ -17,6 +17,13 @@ epp's own ``prefillLookahead`` (a duration, default 0: off; tokens and hybrid mo
 ``prefillTokensPerSecond``) stops counting an endpoint's pending prompt tokens that long before
 its backlog is predicted to be computed (``tokens_since`` + tokens / prefillTokensPerSecond), so
 the next prompts reach the pod before its prefill ends instead of after its first bytes came back.
+epp's own ``capPerEndpoint`` (default false: the reference's sums) counts an endpoint over its
+limit as full rather than more: in the reference's form one prompt larger than
+maxTokenConcurrency on each of three pods reads 1.125 over four and holds every request while the
+fourth pod is empty. epp's own ``tokensMustFit`` (default false) keeps a prompt off pods where its
+uncached tokens do not fit beside what is pending (unless nothing is): as filter from the config's
+prefix match, and in the waiting room (``AdmitsByCost``) from the queued request's estimate, so a
+short prompt is not computed in the same engine step as a long one.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.contract import ChangesWithTime, SaturationDetector
+from epp.flowcontrol.contract import AdmitsByCost, ChangesWithTime, SaturationDetector
 from epp.request import InferenceRequest
+from epp.scheduling.contract import PrefixProducer, UsesPrefixProducer
 from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
-from epp.scheduling.types import ConfigError, CycleState
+from epp.scheduling.types import ConfigError, CycleState, prompt_tokens
 
 
 class UtilizationDetector(SaturationDetector):
@@ -96,7 +104,7 @@ class UtilizationDetector(SaturationDetector):
 MODES = ("requests", "tokens", "hybrid")
 
 
-class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
+class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProducer, AdmitsByCost):
     type_name: ClassVar[str] = "concurrency-detector"
 
     def __init__(self, name: str, params: Params) -> None:
@@ -107,10 +115,20 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
         self.headroom = params.float("headroom", 0.0, minimum=0.0)
         self.lookahead = params.optional_duration("prefillLookahead") or 0.0
         self.tokens_per_second = params.float("prefillTokensPerSecond", 0.0, minimum=0.0)
+        self.capped = params.bool("capPerEndpoint", False)
+        self.must_fit = params.bool("tokensMustFit", False)
+        self.producer_name = params.text("prefixMatchInfoProducerName") or None
+        self.producer: PrefixProducer | None = None
+        self.own_index = not self.must_fit  # (the loader binds a prefix producer only with tokensMustFit)
         params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
         if self.lookahead > 0 and self.mode == "requests":
             raise ConfigError(f"{params.path}.prefillLookahead",
+                              "counts prompt tokens: needs concurrencyMode tokens or hybrid")
+        if self.producer_name and not self.must_fit:
+            raise ConfigError(f"{params.path}.prefixMatchInfoProducerName", "only read with tokensMustFit")
+        if self.must_fit and self.mode == "requests":
+            raise ConfigError(f"{params.path}.tokensMustFit",
                               "counts prompt tokens: needs concurrencyMode tokens or hybrid")
         if self.tokens_per_second and not self.lookahead:
             raise ConfigError(f"{params.path}.prefillTokensPerSecond", "only read with prefillLookahead")
@@ -143,12 +161,27 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
         if not endpoints:
             return 1.0
         inflight, tokens = snapshot.inflight, self._tokens(snapshot)
+        if self.capped:
+            return self._capped(inflight, tokens, endpoints)
         if self.mode == "hybrid":
             return sum(max(inflight.get(e.address, 0) / self.max_concurrency,
                            tokens.get(e.address, 0) / self.max_tokens) for e in endpoints) / len(endpoints)
         if self.mode == "tokens":
             return sum(tokens.get(e.address, 0) for e in endpoints) / (self.max_tokens * len(endpoints))
         return sum(inflight.get(e.address, 0) for e in endpoints) / (self.max_concurrency * len(endpoints))
+
+    def _capped(self, inflight: dict[str, int], tokens: dict[str, int], endpoints: Sequence[EndpointState]) -> float:
+        """``capPerEndpoint``: the mean over the endpoints of each one's ratio, at most 1 (a pod
+        over its limit counts as full, so the pool reads 1.0 only when every endpoint is full)."""
+        mode, max_requests, max_tokens = self.mode, self.max_concurrency, self.max_tokens
+        total = 0.0
+        for e in endpoints:
+            a = e.address
+            r = inflight.get(a, 0) / max_requests if mode != "tokens" else 0.0
+            t = tokens.get(a, 0) / max_tokens if mode != "requests" else 0.0
+            v = r if r > t else t
+            total += v if v < 1.0 else 1.0
+        return total / len(endpoints)
 
     def stale_count(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> int:
         return 0  # it reads epp's own counts, never stale
@@ -165,7 +198,33 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime):
             if ((mode == "requests" and r < req_limit) or (mode == "tokens" and t < tok_limit)
                     or (mode == "hybrid" and r < req_limit and t < tok_limit)):
                 kept.append(e)
+        if self.must_fit and kept and self.producer is not None:
+            # Where this prompt's uncached tokens fit beside what is pending (or nothing is), so a
+            # short prompt and a long one are not computed in one step; else where the limit allows.
+            m = self.producer.match(request, candidates, cycle)
+            matched, size = m.blocks, m.block_tokens
+            prompt = prompt_tokens(cycle, request.prompt)
+            fits = [e for e in kept if not (t := tokens.get(e.address, 0))
+                    or t + max(0, prompt - matched.get(e.address, 0) * size) <= tok_limit]
+            return fits or kept
         return kept
+
+    def bind_producer(self, producer: PrefixProducer | None) -> None:
+        self.producer = producer
+
+    def gates(self) -> bool:
+        return self.must_fit
+
+    def fits(self, cost: int, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool:
+        """Some endpoint under its request limit has nothing pending or room for ``cost`` more."""
+        req_limit = int(self.max_concurrency * (1.0 + self.headroom))
+        tok_limit = int(self.max_tokens * (1.0 + self.headroom))
+        inflight, tokens = snapshot.inflight, self._tokens(snapshot)
+        for e in endpoints:
+            t = tokens.get(e.address, 0)
+            if inflight.get(e.address, 0) < req_limit and (not t or t + cost <= tok_limit):
+                return True
+        return False
 
 
 DETECTORS: tuple[type[Any], ...] = (UtilizationDetector, ConcurrencyDetector)

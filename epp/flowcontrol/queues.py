@@ -127,6 +127,10 @@ class Band:
         if flow_id in self.active:
             self.active.move_to_end(flow_id)
 
+    def keep_turn(self, flow_id: str) -> None:
+        if flow_id in self.active:
+            self.active.move_to_end(flow_id, last=False)
+
     def newest(self) -> QueuedRequest | None:
         """The most recently enqueued request (the first evicted when room is needed)."""
         order = self.order

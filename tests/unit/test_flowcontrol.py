@@ -278,6 +278,80 @@ def test_prefill_lookahead_stops_counting_a_backlog_shortly_before_it_is_compute
         p(ConcurrencyDetector, prefillLookahead="50ms", prefillTokensPerSecond=10_000)
 
 
+def test_cap_per_endpoint_counts_a_pod_over_its_limit_as_full_not_more() -> None:
+    eps = tuple(ep(a) for a in "abcd")
+    # three pods each computing one prompt larger than the limit, the fourth empty
+    snap = Snapshot(eps, {"a": 1, "b": 1, "c": 1}, {}, NOW, 2.0, {"a": 3000, "b": 3000, "c": 3000})
+    limits = {"maxConcurrency": 64, "maxTokenConcurrency": 2000}
+    for mode in ("hybrid", "tokens"):
+        reference = p(ConcurrencyDetector, concurrencyMode=mode, **limits)
+        capped = p(ConcurrencyDetector, concurrencyMode=mode, capPerEndpoint=True, **limits)
+        assert reference.saturation(snap, eps) == 1.125  # the pool reads full while d is empty
+        assert capped.saturation(snap, eps) == 0.75
+    requests = p(ConcurrencyDetector, maxConcurrency=2, capPerEndpoint=True)
+    snap = Snapshot(eps, {"a": 5, "b": 1}, {}, NOW, 2.0)
+    assert requests.saturation(snap, eps) == pytest.approx((1 + 0.5) / 4)
+
+
+def _must_fit() -> tuple[Any, Any]:
+    """A hybrid detector with tokensMustFit, bound to a prefix producer that has seen one prompt on a."""
+    from epp.scheduling.prefix_producer import REFERENCE_DEFAULTS, ApproxPrefixProducer
+
+    producer = ApproxPrefixProducer.with_limits("prefix", REFERENCE_DEFAULTS)
+    detector = p(ConcurrencyDetector, concurrencyMode="hybrid", maxConcurrency=64, maxTokenConcurrency=2000,
+                 tokensMustFit=True)
+    detector.bind_producer(producer)
+    seen = InferenceRequest("seen", "/v1/completions", model="m", prompt="x" * 12_000)  # ~3,000 tokens
+    cycle = CycleState()
+    producer.match(seen, [ep("a")], cycle)
+    producer.record("a", cycle)
+    return detector, producer
+
+
+def test_tokens_must_fit_sends_a_prompt_only_where_it_fits_beside_what_is_pending() -> None:
+    detector, _ = _must_fit()
+    eps = [ep("a"), ep("b"), ep("c")]
+    # a: 600 pending tokens; b: 600; c: 1,900
+    snap = Snapshot(tuple(eps), {"a": 1, "b": 1, "c": 1}, {}, NOW, 2.0, {"a": 600, "b": 600, "c": 1900})
+
+    def kept(prompt: str) -> list[str]:
+        request = InferenceRequest("r", "/v1/completions", model="m", prompt=prompt)
+        return [e.address for e in detector.filter(request, snap, eps, CycleState())]
+
+    assert kept("x" * 12_000 + " and one question") == ["a"]  # cached on a: a few tokens to compute
+    assert kept("q" * 800) == ["a", "b"]  # 200 tokens fit beside 600, not beside 1,900
+    # ~3,000 uncached tokens fit nowhere: the reference's rule (under the limit) is the fallback
+    assert kept("y" * 12_000) == ["a", "b", "c"]
+    empty = Snapshot(tuple(eps), {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 600, "b": 600})
+    request = InferenceRequest("r", "/v1/completions", model="m", prompt="y" * 12_000)
+    assert [e.address for e in detector.filter(request, empty, eps, CycleState())] == ["c"]  # nothing pending
+    with pytest.raises(ConfigError, match="tokensMustFit: counts prompt tokens"):
+        p(ConcurrencyDetector, tokensMustFit=True)
+    with pytest.raises(ConfigError, match="prefixMatchInfoProducerName: only read with tokensMustFit"):
+        p(ConcurrencyDetector, concurrencyMode="hybrid", prefixMatchInfoProducerName="prefix")
+
+
+def test_tokens_must_fit_holds_a_head_that_fits_nowhere_until_a_pod_can_take_it() -> None:
+    detector, _ = _must_fit()
+    fc = FlowController(settings(detector, fairness=p(RoundRobinFairness)))
+    assert fc.settings.reads_prefill_estimate()  # the room estimates each request's prefill for it
+    eps = (ep("a"), ep("b"))
+    busy = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 600, "b": 1500})
+    long = item("tenant-a", tag="long")
+    long.cost = 3000
+    short = item("tenant-b", tag="short")
+    short.cost = 200
+    fc.enqueue(long, NOW)
+    fc.enqueue(short, NOW + 0.01)
+    assert drain(fc, busy) == []  # the head (long) fits nowhere: its band waits behind it
+    assert fc.blocked == 0
+    assert drain(fc, busy) == []  # (and it keeps its turn: the short one does not pass it)
+    freed = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"b": 1500})
+    assert drain(fc, freed) == ["long", "short"]  # a's backlog is computed: the long prompt goes first
+    off = FlowController(settings(p(ConcurrencyDetector, concurrencyMode="hybrid", maxTokenConcurrency=2000)))
+    assert not off.settings.reads_prefill_estimate()
+
+
 def test_the_datastore_dates_each_endpoints_prompt_backlog() -> None:
     clock = [10.0]
     store = Datastore(clock=lambda: clock[0])

@@ -99,6 +99,43 @@ def test_an_idle_pool_dispatches_at_once_and_a_full_one_holds_until_a_response_e
     assert dict(late.explain())["x-epp-queue-ms"]
 
 
+def test_tokens_must_fit_holds_a_long_prompt_until_a_pod_has_computed_what_it_had() -> None:
+    text = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {concurrencyMode: hybrid, maxConcurrency: 64, maxTokenConcurrency: 2000, tokensMustFit: true}
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: concurrency-detector
+  - pluginRef: prefix-cache-scorer
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+"""
+    off = build(parse_config(text.replace(", tokensMustFit: true", "").replace("- type: prefix-cache-scorer\n", "")
+                             .replace("  - pluginRef: prefix-cache-scorer\n", "")))
+    assert off.scheduler.profile.prefix_producers == []  # without it the detector reads no prefix match
+    d, _, built = setup(text)
+    detector = built.instances[next(k for k in built.instances if k.startswith("concurrency-detector"))]
+    scorer = built.instances[next(k for k in built.instances if k.startswith("prefix-cache-scorer"))]
+    assert detector.producer is not None and detector.producer is scorer.producer  # one prefix match per pick
+    long_a = d.submit(req(prompt="a" * 12_000), ready=Answers())  # ~3,000 tokens to compute
+    short = d.submit(req(prompt="a question"), ready=Answers())
+    assert isinstance(long_a, Routed) and isinstance(short, Routed)
+    assert short.endpoint != long_a.endpoint  # not computed in the long prompt's step
+    answers = Answers()
+    held = d.submit(req(prompt="b" * 12_000), ready=answers)
+    assert isinstance(held, Waiting) and answers.got == []  # both pods have prompts pending
+    long_a.first_bytes()  # the first pod has computed its prompt: nothing pending there now
+    assert len(answers.got) == 1
+    late = answers.got[0]
+    assert isinstance(late, Routed) and late.endpoint == long_a.endpoint
+
+
 def test_priorities_dispatch_first_and_fairness_alternates_flows() -> None:
     d, _, _ = setup(config("  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}"), ADDRS[:1])
     from epp.requestcontrol.policies import RequestPolicies
