@@ -200,13 +200,17 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
                 kept.append(e)
         if self.must_fit and kept and self.producer is not None:
             # Where this prompt's uncached tokens fit beside what is pending (or nothing is), so a
-            # short prompt and a long one are not computed in one step; else where the limit allows.
+            # short prompt and a long one are not computed in one step; else (the estimate it was
+            # held on was for another pod) where the least is pending.
             m = self.producer.match(request, candidates, cycle)
             matched, size = m.blocks, m.block_tokens
             prompt = prompt_tokens(cycle, request.prompt)
             fits = [e for e in kept if not (t := tokens.get(e.address, 0))
                     or t + max(0, prompt - matched.get(e.address, 0) * size) <= tok_limit]
-            return fits or kept
+            if fits:
+                return fits
+            least = min(tokens.get(e.address, 0) for e in kept)
+            return [e for e in kept if tokens.get(e.address, 0) == least]
         return kept
 
     def bind_producer(self, producer: PrefixProducer | None) -> None:

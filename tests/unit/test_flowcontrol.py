@@ -320,8 +320,8 @@ def test_tokens_must_fit_sends_a_prompt_only_where_it_fits_beside_what_is_pendin
 
     assert kept("x" * 12_000 + " and one question") == ["a"]  # cached on a: a few tokens to compute
     assert kept("q" * 800) == ["a", "b"]  # 200 tokens fit beside 600, not beside 1,900
-    # ~3,000 uncached tokens fit nowhere: the reference's rule (under the limit) is the fallback
-    assert kept("y" * 12_000) == ["a", "b", "c"]
+    # ~3,000 uncached tokens fit nowhere: the pods with the least pending, among those under the limit
+    assert kept("y" * 12_000) == ["a", "b"]
     empty = Snapshot(tuple(eps), {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 600, "b": 600})
     request = InferenceRequest("r", "/v1/completions", model="m", prompt="y" * 12_000)
     assert [e.address for e in detector.filter(request, empty, eps, CycleState())] == ["c"]  # nothing pending
