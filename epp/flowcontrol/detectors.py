@@ -17,7 +17,7 @@ epp's own ``prefillLookahead`` (a duration, default 0: off; tokens and hybrid mo
 ``prefillTokensPerSecond``) stops counting an endpoint's pending prompt tokens that long before
 its backlog is predicted to be computed (``tokens_since`` + tokens / prefillTokensPerSecond), so
 the next prompts reach the pod before its prefill ends instead of after its first bytes came back.
-epp's own ``capPerEndpoint`` (default false: the reference's sums) counts an endpoint over its
+epp's own ``capPerEndpoint`` (default false: the reference's mean) counts an endpoint over its
 limit as full rather than more: in the reference's form one prompt larger than
 maxTokenConcurrency on each of three pods reads 1.125 over four and holds every request while the
 fourth pod is empty. epp's own ``tokensMustFit`` (default false) keeps a prompt off pods where its
