@@ -11,7 +11,7 @@ from the ``flowControl`` section (the reference's types and parameters).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -33,6 +33,8 @@ class QueuedRequest:
     payload: Any = None
     slo_ttft: float | None = None  # seconds, from the request's TTFT SLO header
     cost: int = 0  # prompt tokens to compute where most is cached, at arrival (when an ordering reads it)
+    prompt_tokens: int = 0  # with ``matched`` (endpoint -> tokens cached there), when ``cost`` is read
+    matched: Mapping[str, int] | None = None
     enqueued: float = 0.0
     ttl: float = 0.0  # the queue-wait budget at enqueue (0: none); EDF orders by enqueued + ttl
     key: tuple[float, float] = (0.0, 0.0)
@@ -123,14 +125,14 @@ class ChangesWithTime(Protocol):
 
 class AdmitsByCost(Protocol):
     """A hook of saturation detectors that hold a request whose own work fits nowhere yet
-    (``concurrency-detector`` with ``tokensMustFit``): whether one costing ``cost`` prompt
-    tokens (``QueuedRequest.cost``, where most of it is cached) fits on some endpoint now. While
-    it does not, its band waits (head of line), as at a ceiling."""
+    (``concurrency-detector`` with ``tokensMustFit``): whether ``item``'s prompt tokens not cached
+    on some endpoint (``QueuedRequest.prompt_tokens`` less its ``matched`` there, as found at
+    arrival) fit there now. While they fit nowhere, its band waits (head of line), as at a ceiling."""
 
     def gates(self) -> bool:
         """Whether it holds any (its parameters may leave it off)."""
 
-    def fits(self, cost: int, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool: ...
+    def fits(self, item: QueuedRequest, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool: ...
 
 
 class UsageLimitPolicy(Plugin, Protocol):

@@ -255,7 +255,7 @@ class FlowController:
             head = band.config.fairness.pick(band, band.policy_state)
             if head is None:
                 continue
-            if gate is not None and not gate.fits(head.cost, snapshot, snapshot.endpoints):
+            if gate is not None and not gate.fits(head, snapshot, snapshot.endpoints):
                 band.keep_turn(head.flow_id)  # its own work fits on no endpoint yet: it waits, as
                 self.blocked = i  # at a ceiling, and keeps its turn
                 return None

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
 from epp.datastore.store import Snapshot
-from epp.flowcontrol.contract import AdmitsByCost, ChangesWithTime, SaturationDetector
+from epp.flowcontrol.contract import AdmitsByCost, ChangesWithTime, QueuedRequest, SaturationDetector
 from epp.request import InferenceRequest
 from epp.scheduling.contract import PrefixProducer, UsesPrefixProducer
 from epp.scheduling.params import INFLIGHT_BUILT_IN, Params
@@ -219,14 +219,21 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
     def gates(self) -> bool:
         return self.must_fit
 
-    def fits(self, cost: int, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool:
-        """Some endpoint under its request limit has nothing pending or room for ``cost`` more."""
+    def fits(self, item: QueuedRequest, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> bool:
+        """Some endpoint under its limits has nothing pending, or room for what ``item`` would
+        compute there (its prompt less what is cached there; ``cost`` without that), as the filter
+        judges it: a request held on one pod's estimate is not sent to another where it is cold."""
         req_limit = int(self.max_concurrency * (1.0 + self.headroom))
         tok_limit = int(self.max_tokens * (1.0 + self.headroom))
         inflight, tokens = snapshot.inflight, self._tokens(snapshot)
+        matched, prompt = item.matched, item.prompt_tokens
         for e in endpoints:
-            t = tokens.get(e.address, 0)
-            if inflight.get(e.address, 0) < req_limit and (not t or t + cost <= tok_limit):
+            a = e.address
+            t = tokens.get(a, 0)
+            if inflight.get(a, 0) >= req_limit or t >= tok_limit:
+                continue
+            own = item.cost if matched is None else max(0, prompt - matched.get(a, 0))
+            if not t or t + own <= tok_limit:
                 return True
         return False
 

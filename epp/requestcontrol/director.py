@@ -259,12 +259,12 @@ class Director:
             routed.flow = (w.labels.fairness, w.fairness)
         return routed
 
-    def _prefill_estimate(self, w: Waiting) -> int:
-        """The prompt tokens ``w`` would compute now where most of it is cached."""
+    def _prefill_estimate(self, w: Waiting) -> tuple[int, dict[str, int]]:
+        """``w``'s prompt tokens and those cached on each endpoint holding some of it, now."""
         try:
-            return self.scheduler.prefill_estimate(w.request, self._candidates(w.given))
+            return self.scheduler.prefill_by_endpoint(w.request, self._candidates(w.given))
         except Refused:
-            return 0
+            return 0, {}
 
     def _held_refused(self, w: Waiting, refusal: Refused) -> Refused:
         return self._refused(w.request, w.labels, refusal)

@@ -108,7 +108,7 @@ def _refusal(outcome: Outcome, priority: int) -> Refused:
 class WaitingRoom:
     def __init__(self, settings: FlowSettings, store: Datastore, deliver: Callable[[Waiting], Routed | Refused],
                  refused: Callable[[Waiting, Refused], Refused], metrics: FlowMetrics | None = None,
-                 estimate: Callable[[Waiting], int] | None = None,
+                 estimate: Callable[[Waiting], tuple[int, dict[str, int]]] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  timers: Callable[[], Timers | None] = _running_loop) -> None:
         self.controller = FlowController(settings)
@@ -116,7 +116,9 @@ class WaitingRoom:
         self.deliver = deliver  # schedules a dispatched request
         self.refused = refused  # counts and logs a refusal of a held request
         self.metrics = metrics
-        self.estimate = estimate  # the prompt tokens a request would compute (orderings that read it)
+        # (prompt tokens, those cached on each endpoint): what a request would compute where (for the
+        # orderings and the detector that read it)
+        self.estimate = estimate
         self._estimates = estimate is not None and settings.reads_prefill_estimate()
         self._timed = _timed(settings)
         self.clock = clock
@@ -163,7 +165,8 @@ class WaitingRoom:
         size = len(given.body) if given.body is not None else len(w.request.prompt)
         item = QueuedRequest(w.labels.fairness, w.request.priority, size, w.arrived, w, _slo_seconds(w.request))
         if self._estimates and self.estimate is not None:
-            item.cost = self.estimate(w)
+            item.prompt_tokens, item.matched = self.estimate(w)
+            item.cost = max(0, item.prompt_tokens - max(item.matched.values(), default=0))
         outcome, evicted = self.controller.enqueue(item, now)
         for victim in evicted:
             self._left(victim, Outcome.EVICTED_OTHER)

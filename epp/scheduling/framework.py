@@ -231,13 +231,20 @@ class Scheduler:
     def prefill_estimate(self, request: InferenceRequest, snapshot: Snapshot) -> int:
         """The prompt tokens ``request`` would compute on the endpoint that has most of it cached
         now: only the profile's prefix matchers run (no filter, no pick, nothing remembered)."""
+        prompt, matched = self.prefill_by_endpoint(request, snapshot)
+        return max(0, prompt - max(matched.values(), default=0))
+
+    def prefill_by_endpoint(self, request: InferenceRequest, snapshot: Snapshot) -> tuple[int, dict[str, int]]:
+        """``request``'s prompt tokens, and those cached on each endpoint holding some of it (as
+        ``prefill_estimate`` finds them)."""
         cycle = CycleState()
         candidates = list(snapshot.fresh()) or list(snapshot.endpoints)
         if candidates:
             for scorer, _ in self.profile.scorers:
                 if MATCHED_TOKENS in scorer.produces:
                     scorer.score(request, snapshot, candidates, cycle)
-        return max(0, prompt_tokens(cycle, request.prompt) - max((cycle.get(MATCHED_TOKENS) or {}).values(), default=0))
+        matched = cycle.get(MATCHED_TOKENS)
+        return prompt_tokens(cycle, request.prompt), dict(matched) if matched else {}
 
     def committed(self, decision: Decision) -> None:
         """The caller sends the request to ``decision.primary``: plugins with memory learn it."""

@@ -352,6 +352,22 @@ def test_tokens_must_fit_holds_a_head_that_fits_nowhere_until_a_pod_can_take_it(
     assert not off.settings.reads_prefill_estimate()
 
 
+def test_tokens_must_fit_judges_a_held_request_by_what_it_would_compute_on_each_pod() -> None:
+    """Cached on a full pod, a long prompt is cold on the others: it waits rather than be sent to
+    one with short prompts pending (found live: the estimate where it was cached let it go, and
+    the filter then packed it beside them)."""
+    detector, _ = _must_fit()
+    fc = FlowController(settings(detector))
+    eps = (ep("a"), ep("b"))
+    snap = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 2500, "b": 100})
+    held = item("t", tag="cached on a")
+    held.prompt_tokens, held.matched = 3800, {"a": 3700}
+    held.cost = 100
+    fc.enqueue(held, NOW)
+    assert drain(fc, snap) == []  # 100 tokens would fit on b, but there it computes 3,800
+    assert drain(fc, Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 1800, "b": 100})) == ["cached on a"]
+
+
 def test_the_datastore_dates_each_endpoints_prompt_backlog() -> None:
     clock = [10.0]
     store = Datastore(clock=lambda: clock[0])
