@@ -22,8 +22,8 @@ limit as full rather than more: in the reference's form one prompt larger than
 maxTokenConcurrency on each of three pods reads 1.125 over four and holds every request while the
 fourth pod is empty. epp's own ``tokensMustFit`` (default false) keeps a prompt off pods where its
 uncached tokens do not fit beside what is pending (unless nothing is): as filter from the config's
-prefix match, and in the waiting room (``AdmitsByCost``) from the queued request's estimate, so a
-short prompt is not computed in the same engine step as a long one.
+prefix match, and in the waiting room (``AdmitsByCost``) pod by pod from what the queued request
+had cached where at arrival, so a short prompt is not computed in the same engine step as a long one.
 """
 
 from __future__ import annotations
