@@ -228,15 +228,9 @@ class Scheduler:
             request_headers=request_headers,
         )
 
-    def prefill_estimate(self, request: InferenceRequest, snapshot: Snapshot) -> int:
-        """The prompt tokens ``request`` would compute on the endpoint that has most of it cached
-        now: only the profile's prefix matchers run (no filter, no pick, nothing remembered)."""
-        prompt, matched = self.prefill_by_endpoint(request, snapshot)
-        return max(0, prompt - max(matched.values(), default=0))
-
     def prefill_by_endpoint(self, request: InferenceRequest, snapshot: Snapshot) -> tuple[int, dict[str, int]]:
-        """``request``'s prompt tokens, and those cached on each endpoint holding some of it (as
-        ``prefill_estimate`` finds them)."""
+        """``request``'s prompt tokens, and those cached on each endpoint holding some of it now:
+        only the profile's prefix matchers run (no filter, no pick, nothing remembered)."""
         cycle = CycleState()
         candidates = list(snapshot.fresh()) or list(snapshot.endpoints)
         if candidates:

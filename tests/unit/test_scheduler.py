@@ -58,14 +58,17 @@ def test_prefix_affinity_after_a_pick_is_recorded() -> None:
         assert d.scores()[first.primary][1]["prefix-cache-scorer"] > 0.9
 
 
-def test_the_prefill_estimate_is_the_prompt_less_the_best_cached_prefix_and_remembers_nothing() -> None:
+def test_the_prefill_estimate_is_the_prompt_and_what_each_pod_has_cached_and_remembers_nothing() -> None:
     s = scheduler()
     shared = "system prompt shared by a whole group of requests " * 20  # 1,000 chars: 250 tokens
     pool = snap(ep("a"), ep("b"))
-    assert s.prefill_estimate(req(shared + "question 1"), pool) == len(shared + "question 1") // 4
-    assert s.prefill_estimate(req(shared + "question 1"), pool) == len(shared + "question 1") // 4  # not recorded
-    s.committed(s.schedule(req(shared + "question 1"), pool))
-    assert s.prefill_estimate(req(shared + "question 2"), pool) < 16  # the shared blocks are cached
+    prompt = len(shared + "question 1") // 4
+    assert s.prefill_by_endpoint(req(shared + "question 1"), pool) == (prompt, {})
+    assert s.prefill_by_endpoint(req(shared + "question 1"), pool) == (prompt, {})  # not recorded
+    first = s.schedule(req(shared + "question 1"), pool)
+    s.committed(first)
+    tokens, matched = s.prefill_by_endpoint(req(shared + "question 2"), pool)
+    assert list(matched) == [first.primary] and tokens - matched[first.primary] < 16  # the shared blocks
     no_prefix = """
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -76,7 +79,7 @@ schedulingProfiles:
   plugins:
   - pluginRef: queue-scorer
 """
-    assert scheduler(no_prefix).prefill_estimate(req("x" * 400), pool) == 100  # the whole prompt
+    assert scheduler(no_prefix).prefill_by_endpoint(req("x" * 400), pool) == (100, {})  # the whole prompt
 
 
 def test_stale_and_failing_endpoints_are_avoided_while_a_fresh_one_exists() -> None:
