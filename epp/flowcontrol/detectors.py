@@ -120,6 +120,9 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
         self.producer_name = params.text("prefixMatchInfoProducerName") or None
         self.producer: PrefixProducer | None = None
         self.own_index = not self.must_fit  # (the loader binds a prefix producer only with tokensMustFit)
+        # The filter's limits, headroom included (the filter and the waiting room's check read them).
+        self.request_limit = int(self.max_concurrency * (1.0 + self.headroom))
+        self.token_limit = int(self.max_tokens * (1.0 + self.headroom))
         params.refuse("inFlightLoadProducerName", INFLIGHT_BUILT_IN)
         params.done()
         if self.lookahead > 0 and self.mode == "requests":
@@ -188,8 +191,7 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
 
     def filter(self, request: InferenceRequest, snapshot: Snapshot, candidates: list[EndpointState],
                cycle: CycleState) -> list[EndpointState]:
-        req_limit = int(self.max_concurrency * (1.0 + self.headroom))
-        tok_limit = int(self.max_tokens * (1.0 + self.headroom))
+        req_limit, tok_limit = self.request_limit, self.token_limit
         inflight, tokens = snapshot.inflight, self._tokens(snapshot)
         mode = self.mode
         kept = []
@@ -205,8 +207,8 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
             m = self.producer.match(request, candidates, cycle)
             matched, size = m.blocks, m.block_tokens
             prompt = prompt_tokens(cycle, request.prompt)
-            fits = [e for e in kept if not (t := tokens.get(e.address, 0))
-                    or t + max(0, prompt - matched.get(e.address, 0) * size) <= tok_limit]
+            fits = [e for e in kept
+                    if self._room(tokens.get(e.address, 0), max(0, prompt - matched.get(e.address, 0) * size))]
             if fits:
                 return fits
             least = min(tokens.get(e.address, 0) for e in kept)
@@ -223,8 +225,7 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
         """Some endpoint under its limits has nothing pending, or room for what ``item`` would
         compute there (its prompt less what is cached there; ``cost`` without that), as the filter
         judges it: a request held on one pod's estimate is not sent to another where it is cold."""
-        req_limit = int(self.max_concurrency * (1.0 + self.headroom))
-        tok_limit = int(self.max_tokens * (1.0 + self.headroom))
+        req_limit, tok_limit = self.request_limit, self.token_limit
         inflight, tokens = snapshot.inflight, self._tokens(snapshot)
         matched, prompt = item.matched, item.prompt_tokens
         for e in endpoints:
@@ -232,10 +233,13 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
             t = tokens.get(a, 0)
             if inflight.get(a, 0) >= req_limit or t >= tok_limit:
                 continue
-            own = item.cost if matched is None else max(0, prompt - matched.get(a, 0))
-            if not t or t + own <= tok_limit:
+            if self._room(t, item.cost if matched is None else max(0, prompt - matched.get(a, 0))):
                 return True
         return False
+
+    def _room(self, pending: int, own: int) -> bool:
+        """``tokensMustFit``: ``own`` uncached tokens may join ``pending`` ones on a pod."""
+        return not pending or pending + own <= self.token_limit
 
 
 DETECTORS: tuple[type[Any], ...] = (UtilizationDetector, ConcurrencyDetector)

@@ -196,7 +196,8 @@ class ObservesCompletion(Protocol):
 class UsesPrefixProducer(Protocol):
     """Reads a prefix producer's matches: ``producer_name`` is the one it names (None: the
     config's only one, or one made with the reference's defaults); the loader binds it, unless
-    it has ``own_index`` (the early-2026 form)."""
+    ``own_index``: it has its own (the early-2026 form), or its parameters read none (the
+    concurrency detector without tokensMustFit)."""
 
     producer_name: str | None
     own_index: bool

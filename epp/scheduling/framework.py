@@ -237,8 +237,7 @@ class Scheduler:
             for scorer, _ in self.profile.scorers:
                 if MATCHED_TOKENS in scorer.produces:
                     scorer.score(request, snapshot, candidates, cycle)
-        matched = cycle.get(MATCHED_TOKENS)
-        return prompt_tokens(cycle, request.prompt), dict(matched) if matched else {}
+        return prompt_tokens(cycle, request.prompt), cycle.get(MATCHED_TOKENS) or {}  # (the cycle's own dict)
 
     def committed(self, decision: Decision) -> None:
         """The caller sends the request to ``decision.primary``: plugins with memory learn it."""
