@@ -102,6 +102,10 @@ class UtilizationDetector(SaturationDetector):
 
 
 MODES = ("requests", "tokens", "hybrid")
+# A release due within this many seconds counts as come: a timer armed for it from another clock's
+# reading (the loop's monotonic time, some hours large) lands a rounding error early, and would
+# otherwise find nothing released and arm again.
+RELEASE_SLACK = 1e-6
 
 
 class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProducer, AdmitsByCost):
@@ -149,7 +153,7 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
         """The next moment a pod's pending tokens stop counting (with ``prefillLookahead``)."""
         if not self.lookahead:
             return None
-        later = [t for t in self._released_at(snapshot).values() if t > snapshot.now]
+        later = [t for t in self._released_at(snapshot).values() if t > snapshot.now + RELEASE_SLACK]
         return min(later) if later else None
 
     def _tokens(self, snapshot: Snapshot) -> dict[str, int]:
@@ -158,6 +162,7 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
         if not self.lookahead or not tokens:
             return tokens
         now = snapshot.now
+        now += RELEASE_SLACK
         return {a: 0 if now >= at else tokens[a] for a, at in self._released_at(snapshot).items()}
 
     def saturation(self, snapshot: Snapshot, endpoints: Sequence[EndpointState]) -> float:
