@@ -23,7 +23,7 @@ from epp.flowcontrol import config as flow_config
 from epp.flowcontrol import contract as flow_contract
 from epp.flowcontrol.contract import SaturationDetector
 from epp.flowcontrol.controller import FlowSettings
-from epp.flowcontrol.detectors import DETECTORS
+from epp.flowcontrol.detectors import DETECTORS, ConcurrencyDetector
 from epp.flowcontrol.policies import FLOW_POLICIES
 from epp.requestcontrol import contract as request_contract
 from epp.requestcontrol.admission import Admitter
@@ -777,6 +777,11 @@ def _flow_control(raw: Mapping[str, Any], plugins: dict[str, PluginSpec], regist
     for ref in (detector, *(plan.refs() if plan is not None else ())):
         if ref not in plugins:
             _add_default(plugins, registry, ref, "flowControl", {})
+    for spec in plugins.values():
+        if isinstance(spec.instance, ConcurrencyDetector) and spec.instance.capped and spec.name != detector:
+            raise ConfigError(f"{spec.path}.parameters.capPerEndpoint",
+                              f"changes only the saturation the detector reports, and {spec.name!r} is not the "
+                              f"saturation detector ({detector!r} is): name it in flowControl.saturationDetector")
     return detector, plan if gate_on else None
 
 

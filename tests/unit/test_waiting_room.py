@@ -99,6 +99,16 @@ def test_an_idle_pool_dispatches_at_once_and_a_full_one_holds_until_a_response_e
     assert dict(late.explain())["x-epp-queue-ms"]
 
 
+def test_cap_per_endpoint_is_refused_on_a_detector_that_is_not_the_saturation_detector() -> None:
+    text = config(detector="maxConcurrency: 4").replace(
+        "- type: round-robin-fairness-policy", "- type: concurrency-detector\n  name: filter-only\n"
+        "  parameters: {maxConcurrency: 4, capPerEndpoint: true}\n- type: round-robin-fairness-policy")
+    with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.capPerEndpoint: .*'filter-only' is not the "
+                                          "saturation detector"):
+        parse_config(text)
+    build(parse_config(config(detector="maxConcurrency: 4, capPerEndpoint: true")))  # as the detector: accepted
+
+
 def test_tokens_must_fit_holds_a_long_prompt_until_a_pod_has_computed_what_it_had() -> None:
     text = """
 apiVersion: llm-d.ai/v1alpha1
