@@ -81,6 +81,7 @@ class RequestResult:
     key: str = ""  # the last message's content: finds the request in the simulated pod's timings
     start: float = 0.0  # when it was sent (monotonic)
     legs_s: tuple[float, ...] = ()  # its TTFT's legs (SPLIT), when the pod's timings had it
+    pod: str = ""  # the simulated pod that served it, when its timings had it
 
     @property
     def cold(self) -> bool:
@@ -517,14 +518,15 @@ def ttft_split(results: list[RequestResult], fleet: Fleet) -> dict[str, Any]:
     (the body read, the tokenizer), at the engine (queue and prefill: the routing decision), and
     the first token's way back. p50 / p90 of each leg in ms, and the legs' means over the requests
     around the TTFT p90 (its 87.5th to 92.5th percentile): what makes the tail. Sets each matched
-    result's ``legs_s``."""
-    at_pod = {key: (arrived, engine, first) for srv in fleet.servers for key, arrived, engine, first in srv.timings}
+    result's ``legs_s`` and ``pod``."""
+    at_pod = {key: (arrived, engine, first, srv.address) for srv in fleet.servers
+              for key, arrived, engine, first in srv.timings}
     legs: list[tuple[float, tuple[float, float, float, float]]] = []
     for r in results:
         found = at_pod.get(r.key) if r.status == 200 and r.ttft_s is not None else None
         if found is None or r.ttft_s is None:
             continue
-        arrived, engine, first = found
+        arrived, engine, first, r.pod = found
         r.legs_s = (arrived - r.start, engine - arrived, first - engine, r.start + r.ttft_s - first)
         legs.append((r.ttft_s, r.legs_s))
     if not legs:

@@ -58,15 +58,16 @@ class BandView(Protocol):
         ...
 
     def in_turn(self) -> Iterable[FlowHead]:
-        """The flows with work, in turn order (the longest waiting for a turn first)."""
+        """The flows with work, in turn order: by flow id, from the first after the flow served
+        last (the reference's round robin)."""
         ...
 
     def rotate(self, flow_id: str) -> None:
-        """``flow_id`` had its turn: it goes last."""
+        """``flow_id`` had its turn: turns go on after it."""
         ...
 
     def keep_turn(self, flow_id: str) -> None:
-        """What ``flow_id`` was picked for could not go: it is first in turn again."""
+        """What ``flow_id`` was picked for could not go: the turn it took is undone."""
         ...
 
 

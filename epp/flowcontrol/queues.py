@@ -8,9 +8,10 @@ skipped when it reaches a heap's top (a heap is rebuilt when dead entries outnum
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,16 +80,23 @@ class FlowQueue:
 
 
 class Band:
-    """A priority band: its flows (the non-empty ones in ``active``, oldest activation first)."""
+    """A priority band: its flows (the non-empty ones in ``active``; ``turns`` their ids in order).
 
-    __slots__ = ("active", "config", "count", "flows", "heap", "nbytes", "order", "policy_state", "priority")
+    Turns go as the reference's round robin has them: flows in id order, starting after the flow
+    served last (``cursor``), so a flow that gets work comes before the one just served."""
+
+    __slots__ = ("_before", "active", "config", "count", "cursor", "flows", "heap", "nbytes", "order",
+                 "policy_state", "priority", "turns")
 
     def __init__(self, config: BandConfig) -> None:
         self.priority = config.priority
         self.config = config
         self.policy_state: Any = config.fairness.new_state()
         self.flows: dict[str, FlowQueue] = {}
-        self.active: OrderedDict[str, FlowQueue] = OrderedDict()
+        self.active: dict[str, FlowQueue] = {}
+        self.turns: list[str] = []  # the active flows' ids, sorted
+        self.cursor: str | None = None  # the flow served last
+        self._before: str | None = None  # the cursor before the last turn was taken
         self.order: deque[QueuedRequest] = deque()  # enqueue order (removed ones skipped lazily)
         # One heap over all flows when the fairness policy orders the band as one queue.
         self.heap = _Heap() if config.fairness.orders_band else None
@@ -120,16 +128,26 @@ class Band:
         return self.heap.top() if self.heap is not None else None
 
     def in_turn(self) -> Iterator[FlowQueue]:
-        """The flows with work, oldest turn first."""
-        return iter(self.active.values())
+        """The flows with work in turn order: the first after the one served last (by id)."""
+        turns, active = self.turns, self.active
+        start = 0 if self.cursor is None else bisect.bisect_right(turns, self.cursor)
+        for i in range(start, start + len(turns)):
+            yield active[turns[i % len(turns)]]
 
     def rotate(self, flow_id: str) -> None:
-        if flow_id in self.active:
-            self.active.move_to_end(flow_id)
+        self._before, self.cursor = self.cursor, flow_id
 
     def keep_turn(self, flow_id: str) -> None:
-        if flow_id in self.active:
-            self.active.move_to_end(flow_id, last=False)
+        if self.cursor == flow_id:
+            self.cursor = self._before
+
+    def activate(self, q: FlowQueue) -> None:
+        self.active[q.flow_id] = q
+        bisect.insort(self.turns, q.flow_id)
+
+    def deactivate(self, flow_id: str) -> None:
+        if self.active.pop(flow_id, None) is not None:
+            del self.turns[bisect.bisect_left(self.turns, flow_id)]
 
     def newest(self) -> QueuedRequest | None:
         """The most recently enqueued request (the first evicted when room is needed)."""
@@ -179,7 +197,7 @@ class Queues:
         q.count += 1
         q.nbytes += item.size
         if q.count == 1:
-            band.active[item.flow_id] = q
+            band.activate(q)
         band.count += 1
         band.nbytes += item.size
         band.order.append(item)
@@ -199,7 +217,7 @@ class Queues:
         if q.heap is not None:
             q.heap.compact(q.count)
         if q.count == 0:
-            band.active.pop(item.flow_id, None)
+            band.deactivate(item.flow_id)
             del band.flows[item.flow_id]
         band.count -= 1
         band.nbytes -= item.size

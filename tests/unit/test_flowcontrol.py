@@ -144,6 +144,23 @@ def test_round_robin_alternates_flows_and_global_strict_keeps_arrival_order() ->
     assert run(p(GlobalStrictFairness)) == ["big0", "big1", "big2", "big3", "small0", "small1"]
 
 
+def test_round_robin_turns_go_in_flow_order_after_the_flow_served_last() -> None:
+    """The reference's cursor: a flow that gets work while another is being served comes next,
+    not after that flow's next request (as an "oldest activation first" order would have it)."""
+    fc = FlowController(settings(fairness=p(RoundRobinFairness)))
+    for i in range(3):
+        fc.enqueue(item("m", tag=f"m{i}"), NOW + i)
+    assert fc.next(pool()).payload == "m0"
+    fc.enqueue(item("z", tag="z0"), NOW + 5)  # after the cursor (m) in id order
+    fc.enqueue(item("a", tag="a0"), NOW + 6)  # before it: its turn comes round after z's
+    assert drain(fc) == ["z0", "a0", "m1", "m2"]
+    fc.enqueue(item("b", tag="b0"), NOW + 7)
+    fc.enqueue(item("n", tag="n0"), NOW + 8)
+    # m, served last, has nothing queued: turns go on from its place (as the reference's, whose
+    # flow keys keep an emptied flow until it is collected)
+    assert drain(fc) == ["n0", "b0"]
+
+
 def test_bands_dispatch_in_strict_priority_order() -> None:
     fc = FlowController(settings())
     fc.enqueue(item(priority=-1, tag="sheddable"), NOW)
