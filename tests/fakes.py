@@ -9,9 +9,11 @@ class FakeTransport:
     def __init__(self) -> None:
         self.data = bytearray()
         self.closed = False
+        self.writes = 0
 
     def write(self, b: bytes) -> None:
         self.data += b
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closed

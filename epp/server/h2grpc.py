@@ -197,8 +197,10 @@ class _Stream:
         conn.emit_data(self, data)
 
     def flush(self) -> None:
-        """Write what was queued now (sends made outside a read, e.g. a health Watch update)."""
-        self.conn._flush()
+        """Write what was queued (sends made outside a read: a held pick released, a health
+        Watch update) at the end of this loop turn, with whatever else the turn queues: the
+        picks a batch from the state process releases go out in one write per connection."""
+        self.conn.flush_soon()
 
     def finish(self, status: int = OK, message: str = "") -> None:
         if self.finished:
@@ -236,6 +238,7 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.out: list[bytes] = []
+        self.flush_due = False  # a write at the end of this loop turn is due
         self.preface_seen = False
         self.streams: dict[int, _Stream] = {}
         self.decoder = Decoder(max_header_list_size=limits.max_header_block)
@@ -312,6 +315,15 @@ class H2Connection(asyncio.Protocol):
             self._flush()
 
     # -- output ------------------------------------------------------------------------------------
+    def flush_soon(self) -> None:
+        if not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self.flush_due = False
+        self._flush()
+
     def _flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self.out))

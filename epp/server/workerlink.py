@@ -60,6 +60,10 @@ from epp.server.observed import END, FIRST, Claim, ObservedPicks, reads_to_end
 log = logging.getLogger("epp.workers")
 
 ACCESS = (ResponseAccess.NONE, ResponseAccess.READ, ResponseAccess.INJECT)
+# Messages written at once at most: a batch read from many streams goes on in parts, so the two
+# ends work on it side by side rather than in turn (a whole batch per write kept each end idle
+# while the other worked: a pipeline of two processes ran as one).
+FLUSH_EVERY = 32
 MAX_GAPS = 4096  # inter-chunk gaps a worker reports per response (the ITL series), at most
 
 
@@ -85,13 +89,19 @@ class _Link(asyncio.Protocol):
                 log.exception("worker link: message %r failed", message[:2] if isinstance(message, list) else "?")
 
     def send(self, message: list[Any]) -> None:
-        self._out.append(self._pack(message))
-        if not self._flush_soon:
+        out = self._out
+        out.append(self._pack(message))
+        if len(out) >= FLUSH_EVERY:  # the other end starts on these while this one goes on
+            self._flush()
+        elif not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._flush_soon = False
+        self._flush()
 
     def _flush(self) -> None:
-        self._flush_soon = False
         if self._out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._out))
         self._out.clear()

@@ -292,3 +292,45 @@ def test_a_response_message_over_the_send_limit_ends_the_call_resource_exhausted
     assert [p for ft, _, _, p in got if ft == h2.DATA] == [grpc_msg(b"s" * 64)]  # 64 bytes: at the limit, sent
     trailers = dict(Decoder().decode(got[-1][3]))
     assert trailers["grpc-status"] == "8" and "grpc-max-send-msg-size" in trailers["grpc-message"]
+
+
+class Held:
+    """Answers later, outside the connection's read (as a pick the state process releases)."""
+
+    held: list[h2.Responder] = []
+
+    def __init__(self, responder: h2.Responder, headers: dict[str, str]) -> None:
+        Held.held.append(responder)
+
+    def on_message(self, message: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+    def on_reset(self) -> None:
+        pass
+
+
+async def test_answers_sent_outside_a_read_go_out_in_one_write_at_the_end_of_the_loop_turn() -> None:
+    import asyncio
+
+    Held.held = []
+    conn = h2.H2Connection({"/t.S/Held": Held}, h2.Limits(max_message=1 << 20), lambda c: None)
+    t = FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    enc = Encoder()
+    calls = b"".join(req_headers(enc, sid, "/t.S/Held") + h2.frame(h2.DATA, h2.END_STREAM, sid, grpc_msg(b"q"))
+                     for sid in (1, 3, 5))
+    conn.data_received(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0, b"") + calls)
+    writes = t.writes
+    for i, responder in enumerate(Held.held):
+        responder.send(f"answer {i}".encode())
+        responder.finish()
+        responder.flush()
+    assert t.writes == writes  # nothing yet: the turn may release more
+    await asyncio.sleep(0)
+    assert t.writes == writes + 1
+    got = frames(bytes(t.data))
+    assert [p for ft, _, _, p in got if ft == h2.DATA] == [grpc_msg(f"answer {i}".encode()) for i in range(3)]
+    assert sorted(sid for ft, fl, sid, _ in got if ft == h2.HEADERS and fl & h2.END_STREAM) == [1, 3, 5]
