@@ -102,6 +102,10 @@ class LatencyPrediction(NamedTuple):
     # The prompt tokens the pod computes before this request's first token (its pending prefill
     # and this request's uncached part), in thousands.
     backlog: float = 0.0
+    # What the prediction was made from (the response path learns from the chosen pod's).
+    ahead: int = 0  # prompt tokens epp has pending there
+    batch: float = 0.0  # requests running or waiting there
+    own: float = 0.0  # this request's prompt tokens not cached there
 
     @property
     def meets_slo(self) -> bool:
@@ -168,7 +172,6 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         self.clock: Callable[[], float] = time.monotonic
         self._published: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/predictions")
         self._all: Slot[dict[str, LatencyPrediction]] = Slot(f"{name}/all")
-        self._inputs: Slot[dict[str, tuple[int, float, float]]] = Slot(f"{name}/inputs")  # (ahead, batch, own)
         self._pick: Slot[_Pick] = Slot(f"{name}/pick")
         self._streams: Slot[bool] = Slot(f"{name}/streams")
         self._now: Slot[float] = Slot(f"{name}/now")
@@ -209,7 +212,6 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         # (prefillWorkWeight then weighs what is left; a rarely seen prefix pays all of it).
         share = 1.0 / (1.0 + future)
         predictions: dict[str, LatencyPrediction] = {}
-        inputs: dict[str, tuple[int, float, float]] = {}
         factors: list[float] = []
         batches = 0.0
         new_prediction = tuple.__new__
@@ -235,7 +237,6 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             if tpot < MIN_SECONDS:
                 tpot = MIN_SECONDS
             per_token = slope / TOKEN_UNIT
-            inputs[a] = (ahead, batch, own)
             if future:
                 factors.append(ttft_factor(a))
             if not streaming or (role_label and c.labels.get(role_label) == "prefill"):
@@ -255,13 +256,12 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
             predictions[a] = new_prediction(LatencyPrediction, (
                 ttft, tpot, ttft_slo - latency, tpot_room, dispatched,
                 rate(a, now) * own_s * own_s / 2 if own_s and wants else 0.0, own_s * share, 0.0,
-                (ahead + own) / 1000.0))
+                (ahead + own) / 1000.0, ahead, batch, own))
             batches += batch
         if future:
             self._locality(future, matched, prompt, candidates, factors, predictions,
                            (self.model.pool_ttft.theta, self.model.pool_tpot.theta), batches / len(candidates))
         cycle.put(self._all, predictions)
-        cycle.put(self._inputs, inputs)
         cycle.put(self._now, snapshot.now)
         body = request.body
         cycle.put(self._streams, bool(body is not None and body.get("stream") is True))
@@ -329,12 +329,10 @@ class PredictedLatencyProducer(DataProducer, ObservesPicks, ObservesPrefill, Obs
         key = cycle.get(self._prefix_key)
         if key is not None and now is not None:
             self.prefix_rates.add(key, now, self.locality_horizon)
-        inputs = (cycle.get(self._inputs) or {}).get(endpoint)
         chosen = (cycle.get(self._all) or {}).get(endpoint)
-        if inputs is None or chosen is None:
+        if chosen is None:
             return
-        ahead, batch, own = inputs
-        cycle.put(self._pick, _Pick(endpoint, ahead, batch, own, chosen.ttft, chosen.tpot,
+        cycle.put(self._pick, _Pick(endpoint, chosen.ahead, chosen.batch, chosen.own, chosen.ttft, chosen.tpot,
                                     cycle.get(self._streams) is True, self.clock()))
 
     def on_prefill_done(self, endpoint: str, cycle: CycleState) -> None:
