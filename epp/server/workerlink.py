@@ -3,7 +3,7 @@
 Workers terminate the gateway's HTTP/2 connections and run the ext_proc state machine; every
 decision is made by the one director in the state process, so N workers route exactly as one
 process would. Each worker keeps one Unix-socket connection to the state process; messages are
-msgpack arrays, several per write (flushed once per event-loop turn):
+msgpack arrays, several per write (``FLUSH_EVERY`` at a time, the rest at the end of the loop turn):
 
 worker -> state
   ["h", 0, index, pid]    the worker says who it is (first message)
