@@ -28,7 +28,8 @@ had cached where at arrival, so a short prompt is not computed in the same engin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from epp.datastore.endpoint import EndpointState
@@ -106,6 +107,10 @@ MODES = ("requests", "tokens", "hybrid")
 # reading (the loop's monotonic time, some hours large) lands a rounding error early, and would
 # otherwise find nothing released and arm again.
 RELEASE_SLACK = 1e-6
+# ``tokensMustFit``: the share of its pending tokens a pod holding a prompt's prefix is taken to
+# have left to compute when the prompt would be computed cold elsewhere (epp counts a prompt's
+# tokens pending until its first bytes, so on average half of them are done).
+DETOUR_SHARE = 0.5
 
 
 class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProducer, AdmitsByCost):
@@ -212,8 +217,11 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
             m = self.producer.match(request, candidates, cycle)
             matched, size = m.blocks, m.block_tokens
             prompt = prompt_tokens(cycle, request.prompt)
+            cached = {a: n * size for a, n in matched.items()}
+            bar = self._detour_bar(prompt, cached, tokens)
             fits = [e for e in kept
-                    if self._room(tokens.get(e.address, 0), max(0, prompt - matched.get(e.address, 0) * size))]
+                    if self._room(tokens.get(e.address, 0), own := max(0, prompt - cached.get(e.address, 0)))
+                    and own <= bar]
             if fits:
                 return fits
             least = min(tokens.get(e.address, 0) for e in kept)
@@ -233,14 +241,30 @@ class ConcurrencyDetector(SaturationDetector, ChangesWithTime, UsesPrefixProduce
         req_limit, tok_limit = self.request_limit, self.token_limit
         inflight, tokens = snapshot.inflight, self._tokens(snapshot)
         matched, prompt = item.matched, item.prompt_tokens
+        bar = self._detour_bar(prompt, matched, tokens) if matched else math.inf
         for e in endpoints:
             a = e.address
             t = tokens.get(a, 0)
             if inflight.get(a, 0) >= req_limit or t >= tok_limit:
                 continue
-            if self._room(t, item.cost if matched is None else max(0, prompt - matched.get(a, 0))):
+            own = item.cost if matched is None else max(0, prompt - matched.get(a, 0))
+            if self._room(t, own) and own <= bar:
                 return True
         return False
+
+    @staticmethod
+    def _detour_bar(prompt: int, cached: Mapping[str, int], tokens: Mapping[str, int]) -> float:
+        """``tokensMustFit``: the most a prompt may compute on a pod: what it computes where the
+        most of it is cached, plus half what that pod has pending (about what it has left to do,
+        on average). Sent further, it would compute more than it saves waiting there, and the
+        pool's prefill is what is short."""
+        if not cached:
+            return math.inf
+        most = max(cached.values())
+        if most <= 0:
+            return math.inf
+        pending = min(tokens.get(a, 0) for a, n in cached.items() if n == most)
+        return max(0, prompt - most) + DETOUR_SHARE * pending
 
     def _room(self, pending: int, own: int) -> bool:
         """``tokensMustFit``: ``own`` uncached tokens may join ``pending`` ones on a pod."""

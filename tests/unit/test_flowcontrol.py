@@ -348,6 +348,33 @@ def test_tokens_must_fit_sends_a_prompt_only_where_it_fits_beside_what_is_pendin
         p(ConcurrencyDetector, concurrencyMode="hybrid", prefixMatchInfoProducerName="prefix")
 
 
+def test_tokens_must_fit_does_not_send_a_prompt_cold_where_waiting_for_its_cached_pod_costs_less() -> None:
+    """Cached on a busy pod, a prompt waits for it rather than be computed whole on an empty one,
+    unless that pod's backlog (half of what it has pending) is more than the detour would compute."""
+    detector, _ = _must_fit()  # the producer has seen a ~3,000-token prompt on a
+    eps = [ep("a"), ep("b")]
+
+    def kept(pending_a: int, prompt: str = "x" * 12_000 + " and one question") -> list[str]:
+        snap = Snapshot(tuple(eps), {"a": 1}, {}, NOW, 2.0, {"a": pending_a})
+        request = InferenceRequest("r", "/v1/completions", model="m", prompt=prompt)
+        return [e.address for e in detector.filter(request, snap, eps, CycleState())]
+
+    # a has 1,500 tokens pending: ~4 of the prompt's fit beside them; b is empty, but there the
+    # prompt computes ~3,000, more than a's backlog (~750 left) would cost it
+    assert kept(1500) == ["a"]
+    assert kept(7000) == ["b"]  # a over its limit, with ~3,500 left: computing it on b costs less
+    assert kept(1500, "q" * 12_000) == ["b"]  # cached nowhere: where it fits
+    # Fitting nowhere the filter falls back to the least pending (b); with flow control on the
+    # waiting room holds such a request (below), so the filter does not see it then.
+    assert kept(2500) == ["b"]
+    held = item("t", tag="cached on a")
+    held.prompt_tokens, held.matched = 3000, {"a": 2900}
+    busy = Snapshot(tuple(eps), {"a": 1}, {}, NOW, 2.0, {"a": 2500})
+    assert not detector.fits(held, busy, eps)  # the waiting room holds it for a
+    assert detector.fits(held, Snapshot(tuple(eps), {"a": 1}, {}, NOW, 2.0, {"a": 7000}), eps)
+    assert detector.fits(held, Snapshot(tuple(eps), {"a": 1}, {}, NOW, 2.0, {"a": 1500}), eps)  # fits on a
+
+
 def test_tokens_must_fit_holds_a_head_that_fits_nowhere_until_a_pod_can_take_it() -> None:
     detector, _ = _must_fit()
     fc = FlowController(settings(detector, fairness=p(RoundRobinFairness)))
