@@ -128,7 +128,9 @@ class AdmitsByCost(Protocol):
     """A hook of saturation detectors that hold a request whose own work fits nowhere yet
     (``concurrency-detector`` with ``tokensMustFit``): whether ``item``'s prompt tokens not cached
     on some endpoint (``QueuedRequest.prompt_tokens`` less its ``matched`` there, as found at
-    arrival) fit there now. While they fit nowhere, its band waits (head of line), as at a ceiling."""
+    arrival) fit there now. While they fit nowhere, it keeps its turn and a request near the front
+    of its flow or the next flows that fits goes instead; when none does, its band waits (head of
+    line), as at a ceiling."""
 
     def gates(self) -> bool:
         """Whether it holds any (its parameters may leave it off)."""

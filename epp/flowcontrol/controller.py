@@ -14,7 +14,9 @@ returns. Semantics are the reference's (pkg/epp/flowcontrol):
 - Dispatch: bands in priority order; the usage-limit policy gives each band a ceiling and the
   first band whose ceiling the saturation reaches stops dispatch (head-of-line blocking, so a
   lower band never overtakes a gated higher one). Within a band the fairness policy picks the
-  flow and the flow's head goes.
+  flow and the flow's head goes. With a detector that admits by cost (``tokensMustFit``), a head
+  whose work fits on no endpoint keeps its turn while a request near the front of its flow or of
+  the next flows in turn that fits goes instead (``_backfill``); when none fits, the band waits.
 - Saturation is the detector's over the pool, taken per stage as the reference does
   (prefill = prefill and encode-prefill pods, decode = decode and unlabelled pods, both = pods
   that do both; the maximum of the stages gates).
@@ -27,6 +29,7 @@ returns. Semantics are the reference's (pkg/epp/flowcontrol):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -50,6 +53,10 @@ DEFAULT_BAND_MAX_BYTES = 1_000_000_000
 DEFAULT_BAND_MAX_REQUESTS = 5000
 DEFAULT_TTL = 60.0
 ROLE_LABEL = "llm-d.ai/role"
+# While the head in turn waits for room (a detector that admits by cost), what else may go: the
+# first places of each flow's queue, of the first flows in turn.
+BACKFILL_FLOWS = 8
+BACKFILL_DEPTH = 15  # a heap's top four levels
 PREFILL_ROLES = frozenset(("prefill", "encode-prefill"))
 DECODE_ROLES = frozenset(("decode", ""))
 BOTH_ROLES = frozenset(("prefill-decode", "both", "encode-prefill-decode"))
@@ -256,11 +263,27 @@ class FlowController:
             if head is None:
                 continue
             if gate is not None and not gate.fits(head, snapshot, snapshot.endpoints):
-                band.keep_turn(head.flow_id)  # its own work fits on no endpoint yet: it waits, as
-                self.blocked = i  # at a ceiling, and keeps its turn
-                return None
+                band.keep_turn(head.flow_id)  # its own work fits on no endpoint yet: it keeps its turn
+                head = self._backfill(band, head, gate, snapshot)
+                if head is None:  # nothing near the front fits either: the band waits, as at a ceiling
+                    self.blocked = i
+                    return None
             q.remove(head)
             return head
+        return None
+
+    @staticmethod
+    def _backfill(band: Band, held: QueuedRequest, gate: AdmitsByCost, snapshot: Snapshot) -> QueuedRequest | None:
+        """While ``held`` (the head in turn) fits nowhere: the first request near the front of a
+        flow (``BACKFILL_DEPTH`` places of each of ``BACKFILL_FLOWS`` flows, in turn order, the
+        held one's own first) that fits now. Work that could run is not held behind work waiting
+        for its pod; the turn stays with ``held``. Not for a band its policy orders as one queue."""
+        if band.config.fairness.orders_band:
+            return None
+        for q in itertools.islice(band.in_turn(), BACKFILL_FLOWS):
+            for item in q.first_few(BACKFILL_DEPTH):
+                if item is not held and gate.fits(item, snapshot, snapshot.endpoints):
+                    return item
         return None
 
     def eviction_demand(self, victim_priority: int) -> tuple[int, float, float] | None:

@@ -78,6 +78,14 @@ class FlowQueue:
     def peek(self) -> QueuedRequest | None:
         return self.heap.top() if self.heap is not None else None
 
+    def first_few(self, depth: int) -> list[QueuedRequest]:
+        """Queued requests near the front, in order: those among the first ``depth`` places of its
+        heap (the top levels: the first is the head; past it they are some of the next, not all)."""
+        if self.heap is None:
+            return []
+        near = sorted(self.heap.entries[:depth], key=lambda e: (e[0], e[1]))
+        return [e[2] for e in near if e[2].queued]
+
 
 class Band:
     """A priority band: its flows (the non-empty ones in ``active``; ``turns`` their ids in order).

@@ -381,19 +381,51 @@ def test_tokens_must_fit_holds_a_head_that_fits_nowhere_until_a_pod_can_take_it(
     assert fc.settings.reads_prefill_estimate()  # the room estimates each request's prefill for it
     eps = (ep("a"), ep("b"))
     busy = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"a": 600, "b": 1500})
-    long = item("tenant-a", tag="long")
-    long.cost = 3000
-    short = item("tenant-b", tag="short")
-    short.cost = 200
+    long, other_long = item("tenant-a", tag="long"), item("tenant-b", tag="other long")
+    long.cost = other_long.cost = 3000
     fc.enqueue(long, NOW)
-    fc.enqueue(short, NOW + 0.01)
-    assert drain(fc, busy) == []  # the head (long) fits nowhere: its band waits behind it
+    fc.enqueue(other_long, NOW + 0.01)
+    assert drain(fc, busy) == []  # the head (long) fits nowhere, nor does anything else: the band waits
     assert fc.blocked == 0
-    assert drain(fc, busy) == []  # (and it keeps its turn: the short one does not pass it)
+    behind, short = item("tenant-a", tag="behind it"), item("tenant-b", tag="short")
+    behind.cost, short.cost = 100, 200
+    fc.enqueue(behind, NOW + 0.02)
+    fc.enqueue(short, NOW + 0.03)
+    # What fits beside what is pending goes while the head waits: from its own flow first, then
+    # from the next flow in turn; the head keeps its turn.
+    assert drain(fc, busy) == ["behind it", "short"]
+    assert fc.blocked == 0
     freed = Snapshot(eps, {"a": 1, "b": 1}, {}, NOW, 2.0, {"b": 1500})
-    assert drain(fc, freed) == ["long", "short"]  # a's backlog is computed: the long prompt goes first
+    # a's backlog is computed: the long prompt that kept its turn goes first, then turns go on
+    # (the snapshot does not count what dispatches, so everything fits)
+    assert drain(fc, freed) == ["long", "other long"]
     off = FlowController(settings(p(ConcurrencyDetector, concurrencyMode="hybrid", maxTokenConcurrency=2000)))
     assert not off.settings.reads_prefill_estimate()
+
+
+def test_backfill_looks_only_near_the_front_of_each_flow() -> None:
+    detector, _ = _must_fit()
+    fc = FlowController(settings(detector, fairness=p(RoundRobinFairness)))  # one flow, fcfs by enqueue time
+    eps = (ep("a"),)
+    busy = Snapshot(eps, {"a": 1}, {}, NOW, 2.0, {"a": 1500})
+    for i in range(40):
+        x = item("t", tag=f"long{i}")
+        x.cost = 3000
+        fc.enqueue(x, NOW + i)
+    late = item("t", tag="short, 41st")
+    late.cost = 100
+    fc.enqueue(late, NOW + 41)
+    assert drain(fc, busy) == []  # it would fit, but is far behind: the band waits
+    assert fc.queues.bands[0].flows["t"].first_few(15)[0].payload == "long0"
+    near = FlowController(settings(detector, fairness=p(RoundRobinFairness)))
+    for i in range(9):
+        x = item("t", tag=f"long{i}")
+        x.cost = 3000
+        near.enqueue(x, NOW + i)
+    soon = item("t", tag="short, 10th")
+    soon.cost = 100
+    near.enqueue(soon, NOW + 10)
+    assert drain(near, busy) == ["short, 10th"]
 
 
 def test_tokens_must_fit_judges_a_held_request_by_what_it_would_compute_on_each_pod() -> None:
