@@ -405,27 +405,24 @@ def test_tokens_must_fit_holds_a_head_that_fits_nowhere_until_a_pod_can_take_it(
 
 def test_backfill_looks_only_near_the_front_of_each_flow() -> None:
     detector, _ = _must_fit()
-    fc = FlowController(settings(detector, fairness=p(RoundRobinFairness)))  # one flow, fcfs by enqueue time
-    eps = (ep("a"),)
-    busy = Snapshot(eps, {"a": 1}, {}, NOW, 2.0, {"a": 1500})
-    for i in range(40):
-        x = item("t", tag=f"long{i}")
-        x.cost = 3000
-        fc.enqueue(x, NOW + i)
-    late = item("t", tag="short, 41st")
-    late.cost = 100
-    fc.enqueue(late, NOW + 41)
-    assert drain(fc, busy) == []  # it would fit, but is far behind: the band waits
-    assert fc.queues.bands[0].flows["t"].first_few(15)[0].payload == "long0"
-    near = FlowController(settings(detector, fairness=p(RoundRobinFairness)))
-    for i in range(9):
-        x = item("t", tag=f"long{i}")
-        x.cost = 3000
-        near.enqueue(x, NOW + i)
-    soon = item("t", tag="short, 10th")
-    soon.cost = 100
-    near.enqueue(soon, NOW + 10)
-    assert drain(near, busy) == ["short, 10th"]
+    busy = Snapshot((ep("a"),), {"a": 1}, {}, NOW, 2.0, {"a": 1500})
+
+    def behind_longs(longs: int) -> FlowController:
+        """One flow (fcfs by enqueue time): ``longs`` prompts that fit nowhere, then a short one."""
+        fc = FlowController(settings(detector, fairness=p(RoundRobinFairness)))
+        for i in range(longs):
+            x = item("t", tag=f"long{i}")
+            x.cost = 3000
+            fc.enqueue(x, NOW + i)
+        short = item("t", tag=f"short after {longs}")
+        short.cost = 100
+        fc.enqueue(short, NOW + longs + 1)
+        return fc
+
+    far = behind_longs(40)
+    assert drain(far, busy) == []  # it would fit, but is far behind: the band waits
+    assert far.queues.bands[0].flows["t"].first_few(15)[0].payload == "long0"
+    assert drain(behind_longs(9), busy) == ["short after 9"]
 
 
 def test_tokens_must_fit_judges_a_held_request_by_what_it_would_compute_on_each_pod() -> None:
